@@ -1,0 +1,75 @@
+"""The ``dinokit`` command line: a Typer app with one module per subcommand.
+
+Each module in this package defines ``register(app, synth_app)``; the modules listed in
+``COMMAND_MODULES`` are registered in that order when present.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import typer
+
+from ._common import DinokitGroup, console_err, version_callback
+
+COMMAND_MODULES = (
+    "info",
+    "pretrain",
+    "features",
+    "knn",
+    "linear",
+    "finetune",
+    "predict",
+    "attn",
+    "davis",
+    "davis_score",
+    "copydetect",
+    "duplicates",
+    "retrieval",
+    "synth",
+    "demo",
+)
+
+app = typer.Typer(
+    name="dinokit",
+    cls=DinokitGroup,
+    help="DINO self-supervised Vision Transformers: pretrain, evaluate, segment video, detect copies, "
+    "look at attention.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+synth_app = typer.Typer(
+    name="synth",
+    help="Generate the built-in data sets (no download needed).",
+    no_args_is_help=True,
+    cls=DinokitGroup,
+)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """DINO self-supervised Vision Transformers as a command-line tool."""
+
+
+for _name in COMMAND_MODULES:
+    if importlib.util.find_spec(f"{__name__}.{_name}") is not None:
+        importlib.import_module(f"{__name__}.{_name}").register(app, synth_app)
+
+app.add_typer(synth_app, name="synth")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        app(args=argv, prog_name="dinokit")
+    except KeyboardInterrupt:
+        console_err.print("Interrupted.")
+        sys.exit(130)

@@ -1,0 +1,493 @@
+"""Every checkpoint format in and out.
+
+Reads (always with ``torch.load(weights_only=True)``, never unpickling arbitrary objects):
+1. released backbone weights: a flat state dict of the teacher backbone;
+2. full training checkpoints (the reference trainer's and dinokit's): ``student`` / ``teacher``
+   dicts with ``module.`` / ``backbone.`` / ``head.`` prefixes and an ``argparse.Namespace``;
+3. linear-probe weights ``{"state_dict": {"module.linear.weight", ...}}`` (:func:`load_linear_head`);
+4. timm state dicts and dinokit's own files (``{"backbone": ..., "arch": ...}``);
+5. Hugging Face transformers DINO checkpoints (``pytorch_model.bin`` or ``model.safetensors``).
+Writes dinokit's own files atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, DinokitError
+from .io import torch_save_atomic
+from .models.registry import VIT_SHAPES, build_backbone, canonical_arch
+
+log = logging.getLogger("dinokit")
+
+BASE_URL = "https://dl.fbaipublicfiles.com/dino/"
+
+#: preset name -> (path under BASE_URL, arch, patch size)
+PRESETS: dict[str, tuple[str, str, int | None]] = {
+    "dino_vits16": ("dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth", "vit_small", 16),
+    "dino_vits8": ("dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", "vit_small", 8),
+    "dino_vitb16": ("dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", "vit_base", 16),
+    "dino_vitb8": ("dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth", "vit_base", 8),
+    "dino_resnet50": ("dino_resnet50_pretrain/dino_resnet50_pretrain.pth", "resnet50", None),
+    "dino_deitsmall8_300ep": (
+        "dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
+        "vit_small",
+        8,
+    ),
+    "dino_vits16_googlelandmark": (
+        "dino_vitsmall16_googlelandmark_pretrain/dino_vitsmall16_googlelandmark_pretrain.pth",
+        "vit_small",
+        16,
+    ),
+}
+
+#: released linear-probe heads, for ``dinokit linear --evaluate``
+LINEAR_PRESETS: dict[str, str] = {
+    "dino_vits16": "dino_deitsmall16_pretrain/dino_deitsmall16_linearweights.pth",
+    "dino_vits8": "dino_deitsmall8_pretrain/dino_deitsmall8_linearweights.pth",
+    "dino_vitb16": "dino_vitbase16_pretrain/dino_vitbase16_linearweights.pth",
+    "dino_vitb8": "dino_vitbase8_pretrain/dino_vitbase8_linearweights.pth",
+    "dino_resnet50": "dino_resnet50_pretrain/dino_resnet50_linearweights.pth",
+}
+
+PRESET_ALIASES = {
+    "dino_deitsmall16_pretrain": "dino_vits16",
+    "dino_deitsmall8_pretrain": "dino_vits8",
+    "dino_vitbase16_pretrain": "dino_vitb16",
+    "dino_vitbase8_pretrain": "dino_vitb8",
+    "dino_resnet50_pretrain": "dino_resnet50",
+    "dino_deitsmall8_300ep_pretrain": "dino_deitsmall8_300ep",
+    "dino_vitsmall16_googlelandmark_pretrain": "dino_vits16_googlelandmark",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets through torch.hub's cache
+# ---------------------------------------------------------------------------------------------
+def hub_cache_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def preset_cache_path(url_path: str) -> Path:
+    return hub_cache_dir() / os.path.basename(url_path)
+
+
+def is_offline() -> bool:
+    return os.environ.get("DINOKIT_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
+    """Download to a temporary file beside ``dest``; rename only when complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            shutil.copyfileobj(r, f, length=1 << 20)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def fetch_preset_file(url_path: str, name: str) -> Path:
+    """The cached file of a preset, downloading it once when online."""
+    dest = preset_cache_path(url_path)
+    if dest.is_file():
+        return dest
+    url = BASE_URL + url_path
+    where = f"download {url} and put it at {dest} (torch.hub's cache; set TORCH_HOME to move it)"
+    if is_offline():
+        raise CheckpointError(f"The preset {name!r} is not in the cache and DINOKIT_OFFLINE is set: {where}.")
+    log.info("downloading %s to %s", url, dest)
+    try:
+        _download(url, dest)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise CheckpointError(f"The preset {name!r} could not be downloaded ({reason}); {where}.") from e
+    return dest
+
+
+def resolve_preset(name: str) -> tuple[str, str, int | None] | None:
+    key = PRESET_ALIASES.get(name, name)
+    return PRESETS.get(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files safely
+# ---------------------------------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """Load a checkpoint file without unpickling arbitrary objects.
+
+    ``.safetensors`` files go through safetensors; everything else through
+    ``torch.load(weights_only=True)`` with only ``argparse.Namespace`` allowed beyond plain data.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"The weights file {path} does not exist.")
+    if path.is_dir():
+        for candidate in ("model.safetensors", "pytorch_model.bin", "backbone.pth", "checkpoint.pth"):
+            if (path / candidate).is_file():
+                return read_checkpoint(path / candidate)
+        raise CheckpointError(f"The folder {path} holds no weights file (model.safetensors, pytorch_model.bin, ...).")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise CheckpointError(
+                f"{path} is a safetensors file; install the optional extra with: pip install 'dinokit[safetensors]'."
+            ) from e
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}).") from e
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        raise CheckpointError(
+            f"{path} holds Python objects beyond plain weights ({detail.strip()}); dinokit refuses to "
+            "unpickle it because that could run code."
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}).") from e
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (first 16 hex digits)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def state_dict_fingerprint(sd: dict[str, torch.Tensor]) -> str:
+    """A hash of a state dict's names, shapes and values (for caches keyed on weights)."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k]
+        h.update(k.encode())
+        if isinstance(t, torch.Tensor):
+            t = t.detach().to("cpu").contiguous()
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Key mapping
+# ---------------------------------------------------------------------------------------------
+_HF_RULES = [
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$", r"patch_embed.proj.\1"),
+    (r"^encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)$", r"blocks.\1.norm1.\2"),
+    (r"^encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)$", r"blocks.\1.norm2.\2"),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)$", r"blocks.\1.mlp.fc1.\2"),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)$", r"blocks.\1.mlp.fc2.\2"),
+    (r"^layernorm\.(weight|bias)$", r"norm.\1"),
+]
+_HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+
+
+def is_hf_state_dict(sd: dict) -> bool:
+    return any(k.startswith(("embeddings.", "encoder.layer.")) for k in _strip_hf_prefix(sd))
+
+
+def _strip_hf_prefix(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("vit.", "dino.", "model."):
+            if k.startswith(prefix) and (k[len(prefix) :].startswith(("embeddings.", "encoder.", "layernorm."))):
+                k = k[len(prefix) :]
+                break
+        out[k] = v
+    return out
+
+
+def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face ``ViTModel`` (facebook/dino-*) state dict onto dinokit/timm names."""
+    sd = _strip_hf_prefix(sd)
+    out: dict[str, torch.Tensor] = OrderedDict()
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        m = _HF_QKV.match(k)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = v
+            continue
+        for pattern, repl in _HF_RULES:
+            if re.match(pattern, k):
+                out[re.sub(pattern, repl, k)] = v
+                break
+        # anything else (pooler, classifier, mask_token) is not part of the backbone
+    for (i, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise CheckpointError(f"The Hugging Face checkpoint lacks part of layer {i}'s attention.")
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`convert_hf_state_dict` (for exporting and for tests)."""
+    out: dict[str, torch.Tensor] = OrderedDict()
+    inverse = [
+        (r"^cls_token$", "embeddings.cls_token"),
+        (r"^pos_embed$", "embeddings.position_embeddings"),
+        (r"^patch_embed\.proj\.(weight|bias)$", r"embeddings.patch_embeddings.projection.\1"),
+        (r"^blocks\.(\d+)\.norm1\.(weight|bias)$", r"encoder.layer.\1.layernorm_before.\2"),
+        (r"^blocks\.(\d+)\.norm2\.(weight|bias)$", r"encoder.layer.\1.layernorm_after.\2"),
+        (r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$", r"encoder.layer.\1.attention.output.dense.\2"),
+        (r"^blocks\.(\d+)\.mlp\.fc1\.(weight|bias)$", r"encoder.layer.\1.intermediate.dense.\2"),
+        (r"^blocks\.(\d+)\.mlp\.fc2\.(weight|bias)$", r"encoder.layer.\1.output.dense.\2"),
+        (r"^norm\.(weight|bias)$", r"layernorm.\1"),
+    ]
+    for k, v in sd.items():
+        m = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", k)
+        if m:
+            q, kk, vv = v.chunk(3, dim=0)
+            for name, part in (("query", q), ("key", kk), ("value", vv)):
+                out[f"encoder.layer.{m.group(1)}.attention.attention.{name}.{m.group(2)}"] = part.clone()
+            continue
+        for pattern, repl in inverse:
+            if re.match(pattern, k):
+                out[re.sub(pattern, repl, k)] = v
+                break
+    return out
+
+
+def _strip_prefixes(sd: dict[str, Any]) -> dict[str, Any]:
+    out = OrderedDict()
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod.", "backbone."):
+            while k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = v
+    return out
+
+
+def _map_weight_norm_keys(sd: dict[str, Any]) -> dict[str, Any]:
+    """The newer parametrization API names weight-norm parameters differently; map to the old names."""
+    out = OrderedDict()
+    for k, v in sd.items():
+        k = k.replace("parametrizations.weight.original0", "weight_g")
+        k = k.replace("parametrizations.weight.original1", "weight_v")
+        out[k] = v
+    return out
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def extract_backbone_state_dict(ckpt: Any, checkpoint_key: str = "teacher", source: str = "the checkpoint") -> dict:
+    """The backbone's flat state dict from any supported checkpoint layout."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{source} does not hold a state dict (found a {type(ckpt).__name__}).")
+    sd: Any = ckpt
+    if checkpoint_key and checkpoint_key in ckpt and isinstance(ckpt[checkpoint_key], dict):
+        sd = ckpt[checkpoint_key]
+    elif "teacher" in ckpt or "student" in ckpt:
+        present = [k for k in ("teacher", "student") if k in ckpt]
+        raise CheckpointError(f"{source} has no {checkpoint_key!r} weights; use --checkpoint-key {present[0]}.")
+    elif isinstance(ckpt.get("backbone"), dict):
+        sd = ckpt["backbone"]
+    else:
+        for key in ("model", "state_dict", "model_state"):
+            if isinstance(ckpt.get(key), dict):
+                sd = ckpt[key]
+                break
+    if not _is_tensor_dict(sd):
+        sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else {}
+    if not sd:
+        raise CheckpointError(f"{source} holds no tensors that could be backbone weights.")
+    if is_hf_state_dict(sd):
+        return convert_hf_state_dict(sd)
+    sd = _strip_prefixes(sd)
+    stripped = OrderedDict(
+        (k, v) for k, v in sd.items() if not k.startswith(("head.", "fc.", "fc_norm.", "last_layer.", "mlp."))
+    )
+    if all(k.startswith("linear.") for k in sd):
+        raise CheckpointError(
+            f"{source} holds linear-probe weights, not a backbone; pass it as --linear-weights and give the "
+            "backbone with --weights."
+        )
+    if not stripped:
+        raise CheckpointError(f"{source} holds a projection head only, not backbone weights.")
+    return stripped
+
+
+def infer_arch(sd: dict[str, torch.Tensor]) -> tuple[str, int | None, dict]:
+    """(arch, patch_size, extra constructor kwargs) from a backbone state dict."""
+    if "patch_embed.proj.weight" in sd and "pos_embed" in sd:
+        w = sd["patch_embed.proj.weight"]
+        patch = int(w.shape[-1])
+        dim = int(w.shape[0])
+        depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+        n = sd["pos_embed"].shape[1] - 1
+        side = int(round(n**0.5))
+        extra: dict[str, Any] = {"img_size": side * patch}
+        arch = next((a for a, s in VIT_SHAPES.items() if s["embed_dim"] == dim), None)
+        if arch is None or depth != VIT_SHAPES[arch]["depth"]:
+            arch = arch or "vit_small"
+            extra.update(embed_dim=dim, depth=depth, num_heads=max(1, dim // 64))
+        return arch, patch, extra
+    if "conv1.weight" in sd and any(k.startswith("layer4.") for k in sd):
+        return "resnet50", None, {}
+    sample = ", ".join(list(sd)[:3])
+    raise CheckpointError(f"The weights are not a ViT or ResNet-50 backbone (keys such as {sample}).")
+
+
+def describe(arch: str, patch: int | None) -> str:
+    return arch if patch is None else f"{arch} with patch size {patch}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Public loaders
+# ---------------------------------------------------------------------------------------------
+def load_backbone(
+    weights: str | os.PathLike = "random",
+    arch: str | None = None,
+    patch_size: int | None = None,
+    checkpoint_key: str = "teacher",
+    **model_kwargs,
+) -> nn.Module:
+    """A backbone with weights: a file path, a preset name (e.g. ``dino_vits16``) or ``"random"``.
+
+    Arch and patch size are inferred from the state dict when not given; when given they must
+    match it. The model is returned in eval mode on the CPU.
+    """
+    weights = str(weights)
+    if weights == "random":
+        model = build_backbone(arch or "vit_small", patch_size or 16, **model_kwargs)
+        model.weights_source = "random"
+        return model.eval()
+    preset = resolve_preset(weights)
+    if preset is not None and not Path(weights).exists():
+        url_path, p_arch, p_patch = preset
+        if arch is not None and canonical_arch(arch) != p_arch:
+            raise CheckpointError(f"The preset {weights!r} is {p_arch}, but --arch {arch} was asked for.")
+        path = fetch_preset_file(url_path, weights)
+        try:
+            model = _load_from_file(path, arch, patch_size, checkpoint_key, model_kwargs)
+        except CheckpointError as e:
+            log.warning("cached file %s does not load (%s); fetching it again", path, e)
+            path.unlink(missing_ok=True)
+            path = fetch_preset_file(url_path, weights)
+            model = _load_from_file(path, arch, patch_size, checkpoint_key, model_kwargs)
+        model.weights_source = weights
+        return model
+    path = Path(weights).expanduser()
+    if not path.exists():
+        known = ", ".join(["random", *PRESETS])
+        if os.sep in weights or "." in weights:
+            raise CheckpointError(f"The weights file {path} does not exist.")
+        raise CheckpointError(f"Unknown weights {weights!r}: not a file and not a preset ({known}).")
+    model = _load_from_file(path, arch, patch_size, checkpoint_key, model_kwargs)
+    model.weights_source = str(path)
+    return model
+
+
+def _load_from_file(path: Path, arch, patch_size, checkpoint_key, model_kwargs) -> nn.Module:
+    ckpt = read_checkpoint(path)
+    sd = extract_backbone_state_dict(ckpt, checkpoint_key, source=str(path))
+    sd = _map_weight_norm_keys(sd)
+    found_arch, found_patch, extra = infer_arch(sd)
+    if arch is not None:
+        want = canonical_arch(arch)
+        if want != found_arch:
+            raise CheckpointError(
+                f"{path} holds {describe(found_arch, found_patch)} weights, but --arch {want} was asked for."
+            )
+    if patch_size is not None and found_patch is not None and int(patch_size) != found_patch:
+        raise CheckpointError(
+            f"{path} holds {describe(found_arch, found_patch)} weights, but --patch-size {patch_size} was asked for."
+        )
+    kwargs = {**extra, **model_kwargs}
+    model = build_backbone(found_arch, found_patch or 16, **kwargs)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys such as {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys such as {unexpected[0]}")
+        raise CheckpointError(
+            f"{path} does not fit {describe(found_arch, found_patch)}: {'; '.join(parts)}."
+        )
+    return model.eval()
+
+
+def load_linear_head(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A linear-probe state dict (``linear.weight``, ``linear.bias``) from a file or a preset name."""
+    weights = str(weights)
+    if weights in LINEAR_PRESETS and not Path(weights).exists():
+        path = fetch_preset_file(LINEAR_PRESETS[weights], weights + " linear head")
+    else:
+        path = Path(weights).expanduser()
+    ckpt = read_checkpoint(path)
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} does not hold linear-probe weights.")
+    sd = _strip_prefixes(sd)
+    if "linear.weight" not in sd:
+        if "weight" in sd and "bias" in sd and sd["weight"].ndim == 2:
+            sd = {"linear.weight": sd["weight"], "linear.bias": sd["bias"]}
+        else:
+            raise CheckpointError(f"{path} does not hold linear-probe weights (no linear.weight).")
+    return {"linear.weight": sd["linear.weight"], "linear.bias": sd["linear.bias"]}
+
+
+def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The flat state dict of a backbone (released-weights format), unwrapped from DDP/compile."""
+    m = model
+    while hasattr(m, "module") or hasattr(m, "_orig_mod"):
+        m = getattr(m, "module", None) or m._orig_mod
+    return OrderedDict((k, v.detach().cpu().clone()) for k, v in m.state_dict().items())
+
+
+def save_backbone(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save a backbone as a flat state dict, the released-weights format, atomically."""
+    torch_save_atomic(backbone_state_dict(model), path)
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
+    """Save any dinokit checkpoint atomically (it must hold only what ``weights_only`` can read)."""
+    torch_save_atomic(obj, path)
+
+
+__all__ = [
+    "PRESETS",
+    "LINEAR_PRESETS",
+    "DinokitError",
+    "backbone_state_dict",
+    "convert_hf_state_dict",
+    "extract_backbone_state_dict",
+    "file_fingerprint",
+    "infer_arch",
+    "load_backbone",
+    "load_linear_head",
+    "read_checkpoint",
+    "save_backbone",
+    "save_checkpoint",
+    "state_dict_fingerprint",
+    "to_hf_state_dict",
+]

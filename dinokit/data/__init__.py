@@ -1,0 +1,1 @@
+"""Data: image folders, transforms, masks, DAVIS layout, synthetic data sets."""

@@ -1,0 +1,144 @@
+"""File output: atomic writes, run folders and metrics files.
+
+Every file dinokit writes goes through a temporary file in the same folder and an ``os.replace``,
+so a run stopped at any moment leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import OutputExistsError
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success it replaces ``path`` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return obj.item()
+    if hasattr(obj, "tolist") and callable(obj.tolist):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(obj)
+    return str(obj)
+
+
+def to_json(obj: Any, indent: int | None = 2) -> str:
+    return json.dumps(obj, indent=indent, default=_json_default, allow_nan=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON, atomically."""
+    atomic_write_text(path, to_json(obj) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
+    """Append one JSON line (used for per-epoch logs; a line is written whole or not at all)."""
+    line = to_json(obj, indent=None) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and a rename."""
+    import torch
+
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def versions() -> dict[str, str]:
+    """Versions of dinokit and what it runs on, recorded in every ``metrics.json``."""
+    import torch
+    import torchvision
+
+    from . import __version__
+
+    return {
+        "dinokit": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create the run folder ``path``; refuse one that already holds files unless asked.
+
+    ``overwrite`` allows writing into a non-empty folder (files are replaced one by one, caches that
+    still match are reused); ``resume`` continues a run in its own folder.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"The output {path} is a file, not a folder; choose a folder path.")
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+        raise OutputExistsError(
+            f"The output folder {path} already holds results; pass --overwrite to write into it "
+            "or choose another folder."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """For commands whose product is one file: refuse to replace an existing one unless asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it.")
+    if path.is_dir():
+        raise OutputExistsError(f"{path} is a folder; give a file path.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_metrics(output_dir: str | os.PathLike, metrics: dict, config: Any = None, name: str = "metrics.json") -> Path:
+    """Write ``OUT/metrics.json``: the metrics, the config and the versions, atomically."""
+    out = dict(metrics)
+    if config is not None:
+        out["config"] = config
+    out.setdefault("versions", versions())
+    target = Path(output_dir) / name
+    write_json(target, out)
+    return target
