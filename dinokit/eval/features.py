@@ -3,18 +3,33 @@
 :func:`extract_features` runs a ``feature_fn(model, images) -> (B, D)`` over a dataset that yields
 ``(image, label, index)``; under torchrun each rank embeds a strided shard and the features are
 gathered so every rank ends with all of them, in dataset order.
+
+On top of it, :func:`compute_features` embeds a folder (an ImageFolder root or any folder of images)
+into a :class:`FeatureSet` (features, labels, class names, paths and a fingerprint of the weights,
+architecture, transform and feature options); :func:`save_features` / :func:`load_features` write
+and read it (``.pt``, or ``features.npy`` + ``paths.txt``); :class:`Embedder` loads a backbone once
+and reuses cached feature files whose fingerprint matches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..data.images import collate_skip_none
+from ..errors import DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import autocast, dist_env, is_dist
+
+log = logging.getLogger("dinokit")
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -105,3 +120,435 @@ def extract_features(
         torch.distributed.all_reduce(k)
         feats, kept = f.cpu(), k.cpu().bool()
     return feats, kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature sets: features with their labels, class names, file paths and fingerprint
+# ---------------------------------------------------------------------------------------------
+FEATURES_FORMAT_VERSION = 1
+
+#: fingerprint entries that describe the model and the feature, not the data: two feature sets may be
+#: compared (train against val) only when these agree
+MODEL_KEYS = ("weights", "checkpoint_key", "arch", "patch_size", "embed_dim", "depth")
+OPTION_KEYS = ("transform", "n_last_blocks", "avgpool_patch_tokens", "precision")
+
+
+@dataclass
+class FeatureSet:
+    """Embeddings of a folder of images, with what is needed to use and to trust them later.
+
+    ``labels`` are class indices into ``classes`` (None for an unlabelled folder); ``paths`` are the
+    image files, one per row; ``fingerprint`` names the weights, architecture, transform and feature
+    options the rows were made with (and a hash of the file list, under ``data``).
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor | None
+    classes: list[str]
+    paths: list[str]
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FEATURES_FORMAT_VERSION,
+            "features": self.features.contiguous(),
+            "labels": self.labels,
+            "classes": list(self.classes),
+            "paths": list(self.paths),
+            "fingerprint": dict(self.fingerprint),
+        }
+
+
+def weights_id(weights: str, model: nn.Module | None = None, seed: int | None = None) -> str:
+    """What identifies the weights in a fingerprint: ``random(seed=S)``, a file's SHA-256, or for a
+    preset/folder the hash of the loaded state dict."""
+    from ..checkpoints import file_fingerprint, state_dict_fingerprint
+
+    weights = str(weights)
+    if weights == "random":
+        return f"random(seed={seed})"
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return "sha256:" + file_fingerprint(path)
+    if model is not None:
+        return "state:" + state_dict_fingerprint(model.state_dict())
+    return weights
+
+
+def feature_fingerprint(
+    model: nn.Module,
+    weights: str,
+    transform: Any,
+    n_last_blocks: int = 1,
+    avgpool_patch_tokens: bool = False,
+    checkpoint_key: str = "teacher",
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """The fingerprint of features made by ``model`` (loaded from ``weights``) through ``transform``."""
+    from ..data.transforms import describe_transform
+    from ..models.registry import backbone_arch, is_vit
+    from ..runtime import precision_name
+
+    vit = is_vit(model)
+    return {
+        "weights": weights_id(weights, model, seed),
+        "checkpoint_key": checkpoint_key if str(weights) != "random" else None,
+        "arch": backbone_arch(model),
+        "patch_size": getattr(model, "patch_size", None),
+        "embed_dim": getattr(model, "embed_dim", None),
+        "depth": getattr(model, "depth", None),
+        "transform": describe_transform(transform),
+        "n_last_blocks": int(n_last_blocks) if vit else 1,
+        "avgpool_patch_tokens": bool(avgpool_patch_tokens) if vit else False,
+        "precision": precision_name(dtype),
+    }
+
+
+def data_fingerprint(paths: Sequence[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
+    """A hash of the image list (relative paths and sizes), so a cache notices a changed folder."""
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        rel = os.path.relpath(p, root) if root is not None else str(p)
+        try:
+            size = p.stat().st_size
+        except OSError:
+            size = -1
+        h.update(f"{rel}\0{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class ImageList:
+    """The images of a folder: a labelled ImageFolder root or any folder of images (recursive)."""
+
+    root: Path
+    paths: list[Path]
+    labels: list[int] | None
+    classes: list[str]
+
+
+def scan_images(data: str | os.PathLike, classes: Sequence[str] | None = None, labelled: bool | None = None) -> ImageList:
+    """List the images of ``data``. A folder of class sub-folders (and no loose images) is read as an
+    ImageFolder; anything else as plain images, searched recursively. With ``classes`` (the training
+    set's), class indices follow that list and a class it lacks is an error."""
+    from ..data.images import find_images, looks_labelled, scan_labelled_folder
+
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise DataError(f"The folder {root} does not exist.")
+    if labelled is None:
+        labelled = looks_labelled(root)
+    if labelled:
+        found = scan_labelled_folder(root, classes=classes)
+        return ImageList(root, found.paths, found.targets, found.classes)
+    if classes is not None:
+        raise DataError(f"{root} has no class sub-folders (expected ROOT/<class>/<image>), so it has no labels.")
+    paths = find_images(root)
+    if not paths:
+        raise DataError(f"{root} holds no images.")
+    return ImageList(root if root.is_dir() else root.parent, paths, None, [])
+
+
+def compute_features(
+    model: nn.Module,
+    data: str | os.PathLike | ImageList,
+    transform: Any = None,
+    n_last_blocks: int = 1,
+    avgpool_patch_tokens: bool = False,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    classes: Sequence[str] | None = None,
+    weights: str | None = None,
+    checkpoint_key: str = "teacher",
+    seed: int | None = None,
+    progress: Progress = NULL_PROGRESS,
+    description: str = "features",
+) -> FeatureSet:
+    """Embed a folder of images (labelled or not) with ``model``; the library form of ``dinokit features``.
+
+    ``transform`` defaults to the evaluation transform (Resize 256 bicubic, CenterCrop 224,
+    normalise). Unreadable images are skipped with a warning. Under torchrun each rank embeds a
+    shard and every rank gets all rows. ``weights`` (what ``model`` was loaded from) goes into the
+    fingerprint; without it the fingerprint hashes the model's state dict.
+    """
+    from ..data.images import ImageDataset
+    from ..data.transforms import eval_transform
+
+    transform = transform if transform is not None else eval_transform()
+    images = data if isinstance(data, ImageList) else scan_images(data, classes=classes)
+    dataset = ImageDataset(images.paths, images.labels, transform=transform, skip_unreadable=True)
+    fn = cls_feature_fn(n_last_blocks, avgpool_patch_tokens)
+    feats, kept = extract_features(
+        model, dataset, batch_size, num_workers, device, dtype, fn, progress, description=description
+    )
+    if not bool(kept.any()):
+        raise DataError(f"None of the {len(images.paths)} images in {images.root} could be read.")
+    if not bool(kept.all()):
+        log.warning("%d unreadable images were left out", int((~kept).sum()))
+    paths = [str(p) for p, k in zip(images.paths, kept.tolist()) if k]
+    labels = None
+    if images.labels is not None:
+        labels = torch.tensor(images.labels, dtype=torch.long)[kept]
+    fp = feature_fingerprint(
+        model,
+        weights if weights is not None else getattr(model, "weights_source", "model"),
+        transform,
+        n_last_blocks,
+        avgpool_patch_tokens,
+        checkpoint_key,
+        seed,
+        dtype,
+    )
+    if weights is None and getattr(model, "weights_source", None) in (None, "random"):
+        from ..checkpoints import state_dict_fingerprint
+
+        fp["weights"] = "state:" + state_dict_fingerprint(model.state_dict())
+    fp["data"] = data_fingerprint(images.paths, images.root)
+    return FeatureSet(feats[kept].contiguous(), labels, list(images.classes), paths, fp)
+
+
+def save_features(fs: FeatureSet, path: str | os.PathLike, format: str = "pt", overwrite: bool = False) -> list[Path]:
+    """Write a feature set atomically; returns the files written.
+
+    ``pt``: one file holding features, labels, class names, paths and fingerprint (read back with
+    :func:`load_features`). ``npy``: ``features.npy`` and ``paths.txt`` (plus ``labels.npy``,
+    ``classes.txt`` and ``fingerprint.json``) in the folder ``path`` (or beside ``path`` when it
+    ends in ``.npy``), for use in other tools.
+    """
+    from ..io import atomic_open, atomic_write_text, check_output_file, torch_save_atomic, write_json
+
+    path = Path(path)
+    if format == "pt":
+        check_output_file(path, overwrite)
+        torch_save_atomic(fs.to_dict(), path)
+        return [path]
+    if format != "npy":
+        raise DinokitError(f"Unknown features format {format!r}; use pt or npy.")
+    import numpy as np
+
+    folder, feat_path = (path.parent, path) if path.suffix == ".npy" else (path, path / "features.npy")
+    if folder.exists() and not folder.is_dir():
+        raise DinokitError(f"{folder} is a file; --format npy writes into a folder.")
+    check_output_file(feat_path, overwrite)
+    written = [feat_path, folder / "paths.txt"]
+    with atomic_open(feat_path, "wb") as f:
+        np.save(f, fs.features.numpy())
+    atomic_write_text(folder / "paths.txt", "".join(p + "\n" for p in fs.paths))
+    if fs.labels is not None:
+        with atomic_open(folder / "labels.npy", "wb") as f:
+            np.save(f, fs.labels.numpy())
+        atomic_write_text(folder / "classes.txt", "".join(c + "\n" for c in fs.classes))
+        written += [folder / "labels.npy", folder / "classes.txt"]
+    write_json(folder / "fingerprint.json", fs.fingerprint)
+    written.append(folder / "fingerprint.json")
+    return written
+
+
+def load_features(path: str | os.PathLike) -> FeatureSet:
+    """Read a feature set written by :func:`save_features` (``.pt``, or an npy folder / ``features.npy``)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"The features file {path} does not exist.")
+    if path.is_dir() or path.suffix == ".npy":
+        return _load_npy(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path} is not a readable features file ({str(e).splitlines()[0]}).") from e
+    if not isinstance(obj, dict) or not isinstance(obj.get("features"), torch.Tensor):
+        raise DataError(f"{path} is not a dinokit features file (made with dinokit features).")
+    feats = obj["features"].float()
+    if feats.ndim != 2:
+        raise DataError(f"{path} holds features of shape {tuple(feats.shape)}, not (images, dim).")
+    labels = obj.get("labels")
+    paths = [str(p) for p in obj.get("paths") or [""] * len(feats)]
+    return FeatureSet(feats, labels, list(obj.get("classes") or []), paths, dict(obj.get("fingerprint") or {}))
+
+
+def _load_npy(path: Path) -> FeatureSet:
+    import json
+
+    import numpy as np
+
+    folder, feat_path = (path.parent, path) if path.suffix == ".npy" else (path, path / "features.npy")
+    if not feat_path.is_file():
+        raise DataError(f"{folder} holds no features.npy.")
+    feats = torch.from_numpy(np.load(feat_path, allow_pickle=False)).float()
+    paths = (folder / "paths.txt").read_text().splitlines() if (folder / "paths.txt").is_file() else []
+    labels = None
+    classes: list[str] = []
+    if (folder / "labels.npy").is_file():
+        labels = torch.from_numpy(np.load(folder / "labels.npy", allow_pickle=False)).long()
+        classes = (folder / "classes.txt").read_text().splitlines()
+    fp = json.loads((folder / "fingerprint.json").read_text()) if (folder / "fingerprint.json").is_file() else {}
+    return FeatureSet(feats, labels, classes, paths or [""] * len(feats), fp)
+
+
+def describe_difference(a: dict, b: dict, keys: Sequence[str]) -> str | None:
+    """The first fingerprint entry among ``keys`` where ``a`` and ``b`` differ, as text."""
+    for k in keys:
+        if a.get(k) != b.get(k):
+            return f"{k} {a.get(k)} vs {b.get(k)}"
+    return None
+
+
+def check_same_model(a: FeatureSet, b: FeatureSet, name_a: str, name_b: str) -> None:
+    """Refuse two feature sets that cannot be compared: other weights, other sizes, other options."""
+    fa, fb = a.fingerprint, b.fingerprint
+    if fa and fb and describe_difference(fa, fb, ("weights", "checkpoint_key")):
+        raise DataError(
+            f"{name_a} and {name_b} were made with other weights ({fa.get('weights')} vs {fb.get('weights')}); "
+            "compute both with the same weights."
+        )
+    if a.dim != b.dim:
+        why = describe_difference(fa, fb, MODEL_KEYS + OPTION_KEYS) if fa and fb else None
+        raise DataError(
+            f"The features of {name_a} are {a.dim}-d but those of {name_b} are {b.dim}-d"
+            + (f" ({why})" if why else "")
+            + "; compute both with the same weights and feature options."
+        )
+    if fa and fb:
+        why = describe_difference(fa, fb, MODEL_KEYS + OPTION_KEYS)
+        if why:
+            raise DataError(f"{name_a} and {name_b} were made with different settings ({why}); compute both the same way.")
+
+
+def check_fingerprint(fs: FeatureSet, expected: dict, name: str) -> None:
+    """Refuse a feature set whose fingerprint does not match the model/options asked for now."""
+    fp = fs.fingerprint
+    if not fp:
+        raise DataError(f"{name} has no fingerprint, so dinokit cannot tell which weights made it; recompute it.")
+    if describe_difference(fp, expected, ("weights", "checkpoint_key")):
+        raise DataError(
+            f"{name} was made with other weights ({fp.get('weights')}, not {expected.get('weights')}); "
+            "recompute it with these weights or pass the matching --weights."
+        )
+    why = describe_difference(fp, expected, MODEL_KEYS + OPTION_KEYS)
+    if why:
+        raise DataError(f"{name} was made with different settings ({why}); recompute it or match the options.")
+
+
+def align_labels(train: FeatureSet, val: FeatureSet, name_train: str = "train", name_val: str = "val") -> torch.Tensor:
+    """Val labels as indices into the training classes; a val class the training set lacks is an error."""
+    if train.labels is None:
+        raise DataError(f"The {name_train} features have no labels; embed a labelled folder (ROOT/<class>/<image>).")
+    if val.labels is None:
+        raise DataError(f"The {name_val} features have no labels; embed a labelled folder (ROOT/<class>/<image>).")
+    if list(val.classes) == list(train.classes):
+        return val.labels
+    index = {c: i for i, c in enumerate(train.classes)}
+    present = set(val.labels.unique().tolist())
+    missing = [c for i, c in enumerate(val.classes) if c not in index and i in present]
+    if missing:
+        raise DataError(
+            f"The {name_val} set has classes the training set lacks: {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else "")
+            + "."
+        )
+    remap = torch.tensor([index.get(c, -1) for c in val.classes], dtype=torch.long)
+    return remap[val.labels]
+
+
+@dataclass
+class FeatureSpec:
+    """How to embed a folder: weights and model, feature options, transform sizes, runtime."""
+
+    weights: str = "random"
+    arch: str | None = None
+    patch_size: int | None = None
+    checkpoint_key: str = "teacher"
+    n_last_blocks: int = 1
+    avgpool_patch_tokens: bool = False
+    resize: int = 256
+    crop: int = 224
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+
+
+class Embedder:
+    """Loads the backbone once and embeds folders with a cache: a feature file whose fingerprint
+    (weights, arch, transform, options, file list) matches is reused, any other is recomputed."""
+
+    def __init__(self, spec: FeatureSpec, model: nn.Module | None = None, **model_kwargs):
+        from ..checkpoints import load_backbone
+        from ..data.transforms import eval_transform
+        from ..runtime import resolve_device, resolve_precision, seed_everything
+
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        self.dtype = resolve_precision(spec.precision, self.device, training=False)
+        if model is None:
+            seed_everything(spec.seed)
+            model = load_backbone(spec.weights, spec.arch, spec.patch_size, spec.checkpoint_key, **model_kwargs)
+        self.model = model
+        self.transform = eval_transform(spec.resize, spec.crop)
+        self.fingerprint = feature_fingerprint(
+            model,
+            spec.weights,
+            self.transform,
+            spec.n_last_blocks,
+            spec.avgpool_patch_tokens,
+            spec.checkpoint_key,
+            spec.seed,
+            self.dtype,
+        )
+
+    def embed(
+        self,
+        data: str | os.PathLike | ImageList,
+        classes: Sequence[str] | None = None,
+        cache: str | os.PathLike | None = None,
+        progress: Progress = NULL_PROGRESS,
+        description: str = "features",
+        transform: Any = None,
+    ) -> FeatureSet:
+        images = data if isinstance(data, ImageList) else scan_images(data, classes=classes)
+        expected = dict(self.fingerprint)
+        if transform is not None:
+            from ..data.transforms import describe_transform
+
+            expected["transform"] = describe_transform(transform)
+        expected["data"] = data_fingerprint(images.paths, images.root)
+        if cache is not None and Path(cache).is_file():
+            try:
+                cached = load_features(cache)
+            except DinokitError:
+                cached = None
+            if cached is not None and cached.fingerprint == expected:
+                progress.log(f"reusing cached features {cache}")
+                return cached
+            progress.log(f"recomputing {cache}: its fingerprint does not match")
+        fs = compute_features(
+            self.model,
+            images,
+            transform=transform or self.transform,
+            n_last_blocks=self.spec.n_last_blocks,
+            avgpool_patch_tokens=self.spec.avgpool_patch_tokens,
+            batch_size=self.spec.batch_size,
+            num_workers=self.spec.num_workers,
+            device=self.device,
+            dtype=self.dtype,
+            weights=self.spec.weights,
+            checkpoint_key=self.spec.checkpoint_key,
+            seed=self.spec.seed,
+            progress=progress,
+            description=description,
+        )
+        fs.fingerprint = expected
+        if cache is not None and dist_env().is_main:
+            save_features(fs, cache, overwrite=True)
+        return fs
