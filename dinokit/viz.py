@@ -1,0 +1,305 @@
+"""Pictures without matplotlib: colour maps, mask overlays, contours, labelled grids and GIF/MP4 writing.
+
+Everything works on numpy arrays (``uint8`` RGB images of shape (H, W, 3), float maps of shape
+(H, W), boolean masks) and PIL images, so any command can reuse it.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .io import atomic_open
+
+# Anchor colours sampled at 0, 1/8, ..., 1 of the perceptually uniform maps of van der Walt and
+# Smith (viridis, inferno); linear interpolation between 9 anchors stays within a few levels of them.
+_COLORMAP_ANCHORS = {
+    "viridis": [
+        (0.267004, 0.004874, 0.329415),
+        (0.282623, 0.140926, 0.457517),
+        (0.229739, 0.322361, 0.545706),
+        (0.172719, 0.448791, 0.557885),
+        (0.127568, 0.566949, 0.550556),
+        (0.157851, 0.683765, 0.501686),
+        (0.369214, 0.788888, 0.382914),
+        (0.678489, 0.863742, 0.189503),
+        (0.993248, 0.906157, 0.143936),
+    ],
+    "inferno": [
+        (0.001462, 0.000466, 0.013866),
+        (0.092949, 0.045670, 0.224763),
+        (0.258234, 0.038571, 0.406485),
+        (0.416331, 0.090203, 0.432943),
+        (0.578304, 0.148039, 0.404411),
+        (0.735683, 0.215906, 0.330245),
+        (0.865006, 0.316822, 0.226055),
+        (0.954506, 0.468744, 0.099874),
+        (0.988362, 0.998364, 0.644924),
+    ],
+    "gray": [(0.0, 0.0, 0.0), (1.0, 1.0, 1.0)],
+}
+# inferno rises steeply at the top: two more anchors keep its orange-to-yellow part faithful
+_INFERNO_TOP = [(0.9375, (0.978422, 0.557937, 0.034931)), (0.96875, (0.974417, 0.803235, 0.264564))]
+
+COLORMAPS = tuple(_COLORMAP_ANCHORS)
+
+# distinct colours for masks (the first ten are the familiar categorical ones); more are generated
+_DISTINCT = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
+
+
+def colormap_table(name: str = "inferno", n: int = 256) -> np.ndarray:
+    """An (n, 3) uint8 lookup table of the named colour map (viridis, inferno or gray)."""
+    if name not in _COLORMAP_ANCHORS:
+        raise ValueError(f"unknown colour map {name!r}; use one of {', '.join(COLORMAPS)}")
+    anchors = np.asarray(_COLORMAP_ANCHORS[name], dtype=np.float64)
+    pos = list(np.linspace(0.0, 1.0, len(anchors)))
+    cols = list(anchors)
+    if name == "inferno":
+        for p, c in _INFERNO_TOP:
+            i = int(np.searchsorted(pos, p))
+            pos.insert(i, p)
+            cols.insert(i, np.asarray(c))
+    pos_a = np.asarray(pos)
+    cols_a = np.stack(cols)
+    x = np.linspace(0.0, 1.0, n)
+    table = np.stack([np.interp(x, pos_a, cols_a[:, c]) for c in range(3)], axis=1)
+    return np.clip(np.round(table * 255), 0, 255).astype(np.uint8)
+
+
+def apply_colormap(values: np.ndarray, name: str = "inferno", vmin: float | None = None,
+                   vmax: float | None = None) -> np.ndarray:
+    """Colour a 2-D map: (H, W) floats -> (H, W, 3) uint8, scaled to [vmin, vmax] (its own range by default)."""
+    v = np.asarray(values, dtype=np.float64)
+    lo = float(np.nanmin(v)) if vmin is None else float(vmin)
+    hi = float(np.nanmax(v)) if vmax is None else float(vmax)
+    scaled = np.zeros_like(v) if hi <= lo else (v - lo) / (hi - lo)
+    idx = np.clip(np.nan_to_num(scaled) * 255 + 0.5, 0, 255).astype(np.int64)
+    return colormap_table(name)[idx]
+
+
+def distinct_colors(n: int) -> np.ndarray:
+    """``n`` clearly different RGB colours, (n, 3) uint8; the same n always gives the same colours."""
+    cols = list(_DISTINCT[:n])
+    k = 0
+    while len(cols) < n:
+        h = (k * 0.618033988749895 + 0.05) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(h, 0.85 if k % 2 == 0 else 0.6, 0.95)
+        cols.append((int(r * 255), int(g * 255), int(b * 255)))
+        k += 1
+    return np.asarray(cols, dtype=np.uint8).reshape(n, 3)
+
+
+def upsample_nearest(grid: np.ndarray, factor: int) -> np.ndarray:
+    """Repeat each cell of a (..., h, w) array ``factor`` times along both spatial axes."""
+    return np.repeat(np.repeat(np.asarray(grid), factor, axis=-2), factor, axis=-1)
+
+
+def boundaries(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
+    """The contour pixels of a boolean (H, W) mask: pixels of the mask with a neighbour outside it."""
+    from skimage.segmentation import find_boundaries
+
+    b = find_boundaries(np.asarray(mask, dtype=bool), mode="inner")
+    if thickness > 1:
+        from scipy.ndimage import binary_dilation
+
+        b = binary_dilation(b, iterations=thickness - 1) & np.asarray(mask, dtype=bool)
+    return b
+
+
+def overlay_masks(image: np.ndarray, masks: np.ndarray | Sequence[np.ndarray], colors: np.ndarray | None = None,
+                  alpha: float = 0.5, contours: bool = True, thickness: int = 1) -> np.ndarray:
+    """Blend each boolean mask onto an RGB image in its own colour and draw its contour.
+
+    ``masks`` is (K, H, W); where masks overlap the later ones are drawn on top.
+    """
+    out = np.asarray(image, dtype=np.float32).copy()
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim == 2:
+        masks = masks[None]
+    colors = distinct_colors(len(masks)) if colors is None else np.asarray(colors, dtype=np.uint8)
+    for m, c in zip(masks, colors):
+        if not m.any():
+            continue
+        out[m] = (1 - alpha) * out[m] + alpha * c.astype(np.float32)
+    out = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    if contours:
+        for m, c in zip(masks, colors):
+            if m.any():
+                out[boundaries(m, thickness)] = c
+    return out
+
+
+def draw_contours(image: np.ndarray, labels: np.ndarray, color=(255, 255, 255), thickness: int = 1,
+                  ignore: Sequence[int] = (0,)) -> np.ndarray:
+    """Draw the outline of every labelled region of ``labels`` (H, W ints) on ``image`` in one colour."""
+    out = np.asarray(image, dtype=np.uint8).copy()
+    labels = np.asarray(labels)
+    for v in np.unique(labels):
+        if int(v) in ignore:
+            continue
+        out[boundaries(labels == v, thickness)] = color
+    return out
+
+
+def blend(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Mix an RGB image with a colour-mapped heat map of the same size."""
+    mixed = (1 - alpha) * np.asarray(image, np.float32) + alpha * np.asarray(heat, np.float32)
+    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+
+
+def _font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def make_grid(tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, cols: int = 4,
+              pad: int = 4, label_height: int = 16, background=(255, 255, 255)) -> np.ndarray:
+    """Tile RGB pictures (resized to the first one's size) in rows of ``cols`` with a caption above each."""
+    if not tiles:
+        raise ValueError("make_grid needs at least one picture")
+    h, w = np.asarray(tiles[0]).shape[:2]
+    cols = max(1, min(cols, len(tiles)))
+    rows = (len(tiles) + cols - 1) // cols
+    lh = label_height if labels else 0
+    canvas = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + lh + pad) + pad), background)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(9, label_height - 4))
+    for i, t in enumerate(tiles):
+        pic = Image.fromarray(np.asarray(t, dtype=np.uint8))
+        if pic.size != (w, h):
+            pic = pic.resize((w, h), Image.NEAREST)
+        r, c = divmod(i, cols)
+        x, y = pad + c * (w + pad), pad + r * (h + lh + pad)
+        if labels:
+            draw.text((x, y + 1), str(labels[i]), fill=(0, 0, 0), font=font)
+        canvas.paste(pic, (x, y + lh))
+    return np.asarray(canvas)
+
+
+def save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write an array (RGB uint8, or a 2-D uint8/bool mask) as a PNG, atomically."""
+    path = Path(path)
+    arr = np.asarray(array)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(arr).save(f, format="PNG")
+    return path
+
+
+class GifWriter:
+    """An animated GIF written one frame at a time (constant memory), each frame with its own palette.
+
+    Use as a context manager; ``add(frame)`` takes an RGB uint8 array. The file appears (atomically)
+    when the writer is closed without an error.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float = 10.0, loop: int = 0):
+        self.path = Path(path)
+        self.duration_ms = max(20, int(round(1000.0 / fps)))
+        self.loop = loop
+        self.frames = 0
+        self._ctx = None
+        self._f = None
+        self._size: tuple[int, int] | None = None
+
+    def __enter__(self) -> GifWriter:
+        self._ctx = atomic_open(self.path, "wb")
+        self._f = self._ctx.__enter__()
+        return self
+
+    def add(self, frame: np.ndarray) -> None:
+        from PIL import GifImagePlugin
+
+        pic = Image.fromarray(np.asarray(frame, dtype=np.uint8)).convert("RGB")
+        if self._size is None:
+            self._size = pic.size
+        elif pic.size != self._size:
+            pic = pic.resize(self._size, Image.BILINEAR)
+        q = pic.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
+        if self.frames == 0:
+            header, _ = GifImagePlugin.getheader(q.copy(), info={"loop": self.loop, "duration": self.duration_ms})
+            for chunk in header:
+                self._f.write(chunk)
+        for chunk in GifImagePlugin.getdata(q, duration=self.duration_ms, include_color_table=True):
+            self._f.write(chunk)
+        self.frames += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self.frames == 0:
+            exc_type, exc = ValueError, ValueError("no frames were written")
+        if exc_type is None:
+            self._f.write(b";")
+            self._ctx.__exit__(None, None, None)
+        else:
+            self._ctx.__exit__(exc_type, exc, tb)
+
+
+class Mp4Writer:
+    """An H.264 MP4 written one frame at a time through PyAV (the optional ``dinokit[video]`` extra)."""
+
+    def __init__(self, path: str | os.PathLike, fps: float = 10.0):
+        self.path = Path(path)
+        self.fps = fps
+        self.frames = 0
+        self._container = None
+        self._stream = None
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp.mp4")
+
+    def __enter__(self) -> Mp4Writer:
+        from .errors import DinokitError
+
+        try:
+            import av
+        except ImportError as e:
+            raise DinokitError("Writing MP4 needs PyAV; install it with pip install 'dinokit[video]'.") from e
+        from fractions import Fraction
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._container = av.open(str(self._tmp), mode="w")
+        self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
+        self._stream.pix_fmt = "yuv420p"
+        return self
+
+    def add(self, frame: np.ndarray) -> None:
+        import av
+
+        arr = np.asarray(frame, dtype=np.uint8)
+        h, w = arr.shape[:2]
+        if self.frames == 0:
+            self._stream.width, self._stream.height = w - w % 2, h - h % 2
+        arr = arr[: self._stream.height, : self._stream.width]
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+        for packet in self._stream.encode(vf):
+            self._container.mux(packet)
+        self.frames += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                for packet in self._stream.encode():
+                    self._container.mux(packet)
+        finally:
+            self._container.close()
+        if exc_type is None:
+            os.replace(self._tmp, self.path)
+        else:
+            self._tmp.unlink(missing_ok=True)
