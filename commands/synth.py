@@ -1,0 +1,63 @@
+"""``dinokit synth classify|video|copydays``: the built-in data sets, generated offline."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ._common import Output, Overwrite, Quiet, RichProgress, console, print_table, setup_logging
+
+Seed0 = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives byte-identical files.")]
+
+
+def classify(
+    output: Output,
+    classes: Annotated[int, typer.Option("--classes", min=1, help="Number of shape classes (up to 72).")] = 10,
+    per_class: Annotated[int, typer.Option("--per-class", min=1, help="Images per class (train + val).")] = 100,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", min=0.0, max=0.99, help="Fraction of each class held out for val.")
+    ] = 0.2,
+    size: Annotated[int, typer.Option("--size", min=16, help="Image side in pixels.")] = 96,
+    seed: Seed0 = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write a shape-classification set: ImageFolder roots DIR/train and DIR/val plus exact object masks.
+
+    Each image shows one textured shape (circle, square, triangle, star, ...) over a photograph or
+    clutter; the class is the shape. Masks: DIR/masks/<split>/<class>/<name>.png (0 background, 1 object).
+    """
+    from dinokit.data.synth import make_classify_dataset
+
+    setup_logging(quiet)
+    with RichProgress(quiet=quiet) as progress:
+        s = make_classify_dataset(
+            output,
+            classes=classes,
+            per_class=per_class,
+            val_fraction=val_fraction,
+            size=size,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    print_table(
+        "dinokit synth classify",
+        ["what", "where", "images"],
+        [
+            ["train", str(s.train_dir), s.n_train],
+            ["val", str(s.val_dir), s.n_val],
+            ["masks", str(s.mask_dir), s.n_train + s.n_val],
+        ],
+    )
+    console.print(
+        f"{len(s.classes)} classes ({', '.join(s.classes)}), {s.size}x{s.size} px, seed {s.seed}, "
+        f"{s.seconds:.1f} s.",
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    synth_app.command("classify")(classify)
+

@@ -1,0 +1,165 @@
+"""The built-in synthetic data sets: layout, exact masks, determinism, naming, bad options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dinokit.commands import app
+from PIL import Image
+from typer.testing import CliRunner
+
+from dinokit.data import synth
+
+runner = CliRunner()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _run(*args: str):
+    result = runner.invoke(app, list(args))
+    return result
+
+
+# -- classify ---------------------------------------------------------------------------------------
+
+
+def test_classify_cli_layout_and_masks(tmp_path):
+    out = tmp_path / "shapes"
+    r = _run("synth", "classify", "--output", str(out), "--classes", "3", "--per-class", "4",
+             "--val-fraction", "0.25", "--size", "32", "--seed", "5", "-q")
+    assert r.exit_code == 0, r.output
+    assert "circle" in r.output and "train" in r.output
+    classes = ["circle", "square", "triangle"]
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(classes)
+    assert sorted(p.name for p in (out / "val").iterdir()) == sorted(classes)
+    for ci, c in enumerate(classes):
+        train = sorted(p.name for p in (out / "train" / c).iterdir())
+        val = sorted(p.name for p in (out / "val" / c).iterdir())
+        assert train == ["00000.png", "00001.png", "00002.png"] and val == ["00003.png"]
+        for split, names in (("train", train), ("val", val)):
+            for name in names:
+                img = Image.open(out / split / c / name)
+                mask = Image.open(out / "masks" / split / c / name)
+                assert img.mode == "RGB" and img.size == (32, 32)
+                assert mask.mode == "L" and mask.size == (32, 32)
+                m = np.asarray(mask)
+                assert set(np.unique(m)) == {0, 1}
+                # the files are what the drawing function makes for this (seed, class, index)
+                i = int(name[:-4])
+                ref_img, ref_mask = synth.draw_classify_image(synth.item_rng(5, "classify", ci, i), c, 32)
+                np.testing.assert_array_equal(np.asarray(img), ref_img)
+                np.testing.assert_array_equal(m, ref_mask.astype(np.uint8))
+    meta = (out / "synth.json").read_text()
+    assert '"classify"' in meta
+
+
+def test_classify_mask_is_exactly_the_painted_object():
+    sentinel = (3, 251, 7)
+    for ci, shape in enumerate(synth.class_names(18)):
+        for i in range(3):
+            img, mask = synth.draw_classify_image(synth.item_rng(1, "classify", ci, i), shape, 48, sentinel)
+            painted = np.all(img == np.array(sentinel, np.uint8), axis=2)
+            np.testing.assert_array_equal(painted, mask)
+            assert 0.03 < mask.mean() < 0.8
+
+
+def _component_stats(mask: np.ndarray) -> tuple[float, int]:
+    from skimage.measure import label, regionprops
+
+    props = regionprops(label(mask.astype(np.uint8)))
+    big = max(props, key=lambda p: p.area)
+    return big.solidity, big.euler_number
+
+
+def test_classify_class_is_the_shape():
+    """Shape statistics of the masks separate classes whatever the colours, texture and background."""
+    names = synth.class_names(10)
+    for ci, shape in enumerate(names):
+        for i in range(6):
+            _, mask = synth.draw_classify_image(synth.item_rng(2, "classify", ci, i), shape, 96)
+            touches_border = mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()
+            if touches_border:
+                continue
+            solidity, euler = _component_stats(mask)
+            if shape in ("circle", "square", "hexagon"):
+                assert solidity > 0.95 and euler == 1, shape
+            if shape == "ring":
+                assert euler == 0, shape
+            if shape in ("star", "cross"):
+                assert solidity < 0.8, shape
+
+
+def test_classify_backgrounds_and_colours_do_not_follow_the_class():
+    """Mean object colour is drawn independently of the class: per-class means are all close."""
+    means = []
+    for ci, shape in enumerate(synth.class_names(4)):
+        cols = []
+        for i in range(40):
+            img, mask = synth.draw_classify_image(synth.item_rng(3, "classify", ci, i), shape, 32)
+            cols.append(img[mask].mean(axis=0))
+        means.append(np.mean(cols, axis=0))
+    means = np.array(means)
+    assert np.abs(means - means.mean(axis=0)).max() < 40
+
+
+def test_classify_is_deterministic_per_seed(tmp_path):
+    kw = dict(classes=2, per_class=3, val_fraction=0.34, size=24)
+    synth.make_classify_dataset(tmp_path / "a", seed=7, **kw)
+    synth.make_classify_dataset(tmp_path / "b", seed=7, **kw)
+    synth.make_classify_dataset(tmp_path / "c", seed=8, **kw)
+    a, b, c = (_files(tmp_path / x) for x in "abc")
+    assert a == b
+    assert a.keys() == c.keys()
+    assert any(a[k] != c[k] for k in a if k.endswith(".png"))
+
+
+def test_classify_many_classes_are_distinct():
+    names = synth.class_names(synth.MAX_CLASSES)
+    assert len(set(names)) == synth.MAX_CLASSES >= 40
+    assert names[:10] == ["circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent",
+                          "heart", "arrow"]
+    # no two classes have the same outline, whatever the rotation: 1 - IoU stays clear of 0
+    angles = np.linspace(0, 2 * np.pi, 36, endpoint=False)
+    rot = np.stack([
+        np.stack([synth.rasterize(synth.place_parts(synth.shape_parts(n), 48, 48, 42, a), 96, 96) for a in angles])
+        for n in names
+    ])  # (classes, angles, 96, 96)
+    flat = rot.reshape(len(names), len(angles), -1).astype(np.float32)
+    ref = flat[:, 0]  # each class at angle 0
+    inter = np.einsum("ip,jap->ija", ref, flat)
+    union = ref.sum(1)[:, None, None] + flat.sum(2)[None] - inter
+    distance = (1 - inter / union).min(axis=2)
+    np.fill_diagonal(distance, 1.0)
+    i, j = np.unravel_index(distance.argmin(), distance.shape)
+    assert distance.min() > 0.1, (names[i], names[j], distance.min())
+
+
+def test_classify_refuses_nonempty_output_and_bad_options(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    r = _run("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "1", "--size", "16")
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    r = _run("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--size", "16",
+             "--overwrite", "-q")
+    assert r.exit_code == 0, r.output
+    assert (out / "keep.txt").exists()  # only the generator's own folders are replaced
+    r = _run("synth", "classify", "--output", str(tmp_path / "p"), "--classes", "500")
+    assert r.exit_code == 2 and "classes" in r.output and "Traceback" not in r.output
+
+
+def test_classify_overwrite_leaves_no_stale_images(tmp_path):
+    synth.make_classify_dataset(tmp_path / "d", classes=3, per_class=2, val_fraction=0.5, size=16)
+    synth.make_classify_dataset(tmp_path / "d", classes=2, per_class=2, val_fraction=0.5, size=16, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "d" / "train").iterdir()) == ["circle", "square"]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5])
+def test_classify_val_fraction(tmp_path, fraction):
+    s = synth.make_classify_dataset(tmp_path / "v", classes=2, per_class=4, val_fraction=fraction, size=16)
+    assert s.n_val == 2 * round(4 * fraction) and s.n_train + s.n_val == 8
+    assert len(list((tmp_path / "v" / "train").rglob("*.png"))) == s.n_train
