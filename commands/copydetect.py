@@ -1,0 +1,110 @@
+"""``dinokit copydetect``: the Copydays copy-detection protocol (mAP per block)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import (
+    Arch,
+    BatchSize,
+    CheckpointKey,
+    Device,
+    NumWorkers,
+    Output,
+    Overwrite,
+    PatchSize,
+    Precision,
+    Quiet,
+    RichProgress,
+    Seed,
+    Weights,
+    console,
+    is_main_process,
+    print_table,
+    setup_logging,
+)
+
+
+def copydetect(
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="The Copydays root: original/, strong/, jpegqual/<q>/, crops/<c>/ (block sizes are read "
+            "from the folders; other folders are ignored).",
+        ),
+    ],
+    output: Output,
+    weights: Weights = "random",
+    arch: Arch = None,
+    patch_size: PatchSize = None,
+    checkpoint_key: CheckpointKey = "teacher",
+    image_size: Annotated[
+        int, typer.Option("--image-size", min=1, help="Images are resized to this square (aspect ignored).")
+    ] = 320,
+    distractors: Annotated[
+        Optional[Path], typer.Option("--distractors", help="A folder of distractor images added to the database.")
+    ] = None,
+    whitening: Annotated[
+        Optional[Path], typer.Option("--whitening", help="A folder of other images to learn the whitening on.")
+    ] = None,
+    top: Annotated[
+        int, typer.Option("--top", min=0, help="Score the top N results of each query (0: the whole ranking).")
+    ] = 20,
+    batch_size: BatchSize = 32,
+    num_workers: NumWorkers = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Copy detection on Copydays: rank the originals (plus distractors) for every edited copy and
+    report the mAP of each block (strong is the headline)."""
+    from dinokit.eval.copy_detection import CopyDetectionConfig, copy_detection
+    from dinokit.io import prepare_output_dir, write_metrics
+
+    setup_logging(quiet)
+    prepare_output_dir(output, overwrite=overwrite)
+    cfg = CopyDetectionConfig(
+        data=data,
+        output=output,
+        weights=weights,
+        arch=arch,
+        patch_size=patch_size,
+        checkpoint_key=checkpoint_key,
+        image_size=image_size,
+        distractors=distractors,
+        whitening=whitening,
+        top=top,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        seed=seed,
+    )
+    with RichProgress(quiet=quiet) as progress:
+        result = copy_detection(cfg, progress)
+    if not is_main_process():
+        return
+    metrics = result.to_metrics()
+    write_metrics(output, metrics, config=asdict(cfg))
+    rows = [[block, result.queries[block], 100.0 * value] for block, value in result.mAP.items()]
+    # strong first: it is the headline number
+    rows.sort(key=lambda r: r[0] != "strong")
+    title = f"Copydays mAP (%), database {result.database_size} images"
+    if result.whitening:
+        title += ", whitened"
+    print_table(title, ["block", "queries", "mAP"], rows)
+    unreadable = sum(result.unreadable.values())
+    if unreadable:
+        console.print(f"{unreadable} unreadable images were skipped.")
+    console.print(f"strong mAP {result.headline:.3f}; results in {output / 'metrics.json'}")
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    app.command("copydetect")(copydetect)
