@@ -1,0 +1,197 @@
+"""``dinokit finetune``: a new linear head on a backbone, the whole network fine-tuned (DeiT recipe)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import (
+    Arch,
+    BatchSize,
+    CheckpointKey,
+    Device,
+    NumWorkers,
+    Output,
+    Overwrite,
+    PatchSize,
+    Precision,
+    Quiet,
+    RichProgress,
+    Seed,
+    console,
+    console_err,
+    is_main_process,
+    print_table,
+    setup_logging,
+)
+
+
+def finetune(
+    ctx: typer.Context,
+    weights: Annotated[
+        str,
+        typer.Option(
+            "--weights",
+            "-w",
+            help="Backbone to start from: a checkpoint path, a preset (dino_vits16, ...) or 'random' "
+            "(the from-scratch baseline).",
+        ),
+    ] = "random",
+    train: Annotated[
+        Optional[Path], typer.Option("--train", help="Labelled training images: TRAIN/<class>/<image>.")
+    ] = None,
+    val: Annotated[
+        Optional[Path], typer.Option("--val", help="Labelled validation images with the training set's classes.")
+    ] = None,
+    val_split: Annotated[
+        Optional[float],
+        typer.Option("--val-split", help="Hold out this fraction of each training class for validation "
+                     "(0.1 when --val is not given)."),
+    ] = None,
+    output: Output = Path("runs/finetune"),
+    arch: Arch = None,
+    patch_size: PatchSize = None,
+    checkpoint_key: CheckpointKey = "teacher",
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs, head-only warm-up included.")] = 100,
+    batch_size: BatchSize = 64,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Base learning rate at a global batch of 1024; the peak lr is "
+                            "lr * global_batch / 1024.")
+    ] = 5e-4,
+    min_lr: Annotated[float, typer.Option("--min-lr", help="Learning rate at the end of the cosine.")] = 1e-6,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (not on biases, "
+                                                 "norms, cls_token, pos_embed).")] = 0.05,
+    layer_decay: Annotated[
+        float,
+        typer.Option("--layer-decay", help="Layer-wise lr decay d: block i of L trains at lr*d^(L-i), the "
+                     "embeddings at lr*d^(L+1), the head at lr. 1 = off; 0.65-0.75 suit small data."),
+    ] = 1.0,
+    drop_path: Annotated[float, typer.Option("--drop-path", help="Stochastic depth rate.")] = 0.1,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing.")] = 0.1,
+    randaugment: Annotated[
+        int, typer.Option("--randaugment", min=0, help="RandAugment magnitude (2 ops); 0 = off, DeiT uses 9.")
+    ] = 0,
+    mixup: Annotated[float, typer.Option("--mixup", help="Mixup alpha; 0 = off, DeiT uses 0.8.")] = 0.0,
+    cutmix: Annotated[float, typer.Option("--cutmix", help="CutMix alpha; 0 = off, DeiT uses 1.0.")] = 0.0,
+    clip_grad: Annotated[
+        Optional[float], typer.Option("--clip-grad", help="Clip the global gradient norm to this value.")
+    ] = None,
+    head_warmup_epochs: Annotated[
+        int, typer.Option("--head-warmup-epochs", min=0, help="First epochs train the head alone on the frozen "
+                          "backbone (helps small data).")
+    ] = 0,
+    warmup_epochs: Annotated[
+        float, typer.Option("--warmup-epochs", min=0, help="Linear lr warm-up epochs of the full fine-tuning.")
+    ] = 5.0,
+    image_size: Annotated[
+        int, typer.Option("--image-size", help="Training crop and evaluation crop size in pixels (the "
+                          "evaluation resize is size/0.875).")
+    ] = 224,
+    min_crop_scale: Annotated[
+        float, typer.Option("--min-crop-scale", help="Smallest random-resized-crop area fraction.")
+    ] = 0.08,
+    num_workers: NumWorkers = 4,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    seed: Seed = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its checkpoint.")] = False,
+    stop_after: Annotated[
+        Optional[int], typer.Option("--stop-after", min=1, help="End cleanly after N epochs (resumable).")
+    ] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune a backbone with a new linear head on a labelled image folder.
+
+    Writes OUTPUT/log.jsonl, metrics.json, confusion.png, checkpoint.pth (resume), best.pth and
+    model.pth (backbone + head + class names; `dinokit predict --model OUTPUT/model.pth`).
+    """
+    from dinokit.train.finetune import FinetuneConfig
+    from dinokit.train.finetune import finetune as run_finetune
+
+    setup_logging(quiet or not is_main_process())
+    explicit = {
+        name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+    }
+    if train is None and not resume:
+        raise typer.BadParameter("give the training images with --train DIR.", param_hint="--train")
+    cfg = FinetuneConfig(
+        train=train,
+        output=output,
+        val=val,
+        val_split=val_split,
+        weights=weights,
+        arch=arch,
+        patch_size=patch_size,
+        checkpoint_key=checkpoint_key,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=min_lr,
+        weight_decay=weight_decay,
+        layer_decay=layer_decay,
+        drop_path=drop_path,
+        label_smoothing=label_smoothing,
+        randaugment=randaugment,
+        mixup=mixup,
+        cutmix=cutmix,
+        clip_grad=clip_grad,
+        head_warmup_epochs=head_warmup_epochs,
+        warmup_epochs=warmup_epochs,
+        image_size=image_size,
+        min_crop_scale=min_crop_scale,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        seed=seed,
+        resume=resume,
+        stop_after=stop_after,
+        overwrite=overwrite,
+    )
+    with RichProgress(quiet=quiet or not is_main_process()) as progress:
+        result = run_finetune(cfg, progress, explicit=explicit)
+    if not is_main_process():
+        if result.signal:
+            sys.exit(128 + result.signal)
+        return
+    rows = [
+        [h["epoch"], h["phase"], h["train_loss"], h["val_top1"], h["val_top5"], f"{h['lr']:.3g}", h["seconds"]]
+        for h in result.history
+    ]
+    if rows:
+        print_table(
+            f"dinokit finetune: {result.output}",
+            ["epoch", "phase", "train loss", "val top-1 %", "val top-5 %", "lr", "seconds"],
+            rows,
+        )
+    if result.best_top1 is not None:
+        console.print(
+            f"final top-1 {result.final_top1:.2f}%  top-5 {result.final_top5:.2f}%   "
+            f"best top-1 {result.best_top1:.2f}% (epoch {result.best_epoch})",
+            highlight=False,
+        )
+    if result.signal:
+        import signal as _signal
+
+        name = _signal.Signals(result.signal).name
+        console_err.print(
+            f"Stopped by {name} after {result.epochs_done} complete epochs; the checkpoint is saved. "
+            f"Resume with: dinokit finetune --output {result.output} --resume",
+            highlight=False,
+        )
+        sys.exit(128 + result.signal)
+    if not result.finished:
+        console.print(
+            f"Stopped after epoch {result.epochs_done} of {result.epochs} (--stop-after); resume with: "
+            f"dinokit finetune --output {result.output} --resume",
+            highlight=False,
+        )
+    else:
+        console.print(f"Model written to {result.output / 'model.pth'}.", highlight=False)
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    app.command("finetune")(finetune)

@@ -1,0 +1,105 @@
+"""``dinokit predict``: class probabilities from a model that ``dinokit finetune`` wrote."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import (
+    BatchSize,
+    Device,
+    NumWorkers,
+    Overwrite,
+    Precision,
+    Quiet,
+    RichProgress,
+    console,
+    setup_logging,
+)
+
+
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Images, folders (searched recursively) or glob patterns.")],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="A fine-tuned model: RUN/model.pth or RUN/best.pth.")
+    ],
+    top: Annotated[int, typer.Option("--top", min=1, help="How many classes to report per image.")] = 5,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Write predictions to this .csv or .json file (else print a table)."),
+    ] = None,
+    batch_size: BatchSize = 64,
+    num_workers: NumWorkers = 0,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Predict the classes of images with a fine-tuned model, batched."""
+    from dinokit.errors import DinokitError
+    from dinokit.io import atomic_write_text, check_output_file, to_json
+    from dinokit.train.finetune import predict_images
+
+    setup_logging(quiet)
+    if output is not None:
+        if output.suffix.lower() not in (".csv", ".json"):
+            raise DinokitError(f"--output {output} must end in .csv or .json.")
+        check_output_file(output, overwrite)
+    with RichProgress(quiet=quiet) as progress:
+        res = predict_images(
+            model, images, top=top, batch_size=batch_size, num_workers=num_workers, device=device,
+            precision=precision, progress=progress,
+        )
+    k = len(res.top_classes[0]) if res.top_classes else min(top, len(res.classes))
+    if res.skipped:
+        import logging
+
+        logging.getLogger("dinokit").warning(
+            "%d unreadable images were skipped (first: %s).", len(res.skipped), res.skipped[0]
+        )
+    if output is None:
+        from rich.table import Table
+
+        table = Table(title=f"dinokit predict: {model}")
+        table.add_column("image")
+        for i in range(k):
+            table.add_column(f"#{i + 1}")
+        for p, cs, ps in zip(res.paths, res.top_classes, res.top_probs):
+            table.add_row(str(p), *[f"{c} {100 * q:.1f}%" for c, q in zip(cs, ps)])
+        console.print(table)
+        return
+    if output.suffix.lower() == ".csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        header = ["path"]
+        for i in range(1, k + 1):
+            header += [f"class_{i}", f"prob_{i}"]
+        writer.writerow(header)
+        for p, cs, ps in zip(res.paths, res.top_classes, res.top_probs):
+            row: list = [str(p)]
+            for c, q in zip(cs, ps):
+                row += [c, f"{q:.6f}"]
+            writer.writerow(row)
+        atomic_write_text(output, buf.getvalue())
+    else:
+        data = {
+            "model": str(model),
+            "classes": res.classes,
+            "top": k,
+            "predictions": [
+                {"path": str(p), "top": [{"class": c, "probability": q} for c, q in zip(cs, ps)]}
+                for p, cs, ps in zip(res.paths, res.top_classes, res.top_probs)
+            ],
+            "skipped": [str(p) for p in res.skipped],
+        }
+        atomic_write_text(output, to_json(data) + "\n")
+    if not quiet:
+        console.print(f"{len(res.paths)} predictions written to {output}.", highlight=False)
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    app.command("predict")(predict)
