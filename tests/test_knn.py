@@ -158,7 +158,9 @@ SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "8", "--quiet"]
 def run_cli(args):
     from dinokit.commands import app
 
-    return CliRunner().invoke(app, args)
+    r = CliRunner().invoke(app, args)
+    r.text = " ".join(r.output.split())  # rich wraps long messages
+    return r
 
 
 def test_cli_knn_writes_metrics_and_reuses_cached_features(labelled_folder, tiny_weights, tmp_path):
@@ -183,7 +185,7 @@ def test_cli_knn_writes_metrics_and_reuses_cached_features(labelled_folder, tiny
     # a rerun reuses the cache (same file, untouched) and refuses the folder without --overwrite
     mtime = (out / "train_features.pt").stat().st_mtime_ns
     r = run_cli(args)
-    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert r.exit_code == 2 and "--overwrite" in r.text
     r = run_cli([*args, "--overwrite"])
     assert r.exit_code == 0, r.output
     assert (out / "train_features.pt").stat().st_mtime_ns == mtime
@@ -218,10 +220,14 @@ def test_cli_knn_bad_input(labelled_folder, tiny_weights, tmp_path):
     shutil.copytree(labelled_folder / "val", val)
     shutil.copytree(labelled_folder / "val" / "red", val / "purple")
     r = run_cli([*base, "--train", str(labelled_folder / "train"), "--val", str(val), "--output", str(tmp_path / "a")])
-    assert r.exit_code == 2 and "classes the training set lacks: purple" in r.output
-    assert "Traceback" not in r.output
+    assert r.exit_code == 2 and "classes the training set lacks: purple" in r.text
+    assert "Traceback" not in r.text
     # an empty folder
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    r = run_cli([*base, "--train", str(empty), "--val", str(labelled_folder / "val"), "--output", str(tmp_path / "b")])
-    assert r.exit_code == 2 and "empty" in r.output and "Traceback" not in r.output
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    r = run_cli([*base, "--train", str(nothing), "--val", str(labelled_folder / "val"), "--output", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "is empty" in r.text and "Traceback" not in r.text
+    # class folders without images
+    (nothing / "red").mkdir()
+    r = run_cli([*base, "--train", str(nothing), "--val", str(labelled_folder / "val"), "--output", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "holds no images" in r.text and "Traceback" not in r.text

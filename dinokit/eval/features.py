@@ -245,6 +245,8 @@ def scan_images(data: str | os.PathLike, classes: Sequence[str] | None = None, l
     root = Path(data).expanduser()
     if not root.exists():
         raise DataError(f"The folder {root} does not exist.")
+    if root.is_dir() and not any(e for e in root.iterdir() if not e.name.startswith(".")):
+        raise DataError(f"The folder {root} is empty; it should hold images (or ROOT/<class>/<image>).")
     if labelled is None:
         labelled = looks_labelled(root)
     if labelled:

@@ -1,0 +1,105 @@
+"""``dinokit features``: embed a folder of images into a features file (for k-NN, linear probes or
+other tools)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import (
+    Arch,
+    BatchSize,
+    CheckpointKey,
+    Device,
+    NumWorkers,
+    Overwrite,
+    PatchSize,
+    Precision,
+    Quiet,
+    RichProgress,
+    Seed,
+    Weights,
+    console,
+    setup_logging,
+)
+
+NLastBlocks = Annotated[
+    int, typer.Option("--n-last-blocks", min=1, help="Concatenate the CLS tokens of the last n blocks.")
+]
+AvgPool = Annotated[
+    bool,
+    typer.Option("--avgpool-patch-tokens", help="Append the average of the last block's patch tokens."),
+]
+Resize = Annotated[int, typer.Option("--resize", min=1, help="Resize the short side to this (bicubic) before the crop.")]
+Crop = Annotated[int, typer.Option("--crop", min=1, help="Centre crop size in pixels.")]
+
+
+def features(
+    data: Annotated[Path, typer.Option("--data", "-d", help="A labelled ImageFolder root or any folder of images.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The features file (.pt), or a folder with --format npy.")
+    ],
+    weights: Weights = "random",
+    arch: Arch = None,
+    patch_size: PatchSize = None,
+    checkpoint_key: CheckpointKey = "teacher",
+    n_last_blocks: NLastBlocks = 1,
+    avgpool_patch_tokens: AvgPool = False,
+    fmt: Annotated[str, typer.Option("--format", help="pt (one file for dinokit) or npy (features.npy + paths.txt).")] = "pt",
+    resize: Resize = 256,
+    crop: Crop = 224,
+    batch_size: BatchSize = 64,
+    num_workers: NumWorkers = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Embed every image of a folder (recursively) with the evaluation transform; under torchrun each
+    process embeds a shard and the first writes the file."""
+    from dinokit.errors import DinokitError
+    from dinokit.eval.features import Embedder, FeatureSpec, save_features
+    from dinokit.io import check_output_file
+    from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
+
+    setup_logging(quiet)
+    if fmt not in ("pt", "npy"):
+        raise DinokitError(f"Unknown --format {fmt!r}; use pt or npy.")
+    target = output / "features.npy" if fmt == "npy" and output.suffix != ".npy" else output
+    check_output_file(target, overwrite)
+    spec = FeatureSpec(
+        weights=weights,
+        arch=arch,
+        patch_size=patch_size,
+        checkpoint_key=checkpoint_key,
+        n_last_blocks=n_last_blocks,
+        avgpool_patch_tokens=avgpool_patch_tokens,
+        resize=resize,
+        crop=crop,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        seed=seed,
+    )
+    init_distributed(resolve_device(device))
+    try:
+        embedder = Embedder(spec)
+        with RichProgress(quiet=quiet or not dist_env().is_main) as progress:
+            fs = embedder.embed(data, progress=progress)
+        if dist_env().is_main:
+            written = save_features(fs, output, format=fmt, overwrite=overwrite)
+            labelled = f", {len(fs.classes)} classes" if fs.labels is not None else ""
+            console.print(
+                f"{len(fs)} images{labelled} -> {fs.dim}-d features: " + ", ".join(str(p) for p in written),
+                highlight=False,
+            )
+    finally:
+        cleanup_distributed()
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    app.command("features")(features)

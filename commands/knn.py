@@ -1,0 +1,136 @@
+"""``dinokit knn``: the paper's weighted k-NN classifier on frozen features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import (
+    Arch,
+    BatchSize,
+    CheckpointKey,
+    Device,
+    NumWorkers,
+    Output,
+    Overwrite,
+    PatchSize,
+    Precision,
+    Quiet,
+    RichProgress,
+    Seed,
+    console,
+    print_table,
+    setup_logging,
+)
+from .features import AvgPool, Crop, NLastBlocks, Resize
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    from dinokit.errors import DinokitError
+
+    try:
+        ks = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise DinokitError(f"--k takes comma-separated positive integers such as 10,20,100,200, not {text!r}.") from None
+    if not ks or min(ks) < 1:
+        raise DinokitError(f"--k takes comma-separated positive integers such as 10,20,100,200, not {text!r}.")
+    return ks
+
+
+def knn(
+    output: Output,
+    train: Annotated[Optional[Path], typer.Option("--train", help="Labelled training images (ROOT/<class>/<image>).")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Labelled validation images (ROOT/<class>/<image>).")] = None,
+    train_features: Annotated[
+        Optional[Path], typer.Option("--train-features", help="A features file from dinokit features (instead of --train).")
+    ] = None,
+    val_features: Annotated[
+        Optional[Path], typer.Option("--val-features", help="A features file from dinokit features (instead of --val).")
+    ] = None,
+    weights: Annotated[
+        Optional[str],
+        typer.Option("--weights", "-w", help="A checkpoint path, a preset (dino_vits16, ...) or 'random'."),
+    ] = None,
+    arch: Arch = None,
+    patch_size: PatchSize = None,
+    checkpoint_key: CheckpointKey = "teacher",
+    k: Annotated[str, typer.Option("--k", help="Numbers of neighbours, comma-separated.")] = "10,20,100,200",
+    temperature: Annotated[float, typer.Option("--temperature", min=1e-6, help="Vote weight exp(sim / T).")] = 0.07,
+    n_last_blocks: NLastBlocks = 1,
+    avgpool_patch_tokens: AvgPool = False,
+    resize: Resize = 256,
+    crop: Crop = 224,
+    batch_size: BatchSize = 64,
+    num_workers: NumWorkers = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Weighted k-NN on frozen features (paper Sec. 4.1): top-1/top-5 per k, per-class top-1, metrics.json.
+
+    Features of --train/--val are cached in the output folder and reused while their fingerprint
+    (weights, arch, transform, options, file list) matches.
+    """
+    from dinokit.eval.knn import KnnConfig, knn_eval
+    from dinokit.io import prepare_output_dir, write_metrics
+    from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
+
+    setup_logging(quiet)
+    ks = parse_ks(k)
+    out = prepare_output_dir(output, overwrite=overwrite)
+    cfg = KnnConfig(
+        output=out,
+        train=train,
+        val=val,
+        train_features=train_features,
+        val_features=val_features,
+        weights=weights,
+        arch=arch,
+        patch_size=patch_size,
+        checkpoint_key=checkpoint_key,
+        n_last_blocks=n_last_blocks,
+        avgpool_patch_tokens=avgpool_patch_tokens,
+        ks=ks,
+        temperature=temperature,
+        resize=resize,
+        crop=crop,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        seed=seed,
+    )
+    if train_features is None:
+        init_distributed(resolve_device(device))
+    try:
+        with RichProgress(quiet=quiet or not dist_env().is_main) as progress:
+            result = knn_eval(cfg, progress)
+        if not dist_env().is_main:
+            return
+        config = {
+            **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if f != "memory_budget"},
+            "per_class_k": result.per_class_k,
+            "num_classes": result.num_classes,
+            "n_train": result.n_train,
+            "n_val": result.n_val,
+            "fingerprint": result.fingerprint,
+        }
+        path = write_metrics(out, result.metrics(), config)
+        rows = [[f"{kk}-NN", t1, t5] for kk, (t1, t5) in result.accuracies.items()]
+        print_table(f"Weighted k-NN, T={temperature}", ["k", "top-1 %", "top-5 %"], rows)
+        console.print(
+            f"{result.n_train} train and {result.n_val} val images, {result.num_classes} classes", highlight=False
+        )
+        if result.num_classes < 5:
+            console.print(f"(with {result.num_classes} classes, top-5 counts all of them)", highlight=False)
+        console.print(f"metrics: {path}", highlight=False)
+    finally:
+        cleanup_distributed()
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    app.command("knn")(knn)
