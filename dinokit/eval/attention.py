@@ -156,7 +156,7 @@ def preprocess(img: Image.Image, image_size: int | None, patch_size: int, name="
     if resized.width < patch_size or resized.height < patch_size:
         raise DataError(f"--image-size {image_size} is smaller than one {patch_size}x{patch_size} patch.")
     rgb = crop_to_patches(np.asarray(resized.convert("RGB")), patch_size)
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255)
+    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (x - mean) / std, rgb
@@ -167,7 +167,7 @@ def resize_labels(labels: np.ndarray, image_size: int | None, patch_size: int) -
     if image_size:
         pic = Image.fromarray(np.asarray(labels, dtype=np.int32), mode="I")
         labels = np.asarray(pic.resize((image_size, image_size), Image.NEAREST), dtype=np.int32)
-    return np.ascontiguousarray(crop_to_patches(labels, patch_size))
+    return np.array(crop_to_patches(labels, patch_size), dtype=np.int32, order="C")
 
 
 # -- attention ------------------------------------------------------------------------------------
@@ -417,7 +417,8 @@ def evaluation_picture(item: GroundTruth, head_masks: np.ndarray, cfg: Attention
     _, rgb = preprocess(img, cfg.image_size, patch_size, item.image)
     ids = object_ids(labels)
     gt_masks = np.stack([labels == i for i in ids]) if ids else np.zeros((0, *labels.shape), bool)
-    gt_pic = viz.overlay_masks(rgb, gt_masks, alpha=0.45, thickness=2)
+    gt_colors = viz.distinct_colors(len(gt_masks) + 3)[3:]  # red, purple, ... : apart from the heads' first colours
+    gt_pic = viz.overlay_masks(rgb, gt_masks, gt_colors, alpha=0.45, thickness=2)
     gt_pic[labels == VOID] = (gt_pic[labels == VOID] // 2 + 112).astype(np.uint8)
     pixel_masks = viz.upsample_nearest(head_masks, patch_size)
     heads_pic = viz.overlay_masks(rgb, pixel_masks, alpha=0.5, thickness=2)
