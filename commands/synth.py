@@ -58,6 +58,52 @@ def classify(
     )
 
 
+def video(
+    output: Output,
+    sequences: Annotated[int, typer.Option("--sequences", min=1, help="Number of video sequences.")] = 3,
+    frames: Annotated[int, typer.Option("--frames", min=1, help="Frames per sequence.")] = 20,
+    height: Annotated[int, typer.Option("--height", min=16, help="Frame height in pixels.")] = 480,
+    width: Annotated[int, typer.Option("--width", min=16, help="Frame width in pixels.")] = 854,
+    objects: Annotated[
+        str, typer.Option("--objects", help="Objects per sequence: a number or a range such as 1-3.")
+    ] = "1-3",
+    seed: Seed0 = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write DAVIS-2017-layout videos of moving textured objects over photographs, with exact masks.
+
+    DIR/JPEGImages/480p/<seq>/00000.jpg, DIR/Annotations/480p/<seq>/00000.png (indexed, DAVIS palette,
+    every frame annotated), DIR/ImageSets/2017/val.txt.
+    """
+    from dinokit.data.synth_video import make_video_dataset
+
+    setup_logging(quiet)
+    with RichProgress(quiet=quiet) as progress:
+        s = make_video_dataset(
+            output,
+            sequences=sequences,
+            frames=frames,
+            height=height,
+            width=width,
+            objects=objects,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    print_table(
+        "dinokit synth video",
+        ["sequence", "frames", "objects"],
+        [[name, s.frames, s.n_objects[name]] for name in s.sequences],
+    )
+    console.print(
+        f"{len(s.sequences)} sequences of {s.width}x{s.height} in {s.root} (DAVIS 2017 layout, split val), "
+        f"seed {s.seed}, {s.seconds:.1f} s.",
+        highlight=False,
+    )
+
+
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:
     synth_app.command("classify")(classify)
+    synth_app.command("video")(video)
 

@@ -163,3 +163,99 @@ def test_classify_val_fraction(tmp_path, fraction):
     s = synth.make_classify_dataset(tmp_path / "v", classes=2, per_class=4, val_fraction=fraction, size=16)
     assert s.n_val == 2 * round(4 * fraction) and s.n_train + s.n_val == 8
     assert len(list((tmp_path / "v" / "train").rglob("*.png"))) == s.n_train
+
+
+# -- video ------------------------------------------------------------------------------------------
+
+
+def test_video_cli_davis_layout(tmp_path):
+    from dinokit.data.palette import DAVIS_PALETTE
+    from dinokit.data.synth_video import draw_sequence
+
+    out = tmp_path / "davis"
+    r = _run("synth", "video", "--output", str(out), "--sequences", "2", "--frames", "4", "--height", "64",
+             "--width", "96", "--objects", "1-3", "--seed", "3", "-q")
+    assert r.exit_code == 0, r.output
+    names = (out / "ImageSets" / "2017" / "val.txt").read_text().split()
+    assert len(names) == 2 and len(set(names)) == 2
+    assert sorted(p.name for p in (out / "JPEGImages" / "480p").iterdir()) == sorted(names)
+    assert sorted(p.name for p in (out / "Annotations" / "480p").iterdir()) == sorted(names)
+    for s, name in enumerate(names):
+        jpgs = sorted(p.name for p in (out / "JPEGImages" / "480p" / name).iterdir())
+        pngs = sorted(p.name for p in (out / "Annotations" / "480p" / name).iterdir())
+        assert jpgs == [f"{i:05d}.jpg" for i in range(4)] and pngs == [f"{i:05d}.png" for i in range(4)]
+        ref = draw_sequence(3, s, 4, 64, 96, (1, 3))
+        assert ref.name == name and 1 <= ref.n_objects <= 3
+        for i in range(4):
+            frame = Image.open(out / "JPEGImages" / "480p" / name / jpgs[i])
+            ann = Image.open(out / "Annotations" / "480p" / name / pngs[i])
+            assert frame.format == "JPEG" and frame.mode == "RGB" and frame.size == (96, 64)
+            assert ann.mode == "P" and ann.size == (96, 64)
+            assert ann.getpalette()[: 3 * 8] == DAVIS_PALETTE[: 3 * 8]
+            labels = np.asarray(ann)
+            np.testing.assert_array_equal(labels, ref.labels[i])
+            assert labels.max() <= ref.n_objects
+            # JPEG is lossy, but only a little
+            assert np.abs(np.asarray(frame, np.float32) - ref.frames[i]).mean() < 12
+        # every object is visible in the first frame (the one a tracker is given)
+        assert set(np.unique(ref.labels[0])) == set(range(ref.n_objects + 1))
+
+
+def test_video_masks_are_exactly_the_painted_objects(monkeypatch):
+    """With flat object colours and a black background, label k <-> pixels painted in colour k."""
+    from dinokit.data import synth_video
+
+    colours = ((40 + 7 * n % 200, 250 - 11 * n % 200, 90 + 13 * n % 150) for n in range(1, 10_000))
+
+    def flat_texture(rng, h, w, scale=None):
+        return np.broadcast_to(np.asarray(next(colours), np.float32), (h, w, 3)).copy()
+
+    def black(rng, h, w, min_frac=0.3, photo=None):
+        return "black", np.zeros((h, w, 3), np.uint8)
+
+    monkeypatch.setattr(synth_video, "random_texture", flat_texture)
+    monkeypatch.setattr(synth_video, "photo_crop", black)
+    seq = synth_video.draw_sequence(0, 0, 12, 72, 120, (3, 3))
+    painted = np.zeros(seq.labels.shape, np.uint8)
+    # objects are made in order, so object k got the k-th colour (the first placement succeeded or not:
+    # read the colours back from the first frame's labels)
+    for k in range(1, 4):
+        col = seq.frames[0][seq.labels[0] == k]
+        assert len(col) and (col == col[0]).all()
+        painted[np.all(seq.frames == col[0], axis=-1)] = k
+    np.testing.assert_array_equal(painted, seq.labels)
+
+
+def test_video_motion_is_smooth_and_present():
+    from dinokit.data.synth_video import draw_sequence
+
+    for index in range(4):
+        seq = draw_sequence(11, index, 16, 96, 128, (1, 1))
+        ys, xs = [], []
+        for lab in seq.labels:
+            yy, xx = np.nonzero(lab == 1)
+            assert len(yy) > 0
+            ys.append(yy.mean())
+            xs.append(xx.mean())
+        step = np.hypot(np.diff(xs), np.diff(ys))
+        assert step.max() < 0.08 * 96  # no jumps
+        assert np.hypot(xs[-1] - xs[0], ys[-1] - ys[0]) > 1 or step.sum() > 3  # it does move
+        # the background pans: the first and last frames differ away from the object
+        bg = (seq.labels[0] == 0) & (seq.labels[-1] == 0)
+        assert np.abs(seq.frames[0][bg].astype(int) - seq.frames[-1][bg].astype(int)).mean() > 1
+
+
+def test_video_is_deterministic_and_checks_options(tmp_path):
+    from dinokit.data.synth_video import make_video_dataset, parse_object_range
+
+    kw = dict(sequences=1, frames=3, height=32, width=48)
+    make_video_dataset(tmp_path / "a", seed=1, **kw)
+    make_video_dataset(tmp_path / "b", seed=1, **kw)
+    make_video_dataset(tmp_path / "c", seed=2, **kw)
+    a, b, c = (_files(tmp_path / x) for x in "abc")
+    assert a == b and a != c
+    assert parse_object_range("2") == (2, 2) and parse_object_range("1-3") == (1, 3)
+    for bad in ("3-1", "0", "x", "1-99"):
+        r = _run("synth", "video", "--output", str(tmp_path / "bad"), "--objects", bad, "--frames", "2",
+                 "--height", "32", "--width", "32")
+        assert r.exit_code == 2 and "--objects" in r.output and "Traceback" not in r.output
