@@ -29,6 +29,25 @@ console = Console()
 console_err = Console(stderr=True)
 
 
+def _hide_flag_types() -> None:
+    """Recent typer labels every on/off flag ``<bool>`` in rich help; a flag takes no value, show none."""
+    option_cls = getattr(typer.core, "TyperOption", None)
+    original = getattr(option_cls, "display_type_rich", None)
+    if original is None or getattr(original, "_dinokit", False):
+        return
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None
+        return original(self, ctx)
+
+    display_type_rich._dinokit = True
+    option_cls.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
+
 def version_callback(value: bool) -> None:
     if value:
         from dinokit import __version__
