@@ -1,0 +1,211 @@
+"""Feature extraction: the feature layouts against the model's own tokens, feature files and their
+fingerprints, `dinokit features` (also under torchrun), and refusing features made another way."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import dinokit
+from dinokit.data.images import open_rgb
+from dinokit.data.transforms import eval_transform
+from dinokit.errors import DataError
+from dinokit.eval.features import (
+    Embedder,
+    FeatureSpec,
+    cls_feature_fn,
+    compute_features,
+    load_features,
+    save_features,
+)
+
+SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "4", "--quiet"]
+
+
+def run_cli(args):
+    from dinokit.commands import app
+
+    r = CliRunner().invoke(app, args)
+    r.text = " ".join(r.output.split())
+    return r
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return dinokit.build_backbone("vit_tiny", 16, depth=3).eval()
+
+
+def manual_tokens(model, x):
+    """Every block's output through the final norm, by walking the blocks by hand."""
+    t = model.prepare_tokens(x)
+    outs = []
+    for blk in model.blocks:
+        t = blk(t)
+        outs.append(model.norm(t))
+    return outs
+
+
+@torch.no_grad()
+def test_feature_layouts(tiny_model):
+    x = torch.randn(2, 3, 32, 48)
+    outs = manual_tokens(tiny_model, x)
+    d = tiny_model.embed_dim
+    f1 = cls_feature_fn()(tiny_model, x)
+    torch.testing.assert_close(f1, outs[-1][:, 0])
+    f3 = cls_feature_fn(n_last_blocks=3)(tiny_model, x)
+    torch.testing.assert_close(f3, torch.cat([o[:, 0] for o in outs[-3:]], dim=1))
+    # ViT-B's probe feature: CLS and patch average interleaved element by element
+    fa = cls_feature_fn(n_last_blocks=1, avgpool_patch_tokens=True)(tiny_model, x)
+    assert fa.shape == (2, 2 * d)
+    torch.testing.assert_close(fa[:, 0::2], outs[-1][:, 0])
+    torch.testing.assert_close(fa[:, 1::2], outs[-1][:, 1:].mean(dim=1))
+
+
+def test_compute_features_labelled_and_plain(labelled_folder, tiny_model, tmp_path):
+    t = eval_transform(32, 32)
+    fs = compute_features(tiny_model, labelled_folder / "train", transform=t, batch_size=4)
+    assert fs.classes == ["blue", "green", "red"] and len(fs) == 18 and fs.dim == 192
+    assert fs.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    # row i is the model's CLS feature of paths[i]
+    i = 7
+    with torch.no_grad():
+        want = tiny_model(t(open_rgb(fs.paths[i]))[None])[0]
+    torch.testing.assert_close(fs.features[i], want, rtol=1e-4, atol=1e-5)
+    assert fs.fingerprint["weights"].startswith("state:")
+    # a plain folder is searched recursively and has no labels; an unreadable file is left out
+    plain = tmp_path / "plain"
+    shutil.copytree(labelled_folder / "val", plain / "deep" / "er")
+    shutil.copy(labelled_folder / "train" / "red" / "0.png", plain / "top.png")
+    (plain / "broken.png").write_bytes(b"not an image")
+    fs2 = compute_features(tiny_model, plain, transform=t, batch_size=4)
+    assert fs2.labels is None and len(fs2) == 7 and not any(p.endswith("broken.png") for p in fs2.paths)
+    with pytest.raises(DataError, match="is empty"):
+        (tmp_path / "none").mkdir()
+        compute_features(tiny_model, tmp_path / "none", transform=t)
+
+
+def test_save_and_load_round_trip(labelled_folder, tiny_model, tmp_path):
+    fs = compute_features(tiny_model, labelled_folder / "val", transform=eval_transform(32, 32))
+    save_features(fs, tmp_path / "f.pt")
+    raw = torch.load(tmp_path / "f.pt", weights_only=True)  # plain data only
+    assert set(raw) >= {"features", "labels", "classes", "paths", "fingerprint"}
+    back = load_features(tmp_path / "f.pt")
+    assert torch.equal(back.features, fs.features) and torch.equal(back.labels, fs.labels)
+    assert back.paths == fs.paths and back.classes == fs.classes and back.fingerprint == fs.fingerprint
+    with pytest.raises(dinokit.errors.OutputExistsError, match="already exists"):
+        save_features(fs, tmp_path / "f.pt")
+    written = save_features(fs, tmp_path / "npy", format="npy")
+    assert {p.name for p in written} >= {"features.npy", "paths.txt"}
+    np.testing.assert_array_equal(np.load(tmp_path / "npy" / "features.npy"), fs.features.numpy())
+    assert (tmp_path / "npy" / "paths.txt").read_text().splitlines() == fs.paths
+    back = load_features(tmp_path / "npy")
+    assert torch.equal(back.labels, fs.labels) and back.fingerprint == fs.fingerprint
+
+
+def test_embedder_cache_is_reused_only_when_fingerprint_matches(labelled_folder, tiny_weights, tmp_path):
+    spec = FeatureSpec(weights=str(tiny_weights), resize=32, crop=32, device="cpu")
+    cache = tmp_path / "cache.pt"
+    a = Embedder(spec).embed(labelled_folder / "val", cache=cache)
+    assert a.fingerprint["weights"].startswith("sha256:")
+    stamp = cache.stat().st_mtime_ns
+    b = Embedder(spec).embed(labelled_folder / "val", cache=cache)
+    assert cache.stat().st_mtime_ns == stamp and torch.equal(a.features, b.features)
+    # other feature options: recomputed
+    spec2 = FeatureSpec(weights=str(tiny_weights), resize=32, crop=32, device="cpu", n_last_blocks=2)
+    c = Embedder(spec2).embed(labelled_folder / "val", cache=cache)
+    assert c.dim == 2 * a.dim and cache.stat().st_mtime_ns != stamp
+    # random weights are identified by their seed
+    r = Embedder(FeatureSpec(weights="random", arch="vit_tiny", seed=3), depth=1)
+    assert r.fingerprint["weights"] == "random(seed=3)"
+
+
+def test_cli_features_pt_and_npy(labelled_folder, tiny_weights, tmp_path):
+    out = tmp_path / "f.pt"
+    r = run_cli(["features", "--weights", str(tiny_weights), "--data", str(labelled_folder / "train"),
+                 "--output", str(out), *SMALL])
+    assert r.exit_code == 0, r.output
+    fs = load_features(out)
+    assert len(fs) == 18 and fs.classes == ["blue", "green", "red"]
+    assert fs.fingerprint["weights"] == "sha256:" + dinokit.checkpoints.file_fingerprint(tiny_weights)
+    r = run_cli(["features", "--weights", str(tiny_weights), "--data", str(labelled_folder / "train"),
+                 "--output", str(out), *SMALL])
+    assert r.exit_code == 2 and "already exists; pass --overwrite" in r.text
+    r = run_cli(["features", "--weights", str(tiny_weights), "--data", str(labelled_folder), "--output",
+                 str(tmp_path / "n"), "--format", "npy", "--avgpool-patch-tokens", *SMALL])
+    assert r.exit_code == 0, r.output
+    feats = np.load(tmp_path / "n" / "features.npy")
+    # labelled_folder holds train/ and val/ as "classes"; all 24 images, 2 x 192-d features
+    assert feats.shape == (24, 384)
+    assert len((tmp_path / "n" / "paths.txt").read_text().splitlines()) == 24
+
+
+def test_knn_refuses_features_made_another_way(labelled_folder, tiny_weights, tmp_path):
+    torch.manual_seed(1)
+    other = tmp_path / "other.pth"
+    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16), other)
+    made = {}
+    for name, w, split, extra in [
+        ("train", tiny_weights, "train", []),
+        ("val", tiny_weights, "val", []),
+        ("val_other", other, "val", []),
+        ("val_2blocks", tiny_weights, "val", ["--n-last-blocks", "2"]),
+    ]:
+        made[name] = tmp_path / f"{name}.pt"
+        r = run_cli(["features", "--weights", str(w), "--data", str(labelled_folder / split), "--output",
+                     str(made[name]), *SMALL, *extra])
+        assert r.exit_code == 0, r.output
+
+    def knn(val, *extra):
+        return run_cli(["knn", "--train-features", str(made["train"]), "--val-features", str(made[val]),
+                        "--output", str(tmp_path / f"o_{val}_{len(extra)}"), "--quiet", *extra])
+
+    assert knn("val").exit_code == 0
+    r = knn("val_other")
+    assert r.exit_code == 2 and "were made with other weights" in r.text and "Traceback" not in r.text
+    r = knn("val_2blocks")
+    assert r.exit_code == 2 and "are 192-d but those of" in r.text and "384-d" in r.text
+    assert "n_last_blocks 1 vs 2" in r.text
+    # features checked against the weights asked for
+    r = knn("val", "--weights", str(other))
+    assert r.exit_code == 2 and "was made with other weights" in r.text
+    assert knn("val", "--weights", str(tiny_weights), "--resize", "32", "--crop", "32").exit_code == 0
+    # not a features file
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    r = run_cli(["knn", "--train-features", str(tmp_path / "junk.pt"), "--val-features", str(made["val"]),
+                 "--output", str(tmp_path / "j"), "--quiet"])
+    assert r.exit_code == 2 and "not a readable features file" in r.text
+
+
+def test_features_under_torchrun_match_one_process(labelled_folder, tiny_weights, tmp_path):
+    pytest.importorskip("torch.distributed.run")
+    if not torch.distributed.is_available():
+        pytest.skip("no torch.distributed")
+    one = tmp_path / "one.pt"
+    r = run_cli(["features", "--weights", str(tiny_weights), "--data", str(labelled_folder / "train"),
+                 "--output", str(one), "--device", "cpu", *SMALL])
+    assert r.exit_code == 0, r.output
+    two = tmp_path / "two.pt"
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "dinokit", "features", "--weights", str(tiny_weights), "--data", str(labelled_folder / "train"),
+           "--output", str(two), "--device", "cpu", *SMALL]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    a, b = load_features(one), load_features(two)
+    assert a.paths == b.paths
+    torch.testing.assert_close(a.features, b.features, rtol=1e-4, atol=1e-5)
+    assert json.dumps(a.fingerprint, sort_keys=True) == json.dumps(b.fingerprint, sort_keys=True)
