@@ -204,6 +204,12 @@ def param_groups(model: FinetuneModel, weight_decay: float, layer_decay: float =
     return list(groups.values())
 
 
+def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set each group's lr to ``lr * lr_scale`` (the layer-wise decay of :func:`param_groups`)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
 def build_schedule(cfg: FinetuneConfig, niter_per_epoch: int, peak_lr: float) -> np.ndarray:
     """Per-iteration lr: the head-only warm-up epochs at ``peak_lr`` (constant), then the full phase
     with ``warmup_epochs`` of linear warm-up from 0 and a cosine down to ``min_lr``."""
@@ -616,7 +622,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
         start_epoch, start_step = int(resume_state["epoch"]), int(resume_state["step"])
         best = dict(resume_state["best"])
         carry = dict(resume_state["carry"])
-        history = [h for h in _read_log(out / "log.jsonl") if h.get("epoch", 0) < start_epoch]
+        history = [h for h in _read_log(out / "log.jsonl") if h.get("epoch", 0) <= start_epoch]
         if env.is_main:
             atomic_write_text(out / "log.jsonl", "".join(to_json(h, indent=None) + "\n" for h in history))
         if int(resume_state.get("niter", niter)) != niter:
@@ -737,8 +743,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
             for batch, _skipped in loader:
                 it = epoch * niter + step
                 lr = float(schedule[it])
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
+                apply_lr(optimizer, lr)
                 torch.manual_seed(derive_seed(cfg.seed, 31, env.rank, it))  # drop path, mixup, cutmix
                 if batch is not None:
                     x, y, _ = batch
@@ -1001,6 +1006,7 @@ __all__ = [
     "FinetuneModel",
     "FinetuneResult",
     "PredictResult",
+    "apply_lr",
     "build_schedule",
     "draw_confusion",
     "evaluate",

@@ -1,0 +1,328 @@
+"""dinokit finetune: layer-wise lr decay, exact resume (also after a signal), the run folder, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image
+from dinokit.commands import app
+from typer.testing import CliRunner
+
+import dinokit
+from dinokit.train.finetune import (
+    FinetuneConfig,
+    FinetuneModel,
+    apply_lr,
+    build_schedule,
+    finetune,
+    load_finetuned,
+    param_groups,
+)
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny2(tmp_path) -> Path:
+    """A saved random vit_tiny/16 backbone with 2 blocks."""
+    torch.manual_seed(0)
+    path = tmp_path / "tiny2.pth"
+    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=2), path)
+    return path
+
+
+def base_args(weights: Path, data: Path, out: Path, epochs: int = 2) -> list[str]:
+    return [
+        "finetune", "--weights", str(weights), "--train", str(data / "train"), "--val", str(data / "val"),
+        "--output", str(out), "--epochs", str(epochs), "--batch-size", "4", "--image-size", "32",
+        "--num-workers", "0", "--precision", "fp32", "--device", "cpu", "--warmup-epochs", "1",
+        "--lr", "0.02", "--quiet",
+    ]  # fmt: skip
+
+
+def invoke(args: list[str]):
+    return runner.invoke(app, args, catch_exceptions=False)
+
+
+def load_model_file(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    ma, mb = load_model_file(a), load_model_file(b)
+    for part in ("backbone", "head"):
+        assert ma[part].keys() == mb[part].keys()
+        for k in ma[part]:
+            assert torch.equal(ma[part][k], mb[part][k]), f"{part}.{k} differs"
+
+
+def log_lines(run: Path) -> list[dict]:
+    lines = [json.loads(s) for s in (run / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in lines]
+
+
+# -- layer-wise learning-rate decay ------------------------------------------------------------------
+def expected_scale(name: str, depth: int, d: float) -> float:
+    """The documented formula, written out by hand: block i of L -> d^(L - i), embeddings -> d^(L + 1),
+    final norm and head -> 1."""
+    bare = name.removeprefix("backbone.")
+    if bare.startswith("blocks."):
+        return d ** (depth - int(bare.split(".")[1]))
+    if bare in ("cls_token", "pos_embed") or bare.startswith("patch_embed."):
+        return d ** (depth + 1)
+    assert bare.startswith(("norm.", "head.")), bare
+    return 1.0
+
+
+def test_layer_decay_gives_each_block_the_formula_lr():
+    """Adam's first step moves every weight with a non-zero gradient by exactly its lr (m/sqrt(v) = +-1),
+    so the measured step of each tensor is the lr the optimizer actually used for it."""
+    torch.manual_seed(0)
+    depth, d, lr = 3, 0.6, 1e-3
+    model = FinetuneModel(dinokit.build_backbone("vit_tiny", 16, depth=depth, img_size=32), 4, head_init_std=0.5)
+    groups = param_groups(model, weight_decay=0.0, layer_decay=d)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=lr, eps=1e-30)
+    apply_lr(opt, lr)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(6, 3, 32, 32)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3, 0, 1]))
+    loss.backward()
+    opt.step()
+    seen = set()
+    for n, p in model.named_parameters():
+        step = (p.detach() - before[n]).abs()
+        moved = step[p.grad.abs() > 0]
+        assert moved.numel() > 0, n
+        want = lr * expected_scale(n, depth, d)
+        np.testing.assert_allclose(moved.median().item(), want, rtol=1e-3, err_msg=n)
+        seen.add(n.split(".")[1] if n.startswith("backbone.blocks") else n)
+    assert {"blocks", "backbone.cls_token", "backbone.pos_embed", "head.weight"} <= seen
+
+
+def test_weight_decay_skips_biases_norms_and_tokens():
+    model = FinetuneModel(dinokit.build_backbone("vit_tiny", 16, depth=2), 3)
+    wd = {n: g["weight_decay"] for g in param_groups(model, 0.05, 0.75) for n in g["param_names"]}
+    assert wd["backbone.blocks.0.attn.qkv.weight"] == 0.05
+    assert wd["head.weight"] == 0.05
+    assert wd["backbone.patch_embed.proj.weight"] == 0.05
+    for n in ("backbone.cls_token", "backbone.pos_embed", "backbone.blocks.1.norm1.weight", "head.bias",
+              "backbone.blocks.0.attn.qkv.bias", "backbone.norm.weight"):  # fmt: skip
+        assert wd[n] == 0.0, n
+
+
+def test_schedule_head_phase_then_warmup_and_cosine(tmp_path):
+    cfg = FinetuneConfig(train=None, output=tmp_path, epochs=5, head_warmup_epochs=1, warmup_epochs=2, min_lr=1e-6)
+    s = build_schedule(cfg, niter_per_epoch=4, peak_lr=1e-3)
+    assert len(s) == 20
+    assert np.all(s[:4] == 1e-3)  # head-only epoch at the peak lr
+    np.testing.assert_allclose(s[4:12], np.linspace(0, 1e-3, 8))  # warm-up, endpoints included
+    np.testing.assert_allclose(s[12], 1e-3)
+    np.testing.assert_allclose(s[-1], 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + np.cos(np.pi * 7 / 8)))
+
+
+# -- exact resume --------------------------------------------------------------------------------------
+def test_resume_is_bitwise_exact(labelled_folder, tiny2, tmp_path):
+    extra = ["--mixup", "0.8", "--cutmix", "1.0", "--randaugment", "9", "--drop-path", "0.1",
+             "--head-warmup-epochs", "1", "--layer-decay", "0.75", "--clip-grad", "1.0"]  # fmt: skip
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    r = invoke(base_args(tiny2, labelled_folder, straight, epochs=3) + extra)
+    assert r.exit_code == 0, r.output
+    r = invoke(base_args(tiny2, labelled_folder, split, epochs=3) + extra + ["--stop-after", "1"])
+    assert r.exit_code == 0, r.output
+    assert "resume" in r.output and not (split / "model.pth").exists()
+    # resume with only the run-control options; the recipe comes from the checkpoint
+    r = invoke(["finetune", "--output", str(split), "--resume", "--stop-after", "1", "--num-workers", "0", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = invoke(["finetune", "--output", str(split), "--resume", "--num-workers", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert_same_weights(straight / "model.pth", split / "model.pth")
+    assert log_lines(straight) == log_lines(split)
+    assert [h["phase"] for h in log_lines(split)] == ["head", "full", "full"]
+
+
+class SignalAfter:
+    """A progress sink that sends this process a signal after ``n`` training steps."""
+
+    def __init__(self, n: int, signum: int = signal.SIGTERM):
+        self.n, self.signum, self.steps = n, signum, 0
+        outer = self
+
+        class Task:
+            def __init__(self, training):
+                self.training = training
+
+            def advance(self, k=1, **fields):
+                if self.training and fields:
+                    outer.steps += k
+                    if outer.steps == outer.n:
+                        os.kill(os.getpid(), outer.signum)
+
+            def update(self, **fields):
+                pass
+
+            def close(self):
+                pass
+
+        self._task = Task
+
+    def task(self, description, total=None):
+        return self._task(description.startswith("epoch"))
+
+    def log(self, message):
+        pass
+
+
+def test_signal_mid_epoch_saves_and_resumes_exactly(labelled_folder, tiny2, tmp_path):
+    def cfg(out, **kw):
+        return FinetuneConfig(
+            train=labelled_folder / "train", val=labelled_folder / "val", output=out, weights=str(tiny2),
+            epochs=2, batch_size=4, image_size=32, num_workers=0, precision="fp32", device="cpu",
+            warmup_epochs=1, lr=0.02, mixup=0.8, randaugment=5, **kw,
+        )  # fmt: skip
+
+    straight = finetune(cfg(tmp_path / "a"))
+    assert straight.finished
+    stopped = finetune(cfg(tmp_path / "b"), progress=SignalAfter(6))  # 4 steps per epoch: mid epoch 2
+    assert stopped.signal == signal.SIGTERM and not stopped.finished and stopped.epochs_done == 1
+    state = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)
+    resumed = finetune(cfg(tmp_path / "b", resume=True))
+    assert resumed.finished
+    assert_same_weights(tmp_path / "a" / "model.pth", tmp_path / "b" / "model.pth")
+    assert log_lines(tmp_path / "a") == log_lines(tmp_path / "b")
+
+
+def test_cli_exits_143_with_resume_hint_on_sigterm(labelled_folder, tiny2, tmp_path, monkeypatch):
+    import dinokit.commands.finetune as cmd
+
+    class Progress(SignalAfter):
+        def __init__(self, quiet=False):
+            super().__init__(3)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(cmd, "RichProgress", Progress)
+    r = runner.invoke(app, base_args(tiny2, labelled_folder, tmp_path / "run"))
+    assert r.exit_code == 143, r.output
+    assert "SIGTERM" in r.output and "--resume" in r.output
+    assert (tmp_path / "run" / "checkpoint.pth").is_file()
+
+
+# -- the run folder ------------------------------------------------------------------------------------
+def test_run_folder_outputs(labelled_folder, tiny2, tmp_path):
+    out = tmp_path / "run"
+    r = invoke(base_args(tiny2, labelled_folder, out, epochs=2))
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in lines] == [1, 2]
+    for h in lines:
+        assert {"train_loss", "val_top1", "val_top5", "lr", "seconds"} <= set(h)
+        assert 0 <= h["val_top1"] <= h["val_top5"] <= 100
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["finished"] and m["top1"] == lines[-1]["val_top1"]
+    assert m["best_top1"] == max(h["val_top1"] for h in lines)
+    assert set(m["per_class_top1"]) == {"red", "green", "blue"}
+    # top-1 is the mean of the per-class accuracies here (2 val images per class)
+    np.testing.assert_allclose(np.mean(list(m["per_class_top1"].values())), m["top1"])
+    assert m["config"]["weight_decay"] == 0.05 and m["config"]["label_smoothing"] == 0.1
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # model.pth: its backbone part loads with dinokit.load_backbone; the head gives the run's val top-1
+    saved = load_model_file(out / "model.pth")
+    assert saved["format"] == "dinokit-finetuned" and saved["classes"] == ["blue", "green", "red"]
+    assert saved["arch"] == "vit_tiny" and saved["patch_size"] == 16 and saved["image_size"] == 32
+    backbone = dinokit.load_backbone(out / "model.pth")
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, saved["backbone"][k])
+    model, meta = load_finetuned(out)
+    from dinokit.data.images import open_rgb, scan_labelled_folder
+    from dinokit.train.augment import eval_transform
+
+    val = scan_labelled_folder(labelled_folder / "val", classes=saved["classes"])
+    tf = eval_transform(32)
+    x = torch.stack([tf(open_rgb(p)) for p in val.paths])
+    with torch.no_grad():
+        logits = backbone(x) @ saved["head"]["weight"].T + saved["head"]["bias"]
+        torch.testing.assert_close(model(x), logits)
+    acc = 100.0 * (logits.argmax(-1) == torch.tensor(val.targets)).float().mean().item()
+    assert acc == pytest.approx(m["top1"])
+    assert (out / "best.pth").is_file()
+
+
+def test_fewer_images_than_one_batch_shrinks_the_batch(labelled_folder, tiny2, tmp_path):
+    out = tmp_path / "run"
+    args = base_args(tiny2, labelled_folder, out, epochs=1)
+    args[args.index("--batch-size") + 1] = "64"
+    args.remove("--quiet")
+    r = invoke(args)
+    assert r.exit_code == 0, r.output
+    assert "more than the 18 training images" in " ".join(r.output.split())
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["global_batch_size"] == 18
+
+
+def test_val_split_is_stratified(labelled_folder, tiny2, tmp_path):
+    out = tmp_path / "run"
+    args = base_args(tiny2, labelled_folder, out, epochs=1)
+    i = args.index("--val")
+    del args[i : i + 2]
+    r = invoke(args + ["--val-split", "0.34"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["num_train"], m["num_val"]) == (12, 6)  # 2 of 6 per class held out
+    held = json.loads((out / "split.json").read_text())["val"]
+    assert sorted(Path(p).parent.name for p in held) == ["blue"] * 2 + ["green"] * 2 + ["red"] * 2
+
+
+# -- bad input: one sentence, exit 2 -------------------------------------------------------------------
+def one_error_sentence(r) -> str:
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert text.startswith("Error:") and "Traceback" not in text
+    return text
+
+
+def test_val_class_that_train_lacks(labelled_folder, tiny2, tmp_path):
+    make_image(labelled_folder / "val" / "purple" / "0.png")
+    r = invoke(base_args(tiny2, labelled_folder, tmp_path / "run"))
+    assert "classes the training set lacks: purple" in one_error_sentence(r)
+
+
+def test_single_class(tmp_path, tiny2):
+    for i in range(3):
+        make_image(tmp_path / "one" / "train" / "cat" / f"{i}.png", seed=i)
+        make_image(tmp_path / "one" / "val" / "cat" / f"{i}.png", seed=10 + i)
+    r = invoke(base_args(tiny2, tmp_path / "one", tmp_path / "run"))
+    assert "single class (cat)" in one_error_sentence(r)
+
+
+def test_changed_recipe_on_resume_is_refused(labelled_folder, tiny2, tmp_path):
+    out = tmp_path / "run"
+    assert invoke(base_args(tiny2, labelled_folder, out) + ["--stop-after", "1"]).exit_code == 0
+    r = invoke(["finetune", "--output", str(out), "--resume", "--lr", "0.1"])
+    assert "--lr 0.1 differs from the resumed run's 0.02" in one_error_sentence(r)
+
+
+def test_resume_without_checkpoint_and_existing_output(labelled_folder, tiny2, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something.txt").write_text("x")
+    r = invoke(base_args(tiny2, labelled_folder, out))
+    assert "already holds results" in one_error_sentence(r)
+    r = invoke(["finetune", "--output", str(out), "--resume"])
+    assert "holds no checkpoint.pth" in one_error_sentence(r)
+
+
+def test_val_and_val_split_together(labelled_folder, tiny2, tmp_path):
+    r = invoke(base_args(tiny2, labelled_folder, tmp_path / "run") + ["--val-split", "0.2"])
+    assert "either --val or --val-split" in one_error_sentence(r)
