@@ -1,0 +1,135 @@
+"""``dinokit duplicates``: every near-duplicate pair in a folder (or between two folders)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import (
+    Arch,
+    BatchSize,
+    CheckpointKey,
+    Device,
+    NumWorkers,
+    Output,
+    Overwrite,
+    PatchSize,
+    Precision,
+    Quiet,
+    RichProgress,
+    Seed,
+    Weights,
+    console,
+    is_main_process,
+    print_table,
+    setup_logging,
+)
+
+
+def duplicates(
+    folder: Annotated[Path, typer.Argument(help="The folder of images to search (recursively).")],
+    output: Output,
+    against: Annotated[
+        Optional[Path],
+        typer.Option("--against", help="Pair FOLDER's images only with this folder's images (e.g. a reference collection)."),
+    ] = None,
+    threshold: Annotated[
+        Optional[float],
+        typer.Option(
+            "--threshold",
+            help="Cosine similarity from which two images count as near-duplicates "
+            "(default 0.9, or 0.5 with --whitening).",
+        ),
+    ] = None,
+    whitening: Annotated[
+        Optional[Path], typer.Option("--whitening", help="A folder of other images to learn a whitening on.")
+    ] = None,
+    weights: Weights = "random",
+    arch: Arch = None,
+    patch_size: PatchSize = None,
+    checkpoint_key: CheckpointKey = "teacher",
+    image_size: Annotated[
+        int, typer.Option("--image-size", min=1, help="Images are resized to this square (aspect ignored).")
+    ] = 320,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="exact (every pair, in blocks) or faiss (approximate nearest neighbours, for millions of "
+            "images; pip install 'dinokit[faiss]').",
+        ),
+    ] = "exact",
+    neighbours: Annotated[
+        int, typer.Option("--neighbours", min=1, help="With --backend faiss: neighbours looked at per image.")
+    ] = 10,
+    max_pairs: Annotated[
+        int, typer.Option("--max-pairs", min=1, help="Keep at most this many pairs (the most similar).")
+    ] = 100_000,
+    sheet_pairs: Annotated[
+        int, typer.Option("--sheet-pairs", min=0, help="Pairs shown in the contact sheet (0: no sheet).")
+    ] = 24,
+    batch_size: BatchSize = 32,
+    num_workers: NumWorkers = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Find near-duplicate images: pairs with their similarity (pairs.csv, pairs.json) and a contact
+    sheet of the closest pairs (pairs.png). Descriptors are stored in OUT/index and reused when the
+    command is run again with --overwrite: only new or changed images are embedded."""
+    from dinokit.eval.copy_detection import DuplicatesConfig, contact_sheet, find_duplicates, write_pairs
+    from dinokit.io import prepare_output_dir, write_metrics
+
+    setup_logging(quiet)
+    prepare_output_dir(output, overwrite=overwrite)
+    cfg = DuplicatesConfig(
+        folder=folder,
+        output=output,
+        against=against,
+        threshold=threshold,
+        whitening=whitening,
+        weights=weights,
+        arch=arch,
+        patch_size=patch_size,
+        checkpoint_key=checkpoint_key,
+        image_size=image_size,
+        backend=backend,
+        neighbours=neighbours,
+        max_pairs=max_pairs,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        seed=seed,
+    )
+    with RichProgress(quiet=quiet) as progress:
+        result = find_duplicates(cfg, progress)
+    if not is_main_process():
+        return
+    write_pairs(result, output)
+    sheet = contact_sheet(result.pairs, output / "pairs.png", max_pairs=sheet_pairs) if sheet_pairs else None
+    write_metrics(output, result.summary(), config=asdict(cfg))
+    rows = [[i + 1, f"{p.score:.3f}", p.image_a, p.image_b] for i, p in enumerate(result.pairs[:10])]
+    if rows:
+        print_table(f"Near-duplicate pairs (similarity >= {result.threshold:g})", ["#", "score", "image", "image"], rows)
+    searched = f"{result.n_images} images" + (f" against {result.n_against}" if cfg.against else "")
+    console.print(
+        f"{len(result.pairs)} pairs among {searched}; embedded {result.embedded} new images, "
+        f"reused {result.reused}" + (f", skipped {result.unreadable} unreadable" if result.unreadable else "") + "."
+    )
+    q = result.nearest_neighbour_quantiles
+    if q:
+        console.print(
+            f"Nearest-neighbour similarity: median {q['p50']:.3f}, 90th percentile {q['p90']:.3f}, "
+            f"99th {q['p99']:.3f} (threshold {result.threshold:g})."
+        )
+    console.print(f"Results in {output / 'pairs.csv'}" + (f" and {sheet}" if sheet else ""))
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    app.command("duplicates")(duplicates)
