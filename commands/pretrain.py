@@ -1,0 +1,240 @@
+"""``dinokit pretrain``: DINO self-distillation on a folder of unlabelled images."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from ._common import (
+    Device,
+    NumWorkers,
+    Overwrite,
+    Precision,
+    Quiet,
+    RichProgress,
+    Seed,
+    console,
+    console_err,
+    is_main_process,
+    print_table,
+    setup_logging,
+)
+
+HELP = "\n\n".join(
+    [
+        'Pretrain a backbone with DINO (self-distillation, no labels) on a folder of images.',
+        "The folder is searched recursively (class sub-folders of an ImageFolder are ignored); unreadable images are skipped and counted. Defaults are the paper's ViT recipe. The same command runs under `torchrun --nproc-per-node N -m dinokit pretrain ...` for DistributedDataParallel; --batch-size is per process and the lr scales with the global batch (lr * global_batch / 256).",
+        'Small data sets: left unset, --out-dim is the power of two nearest the number of images (1024 to 65536), --momentum-teacher is 0.996 lowered to 1 - 10/T (at least 0.99) for runs of fewer than T = 2500 iterations, and --warmup-epochs is 10 or a tenth of --epochs, whichever is fewer.',
+        'The run folder gets config.json, log.jsonl (one line per epoch), checkpoint.pth (every epoch; --resume continues from it), checkpoint{epoch:04d}.pth every --save-every epochs, backbone.pth (the teacher backbone in the released-weights format, usable as --weights anywhere) and metrics.json. Ctrl-C or SIGTERM finishes the step, saves, and exits 130/143.',
+    ]
+)
+
+def _given(ctx: click.Context) -> set[str]:
+    """Parameters the user typed (not defaults), so that --resume keeps the saved run's settings."""
+    out = set()
+    for name in ctx.params:
+        src = ctx.get_parameter_source(name)
+        if src is not None and src.name in ("COMMANDLINE", "ENVIRONMENT"):
+            out.add(name)
+    return out
+
+
+def pretrain_command(
+    ctx: typer.Context,
+    data: Annotated[
+        Optional[Path], typer.Option("--data", "-d", help="Folder of images (searched recursively); not needed with --resume.")
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The run folder.")] = Path("runs/pretrain"),
+    arch: Annotated[str, typer.Option("--arch", help="vit_tiny, vit_small, vit_base or resnet50.")] = "vit_small",
+    patch_size: Annotated[int, typer.Option("--patch-size", help="ViT patch size in pixels.")] = 16,
+    depth: Annotated[
+        Optional[int], typer.Option("--depth", help="Transformer blocks (default: the arch's 12); for quick experiments.")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs of the schedule.")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch, per process.")] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Base lr at batch 256 (scaled by global_batch / 256).")] = 5e-4,
+    min_lr: Annotated[float, typer.Option("--min-lr", help="lr at the end of the cosine schedule.")] = 1e-6,
+    warmup_epochs: Annotated[
+        Optional[float], typer.Option("--warmup-epochs", help="Linear lr warm-up (default: min(10, epochs/10)).")
+    ] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay at the start.")] = 0.04,
+    weight_decay_end: Annotated[float, typer.Option("--weight-decay-end", help="Weight decay at the end.")] = 0.4,
+    momentum_teacher: Annotated[
+        Optional[float],
+        typer.Option("--momentum-teacher", help="Teacher EMA momentum at the start, cosine to 1 (default: see above)."),
+    ] = None,
+    teacher_temp: Annotated[float, typer.Option("--teacher-temp", help="Teacher temperature after warm-up.")] = 0.04,
+    warmup_teacher_temp: Annotated[
+        float, typer.Option("--warmup-teacher-temp", help="Teacher temperature at epoch 0.")
+    ] = 0.04,
+    warmup_teacher_temp_epochs: Annotated[
+        int, typer.Option("--warmup-teacher-temp-epochs", help="Epochs of teacher-temperature warm-up (paper: 30).")
+    ] = 0,
+    out_dim: Annotated[
+        Optional[int], typer.Option("--out-dim", help="DINO head outputs (paper 65536; default: see above).")
+    ] = None,
+    norm_last_layer: Annotated[
+        bool,
+        typer.Option("--norm-last-layer/--no-norm-last-layer", help="Fix the head's weight-norm gain at 1."),
+    ] = True,
+    freeze_last_layer: Annotated[
+        int, typer.Option("--freeze-last-layer", help="Epochs during which the head's last layer is not trained.")
+    ] = 1,
+    clip_grad: Annotated[float, typer.Option("--clip-grad", help="Gradient clipping norm (0 = off).")] = 3.0,
+    clip_mode: Annotated[
+        str, typer.Option("--clip-mode", help="param: each parameter's gradient separately (reference); global.")
+    ] = "param",
+    drop_path: Annotated[float, typer.Option("--drop-path", help="Stochastic depth rate of the student.")] = 0.1,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw, sgd or lars.")] = "adamw",
+    local_crops: Annotated[int, typer.Option("--local-crops", min=0, help="Local crops per image.")] = 8,
+    global_size: Annotated[int, typer.Option("--global-size", help="Global crop size in pixels.")] = 224,
+    local_size: Annotated[int, typer.Option("--local-size", help="Local crop size in pixels.")] = 96,
+    global_scale: Annotated[
+        Optional[tuple[float, float]],
+        typer.Option("--global-scale", help="Area range of global crops (default 0.4 1, or 0.14 1 with no local crops)."),
+    ] = None,
+    local_scale: Annotated[
+        tuple[float, float], typer.Option("--local-scale", help="Area range of local crops.")
+    ] = (0.05, 0.4),
+    precision: Precision = "auto",
+    device: Device = "auto",
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the student and teacher.")] = False,
+    num_workers: NumWorkers = 4,
+    seed: Seed = 0,
+    save_every: Annotated[
+        int, typer.Option("--save-every", min=0, help="Keep checkpoint{epoch:04d}.pth every N epochs (0 = never).")
+    ] = 20,
+    stop_after: Annotated[
+        Optional[int],
+        typer.Option("--stop-after", min=1, help="End cleanly after N epochs of the schedule (resumable)."),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its checkpoint.pth.")] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Pretrain a backbone with DINO on a folder of unlabelled images."""
+    from dinokit.errors import DinokitError
+    from dinokit.io import write_metrics
+    from dinokit.train.pretrain import RUNTIME_FIELDS, PretrainConfig, pretrain, resume_hint
+
+    setup_logging(quiet or not is_main_process())
+    values = dict(
+        data=str(data) if data is not None else None,
+        output=str(output),
+        arch=arch,
+        patch_size=patch_size,
+        depth=depth,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_epochs=warmup_epochs,
+        weight_decay=weight_decay,
+        weight_decay_end=weight_decay_end,
+        momentum_teacher=momentum_teacher,
+        teacher_temp=teacher_temp,
+        warmup_teacher_temp=warmup_teacher_temp,
+        warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
+        out_dim=out_dim,
+        norm_last_layer=norm_last_layer,
+        freeze_last_layer=freeze_last_layer,
+        clip_grad=clip_grad,
+        clip_mode=clip_mode,
+        drop_path=drop_path,
+        optimizer=optimizer,
+        local_crops=local_crops,
+        global_size=global_size,
+        local_size=local_size,
+        global_scale=tuple(global_scale) if global_scale else None,
+        local_scale=tuple(local_scale),
+        precision=precision,
+        device=device,
+        compile=compile_model,
+        num_workers=num_workers,
+        seed=seed,
+        save_every=save_every,
+        stop_after=stop_after,
+        resume=resume,
+        overwrite=overwrite,
+    )
+    if resume:
+        # the saved run's settings, with whatever was typed on this command line on top
+        saved_path = output / "config.json"
+        if not saved_path.is_file():
+            raise DinokitError(f"{output} holds no run to resume (no config.json); start it without --resume.")
+        try:
+            saved = json.loads(saved_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DinokitError(f"{saved_path} is not readable JSON ({e}).") from e
+        given = _given(ctx)
+        name_map = {"compile_model": "compile"}
+        given = {name_map.get(g, g) for g in given}
+        base = PretrainConfig.from_dict(saved).to_dict()
+        for k, v in values.items():
+            if k in given or k in RUNTIME_FIELDS and k not in ("data",):
+                base[k] = v
+        base["stop_after"] = stop_after
+        base["resume"] = True
+        cfg = PretrainConfig.from_dict(base)
+    else:
+        if data is None:
+            raise DinokitError("Give the image folder with --data (or --resume to continue a run).")
+        cfg = PretrainConfig.from_dict(values)
+
+    with RichProgress(quiet=quiet or not is_main_process()) as progress:
+        result = pretrain(cfg, progress)
+
+    if not is_main_process():
+        if result.exit_code:
+            sys.exit(result.exit_code)
+        return
+    metrics = {
+        "finished": result.finished,
+        "epochs": result.epochs,
+        "epochs_done": result.epochs_done,
+        "stopped_by": result.stopped_by,
+        "loss": result.loss,
+        "images_per_second": result.images_per_second,
+        "seconds": result.seconds,
+        "n_images": result.n_images,
+        "skipped_images": result.skipped_images,
+        "world_size": result.world_size,
+        "precision": result.precision,
+        "device": result.device,
+        "settings": result.settings,
+        "collapsed_epochs": result.collapsed_epochs,
+        "checkpoint": str(result.checkpoint),
+        "backbone": str(result.backbone),
+    }
+    write_metrics(result.output, metrics, config=cfg.to_dict())
+    rows = [[h["epoch"], h["loss"], f"{h['lr']:.3g}", f"{h['momentum']:.5f}", f"{h['images_per_second']:.1f}"]
+            for h in result.history[-5:]]
+    if rows:
+        print_table("dinokit pretrain", ["epoch", "loss", "lr", "momentum", "images/s"], rows)
+    console.print(f"backbone: {result.backbone}  (use it as --weights)", highlight=False)
+    if result.collapsed_epochs:
+        console_err.print(
+            f"[yellow]Warning:[/] the loss sat at ln(out_dim) in epochs {result.collapsed_epochs}: collapse."
+        )
+    if result.exit_code:
+        console_err.print(
+            f"Stopped by {result.stopped_by} after {result.epochs_done} full epochs; the checkpoint is saved. "
+            f"Resume with: {resume_hint(result.output)}",
+            highlight=False,
+        )
+        sys.exit(result.exit_code)
+    if not result.finished:
+        console.print(
+            f"Stopped after epoch {result.epochs_done} of {result.epochs} (--stop-after). "
+            f"Resume with: {resume_hint(result.output)}",
+            highlight=False,
+        )
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    app.command("pretrain", help=HELP)(pretrain_command)

@@ -1,0 +1,165 @@
+"""DINO's multi-crop augmentation (paper Sec. 3.1 and Appendix) and the unlabelled training set.
+
+Each image gives two global crops and N local crops. The augmentations are drawn from a random
+state seeded by (seed, epoch, image index), so a sample's crops do not depend on the number of
+data workers, on the process that loads it, or on whether the run was stopped and resumed: an
+interrupted run sees exactly the crops the uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms as T
+
+from ..errors import DataError
+from .images import open_rgb
+from .transforms import normalize
+
+log = logging.getLogger("dinokit")
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with a radius drawn uniformly from [radius_min, radius_max], applied with prob p."""
+
+    def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.0):
+        self.prob, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() > self.prob:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(p={self.prob}, radius=({self.radius_min}, {self.radius_max}))"
+
+
+class Solarization:
+    """PIL solarization (invert pixels above 128), applied with probability p."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+    def __repr__(self) -> str:
+        return f"Solarization(p={self.p})"
+
+
+class MultiCropAugmentation:
+    """The DINO augmentation: returns [global1, global2, local1, ..., localN] as tensors.
+
+    Shared pieces: horizontal flip p=0.5, colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale
+    p=0.2, ImageNet normalisation. Global 1 blurs always; global 2 blurs with p=0.1 and solarizes
+    with p=0.2; locals blur with p=0.5. Crops are bicubic RandomResizedCrops; scales are fractions
+    of the image area.
+    """
+
+    def __init__(
+        self,
+        global_crops_scale: Sequence[float] = (0.4, 1.0),
+        local_crops_scale: Sequence[float] = (0.05, 0.4),
+        local_crops_number: int = 8,
+        global_size: int = 224,
+        local_size: int = 96,
+    ):
+        self.local_crops_number = int(local_crops_number)
+        flip_and_color_jitter = T.Compose(
+            [
+                T.RandomHorizontalFlip(p=0.5),
+                T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+            ]
+        )
+        to_tensor = T.Compose([T.ToTensor(), normalize()])
+        bicubic = T.InterpolationMode.BICUBIC
+        gscale, lscale = tuple(global_crops_scale), tuple(local_crops_scale)
+        self.global_transfo1 = T.Compose(
+            [T.RandomResizedCrop(global_size, scale=gscale, interpolation=bicubic), flip_and_color_jitter,
+             GaussianBlur(1.0), to_tensor]
+        )
+        self.global_transfo2 = T.Compose(
+            [T.RandomResizedCrop(global_size, scale=gscale, interpolation=bicubic), flip_and_color_jitter,
+             GaussianBlur(0.1), Solarization(0.2), to_tensor]
+        )
+        self.local_transfo = T.Compose(
+            [T.RandomResizedCrop(local_size, scale=lscale, interpolation=bicubic), flip_and_color_jitter,
+             GaussianBlur(0.5), to_tensor]
+        )
+
+    @property
+    def ncrops(self) -> int:
+        return 2 + self.local_crops_number
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        crops.extend(self.local_transfo(image) for _ in range(self.local_crops_number))
+        return crops
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one image in one epoch (a fixed mix of the three numbers)."""
+    return (int(seed) * 1_000_003 + int(epoch) * 10_000_019 + int(index) * 2_654_435_761) % (2**63 - 1)
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Unlabelled images through :class:`MultiCropAugmentation`.
+
+    An image that cannot be decoded is skipped: the next readable image in the list takes its place
+    (so batches keep their size on every rank) and the item reports how many it skipped. Items are
+    ``(crops, n_skipped)``; :func:`collate_multicrop` stacks them.
+    """
+
+    def __init__(self, paths: Sequence[Path], transform: MultiCropAugmentation, seed: int = 0):
+        if not paths:
+            raise DataError("The data set holds no images.")
+        self.paths = list(paths)
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set before each epoch's loader is created (workers get a copy of the data set)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        n = len(self.paths)
+        skipped = 0
+        for k in range(min(n, 64)):
+            j = (i + k) % n
+            try:
+                img = open_rgb(self.paths[j])
+            except DataError:
+                skipped += 1
+                log.debug("skipping unreadable image %s", self.paths[j])
+                continue
+            s = sample_seed(self.seed, self.epoch, i)
+            py_state = random.getstate()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                try:
+                    crops = self.transform(img)
+                finally:
+                    random.setstate(py_state)
+            return crops, skipped
+        return None, skipped
+
+
+def collate_multicrop(batch):
+    """Stack ``(crops, n_skipped)`` items: returns (list of (B, 3, H, W) tensors or None, n_skipped)."""
+    skipped = sum(s for _, s in batch)
+    kept = [c for c, _ in batch if c is not None]
+    if not kept:
+        return None, skipped
+    ncrops = len(kept[0])
+    return [torch.stack([c[k] for c in kept]) for k in range(ncrops)], skipped

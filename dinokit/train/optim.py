@@ -1,0 +1,128 @@
+"""Optimisers and gradient handling for DINO: parameter groups without weight decay for biases and
+1-d parameters, AdamW / SGD / LARS, per-parameter or global gradient clipping, the frozen last
+layer, and the teacher's EMA update. The loops run over all parameters at once (``torch._foreach``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import DinokitError
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
+
+
+def get_params_groups(model: nn.Module) -> list[dict]:
+    """Two groups: weights (decayed) and biases / 1-d parameters (``weight_decay=0``).
+
+    The schedule sets the first group's weight decay every step; cls_token and pos_embed are 3-d and
+    so decayed, as in the reference.
+    """
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017).
+
+    1-d parameters (biases, norms) get neither weight decay nor the trust-ratio scaling.
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(
+                        param_norm > 0.0,
+                        torch.where(update_norm > 0, (g["eta"] * param_norm / update_norm), one),
+                        one,
+                    )
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+        return loss
+
+
+def _fused_ok(params: Sequence[torch.Tensor]) -> bool:
+    devices = {p.device.type for p in params}
+    return len(devices) == 1 and next(iter(devices)) in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+
+
+def build_optimizer(name: str, param_groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW (fused where torch supports it), SGD (momentum 0.9) or LARS; lr and wd come from the schedules."""
+    name = name.lower()
+    params = [p for g in param_groups for p in g["params"]]
+    if name == "adamw":
+        if _fused_ok(params):
+            try:
+                return torch.optim.AdamW(param_groups, lr=0.0, fused=True)
+            except (RuntimeError, TypeError, ValueError):
+                pass
+        return torch.optim.AdamW(param_groups, lr=0.0, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=0.0, momentum=0.9, foreach=True)
+    if name == "lars":
+        return LARS(param_groups)
+    raise DinokitError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+
+
+def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+@torch.no_grad()
+def clip_gradients_per_parameter(params: Iterable[torch.Tensor], clip: float) -> None:
+    """Scale each parameter's gradient so that its own L2 norm is at most ``clip`` (the reference's
+    clipping: coefficient ``clip / (norm + 1e-6)`` when below 1)."""
+    grads = grads_of(params)
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads)).float()
+    coef = (clip / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coef.unbind(), grads)])
+
+
+@torch.no_grad()
+def clip_gradients_global(params: Iterable[torch.Tensor], clip: float) -> None:
+    """Scale all gradients together so that their joint L2 norm is at most ``clip``."""
+    torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip, foreach=True)
+
+
+def cancel_last_layer_gradients(last_layer_params: Iterable[torch.Tensor], epoch: int, freeze_last_layer: int) -> None:
+    """During the first ``freeze_last_layer`` epochs the head's last layer gets no update."""
+    if epoch >= freeze_last_layer:
+        return
+    for p in last_layer_params:
+        p.grad = None
+
+
+@torch.no_grad()
+def ema_update(teacher_params: Sequence[torch.Tensor], student_params: Sequence[torch.Tensor], momentum: float) -> None:
+    """teacher = m * teacher + (1 - m) * student, over all parameters in two fused calls."""
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)

@@ -1,0 +1,61 @@
+"""DINO's training schedules (spec "Schedules"): per-iteration learning rate, weight decay and
+teacher momentum, and the per-epoch teacher temperature. Value k of a per-iteration schedule is
+used at global iteration k, so a resumed run follows the uninterrupted one exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .common import cosine_scheduler
+from .loss import teacher_temperature_schedule
+
+__all__ = ["DINOSchedules", "build_schedules", "cosine_scheduler", "scaled_lr", "teacher_temperature_schedule"]
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """The linear scaling rule the paper uses: ``base_lr * global_batch / 256``."""
+    return base_lr * global_batch / 256.0
+
+
+@dataclass
+class DINOSchedules:
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+
+    def at(self, it: int, epoch: int) -> dict[str, float]:
+        return {
+            "lr": float(self.lr[it]),
+            "wd": float(self.wd[it]),
+            "momentum": float(self.momentum[it]),
+            "teacher_temp": float(self.teacher_temp[min(epoch, len(self.teacher_temp) - 1)]),
+        }
+
+
+def build_schedules(
+    *,
+    epochs: int,
+    niter_per_epoch: int,
+    global_batch: int,
+    lr: float = 5e-4,
+    min_lr: float = 1e-6,
+    warmup_epochs: float = 10,
+    weight_decay: float = 0.04,
+    weight_decay_end: float = 0.4,
+    momentum_teacher: float = 0.996,
+    warmup_teacher_temp: float = 0.04,
+    teacher_temp: float = 0.04,
+    warmup_teacher_temp_epochs: int = 0,
+) -> DINOSchedules:
+    """lr: linear warm-up from 0 over ``warmup_epochs`` to ``lr * global_batch / 256``, then cosine to
+    ``min_lr``; weight decay: cosine ``weight_decay -> weight_decay_end``; teacher momentum: cosine
+    ``momentum_teacher -> 1``; teacher temperature: per epoch (see :func:`teacher_temperature_schedule`)."""
+    return DINOSchedules(
+        lr=cosine_scheduler(scaled_lr(lr, global_batch), min_lr, epochs, niter_per_epoch, warmup_epochs=warmup_epochs),
+        wd=cosine_scheduler(weight_decay, weight_decay_end, epochs, niter_per_epoch),
+        momentum=cosine_scheduler(momentum_teacher, 1.0, epochs, niter_per_epoch),
+        teacher_temp=teacher_temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs),
+    )
