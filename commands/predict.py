@@ -62,14 +62,17 @@ def predict(
             "%d unreadable images were skipped (first: %s).", len(res.skipped), res.skipped[0]
         )
     if output is None:
+        import os
+
         from rich.table import Table
 
-        table = Table(title=f"dinokit predict: {model}")
-        table.add_column("image")
+        base = os.path.commonpath([str(p.parent.resolve()) for p in res.paths]) if res.paths else ""
+        table = Table(title=f"dinokit predict: {model}" + (f"\nimages under {base}" if base else ""))
+        table.add_column("image", overflow="fold")
         for i in range(k):
             table.add_column(f"#{i + 1}")
         for p, cs, ps in zip(res.paths, res.top_classes, res.top_probs):
-            table.add_row(str(p), *[f"{c} {100 * q:.1f}%" for c, q in zip(cs, ps)])
+            table.add_row(os.path.relpath(p.resolve(), base), *[f"{c} {100 * q:.1f}%" for c, q in zip(cs, ps)])
         console.print(table)
         return
     if output.suffix.lower() == ".csv":
