@@ -103,7 +103,56 @@ def video(
     )
 
 
+def copydays(
+    output: Output,
+    originals: Annotated[int, typer.Option("--originals", min=1, help="Number of original images (groups).")] = 30,
+    distractors: Annotated[
+        int, typer.Option("--distractors", min=0, help="Distinct images for DIR/distractors (join the database).")
+    ] = 100,
+    whitening: Annotated[
+        int, typer.Option("--whitening", min=0, help="Other distinct images for DIR/whitening (to learn a whitening).")
+    ] = 100,
+    size: Annotated[int, typer.Option("--size", min=32, help="Long side of the originals in pixels.")] = 256,
+    seed: Seed0 = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write a Copydays-layout copy-detection set under DIR/copydays, with DIR/distractors and DIR/whitening.
+
+    original/ (200000.jpg, 200100.jpg, ...), strong/ (1-3 heavily edited copies per original: 200001.jpg, ...),
+    jpegqual/<q>/ (JPEG quality 3 ... 75) and crops/<c>/ (c% of the area removed, 10 ... 80).
+    """
+    from dinokit.data.synth_copydays import CROP_PERCENTS, JPEG_QUALITIES, make_copydays_dataset
+
+    setup_logging(quiet)
+    with RichProgress(quiet=quiet) as progress:
+        s = make_copydays_dataset(
+            output,
+            originals=originals,
+            distractors=distractors,
+            whitening=whitening,
+            size=size,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    rows = [
+        ["original", str(s.copydays / "original"), s.n_originals],
+        ["strong", str(s.copydays / "strong"), s.n_strong],
+        [f"jpegqual/{{{','.join(map(str, JPEG_QUALITIES))}}}", str(s.copydays / "jpegqual"), s.n_originals],
+        [f"crops/{{{','.join(map(str, CROP_PERCENTS))}}}", str(s.copydays / "crops"), s.n_originals],
+    ]
+    if s.n_distractors:
+        rows.append(["distractors", str(s.distractors), s.n_distractors])
+    if s.n_whitening:
+        rows.append(["whitening", str(s.whitening), s.n_whitening])
+    print_table("dinokit synth copydays", ["block", "where", "images per folder"], rows)
+    console.print(f"Copydays layout in {s.copydays}, long side {s.size} px, seed {s.seed}, {s.seconds:.1f} s.",
+                  highlight=False)
+
+
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:
     synth_app.command("classify")(classify)
     synth_app.command("video")(video)
+    synth_app.command("copydays")(copydays)
 

@@ -259,3 +259,128 @@ def test_video_is_deterministic_and_checks_options(tmp_path):
         r = _run("synth", "video", "--output", str(tmp_path / "bad"), "--objects", bad, "--frames", "2",
                  "--height", "32", "--width", "32")
         assert r.exit_code == 2 and "--objects" in r.output and "Traceback" not in r.output
+
+
+# -- copydays ---------------------------------------------------------------------------------------
+
+
+def _thumb(path_or_img, side: int = 24) -> np.ndarray:
+    img = path_or_img if isinstance(path_or_img, Image.Image) else Image.open(path_or_img)
+    return np.asarray(img.convert("RGB").resize((side, side), Image.BILINEAR), np.float32)
+
+
+@pytest.fixture(scope="module")
+def copydays_root(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cd") / "set"
+    r = _run("synth", "copydays", "--output", str(out), "--originals", "6", "--distractors", "3",
+             "--whitening", "2", "--size", "64", "--seed", "4", "-q")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_copydays_layout_and_names(copydays_root):
+    from dinokit.data.synth_copydays import CROP_PERCENTS, JPEG_QUALITIES
+
+    cd = copydays_root / "copydays"
+    assert sorted(p.name for p in cd.iterdir()) == ["crops", "jpegqual", "original", "strong"]
+    originals = sorted(p.name for p in (cd / "original").iterdir())
+    assert originals == [f"{2000 + g:04d}00.jpg" for g in range(6)]
+    assert sorted(int(p.name) for p in (cd / "jpegqual").iterdir()) == list(JPEG_QUALITIES)
+    assert sorted(int(p.name) for p in (cd / "crops").iterdir()) == list(CROP_PERCENTS)
+    for block in [f"jpegqual/{q}" for q in JPEG_QUALITIES] + [f"crops/{c}" for c in CROP_PERCENTS]:
+        assert sorted(p.name for p in (cd / block).iterdir()) == originals, block
+    strong = sorted(p.stem for p in (cd / "strong").iterdir())
+    groups = {o[:4] for o in originals}
+    per_group: dict[str, list[int]] = {}
+    for s in strong:
+        assert len(s) == 6 and s[:4] in groups
+        per_group.setdefault(s[:4], []).append(int(s[4:]))
+    for ks in per_group.values():  # copies numbered 01, 02, ... and at most 3 per original
+        assert ks == list(range(1, len(ks) + 1)) and len(ks) <= 3
+    assert len(list((copydays_root / "distractors").iterdir())) == 3
+    assert len(list((copydays_root / "whitening").iterdir())) == 2
+    for p in cd.rglob("*.jpg"):
+        assert Image.open(p).format == "JPEG"
+
+
+def test_copydays_crops_remove_the_stated_area(copydays_root):
+    cd = copydays_root / "copydays"
+    for o in sorted((cd / "original").iterdir()):
+        orig = Image.open(o).convert("RGB")
+        w, h = orig.size
+        assert max(w, h) == 64
+        for c in (10, 50, 80):
+            crop = Image.open(cd / "crops" / str(c) / o.name).convert("RGB")
+            kept = crop.width * crop.height / (w * h)
+            assert abs(kept - (1 - c / 100)) < 0.06, (c, kept)
+            # it is the central part of the original
+            x0, y0 = (w - crop.width) // 2, (h - crop.height) // 2
+            centre = np.asarray(orig.crop((x0, y0, x0 + crop.width, y0 + crop.height)), np.float32)
+            assert np.abs(centre - np.asarray(crop, np.float32)).mean() < 6
+
+
+def test_copydays_copies_point_to_their_original(copydays_root):
+    """Every jpegqual and mild-crop copy is nearest (in pixels) to the original of the same name; JPEG
+    damage grows as the quality falls; strong copies really are changed."""
+    cd = copydays_root / "copydays"
+    originals = sorted((cd / "original").iterdir())
+    thumbs = np.stack([_thumb(o) for o in originals])
+    for block in ["jpegqual/3", "jpegqual/30", "jpegqual/75", "crops/10"]:
+        for i, o in enumerate(originals):
+            d = np.abs(thumbs - _thumb(cd / block / o.name)).mean(axis=(1, 2, 3))
+            assert d.argmin() == i, (block, o.name)
+    for o in originals:
+        ref = np.asarray(Image.open(o).convert("RGB"), np.float32)
+        err = [np.abs(np.asarray(Image.open(cd / "jpegqual" / str(q) / o.name).convert("RGB"), np.float32) - ref).mean()
+               for q in (3, 20, 75)]
+        assert err[0] > err[1] > err[2]
+    for s in (cd / "strong").iterdir():
+        orig = cd / "original" / f"{s.name[:4]}00.jpg"
+        assert np.abs(_thumb(s) - _thumb(orig)).mean() > 3, s.name
+
+
+def test_copydays_images_are_distinct(copydays_root):
+    cd = copydays_root / "copydays"
+    paths = sorted((cd / "original").iterdir()) + sorted((copydays_root / "distractors").iterdir()) + sorted(
+        (copydays_root / "whitening").iterdir())
+    t = np.stack([_thumb(p) for p in paths])
+    d = np.abs(t[:, None] - t[None]).mean(axis=(2, 3, 4))
+    np.fill_diagonal(d, np.inf)
+    assert d.min() > 10  # a JPEG re-encoding of the same picture is within ~2
+
+
+def test_copydays_reads_as_copydays(copydays_root):
+    """dinokit's own Copydays reader finds every block and a positive for every query."""
+    from dinokit.eval.copy_detection import copydays_positives, scan_copydays
+
+    layout = scan_copydays(copydays_root / "copydays")
+    assert "strong" in layout.blocks and "jpegqual/50" in layout.blocks and "crops/80" in layout.blocks
+    for block, queries in layout.blocks.items():
+        if block == "original":
+            continue
+        positives = copydays_positives(block, queries, layout.originals)
+        assert all(len(p) == 1 for p in positives), block
+
+
+def test_copydays_strong_edits_each_work():
+    """Each kind of strong edit runs on odd sizes and changes the picture."""
+    from dinokit.data import synth_copydays as sc
+
+    img = Image.fromarray(sc.original_picture(0, 1, 50)[1])
+    for name, fn in sc._EDITS.items():
+        rng = synth.item_rng(0, "copydays", 9, len(name))
+        out = fn(rng, img, 50).convert("RGB")
+        assert min(out.size) >= 8, name
+        assert out.size != img.size or np.abs(np.asarray(out, np.float32) - np.asarray(img, np.float32)).mean() > 1, name
+
+
+def test_copydays_is_deterministic(tmp_path):
+    from dinokit.data.synth_copydays import make_copydays_dataset
+
+    kw = dict(originals=2, distractors=1, whitening=1, size=40)
+    make_copydays_dataset(tmp_path / "a", seed=3, **kw)
+    make_copydays_dataset(tmp_path / "b", seed=3, **kw)
+    make_copydays_dataset(tmp_path / "c", seed=4, **kw)
+    a, b, c = (_files(tmp_path / x) for x in "abc")
+    assert a == b
+    assert any(a[k] != c.get(k) for k in a if k.endswith(".jpg"))

@@ -234,8 +234,7 @@ _PHOTO_NAMES = (
     "page",
     "text",
     "colorwheel",
-    "stereo_left",
-    "stereo_right",
+    "motorcycle",
 )
 
 
@@ -256,8 +255,8 @@ def photographs() -> tuple[tuple[str, np.ndarray], ...]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if name.startswith("stereo_"):
-                    img = skd.stereo_motorcycle()[0 if name == "stereo_left" else 1]
+                if name == "motorcycle":  # the left view only: the right one is nearly the same picture
+                    img = skd.stereo_motorcycle()[0]
                 else:
                     img = getattr(skd, name)()
         except Exception:  # noqa: BLE001 - a picture missing from this installation is skipped
