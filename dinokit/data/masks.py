@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +261,9 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
                 rle["counts"] = rle["counts"].encode("ascii")
         else:
             raise TypeError(type(seg).__name__)
-        m = mask_utils.decode(rle)
+        with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword notice
+            warnings.simplefilter("ignore", DeprecationWarning)
+            m = mask_utils.decode(rle)
     except (TypeError, ValueError, KeyError, IndexError) as e:
         raise DataError(f"Annotation {ann.get('id', '?')} has a segmentation pycocotools cannot decode ({e}).") from e
     if m.ndim == 3:
