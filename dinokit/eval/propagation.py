@@ -1,0 +1,449 @@
+"""Video object segmentation by label propagation in the frozen patch-feature space.
+
+DINO (Caron et al. 2021), Sec. 4.2.3 / Table 5 "DAVIS 2017 video instance tracking", following the
+protocol of Jabri et al. 2020: the first frame's masks are carried through the video by nearest
+neighbours between patch features. No training.
+
+For each frame t >= 1 the context is frame 0 plus the last ``n_last_frames`` frames (their features
+and their SOFT propagated labels). Every target patch looks at the context patches inside a
+(2r+1) x (2r+1) window around its own grid position in every context frame (frame 0 included),
+weighs them by exp(cos / T), keeps the top-k weights JOINTLY over all context frames (everything
+below the k-th value is dropped, so ties may keep more, as in the reference), normalises them and
+takes the weighted sum of the context labels.
+
+Unlike the reference, the dense (hw x hw) affinity and the (hw x hw) window mask are never built:
+the target grid is cut into tiles, each tile is compared (one batched matrix product) with the
+context region its windows can reach, and only the window entries are kept -- memory O(hw * window)
+instead of O(hw^2) (the reference needs more than 16 GB at patch 8 on a 480x1152 video). Feature
+extraction does not depend on the labels and is batched over frames.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DataError, DinokitError
+from ..progress import NULL_PROGRESS, Progress
+from ..runtime import autocast
+
+log = logging.getLogger("dinokit")
+
+
+@dataclass
+class PropagationConfig:
+    """The reference's defaults (DINO ``eval_video_segmentation.py``)."""
+
+    n_last_frames: int = 7  #: previous frames kept in the context queue (besides frame 0)
+    neighborhood: int = 12  #: window radius r in patches; 0 = the whole frame
+    topk: int = 5  #: neighbours kept jointly over all context frames
+    temperature: float = 0.1  #: affinity = exp(cos / temperature)
+    tile: int = 8  #: target tile side in patches (a speed/memory trade-off, not a result change)
+    chunk_elements: int = 2**25  #: most feature elements gathered at once (bounds memory)
+
+    def validate(self) -> None:
+        if self.n_last_frames < 0:
+            raise DinokitError("--n-last-frames must be 0 or more.")
+        if self.neighborhood < 0:
+            raise DinokitError("--neighborhood must be 0 (whole frame) or a positive radius in patches.")
+        if self.topk < 1:
+            raise DinokitError("--topk must be at least 1.")
+        if not self.temperature > 0:
+            raise DinokitError("--temperature must be positive.")
+        if self.tile < 1:
+            raise DinokitError("The tile size must be positive.")
+
+
+# -- window geometry (index tensors, no Python loops over patches) -------------------------------
+@dataclass(frozen=True)
+class WindowGeometry:
+    """Index tensors for the (2r+1)^2 windows on an h x w grid, cut into t x t tiles."""
+
+    h: int
+    w: int
+    radius: int
+    tile: int
+    n_tiles_h: int
+    n_tiles_w: int
+    valid: torch.Tensor  #: (hw, W2) bool: the window entry lies inside the frame
+    neighbour: torch.Tensor  #: (hw, W2) int64: flat index of the window entry (clamped when outside)
+    region_index: torch.Tensor  #: (n_tiles, R*R) int64 into the padded (Hp*Wp) grid
+    window_index: torch.Tensor  #: (t*t, W2) int64 into a tile's R*R region
+
+    @property
+    def window_size(self) -> int:
+        return (2 * self.radius + 1) ** 2
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return self.n_tiles_h * self.tile + 2 * self.radius, self.n_tiles_w * self.tile + 2 * self.radius
+
+
+def effective_radius(radius: int, h: int, w: int) -> int:
+    """Radius 0 means the whole frame (the reference's ``size_mask_neighborhood = 0``)."""
+    return max(h, w) - 1 if radius == 0 else radius
+
+
+@functools.lru_cache(maxsize=8)
+def _geometry_cpu(h: int, w: int, radius: int, tile: int) -> WindowGeometry:
+    t = max(1, min(tile, max(h, w)))
+    r = radius
+    nth, ntw = -(-h // t), -(-w // t)
+    R = t + 2 * r
+    Wp = ntw * t + 2 * r
+    d = torch.arange(-r, r + 1)
+    dy = d.repeat_interleave(2 * r + 1)  # (W2,) row offset, row-major over the window
+    dx = d.repeat(2 * r + 1)
+    qi = torch.arange(h).repeat_interleave(w)  # (hw,)
+    qj = torch.arange(w).repeat(h)
+    ni = qi[:, None] + dy[None]  # (hw, W2)
+    nj = qj[:, None] + dx[None]
+    valid = (ni >= 0) & (ni < h) & (nj >= 0) & (nj < w)
+    neighbour = ni.clamp(0, h - 1) * w + nj.clamp(0, w - 1)
+    # tile (a, b) reaches padded rows [a*t, a*t + R) and columns [b*t, b*t + R)
+    ry = torch.arange(R)
+    local = ry[:, None] * Wp + ry[None, :]  # (R, R) offsets inside the padded grid
+    starts = (torch.arange(nth)[:, None] * t * Wp + torch.arange(ntw)[None, :] * t).reshape(-1)
+    region_index = (starts[:, None] + local.reshape(1, -1)).contiguous()
+    la = torch.arange(t).repeat_interleave(t)  # target row inside the tile
+    lb = torch.arange(t).repeat(t)
+    window_index = ((la[:, None] + r + dy[None]) * R + (lb[:, None] + r + dx[None])).contiguous()
+    return WindowGeometry(h, w, r, t, nth, ntw, valid, neighbour, region_index, window_index)
+
+
+_DEVICE_GEOMETRY: dict = {}
+
+
+def window_geometry(h: int, w: int, radius: int, tile: int, device: torch.device | str = "cpu") -> WindowGeometry:
+    """The window index tensors for an h x w grid on ``device`` (cached)."""
+    device = torch.device(device)
+    g = _geometry_cpu(h, w, radius, tile)
+    if device.type == "cpu":
+        return g
+    key = (h, w, radius, tile, str(device))
+    if key not in _DEVICE_GEOMETRY:
+        if len(_DEVICE_GEOMETRY) > 8:
+            _DEVICE_GEOMETRY.clear()
+        _DEVICE_GEOMETRY[key] = WindowGeometry(
+            g.h, g.w, g.radius, g.tile, g.n_tiles_h, g.n_tiles_w,
+            g.valid.to(device), g.neighbour.to(device), g.region_index.to(device), g.window_index.to(device),
+        )  # fmt: skip
+    return _DEVICE_GEOMETRY[key]
+
+
+def pad_keys(feats: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
+    """(h, w, D) normalised features -> (Hp*Wp, D), zero-padded by r (and to whole tiles)."""
+    h, w, _ = feats.shape
+    r, t = geom.radius, geom.tile
+    pad_b = geom.n_tiles_h * t - h + r
+    pad_r = geom.n_tiles_w * t - w + r
+    padded = F.pad(feats, (0, 0, r, pad_r, r, pad_b))
+    return padded.reshape(-1, feats.shape[-1])
+
+
+def query_tiles(feats: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
+    """(h, w, D) -> (n_tiles, t*t, D), the grid zero-padded to whole tiles."""
+    h, w, D = feats.shape
+    t = geom.tile
+    padded = F.pad(feats, (0, 0, 0, geom.n_tiles_w * t - w, 0, geom.n_tiles_h * t - h))
+    tiles = padded.view(geom.n_tiles_h, t, geom.n_tiles_w, t, D).permute(0, 2, 1, 3, 4)
+    return tiles.reshape(geom.n_tiles_h * geom.n_tiles_w, t * t, D)
+
+
+def window_similarity(
+    query: torch.Tensor, keys_padded: list[torch.Tensor], geom: WindowGeometry, chunk_elements: int = 2**25
+) -> torch.Tensor:
+    """Cosine similarity of every target patch with the context patches of its window.
+
+    ``query``: (h, w, D) L2-normalised target features; ``keys_padded``: one (Hp*Wp, D) padded,
+    normalised feature grid per context frame (:func:`pad_keys`). Returns (hw, F, W2); entries outside
+    the frame are meaningless (mask them with ``geom.valid``).
+    """
+    h, w, D = query.shape
+    t2 = geom.tile * geom.tile
+    n_tiles = geom.region_index.shape[0]
+    R2 = geom.region_index.shape[1]
+    W2 = geom.window_size
+    q = query_tiles(query, geom)  # (n_tiles, t2, D)
+    win_idx = geom.window_index.unsqueeze(0)
+    # how many tiles per matrix product so that the gathered regions stay under chunk_elements
+    step = max(1, min(n_tiles, chunk_elements // max(1, R2 * D)))
+    out = []
+    for keys in keys_padded:
+        parts = []
+        for s in range(0, n_tiles, step):
+            e = min(n_tiles, s + step)
+            region = keys[geom.region_index[s:e].reshape(-1)].view(e - s, R2, D)
+            sim = torch.bmm(q[s:e], region.transpose(1, 2))  # (tiles, t2, R2)
+            parts.append(sim.gather(2, win_idx.expand(e - s, t2, W2)))
+            del region, sim
+        tiles = torch.cat(parts) if len(parts) > 1 else parts[0]  # (n_tiles, t2, W2)
+        t = geom.tile
+        grid = tiles.view(geom.n_tiles_h, geom.n_tiles_w, t, t, W2).permute(0, 2, 1, 3, 4)
+        grid = grid.reshape(geom.n_tiles_h * t, geom.n_tiles_w * t, W2)[:h, :w]
+        out.append(grid.reshape(h * w, W2))
+    return torch.stack(out, dim=1)
+
+
+def window_affinity(
+    query: torch.Tensor, keys_padded: list[torch.Tensor], geom: WindowGeometry, temperature: float = 0.1,
+    chunk_elements: int = 2**25,
+) -> torch.Tensor:
+    """exp(cos / T) over each target patch's windows in every context frame, 0 outside the frame:
+    (hw, F * W2), context-frame-major."""
+    sim = window_similarity(query, keys_padded, geom, chunk_elements)  # (hw, F, W2)
+    aff = torch.exp(sim / temperature)
+    aff = aff * geom.valid.unsqueeze(1).to(aff.dtype)
+    return aff.reshape(aff.shape[0], -1)
+
+
+def joint_topk(aff: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep, per row, every value not below the row's k-th largest (ties keep more), normalised to
+    sum 1. Returns (weights (hw, K'), column indices (hw, K')) with K' >= k; padding weights are 0."""
+    k = min(k, aff.shape[-1])
+    vals, idx = aff.topk(k, dim=-1)
+    kth = vals[:, -1:]
+    n_keep = int((aff >= kth).sum(-1).max())
+    if n_keep > k:  # ties at the k-th value: the reference keeps them all
+        vals, idx = aff.topk(n_keep, dim=-1)
+    vals = torch.where(vals >= kth, vals, torch.zeros_like(vals))
+    return vals / vals.sum(-1, keepdim=True), idx
+
+
+class LabelPropagator:
+    """Carries soft labels from frame 0 through a video, one target frame at a time.
+
+    ``start(features0, labels0)`` with frame 0's (h, w, D) features and (C, h, w) one-hot labels, then
+    ``step(features_t)`` for t = 1, 2, ... returns frame t's soft labels (C, h, w). Features need not
+    be normalised. Only frame 0 and the last ``n_last_frames`` frames are kept.
+    """
+
+    def __init__(self, config: PropagationConfig | None = None):
+        self.config = config or PropagationConfig()
+        self.config.validate()
+        self.geom: WindowGeometry | None = None
+        self._keys0: torch.Tensor | None = None
+        self._labels0: torch.Tensor | None = None
+        self._queue: deque = deque(maxlen=self.config.n_last_frames)
+
+    def start(self, features0: torch.Tensor, labels0: torch.Tensor) -> None:
+        h, w, _ = features0.shape
+        if labels0.shape[-2:] != (h, w):
+            raise ValueError(f"labels {tuple(labels0.shape)} do not match the feature grid {h}x{w}")
+        r = effective_radius(self.config.neighborhood, h, w)
+        self.geom = window_geometry(h, w, r, self.config.tile, features0.device)
+        self._keys0 = pad_keys(F.normalize(features0.float(), dim=-1), self.geom)
+        self._labels0 = labels0.float().reshape(labels0.shape[0], -1).t().contiguous()  # (hw, C)
+        self._queue.clear()
+
+    def remember(self, features: torch.Tensor, soft_labels: torch.Tensor) -> None:
+        """Push a frame's features and soft labels (C, h, w) into the context queue."""
+        if self.config.n_last_frames == 0:
+            return
+        keys = pad_keys(F.normalize(features.float(), dim=-1), self.geom)
+        self._queue.append((keys, soft_labels.reshape(soft_labels.shape[0], -1).t().contiguous()))
+
+    def weights(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept neighbours of a target frame: (weights (hw, K'), flat context indices (hw, K'))
+        into the stacked context labels (F * hw) -- no label is needed for this part."""
+        if self.geom is None:
+            raise RuntimeError("call start() first")
+        g = self.geom
+        query = F.normalize(features.float(), dim=-1)
+        keys = [self._keys0] + [k for k, _ in self._queue]
+        aff = window_affinity(query, keys, g, self.config.temperature, self.config.chunk_elements)
+        w, idx = joint_topk(aff, self.config.topk)
+        del aff
+        W2 = g.window_size
+        frame = torch.div(idx, W2, rounding_mode="floor")
+        flat = frame * (g.h * g.w) + g.neighbour.gather(1, idx - frame * W2)
+        return w, flat
+
+    def step(self, features: torch.Tensor) -> torch.Tensor:
+        """Soft labels (C, h, w) of the next frame; the frame then joins the context queue."""
+        w, flat = self.weights(features)
+        labels = torch.cat([self._labels0] + [lab for _, lab in self._queue])  # (F*hw, C)
+        soft = (labels[flat] * w.unsqueeze(-1)).sum(1)  # (hw, C)
+        out = soft.t().reshape(-1, self.geom.h, self.geom.w).contiguous()
+        self.remember(features, out)
+        return out
+
+
+def soft_labels_to_mask(soft: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(C, h, w) soft labels -> (h*p, w*p) int64 labels: bilinear upsampling by the patch size
+    (align_corners False), per-channel min-max normalisation (channels whose max is 0 are left as
+    they are), argmax -- the reference's output step."""
+    up = F.interpolate(
+        soft.unsqueeze(0), scale_factor=patch_size, mode="bilinear", align_corners=False, recompute_scale_factor=False
+    )[0]
+    mx = up.amax(dim=(1, 2), keepdim=True)
+    shifted = up - up.amin(dim=(1, 2), keepdim=True)
+    normed = shifted / shifted.amax(dim=(1, 2), keepdim=True)
+    up = torch.where(mx > 0, normed, up)
+    return up.argmax(dim=0)
+
+
+# -- whole videos ---------------------------------------------------------------------------------
+def patch_features(model: nn.Module, frames: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, 3, H, W) frames -> (B, H/p, W/p, D) float32: the last block's patch tokens after the final
+    LayerNorm (no CLS token)."""
+    if not hasattr(model, "forward_features") or not hasattr(model, "patch_size"):
+        raise DinokitError("Label propagation needs a ViT backbone (patch features); ResNet-50 has none.")
+    p = model.patch_size
+    B, _, H, W = frames.shape
+    with autocast(frames.device, dtype):
+        tokens = model.forward_features(frames)[:, 1:]
+    return tokens.float().reshape(B, H // p, W // p, -1)
+
+
+@dataclass
+class SegmentationTimes:
+    """Where the time of one video went (seconds)."""
+
+    features: float = 0.0
+    propagation: float = 0.0
+    io: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.features + self.propagation + self.io
+
+
+@dataclass
+class VideoResult:
+    name: str
+    n_frames: int
+    skipped: bool = False
+    times: SegmentationTimes = field(default_factory=SegmentationTimes)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def segment_video(
+    model: nn.Module,
+    sequence,
+    out_dir: str | Path,
+    config: PropagationConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    short_side: int = 480,
+    fingerprint: str = "",
+    progress: Progress = NULL_PROGRESS,
+    on_frame: Callable[[int, np.ndarray], None] | None = None,
+) -> VideoResult:
+    """Segment one video (:class:`dinokit.data.davis.VideoSequence`) into ``out_dir/<frame>.png``.
+
+    Frames are read and resized by a data loader and embedded in batches; labels are propagated
+    frame by frame; PNGs are written by a small thread pool. A finished video leaves
+    ``out_dir/.done`` (with ``fingerprint``); a video whose marker matches is skipped.
+    """
+    from ..data.davis import FrameDataset, first_frame_labels, read_mask, resize_labels_nearest
+    from ..data.palette import save_indexed_png
+
+    config = config or PropagationConfig()
+    config.validate()
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    marker = out_dir / ".done"
+    names = [f.stem + ".png" for f in sequence.frames]
+    if marker.is_file():
+        try:
+            done = json.loads(marker.read_text())
+        except ValueError:
+            done = {}
+        if done.get("fingerprint") == fingerprint and all((out_dir / n).is_file() for n in names):
+            return VideoResult(sequence.name, len(names), skipped=True)
+    marker.unlink(missing_ok=True)
+    times = SegmentationTimes()
+    t0 = time.perf_counter()
+    dataset = FrameDataset(sequence.frames, short_side=short_side)
+    H, W = dataset.original_size
+    mask = read_mask(sequence.first_mask)
+    if mask.shape != (H, W):
+        raise DataError(
+            f"The first-frame mask {sequence.first_mask} is {mask.shape[1]}x{mask.shape[0]} pixels but "
+            f"the frames of {sequence.name} are {W}x{H}."
+        )
+    p = model.patch_size
+    th, tw = dataset.size
+    grid = (th // p, tw // p)
+    labels0 = first_frame_labels(mask, grid).to(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pool = ThreadPoolExecutor(max_workers=4)
+    pending: list[Future] = []
+    pending.append(pool.submit(save_indexed_png, mask, out_dir / names[0]))
+    if on_frame is not None:
+        on_frame(0, mask)
+    times.io += time.perf_counter() - t0
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )  # fmt: skip
+    prop = LabelPropagator(config)
+    task = progress.task(f"{sequence.name}", total=len(dataset))
+    try:
+        t_io = time.perf_counter()
+        for frames, index in loader:
+            t1 = time.perf_counter()
+            times.io += t1 - t_io
+            frames = frames.to(device, non_blocking=True)
+            feats = patch_features(model, frames, dtype)
+            _sync(device)
+            t2 = time.perf_counter()
+            times.features += t2 - t1
+            masks = []
+            for b in range(feats.shape[0]):
+                i = int(index[b])
+                if i == 0:
+                    prop.start(feats[b], labels0)
+                    continue
+                soft = prop.step(feats[b])
+                masks.append((i, soft_labels_to_mask(soft, p).to(torch.uint8)))
+            host = [(i, m.cpu().numpy()) for i, m in masks]
+            t3 = time.perf_counter()
+            times.propagation += t3 - t2
+            for i, m in host:
+                full = resize_labels_nearest(m, (H, W))
+                pending.append(pool.submit(save_indexed_png, full, out_dir / names[i]))
+                if on_frame is not None:
+                    on_frame(i, full)
+            pending = [f for f in pending if not f.done() or f.result() is not None]
+            task.advance(feats.shape[0])
+            t_io = time.perf_counter()
+            times.io += t_io - t3
+        t4 = time.perf_counter()
+        for f in pending:
+            f.result()
+        times.io += time.perf_counter() - t4
+    finally:
+        pool.shutdown(wait=True)
+        task.close()
+    from ..io import atomic_write_text
+
+    atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "frames": len(names)}))
+    return VideoResult(sequence.name, len(names), times=times)
+
+
+def config_dict(config: PropagationConfig) -> dict:
+    d = asdict(config)
+    d.pop("chunk_elements", None)
+    d.pop("tile", None)
+    return d

@@ -1,0 +1,168 @@
+"""Label propagation against a brute-force formulation written here (dense affinity, explicit window
+mask, joint top-k, soft labels in the queue), the output step, frame resizing, and peak memory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dinokit.data import davis
+from dinokit.eval.propagation import LabelPropagator, PropagationConfig, joint_topk, soft_labels_to_mask
+
+
+def brute_force(feats, labels0, n_last, radius, k, temperature):
+    """The reference's algorithm, spelled out: (F, hw, hw) affinity, a window mask made with loops,
+    top-k over all context patches of all frames at once, soft labels in a FIFO queue."""
+    T, h, w, D = feats.shape
+    flat = F.normalize(feats.reshape(T, h * w, D), dim=-1)
+    mask = torch.zeros(h * w, h * w)
+    for i in range(h):
+        for j in range(w):
+            for a in range(h):
+                for b in range(w):
+                    if radius == 0 or (abs(a - i) <= radius and abs(b - j) <= radius):
+                        mask[i * w + j, a * w + b] = 1
+    queue = []  # (frame index, soft labels (C, hw))
+    C = labels0.shape[0]
+    first = labels0.reshape(C, -1)
+    outs = []
+    for t in range(1, T):
+        ctx = [0] + [q[0] for q in queue]
+        segs = [first] + [q[1] for q in queue]
+        aff = torch.exp(flat[t] @ flat[ctx].transpose(1, 2) / temperature)  # (F, hw_tar, hw_src)
+        aff = aff * mask
+        aff = aff.transpose(2, 1).reshape(-1, h * w)  # (F*hw_src, hw_tar)
+        kth = aff.topk(k, dim=0).values.min(dim=0).values
+        aff[aff < kth] = 0
+        aff = aff / aff.sum(dim=0, keepdim=True)
+        seg = torch.cat(segs, dim=1) @ aff  # (C, hw_tar)
+        outs.append(seg.reshape(C, h, w))
+        if n_last and len(queue) == n_last:
+            queue.pop(0)
+        if n_last:
+            queue.append((t, seg))
+    return outs
+
+
+def ours(feats, labels0, cfg):
+    prop = LabelPropagator(cfg)
+    prop.start(feats[0], labels0)
+    return [prop.step(feats[t]) for t in range(1, feats.shape[0])]
+
+
+def random_video(T=9, h=6, w=7, D=8, C=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(T, h, w, D, generator=g)
+    lab = torch.randint(0, C, (h, w), generator=g)
+    return feats, F.one_hot(lab, C).permute(2, 0, 1).float()
+
+
+@pytest.mark.parametrize(
+    "n_last,radius,k,tile",
+    [(3, 2, 5, 8), (3, 2, 5, 3), (7, 1, 5, 2), (2, 0, 4, 4), (0, 3, 1, 5), (4, 12, 5, 8)],
+)
+def test_equals_brute_force(n_last, radius, k, tile):
+    feats, labels0 = random_video()
+    cfg = PropagationConfig(n_last_frames=n_last, neighborhood=radius, topk=k, temperature=0.1, tile=tile)
+    want = brute_force(feats, labels0, n_last, radius, k, 0.1)
+    got = ours(feats, labels0, cfg)
+    for t, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"frame {t + 1}")
+
+
+def test_ties_keep_every_equal_value():
+    # features from 3 distinct one-hot vectors: cosine similarities are exactly 0 or 1, so many
+    # context patches tie at the k-th value and the reference keeps them all
+    T, h, w = 5, 5, 6
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 3, (T, h, w), generator=g)
+    feats = F.one_hot(ids, 4).float()
+    labels0 = F.one_hot(torch.randint(0, 3, (h, w), generator=g), 3).permute(2, 0, 1).float()
+    cfg = PropagationConfig(n_last_frames=3, neighborhood=2, topk=2, tile=4)
+    want = brute_force(feats, labels0, 3, 2, 2, 0.1)
+    got = ours(feats, labels0, cfg)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    aff = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0], [4.0, 2.0, 1.0, 0.0, 0.0]])
+    weights, idx = joint_topk(aff, 2)
+    assert (weights[0] > 0).sum() == 4 and (weights[1] > 0).sum() == 2  # ties kept, nothing else
+    torch.testing.assert_close(weights.sum(1), torch.ones(2))
+
+
+def test_output_step_matches_reference_loop():
+    g = torch.Generator().manual_seed(1)
+    soft = torch.rand(3, 4, 5, generator=g)
+    soft[2] = 0  # an absent object: max 0, left as it is
+    up = F.interpolate(soft[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
+    for c in range(3):  # the reference's norm_mask
+        if up[c].max() > 0:
+            up[c] = (up[c] - up[c].min()) / (up[c] - up[c].min()).max()
+    want = up.argmax(0)
+    torch.testing.assert_close(soft_labels_to_mask(soft, 4), want)
+
+
+def test_first_mask_nearest_and_frame_resize():
+    mask = np.zeros((480, 854), np.uint8)
+    mask[100:300, 200:500] = 2
+    mask[0:10, 0:10] = 255  # void counts as background
+    lab = davis.first_frame_labels(mask, (30, 52))
+    assert lab.shape == (3, 30, 52) and torch.all(lab.sum(0) == 1)
+    want = np.asarray(Image.fromarray(np.where(mask == 255, 0, mask)).resize((52, 30), Image.NEAREST))
+    np.testing.assert_array_equal(lab.argmax(0).numpy(), want)
+    assert davis.propagation_size(480, 854) == (480, 832)
+    assert davis.propagation_size(480, 910) == (480, 896)
+    assert davis.propagation_size(1080, 720) == (704, 480)
+    # bilinear without antialiasing (OpenCV INTER_LINEAR): half-pixel centres, edge clamping
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    got = davis.resize_bilinear_uint8(img, (6, 16)).permute(1, 2, 0).numpy()
+
+    def coords(n_out, n_in):
+        s = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+        s = np.maximum(s, 0)
+        i0 = np.minimum(np.floor(s).astype(int), n_in - 1)
+        return i0, np.minimum(i0 + 1, n_in - 1), s - i0
+
+    y0, y1, fy = coords(6, 12)
+    x0, x1, fx = coords(16, 20)
+    f = img.astype(np.float64)
+    top = f[y0][:, x0] * (1 - fx)[None, :, None] + f[y0][:, x1] * fx[None, :, None]
+    bot = f[y1][:, x0] * (1 - fx)[None, :, None] + f[y1][:, x1] * fx[None, :, None]
+    want = top * (1 - fy)[:, None, None] + bot * fy[:, None, None]
+    assert np.abs(got - want).max() <= 0.5 + 1e-4 and np.all(got == np.round(got))
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, torch
+    torch.set_num_threads(2)
+    from dinokit.eval.propagation import LabelPropagator, PropagationConfig
+    h, w, D, C = 60, 144, 384, 4  # a 480x1152 frame at patch 8
+    g = torch.Generator().manual_seed(0)
+    feat = lambda: torch.randn(h, w, D, generator=g)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    prop = LabelPropagator(PropagationConfig())
+    lab0 = torch.nn.functional.one_hot(torch.randint(0, C, (h, w), generator=g), C).permute(2, 0, 1).float()
+    prop.start(feat(), lab0)
+    for _ in range(7):  # a full queue: frame 0 + 7 previous frames with soft labels
+        prop.remember(feat(), torch.rand(C, h, w, generator=g).softmax(0))
+    out = prop.step(feat())
+    assert out.shape == (C, h, w) and torch.allclose(out.sum(0), torch.ones(h, w), atol=1e-4)
+    print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """
+)
+
+
+def test_peak_memory_patch8_full_queue():
+    r = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    before_kb, peak_kb = map(int, r.stdout.split())
+    # the dense formulation would hold 8 x (8640 x 8640) float32 affinities = 2.4 GB at least twice
+    assert peak_kb < 4 * 1024 * 1024, f"peak memory {peak_kb / 1024**2:.2f} GB"
