@@ -1,0 +1,166 @@
+"""``dinokit linear``: the linear probe on frozen features (and the logistic-regression probe)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import (
+    Arch,
+    BatchSize,
+    CheckpointKey,
+    Device,
+    NumWorkers,
+    Output,
+    Overwrite,
+    PatchSize,
+    Precision,
+    Quiet,
+    RichProgress,
+    Seed,
+    console,
+    print_table,
+    setup_logging,
+)
+from .features import Crop, Resize
+
+
+def linear(
+    output: Output,
+    train: Annotated[Optional[Path], typer.Option("--train", help="Labelled training images (ROOT/<class>/<image>).")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Labelled validation images (ROOT/<class>/<image>).")] = None,
+    train_features: Annotated[
+        Optional[Path], typer.Option("--train-features", help="A features file from dinokit features (fast path).")
+    ] = None,
+    val_features: Annotated[
+        Optional[Path], typer.Option("--val-features", help="A features file from dinokit features (fast path).")
+    ] = None,
+    weights: Annotated[
+        Optional[str],
+        typer.Option("--weights", "-w", help="A checkpoint path, a preset (dino_vits16, ...) or 'random'."),
+    ] = None,
+    arch: Arch = None,
+    patch_size: PatchSize = None,
+    checkpoint_key: CheckpointKey = "teacher",
+    n_last_blocks: Annotated[
+        Optional[int],
+        typer.Option("--n-last-blocks", min=1, help="CLS tokens of the last n blocks (default: 4 for ViT-S/T, 1 for ViT-B)."),
+    ] = None,
+    avgpool_patch_tokens: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--avgpool-patch-tokens/--no-avgpool-patch-tokens",
+            help="Append the patch-token average (default: on for ViT-B, off otherwise).",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs (cosine schedule to 0).")] = 100,
+    batch_size: BatchSize = 128,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Base learning rate, scaled by batch size x processes / 256.")] = 0.001,
+    features_only: Annotated[
+        bool, typer.Option("--features-only", help="Train on cached centre-crop features (fast; no augmentation).")
+    ] = False,
+    logistic: Annotated[
+        bool, typer.Option("--logistic", help="Fit scikit-learn's logistic regression on cached features instead.")
+    ] = False,
+    logistic_c: Annotated[float, typer.Option("--logistic-c", min=1e-12, help="Inverse regularisation strength of --logistic.")] = 1.0,
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate", help="Only validate the head given with --linear-weights (no training).")
+    ] = False,
+    linear_weights: Annotated[
+        Optional[str],
+        typer.Option("--linear-weights", help="A linear head (*_linearweights.pth, a preset name such as dino_vits16, or a checkpoint.pth of this command)."),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last epoch.")] = False,
+    val_every: Annotated[int, typer.Option("--val-every", min=1, help="Validate every n epochs (and after the last).")] = 1,
+    resize: Resize = 256,
+    crop: Crop = 224,
+    min_scale: Annotated[float, typer.Option("--min-scale", min=0.01, max=1.0, help="RandomResizedCrop's smallest area fraction.")] = 0.08,
+    num_workers: NumWorkers = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Linear probe on a frozen backbone (paper Sec. 4.1): SGD, cosine lr, a checkpoint each epoch;
+    final and best top-1/top-5 in metrics.json. Also --evaluate for released heads and --logistic."""
+    from dinokit.eval.linear import LinearConfig, linear_eval
+    from dinokit.io import prepare_output_dir, write_metrics
+    from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
+
+    setup_logging(quiet)
+    out = prepare_output_dir(output, overwrite=overwrite, resume=resume)
+    cfg = LinearConfig(
+        output=out,
+        train=train,
+        val=val,
+        train_features=train_features,
+        val_features=val_features,
+        weights=weights,
+        arch=arch,
+        patch_size=patch_size,
+        checkpoint_key=checkpoint_key,
+        n_last_blocks=n_last_blocks,
+        avgpool_patch_tokens=avgpool_patch_tokens,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        features_only=features_only,
+        logistic=logistic,
+        logistic_c=logistic_c,
+        evaluate=evaluate,
+        linear_weights=linear_weights,
+        resume=resume,
+        val_every=val_every,
+        resize=resize,
+        crop=crop,
+        min_scale=min_scale,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        seed=seed,
+    )
+    init_distributed(resolve_device(device))
+    try:
+        with RichProgress(quiet=quiet or not dist_env().is_main) as progress:
+            result = linear_eval(cfg, progress)
+        if not dist_env().is_main:
+            return
+        config = {
+            **cfg.to_dict(),
+            "n_last_blocks": result.n_last_blocks,
+            "avgpool_patch_tokens": result.avgpool_patch_tokens,
+            "mode": result.mode,
+            "num_classes": result.num_classes,
+            "feature_dim": result.feature_dim,
+            "n_train": result.n_train,
+            "n_val": result.n_val,
+            "epochs_run": result.epochs_run,
+            "fingerprint": result.fingerprint,
+        }
+        path = write_metrics(out, result.metrics(), config)
+        if result.mode in ("evaluate", "logistic"):
+            rows = [[result.mode, result.final["top1"], result.final["top5"]]]
+        else:
+            rows = [
+                [f"final (epoch {result.epochs_run})", result.final["top1"], result.final["top5"]],
+                [f"best (epoch {result.best['epoch']})", result.best["top1"], result.best["top5"]],
+            ]
+        title = {"images": "Linear probe", "features": "Linear probe (cached features)",
+                 "evaluate": "Linear head", "logistic": "Logistic regression"}[result.mode]
+        print_table(title, ["", "top-1 %", "top-5 %"], rows)
+        console.print(
+            f"{result.feature_dim}-d features (last {result.n_last_blocks} CLS"
+            f"{' + patch average' if result.avgpool_patch_tokens else ''}), {result.num_classes} classes",
+            highlight=False,
+        )
+        console.print(f"metrics: {path}", highlight=False)
+    finally:
+        cleanup_distributed()
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    app.command("linear")(linear)

@@ -1,0 +1,610 @@
+"""The linear probe on frozen features (paper, Sec. 4.1 and Appendix), and the logistic-regression probe.
+
+The backbone is frozen; a ``Linear(dim, classes)`` (weight N(0, 0.01), bias 0) is trained with SGD
+(momentum 0.9, no weight decay) at ``lr = 0.001 * batch / 256`` following a cosine to 0 over 100
+epochs. The paper's path trains on images with RandomResizedCrop(224) + horizontal flip and
+validates with Resize(256) + CenterCrop(224); the fast path (``features_only``) trains on the
+cached centre-crop features instead (no augmentation, much faster, usually a little lower).
+Defaults per architecture follow the paper: ViT-S uses the CLS tokens of the last 4 blocks, ViT-B
+the last CLS token with the average of the patch tokens (interleaved, as the released heads need).
+
+A checkpoint is written after every epoch (atomically) and ``resume`` continues from it. The
+released heads (``*_linearweights.pth``) are validated with ``evaluate``. The appendix's
+logistic-regression probe on frozen features is :func:`logistic_probe` (scikit-learn).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, DataError, DinokitError
+from ..progress import NULL_PROGRESS, Progress
+
+log = logging.getLogger("dinokit")
+
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+def default_feature_options(arch: str) -> tuple[int, bool]:
+    """(n_last_blocks, avgpool_patch_tokens) of the paper's linear probe for ``arch``."""
+    if arch == "vit_base":
+        return 1, True
+    if arch in ("vit_small", "vit_tiny"):
+        return 4, False
+    return 1, False
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    """Counts of correct top-1 and top-5 (top-C when there are fewer than 5 classes)."""
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hit = top == targets[:, None]
+    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
+
+
+@dataclass
+class LinearConfig:
+    """What ``dinokit linear`` needs."""
+
+    output: Path
+    train: Path | None = None
+    val: Path | None = None
+    train_features: Path | None = None
+    val_features: Path | None = None
+    weights: str | None = None  # None: random init (and no check of given feature files)
+    arch: str | None = None
+    patch_size: int | None = None
+    checkpoint_key: str = "teacher"
+    n_last_blocks: int | None = None  # None: the paper's default for the arch
+    avgpool_patch_tokens: bool | None = None
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.001  # scaled by batch * world / 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    features_only: bool = False
+    logistic: bool = False
+    logistic_c: float = 1.0
+    logistic_max_iter: int = 1000
+    evaluate: bool = False
+    linear_weights: str | None = None
+    resume: bool = False
+    val_every: int = 1
+    resize: int = 256
+    crop: int = 224
+    min_scale: float = 0.08
+    num_workers: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class LinearResult:
+    mode: str  # "images", "features", "evaluate" or "logistic"
+    final: dict[str, float] = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)
+    epochs_run: int = 0
+    num_classes: int = 0
+    feature_dim: int = 0
+    n_train: int = 0
+    n_val: int = 0
+    n_last_blocks: int = 1
+    avgpool_patch_tokens: bool = False
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False
+
+    def metrics(self) -> dict[str, Any]:
+        if self.mode == "logistic":
+            return {"logistic": self.final}
+        if self.mode == "evaluate":
+            return {"linear": {"final": self.final}}
+        return {"linear": {"final": self.final, "best": self.best}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------
+def _feature_spec(cfg: LinearConfig, n_last_blocks: int, avgpool: bool, batch_size: int | None = None):
+    from .features import FeatureSpec
+
+    return FeatureSpec(
+        weights=cfg.weights or "random",
+        arch=cfg.arch,
+        patch_size=cfg.patch_size,
+        checkpoint_key=cfg.checkpoint_key,
+        n_last_blocks=n_last_blocks,
+        avgpool_patch_tokens=avgpool,
+        resize=cfg.resize,
+        crop=cfg.crop,
+        batch_size=batch_size or cfg.batch_size,
+        num_workers=cfg.num_workers,
+        device=cfg.device,
+        precision=cfg.precision,
+        seed=cfg.seed,
+    )
+
+
+def _resolve_options(cfg: LinearConfig, model: nn.Module | None) -> tuple[int, bool]:
+    from ..models.registry import backbone_arch, is_vit
+
+    if model is not None and not is_vit(model):
+        return 1, False
+    arch = backbone_arch(model) if model is not None else (cfg.arch or "vit_small")
+    n, avg = default_feature_options(arch)
+    return (cfg.n_last_blocks if cfg.n_last_blocks is not None else n,
+            cfg.avgpool_patch_tokens if cfg.avgpool_patch_tokens is not None else avg)
+
+
+def train_transform(crop: int = 224, min_scale: float = 0.08):
+    """The paper's probe augmentation: RandomResizedCrop + horizontal flip + ImageNet normalisation."""
+    from torchvision import transforms as T
+
+    from ..data.transforms import normalize
+
+    return T.Compose(
+        [
+            T.RandomResizedCrop(crop, scale=(min_scale, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            normalize(),
+        ]
+    )
+
+
+def _load_backbone(cfg: LinearConfig):
+    from ..checkpoints import load_backbone
+    from ..runtime import seed_everything
+
+    seed_everything(cfg.seed)
+    return load_backbone(cfg.weights or "random", cfg.arch, cfg.patch_size, cfg.checkpoint_key)
+
+
+def _rng_state() -> dict:
+    from ..train.common import get_rng_state
+
+    return get_rng_state()
+
+
+def _set_rng_state(state: dict) -> None:
+    from ..train.common import set_rng_state
+
+    set_rng_state(state)
+
+
+def _head_state(probe: nn.Module) -> dict[str, torch.Tensor]:
+    m = probe.module if hasattr(probe, "module") else probe
+    return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+
+
+class _ProbeRun:
+    """Optimiser, schedule, checkpointing and the epoch bookkeeping shared by both training paths."""
+
+    def __init__(self, cfg: LinearConfig, dim: int, num_classes: int, identity: dict, world: int, device):
+        from ..models.head import LinearClassifier
+        from ..runtime import seed_everything
+
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.identity = identity
+        seed_everything(cfg.seed)
+        self.probe = LinearClassifier(dim, num_classes).to(device)
+        self.lr = cfg.lr * cfg.batch_size * world / 256.0
+        self.optimizer = torch.optim.SGD(
+            self.probe.parameters(), lr=self.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=0)
+        self.start_epoch = 0
+        self.best: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.history: list[dict] = []
+
+    def maybe_resume(self, progress: Progress) -> None:
+        from ..checkpoints import read_checkpoint
+
+        path = self.out / CHECKPOINT_NAME
+        if not self.cfg.resume:
+            return
+        if not path.is_file():
+            progress.log(f"no {CHECKPOINT_NAME} in {self.out}: starting from the first epoch")
+            return
+        ck = read_checkpoint(path)
+        saved = ck.get("identity", {})
+        for key in ("feature_fingerprint", "num_classes", "dim", "mode", "classes", "batch_size", "lr_base"):
+            if saved.get(key) != self.identity.get(key):
+                raise CheckpointError(
+                    f"{path} belongs to another probe run ({key} differs: {saved.get(key)} vs "
+                    f"{self.identity.get(key)}); use another --output or drop --resume."
+                )
+        if int(ck.get("epochs", self.cfg.epochs)) != self.cfg.epochs:
+            raise CheckpointError(
+                f"{path} was made for {ck.get('epochs')} epochs, not {self.cfg.epochs}; the cosine schedule "
+                "depends on it, so pass the same --epochs."
+            )
+        target = self.probe.module if hasattr(self.probe, "module") else self.probe
+        target.load_state_dict(ck["state_dict"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.start_epoch = int(ck["epoch"])
+        self.best = dict(ck.get("best", {}))
+        self.last = dict(ck.get("last", {}))
+        self.history = list(ck.get("history", []))
+        if "rng" in ck:
+            _set_rng_state(ck["rng"])
+        progress.log(f"resuming from epoch {self.start_epoch} of {self.cfg.epochs}")
+
+    def end_epoch(self, epoch: int, loss: float, scores: dict | None, is_main: bool) -> None:
+        from ..checkpoints import save_checkpoint
+        from ..io import append_jsonl
+
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        row = {"epoch": epoch + 1, "loss": loss, "lr": lr}
+        if scores is not None:
+            row.update(scores)
+            self.last = dict(scores)
+            if not self.best or scores["top1"] > self.best["top1"]:
+                self.best = {**scores, "epoch": epoch + 1}
+        self.history.append(row)
+        if not is_main:
+            return
+        append_jsonl(self.out / "log.jsonl", row)
+        save_checkpoint(
+            {
+                "epoch": epoch + 1,
+                "epochs": self.cfg.epochs,
+                "state_dict": _head_state(self.probe),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "best": self.best,
+                "last": self.last,
+                "history": self.history,
+                "identity": self.identity,
+                "rng": _rng_state(),
+            },
+            self.out / CHECKPOINT_NAME,
+        )
+
+    def result(self, mode: str, **kw) -> LinearResult:
+        return LinearResult(mode=mode, final=dict(self.last), best=dict(self.best), epochs_run=len(self.history), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast path: cached features
+# ---------------------------------------------------------------------------------------------
+def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, avg: bool | None = None):
+    """Train/val feature sets (from files, or embedded and cached in the output) and the options used."""
+    from .features import Embedder, check_fingerprint, check_same_model, load_features, scan_images
+
+    given = (cfg.train_features is not None, cfg.val_features is not None)
+    if any(given) and not all(given):
+        raise DataError("Give both --train-features and --val-features, or neither.")
+    if all(given):
+        train, val = load_features(cfg.train_features), load_features(cfg.val_features)
+        check_same_model(train, val, str(cfg.train_features), str(cfg.val_features))
+        if cfg.weights is not None:
+            model = _load_backbone(cfg)
+            n0, avg0 = _resolve_options(cfg, model)
+            emb = Embedder(_feature_spec(cfg, train.fingerprint.get("n_last_blocks", n0),
+                                         train.fingerprint.get("avgpool_patch_tokens", avg0)), model=model)
+            check_fingerprint(train, emb.fingerprint, str(cfg.train_features))
+        fp = train.fingerprint
+        return train, val, fp.get("n_last_blocks", 1), fp.get("avgpool_patch_tokens", False)
+    if cfg.train is None or cfg.val is None:
+        raise DataError("Give --train and --val image folders (or --train-features and --val-features).")
+    train_images = scan_images(cfg.train, labelled=True)
+    val_images = scan_images(cfg.val, classes=train_images.classes, labelled=True)
+    model = _load_backbone(cfg)
+    if n is None:
+        n, avg = _resolve_options(cfg, model)
+    emb = Embedder(_feature_spec(cfg, n, avg), model=model)
+    out = Path(cfg.output)
+    train = emb.embed(train_images, cache=out / "train_features.pt", progress=progress, description="train features")
+    val = emb.embed(val_images, cache=out / "val_features.pt", progress=progress, description="val features")
+    return train, val, n, avg
+
+
+def train_on_features(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
+    """The fast path: the probe trained on cached (centre-crop) features."""
+    from ..runtime import dist_env, resolve_device
+    from .features import align_labels
+
+    train, val, n, avg = _feature_sets(cfg, progress)
+    val_labels = align_labels(train, val, "training", "validation")
+    C = max(len(train.classes), int(train.labels.max()) + 1)
+    device = resolve_device(cfg.device)
+    identity = {
+        "mode": "features",
+        "feature_fingerprint": {k: v for k, v in train.fingerprint.items() if k != "data"},
+        "num_classes": C,
+        "dim": train.dim,
+        "classes": list(train.classes),
+        "batch_size": cfg.batch_size,
+        "lr_base": cfg.lr,
+    }
+    run = _ProbeRun(cfg, train.dim, C, identity, world=1, device=device)
+    run.maybe_resume(progress)
+    xs, ys = train.features.to(device), train.labels.to(device)
+    xv, yv = val.features.to(device), val_labels.to(device)
+    n_train = len(train)
+    steps = math.ceil(n_train / cfg.batch_size)
+    task = progress.task("linear probe (features)", total=(cfg.epochs - run.start_epoch) * steps)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(n_train, generator=g).to(device)
+        run.probe.train()
+        total = 0.0
+        for s in range(steps):
+            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            loss = F.cross_entropy(run.probe(xs[idx]), ys[idx])
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            total += loss.item() * len(idx)
+            task.advance(1, epoch=epoch + 1, loss=loss.item())
+        _check_finite(total, epoch)
+        scores = None
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            scores = _score_logits(run.probe, xv, yv, cfg.batch_size * 8)
+        run.end_epoch(epoch, total / n_train, scores, dist_env().is_main)
+    task.close()
+    return run.result(
+        "features", num_classes=C, feature_dim=train.dim, n_train=n_train, n_val=len(val),
+        n_last_blocks=n, avgpool_patch_tokens=avg, fingerprint=dict(train.fingerprint),
+    )
+
+
+def _check_finite(total: float, epoch: int) -> None:
+    if not math.isfinite(total):
+        raise DinokitError(f"The probe's loss became {total} in epoch {epoch + 1}; lower --lr.")
+
+
+@torch.no_grad()
+def _score_logits(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> dict[str, float]:
+    probe.eval()
+    c1 = c5 = 0
+    for s in range(0, len(x), chunk):
+        a, b = topk_correct(probe(x[s : s + chunk]), y[s : s + chunk])
+        c1, c5 = c1 + a, c5 + b
+    return {"top1": 100.0 * c1 / len(x), "top5": 100.0 * c5 / len(x)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's path: images with augmentation
+# ---------------------------------------------------------------------------------------------
+def train_on_images(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
+    """The paper's probe: frozen backbone, RandomResizedCrop + flip on the training images; under
+    torchrun each process takes a shard of every epoch and the probe is wrapped in DDP."""
+    from ..data.images import ImageDataset, collate_skip_none
+    from ..runtime import autocast, dist_env, is_dist, resolve_device, resolve_precision
+    from .features import Embedder, cls_feature_fn, scan_images
+
+    if cfg.train is None or cfg.val is None:
+        raise DataError("Give --train and --val image folders for the probe on images.")
+    train_images = scan_images(cfg.train, labelled=True)
+    val_images = scan_images(cfg.val, classes=train_images.classes, labelled=True)
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, device, training=False)
+    model = _load_backbone(cfg).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n, avg = _resolve_options(cfg, model)
+    emb = Embedder(_feature_spec(cfg, n, avg), model=model)
+    feature_fn = cls_feature_fn(n, avg)
+    with torch.no_grad():
+        probe_in = torch.zeros(1, 3, cfg.crop, cfg.crop, device=device)
+        dim = int(feature_fn(model, probe_in).shape[1])
+    C = len(train_images.classes)
+    env = dist_env()
+    world = env.world_size if is_dist() else 1
+    identity = {
+        "mode": "images",
+        "feature_fingerprint": {k: v for k, v in emb.fingerprint.items() if k != "data"},
+        "num_classes": C,
+        "dim": dim,
+        "classes": list(train_images.classes),
+        "batch_size": cfg.batch_size,
+        "lr_base": cfg.lr,
+    }
+    run = _ProbeRun(cfg, dim, C, identity, world=world, device=device)
+    run.maybe_resume(progress)
+    if is_dist():
+        run.probe = nn.parallel.DistributedDataParallel(
+            run.probe, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    train_ds = ImageDataset(
+        train_images.paths, train_images.labels, train_transform(cfg.crop, cfg.min_scale), skip_unreadable=True
+    )
+    val_ds = ImageDataset(val_images.paths, val_images.labels, emb.transform, skip_unreadable=True)
+    sampler = torch.utils.data.DistributedSampler(train_ds, seed=cfg.seed) if is_dist() else None
+    val_idx = list(range(env.rank, len(val_ds), world)) if is_dist() else list(range(len(val_ds)))
+    loader_kw = dict(num_workers=cfg.num_workers, collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
+                     persistent_workers=cfg.num_workers > 0)
+    gen = torch.Generator()
+    train_loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=False,
+        generator=gen, **loader_kw,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(val_ds, val_idx), batch_size=cfg.batch_size, shuffle=False, **loader_kw
+    )
+    steps = len(train_loader)
+    task = progress.task("linear probe (images)", total=(cfg.epochs - run.start_epoch) * steps)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        gen.manual_seed(cfg.seed * 100_003 + epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        run.probe.train()
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch, _ in train_loader:
+            if batch is None:
+                task.advance(1)
+                continue
+            x, y, _ = batch
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.no_grad(), autocast(device, dtype):
+                feats = feature_fn(model, x)
+            loss = F.cross_entropy(run.probe(feats.float()), y)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            total += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64)
+            task.advance(1, epoch=epoch + 1, loss=loss.item())
+        if is_dist():
+            torch.distributed.all_reduce(total)
+        mean_loss = float(total[0] / max(total[1], 1))
+        _check_finite(mean_loss, epoch)
+        scores = None
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            scores = _validate_images(model, run.probe, feature_fn, val_loader, device, dtype)
+        run.end_epoch(epoch, mean_loss, scores, env.is_main)
+    task.close()
+    return run.result(
+        "images", num_classes=C, feature_dim=dim, n_train=len(train_ds), n_val=len(val_ds),
+        n_last_blocks=n, avgpool_patch_tokens=avg, fingerprint=dict(emb.fingerprint),
+    )
+
+
+@torch.no_grad()
+def _validate_images(model, probe, feature_fn, loader, device, dtype) -> dict[str, float]:
+    from ..runtime import autocast, is_dist
+
+    probe.eval()
+    counts = torch.zeros(3, dtype=torch.float64)
+    for batch, _ in loader:
+        if batch is None:
+            continue
+        x, y, _ = batch
+        x, y = x.to(device), y.to(device)
+        with autocast(device, dtype):
+            feats = feature_fn(model, x)
+        a, b = topk_correct(probe(feats.float()), y)
+        counts += torch.tensor([a, b, len(y)], dtype=torch.float64)
+    if is_dist():
+        c = counts.to(device) if torch.distributed.get_backend() == "nccl" else counts
+        torch.distributed.all_reduce(c)
+        counts = c.cpu()
+    n = max(float(counts[2]), 1.0)
+    return {"top1": 100.0 * float(counts[0]) / n, "top5": 100.0 * float(counts[1]) / n}
+
+
+# ---------------------------------------------------------------------------------------------
+# Released heads and the logistic-regression probe
+# ---------------------------------------------------------------------------------------------
+def evaluate_head(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
+    """Validate a trained linear head (a released ``*_linearweights.pth``, a preset name, or a dinokit
+    probe checkpoint) on the val images, without training."""
+    from ..checkpoints import load_linear_head
+    from .features import Embedder, scan_images
+
+    if not cfg.linear_weights:
+        raise DataError("--evaluate needs --linear-weights (a *_linearweights.pth file or a preset name).")
+    if cfg.val is None:
+        raise DataError("--evaluate needs --val, the labelled validation images.")
+    head = load_linear_head(cfg.linear_weights)
+    w, b = head["linear.weight"].float(), head["linear.bias"].float()
+    classes = scan_images(cfg.train, labelled=True).classes if cfg.train is not None else None
+    val_images = scan_images(cfg.val, classes=classes, labelled=True)
+    if w.shape[0] != len(val_images.classes):
+        raise DataError(
+            f"The linear head has {w.shape[0]} classes but {cfg.train or cfg.val} has {len(val_images.classes)} "
+            "class folders; pass the training folder with --train so the class order matches."
+        )
+    model = _load_backbone(cfg)
+    n, avg = _resolve_options(cfg, model)
+    emb = Embedder(_feature_spec(cfg, n, avg), model=model)
+    val = emb.embed(val_images, cache=Path(cfg.output) / "val_features.pt", progress=progress, description="val features")
+    if val.dim != w.shape[1]:
+        raise DataError(
+            f"The linear head takes {w.shape[1]}-d features but these weights with n_last_blocks={n} and "
+            f"avgpool_patch_tokens={avg} give {val.dim}-d; set --n-last-blocks / --avgpool-patch-tokens to match."
+        )
+    logits = val.features @ w.T + b
+    c1, c5 = topk_correct(logits, val.labels)
+    final = {"top1": 100.0 * c1 / len(val), "top5": 100.0 * c5 / len(val)}
+    return LinearResult(
+        "evaluate", final=final, best=dict(final), num_classes=w.shape[0], feature_dim=val.dim, n_val=len(val),
+        n_last_blocks=n, avgpool_patch_tokens=avg, fingerprint=dict(val.fingerprint),
+    )
+
+
+def logistic_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    C: float = 1.0,
+    max_iter: int = 1000,
+) -> dict[str, float]:
+    """The appendix's logistic regression on frozen (L2-normalised) features: top-1/top-5 in percent."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    xtr = F.normalize(train_features.float(), dim=1).numpy()
+    xte = F.normalize(test_features.float(), dim=1).numpy()
+    ytr = train_labels.numpy()
+    if len(np.unique(ytr)) < 2:
+        raise DataError("Logistic regression needs training images of at least two classes.")
+    clf = LogisticRegression(C=C, max_iter=max_iter)
+    clf.fit(xtr, ytr)
+    proba = clf.predict_proba(xte)
+    ranked = clf.classes_[np.argsort(-proba, axis=1, kind="stable")[:, :5]]
+    y = test_labels.numpy()
+    top1 = float((ranked[:, 0] == y).mean() * 100.0)
+    top5 = float((ranked == y[:, None]).any(axis=1).mean() * 100.0)
+    return {"top1": top1, "top5": top5}
+
+
+def logistic_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
+    from .features import align_labels
+
+    train, val, n, avg = _feature_sets(cfg, progress)
+    val_labels = align_labels(train, val, "training", "validation")
+    task = progress.task("logistic regression", total=None)
+    final = logistic_probe(train.features, train.labels, val.features, val_labels, cfg.logistic_c, cfg.logistic_max_iter)
+    task.close()
+    return LinearResult(
+        "logistic", final=final, best=dict(final), num_classes=len(train.classes), feature_dim=train.dim,
+        n_train=len(train), n_val=len(val), n_last_blocks=n, avgpool_patch_tokens=avg,
+        fingerprint=dict(train.fingerprint),
+    )
+
+
+def linear_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
+    """``dinokit linear``: the probe on images (default), on cached features, a released head, or logistic."""
+    if cfg.epochs < 1:
+        raise DinokitError("--epochs must be at least 1.")
+    if sum([cfg.evaluate, cfg.logistic]) > 1:
+        raise DinokitError("Choose one of --evaluate and --logistic.")
+    if cfg.evaluate:
+        return evaluate_head(cfg, progress)
+    if cfg.logistic:
+        return logistic_eval(cfg, progress)
+    if cfg.features_only or cfg.train_features is not None:
+        return train_on_features(cfg, progress)
+    return train_on_images(cfg, progress)
+
+
+__all__: Sequence[str] = [
+    "LinearConfig",
+    "LinearResult",
+    "default_feature_options",
+    "evaluate_head",
+    "linear_eval",
+    "logistic_probe",
+    "train_on_features",
+    "train_on_images",
+    "train_transform",
+]
