@@ -447,3 +447,164 @@ def config_dict(config: PropagationConfig) -> dict:
     d.pop("chunk_elements", None)
     d.pop("tile", None)
     return d
+
+
+# -- a whole run: videos in, masks + scores out -------------------------------------------------
+@dataclass
+class DavisRunConfig:
+    """What ``dinokit davis`` does: segment DAVIS sequences (or one video) and score them."""
+
+    output: Path
+    data: Path | None = None  #: a DAVIS 2017 root
+    split: str = "val"
+    sequences: list[str] | None = None
+    frames: Path | None = None  #: a user's video: a folder of frames or a video file
+    first_mask: Path | None = None
+    weights: str = "dino_vits16"
+    arch: str | None = None
+    patch_size: int | None = None
+    checkpoint_key: str = "teacher"
+    propagation: PropagationConfig = field(default_factory=PropagationConfig)
+    short_side: int = 480
+    batch_size: int = 8
+    num_workers: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    visualize: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class DavisRunResult:
+    videos: list[VideoResult]
+    scores: object | None  #: :class:`dinokit.eval.davis_metrics.DavisScores` when ground truth exists
+    metrics_path: Path | None
+    output: Path
+
+
+RUN_MARKER = "davis_run.json"
+
+
+def _run_sequences(cfg: DavisRunConfig):
+    from ..data import davis
+
+    if cfg.data is not None and cfg.frames is not None:
+        raise DinokitError("Give either --data (a DAVIS root) or --frames (your own video), not both.")
+    if cfg.data is not None:
+        return davis.davis_sequences(cfg.data, cfg.split, cfg.sequences)
+    if cfg.frames is None:
+        raise DinokitError("Give --data DAVIS_ROOT, or --frames DIR with --first-mask PNG for your own video.")
+    if cfg.first_mask is None:
+        raise DinokitError(f"--frames {cfg.frames} needs --first-mask: the indexed PNG mask of its first frame.")
+    if not Path(cfg.first_mask).is_file():
+        raise DataError(f"The first-frame mask {cfg.first_mask} does not exist.")
+    frames = Path(cfg.frames)
+    if frames.is_file() and davis.is_video_file(frames):
+        decoded = davis.decode_video(frames, Path(cfg.output) / ".frames" / frames.stem)
+        seq = davis.VideoSequence(name=frames.stem, frames=decoded, first_mask=Path(cfg.first_mask))
+        return [seq]
+    if frames.is_file():
+        raise DataError(f"{frames} is neither a folder of frames nor a video file ({', '.join(davis.VIDEO_EXTENSIONS)}).")
+    return [davis.folder_video(frames, cfg.first_mask)]
+
+
+def _has_ground_truth(seq) -> bool:
+    if seq.gt_dir is None or not Path(seq.gt_dir).is_dir():
+        return False
+    return sum(1 for p in Path(seq.gt_dir).glob("*.png")) >= 3
+
+
+def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisRunResult:
+    """Segment every sequence into ``OUT/<seq>/<frame>.png`` and score those with ground truth.
+
+    Sequences finished by an earlier run with the same weights and settings are skipped.
+    """
+    from .. import load_backbone
+    from ..checkpoints import state_dict_fingerprint
+    from ..data.davis import write_visualization
+    from ..io import prepare_output_dir, to_json, write_json, write_metrics
+    from ..runtime import precision_name, resolve_device, resolve_precision, seed_everything
+    from .davis_metrics import DavisScores, score_sequence_folders
+
+    cfg.propagation.validate()
+    if cfg.short_side < 16:
+        raise DinokitError("--short-side must be at least 16 pixels.")
+    sequences = _run_sequences(cfg)
+    out = Path(cfg.output)
+    previous = out / RUN_MARKER
+    prepare_output_dir(out, overwrite=cfg.overwrite, resume=previous.is_file())
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, device, training=False)
+    seed_everything(cfg.seed)
+    model = load_backbone(cfg.weights, arch=cfg.arch, patch_size=cfg.patch_size, checkpoint_key=cfg.checkpoint_key)
+    if not hasattr(model, "patch_size"):
+        raise DinokitError("Label propagation needs a ViT backbone (patch features); ResNet-50 has none.")
+    model = model.to(device).eval()
+    settings = {
+        "weights": state_dict_fingerprint(model.state_dict()),
+        "patch_size": model.patch_size,
+        "propagation": config_dict(cfg.propagation),
+        "short_side": cfg.short_side,
+        "precision": precision_name(dtype),
+    }
+    fingerprint = to_json(settings, indent=None)
+    if previous.is_file() and not cfg.overwrite:
+        try:
+            old = json.loads(previous.read_text()).get("fingerprint")
+        except ValueError:
+            old = None
+        if old != fingerprint:
+            raise DinokitError(
+                f"The output folder {out} holds a run with other weights or settings; pass --overwrite "
+                "to replace its results or choose another folder."
+            )
+    write_json(previous, {"fingerprint": fingerprint})
+
+    videos = []
+    scores = DavisScores(sequences=[])
+    overall = progress.task("Videos", total=len(sequences)) if len(sequences) > 1 else None
+    for seq in sequences:
+        res_dir = out / seq.name
+        res = segment_video(
+            model, seq, res_dir, cfg.propagation, device, dtype, cfg.batch_size, cfg.num_workers,
+            cfg.short_side, fingerprint, progress,
+        )  # fmt: skip
+        if res.skipped:
+            progress.log(f"{seq.name}: already segmented in {res_dir}, skipped")
+        videos.append(res)
+        if cfg.visualize:
+            write_visualization(seq, res_dir, out / "visualize")
+        if _has_ground_truth(seq):
+            objs = score_sequence_folders(seq.gt_dir, res_dir, seq.name)
+            scores.sequences.append(seq.name)
+            for key, o in objs.items():
+                scores.per_object[key] = o.summary()
+                scores.per_frame[key] = {"J": o.J, "F": o.F}
+        if overall is not None:
+            overall.advance(1)
+    if overall is not None:
+        overall.close()
+
+    config = {
+        "data": cfg.data, "frames": cfg.frames, "first_mask": cfg.first_mask, "split": cfg.split,
+        "sequences": [s.name for s in sequences], "weights": cfg.weights,
+        "arch": getattr(model, "arch", cfg.arch), "patch_size": model.patch_size,
+        "checkpoint_key": cfg.checkpoint_key, **config_dict(cfg.propagation), "short_side": cfg.short_side,
+        "batch_size": cfg.batch_size, "device": str(device), "precision": precision_name(dtype), "seed": cfg.seed,
+    }  # fmt: skip
+    timing = {
+        v.name: {"frames": v.n_frames, "skipped": v.skipped, "features_s": v.times.features,
+                 "propagation_s": v.times.propagation, "io_s": v.times.io}
+        for v in videos
+    }  # fmt: skip
+    metrics: dict = {}
+    if scores.per_object:
+        metrics.update(scores.metrics())
+        scores.write_csvs(out, cfg.split)
+    else:
+        metrics["scored"] = False
+        metrics["note"] = "no ground truth beyond the first frame: masks written, nothing scored"
+    metrics["videos"] = timing
+    path = write_metrics(out, metrics, config=config)
+    return DavisRunResult(videos=videos, scores=scores if scores.per_object else None, metrics_path=path, output=out)

@@ -1,0 +1,126 @@
+"""``dinokit davis``: video object segmentation by label propagation (DAVIS 2017, semi-supervised)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import (
+    Arch,
+    BatchSize,
+    CheckpointKey,
+    Device,
+    NumWorkers,
+    Output,
+    Overwrite,
+    PatchSize,
+    Precision,
+    Quiet,
+    RichProgress,
+    Seed,
+    Weights,
+    console,
+    print_table,
+    setup_logging,
+)
+
+
+def davis(
+    output: Output,
+    data: Annotated[
+        Optional[Path],
+        typer.Option("--data", help="A DAVIS 2017 root (JPEGImages/480p, Annotations/480p, ImageSets/2017)."),
+    ] = None,
+    frames: Annotated[
+        Optional[Path],
+        typer.Option("--frames", help="Your own video: a folder of frames, or a video file (needs dinokit[video])."),
+    ] = None,
+    first_mask: Annotated[
+        Optional[Path],
+        typer.Option("--first-mask", help="With --frames: the first frame's indexed PNG mask (0 = background)."),
+    ] = None,
+    weights: Weights = "dino_vits16",
+    arch: Arch = None,
+    patch_size: PatchSize = None,
+    checkpoint_key: CheckpointKey = "teacher",
+    split: Annotated[str, typer.Option("--split", help="The DAVIS split whose sequences are segmented.")] = "val",
+    sequences: Annotated[
+        Optional[str], typer.Option("--sequences", help="Only these sequences, comma-separated (e.g. bmx-trees,dogs-jump).")
+    ] = None,
+    n_last_frames: Annotated[
+        int, typer.Option("--n-last-frames", min=0, help="Previous frames in the context, besides the first.")
+    ] = 7,
+    neighborhood: Annotated[
+        int, typer.Option("--neighborhood", min=0, help="Window radius in patches (0 = the whole frame).")
+    ] = 12,
+    topk: Annotated[int, typer.Option("--topk", min=1, help="Neighbours kept jointly over the context.")] = 5,
+    temperature: Annotated[float, typer.Option("--temperature", help="Affinity = exp(cos / temperature).")] = 0.1,
+    short_side: Annotated[
+        int, typer.Option("--short-side", min=16, help="Frames are resized to this short side (480 as the paper).")
+    ] = 480,
+    visualize: Annotated[
+        bool, typer.Option("--visualize", help="Also write overlay PNGs and an animated GIF per sequence.")
+    ] = False,
+    batch_size: BatchSize = 8,
+    num_workers: NumWorkers = 2,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Segment videos from their first frame's masks by label propagation between patch features,
+    then score them as DAVIS 2017 does where ground truth exists.
+
+    Writes OUT/<seq>/<frame>.png (indexed, DAVIS palette), OUT/metrics.json (J&F as fractions),
+    OUT/global_results-<split>.csv and OUT/per-sequence_results-<split>.csv. A rerun skips the
+    sequences already finished with the same weights and settings.
+    """
+    from dinokit.eval.propagation import DavisRunConfig, PropagationConfig, run_davis
+
+    setup_logging(quiet)
+    names = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
+    cfg = DavisRunConfig(
+        output=output,
+        data=data,
+        split=split,
+        sequences=names,
+        frames=frames,
+        first_mask=first_mask,
+        weights=weights,
+        arch=arch,
+        patch_size=patch_size,
+        checkpoint_key=checkpoint_key,
+        propagation=PropagationConfig(
+            n_last_frames=n_last_frames, neighborhood=neighborhood, topk=topk, temperature=temperature
+        ),
+        short_side=short_side,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        seed=seed,
+        visualize=visualize,
+        overwrite=overwrite,
+    )
+    with RichProgress(quiet=quiet) as progress:
+        result = run_davis(cfg, progress)
+    n_frames = sum(v.n_frames for v in result.videos)
+    skipped = sum(v.skipped for v in result.videos)
+    if result.scores is not None:
+        overall = result.scores.overall()
+        rows = [[seq, *(100 * v[k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))] for seq, v in result.scores.per_sequence().items()]
+        rows.append(["all objects", *(100 * overall[k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))])
+        print_table("DAVIS 2017 (semi-supervised), percent", ["sequence", "J&F", "J", "F"], rows)
+    console.print(
+        f"{len(result.videos)} video(s), {n_frames} frames"
+        + (f" ({skipped} already done)" if skipped else "")
+        + f"; masks in {result.output}/<seq>/, metrics in {result.metrics_path}",
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    app.command("davis")(davis)

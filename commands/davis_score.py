@@ -1,0 +1,70 @@
+"""``dinokit davis-score``: the DAVIS 2017 semi-supervised J&F of a results folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import Overwrite, Quiet, RichProgress, console, print_table, setup_logging
+
+
+def davis_score(
+    gt: Annotated[
+        Path,
+        typer.Option("--gt", help="Ground truth: a folder of <seq>/ folders of indexed PNGs, or a DAVIS root."),
+    ],
+    pred: Annotated[Path, typer.Option("--pred", help="Results: a folder of <seq>/ folders of indexed PNGs.")],
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Where metrics.json and the CSVs go (default: the --pred folder)."),
+    ] = None,
+    split: Annotated[
+        str, typer.Option("--split", help="The split list of a DAVIS root, also used in the CSV names.")
+    ] = "val",
+    sequences: Annotated[
+        Optional[str], typer.Option("--sequences", help="Only these sequences, comma-separated.")
+    ] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Score predicted masks with the official DAVIS 2017 semi-supervised J (region) and F (boundary).
+
+    Objects are the labels of the first ground-truth frame; the first and the last frame are not
+    scored. Writes metrics.json (fractions, with per_object), global_results-<split>.csv and
+    per-sequence_results-<split>.csv.
+    """
+    from dinokit.errors import OutputExistsError
+    from dinokit.eval.davis_metrics import evaluate_davis
+    from dinokit.io import write_metrics
+
+    setup_logging(quiet)
+    names = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
+    out = Path(output) if output is not None else Path(pred)
+    if output is not None:
+        if out.exists() and not out.is_dir():
+            raise OutputExistsError(f"The output {out} is a file, not a folder; choose a folder path.")
+        if (out / "metrics.json").exists() and not overwrite:
+            raise OutputExistsError(f"{out / 'metrics.json'} already exists; pass --overwrite to replace it.")
+    with RichProgress(quiet=quiet) as progress:
+        scores = evaluate_davis(gt, pred, split=split, sequences=names, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"gt": gt, "pred": pred, "split": split, "sequences": scores.sequences}
+    path = write_metrics(out, scores.metrics(), config=config)
+    g, s = scores.write_csvs(out, split)
+    overall = scores.overall()
+    rows = [[seq, *(100 * v[k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))] for seq, v in scores.per_sequence().items()]
+    rows.append(["all objects", *(100 * overall[k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))])
+    print_table("DAVIS 2017 (semi-supervised), percent", ["sequence", "J&F", "J", "F"], rows)
+    console.print(
+        "J&F-Mean {:.4f}  J-Mean {:.4f}  J-Recall {:.4f}  J-Decay {:.4f}  F-Mean {:.4f}  F-Recall {:.4f}  "
+        "F-Decay {:.4f}".format(*(overall[k] for k in ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean",
+                                                       "F-Recall", "F-Decay"))),
+        highlight=False,
+    )
+    console.print(f"Wrote {path}, {g.name} and {s.name}.", highlight=False)
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    app.command("davis-score")(davis_score)
