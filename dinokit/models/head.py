@@ -31,6 +31,18 @@ class WeightNormLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
+    #: names the newer ``torch.nn.utils.parametrizations.weight_norm`` gives the same two tensors
+    PARAMETRIZATION_NAMES = (
+        ("parametrizations.weight.original0", "weight_g"),
+        ("parametrizations.weight.original1", "weight_v"),
+    )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for new, old in self.PARAMETRIZATION_NAMES:
+            if prefix + new in state_dict and prefix + old not in state_dict:
+                state_dict[prefix + old] = state_dict.pop(prefix + new)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class DINOHead(nn.Module):
     """MLP in_dim -> hidden -> hidden -> bottleneck, L2-normalise, weight-normalised Linear to out_dim.

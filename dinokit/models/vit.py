@@ -181,7 +181,8 @@ class VisionTransformer(nn.Module):
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        # linearly spaced 0..drop_path_rate (plain Python, so a model can be built on the meta device)
+        dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.blocks = nn.ModuleList(
             [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i]) for i in range(depth)]
         )
@@ -220,7 +221,7 @@ class VisionTransformer(nn.Module):
             return pos
         key = (h0, w0, pos.data_ptr(), pos._version, pos.dtype, pos.device, self.pos_embed_resize)
         if not torch.is_grad_enabled() and key in self._pos_cache:
-            return self._pos_cache[key]
+            return self._pos_cache[key][1]
         dim = pos.shape[-1]
         grid = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
         if self.pos_embed_resize == "scale":
@@ -239,7 +240,9 @@ class VisionTransformer(nn.Module):
         if not torch.is_grad_enabled():
             if len(self._pos_cache) > 16:
                 self._pos_cache.clear()
-            self._pos_cache[key] = out
+            # Holding the table's storage keeps its address from being reused by another tensor
+            # while the entry lives, so (data_ptr, version) identifies the table safely.
+            self._pos_cache[key] = (pos.detach(), out)
         return out
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,6 +253,9 @@ class VisionTransformer(nn.Module):
         if H < p or W < p:
             raise DinokitError(f"The input is {H}x{W} pixels, smaller than one {p}x{p} patch.")
         h0, w0 = H // p, W // p
+        weight = self.patch_embed.proj.weight
+        if x.dtype != weight.dtype and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight.dtype)  # a model cast to bf16 for inference takes fp32 images as they come
         tokens = self.patch_embed(x)
         tokens = torch.cat((self.cls_token.expand(B, -1, -1), tokens), dim=1)
         return tokens + self.interpolate_pos_encoding(h0, w0)
