@@ -3,6 +3,7 @@ attention over a video."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
@@ -181,8 +182,6 @@ def run_eval(items, images_dir: Path, masks: Optional[Path], coco: Optional[Path
 
 
 def run_video(video: Path, model, cfg, out: Path, model_cfg: dict, fps: Optional[float], mp4: bool, progress) -> dict:
-    import contextlib
-
     from dinokit import viz
     from dinokit.eval.attention import frame_pictures, iter_video_frames, video_attention
     from dinokit.io import write_metrics
@@ -209,6 +208,17 @@ def run_video(video: Path, model, cfg, out: Path, model_cfg: dict, fps: Optional
     files = ["attention.gif", "maps/", "masks/"] + (["attention.mp4"] if mp4 else [])
     write_metrics(out, {"frames": n, "patch_size": p, "files": files}, config)
     return {"frames": n, "fps": fps}
+
+
+@contextlib.contextmanager
+def _remove_if_left_empty(out: Path, created: bool):
+    """A run refused on its first image leaves no empty output folder behind."""
+    try:
+        yield
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -278,7 +288,7 @@ def attn(
     the maps of every frame as pictures and an animated GIF."""
     from dinokit.eval.attention import AttentionConfig
     from dinokit.io import prepare_output_dir
-    from dinokit.runtime import resolve_device, resolve_precision
+    from dinokit.runtime import precision_name, resolve_device, resolve_precision
 
     setup_logging(quiet)
     forms = [bool(images), images_dir is not None, video is not None]
@@ -315,29 +325,29 @@ def attn(
     dtype = resolve_precision(precision, dev, training=False)
     model = _load_model(weights, arch, patch_size, checkpoint_key)
     model_cfg = _model_config(model, weights, checkpoint_key)
+    created = not output.exists()
     out = prepare_output_dir(output, overwrite=overwrite)
-    cfg = AttentionConfig(image_size=image_size or None, threshold=threshold, batch_size=batch_size,
-                          num_workers=num_workers, device=dev, dtype=dtype)
-    from dinokit.runtime import precision_name
-
-    model_cfg["precision"] = precision_name(dtype)
-    with RichProgress(quiet=quiet) as progress:
-        if video is not None:
-            info = run_video(video, model, cfg, out, model_cfg, fps, mp4, progress)
-            console.print(f"Wrote {info['frames']} frames and attention.gif to {out}.")
-        elif images_dir is not None:
-            r = run_eval(items, images_dir, masks, coco, model, cfg, out, model_cfg, objects, binary_masks, ignore_void,
-                         image_list, progress)
-            rows = [["Jaccard (best head per object)", r.jaccard], [f"best single head ({r.best_head})",
-                    r.jaccard_per_head[r.best_head]]]
-            rows += [[f"head {h}", v] for h, v in enumerate(r.jaccard_per_head)]
-            print_table(f"Attention-mask Jaccard: {r.images} images, {r.objects} objects", ["", "Jaccard"], rows)
-            if r.images_without_objects:
-                console.print(f"{r.images_without_objects} images without any object were skipped.")
-            console.print(f"Results in {out / 'metrics.json'}.")
-        else:
-            info = run_maps(paths, model, cfg, out, model_cfg, progress)
-            console.print(f"Wrote the attention maps of {info['images']} images ({info['heads']} heads) to {out}.")
+    with _remove_if_left_empty(out, created):
+        cfg = AttentionConfig(image_size=image_size or None, threshold=threshold, batch_size=batch_size,
+                              num_workers=num_workers, device=dev, dtype=dtype)
+        model_cfg["precision"] = precision_name(dtype)
+        with RichProgress(quiet=quiet) as progress:
+            if video is not None:
+                info = run_video(video, model, cfg, out, model_cfg, fps, mp4, progress)
+                console.print(f"Wrote {info['frames']} frames and attention.gif to {out}.")
+            elif images_dir is not None:
+                r = run_eval(items, images_dir, masks, coco, model, cfg, out, model_cfg, objects, binary_masks, ignore_void,
+                             image_list, progress)
+                rows = [["Jaccard (best head per object)", r.jaccard], [f"best single head ({r.best_head})",
+                        r.jaccard_per_head[r.best_head]]]
+                rows += [[f"head {h}", v] for h, v in enumerate(r.jaccard_per_head)]
+                print_table(f"Attention-mask Jaccard: {r.images} images, {r.objects} objects", ["", "Jaccard"], rows)
+                if r.images_without_objects:
+                    console.print(f"{r.images_without_objects} images without any object were skipped.")
+                console.print(f"Results in {out / 'metrics.json'}.")
+            else:
+                info = run_maps(paths, model, cfg, out, model_cfg, progress)
+                console.print(f"Wrote the attention maps of {info['images']} images ({info['heads']} heads) to {out}.")
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -131,7 +131,7 @@ def test_mask_size_must_match_image(tmp_path):
 
 
 # -- COCO ------------------------------------------------------------------------------------------
-H, W = 12, 10
+H, W = 20, 18
 
 
 def _rle_counts(mask: np.ndarray) -> list[int]:
@@ -209,7 +209,7 @@ def test_coco_ground_truth_and_bad_files(tmp_path):
     path, _, hand = _coco_file(tmp_path)
     (item,) = ground_truth_from_coco(tmp_path / "images", path)
     assert item.name == "a" and item.load((W, H)).shape == (H, W)
-    with pytest.raises(DataError, match="are 10x12 pixels but the image"):
+    with pytest.raises(DataError, match="are 18x20 pixels but the image"):
         item.load((W + 1, H))
     _img(tmp_path / "images" / "extra.jpg")
     with pytest.raises(DataError, match="1 images under .* have no entry"):

@@ -1,0 +1,208 @@
+"""`dinokit attn` end to end on tiny images in a temporary folder: the maps, evaluation and video
+forms, and one clear sentence (exit code 2) for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from dinokit.commands import app
+from PIL import Image
+from typer.testing import CliRunner
+
+import dinokit
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, ["attn", *map(str, args)])
+
+
+def assert_one_sentence(result, *needles):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "Error:" in result.output
+    for n in needles:
+        assert n in " ".join(result.output.split()), result.output
+
+
+@pytest.fixture
+def weights(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pth"
+    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=2), path)
+    return path
+
+
+def _image(path, size=(48, 40), seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+# -- maps ------------------------------------------------------------------------------------------
+def test_maps_form_writes_every_picture_and_the_raw_maps(tmp_path, weights):
+    _image(tmp_path / "in" / "a.png", seed=1)
+    _image(tmp_path / "in" / "sub" / "b.jpg", seed=2)
+    _image(tmp_path / "other" / "c.png", size=(70, 36), seed=3)
+    out = tmp_path / "out"
+    r = run(tmp_path / "in", tmp_path / "other" / "*.png", "--weights", weights, "--image-size", 64,
+            "--output", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    for name in ("a", "b", "c"):
+        d = out / name
+        files = {p.name for p in d.iterdir()}
+        assert {"image.png", "attn-mean.png", "masks.png", "grid.png", "maps.npz"} <= files
+        assert {f"attn-head{h}.png" for h in range(3)} <= files
+        z = np.load(d / "maps.npz")
+        assert z["attention"].shape == (3, 4, 4) and z["attention"].dtype == np.float32
+        assert z["masks"].shape == (3, 4, 4) and z["masks"].dtype == bool
+        np.testing.assert_allclose(z["mean"], z["attention"].mean(0), rtol=1e-6)
+        assert int(z["patch_size"]) == 16 and float(z["threshold"]) == 0.6
+        # each head's mask holds at least 60% of its attention mass
+        a, m = z["attention"].reshape(3, -1), z["masks"].reshape(3, -1)
+        assert ((a * m).sum(1) >= 0.6 * a.sum(1) - 1e-6).all()
+        assert Image.open(d / "attn-head0.png").size == (64, 64)  # upsampled by the patch size
+        assert Image.open(d / "masks.png").size == (64, 64)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 3 and metrics["config"]["threshold"] == 0.6
+
+
+def test_maps_form_native_size_and_overwrite(tmp_path, weights):
+    _image(tmp_path / "x.png", size=(70, 36))
+    out = tmp_path / "out"
+    r = run(tmp_path / "x.png", "-w", weights, "--image-size", 0, "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert np.load(out / "x" / "maps.npz")["attention"].shape == (3, 2, 4)  # 36x70 cropped to 32x64
+    r = run(tmp_path / "x.png", "-w", weights, "-o", out, "-q")
+    assert_one_sentence(r, "already holds results", "--overwrite")
+    r = run(tmp_path / "x.png", "-w", weights, "--image-size", 32, "-o", out, "-q", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert np.load(out / "x" / "maps.npz")["attention"].shape == (3, 2, 2)
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+def test_eval_form_on_coins_photograph(tmp_path, weights):
+    from test_attention import coins_ground_truth
+
+    image_path, mask_path, labels = coins_ground_truth(tmp_path)
+    out = tmp_path / "eval"
+    r = run("--images", image_path.parent, "--masks", mask_path.parent, "-w", weights, "--image-size", 128,
+            "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"jaccard", "jaccard_per_head", "best_head", "images", "objects", "config"} <= set(m)
+    assert m["images"] == 1 and m["objects"] >= 20
+    assert 0.0 <= m["jaccard"] <= 1.0 and len(m["jaccard_per_head"]) == 3
+    assert m["jaccard"] >= max(m["jaccard_per_head"]) - 1e-12  # best head per object >= any single head
+    assert m["best_head"] == int(np.argmax(m["jaccard_per_head"]))
+    assert m["config"]["image_size"] == 128 and m["config"]["ignore_void"] is False
+    pics = sorted(p.name for p in (out / "pictures").iterdir())
+    assert pics == ["best-1-coins.png", "worst-1-coins.png"]
+    assert (out / "per_image.csv").read_text().splitlines()[1].startswith("coins,")
+
+
+def test_eval_form_on_synth_classify_masks(tmp_path, weights):
+    data = tmp_path / "synth"
+    r = runner.invoke(app, ["synth", "classify", "--output", str(data), "--classes", "2", "--per-class", "5",
+                            "--size", "32", "--quiet"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "eval"
+    r = run("--images", data / "val", "--masks", data / "masks" / "val", "-w", weights, "--image-size", 32,
+            "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    n_val = len(list((data / "val").rglob("*.png")))
+    assert m["images"] == n_val and m["objects"] == n_val  # one object per synthetic image
+
+
+def test_eval_form_coco_instances_and_classes(tmp_path, weights):
+    from test_masks import _coco_file
+
+    ann, _, _ = _coco_file(tmp_path)
+    # the annotated image is 18x20; evaluate at 32x32
+    for objects, n in (("instance", 3), ("class", 2)):
+        out = tmp_path / f"eval-{objects}"
+        r = run("--images", tmp_path / "images", "--coco", ann, "--objects", objects, "-w", weights,
+                "--image-size", 32, "--ignore-void", "-o", out, "-q")
+        assert r.exit_code == 0, r.output
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["objects"] == n and m["config"]["objects"] == objects and m["config"]["ignore_void"] is True
+
+
+# -- video -----------------------------------------------------------------------------------------
+def test_video_form_frames_folder_to_gif(tmp_path, weights):
+    for k in range(4):
+        _image(tmp_path / "frames" / f"{k:03d}.jpg", size=(60, 40), seed=k)
+    out = tmp_path / "video"
+    r = run("--video", tmp_path / "frames", "-w", weights, "--image-size", 32, "-o", out, "-q", "--fps", 4)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{k:05d}.png" for k in range(4)]
+    assert len(list((out / "masks").iterdir())) == 4
+    gif = Image.open(out / "attention.gif")
+    assert gif.n_frames == 4 and gif.info.get("duration") == 250
+    # frames keep the aspect ratio: shorter side 32 -> 48x32 (cropped to patches), map + overlay side by side
+    assert Image.open(out / "maps" / "00000.png").size == (48, 32)
+    assert json.loads((out / "metrics.json").read_text())["frames"] == 4
+
+
+def test_video_form_mp4_round_trip(tmp_path, weights):
+    av = pytest.importorskip("av")
+    for k in range(3):
+        _image(tmp_path / "frames" / f"{k:03d}.png", size=(48, 48), seed=k)
+    out = tmp_path / "video"
+    r = run("--video", tmp_path / "frames", "-w", weights, "--image-size", 32, "-o", out, "-q", "--mp4")
+    assert r.exit_code == 0, r.output
+    # the MP4 itself is a video the next run can read frame by frame
+    r = run("--video", out / "attention.mp4", "-w", weights, "--image-size", 32, "-o", tmp_path / "again", "-q")
+    assert r.exit_code == 0, r.output
+    with av.open(str(out / "attention.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 3
+    assert len(list((tmp_path / "again" / "maps").iterdir())) == 3
+
+
+# -- bad input: one sentence, exit code 2 ------------------------------------------------------------
+def test_bad_inputs_are_one_sentence(tmp_path, weights):
+    o = tmp_path / "out"
+    # a missing path
+    assert_one_sentence(run(tmp_path / "nope.png", "-w", weights, "-o", o), "does not exist")
+    # a file that is not an image
+    (tmp_path / "notes.png").write_text("hello")
+    assert_one_sentence(run(tmp_path / "notes.png", "-w", weights, "-o", o), "is not a readable image")
+    # an image smaller than one patch (with or without resizing)
+    _image(tmp_path / "tiny" / "t.png", size=(8, 8))
+    assert_one_sentence(run(tmp_path / "tiny" / "t.png", "-w", weights, "-o", o, "--image-size", 0),
+                        "smaller than one 16x16 patch")
+    assert_one_sentence(run(tmp_path / "tiny" / "t.png", "-w", weights, "-o", o), "smaller than one 16x16 patch")
+    # a mask whose size differs from its image
+    _image(tmp_path / "img" / "a.png", size=(40, 40))
+    (tmp_path / "m").mkdir()
+    Image.fromarray(np.ones((30, 40), np.uint8)).save(tmp_path / "m" / "a.png")
+    assert_one_sentence(run("--images", tmp_path / "img", "--masks", tmp_path / "m", "-w", weights, "-o", o,
+                            "-q"), "is 40x30 pixels but its image")
+    # images without masks
+    _image(tmp_path / "img2" / "a.png")
+    _image(tmp_path / "img2" / "b.png")
+    (tmp_path / "m2").mkdir()
+    Image.fromarray(np.ones((40, 48), np.uint8)).save(tmp_path / "m2" / "a.png")
+    assert_one_sentence(run("--images", tmp_path / "img2", "--masks", tmp_path / "m2", "-w", weights, "-o", o),
+                        "1 of 2 images", "have no mask")
+    # an annotation file that is not COCO
+    (tmp_path / "ann.json").write_text(json.dumps({"info": {}, "licenses": []}))
+    assert_one_sentence(run("--images", tmp_path / "img", "--coco", tmp_path / "ann.json", "-w", weights, "-o", o),
+                        "is not a COCO annotation file")
+    # forms mixed or missing, bad options, weights without attention
+    assert_one_sentence(run("-w", weights, "-o", o), "Give images")
+    assert_one_sentence(run(tmp_path / "img", "--video", tmp_path / "img", "-w", weights, "-o", o), "one form")
+    assert_one_sentence(run("--images", tmp_path / "img", "-w", weights, "-o", o), "exactly one of --masks")
+    assert_one_sentence(run(tmp_path / "img", "--threshold", 1.5, "-w", weights, "-o", o), "--threshold")
+    rn = tmp_path / "rn.pth"
+    dinokit.save_backbone(dinokit.build_backbone("resnet50"), rn)
+    assert_one_sentence(run(tmp_path / "img", "-w", rn, "-o", o), "ViT")
+    assert_one_sentence(run("--video", tmp_path / "nothing", "-w", weights, "-o", o), "does not exist")
+    # nothing was created by the refused runs
+    assert not o.exists()
