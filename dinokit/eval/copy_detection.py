@@ -342,8 +342,9 @@ class DescriptorEmbedder:
         fp["transform"] = describe_transform(transform)
         self.fingerprint = fp
 
-    def _key(self, paths: Sequence[Path]) -> str:
+    def _key(self, paths: Sequence[Path], extra: str = "") -> str:
         h = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True, default=str).encode())
+        h.update(extra.encode())
         for p in paths:
             try:
                 st = os.stat(p)
@@ -352,13 +353,22 @@ class DescriptorEmbedder:
                 h.update(f"{os.path.abspath(p)}\0missing\n".encode())
         return h.hexdigest()[:20]
 
-    def embed(self, paths: Sequence[Path], name: str, description: str | None = None) -> Embedded:
+    def embed(
+        self,
+        paths: Sequence[Path],
+        name: str,
+        description: str | None = None,
+        dataset: torch.utils.data.Dataset | None = None,
+        extra_key: str = "",
+    ) -> Embedded:
+        """Descriptors of ``paths`` (from the cache when its key matches). ``dataset`` replaces the
+        default one (the images through the transform); ``extra_key`` names what else it depends on."""
         from ..data.images import ImageDataset
         from ..io import torch_save_atomic
         from ..runtime import dist_env
         from .features import extract_features
 
-        key = self._key(paths)
+        key = self._key(paths, extra_key)
         cache = None
         if self.cache_dir is not None:
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
@@ -371,7 +381,8 @@ class DescriptorEmbedder:
                 if isinstance(obj, dict) and obj.get("key") == key:
                     self.progress.log(f"reusing cached descriptors of {name} ({len(paths)} images)")
                     return Embedded(obj["features"].float(), obj["kept"].bool(), reused=True)
-        dataset = ImageDataset(list(paths), transform=self.transform, skip_unreadable=True)
+        if dataset is None:
+            dataset = ImageDataset(list(paths), transform=self.transform, skip_unreadable=True)
         feats, kept = extract_features(
             self.model,
             dataset,

@@ -1,0 +1,101 @@
+"""``dinokit retrieval``: landmark retrieval on revisited Oxford and Paris (mAP, mP@k)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import (
+    Arch,
+    CheckpointKey,
+    Device,
+    NumWorkers,
+    Output,
+    Overwrite,
+    PatchSize,
+    Precision,
+    Quiet,
+    RichProgress,
+    Seed,
+    Weights,
+    console,
+    is_main_process,
+    print_table,
+    setup_logging,
+)
+
+
+def retrieval(
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="The folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/ (or the dataset folder itself).",
+        ),
+    ],
+    dataset: Annotated[str, typer.Option("--dataset", help="roxford5k or rparis6k.")],
+    output: Output,
+    weights: Weights = "random",
+    arch: Arch = None,
+    patch_size: PatchSize = None,
+    checkpoint_key: CheckpointKey = "teacher",
+    image_size: Annotated[
+        int, typer.Option("--image-size", min=1, help="Long side of the images (aspect kept, Lanczos).")
+    ] = 224,
+    multiscale: Annotated[
+        bool, typer.Option("--multiscale", help="Average the descriptor over scales 1, 1/sqrt(2) and 1/2.")
+    ] = False,
+    num_workers: NumWorkers = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Image retrieval on revisited Oxford or Paris: mAP and mP@1/5/10 (percent) under the Medium
+    and Hard protocols."""
+    from dinokit.eval.retrieval import RetrievalConfig, image_retrieval
+    from dinokit.io import prepare_output_dir, write_metrics
+
+    setup_logging(quiet)
+    prepare_output_dir(output, overwrite=overwrite)
+    cfg = RetrievalConfig(
+        data=data,
+        dataset=dataset,
+        output=output,
+        weights=weights,
+        arch=arch,
+        patch_size=patch_size,
+        checkpoint_key=checkpoint_key,
+        image_size=image_size,
+        multiscale=multiscale,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        seed=seed,
+    )
+    with RichProgress(quiet=quiet) as progress:
+        result = image_retrieval(cfg, progress)
+    if not is_main_process():
+        return
+    write_metrics(output, result.to_metrics(), config=asdict(cfg))
+    rows = [
+        [proto.capitalize(), result.mAP[proto], *(result.mP[proto][k] for k in ("1", "5", "10"))]
+        for proto in ("medium", "hard")
+    ]
+    print_table(
+        f"{dataset}: {result.queries} queries, {result.database} images (percent)",
+        ["protocol", "mAP", "mP@1", "mP@5", "mP@10"],
+        rows,
+    )
+    unreadable = sum(result.unreadable.values())
+    if unreadable:
+        console.print(f"{unreadable} unreadable images were skipped.")
+    console.print(f"Results in {output / 'metrics.json'}")
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    app.command("retrieval")(retrieval)
