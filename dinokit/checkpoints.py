@@ -160,14 +160,24 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        if not any("Weights only load failed" in ln for ln in lines):
+            # a plain unpickling failure: the bytes are not a pickle at all
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}).") from e
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), "")
+        detail = f" ({detail.rstrip('.')})" if detail else ""
         raise CheckpointError(
-            f"{path} holds Python objects beyond plain weights ({detail.strip()}); dinokit refuses to "
-            "unpickle it because that could run code."
+            f"{path} holds Python objects beyond plain weights{detail}; dinokit refuses to unpickle it "
+            "because that could run code."
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}).") from e
+    except Exception as e:  # zip, EOF, key and value errors of a file that is not a checkpoint
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}).") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0].rstrip(".") if text else type(e).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -188,7 +198,9 @@ def state_dict_fingerprint(sd: dict[str, torch.Tensor]) -> str:
         if isinstance(t, torch.Tensor):
             t = t.detach().to("cpu").contiguous()
             h.update(str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(str(t.dtype).encode())
+            # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
@@ -384,15 +396,31 @@ def load_backbone(
     if preset is not None and not Path(weights).exists():
         url_path, p_arch, p_patch = preset
         if arch is not None and canonical_arch(arch) != p_arch:
-            raise CheckpointError(f"The preset {weights!r} is {p_arch}, but --arch {arch} was asked for.")
+            raise CheckpointError(
+                f"The preset {weights!r} is {describe(p_arch, p_patch)}, but --arch {arch} was asked for."
+            )
+        if patch_size is not None and p_patch is not None and int(patch_size) != p_patch:
+            raise CheckpointError(
+                f"The preset {weights!r} is {describe(p_arch, p_patch)}, but --patch-size {patch_size} "
+                "was asked for."
+            )
         path = fetch_preset_file(url_path, weights)
         try:
-            model = _load_from_file(path, arch, patch_size, checkpoint_key, model_kwargs)
+            ckpt = read_checkpoint(path)
         except CheckpointError as e:
-            log.warning("cached file %s does not load (%s); fetching it again", path, e)
+            # Only an unreadable file counts as a broken cache entry; a file that reads but does
+            # not fit the request is the request's problem and the cached file stays.
+            log.warning("the cached file %s does not load (%s); fetching it again", path, e)
             path.unlink(missing_ok=True)
-            path = fetch_preset_file(url_path, weights)
-            model = _load_from_file(path, arch, patch_size, checkpoint_key, model_kwargs)
+            try:
+                path = fetch_preset_file(url_path, weights)
+                ckpt = read_checkpoint(path)
+            except CheckpointError as e2:
+                raise CheckpointError(
+                    f"The cached file of preset {weights!r} did not load and was removed, and fetching it "
+                    f"again failed: {str(e2).rstrip('.')}."
+                ) from e2
+        model = _model_from_checkpoint(ckpt, path, arch, patch_size, checkpoint_key, model_kwargs)
         model.weights_source = weights
         return model
     path = Path(weights).expanduser()
@@ -407,7 +435,10 @@ def load_backbone(
 
 
 def _load_from_file(path: Path, arch, patch_size, checkpoint_key, model_kwargs) -> nn.Module:
-    ckpt = read_checkpoint(path)
+    return _model_from_checkpoint(read_checkpoint(path), path, arch, patch_size, checkpoint_key, model_kwargs)
+
+
+def _model_from_checkpoint(ckpt: Any, path: Path, arch, patch_size, checkpoint_key, model_kwargs) -> nn.Module:
     sd = extract_backbone_state_dict(ckpt, checkpoint_key, source=str(path))
     sd = _map_weight_norm_keys(sd)
     found_arch, found_patch, extra = infer_arch(sd)
