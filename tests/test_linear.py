@@ -177,6 +177,13 @@ def test_cli_bad_input(labelled_folder, tiny_weights, tmp_path, feature_files):
     assert r.exit_code == 2 and "classes the training set lacks: purple" in r.text
     r = run_cli(["linear", "--evaluate", "--val", str(labelled_folder / "val"), "--output", str(tmp_path / "b")])
     assert r.exit_code == 2 and "--evaluate needs --linear-weights" in r.text
+    # a released head by preset name, offline: says where to put the file
+    r = run_cli(["linear", "--evaluate", "--linear-weights", "dino_vits16", "--val", str(labelled_folder / "val"),
+                 "--output", str(tmp_path / "p"), "--quiet"])
+    assert r.exit_code == 2 and "not in the cache" in r.text and "dino_deitsmall16" in r.text
+    r = run_cli(["linear", "--train", str(labelled_folder / "train"), "--val", str(labelled_folder / "val"),
+                 "--output", str(tmp_path / "w"), "--quiet"])
+    assert r.exit_code == 2 and "Give --weights" in r.text
     # feature files of another dimension
     train, _ = feature_files
     save_features(clusters(5, 4, 32, 1), tmp_path / "val32.pt")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +168,10 @@ def _load_backbone(cfg: LinearConfig):
     from ..checkpoints import load_backbone
     from ..runtime import seed_everything
 
+    if cfg.weights is None:
+        raise DataError("Give --weights (a checkpoint, a preset or 'random'): the backbone to probe.")
     seed_everything(cfg.seed)
-    return load_backbone(cfg.weights or "random", cfg.arch, cfg.patch_size, cfg.checkpoint_key)
+    return load_backbone(cfg.weights, cfg.arch, cfg.patch_size, cfg.checkpoint_key)
 
 
 def _rng_state() -> dict:
@@ -506,13 +508,17 @@ def _validate_images(model, probe, feature_fn, loader, device, dtype) -> dict[st
 def evaluate_head(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
     """Validate a trained linear head (a released ``*_linearweights.pth``, a preset name, or a dinokit
     probe checkpoint) on the val images, without training."""
-    from ..checkpoints import load_linear_head
+    from ..checkpoints import LINEAR_PRESETS, load_linear_head
     from .features import Embedder, scan_images
 
     if not cfg.linear_weights:
         raise DataError("--evaluate needs --linear-weights (a *_linearweights.pth file or a preset name).")
     if cfg.val is None:
         raise DataError("--evaluate needs --val, the labelled validation images.")
+    if cfg.weights is None and cfg.linear_weights in LINEAR_PRESETS:
+        cfg = replace(cfg, weights=cfg.linear_weights)  # a released head goes with its own backbone
+    if cfg.weights is None:
+        raise DataError("--evaluate needs --weights, the backbone the linear head was trained on.")
     head = load_linear_head(cfg.linear_weights)
     w, b = head["linear.weight"].float(), head["linear.bias"].float()
     classes = scan_images(cfg.train, labelled=True).classes if cfg.train is not None else None
