@@ -12,6 +12,7 @@ import click
 import typer
 import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -68,11 +69,11 @@ class DinokitGroup(typer.core.TyperGroup):
         try:
             return super().invoke(ctx)
         except DinokitError as e:
-            console_err.print(f"[bold red]Error:[/] {_plain_error(e)}", highlight=False)
+            console_err.print(f"[bold red]Error:[/] {escape(_plain_error(e))}", highlight=False)
             raise typer.Exit(code=e.exit_code) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
             name = e.filename or ""
-            console_err.print(f"[bold red]Error:[/] cannot use {name}: {e.strerror}.", highlight=False)
+            console_err.print(f"[bold red]Error:[/] cannot use {escape(str(name))}: {e.strerror}.", highlight=False)
             raise typer.Exit(code=2) from None
 
 
