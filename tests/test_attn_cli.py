@@ -206,3 +206,16 @@ def test_bad_inputs_are_one_sentence(tmp_path, weights):
     assert_one_sentence(run("--video", tmp_path / "nothing", "-w", weights, "-o", o), "does not exist")
     # nothing was created by the refused runs
     assert not o.exists()
+
+
+def test_video_file_without_pyav_is_one_sentence(tmp_path, weights, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now fails as if PyAV were not installed
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 16)
+    r = run("--video", tmp_path / "clip.mp4", "-w", weights, "-o", tmp_path / "o")
+    assert_one_sentence(r, "needs PyAV", "dinokit[video]")
+    for k in range(2):
+        _image(tmp_path / "frames" / f"{k}.png", seed=k)
+    r = run("--video", tmp_path / "frames", "--mp4", "-w", weights, "-o", tmp_path / "o2", "--image-size", 32)
+    assert_one_sentence(r, "needs PyAV")
