@@ -1,0 +1,148 @@
+"""Device and precision choice, the torchrun environment, seeding, and bf16 inference."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dinokit
+from dinokit import runtime
+from dinokit.errors import DinokitError
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dist_env():
+    runtime.dist_env.cache_clear()
+    yield
+    runtime.dist_env.cache_clear()
+
+
+def test_resolve_device():
+    assert runtime.resolve_device("cpu") == torch.device("cpu")
+    auto = runtime.resolve_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+    if not torch.cuda.is_available():
+        with pytest.raises(DinokitError, match="no CUDA GPU"):
+            runtime.resolve_device("cuda")
+    with pytest.raises(DinokitError, match="Unknown device 'tpu'"):
+        runtime.resolve_device("tpu")
+
+
+def test_native_bf16_follows_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert runtime.has_native_bf16("cpu")
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    assert runtime.has_native_bf16("cpu")
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert not runtime.has_native_bf16("cpu")
+    assert not runtime.has_native_bf16("meta")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_resolve_precision(monkeypatch, native):
+    monkeypatch.setattr(runtime, "has_native_bf16", lambda device: native)
+    cpu = torch.device("cpu")
+    assert runtime.resolve_precision("auto", cpu, training=True) == (torch.bfloat16 if native else None)
+    assert runtime.resolve_precision("auto", cpu, training=False) is None  # evaluation matches the reference
+    assert runtime.resolve_precision("fp32", cpu, training=True) is None
+    assert runtime.resolve_precision("BF16", cpu, training=False) == torch.bfloat16
+    with pytest.raises(DinokitError, match="fp16 needs a GPU"):
+        runtime.resolve_precision("fp16", cpu, training=False)
+    with pytest.raises(DinokitError, match="Unknown precision 'int8'"):
+        runtime.resolve_precision("int8", cpu, training=False)
+    assert runtime.precision_name(runtime.resolve_precision("bf16", cpu, True)) == "bf16"
+
+
+def test_autocast_contexts():
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with runtime.autocast(torch.device("cpu"), None):
+        assert (a @ b).dtype == torch.float32
+    with runtime.autocast(torch.device("cpu"), torch.bfloat16):
+        assert (a @ b).dtype == torch.bfloat16
+
+
+def test_torchrun_environment_is_read_once(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    env = runtime.dist_env()
+    assert (env.rank, env.world_size, env.distributed, env.is_main) == (0, 1, False, True)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert runtime.dist_env() is env  # cached: read once per process
+    runtime.dist_env.cache_clear()
+    env = runtime.dist_env()
+    assert (env.rank, env.world_size, env.local_rank, env.distributed, env.is_main) == (3, 4, 1, True, False)
+    runtime.dist_env.cache_clear()
+    monkeypatch.setenv("WORLD_SIZE", "four")
+    with pytest.raises(DinokitError, match="not integers"):
+        runtime.dist_env()
+
+
+def test_single_process_collectives_are_no_ops():
+    assert runtime.init_distributed(torch.device("cpu")).world_size == 1
+    t = torch.tensor([2.0, 4.0])
+    assert torch.equal(runtime.all_reduce_mean(t), torch.tensor([2.0, 4.0]))
+    runtime.barrier()
+    assert not runtime.is_dist()
+
+
+def test_seed_everything_is_reproducible_and_per_rank():
+    def draw():
+        return random.random(), float(np.random.rand()), torch.rand(1).item()
+
+    runtime.seed_everything(5)
+    a = draw()
+    runtime.seed_everything(5)
+    assert draw() == a
+    runtime.seed_everything(5, rank=1)
+    assert draw() != a
+
+
+def test_describe_runtime_lists_versions_devices_threads_and_bf16():
+    info = runtime.describe_runtime()
+    assert info["dinokit"] == dinokit.__version__ and info["torch"] == torch.__version__
+    assert info["torch_threads"] == torch.get_num_threads()
+    assert info["cpu_native_bf16"] == runtime.has_native_bf16("cpu")
+    assert info["default_device"] in ("cpu", "cuda:0", "mps")
+    for key in ("python", "torchvision", "cpu_count", "cuda_available", "cuda_devices", "mps_available"):
+        assert key in info
+
+
+# -- bf16 inference -------------------------------------------------------------------------------------
+def test_cast_for_inference_runs_a_vit_in_bf16_on_fp32_images():
+    torch.manual_seed(0)
+    ref = dinokit.build_backbone("vit_tiny", 16, depth=2)
+    model = runtime.cast_for_inference(copy.deepcopy(ref), torch.bfloat16)
+    assert not model.training and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
+    x = torch.randn(3, 3, 48, 64)
+    with torch.inference_mode():
+        out = model(x)
+        expected = ref.eval()(x)
+        attn = model.get_cls_attention(x)
+    assert out.dtype == torch.bfloat16
+    assert F.cosine_similarity(out.float(), expected, dim=1).min() > 0.99
+    assert attn.shape == (3, 3, 12)
+    assert runtime.cast_for_inference(ref, None) is ref and ref.pos_embed.dtype == torch.float32
+
+
+def test_cast_for_inference_casts_the_inputs_of_other_models():
+    torch.manual_seed(0)  # a ResNet-like stack (the hook does not depend on the depth)
+    ref = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    ).eval()
+    model = runtime.cast_for_inference(copy.deepcopy(ref), torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        out, expected = model(x), ref(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 16)
+    assert torch.allclose(out.float(), expected, atol=0.05, rtol=0.05)
+    runtime.cast_for_inference(model, torch.bfloat16)  # a second cast adds no second hook
+    assert len(model._forward_pre_hooks) == 1
