@@ -69,11 +69,14 @@ class DinokitGroup(typer.core.TyperGroup):
         try:
             return super().invoke(ctx)
         except DinokitError as e:
-            console_err.print(f"[bold red]Error:[/] {escape(_plain_error(e))}", highlight=False)
+            # soft_wrap: the sentence stays on one line in logs (rich would wrap it at 80 columns)
+            console_err.print(f"[bold red]Error:[/] {escape(_plain_error(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=e.exit_code) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
             name = e.filename or ""
-            console_err.print(f"[bold red]Error:[/] cannot use {escape(str(name))}: {e.strerror}.", highlight=False)
+            console_err.print(
+                f"[bold red]Error:[/] cannot use {escape(str(name))}: {e.strerror}.", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(code=2) from None
 
 
