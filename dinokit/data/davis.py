@@ -81,7 +81,7 @@ def normalize_frame(x: torch.Tensor) -> torch.Tensor:
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    return np.asarray(open_rgb(path))
+    return np.array(open_rgb(path))
 
 
 class FrameDataset(torch.utils.data.Dataset):

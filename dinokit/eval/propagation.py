@@ -501,9 +501,8 @@ def _run_sequences(cfg: DavisRunConfig):
         raise DataError(f"The first-frame mask {cfg.first_mask} does not exist.")
     frames = Path(cfg.frames)
     if frames.is_file() and davis.is_video_file(frames):
-        decoded = davis.decode_video(frames, Path(cfg.output) / ".frames" / frames.stem)
-        seq = davis.VideoSequence(name=frames.stem, frames=decoded, first_mask=Path(cfg.first_mask))
-        return [seq]
+        # decoded into the output folder once it is prepared (see run_davis)
+        return [davis.VideoSequence(name=frames.stem, frames=[], first_mask=Path(cfg.first_mask))]
     if frames.is_file():
         raise DataError(f"{frames} is neither a folder of frames nor a video file ({', '.join(davis.VIDEO_EXTENSIONS)}).")
     return [davis.folder_video(frames, cfg.first_mask)]
@@ -522,7 +521,7 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
     """
     from .. import load_backbone
     from ..checkpoints import state_dict_fingerprint
-    from ..data.davis import write_visualization
+    from ..data.davis import decode_video, write_visualization
     from ..io import prepare_output_dir, to_json, write_json, write_metrics
     from ..runtime import precision_name, resolve_device, resolve_precision, seed_everything
     from .davis_metrics import DavisScores, score_sequence_folders
@@ -560,6 +559,9 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
                 "to replace its results or choose another folder."
             )
     write_json(previous, {"fingerprint": fingerprint})
+    for seq in sequences:
+        if not seq.frames:  # a video file
+            seq.frames = decode_video(cfg.frames, out / ".frames" / seq.name)
 
     videos = []
     scores = DavisScores(sequences=[])
