@@ -326,3 +326,33 @@ def test_resume_without_checkpoint_and_existing_output(labelled_folder, tiny2, t
 def test_val_and_val_split_together(labelled_folder, tiny2, tmp_path):
     r = invoke(base_args(tiny2, labelled_folder, tmp_path / "run") + ["--val-split", "0.2"])
     assert "either --val or --val-split" in one_error_sentence(r)
+
+
+# -- torchrun ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_processes_match_one(labelled_folder, tiny2, tmp_path):
+    """2 processes x batch 2 see the same global batches as 1 process x batch 4 (the order is cut into
+    global batches first), so without drop path or mixup they train to the same weights (up to the
+    order of float sums); the head-only epoch checks the head's gradient averaging."""
+    import subprocess
+    import sys
+
+    common = ["--drop-path", "0", "--head-warmup-epochs", "1", "--epochs", "2"]
+    one = base_args(tiny2, labelled_folder, tmp_path / "one") + common
+    r = invoke(one)
+    assert r.exit_code == 0, r.output
+    two = base_args(tiny2, labelled_folder, tmp_path / "two") + common
+    two[two.index("--batch-size") + 1] = "2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dinokit", *two],
+        capture_output=True, text=True, env=env, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_model_file(tmp_path / "one" / "model.pth"), load_model_file(tmp_path / "two" / "model.pth")
+    for part in ("backbone", "head"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-4, atol=1e-5, msg=f"{part}.{k}")
+    la, lb = log_lines(tmp_path / "one"), log_lines(tmp_path / "two")
+    assert [h["val_top1"] for h in la] == [h["val_top1"] for h in lb]
+    np.testing.assert_allclose([h["train_loss"] for h in la], [h["train_loss"] for h in lb], rtol=1e-5)

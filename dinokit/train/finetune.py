@@ -708,13 +708,13 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
     with GracefulStop() as stop:
         for epoch in range(start_epoch, end_epoch):
             head_only = epoch < cfg.head_warmup_epochs
+            for p in model.backbone.parameters():
+                p.requires_grad_(not head_only)  # before DDP is built: it syncs only trainable parameters
             if not head_only and is_dist() and ddp_model is None:
                 ddp_model = torch.nn.parallel.DistributedDataParallel(
                     model, device_ids=[device.index] if device.type == "cuda" else None
                 )
             runner = model if head_only or ddp_model is None else ddp_model
-            for p in model.backbone.parameters():
-                p.requires_grad_(not head_only)
             model.train()
             if head_only:
                 model.backbone.eval()  # frozen: no drop path while only the head learns
