@@ -475,6 +475,8 @@ class _Run:
         t_params = list(teacher.parameters())
         all_params = [p for p in student.parameters() if p.requires_grad]
 
+        # more workers than cores only adds contention
+        num_workers = max(0, min(cfg.num_workers, (os.cpu_count() or 1) // world))
         history: list[dict] = []
         collapsed: list[int] = []
         total_skipped = 0
@@ -497,12 +499,12 @@ class _Run:
                     dataset,
                     batch_size=cfg.batch_size,
                     sampler=sampler,
-                    num_workers=cfg.num_workers,
+                    num_workers=num_workers,
                     pin_memory=device.type == "cuda",
                     drop_last=True,
                     collate_fn=collate_multicrop,
                     generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
-                    worker_init_fn=_ignore_sigint if cfg.num_workers > 0 else None,
+                    worker_init_fn=_ignore_sigint if num_workers > 0 else None,
                 )
                 losses = torch.zeros(iters, dtype=torch.float32)
                 if partial and epoch == start_epoch:
@@ -587,7 +589,7 @@ class _Run:
                         )
                     else:
                         task.advance(1)
-                    if stop_now:
+                    if stop_now or (stop.requested and not is_dist()):
                         stopped_by = signal.Signals(stop.signum).name if stop.signum else "signal"
                         exit_code = stop.exit_code
                         break

@@ -1,0 +1,228 @@
+"""`dinokit pretrain` end to end on 32 tiny images: run folder, exact resume, signals, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_image
+from dinokit.commands import app
+from typer.testing import CliRunner
+
+import dinokit
+from dinokit.train.pretrain import PretrainConfig, pretrain
+
+TINY = [
+    "--arch", "vit_tiny", "--depth", "2", "--batch-size", "8", "--out-dim", "256", "--local-crops", "2",
+    "--global-size", "32", "--local-size", "16", "--precision", "fp32", "--num-workers", "0", "--quiet",
+]
+LOG_FIELDS = {"epoch", "loss", "lr", "wd", "momentum", "teacher_temp", "images_per_second", "seconds"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these models are tiny, and a shared CI machine punishes oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """32 readable images in class folders (an ImageFolder; classes are ignored) and one broken file."""
+    root = tmp_path_factory.mktemp("pretrain_data")
+    for i in range(32):
+        make_image(root / f"class{i % 2}" / "sub" / f"{i}.png", size=(40, 36), seed=i)
+    (root / "class0" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    return root
+
+
+def invoke(args):
+    return CliRunner().invoke(app, ["pretrain", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def straight(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    t0 = time.perf_counter()
+    res = invoke(["--data", str(images), "--output", str(out), "--epochs", "2", "--save-every", "1", *TINY])
+    return out, res, time.perf_counter() - t0
+
+
+def load_sd(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_epochs_on_32_images_write_the_run_folder(straight):
+    out, res, seconds = straight
+    assert res.exit_code == 0, res.output
+    assert seconds < 60, f"2 epochs on 32 images took {seconds:.1f} s"
+    for name in ("config.json", "log.jsonl", "checkpoint.pth", "checkpoint0001.pth", "checkpoint0002.pth",
+                 "backbone.pth", "metrics.json"):
+        assert (out / name).is_file(), name
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    assert all(LOG_FIELDS <= set(x) for x in lines)
+    assert all(x["skipped_images"] == 1 for x in lines)  # the broken file, counted each epoch
+    assert all(x["images_per_second"] > 0 and x["seconds"] > 0 for x in lines)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["epochs_done"] == 2 and metrics["n_images"] == 33
+    assert metrics["config"]["arch"] == "vit_tiny" and "versions" in metrics
+    config = json.loads((out / "config.json").read_text())
+    assert config["iterations_per_epoch"] == 4 and config["global_batch"] == 8
+    # every file loads with weights_only=True; the checkpoint's both keys give a backbone
+    ckpt = load_sd(out / "checkpoint.pth")
+    assert ckpt["epoch"] == 2 and ckpt["iteration"] == 0 and ckpt["dino_loss"]["center"].shape == (1, 256)
+    teacher = dinokit.load_backbone(out / "checkpoint.pth")
+    student = dinokit.load_backbone(out / "checkpoint.pth", checkpoint_key="student")
+    released = dinokit.load_backbone(out / "backbone.pth")
+    assert_same_state(teacher.state_dict(), released.state_dict())
+    assert not torch.equal(teacher.blocks[0].attn.qkv.weight, student.blocks[0].attn.qkv.weight)
+    # the 224 grid is kept whatever the crop size, so the weights load with the default model
+    assert released.pos_embed.shape[1] == 1 + 14 * 14
+
+
+def test_stop_after_then_resume_is_bitwise_equal(straight, images, tmp_path):
+    out_s = straight[0]
+    out = tmp_path / "resumed"
+    base = ["--data", str(images), "--output", str(out), "--epochs", "2", *TINY]
+    res = invoke([*base, "--stop-after", "1"])
+    assert res.exit_code == 0, res.output
+    assert "--resume" in res.output
+    assert load_sd(out / "checkpoint.pth")["epoch"] == 1
+    res = invoke([*base, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert_same_state(load_sd(out_s / "backbone.pth"), load_sd(out / "backbone.pth"))
+    a, b = load_sd(out_s / "checkpoint.pth"), load_sd(out / "checkpoint.pth")
+    assert_same_state(a["student"], b["student"])
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+
+class SignalAt:
+    """A progress sink that sends this process a signal at a chosen step of a chosen epoch."""
+
+    def __init__(self, epoch: int, step: int, signum=signal.SIGTERM):
+        self.epoch, self.step, self.signum = epoch, step, signum
+
+    def task(self, description, total=None):
+        outer = self
+
+        class _Task:
+            n = 0
+
+            def advance(self, n=1, **fields):
+                self.n += n
+                if description.startswith(f"epoch {outer.epoch}/") and self.n == outer.step:
+                    os.kill(os.getpid(), outer.signum)
+
+            def update(self, **fields):
+                pass
+
+            def close(self):
+                pass
+
+        return _Task()
+
+    def log(self, message):
+        pass
+
+
+def tiny_config(images, out, **kw) -> PretrainConfig:
+    return PretrainConfig(
+        data=str(images), output=str(out), arch="vit_tiny", depth=2, batch_size=8, out_dim=256, local_crops=2,
+        global_size=32, local_size=16, precision="fp32", num_workers=0, epochs=2, **kw,
+    )
+
+
+def test_signal_mid_epoch_saves_and_resumes_exactly(straight, images, tmp_path):
+    out = tmp_path / "signalled"
+    result = pretrain(tiny_config(images, out), SignalAt(epoch=2, step=2))
+    assert result.exit_code == 143 and result.stopped_by == "SIGTERM" and not result.finished
+    ckpt = load_sd(out / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 2)  # the step in flight was finished, then saved
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+    result = pretrain(tiny_config(images, out, resume=True))
+    assert result.finished and result.exit_code == 0
+    assert_same_state(load_sd(straight[0] / "backbone.pth"), load_sd(out / "backbone.pth"))
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    straight_lines = [json.loads(x) for x in (straight[0] / "log.jsonl").read_text().splitlines()]
+    assert lines[1]["loss"] == pytest.approx(straight_lines[1]["loss"], rel=1e-6)  # whole-epoch mean kept
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_running_process_leaves_a_resumable_checkpoint(images, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dinokit", "pretrain", "--data", str(images), "--output", str(out),
+           "--epochs", "50", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "log.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "--resume" in stdout + stderr
+    done = load_sd(out / "checkpoint.pth")
+    assert 1 <= done["epoch"] < 50
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped_by"] == "SIGTERM"
+    # resume through the CLI with only the run folder (the saved settings are reused)
+    stop = done["epoch"] + 1
+    res = invoke(["--output", str(out), "--resume", "--stop-after", str(stop), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert load_sd(out / "checkpoint.pth")["epoch"] == stop
+
+
+def test_empty_folder_is_an_error_before_anything_starts(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    res = CliRunner().invoke(app, ["pretrain", "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), *TINY])
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert "holds no images" in text and "Traceback" not in text
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(straight, images, tmp_path):
+    res = CliRunner().invoke(app, ["pretrain", "--data", str(images), "--output", str(straight[0]), *TINY])
+    assert res.exit_code == 2 and "--resume" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["pretrain", "--data", str(images), "--output", str(tmp_path / "new"), "--resume"])
+    assert res.exit_code == 2 and "without --resume" in " ".join(res.output.split())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, monkeypatch):
+    import dinokit.train.pretrain as mod
+
+    class ExplodingLoss(mod.DINOLoss):
+        def forward(self, student_output, teacher_output, epoch):
+            loss = super().forward(student_output, teacher_output, epoch)
+            return loss * float("nan") if epoch == 1 else loss
+
+    monkeypatch.setattr(mod, "DINOLoss", ExplodingLoss)
+    out = tmp_path / "nan"
+    with pytest.raises(dinokit.DinokitError, match="last good state"):
+        pretrain(tiny_config(images, out))
+    ckpt = load_sd(out / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 0)
+    assert torch.isfinite(torch.cat([v.flatten() for v in ckpt["teacher"].values()])).all()
