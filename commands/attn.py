@@ -27,6 +27,7 @@ from ._common import (
     Precision,
     Quiet,
     RichProgress,
+    Seed,
     Weights,
     console,
     print_table,
@@ -280,6 +281,7 @@ def attn(
     num_workers: NumWorkers = 0,
     device: Device = "auto",
     precision: Precision = "auto",
+    seed: Seed = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -288,7 +290,7 @@ def attn(
     the maps of every frame as pictures and an animated GIF."""
     from dinokit.eval.attention import AttentionConfig
     from dinokit.io import prepare_output_dir
-    from dinokit.runtime import precision_name, resolve_device, resolve_precision
+    from dinokit.runtime import precision_name, resolve_device, resolve_precision, seed_everything
 
     setup_logging(quiet)
     forms = [bool(images), images_dir is not None, video is not None]
@@ -323,8 +325,10 @@ def attn(
              if images_dir is not None else None)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev, training=False)
+    seed_everything(seed)  # --weights random is then the same network on every run
     model = _load_model(weights, arch, patch_size, checkpoint_key)
     model_cfg = _model_config(model, weights, checkpoint_key)
+    model_cfg["seed"] = seed
     created = not output.exists()
     out = prepare_output_dir(output, overwrite=overwrite)
     with _remove_if_left_empty(out, created):
