@@ -177,8 +177,13 @@ def finetune(
         import signal as _signal
 
         name = _signal.Signals(result.signal).name
+        where = (
+            f"in epoch {result.stopped_at[0]} after step {result.stopped_at[1]}"
+            if result.stopped_at
+            else f"after epoch {result.epochs_done}"
+        )
         console_err.print(
-            f"Stopped by {name} after {result.epochs_done} complete epochs; the checkpoint is saved. "
+            f"Stopped by {name} {where}; the checkpoint is saved. "
             f"Resume with: dinokit finetune --output {result.output} --resume",
             highlight=False,
         )

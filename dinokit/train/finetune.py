@@ -127,6 +127,7 @@ class FinetuneResult:
     epochs: int
     finished: bool
     signal: int | None = None  # the signal that stopped the run, if any
+    stopped_at: tuple[int, int] | None = None  # (epoch, step) of a checkpoint written mid-epoch
     final_top1: float | None = None
     final_top5: float | None = None
     best_top1: float | None = None
@@ -798,6 +799,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
             if stopped_mid_epoch:
                 save_state(epoch, step)
                 result.signal = signum
+                result.stopped_at = (epoch + 1, step)
                 break
 
             # -- end of epoch: validate, log, checkpoint ------------------------------------
