@@ -1,0 +1,116 @@
+"""Does `dinokit pretrain` learn? A vit_tiny pretrained for a few minutes on `dinokit synth classify`
+data against the same model at random init, on weighted k-NN top-1 (the paper's 20-NN, T = 0.07).
+
+Uses runs/shared/classify when it exists, otherwise generates the data with `dinokit synth classify`.
+Labels are used only by the k-NN evaluation, never by pretraining.
+
+    python benchmarks/pretrain_learns.py [--minutes 5] [--epochs 30] [--data DIR] [--output DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import dinokit
+from dinokit.data.images import ImageDataset, scan_labelled_folder
+from dinokit.data.transforms import eval_transform
+from dinokit.eval.features import extract_features
+from dinokit.eval.knn import knn_classify
+from dinokit.train.pretrain import PretrainConfig, pretrain
+
+
+class TimeBudget:
+    """Progress sink that stops the run (as Ctrl-C would) once the budget is spent."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+        self.sent = False
+
+    def task(self, description, total=None):
+        outer = self
+
+        class _Task:
+            def advance(self, n=1, **fields):
+                if not outer.sent and time.monotonic() > outer.deadline:
+                    outer.sent = True
+                    os.kill(os.getpid(), signal.SIGINT)
+
+            def update(self, **fields):
+                pass
+
+            def close(self):
+                pass
+
+        return _Task()
+
+    def log(self, message):
+        print(message, flush=True)
+
+
+def knn_top1(model, data: Path, size: int) -> float:
+    train = scan_labelled_folder(data / "train")
+    val = scan_labelled_folder(data / "val", classes=train.classes)
+    tf = eval_transform(resize=size, crop=size)
+    f_tr, _ = extract_features(model, ImageDataset(train.paths, train.targets, tf), batch_size=64)
+    f_va, _ = extract_features(model, ImageDataset(val.paths, val.targets, tf), batch_size=64)
+    res = knn_classify(f_tr, torch.tensor(train.targets), f_va, torch.tensor(val.targets), ks=[20], temperature=0.07)
+    return res[20][0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path("runs/shared/classify"))
+    ap.add_argument("--output", type=Path, default=Path("runs/bench_pretrain_learns"))
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--patch-size", type=int, default=16)
+    ap.add_argument("--global-size", type=int, default=64)
+    ap.add_argument("--local-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--also", type=Path, default=None, help="another backbone.pth to evaluate the same way")
+    args = ap.parse_args()
+
+    data = args.data
+    if not (data / "train").is_dir():
+        data = args.output / "classify"
+        if not (data / "train").is_dir():
+            subprocess.run([sys.executable, "-m", "dinokit", "synth", "classify", "--output", str(data)], check=True)
+
+    cfg = PretrainConfig(
+        data=str(data / "train"), output=str(args.output / "run"), arch="vit_tiny", patch_size=args.patch_size,
+        epochs=args.epochs, batch_size=args.batch_size, global_size=args.global_size, local_size=args.local_size,
+        local_crops=4, precision="auto", num_workers=2, overwrite=True, save_every=0, seed=0,
+    )
+    t0 = time.perf_counter()
+    result = pretrain(cfg, TimeBudget(args.minutes * 60))
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"pretrained {result.epochs_done} of {result.epochs} epochs in {minutes:.1f} min "
+          f"({result.precision}, stopped by {result.stopped_by or 'end of schedule'}), last loss {result.loss}")
+
+    torch.manual_seed(0)
+    random_model = dinokit.load_backbone("random", arch="vit_tiny", patch_size=args.patch_size)
+    trained = dinokit.load_backbone(result.backbone)
+    figures = {
+        "random_init_knn20_top1": knn_top1(random_model, data, args.global_size),
+        "pretrained_knn20_top1": knn_top1(trained, data, args.global_size),
+    }
+    if args.also is not None and args.also.is_file():
+        other = dinokit.load_backbone(args.also)
+        figures["also_knn20_top1"] = knn_top1(other, data, args.global_size)
+        figures["also"] = str(args.also)
+    figures.update(minutes=minutes, epochs_done=result.epochs_done, precision=result.precision)
+    print(json.dumps(figures, indent=2))
+    print(f"pretrained beats random init: {figures['pretrained_knn20_top1'] > figures['random_init_knn20_top1']}")
+
+
+if __name__ == "__main__":
+    main()
