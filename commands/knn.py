@@ -114,6 +114,7 @@ def knn(
         config = {
             **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if f != "memory_budget"},
             "per_class_k": result.per_class_k,
+            "k_used": {str(a): b for a, b in result.k_used.items()},
             "num_classes": result.num_classes,
             "n_train": result.n_train,
             "n_val": result.n_val,

@@ -209,6 +209,7 @@ def test_cli_knn_one_test_image(labelled_folder, tiny_weights, tmp_path):
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert set(m["knn"]) == {"10", "20", "100", "200"}  # 100 and 200 clamped to the 18 training images
     assert m["knn"]["200"]["top1"] in (0.0, 100.0)
+    assert m["config"]["k_used"] == {"10": 10, "20": 18, "100": 18, "200": 18}
 
 
 def test_cli_knn_bad_input(labelled_folder, tiny_weights, tmp_path):

@@ -16,7 +16,6 @@ k-th place are taken in the order ``torch.topk`` returns them.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +229,7 @@ class KnnResult:
     num_classes: int
     classes: list[str]
     fingerprint: dict[str, Any]
+    k_used: dict[int, int] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -305,8 +305,7 @@ def knn_eval(cfg: KnnConfig, progress: Progress = NULL_PROGRESS) -> KnnResult:
     main_k = 20 if 20 in preds.requested else min(preds.requested)
     names = train.classes or [str(i) for i in range(C)]
     per_class = per_class_top1(preds.ranked[preds.requested[main_k]], val_labels, names)
-    return KnnResult(acc, per_class, main_k, len(train), len(val), C, list(names), dict(train.fingerprint))
+    return KnnResult(
+        acc, per_class, main_k, len(train), len(val), C, list(names), dict(train.fingerprint), dict(preds.requested)
+    )
 
-
-def nan_to_none(x: float) -> float | None:
-    return None if isinstance(x, float) and math.isnan(x) else x
