@@ -35,6 +35,7 @@ from ..models.head import DINOHead, MultiCropWrapper
 from ..models.registry import build_backbone, canonical_arch
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import (
+    autocast,
     barrier,
     cleanup_distributed,
     init_distributed,
@@ -531,7 +532,7 @@ class _Run:
                         if i == 0:
                             pg["weight_decay"] = vals["wd"]
                     crops = [c.to(device, non_blocking=True) for c in crops]
-                    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    with autocast(device, dtype):
                         with torch.no_grad():
                             teacher_output = teacher_fwd(crops[:2])
                         student_output = student_fwd(crops)
