@@ -384,3 +384,13 @@ def test_copydays_is_deterministic(tmp_path):
     a, b, c = (_files(tmp_path / x) for x in "abc")
     assert a == b
     assert any(a[k] != c.get(k) for k in a if k.endswith(".jpg"))
+
+
+def test_video_crowded_frames_keep_only_objects_seen_in_the_first_frame():
+    from dinokit.data.synth_video import draw_sequence
+
+    for index in range(3):
+        seq = draw_sequence(0, index, 3, 32, 32, (12, 12))
+        assert 1 <= seq.n_objects <= 12
+        assert set(np.unique(seq.labels[0])) == set(range(seq.n_objects + 1))
+        assert seq.labels.max() == seq.n_objects

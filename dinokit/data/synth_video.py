@@ -158,6 +158,10 @@ def draw_sequence(seed: int, index: int, frames: int, height: int, width: int, o
             first[m] = k
         if all(areas[k - 1] > 0 and (first == k).sum() >= 0.6 * areas[k - 1] for k in range(1, n_obj + 1)):
             break
+    else:
+        # crowded frames: keep the objects that show in the first frame (DAVIS objects start there)
+        objs = [obj for k, obj in enumerate(objs, start=1) if (first == k).sum() > 0]
+        n_obj = len(objs)
 
     out_frames = np.empty((frames, height, width, 3), np.uint8)
     out_labels = np.zeros((frames, height, width), np.uint8)
