@@ -195,14 +195,11 @@ def test_bad_inputs_are_one_sentence(tmp_path, weights):
     (tmp_path / "ann.json").write_text(json.dumps({"info": {}, "licenses": []}))
     assert_one_sentence(run("--images", tmp_path / "img", "--coco", tmp_path / "ann.json", "-w", weights, "-o", o),
                         "is not a COCO annotation file")
-    # forms mixed or missing, bad options, weights without attention
+    # forms mixed or missing, bad options
     assert_one_sentence(run("-w", weights, "-o", o), "Give images")
     assert_one_sentence(run(tmp_path / "img", "--video", tmp_path / "img", "-w", weights, "-o", o), "one form")
     assert_one_sentence(run("--images", tmp_path / "img", "-w", weights, "-o", o), "exactly one of --masks")
     assert_one_sentence(run(tmp_path / "img", "--threshold", 1.5, "-w", weights, "-o", o), "--threshold")
-    rn = tmp_path / "rn.pth"
-    dinokit.save_backbone(dinokit.build_backbone("resnet50"), rn)
-    assert_one_sentence(run(tmp_path / "img", "-w", rn, "-o", o), "ViT")
     assert_one_sentence(run("--video", tmp_path / "nothing", "-w", weights, "-o", o), "does not exist")
     # nothing was created by the refused runs
     assert not o.exists()
