@@ -59,7 +59,7 @@ def duplicates(
         typer.Option(
             "--backend",
             help="exact (every pair, in blocks) or faiss (approximate nearest neighbours, for millions of "
-            "images; pip install 'dinokit[faiss]').",
+            "images; needs the faiss extra: pip install faiss-cpu).",
         ),
     ] = "exact",
     neighbours: Annotated[

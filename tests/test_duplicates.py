@@ -262,3 +262,14 @@ def test_bad_input_is_one_sentence(tmp_path, tiny2_weights):
     assert res.exit_code == 2 and "between -1 and 1" in _flat(res.output)
     res = _cli(["duplicates", str(empty), "--output", str(tmp_path / "o4"), "--backend", "annoy", "--quiet"])
     assert res.exit_code == 2 and "Unknown backend" in _flat(res.output)
+
+
+def test_faiss_missing_is_one_sentence(monkeypatch):
+    import sys
+
+    from dinokit.errors import DinokitError
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now fails
+    q = np.eye(3, dtype=np.float32)
+    with pytest.raises(DinokitError, match=r"needs the faiss package \(pip install faiss-cpu"):
+        search_pairs_faiss(q, None, 0.9)

@@ -957,7 +957,7 @@ def search_pairs_faiss(
     try:
         import faiss
     except ImportError as e:
-        raise DinokitError("The faiss backend needs the faiss package: pip install 'dinokit[faiss]'.") from e
+        raise DinokitError("The faiss backend needs the faiss package (pip install faiss-cpu, the faiss extra of dinokit).") from e
     self_search = database is None
     db = queries if self_search else database
     nq, nd = queries.shape[0], db.shape[0]
