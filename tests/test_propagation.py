@@ -77,6 +77,15 @@ def test_equals_brute_force(n_last, radius, k, tile):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"frame {t + 1}")
 
 
+def test_bf16_similarities_stay_close_to_fp32():
+    feats, labels0 = random_video(T=5, h=8, w=9, D=32)
+    fp32 = ours(feats, labels0, PropagationConfig(neighborhood=3))
+    bf16 = ours(feats, labels0, PropagationConfig(neighborhood=3, similarity_dtype=torch.bfloat16))
+    for a, b in zip(fp32, bf16):
+        assert (a - b).abs().max() < 0.2
+        assert (a.argmax(0) == b.argmax(0)).float().mean() > 0.8
+
+
 def test_ties_keep_every_equal_value():
     # features from 3 distinct one-hot vectors: cosine similarities are exactly 0 or 1, so many
     # context patches tie at the k-th value and the reference keeps them all
