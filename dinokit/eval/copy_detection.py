@@ -1141,7 +1141,8 @@ def contact_sheet(pairs: Sequence[DuplicatePair], path: str | os.PathLike, max_p
         tx = 2 * (thumb + pad) + 2 * pad
         draw.text((tx, y + 4), f"{r + 1}.  similarity {pair.score:.3f}", fill=(0, 0, 0))
         for k, name in enumerate((pair.image_a, pair.image_b)):
-            label = Path(name).name
+            parts = Path(name).parts
+            label = "/".join(parts[-2:])  # the folder tells apart copies that share a file name
             label = label if len(label) <= 44 else "..." + label[-41:]
             draw.text((tx, y + 24 + 16 * k), label, fill=(60, 60, 60))
     path = Path(path)
