@@ -147,6 +147,13 @@ def test_bad_davis_input(tmp_path, tiny_weights):
     r = run("davis", "--frames", root / "JPEGImages" / "480p" / "a", "--first-mask", rgb, "--output",
             tmp_path / "o1", *common)  # fmt: skip
     one_sentence_error(r, str(rgb), "not an indexed")
+    # a frame that cannot be decoded, read in a data-loader worker
+    bad = root / "JPEGImages" / "480p" / "a" / "00001.jpg"
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 3])
+    r = run("davis", "--data", root, "--output", tmp_path / "o0", *common, "--num-workers", "1")
+    one_sentence_error(r, str(bad), "not a readable image")
+    bad.write_bytes(good)
     # frames of differing sizes
     odd = root / "JPEGImages" / "480p" / "a" / "00002.jpg"
     Image.open(odd).resize((100, 50)).save(odd)

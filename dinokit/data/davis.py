@@ -97,6 +97,13 @@ class FrameDataset(torch.utils.data.Dataset):
         first = _image_size(self.frames[0])
         self.original_size = first  # (height, width)
         self.size = propagation_size(*first, short_side=short_side)
+        for f in self.frames[1:]:  # headers only: a wrong frame is reported before any work starts
+            size = _image_size(f)
+            if size != first:
+                raise DataError(
+                    f"The frame {f} is {size[1]}x{size[0]} pixels but the video's first frame "
+                    f"{self.frames[0]} is {first[1]}x{first[0]}; all frames of a video must have one size."
+                )
 
     def __len__(self) -> int:
         return len(self.frames)

@@ -363,7 +363,7 @@ def segment_video(
     frame by frame; PNGs are written by a small thread pool. A finished video leaves
     ``out_dir/.done`` (with ``fingerprint``); a video whose marker matches is skipped.
     """
-    from ..data.davis import FrameDataset, first_frame_labels, read_mask, resize_labels_nearest
+    from ..data.davis import FrameDataset, first_frame_labels, read_mask
     from ..data.palette import save_indexed_png
 
     config = config or PropagationConfig()
@@ -411,39 +411,12 @@ def segment_video(
     prop = LabelPropagator(config)
     task = progress.task(f"{sequence.name}", total=len(dataset))
     try:
-        t_io = time.perf_counter()
-        for frames, index in loader:
-            t1 = time.perf_counter()
-            times.io += t1 - t_io
-            frames = frames.to(device, non_blocking=True)
-            feats = patch_features(model, frames, dtype)
-            _sync(device)
-            t2 = time.perf_counter()
-            times.features += t2 - t1
-            masks = []
-            for b in range(feats.shape[0]):
-                i = int(index[b])
-                if i == 0:
-                    prop.start(feats[b], labels0)
-                    continue
-                soft = prop.step(feats[b])
-                masks.append((i, soft_labels_to_mask(soft, p).to(torch.uint8)))
-            host = [(i, m.cpu().numpy()) for i, m in masks]
-            t3 = time.perf_counter()
-            times.propagation += t3 - t2
-            for i, m in host:
-                full = resize_labels_nearest(m, (H, W))
-                pending.append(pool.submit(save_indexed_png, full, out_dir / names[i]))
-                if on_frame is not None:
-                    on_frame(i, full)
-            pending = [f for f in pending if not f.done() or f.result() is not None]
-            task.advance(feats.shape[0])
-            t_io = time.perf_counter()
-            times.io += t_io - t3
-        t4 = time.perf_counter()
-        for f in pending:
-            f.result()
-        times.io += time.perf_counter() - t4
+        _segment_frames(
+            model, loader, prop, labels0, p, (H, W), names, out_dir, device, dtype, times, pool, pending, task,
+            on_frame,
+        )  # fmt: skip
+    except DinokitError as e:
+        raise _unwrap_worker_error(e) from None
     finally:
         pool.shutdown(wait=True)
         task.close()
@@ -451,6 +424,56 @@ def segment_video(
 
     atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "frames": len(names)}))
     return VideoResult(sequence.name, len(names), times=times)
+
+
+def _unwrap_worker_error(e: DinokitError) -> DinokitError:
+    """A data-loader worker re-raises our error with its traceback in the message: keep the sentence."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+    return type(e)(last.split(": ", 1)[1] if "Error: " in last else last)
+
+
+def _segment_frames(model, loader, prop, labels0, p, size, names, out_dir, device, dtype, times, pool, pending,
+                    task, on_frame) -> None:  # fmt: skip
+    from ..data.davis import resize_labels_nearest
+    from ..data.palette import save_indexed_png
+
+    H, W = size
+    t_io = time.perf_counter()
+    for frames, index in loader:
+        t1 = time.perf_counter()
+        times.io += t1 - t_io
+        frames = frames.to(device, non_blocking=True)
+        feats = patch_features(model, frames, dtype)
+        _sync(device)
+        t2 = time.perf_counter()
+        times.features += t2 - t1
+        masks = []
+        for b in range(feats.shape[0]):
+            i = int(index[b])
+            if i == 0:
+                prop.start(feats[b], labels0)
+                continue
+            soft = prop.step(feats[b])
+            masks.append((i, soft_labels_to_mask(soft, p).to(torch.uint8)))
+        host = [(i, m.cpu().numpy()) for i, m in masks]
+        t3 = time.perf_counter()
+        times.propagation += t3 - t2
+        for i, m in host:
+            full = resize_labels_nearest(m, (H, W))
+            pending.append(pool.submit(save_indexed_png, full, out_dir / names[i]))
+            if on_frame is not None:
+                on_frame(i, full)
+        pending = [f for f in pending if not f.done() or f.result() is not None]
+        task.advance(feats.shape[0])
+        t_io = time.perf_counter()
+        times.io += t_io - t3
+    t4 = time.perf_counter()
+    for f in pending:
+        f.result()
+    times.io += time.perf_counter() - t4
 
 
 def config_dict(config: PropagationConfig) -> dict:
