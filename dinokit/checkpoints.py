@@ -479,12 +479,14 @@ def load_linear_head(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path} does not hold linear-probe weights.")
     sd = _strip_prefixes(sd)
-    if "linear.weight" not in sd:
-        if "weight" in sd and "bias" in sd and sd["weight"].ndim == 2:
-            sd = {"linear.weight": sd["weight"], "linear.bias": sd["bias"]}
-        else:
-            raise CheckpointError(f"{path} does not hold linear-probe weights (no linear.weight).")
-    return {"linear.weight": sd["linear.weight"], "linear.bias": sd["linear.bias"]}
+    if "linear.weight" not in sd and "weight" in sd and "bias" in sd:
+        sd = {"linear.weight": sd["weight"], "linear.bias": sd["bias"]}
+    w, b = sd.get("linear.weight"), sd.get("linear.bias")
+    if not (isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor) and w.ndim == 2 and b.shape == w.shape[:1]):
+        raise CheckpointError(
+            f"{path} does not hold linear-probe weights (a linear.weight matrix and its linear.bias)."
+        )
+    return {"linear.weight": w, "linear.bias": b}
 
 
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -87,6 +87,17 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def has_native_bf16(device: torch.device | str = "cpu") -> bool:
     """Whether the device computes bf16 matrix products in hardware (not emulated)."""
     device = torch.device(device)
@@ -223,7 +234,7 @@ def describe_runtime() -> dict:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")(),

@@ -193,6 +193,9 @@ def test_linear_weights_file(tmp_path):
     torch.save({"state_dict": {"foo": torch.ones(2)}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="does not hold linear-probe weights"):
         load_linear_head(tmp_path / "other.pth")
+    torch.save({"state_dict": {"module.linear.weight": w}}, tmp_path / "no_bias.pth")
+    with pytest.raises(CheckpointError, match="does not hold linear-probe weights"):
+        load_linear_head(tmp_path / "no_bias.pth")
 
 
 def test_resnet50_checkpoint_and_fingerprints(tmp_path):
