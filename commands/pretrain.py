@@ -105,6 +105,10 @@ def pretrain_command(
     device: Device = "auto",
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the student and teacher.")] = False,
     num_workers: NumWorkers = 4,
+    threads: Annotated[
+        Optional[int],
+        typer.Option("--threads", min=1, help="CPU threads for the compute (default: torch's choice, one per core)."),
+    ] = None,
     seed: Seed = 0,
     save_every: Annotated[
         int, typer.Option("--save-every", min=0, help="Keep checkpoint{epoch:04d}.pth every N epochs (0 = never).")
@@ -156,6 +160,7 @@ def pretrain_command(
         device=device,
         compile=compile_model,
         num_workers=num_workers,
+        threads=threads,
         seed=seed,
         save_every=save_every,
         stop_after=stop_after,

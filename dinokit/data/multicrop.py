@@ -145,7 +145,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
             s = sample_seed(self.seed, self.epoch, i)
             py_state = random.getstate()
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
+                # the CPU generator only: torch.manual_seed would also reseed (and queue calls for) CUDA
+                torch.random.default_generator.manual_seed(s)
                 random.seed(s)
                 try:
                     crops = self.transform(img)

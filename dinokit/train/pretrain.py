@@ -60,7 +60,9 @@ from .schedules import build_schedules
 log = logging.getLogger("dinokit")
 
 #: config fields a resumed run takes from the command line rather than from the saved config
-RUNTIME_FIELDS = ("resume", "overwrite", "stop_after", "num_workers", "device", "compile", "output", "data")
+RUNTIME_FIELDS = (
+    "resume", "overwrite", "stop_after", "num_workers", "threads", "device", "compile", "output", "data",
+)
 #: settings chosen from the data when left unset
 AUTO_FIELDS = ("out_dim", "momentum_teacher", "warmup_epochs", "global_scale")
 
@@ -107,6 +109,7 @@ class PretrainConfig:
     device: str = "auto"
     compile: bool = False
     num_workers: int = 4
+    threads: int | None = None
     seed: int = 0
     save_every: int = 20
     stop_after: int | None = None
@@ -301,6 +304,8 @@ def pretrain(cfg: PretrainConfig, progress: Progress = NULL_PROGRESS) -> Pretrai
     checkpoint is kept).
     """
     validate_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
     env = init_distributed(device)
     try:
