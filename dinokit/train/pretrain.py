@@ -375,6 +375,8 @@ class _Run:
         self.cfg = cfg
         validate_config(cfg)
 
+        if device.type == "cpu" and not cfg.threads:
+            _warn_if_cpu_busy()
         dtype = resolve_precision(cfg.precision, device, training=True)
         self.dtype = dtype
         n_images = len(paths)
@@ -726,6 +728,20 @@ class _Run:
         save_checkpoint(ckpt, self.out / "checkpoint.pth")
         save_backbone(self.teacher.backbone, self.out / "backbone.pth")
         self._last_ckpt = ckpt
+
+
+def _warn_if_cpu_busy() -> None:
+    """Several threads per process on a machine already busier than its cores wait on each other
+    far more than they compute; one thread is then much faster."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return
+    cores = os.cpu_count() or 1
+    if torch.get_num_threads() > 1 and load > 1.5 * cores:
+        log.warning(
+            "the machine is busy (load %.1f on %d cores); --threads 1 is likely to train faster here", load, cores
+        )
 
 
 def _ignore_sigint(worker_id: int) -> None:
