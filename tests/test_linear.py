@@ -145,6 +145,10 @@ def test_cli_images_path_checkpoint_and_evaluate(labelled_folder, tiny_weights, 
     r = run_cli([*args, "--resume"])
     assert r.exit_code == 0, r.output
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    # --overwrite starts afresh: a new log, not appended to the old one
+    r = run_cli([*args, "--overwrite", "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
 
 
 def test_cli_evaluate_released_head_format(labelled_folder, tiny_weights, tmp_path):

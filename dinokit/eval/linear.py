@@ -215,12 +215,14 @@ class _ProbeRun:
 
     def maybe_resume(self, progress: Progress) -> None:
         from ..checkpoints import read_checkpoint
+        from ..runtime import dist_env
 
         path = self.out / CHECKPOINT_NAME
-        if not self.cfg.resume:
-            return
-        if not path.is_file():
-            progress.log(f"no {CHECKPOINT_NAME} in {self.out}: starting from the first epoch")
+        if not (self.cfg.resume and path.is_file()):
+            if self.cfg.resume:
+                progress.log(f"no {CHECKPOINT_NAME} in {self.out}: starting from the first epoch")
+            if dist_env().is_main:  # a fresh run (e.g. with --overwrite) starts a fresh log
+                (self.out / "log.jsonl").unlink(missing_ok=True)
             return
         ck = read_checkpoint(path)
         saved = ck.get("identity", {})
