@@ -356,3 +356,22 @@ def test_two_processes_match_one(labelled_folder, tiny2, tmp_path):
     la, lb = log_lines(tmp_path / "one"), log_lines(tmp_path / "two")
     assert [h["val_top1"] for h in la] == [h["val_top1"] for h in lb]
     np.testing.assert_allclose([h["train_loss"] for h in la], [h["train_loss"] for h in lb], rtol=1e-5)
+
+
+def test_starts_from_a_pretrain_checkpoint_teacher(labelled_folder, tmp_path):
+    """A `dinokit pretrain` checkpoint (student/teacher MultiCropWrapper state dicts): the teacher's
+    backbone is the one fine-tuned; a head-only epoch leaves it exactly as loaded."""
+    from dinokit.models.head import DINOHead, MultiCropWrapper
+
+    torch.manual_seed(1)
+    teacher = MultiCropWrapper(dinokit.build_backbone("vit_tiny", 16, depth=2), DINOHead(192, 64, hidden_dim=32, bottleneck_dim=16))
+    student = MultiCropWrapper(dinokit.build_backbone("vit_tiny", 16, depth=2), DINOHead(192, 64, hidden_dim=32, bottleneck_dim=16))
+    ckpt = tmp_path / "checkpoint.pth"
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "epoch": 1}, ckpt)
+    out = tmp_path / "run"
+    r = invoke(base_args(ckpt, labelled_folder, out, epochs=1) + ["--head-warmup-epochs", "1"])
+    assert r.exit_code == 0, r.output
+    saved = load_model_file(out / "model.pth")
+    for k, v in teacher.backbone.state_dict().items():
+        assert torch.equal(saved["backbone"][k], v), k
+    assert not torch.equal(saved["head"]["weight"], torch.zeros_like(saved["head"]["weight"]))

@@ -557,6 +557,12 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
         if not (isinstance(resume_state, dict) and resume_state.get("format") == CHECKPOINT_FORMAT):
             raise CheckpointError(f"{ckpt_path} is not a dinokit fine-tuning checkpoint.")
         cfg = _merge_resume_config(resume_state["config"], cfg, explicit)
+        if cfg.epochs != resume_state["config"]["epochs"]:
+            log.warning(
+                "resuming a %d-epoch run for %d epochs: the lr schedule is recomputed for the new length.",
+                resume_state["config"]["epochs"],
+                cfg.epochs,
+            )
     _validate(cfg)
 
     device = resolve_device(cfg.device)
