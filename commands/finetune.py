@@ -31,6 +31,7 @@ from ._common import (
 
 def finetune(
     ctx: typer.Context,
+    output: Output,
     weights: Annotated[
         str,
         typer.Option(
@@ -51,7 +52,6 @@ def finetune(
         typer.Option("--val-split", help="Hold out this fraction of each training class for validation "
                      "(0.1 when --val is not given)."),
     ] = None,
-    output: Output = Path("runs/finetune"),
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
@@ -106,8 +106,9 @@ def finetune(
 ) -> None:
     """Fine-tune a backbone with a new linear head on a labelled image folder.
 
-    Writes OUTPUT/log.jsonl, metrics.json, confusion.png, checkpoint.pth (resume), best.pth and
-    model.pth (backbone + head + class names; `dinokit predict --model OUTPUT/model.pth`).
+    Writes OUTPUT/log.jsonl, metrics.json, confusion.png, checkpoint.pth, best.pth and model.pth.
+
+    Use the result with: dinokit predict --model OUTPUT/model.pth IMAGES...
     """
     from dinokit.train.finetune import FinetuneConfig
     from dinokit.train.finetune import finetune as run_finetune
