@@ -6,7 +6,7 @@ implementation looks like: fp32, per-parameter Python loops for clipping and the
 log-softmax per (teacher, student) pair, a `.item()` every step. images/s counts the epoch's images
 over its wall time (data loading and the first step included), as `dinokit pretrain` logs it.
 
-    python benchmarks/pretrain_throughput.py [--images 128] [--workers 2]
+    python benchmarks/pretrain_throughput.py [--images 128] [--workers 2] [--threads N] [--compile]
 """
 
 from __future__ import annotations
@@ -127,7 +127,10 @@ def main() -> None:
     ap.add_argument("--out-dim", type=int, default=4096)
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--compile", action="store_true", help="also time dinokit pretrain --compile")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both loops")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {has_native_bf16('cpu')}")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "images"

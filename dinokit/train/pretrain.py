@@ -310,6 +310,13 @@ def pretrain(cfg: PretrainConfig, progress: Progress = NULL_PROGRESS) -> Pretrai
     env = init_distributed(device)
     try:
         return _Run(cfg, device, env, progress if env.is_main else NULL_PROGRESS).run()
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise DinokitError(
+            f"A data-loading worker died ({str(e).strip().splitlines()[0]}); {Path(cfg.output) / 'checkpoint.pth'} "
+            "keeps the last saved state: continue with --resume (with --num-workers 0 if it happens again)."
+        ) from e
     finally:
         cleanup_distributed()
 
@@ -512,7 +519,7 @@ class _Run:
                     drop_last=True,
                     collate_fn=collate_multicrop,
                     generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
-                    worker_init_fn=_ignore_sigint if num_workers > 0 else None,
+                    worker_init_fn=_leave_signals_to_main if num_workers > 0 else None,
                 )
                 losses = torch.zeros(iters, dtype=torch.float32)
                 if partial and epoch == start_epoch:
@@ -744,9 +751,11 @@ def _warn_if_cpu_busy() -> None:
         )
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Data workers leave Ctrl-C to the main process, which finishes the step and saves."""
+def _leave_signals_to_main(worker_id: int) -> None:
+    """Data workers ignore Ctrl-C and SIGTERM (also when sent to the whole process group): the main
+    process finishes the step, saves, and shuts them down; they also exit when it dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def resume_hint(output: str | os.PathLike) -> str:
