@@ -4,7 +4,8 @@ data against the same model at random init, on weighted k-NN top-1 (the paper's 
 Uses runs/shared/classify when it exists, otherwise generates the data with `dinokit synth classify`.
 Labels are used only by the k-NN evaluation, never by pretraining.
 
-    python benchmarks/pretrain_learns.py [--minutes 5] [--epochs 30] [--data DIR] [--output DIR]
+    python benchmarks/pretrain_learns.py [--minutes 5] [--epochs 30] [--data DIR] [--output DIR] [--threads 1]
+    python benchmarks/pretrain_learns.py --weights RUN/backbone.pth     # evaluate a finished run only
 """
 
 from __future__ import annotations
@@ -77,7 +78,14 @@ def main() -> None:
     ap.add_argument("--local-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--also", type=Path, default=None, help="another backbone.pth to evaluate the same way")
+    ap.add_argument("--weights", type=Path, default=None, help="evaluate this backbone instead of pretraining one")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy shared machine)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--eval-size", type=int, default=None, help="k-NN image size (default: --global-size)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    eval_size = args.eval_size or args.global_size
 
     data = args.data
     if not (data / "train").is_dir():
@@ -85,29 +93,33 @@ def main() -> None:
         if not (data / "train").is_dir():
             subprocess.run([sys.executable, "-m", "dinokit", "synth", "classify", "--output", str(data)], check=True)
 
-    cfg = PretrainConfig(
-        data=str(data / "train"), output=str(args.output / "run"), arch="vit_tiny", patch_size=args.patch_size,
-        epochs=args.epochs, batch_size=args.batch_size, global_size=args.global_size, local_size=args.local_size,
-        local_crops=4, precision="auto", num_workers=2, overwrite=True, save_every=0, seed=0,
-    )
-    t0 = time.perf_counter()
-    result = pretrain(cfg, TimeBudget(args.minutes * 60))
-    minutes = (time.perf_counter() - t0) / 60
-    print(f"pretrained {result.epochs_done} of {result.epochs} epochs in {minutes:.1f} min "
-          f"({result.precision}, stopped by {result.stopped_by or 'end of schedule'}), last loss {result.loss}")
+    figures: dict = {}
+    if args.weights is None:
+        cfg = PretrainConfig(
+            data=str(data / "train"), output=str(args.output / "run"), arch="vit_tiny", patch_size=args.patch_size,
+            epochs=args.epochs, batch_size=args.batch_size, global_size=args.global_size,
+            local_size=args.local_size, local_crops=4, precision="auto", num_workers=args.workers, overwrite=True,
+            save_every=0, seed=0, threads=args.threads,
+        )
+        t0 = time.perf_counter()
+        result = pretrain(cfg, TimeBudget(args.minutes * 60))
+        minutes = (time.perf_counter() - t0) / 60
+        print(f"pretrained {result.epochs_done} of {result.epochs} epochs in {minutes:.1f} min "
+              f"({result.precision}, stopped by {result.stopped_by or 'end of schedule'}), last loss {result.loss}")
+        weights = result.backbone
+        figures.update(minutes=minutes, epochs_done=result.epochs_done, precision=result.precision)
+    else:
+        weights = args.weights
 
+    trained = dinokit.load_backbone(weights)
     torch.manual_seed(0)
-    random_model = dinokit.load_backbone("random", arch="vit_tiny", patch_size=args.patch_size)
-    trained = dinokit.load_backbone(result.backbone)
-    figures = {
-        "random_init_knn20_top1": knn_top1(random_model, data, args.global_size),
-        "pretrained_knn20_top1": knn_top1(trained, data, args.global_size),
-    }
+    random_model = dinokit.load_backbone("random", arch="vit_tiny", patch_size=trained.patch_size)
+    figures["random_init_knn20_top1"] = knn_top1(random_model, data, eval_size)
+    figures["pretrained_knn20_top1"] = knn_top1(trained, data, eval_size)
+    figures["weights"] = str(weights)
     if args.also is not None and args.also.is_file():
-        other = dinokit.load_backbone(args.also)
-        figures["also_knn20_top1"] = knn_top1(other, data, args.global_size)
+        figures["also_knn20_top1"] = knn_top1(dinokit.load_backbone(args.also), data, eval_size)
         figures["also"] = str(args.also)
-    figures.update(minutes=minutes, epochs_done=result.epochs_done, precision=result.precision)
     print(json.dumps(figures, indent=2))
     print(f"pretrained beats random init: {figures['pretrained_knn20_top1'] > figures['random_init_knn20_top1']}")
 
