@@ -6,10 +6,12 @@ once (``dinokit.runtime.cast_for_inference``), all under ``torch.inference_mode`
 matrix-multiply peak is measured in the same run with large fp32 and bf16 matmuls, and each
 throughput is also given as a fraction of that peak (ViT-S/16 at 224 is 4.6 GMACs per image).
 
-Configurations are timed in interleaved rounds and the best round is kept, so that a busy machine
-disturbs all of them alike; the load average is printed with the results.
+Configurations are timed in interleaved rounds (alternating their order) and the best round is
+kept, so that a busy machine disturbs all of them alike; the load average is printed with the
+results, and each rate is also given per second of this process's own CPU time, which other
+programs on a shared machine disturb less.
 
-    python benchmarks/vit_throughput.py                    # batch 32, 3 rounds
+    python benchmarks/vit_throughput.py                    # batch 32, 4 rounds
     python benchmarks/vit_throughput.py --rounds 5 --json out.json
 
 Goals on a CPU with bf16 units (avx512_bf16 / AMX): dinokit fp32 >= timm fp32, and dinokit bf16
@@ -72,7 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--iters", type=int, default=2, help="batches timed per configuration and round")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best one is kept")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds; the best one is kept")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--matmul-size", type=int, default=2048)
     ap.add_argument("--json", default=None, help="also write the results to this file")
@@ -107,7 +109,9 @@ def main() -> None:
             with ctx() if ctx else torch.autocast("cpu", enabled=False):
                 fn()
         for r in range(args.rounds):
-            for key, (fn, ctx) in configs.items():
+            # every other round runs the configurations in reverse, so that none always runs first
+            order = list(configs.items()) if r % 2 == 0 else list(configs.items())[::-1]
+            for key, (fn, ctx) in order:
                 with ctx() if ctx else torch.autocast("cpu", enabled=False):
                     t, c = time.perf_counter(), time.process_time()
                     for _ in range(args.iters):
