@@ -221,6 +221,8 @@ def pretrain_command(
             for h in result.history[-5:]]
     if rows:
         print_table("dinokit pretrain", ["epoch", "loss", "lr", "momentum", "images/s"], rows)
+    if result.finished and not result.history:
+        console.print(f"The run in {result.output} had already finished its {result.epochs} epochs.", highlight=False)
     console.print(f"backbone: {result.backbone}  (use it as --weights)", highlight=False)
     if result.collapsed_epochs:
         console_err.print(

@@ -48,6 +48,7 @@ from ..runtime import (
 from .common import GracefulStop, get_rng_state, set_rng_state
 from .loss import DINOLoss
 from .optim import (
+    OPTIMIZERS,
     build_optimizer,
     cancel_last_layer_gradients,
     clip_gradients_global,
@@ -221,6 +222,8 @@ def validate_config(cfg: PretrainConfig) -> None:
         raise DinokitError(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than --epochs {cfg.epochs}.")
     if cfg.local_crops < 0:
         raise DinokitError("--local-crops must be 0 or more.")
+    if cfg.optimizer.lower() not in OPTIMIZERS:
+        raise DinokitError(f"Unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
     if cfg.clip_mode not in ("param", "global"):
         raise DinokitError("--clip-mode must be 'param' or 'global'.")
     for name, scale in (("--global-scale", cfg.global_scale), ("--local-scale", cfg.local_scale)):
