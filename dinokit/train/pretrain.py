@@ -458,6 +458,13 @@ class _Run:
                 ) from e
             if scaler is not None and ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
+            saved_iters = ckpt.get("iterations_per_epoch")
+            if saved_iters is not None and int(saved_iters) != iters:
+                log.warning(
+                    "the run had %d iterations per epoch and now has %d (other data or process count): the "
+                    "schedules continue from the same epoch but no longer match the original run",
+                    int(saved_iters), iters,
+                )
             start_epoch = int(ckpt["epoch"])
             start_it = int(ckpt.get("iteration", 0))
             partial = ckpt.get("partial")
@@ -728,6 +735,8 @@ class _Run:
             "epoch": int(epoch),
             "iteration": int(iteration),
             "global_step": int(epoch * self.iters + iteration),
+            "iterations_per_epoch": int(self.iters),
+            "world_size": int(self.env.world_size),
             "partial": partial,
             "config": self.cfg.to_dict(),
             "rng": states,
