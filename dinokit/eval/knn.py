@@ -30,7 +30,7 @@ from ..progress import NULL_PROGRESS, Progress
 log = logging.getLogger("dinokit")
 
 DEFAULT_KS = (10, 20, 100, 200)
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of working memory for one chunk of queries
+DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of working memory for one chunk of queries
 
 
 def _check_inputs(train_features, train_labels, test_features, test_labels) -> None:
