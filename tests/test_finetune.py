@@ -375,3 +375,12 @@ def test_starts_from_a_pretrain_checkpoint_teacher(labelled_folder, tmp_path):
     for k, v in teacher.backbone.state_dict().items():
         assert torch.equal(saved["backbone"][k], v), k
     assert not torch.equal(saved["head"]["weight"], torch.zeros_like(saved["head"]["weight"]))
+
+
+def test_overwrite_starts_a_clean_run(labelled_folder, tiny2, tmp_path):
+    out = tmp_path / "run"
+    assert invoke(base_args(tiny2, labelled_folder, out, epochs=2)).exit_code == 0
+    r = invoke(base_args(tiny2, labelled_folder, out, epochs=1) + ["--overwrite", "--stop-after", "1"])
+    assert r.exit_code == 0, r.output
+    assert [h["epoch"] for h in log_lines(out)] == [1]
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1

@@ -61,6 +61,10 @@ log = logging.getLogger("dinokit")
 
 MODEL_FORMAT = "dinokit-finetuned"
 CHECKPOINT_FORMAT = "dinokit-finetune-checkpoint"
+#: the files a run writes (an --overwrite run removes an earlier run's first)
+RUN_FILES = (
+    "log.jsonl", "metrics.json", "confusion.png", "model.pth", "best.pth", "checkpoint.pth", "config.json", "split.json"
+)
 #: the confusion picture is drawn for at most this many classes
 CONFUSION_MAX_CLASSES = 60
 
@@ -570,6 +574,9 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
     dtype = resolve_precision(cfg.precision, device, training=True)
     if env.is_main:
         prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
+        if not cfg.resume:  # --overwrite: nothing of an earlier run may pass for this one's
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
     barrier()
 
     splits = load_splits(cfg)
