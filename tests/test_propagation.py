@@ -66,7 +66,7 @@ def random_video(T=9, h=6, w=7, D=8, C=3, seed=0):
 
 @pytest.mark.parametrize(
     "n_last,radius,k,tile",
-    [(3, 2, 5, 8), (3, 2, 5, 3), (7, 1, 5, 2), (2, 0, 4, 4), (0, 3, 1, 5), (4, 12, 5, 8)],
+    [(3, 2, 5, (8, 16)), (3, 2, 5, 3), (7, 1, 5, (2, 5)), (2, 0, 4, 4), (0, 3, 1, (5, 2)), (4, 12, 5, 8)],
 )
 def test_equals_brute_force(n_last, radius, k, tile):
     feats, labels0 = random_video()
@@ -103,6 +103,9 @@ def test_ties_keep_every_equal_value():
     weights, idx = joint_topk(aff, 2)
     assert (weights[0] > 0).sum() == 4 and (weights[1] > 0).sum() == 2  # ties kept, nothing else
     torch.testing.assert_close(weights.sum(1), torch.ones(2))
+    many = torch.cat([torch.full((1, 20), 2.0), torch.ones(1, 20)], dim=1)  # more ties than the margin
+    weights, idx = joint_topk(many, 2, margin=3)
+    assert (weights > 0).sum() == 20 and set(idx[0][weights[0] > 0].tolist()) == set(range(20))
 
 
 def test_output_step_matches_reference_loop():

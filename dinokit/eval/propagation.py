@@ -50,8 +50,8 @@ class PropagationConfig:
     neighborhood: int = 12  #: window radius r in patches; 0 = the whole frame
     topk: int = 5  #: neighbours kept jointly over all context frames
     temperature: float = 0.1  #: affinity = exp(cos / temperature)
-    tile: int = 8  #: target tile side in patches (a speed/memory trade-off, not a result change)
-    chunk_elements: int = 2**25  #: most feature elements gathered at once (bounds memory)
+    #: target tile (rows, columns) in patches: a speed/memory trade-off, not a result change
+    tile: tuple[int, int] = (4, 24)
     #: dtype of the patch similarities' matrix products (None = float32, as the reference);
     #: ``--precision bf16`` sets bfloat16: about 2.5x faster, cosines rounded to 3 digits
     similarity_dtype: torch.dtype | None = None
@@ -65,25 +65,33 @@ class PropagationConfig:
             raise DinokitError("--topk must be at least 1.")
         if not self.temperature > 0:
             raise DinokitError("--temperature must be positive.")
-        if self.tile < 1:
+        if isinstance(self.tile, int):
+            self.tile = (self.tile, self.tile)
+        if min(self.tile) < 1:
             raise DinokitError("The tile size must be positive.")
 
 
 # -- window geometry (index tensors, no Python loops over patches) -------------------------------
 @dataclass(frozen=True)
 class WindowGeometry:
-    """Index tensors for the (2r+1)^2 windows on an h x w grid, cut into t x t tiles."""
+    """Index tensors for the (2r+1)^2 windows on an h x w grid, cut into th x tw tiles.
+
+    A tile's windows reach R = th + 2r padded rows and S = tw + 2r padded columns. Each context frame
+    is stored once as overlapping column strips (n_tiles_w, Hp, S, D), so that the region of every
+    tile is a contiguous block of its strip and all tiles of a strip form one strided batch of
+    matrices: the similarities are plain batched matrix products, with no gathering of features.
+    """
 
     h: int
     w: int
     radius: int
-    tile: int
+    tile_h: int
+    tile_w: int
     n_tiles_h: int
     n_tiles_w: int
     valid: torch.Tensor  #: (hw, W2) bool: the window entry lies inside the frame
     neighbour: torch.Tensor  #: (hw, W2) int64: flat index of the window entry (clamped when outside)
-    region_index: torch.Tensor  #: (n_tiles, R*R) int64 into the padded (Hp*Wp) grid
-    window_index: torch.Tensor  #: (t*t, W2) int64 into a tile's R*R region
+    window_index: torch.Tensor  #: (th*tw, W2) int64 into a tile's R*S region
 
     @property
     def window_size(self) -> int:
@@ -91,7 +99,11 @@ class WindowGeometry:
 
     @property
     def padded_shape(self) -> tuple[int, int]:
-        return self.n_tiles_h * self.tile + 2 * self.radius, self.n_tiles_w * self.tile + 2 * self.radius
+        return self.n_tiles_h * self.tile_h + 2 * self.radius, self.n_tiles_w * self.tile_w + 2 * self.radius
+
+    @property
+    def strip_width(self) -> int:
+        return self.tile_w + 2 * self.radius
 
 
 def effective_radius(radius: int, h: int, w: int) -> int:
@@ -100,12 +112,11 @@ def effective_radius(radius: int, h: int, w: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _geometry_cpu(h: int, w: int, radius: int, tile: int) -> WindowGeometry:
-    t = max(1, min(tile, max(h, w)))
+def _geometry_cpu(h: int, w: int, radius: int, tile_h: int, tile_w: int) -> WindowGeometry:
+    th, tw = max(1, min(tile_h, h)), max(1, min(tile_w, w))
     r = radius
-    nth, ntw = -(-h // t), -(-w // t)
-    R = t + 2 * r
-    Wp = ntw * t + 2 * r
+    nth, ntw = -(-h // th), -(-w // tw)
+    S = tw + 2 * r
     d = torch.arange(-r, r + 1)
     dy = d.repeat_interleave(2 * r + 1)  # (W2,) row offset, row-major over the window
     dx = d.repeat(2 * r + 1)
@@ -115,112 +126,106 @@ def _geometry_cpu(h: int, w: int, radius: int, tile: int) -> WindowGeometry:
     nj = qj[:, None] + dx[None]
     valid = (ni >= 0) & (ni < h) & (nj >= 0) & (nj < w)
     neighbour = ni.clamp(0, h - 1) * w + nj.clamp(0, w - 1)
-    # tile (a, b) reaches padded rows [a*t, a*t + R) and columns [b*t, b*t + R)
-    ry = torch.arange(R)
-    local = ry[:, None] * Wp + ry[None, :]  # (R, R) offsets inside the padded grid
-    starts = (torch.arange(nth)[:, None] * t * Wp + torch.arange(ntw)[None, :] * t).reshape(-1)
-    region_index = (starts[:, None] + local.reshape(1, -1)).contiguous()
-    la = torch.arange(t).repeat_interleave(t)  # target row inside the tile
-    lb = torch.arange(t).repeat(t)
-    window_index = ((la[:, None] + r + dy[None]) * R + (lb[:, None] + r + dx[None])).contiguous()
-    return WindowGeometry(h, w, r, t, nth, ntw, valid, neighbour, region_index, window_index)
+    la = torch.arange(th).repeat_interleave(tw)  # target row inside the tile
+    lb = torch.arange(tw).repeat(th)
+    window_index = ((la[:, None] + r + dy[None]) * S + (lb[:, None] + r + dx[None])).contiguous()
+    return WindowGeometry(h, w, r, th, tw, nth, ntw, valid, neighbour, window_index)
 
 
 _DEVICE_GEOMETRY: dict = {}
 
 
-def window_geometry(h: int, w: int, radius: int, tile: int, device: torch.device | str = "cpu") -> WindowGeometry:
+def window_geometry(
+    h: int, w: int, radius: int, tile: tuple[int, int] = (4, 24), device: torch.device | str = "cpu"
+) -> WindowGeometry:
     """The window index tensors for an h x w grid on ``device`` (cached)."""
     device = torch.device(device)
-    g = _geometry_cpu(h, w, radius, tile)
+    g = _geometry_cpu(h, w, radius, int(tile[0]), int(tile[1]))
     if device.type == "cpu":
         return g
-    key = (h, w, radius, tile, str(device))
+    key = (h, w, radius, tuple(tile), str(device))
     if key not in _DEVICE_GEOMETRY:
         if len(_DEVICE_GEOMETRY) > 8:
             _DEVICE_GEOMETRY.clear()
         _DEVICE_GEOMETRY[key] = WindowGeometry(
-            g.h, g.w, g.radius, g.tile, g.n_tiles_h, g.n_tiles_w,
-            g.valid.to(device), g.neighbour.to(device), g.region_index.to(device), g.window_index.to(device),
+            g.h, g.w, g.radius, g.tile_h, g.tile_w, g.n_tiles_h, g.n_tiles_w,
+            g.valid.to(device), g.neighbour.to(device), g.window_index.to(device),
         )  # fmt: skip
     return _DEVICE_GEOMETRY[key]
 
 
-def pad_keys(feats: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
-    """(h, w, D) normalised features -> (Hp*Wp, D), zero-padded by r (and to whole tiles)."""
-    h, w, _ = feats.shape
-    r, t = geom.radius, geom.tile
-    pad_b = geom.n_tiles_h * t - h + r
-    pad_r = geom.n_tiles_w * t - w + r
-    padded = F.pad(feats, (0, 0, r, pad_r, r, pad_b))
-    return padded.reshape(-1, feats.shape[-1])
+def key_strips(feats: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
+    """(h, w, D) normalised context features -> (n_tiles_w, Hp, S, D) overlapping column strips of
+    the grid zero-padded by r (and to whole tiles); made once per context frame."""
+    h, w, D = feats.shape
+    r = geom.radius
+    Hp, Wp = geom.padded_shape
+    padded = F.pad(feats, (0, 0, r, Wp - w - r, r, Hp - h - r))  # (Hp, Wp, D)
+    strips = padded.unfold(1, geom.strip_width, geom.tile_w)  # (Hp, ntw, D, S)
+    return strips.permute(1, 0, 3, 2).contiguous()
 
 
 def query_tiles(feats: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
-    """(h, w, D) -> (n_tiles, t*t, D), the grid zero-padded to whole tiles."""
+    """(h, w, D) -> (n_tiles_w, n_tiles_h, th*tw, D), the grid zero-padded to whole tiles."""
     h, w, D = feats.shape
-    t = geom.tile
-    padded = F.pad(feats, (0, 0, 0, geom.n_tiles_w * t - w, 0, geom.n_tiles_h * t - h))
-    tiles = padded.view(geom.n_tiles_h, t, geom.n_tiles_w, t, D).permute(0, 2, 1, 3, 4)
-    return tiles.reshape(geom.n_tiles_h * geom.n_tiles_w, t * t, D)
+    th, tw, nth, ntw = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
+    padded = F.pad(feats, (0, 0, 0, ntw * tw - w, 0, nth * th - h))
+    tiles = padded.view(nth, th, ntw, tw, D).permute(2, 0, 1, 3, 4)
+    return tiles.reshape(ntw, nth, th * tw, D)
 
 
-def window_similarity(
-    query: torch.Tensor, keys_padded: list[torch.Tensor], geom: WindowGeometry, chunk_elements: int = 2**25
-) -> torch.Tensor:
+def window_similarity(query: torch.Tensor, strips: list[torch.Tensor], geom: WindowGeometry) -> torch.Tensor:
     """Cosine similarity of every target patch with the context patches of its window.
 
-    ``query``: (h, w, D) L2-normalised target features; ``keys_padded``: one (Hp*Wp, D) padded,
-    normalised feature grid per context frame (:func:`pad_keys`). Returns (hw, F, W2); entries outside
-    the frame are meaningless (mask them with ``geom.valid``).
+    ``query``: (h, w, D) L2-normalised target features; ``strips``: one :func:`key_strips` tensor per
+    context frame. Returns (hw, F, W2); entries outside the frame are meaningless (mask them with
+    ``geom.valid``).
     """
     h, w, D = query.shape
-    t2 = geom.tile * geom.tile
-    n_tiles = geom.region_index.shape[0]
-    R2 = geom.region_index.shape[1]
+    th, tw, nth, ntw = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
+    S = geom.strip_width
+    R = th + 2 * geom.radius
     W2 = geom.window_size
-    q = query_tiles(query, geom)  # (n_tiles, t2, D)
-    win_idx = geom.window_index.unsqueeze(0)
-    # how many tiles per matrix product so that the gathered regions stay under chunk_elements
-    step = max(1, min(n_tiles, chunk_elements // max(1, R2 * D)))
+    q = query_tiles(query, geom)  # (ntw, nth, th*tw, D)
+    win_idx = geom.window_index.unsqueeze(0).expand(nth, th * tw, W2)
     out = []
-    for keys in keys_padded:
-        parts = []
-        for s in range(0, n_tiles, step):
-            e = min(n_tiles, s + step)
-            region = keys[geom.region_index[s:e].reshape(-1)].view(e - s, R2, D)
-            sim = torch.bmm(q[s:e], region.transpose(1, 2))  # (tiles, t2, R2)
-            parts.append(sim.gather(2, win_idx.expand(e - s, t2, W2)))
-            del region, sim
-        tiles = torch.cat(parts) if len(parts) > 1 else parts[0]  # (n_tiles, t2, W2)
-        t = geom.tile
-        grid = tiles.view(geom.n_tiles_h, geom.n_tiles_w, t, t, W2).permute(0, 2, 1, 3, 4)
-        grid = grid.reshape(geom.n_tiles_h * t, geom.n_tiles_w * t, W2)[:h, :w]
-        out.append(grid.reshape(h * w, W2))
+    for keys in strips:
+        cols = []
+        for j in range(ntw):
+            # tile i of strip j is the contiguous block of rows [i*th, i*th + R): a strided batch
+            kj = keys[j].as_strided((nth, R * S, D), (th * S * D, D, 1))
+            sim = torch.bmm(q[j], kj.transpose(1, 2))  # (nth, th*tw, R*S)
+            cols.append(sim.gather(2, win_idx))
+        tiles = torch.stack(cols)  # (ntw, nth, th*tw, W2)
+        grid = tiles.view(ntw, nth, th, tw, W2).permute(1, 2, 0, 3, 4).reshape(nth * th, ntw * tw, W2)
+        out.append(grid[:h, :w].reshape(h * w, W2))
     return torch.stack(out, dim=1)
 
 
 def window_affinity(
-    query: torch.Tensor, keys_padded: list[torch.Tensor], geom: WindowGeometry, temperature: float = 0.1,
-    chunk_elements: int = 2**25,
+    query: torch.Tensor, strips: list[torch.Tensor], geom: WindowGeometry, temperature: float = 0.1
 ) -> torch.Tensor:
     """exp(cos / T) over each target patch's windows in every context frame, 0 outside the frame:
     (hw, F * W2), context-frame-major."""
-    sim = window_similarity(query, keys_padded, geom, chunk_elements).float()  # (hw, F, W2)
-    aff = torch.exp(sim / temperature)
-    aff = aff * geom.valid.unsqueeze(1).to(aff.dtype)
-    return aff.reshape(aff.shape[0], -1)
+    sim = window_similarity(query, strips, geom).float()  # (hw, F, W2)
+    sim = sim.masked_fill_(~geom.valid.unsqueeze(1), float("-inf"))  # exp(-inf) = 0 outside the frame
+    return torch.exp_(sim.div_(temperature)).reshape(sim.shape[0], -1)
 
 
-def joint_topk(aff: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def joint_topk(aff: torch.Tensor, k: int, margin: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep, per row, every value not below the row's k-th largest (ties keep more), normalised to
-    sum 1. Returns (weights (hw, K'), column indices (hw, K')) with K' >= k; padding weights are 0."""
-    k = min(k, aff.shape[-1])
-    vals, idx = aff.topk(k, dim=-1)
-    kth = vals[:, -1:]
-    n_keep = int((aff >= kth).sum(-1).max())
-    if n_keep > k:  # ties at the k-th value: the reference keeps them all
-        vals, idx = aff.topk(n_keep, dim=-1)
+    sum 1. Returns (weights (hw, K'), column indices (hw, K')) with K' >= k; padding weights are 0.
+
+    One top-(k + margin) pass covers up to ``margin`` values tied with the k-th; only when a row has
+    more ties is the selection widened to all of them.
+    """
+    n = aff.shape[-1]
+    k = min(k, n)
+    vals, idx = aff.topk(min(n, k + margin), dim=-1)
+    kth = vals[:, k - 1 : k]
+    if vals.shape[-1] < n and bool((vals[:, -1:] >= kth).any()):
+        n_keep = int((aff >= kth).sum(-1).max())  # more ties than the margin: take them all
+        vals, idx = aff.topk(min(n, n_keep + 1), dim=-1)
     vals = torch.where(vals >= kth, vals, torch.zeros_like(vals))
     return vals / vals.sum(-1, keepdim=True), idx
 
@@ -252,7 +257,7 @@ class LabelPropagator:
         self._queue.clear()
 
     def _pad(self, features: torch.Tensor) -> torch.Tensor:
-        keys = pad_keys(F.normalize(features.float(), dim=-1), self.geom)
+        keys = key_strips(F.normalize(features.float(), dim=-1), self.geom)
         return keys if self.config.similarity_dtype is None else keys.to(self.config.similarity_dtype)
 
     def remember(self, features: torch.Tensor, soft_labels: torch.Tensor) -> None:
@@ -272,7 +277,7 @@ class LabelPropagator:
         if self.config.similarity_dtype is not None:
             query = query.to(self.config.similarity_dtype)
         keys = [self._keys0] + [k for k, _ in self._queue]
-        aff = window_affinity(query, keys, g, self.config.temperature, self.config.chunk_elements)
+        aff = window_affinity(query, keys, g, self.config.temperature)
         w, idx = joint_topk(aff, self.config.topk)
         del aff
         W2 = g.window_size
@@ -478,7 +483,6 @@ def _segment_frames(model, loader, prop, labels0, p, size, names, out_dir, devic
 
 def config_dict(config: PropagationConfig) -> dict:
     d = asdict(config)
-    d.pop("chunk_elements", None)
     d.pop("similarity_dtype", None)
     d.pop("tile", None)
     return d
