@@ -216,3 +216,16 @@ def test_video_file_without_pyav_is_one_sentence(tmp_path, weights, monkeypatch)
         _image(tmp_path / "frames" / f"{k}.png", seed=k)
     r = run("--video", tmp_path / "frames", "--mp4", "-w", weights, "-o", tmp_path / "o2", "--image-size", 32)
     assert_one_sentence(r, "needs PyAV")
+
+
+def test_random_weights_are_reproducible_with_seed(tmp_path):
+    _image(tmp_path / "a.png", size=(32, 32))
+    outs = []
+    for k, seed in enumerate((0, 0, 1)):
+        out = tmp_path / f"o{k}"
+        r = run(tmp_path / "a.png", "-w", "random", "--arch", "vit_tiny", "--image-size", 32, "--seed", seed,
+                "-o", out, "-q")
+        assert r.exit_code == 0, r.output
+        outs.append(np.load(out / "a" / "maps.npz")["attention"])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert not np.allclose(outs[0], outs[2])
