@@ -115,7 +115,7 @@ def test_embedder_cache_is_reused_only_when_fingerprint_matches(labelled_folder,
     spec = FeatureSpec(weights=str(tiny_weights), resize=32, crop=32, device="cpu")
     cache = tmp_path / "cache.pt"
     a = Embedder(spec).embed(labelled_folder / "val", cache=cache)
-    assert a.fingerprint["weights"].startswith("sha256:")
+    assert a.fingerprint["weights"].startswith("state:")
     stamp = cache.stat().st_mtime_ns
     b = Embedder(spec).embed(labelled_folder / "val", cache=cache)
     assert cache.stat().st_mtime_ns == stamp and torch.equal(a.features, b.features)
@@ -135,7 +135,15 @@ def test_cli_features_pt_and_npy(labelled_folder, tiny_weights, tmp_path):
     assert r.exit_code == 0, r.output
     fs = load_features(out)
     assert len(fs) == 18 and fs.classes == ["blue", "green", "red"]
-    assert fs.fingerprint["weights"] == "sha256:" + dinokit.checkpoints.file_fingerprint(tiny_weights)
+    sd = torch.load(tiny_weights, weights_only=True)
+    assert fs.fingerprint["weights"] == "state:" + dinokit.checkpoints.state_dict_fingerprint(sd)
+    # the same weights inside a training checkpoint (teacher) give the same fingerprint
+    torch.save({"teacher": {"backbone." + k: v for k, v in sd.items()}, "epoch": 1}, tmp_path / "ck.pth")
+    out2 = tmp_path / "f2.pt"
+    r = run_cli(["features", "--weights", str(tmp_path / "ck.pth"), "--data", str(labelled_folder / "val"),
+                 "--output", str(out2), *SMALL])
+    assert r.exit_code == 0, r.output
+    assert load_features(out2).fingerprint["weights"] == fs.fingerprint["weights"]
     r = run_cli(["features", "--weights", str(tiny_weights), "--data", str(labelled_folder / "train"),
                  "--output", str(out), *SMALL])
     assert r.exit_code == 2 and "already exists; pass --overwrite" in r.text

@@ -129,7 +129,7 @@ FEATURES_FORMAT_VERSION = 1
 
 #: fingerprint entries that describe the model and the feature, not the data: two feature sets may be
 #: compared (train against val) only when these agree
-MODEL_KEYS = ("weights", "checkpoint_key", "arch", "patch_size", "embed_dim", "depth")
+MODEL_KEYS = ("weights", "arch", "patch_size", "embed_dim", "depth")
 OPTION_KEYS = ("transform", "n_last_blocks", "avgpool_patch_tokens", "precision")
 
 
@@ -167,18 +167,19 @@ class FeatureSet:
 
 
 def weights_id(weights: str, model: nn.Module | None = None, seed: int | None = None) -> str:
-    """What identifies the weights in a fingerprint: ``random(seed=S)``, a file's SHA-256, or for a
-    preset/folder the hash of the loaded state dict."""
+    """What identifies the weights in a fingerprint: ``random(seed=S)``, or the hash of the loaded
+    backbone's state dict (so a training checkpoint's teacher and the backbone file exported from it
+    agree, and a renamed or moved file still matches); without a model, the file's SHA-256."""
     from ..checkpoints import file_fingerprint, state_dict_fingerprint
 
     weights = str(weights)
     if weights == "random":
         return f"random(seed={seed})"
+    if model is not None:
+        return "state:" + state_dict_fingerprint(model.state_dict())
     path = Path(weights).expanduser()
     if path.is_file():
         return "sha256:" + file_fingerprint(path)
-    if model is not None:
-        return "state:" + state_dict_fingerprint(model.state_dict())
     return weights
 
 
@@ -200,6 +201,7 @@ def feature_fingerprint(
     vit = is_vit(model)
     return {
         "weights": weights_id(weights, model, seed),
+        "weights_source": str(weights),
         "checkpoint_key": checkpoint_key if str(weights) != "random" else None,
         "arch": backbone_arch(model),
         "patch_size": getattr(model, "patch_size", None),
@@ -405,10 +407,16 @@ def describe_difference(a: dict, b: dict, keys: Sequence[str]) -> str | None:
     return None
 
 
+def same_fingerprint(a: dict, b: dict) -> bool:
+    """Whether two fingerprints describe the same features of the same images (the names the
+    weights were given, ``weights_source`` and ``checkpoint_key``, do not matter)."""
+    return all(a.get(k) == b.get(k) for k in (*MODEL_KEYS, *OPTION_KEYS, "data"))
+
+
 def check_same_model(a: FeatureSet, b: FeatureSet, name_a: str, name_b: str) -> None:
     """Refuse two feature sets that cannot be compared: other weights, other sizes, other options."""
     fa, fb = a.fingerprint, b.fingerprint
-    if fa and fb and describe_difference(fa, fb, ("weights", "checkpoint_key")):
+    if fa and fb and describe_difference(fa, fb, ("weights",)):
         raise DataError(
             f"{name_a} and {name_b} were made with other weights ({fa.get('weights')} vs {fb.get('weights')}); "
             "compute both with the same weights."
@@ -431,7 +439,7 @@ def check_fingerprint(fs: FeatureSet, expected: dict, name: str) -> None:
     fp = fs.fingerprint
     if not fp:
         raise DataError(f"{name} has no fingerprint, so dinokit cannot tell which weights made it; recompute it.")
-    if describe_difference(fp, expected, ("weights", "checkpoint_key")):
+    if describe_difference(fp, expected, ("weights",)):
         raise DataError(
             f"{name} was made with other weights ({fp.get('weights')}, not {expected.get('weights')}); "
             "recompute it with these weights or pass the matching --weights."
@@ -530,7 +538,7 @@ class Embedder:
                 cached = load_features(cache)
             except DinokitError:
                 cached = None
-            if cached is not None and cached.fingerprint == expected:
+            if cached is not None and same_fingerprint(cached.fingerprint, expected):
                 progress.log(f"reusing cached features {cache}")
                 return cached
             progress.log(f"recomputing {cache}: its fingerprint does not match")
