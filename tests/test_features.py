@@ -185,7 +185,13 @@ def test_knn_refuses_features_made_another_way(labelled_folder, tiny_weights, tm
     # features checked against the weights asked for
     r = knn("val", "--weights", str(other))
     assert r.exit_code == 2 and "was made with other weights" in r.text
-    assert knn("val", "--weights", str(tiny_weights), "--resize", "32", "--crop", "32").exit_code == 0
+    assert knn("val", "--weights", str(tiny_weights)).exit_code == 0
+    # a cache made with another transform is named briefly
+    from dinokit.eval.features import check_fingerprint
+
+    emb = Embedder(FeatureSpec(weights=str(tiny_weights), device="cpu"))
+    with pytest.raises(DataError, match="transform resize 32/crop 32 vs resize 256/crop 224"):
+        check_fingerprint(load_features(made["val"]), emb.fingerprint, "val.pt")
     # not a features file
     (tmp_path / "junk.pt").write_bytes(b"junk")
     r = run_cli(["knn", "--train-features", str(tmp_path / "junk.pt"), "--val-features", str(made["val"]),

@@ -399,11 +399,22 @@ def _load_npy(path: Path) -> FeatureSet:
     return FeatureSet(feats, labels, classes, paths or [""] * len(feats), fp)
 
 
+def _short(key: str, value: Any) -> str:
+    if key == "transform" and isinstance(value, str):
+        import re
+
+        resize = re.search(r"Resize\(size=(\d+)", value)
+        crop = re.search(r"CenterCrop\(size=\((\d+)", value)
+        if resize and crop:
+            return f"resize {resize.group(1)}/crop {crop.group(1)}"
+    return str(value)
+
+
 def describe_difference(a: dict, b: dict, keys: Sequence[str]) -> str | None:
     """The first fingerprint entry among ``keys`` where ``a`` and ``b`` differ, as text."""
     for k in keys:
         if a.get(k) != b.get(k):
-            return f"{k} {a.get(k)} vs {b.get(k)}"
+            return f"{k} {_short(k, a.get(k))} vs {_short(k, b.get(k))}"
     return None
 
 
@@ -434,8 +445,9 @@ def check_same_model(a: FeatureSet, b: FeatureSet, name_a: str, name_b: str) -> 
             raise DataError(f"{name_a} and {name_b} were made with different settings ({why}); compute both the same way.")
 
 
-def check_fingerprint(fs: FeatureSet, expected: dict, name: str) -> None:
-    """Refuse a feature set whose fingerprint does not match the model/options asked for now."""
+def check_fingerprint(fs: FeatureSet, expected: dict, name: str, keys: Sequence[str] = MODEL_KEYS + OPTION_KEYS) -> None:
+    """Refuse a feature set whose fingerprint does not match the model (and options, among ``keys``)
+    asked for now."""
     fp = fs.fingerprint
     if not fp:
         raise DataError(f"{name} has no fingerprint, so dinokit cannot tell which weights made it; recompute it.")
@@ -444,7 +456,7 @@ def check_fingerprint(fs: FeatureSet, expected: dict, name: str) -> None:
             f"{name} was made with other weights ({fp.get('weights')}, not {expected.get('weights')}); "
             "recompute it with these weights or pass the matching --weights."
         )
-    why = describe_difference(fp, expected, MODEL_KEYS + OPTION_KEYS)
+    why = describe_difference(fp, expected, keys)
     if why:
         raise DataError(f"{name} was made with different settings ({why}); recompute it or match the options.")
 

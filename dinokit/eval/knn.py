@@ -240,7 +240,14 @@ class KnnResult:
 
 def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
     """Train and val feature sets for a k-NN/linear run: from files, or embedded (cached in the output)."""
-    from .features import Embedder, FeatureSpec, check_fingerprint, check_same_model, load_features
+    from .features import (
+        MODEL_KEYS,
+        Embedder,
+        FeatureSpec,
+        check_fingerprint,
+        check_same_model,
+        load_features,
+    )
 
     given = (cfg.train_features is not None, cfg.val_features is not None)
     if any(given) and not all(given):
@@ -265,9 +272,10 @@ def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
         val = load_features(cfg.val_features)
         check_same_model(train, val, str(cfg.train_features), str(cfg.val_features))
         if cfg.weights is not None:
+            # the files are checked against the weights; their options were checked against each other
             expected = Embedder(spec).fingerprint
-            check_fingerprint(train, expected, str(cfg.train_features))
-            check_fingerprint(val, expected, str(cfg.val_features))
+            check_fingerprint(train, expected, str(cfg.train_features), MODEL_KEYS)
+            check_fingerprint(val, expected, str(cfg.val_features), MODEL_KEYS)
         return train, val
     if cfg.train is None or cfg.val is None:
         raise DataError("Give --train and --val image folders (or --train-features and --val-features).")

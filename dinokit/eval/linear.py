@@ -290,7 +290,14 @@ class _ProbeRun:
 # ---------------------------------------------------------------------------------------------
 def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, avg: bool | None = None):
     """Train/val feature sets (from files, or embedded and cached in the output) and the options used."""
-    from .features import Embedder, check_fingerprint, check_same_model, load_features, scan_images
+    from .features import (
+        MODEL_KEYS,
+        Embedder,
+        check_fingerprint,
+        check_same_model,
+        load_features,
+        scan_images,
+    )
 
     given = (cfg.train_features is not None, cfg.val_features is not None)
     if any(given) and not all(given):
@@ -303,7 +310,7 @@ def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, a
             n0, avg0 = _resolve_options(cfg, model)
             emb = Embedder(_feature_spec(cfg, train.fingerprint.get("n_last_blocks", n0),
                                          train.fingerprint.get("avgpool_patch_tokens", avg0)), model=model)
-            check_fingerprint(train, emb.fingerprint, str(cfg.train_features))
+            check_fingerprint(train, emb.fingerprint, str(cfg.train_features), MODEL_KEYS)
         fp = train.fingerprint
         return train, val, fp.get("n_last_blocks", 1), fp.get("avgpool_patch_tokens", False)
     if cfg.train is None or cfg.val is None:
