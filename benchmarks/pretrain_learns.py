@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--global-size", type=int, default=64)
     ap.add_argument("--local-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4, help="base lr at batch 256 (dinokit pretrain --lr)")
     ap.add_argument("--also", type=Path, default=None, help="another backbone.pth to evaluate the same way")
     ap.add_argument("--weights", type=Path, default=None, help="evaluate this backbone instead of pretraining one")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy shared machine)")
@@ -97,7 +98,7 @@ def main() -> None:
     if args.weights is None:
         cfg = PretrainConfig(
             data=str(data / "train"), output=str(args.output / "run"), arch="vit_tiny", patch_size=args.patch_size,
-            epochs=args.epochs, batch_size=args.batch_size, global_size=args.global_size,
+            epochs=args.epochs, batch_size=args.batch_size, global_size=args.global_size, lr=args.lr,
             local_size=args.local_size, local_crops=4, precision="auto", num_workers=args.workers, overwrite=True,
             save_every=0, seed=0, threads=args.threads,
         )
