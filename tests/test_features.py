@@ -30,6 +30,15 @@ from dinokit.eval.features import (
 SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "4", "--quiet"]
 
 
+@pytest.fixture
+def tiny_weights(tmp_path):
+    """A saved random vit_tiny/16 with 4 blocks (enough for the ViT-S probe's last 4 CLS tokens)."""
+    torch.manual_seed(0)
+    path = tmp_path / "tiny4.pth"
+    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=4), path)
+    return path
+
+
 def run_cli(args):
     from dinokit.commands import app
 
@@ -123,6 +132,8 @@ def test_embedder_cache_is_reused_only_when_fingerprint_matches(labelled_folder,
     spec2 = FeatureSpec(weights=str(tiny_weights), resize=32, crop=32, device="cpu", n_last_blocks=2)
     c = Embedder(spec2).embed(labelled_folder / "val", cache=cache)
     assert c.dim == 2 * a.dim and cache.stat().st_mtime_ns != stamp
+    with pytest.raises(DataError, match="more blocks than the model's 4"):
+        Embedder(FeatureSpec(weights=str(tiny_weights), n_last_blocks=5))
     # random weights are identified by their seed
     r = Embedder(FeatureSpec(weights="random", arch="vit_tiny", seed=3), depth=1)
     assert r.fingerprint["weights"] == "random(seed=3)"

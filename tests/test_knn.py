@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -13,8 +14,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import dinokit
 from dinokit.errors import DataError
 from dinokit.eval.knn import knn_classify, knn_predict
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    """A saved random vit_tiny/16 with 4 blocks (enough for the ViT-S probe's last 4 CLS tokens)."""
+    torch.manual_seed(0)
+    path = tmp_path / "tiny4.pth"
+    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=4), path)
+    return path
 
 
 def brute_force_knn(train, train_labels, test, test_labels, ks, T=0.07, num_classes=None):
@@ -98,8 +109,13 @@ def test_fewer_than_five_classes_and_k_beyond_training_set(caplog):
     train_labels = torch.tensor([0, 0, 1, 1, 2, 2])
     test = torch.randn(3, 4, generator=g)
     test_labels = torch.tensor([0, 1, 2])
-    with caplog.at_level("WARNING", logger="dinokit"):
-        got = knn_classify(train, train_labels, test, test_labels, ks=(2, 200))
+    logger = logging.getLogger("dinokit")  # the CLI's set-up may stop it propagating to caplog's root handler
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="dinokit"):
+            got = knn_classify(train, train_labels, test, test_labels, ks=(2, 200))
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "larger than the training set" in caplog.text
     assert set(got) == {2, 200}
     # with 3 classes "top-5" is top-3: every true class is among them

@@ -25,6 +25,15 @@ from dinokit.eval.linear import (
 SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "6", "--quiet"]
 
 
+@pytest.fixture
+def tiny_weights(tmp_path):
+    """A saved random vit_tiny/16 with 4 blocks (enough for the ViT-S probe's last 4 CLS tokens)."""
+    torch.manual_seed(0)
+    path = tmp_path / "tiny4.pth"
+    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=4), path)
+    return path
+
+
 def run_cli(args):
     from dinokit.commands import app
 
@@ -54,7 +63,7 @@ def test_paper_defaults_per_arch():
     assert default_feature_options("vit_small") == (4, False)
     assert default_feature_options("vit_base") == (1, True)
     cfg = LinearConfig(output="x")
-    s = dinokit.build_backbone("vit_small", 16, depth=1)
+    s = dinokit.build_backbone("vit_small", 16, depth=4)
     b = dinokit.build_backbone("vit_base", 16, depth=1)
     assert _resolve_options(cfg, s) == (4, False)
     assert _resolve_options(cfg, b) == (1, True)

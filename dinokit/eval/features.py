@@ -516,6 +516,9 @@ class Embedder:
         if model is None:
             seed_everything(spec.seed)
             model = load_backbone(spec.weights, spec.arch, spec.patch_size, spec.checkpoint_key, **model_kwargs)
+        depth = getattr(model, "depth", None)
+        if depth is not None and spec.n_last_blocks > depth:
+            raise DataError(f"--n-last-blocks {spec.n_last_blocks} asks for more blocks than the model's {depth}.")
         self.model = model
         self.transform = eval_transform(spec.resize, spec.crop)
         self.fingerprint = feature_fingerprint(

@@ -144,6 +144,7 @@ def _resolve_options(cfg: LinearConfig, model: nn.Module | None) -> tuple[int, b
         return 1, False
     arch = backbone_arch(model) if model is not None else (cfg.arch or "vit_small")
     n, avg = default_feature_options(arch)
+    n = min(n, getattr(model, "depth", n) or n)  # a shallow test model has fewer than 4 blocks
     return (cfg.n_last_blocks if cfg.n_last_blocks is not None else n,
             cfg.avgpool_patch_tokens if cfg.avgpool_patch_tokens is not None else avg)
 
