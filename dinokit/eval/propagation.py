@@ -92,6 +92,7 @@ class WindowGeometry:
     valid: torch.Tensor  #: (hw, W2) bool: the window entry lies inside the frame
     neighbour: torch.Tensor  #: (hw, W2) int64: flat index of the window entry (clamped when outside)
     window_index: torch.Tensor  #: (th*tw, W2) int64 into a tile's R*S region
+    outside: torch.Tensor  #: (hw, 1, W2) bool: ~valid, shaped for the (hw, F, W2) similarities
 
     @property
     def window_size(self) -> int:
@@ -129,7 +130,7 @@ def _geometry_cpu(h: int, w: int, radius: int, tile_h: int, tile_w: int) -> Wind
     la = torch.arange(th).repeat_interleave(tw)  # target row inside the tile
     lb = torch.arange(tw).repeat(th)
     window_index = ((la[:, None] + r + dy[None]) * S + (lb[:, None] + r + dx[None])).contiguous()
-    return WindowGeometry(h, w, r, th, tw, nth, ntw, valid, neighbour, window_index)
+    return WindowGeometry(h, w, r, th, tw, nth, ntw, valid, neighbour, window_index, (~valid).unsqueeze(1))
 
 
 _DEVICE_GEOMETRY: dict = {}
@@ -149,7 +150,7 @@ def window_geometry(
             _DEVICE_GEOMETRY.clear()
         _DEVICE_GEOMETRY[key] = WindowGeometry(
             g.h, g.w, g.radius, g.tile_h, g.tile_w, g.n_tiles_h, g.n_tiles_w,
-            g.valid.to(device), g.neighbour.to(device), g.window_index.to(device),
+            g.valid.to(device), g.neighbour.to(device), g.window_index.to(device), g.outside.to(device),
         )  # fmt: skip
     return _DEVICE_GEOMETRY[key]
 
@@ -188,18 +189,17 @@ def window_similarity(query: torch.Tensor, strips: list[torch.Tensor], geom: Win
     W2 = geom.window_size
     q = query_tiles(query, geom)  # (ntw, nth, th*tw, D)
     win_idx = geom.window_index.unsqueeze(0).expand(nth, th * tw, W2)
-    out = []
-    for keys in strips:
-        cols = []
+    tiles = query.new_empty((len(strips), ntw, nth, th * tw, W2))
+    for f, keys in enumerate(strips):
         for j in range(ntw):
             # tile i of strip j is the contiguous block of rows [i*th, i*th + R): a strided batch
             kj = keys[j].as_strided((nth, R * S, D), (th * S * D, D, 1))
             sim = torch.bmm(q[j], kj.transpose(1, 2))  # (nth, th*tw, R*S)
-            cols.append(sim.gather(2, win_idx))
-        tiles = torch.stack(cols)  # (ntw, nth, th*tw, W2)
-        grid = tiles.view(ntw, nth, th, tw, W2).permute(1, 2, 0, 3, 4).reshape(nth * th, ntw * tw, W2)
-        out.append(grid[:h, :w].reshape(h * w, W2))
-    return torch.stack(out, dim=1)
+            torch.gather(sim, 2, win_idx, out=tiles[f, j])
+    # (F, ntw, nth, th, tw, W2) -> (rows, columns, F, W2), cropped to the grid
+    grid = tiles.view(len(strips), ntw, nth, th, tw, W2).permute(2, 3, 1, 4, 0, 5)
+    grid = grid.reshape(nth * th, ntw * tw, len(strips), W2)[:h, :w]
+    return grid.reshape(h * w, len(strips), W2)
 
 
 def window_affinity(
@@ -208,7 +208,7 @@ def window_affinity(
     """exp(cos / T) over each target patch's windows in every context frame, 0 outside the frame:
     (hw, F * W2), context-frame-major."""
     sim = window_similarity(query, strips, geom).float()  # (hw, F, W2)
-    sim = sim.masked_fill_(~geom.valid.unsqueeze(1), float("-inf"))  # exp(-inf) = 0 outside the frame
+    sim = sim.masked_fill_(geom.outside, float("-inf"))  # exp(-inf) = 0 outside the frame
     return torch.exp_(sim.div_(temperature)).reshape(sim.shape[0], -1)
 
 
@@ -306,7 +306,8 @@ def soft_labels_to_mask(soft: torch.Tensor, patch_size: int) -> torch.Tensor:
     shifted = up - up.amin(dim=(1, 2), keepdim=True)
     normed = shifted / shifted.amax(dim=(1, 2), keepdim=True)
     up = torch.where(mx > 0, normed, up)
-    return up.argmax(dim=0)
+    # argmax over the (few) channels, laid out last: a reduction over the first dim is slow on CPUs
+    return up.permute(1, 2, 0).contiguous().argmax(dim=-1)
 
 
 # -- whole videos ---------------------------------------------------------------------------------
