@@ -52,6 +52,7 @@ def brute_force(feats, labels0, n_last, radius, k, temperature):
 
 
 def ours(feats, labels0, cfg):
+    feats = feats.clone().requires_grad_(True)  # features straight from a model may carry grad
     prop = LabelPropagator(cfg)
     prop.start(feats[0], labels0)
     return [prop.step(feats[t]) for t in range(1, feats.shape[0])]

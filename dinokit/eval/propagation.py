@@ -246,6 +246,7 @@ class LabelPropagator:
         self._labels0: torch.Tensor | None = None
         self._queue: deque = deque(maxlen=self.config.n_last_frames)
 
+    @torch.no_grad()
     def start(self, features0: torch.Tensor, labels0: torch.Tensor) -> None:
         h, w, _ = features0.shape
         if labels0.shape[-2:] != (h, w):
@@ -260,6 +261,7 @@ class LabelPropagator:
         keys = key_strips(F.normalize(features.float(), dim=-1), self.geom)
         return keys if self.config.similarity_dtype is None else keys.to(self.config.similarity_dtype)
 
+    @torch.no_grad()
     def remember(self, features: torch.Tensor, soft_labels: torch.Tensor) -> None:
         """Push a frame's features and soft labels (C, h, w) into the context queue."""
         if self.config.n_last_frames == 0:
@@ -267,6 +269,7 @@ class LabelPropagator:
         keys = self._pad(features)
         self._queue.append((keys, soft_labels.reshape(soft_labels.shape[0], -1).t().contiguous()))
 
+    @torch.no_grad()
     def weights(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept neighbours of a target frame: (weights (hw, K'), flat context indices (hw, K'))
         into the stacked context labels (F * hw) -- no label is needed for this part."""
@@ -285,6 +288,7 @@ class LabelPropagator:
         flat = frame * (g.h * g.w) + g.neighbour.gather(1, idx - frame * W2)
         return w, flat
 
+    @torch.no_grad()
     def step(self, features: torch.Tensor) -> torch.Tensor:
         """Soft labels (C, h, w) of the next frame; the frame then joins the context queue."""
         w, flat = self.weights(features)
@@ -311,6 +315,7 @@ def soft_labels_to_mask(soft: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 # -- whole videos ---------------------------------------------------------------------------------
+@torch.no_grad()
 def patch_features(model: nn.Module, frames: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """(B, 3, H, W) frames -> (B, H/p, W/p, D) float32: the last block's patch tokens after the final
     LayerNorm (no CLS token)."""
@@ -442,6 +447,7 @@ def _unwrap_worker_error(e: DinokitError) -> DinokitError:
     return type(e)(last.split(": ", 1)[1] if "Error: " in last else last)
 
 
+@torch.no_grad()
 def _segment_frames(model, loader, prop, labels0, p, size, names, out_dir, device, dtype, times, pool, pending,
                     task, on_frame) -> None:  # fmt: skip
     from ..data.davis import resize_labels_nearest
