@@ -51,7 +51,7 @@ class PropagationConfig:
     topk: int = 5  #: neighbours kept jointly over all context frames
     temperature: float = 0.1  #: affinity = exp(cos / temperature)
     #: target tile (rows, columns) in patches: a speed/memory trade-off, not a result change
-    tile: tuple[int, int] = (4, 24)
+    tile: tuple[int, int] = (2, 26)
     #: dtype of the patch similarities' matrix products (None = float32, as the reference);
     #: ``--precision bf16`` on a GPU sets bfloat16 (cosines rounded to 3 digits)
     similarity_dtype: torch.dtype | None = None
@@ -137,7 +137,7 @@ _DEVICE_GEOMETRY: dict = {}
 
 
 def window_geometry(
-    h: int, w: int, radius: int, tile: tuple[int, int] = (4, 24), device: torch.device | str = "cpu"
+    h: int, w: int, radius: int, tile: tuple[int, int] = (2, 26), device: torch.device | str = "cpu"
 ) -> WindowGeometry:
     """The window index tensors for an h x w grid on ``device`` (cached)."""
     device = torch.device(device)
