@@ -19,6 +19,21 @@ def classify(
         float, typer.Option("--val-fraction", min=0.0, max=0.99, help="Fraction of each class held out for val.")
     ] = 0.2,
     size: Annotated[int, typer.Option("--size", min=16, help="Image side in pixels.")] = 96,
+    style: Annotated[
+        str,
+        typer.Option(
+            "--style",
+            help="cluttered: textured objects over photographs/clutter; simple: flat-coloured objects on "
+            "smooth low-contrast backgrounds (learnable by a few minutes of pretraining).",
+        ),
+    ] = "cluttered",
+    class_colour: Annotated[
+        float,
+        typer.Option(
+            "--class-colour",
+            help="With --style simple: fraction of images whose object hue follows the class (a noisy cue).",
+        ),
+    ] = 0.0,
     seed: Seed0 = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -41,6 +56,8 @@ def classify(
             seed=seed,
             overwrite=overwrite,
             progress=progress,
+            style=style,
+            class_colour=class_colour,
         )
     print_table(
         "dinokit synth classify",

@@ -165,6 +165,81 @@ def test_classify_val_fraction(tmp_path, fraction):
     assert len(list((tmp_path / "v" / "train").rglob("*.png"))) == s.n_train
 
 
+def test_classify_simple_style_files_and_exact_masks(tmp_path):
+    out = tmp_path / "simple"
+    r = _run("synth", "classify", "--output", str(out), "--classes", "3", "--per-class", "2",
+             "--val-fraction", "0.5", "--size", "32", "--seed", "4", "--style", "simple", "-q")
+    assert r.exit_code == 0, r.output
+    for ci, c in enumerate(["circle", "square", "triangle"]):
+        for split, i in (("train", 0), ("val", 1)):
+            img = np.asarray(Image.open(out / split / c / f"{i:05d}.png"))
+            m = np.asarray(Image.open(out / "masks" / split / c / f"{i:05d}.png"))
+            rng = synth.item_rng(4, "classify", ci, i)
+            assert rng.random() >= 0.0  # the draw that decides class colours comes first
+            ref_img, ref_mask = synth.draw_simple_image(rng, c, 32)
+            np.testing.assert_array_equal(img, ref_img)
+            np.testing.assert_array_equal(m, ref_mask.astype(np.uint8))
+    assert '"style": "simple"' in (out / "synth.json").read_text()
+    # the default style is still the cluttered one, image for image
+    d = synth.make_classify_dataset(tmp_path / "d", classes=1, per_class=1, size=32, seed=4, val_fraction=0.0)
+    ref, _ = synth.draw_classify_image(synth.item_rng(4, "classify", 0, 0), "circle", 32)
+    np.testing.assert_array_equal(np.asarray(Image.open(d.train_dir / "circle" / "00000.png")), ref)
+
+
+def test_classify_simple_style_is_plain_and_the_object_stands_out():
+    sentinel = (3, 251, 7)
+    for ci, shape in enumerate(synth.class_names(10)):
+        for i in range(4):
+            img, mask = synth.draw_simple_image(synth.item_rng(2, "classify", ci, i), shape, 48, sentinel)
+            np.testing.assert_array_equal(np.all(img == np.array(sentinel, np.uint8), axis=2), mask)
+            img, mask = synth.draw_simple_image(synth.item_rng(2, "classify", ci, i), shape, 48)
+            bg, fg = img[~mask].astype(np.float32), img[mask].astype(np.float32)
+            # smooth low-contrast background, flat-ish object, clearly apart from each other
+            assert bg.std(axis=0).max() < 25 and fg.std(axis=0).max() < 20
+            assert np.abs(bg.mean(axis=0) - fg.mean(axis=0)).sum() > 60
+            # far less texture than the cluttered style: neighbouring background pixels barely differ
+            assert np.abs(np.diff(img.astype(np.float32), axis=1))[:, :, :][~(mask[:, 1:] | mask[:, :-1])].mean() < 3
+
+
+def _hue(rgb: np.ndarray) -> float:
+    import colorsys
+
+    return colorsys.rgb_to_hsv(*(rgb / 255.0))[0]
+
+
+def _hue_distance(a: float, b: float) -> float:
+    d = abs(a - b) % 1.0
+    return min(d, 1 - d)
+
+
+def test_classify_class_colour_makes_hue_a_noisy_class_cue(tmp_path):
+    n = 5
+    s = synth.make_classify_dataset(tmp_path / "c", classes=n, per_class=6, val_fraction=0.0, size=32,
+                                    style="simple", class_colour=1.0)
+    for ci, c in enumerate(s.classes):
+        for f in sorted((s.train_dir / c).iterdir()):
+            img = np.asarray(Image.open(f)).astype(np.float32)
+            mask = np.asarray(Image.open(s.mask_dir / "train" / c / f.name)) > 0
+            assert _hue_distance(_hue(np.median(img[mask], axis=0)), synth.class_hue(ci, n)) < 0.1
+    # with class_colour 0 the object hues do not cluster by class
+    far = 0
+    for ci, c in enumerate(synth.class_names(n)):
+        for i in range(10):
+            rng = synth.item_rng(0, "classify", ci, i)
+            img, mask = synth.draw_simple_image(rng, c, 32)
+            far += _hue_distance(_hue(np.median(img[mask].astype(np.float32), axis=0)), synth.class_hue(ci, n)) > 0.1
+    assert far > 20
+
+
+def test_classify_style_options_are_checked(tmp_path):
+    r = _run("synth", "classify", "--output", str(tmp_path / "a"), "--style", "fancy", "--per-class", "1")
+    assert r.exit_code == 2 and "--style" in r.output and "Traceback" not in r.output
+    r = _run("synth", "classify", "--output", str(tmp_path / "b"), "--class-colour", "0.5", "--per-class", "1")
+    assert r.exit_code == 2 and "--style simple" in r.output
+    r = _run("synth", "classify", "--output", str(tmp_path / "c"), "--style", "simple", "--class-colour", "2")
+    assert r.exit_code == 2 and "--class-colour" in r.output
+
+
 # -- video ------------------------------------------------------------------------------------------
 
 

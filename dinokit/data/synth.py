@@ -364,6 +364,65 @@ def save_png(array: np.ndarray, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+STYLES = ("cluttered", "simple")
+
+
+def _hsv_colour(h: float, s: float, v: float) -> np.ndarray:
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return np.asarray([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]) * 255.0
+
+
+def class_hue(class_index: int, n_classes: int) -> float:
+    """The hue (in [0, 1)) of a class's palette: classes spread evenly round the colour wheel."""
+    return (class_index + 0.5) / max(1, n_classes)
+
+
+def draw_simple_image(
+    rng: np.random.Generator,
+    shape: str,
+    size: int,
+    object_colour: Sequence[int] | None = None,
+    hue: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One picture of ``shape`` in the ``simple`` style: (RGB uint8, foreground mask bool).
+
+    A smooth, low-contrast background (one colour with a gentle gradient and soft value noise, no
+    clutter) and the object in one flat colour with light shading, clearly apart from the
+    background; random scale, position and rotation. ``hue`` (in [0, 1)) sets the object's hue
+    (plus a little noise) instead of a random one, for class-correlated palettes.
+    """
+    bg = random_colour(rng)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    a = rng.uniform(0, 2 * np.pi)
+    grad = (xx * np.cos(a) + yy * np.sin(a) - 0.5) * rng.uniform(0, 40)
+    noise = (smooth_noise(rng, size, size, cells=int(rng.integers(2, 5))) - 0.5) * rng.uniform(0, 30)
+    canvas = bg[None, None, :] + (grad + noise)[..., None]
+
+    radius = size * rng.uniform(0.25, 0.44)
+    margin = radius * 0.75
+    cx = rng.uniform(margin, size - margin)
+    cy = rng.uniform(margin, size - margin)
+    parts = place_parts(shape_parts(shape), cx, cy, radius, rng.uniform(0, 2 * np.pi))
+    mask = rasterize(parts, size, size)
+    for _ in range(20):  # an object colour that stands out from the background
+        if hue is not None:
+            colour = _hsv_colour((hue + rng.normal(0, 0.03)) % 1.0, rng.uniform(0.5, 1.0), rng.uniform(0.35, 1.0))
+        else:
+            colour = random_colour(rng)
+        if np.abs(colour - bg).sum() > 150:
+            break
+    shade = (xx * np.cos(a + 1.0) + yy * np.sin(a + 1.0) - 0.5) * rng.uniform(0, 30)
+    texture = colour[None, None, :] + shade[..., None]
+    texture = texture + rng.normal(0, 2, size=(size, size, 1)).astype(np.float32)
+    if object_colour is not None:
+        texture[:] = np.asarray(object_colour, np.float32)
+    canvas = canvas.astype(np.float32)
+    paste(canvas, mask, texture.astype(np.float32))
+    return np.clip(canvas, 0, 255).astype(np.uint8), mask
+
+
 def draw_classify_image(
     rng: np.random.Generator, shape: str, size: int, object_colour: Sequence[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -443,8 +502,16 @@ def make_classify_dataset(
     seed: int = 0,
     overwrite: bool = False,
     progress: Progress = NULL_PROGRESS,
+    style: str = "cluttered",
+    class_colour: float = 0.0,
 ) -> ClassifySummary:
     """Write the synthetic shape-classification set.
+
+    ``style``: ``"cluttered"`` (default: textured objects over photographs or clutter, nothing but
+    the shape tells the class) or ``"simple"`` (flat-coloured objects on smooth low-contrast
+    backgrounds, see :func:`draw_simple_image`). ``class_colour`` (simple style only): the fraction
+    of images whose object hue follows the class (each class has its own hue, plus noise), as in
+    real classes where colour is a noisy cue; the other images get random colours.
 
     Layout: ``out/train/<class>/<NNNNN>.png`` and ``out/val/<class>/<NNNNN>.png`` (ImageFolder
     roots), each image's foreground mask at ``out/masks/<split>/<class>/<NNNNN>.png`` (8-bit,
@@ -456,6 +523,12 @@ def make_classify_dataset(
     _check_positive("size", size, 16)
     if not 0.0 <= val_fraction < 1.0:
         raise DinokitError(f"--val-fraction must lie in [0, 1), not {val_fraction}.")
+    if style not in STYLES:
+        raise DinokitError(f"--style must be one of {', '.join(STYLES)}, not {style!r}.")
+    if not 0.0 <= class_colour <= 1.0:
+        raise DinokitError(f"--class-colour must lie in [0, 1], not {class_colour}.")
+    if class_colour > 0 and style != "simple":
+        raise DinokitError("--class-colour needs --style simple (the cluttered style keeps colours random).")
     names = class_names(classes)
     n_val = int(round(per_class * val_fraction))
     n_train = per_class - n_val
@@ -472,7 +545,11 @@ def make_classify_dataset(
         for i in range(per_class):
             split = "train" if i < n_train else "val"
             rng = item_rng(seed, "classify", ci, i)
-            image, mask = draw_classify_image(rng, name, size)
+            if style == "simple":
+                hue = class_hue(ci, classes) if rng.random() < class_colour else None
+                image, mask = draw_simple_image(rng, name, size, hue=hue)
+            else:
+                image, mask = draw_classify_image(rng, name, size)
             fname = f"{i:05d}.png"
             save_png(image, root / split / name / fname)
             save_png(mask.astype(np.uint8), root / "masks" / split / name / fname)
@@ -490,6 +567,8 @@ def make_classify_dataset(
             "val_per_class": n_val,
             "size": size,
             "seed": seed,
+            "style": style,
+            "class_colour": class_colour,
             "layout": {
                 "train": "train/<class>/<name>.png",
                 "val": "val/<class>/<name>.png",
