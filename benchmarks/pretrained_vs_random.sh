@@ -45,7 +45,7 @@ rows = [
     ("attention Jaccard", "attn", ("jaccard",)),
     ("DAVIS J&F-Mean", "davis", ("J&F-Mean",)),
     ("Copydays strong mAP", "copydetect", ("mAP", "strong")),
-    ("fine-tuned top-1, 5 epochs (%)", "finetune", ("final", "top1")),
+    ("fine-tuned top-1, 5 epochs (%)", "finetune", ("top1",)),
 ]
 print(f"| metric | random init | pretrained |\n|---|---|---|")
 for title, d, keys in rows:
