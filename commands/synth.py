@@ -34,6 +34,13 @@ def classify(
             help="With --style simple: fraction of images whose object hue follows the class (a noisy cue).",
         ),
     ] = 0.0,
+    class_texture: Annotated[
+        float,
+        typer.Option(
+            "--class-texture",
+            help="With --style simple: fraction of images whose object carries its class's surface pattern.",
+        ),
+    ] = 0.0,
     seed: Seed0 = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -58,6 +65,7 @@ def classify(
             progress=progress,
             style=style,
             class_colour=class_colour,
+            class_texture=class_texture,
         )
     print_table(
         "dinokit synth classify",

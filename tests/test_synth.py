@@ -231,6 +231,45 @@ def test_classify_class_colour_makes_hue_a_noisy_class_cue(tmp_path):
     assert far > 20
 
 
+def _surface_edge_density(img: np.ndarray, mask: np.ndarray) -> float:
+    """Fraction of horizontally neighbouring object pixels whose tone changes sharply."""
+    grey = img.astype(np.float32).mean(axis=2)
+    both = mask[:, 1:] & mask[:, :-1]
+    return float((np.abs(np.diff(grey, axis=1))[both] > 25).mean())
+
+
+def test_classify_class_texture_paints_the_class_pattern_at_its_period():
+    assert len(set(synth.CLASS_PATTERNS)) == 12 and synth.class_pattern(12) == synth.class_pattern(0)
+    density = {}
+    for ci in range(12):
+        kind, period = synth.class_pattern(ci)
+        d = []
+        for i in range(6):
+            img, mask = synth.draw_simple_image(synth.item_rng(0, "classify", ci, i), "square", 96,
+                                                pattern=(kind, period))
+            fg = img[mask].astype(np.float32).mean(axis=1)
+            assert fg.max() - fg.min() > 40  # two tones on the surface
+            d.append(_surface_edge_density(img, mask))
+            flat, fmask = synth.draw_simple_image(synth.item_rng(0, "classify", ci, i), "square", 96)
+            assert _surface_edge_density(flat, fmask) < 0.01
+        density[kind, period] = np.mean(d)
+    for kind in ("stripes", "checks", "dots"):  # finer patterns change tone more often
+        ds = [density[kind, p] for p in (0.04, 0.07, 0.11, 0.16)]
+        assert all(a > b for a, b in zip(ds, ds[1:])), (kind, ds)
+
+
+def test_classify_class_texture_fraction(tmp_path):
+    s = synth.make_classify_dataset(tmp_path / "t", classes=2, per_class=20, val_fraction=0.0, size=48,
+                                    style="simple", class_texture=0.5, seed=1)
+    patterned = 0
+    for c in s.classes:
+        for f in (s.train_dir / c).iterdir():
+            img = np.asarray(Image.open(f))
+            mask = np.asarray(Image.open(s.mask_dir / "train" / c / f.name)) > 0
+            patterned += _surface_edge_density(img, mask) > 0.02
+    assert 10 <= patterned <= 30  # about half of 40
+
+
 def test_classify_style_options_are_checked(tmp_path):
     r = _run("synth", "classify", "--output", str(tmp_path / "a"), "--style", "fancy", "--per-class", "1")
     assert r.exit_code == 2 and "--style" in r.output and "Traceback" not in r.output
@@ -238,6 +277,10 @@ def test_classify_style_options_are_checked(tmp_path):
     assert r.exit_code == 2 and "--style simple" in r.output
     r = _run("synth", "classify", "--output", str(tmp_path / "c"), "--style", "simple", "--class-colour", "2")
     assert r.exit_code == 2 and "--class-colour" in r.output
+    r = _run("synth", "classify", "--output", str(tmp_path / "d"), "--class-texture", "0.5", "--per-class", "1")
+    assert r.exit_code == 2 and "--style simple" in r.output
+    r = _run("synth", "classify", "--output", str(tmp_path / "e"), "--style", "simple", "--class-texture", "-1")
+    assert r.exit_code == 2 and "--class-texture" in r.output
 
 
 # -- video ------------------------------------------------------------------------------------------

@@ -379,19 +379,44 @@ def class_hue(class_index: int, n_classes: int) -> float:
     return (class_index + 0.5) / max(1, n_classes)
 
 
+CLASS_PATTERNS = tuple((kind, period) for period in (0.04, 0.07, 0.11, 0.16) for kind in ("stripes", "checks", "dots"))
+
+
+def class_pattern(class_index: int) -> tuple[str, float]:
+    """A class's surface pattern: (kind, period as a fraction of the image side); 12 distinct ones, then reused."""
+    return CLASS_PATTERNS[class_index % len(CLASS_PATTERNS)]
+
+
+def pattern_map(rng: np.random.Generator, kind: str, period: float, size: int) -> np.ndarray:
+    """A (size, size) 0/1 map of stripes, checks or dots with the given period (pixels), random angle and phase."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    a = rng.uniform(0, np.pi)
+    u = xx * np.cos(a) + yy * np.sin(a) + rng.uniform(0, period)
+    v = -xx * np.sin(a) + yy * np.cos(a) + rng.uniform(0, period)
+    if kind == "stripes":
+        return (np.floor(u / period) % 2).astype(np.float32)
+    if kind == "checks":
+        return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+    du, dv = (u % period) - period / 2, (v % period) - period / 2
+    return (du * du + dv * dv < (period * 0.35) ** 2).astype(np.float32)
+
+
 def draw_simple_image(
     rng: np.random.Generator,
     shape: str,
     size: int,
     object_colour: Sequence[int] | None = None,
     hue: float | None = None,
+    pattern: tuple[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One picture of ``shape`` in the ``simple`` style: (RGB uint8, foreground mask bool).
 
     A smooth, low-contrast background (one colour with a gentle gradient and soft value noise, no
     clutter) and the object in one flat colour with light shading, clearly apart from the
     background; random scale, position and rotation. ``hue`` (in [0, 1)) sets the object's hue
-    (plus a little noise) instead of a random one, for class-correlated palettes.
+    (plus a little noise) instead of a random one, for class-correlated palettes. ``pattern``
+    ((kind, period as a fraction of ``size``), see :func:`class_pattern`) paints the object with that
+    two-tone pattern (its colour and a darker or lighter one) instead of flat, for class-correlated surfaces.
     """
     bg = random_colour(rng)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -415,6 +440,11 @@ def draw_simple_image(
             break
     shade = (xx * np.cos(a + 1.0) + yy * np.sin(a + 1.0) - 0.5) * rng.uniform(0, 30)
     texture = colour[None, None, :] + shade[..., None]
+    if pattern is not None:
+        kind, period = pattern
+        t = pattern_map(rng, kind, max(2.0, period * size), size)
+        other = colour * 0.45 if colour.mean() > 110 else colour * 0.45 + 140
+        texture = texture * (1 - t[..., None]) + (other[None, None, :] + shade[..., None]) * t[..., None]
     texture = texture + rng.normal(0, 2, size=(size, size, 1)).astype(np.float32)
     if object_colour is not None:
         texture[:] = np.asarray(object_colour, np.float32)
@@ -504,6 +534,7 @@ def make_classify_dataset(
     progress: Progress = NULL_PROGRESS,
     style: str = "cluttered",
     class_colour: float = 0.0,
+    class_texture: float = 0.0,
 ) -> ClassifySummary:
     """Write the synthetic shape-classification set.
 
@@ -512,6 +543,9 @@ def make_classify_dataset(
     backgrounds, see :func:`draw_simple_image`). ``class_colour`` (simple style only): the fraction
     of images whose object hue follows the class (each class has its own hue, plus noise), as in
     real classes where colour is a noisy cue; the other images get random colours.
+    ``class_texture`` (simple style only): the fraction of images whose object carries its class's
+    surface pattern (stripes, checks or dots at a class-specific period, see :func:`class_pattern`),
+    the others being flat: a noisy appearance cue that colour augmentations do not remove.
 
     Layout: ``out/train/<class>/<NNNNN>.png`` and ``out/val/<class>/<NNNNN>.png`` (ImageFolder
     roots), each image's foreground mask at ``out/masks/<split>/<class>/<NNNNN>.png`` (8-bit,
@@ -527,8 +561,11 @@ def make_classify_dataset(
         raise DinokitError(f"--style must be one of {', '.join(STYLES)}, not {style!r}.")
     if not 0.0 <= class_colour <= 1.0:
         raise DinokitError(f"--class-colour must lie in [0, 1], not {class_colour}.")
-    if class_colour > 0 and style != "simple":
-        raise DinokitError("--class-colour needs --style simple (the cluttered style keeps colours random).")
+    if not 0.0 <= class_texture <= 1.0:
+        raise DinokitError(f"--class-texture must lie in [0, 1], not {class_texture}.")
+    if (class_colour > 0 or class_texture > 0) and style != "simple":
+        raise DinokitError("--class-colour and --class-texture need --style simple (the cluttered style keeps "
+                           "colours and textures random).")
     names = class_names(classes)
     n_val = int(round(per_class * val_fraction))
     n_train = per_class - n_val
@@ -547,7 +584,8 @@ def make_classify_dataset(
             rng = item_rng(seed, "classify", ci, i)
             if style == "simple":
                 hue = class_hue(ci, classes) if rng.random() < class_colour else None
-                image, mask = draw_simple_image(rng, name, size, hue=hue)
+                pattern = class_pattern(ci) if class_texture > 0 and rng.random() < class_texture else None
+                image, mask = draw_simple_image(rng, name, size, hue=hue, pattern=pattern)
             else:
                 image, mask = draw_classify_image(rng, name, size)
             fname = f"{i:05d}.png"
@@ -569,6 +607,7 @@ def make_classify_dataset(
             "seed": seed,
             "style": style,
             "class_colour": class_colour,
+            "class_texture": class_texture,
             "layout": {
                 "train": "train/<class>/<name>.png",
                 "val": "val/<class>/<name>.png",
