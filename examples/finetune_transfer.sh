@@ -11,6 +11,7 @@ GPUS=${GPUS:-1}
 need "$DATA/train" "a labelled data set (train/ and val/ ImageFolder roots)"
 torchrun --nproc-per-node "$GPUS" -m dinokit finetune --weights "$MODEL" --train "$DATA/train" --val "$DATA/val" \
   --epochs 100 --batch-size 128 --lr 5e-4 --weight-decay 0.05 --label-smoothing 0.1 --drop-path 0.1 \
+  --randaugment 9 --mixup 0.8 --cutmix 1.0 \
   --output "$OUT"
 # the from-scratch baseline the paper compares with
 torchrun --nproc-per-node "$GPUS" -m dinokit finetune --weights random --arch vit_small --patch-size 16 \
