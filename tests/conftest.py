@@ -53,3 +53,17 @@ def tiny_weights(tmp_path) -> Path:
     path = tmp_path / "tiny.pth"
     dinokit.save_backbone(model, path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _dinokit_logger_propagates():
+    """CLI runs in-process install a rich handler and stop propagation; give each test a clean logger
+    so that caplog sees dinokit's records whatever ran before."""
+    import logging
+
+    logger = logging.getLogger("dinokit")
+    yield
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
