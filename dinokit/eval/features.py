@@ -50,7 +50,10 @@ def cls_feature_fn(n_last_blocks: int = 1, avgpool_patch_tokens: bool = False) -
         out = torch.cat([x[:, 0] for x in layers], dim=-1)
         if avgpool_patch_tokens:
             avg = layers[-1][:, 1:].mean(dim=1)
-            out = torch.cat((out.unsqueeze(-1), avg.unsqueeze(-1)), dim=-1).reshape(out.shape[0], -1)
+            if n_last_blocks == 1:  # the reference's element-interleaved order, which its linear heads need
+                out = torch.cat((out.unsqueeze(-1), avg.unsqueeze(-1)), dim=-1).reshape(out.shape[0], -1)
+            else:  # the reference cannot combine the two; dinokit appends the average
+                out = torch.cat((out, avg), dim=-1)
         return out
 
     return fn
