@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 import typer.core
 from rich.console import Console
@@ -65,7 +64,7 @@ def _plain_error(message: str) -> str:
 class DinokitGroup(typer.core.TyperGroup):
     """Turns dinokit's own errors (and unreadable files) into one sentence and exit code 2."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
         except DinokitError as e:

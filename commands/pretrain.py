@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from ._common import (
@@ -34,7 +33,7 @@ HELP = "\n\n".join(
     ]
 )
 
-def _given(ctx: click.Context) -> set[str]:
+def _given(ctx: typer.Context) -> set[str]:
     """Parameters the user typed (not defaults), so that --resume keeps the saved run's settings."""
     out = set()
     for name in ctx.params:
