@@ -545,7 +545,7 @@ class _Run:
                 last_ui = 0.0
                 it = it0
                 done_steps = it0
-                for it, (crops, n_skipped) in enumerate(loader, start=it0):
+                for it, (crops, n_skipped) in enumerate(_start_loader(loader), start=it0):
                     skipped += n_skipped
                     if crops is None:
                         raise DataError(f"No readable image was found in {data}; every image failed to decode.")
@@ -763,11 +763,26 @@ def _warn_if_cpu_busy() -> None:
         )
 
 
+def _start_loader(loader):
+    """Start the loader's workers with SIGINT/SIGTERM blocked, so that a signal sent to the whole
+    process group between a worker's fork and its ``worker_init_fn`` cannot kill it; the workers then
+    ignore both and unblock, and the main process gets any pending signal as soon as it unblocks."""
+    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _leave_signals_to_main(worker_id: int) -> None:
     """Data workers ignore Ctrl-C and SIGTERM (also when sent to the whole process group): the main
     process finishes the step, saves, and shuts them down; they also exit when it dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # started blocked by _start_loader; pending ones are dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def resume_hint(output: str | os.PathLike) -> str:
