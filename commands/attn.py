@@ -271,12 +271,12 @@ def attn(
     ] = None,
     video: Annotated[
         Optional[Path],
-        typer.Option("--video", help="Video form: a folder of frames or a video file (files need dinokit[video])."),
+        typer.Option("--video", help="Video form: a folder of frames or a video file (files need dinokit\\[video])."),
     ] = None,
     fps: Annotated[
         Optional[float], typer.Option("--fps", min=0.1, help="Frame rate of the GIF/MP4 (default: the file's, or 10).")
     ] = None,
-    mp4: Annotated[bool, typer.Option("--mp4", help="Also write attention.mp4 (needs dinokit[video]).")] = False,
+    mp4: Annotated[bool, typer.Option("--mp4", help="Also write attention.mp4 (needs dinokit\\[video]).")] = False,
     batch_size: BatchSize = 8,
     num_workers: NumWorkers = 0,
     device: Device = "auto",

@@ -35,7 +35,7 @@ def davis(
     ] = None,
     frames: Annotated[
         Optional[Path],
-        typer.Option("--frames", help="Your own video: a folder of frames, or a video file (needs dinokit[video])."),
+        typer.Option("--frames", help="Your own video: a folder of frames, or a video file (needs dinokit\\[video])."),
     ] = None,
     first_mask: Annotated[
         Optional[Path],
