@@ -175,6 +175,23 @@ def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype | None) -> tor
     return model
 
 
+def inference_model(model: torch.nn.Module, dtype: torch.dtype | None) -> tuple[torch.nn.Module, torch.dtype | None]:
+    """The model to run inference with at ``dtype``, and the autocast dtype still needed around it.
+
+    bf16 gets a copy cast once with :func:`cast_for_inference` (the caller's fp32 model is left as it
+    is) and no autocast; a model already in ``dtype`` runs as it is; fp16 keeps autocast.
+    """
+    if dtype is None:
+        return model, None
+    if next(model.parameters()).dtype == dtype:
+        return model, None
+    if dtype == torch.bfloat16:
+        import copy
+
+        return cast_for_inference(copy.deepcopy(model), dtype), None
+    return model, dtype
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 

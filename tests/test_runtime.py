@@ -146,3 +146,22 @@ def test_cast_for_inference_casts_the_inputs_of_other_models():
     assert torch.allclose(out.float(), expected, atol=0.05, rtol=0.05)
     runtime.cast_for_inference(model, torch.bfloat16)  # a second cast adds no second hook
     assert len(model._forward_pre_hooks) == 1
+
+
+def test_inference_model_casts_a_copy_for_bf16_and_keeps_autocast_for_fp16():
+    import dinokit
+    from dinokit.runtime import inference_model
+
+    torch.manual_seed(0)
+    m = dinokit.build_backbone("vit_tiny", 16, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+        cast, ac = inference_model(m, torch.bfloat16)
+        assert ac is None and cast is not m
+        assert next(cast.parameters()).dtype == torch.bfloat16
+        assert next(m.parameters()).dtype == torch.float32  # the caller's model is untouched
+        assert torch.allclose(cast(x).float(), ref, atol=0.1)
+    assert inference_model(cast, torch.bfloat16) == (cast, None)  # already cast: used as it is
+    assert inference_model(m, None) == (m, None)
+    assert inference_model(m, torch.float16) == (m, torch.float16)

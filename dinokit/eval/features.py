@@ -27,7 +27,7 @@ from torch import nn
 from ..data.images import collate_skip_none
 from ..errors import DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
-from ..runtime import autocast, cast_for_inference, dist_env, is_dist
+from ..runtime import autocast, dist_env, inference_model, is_dist
 
 log = logging.getLogger("dinokit")
 
@@ -91,13 +91,7 @@ def extract_features(
         pin_memory=device.type == "cuda",
     )
     model = model.to(device).eval()
-    if dtype == torch.bfloat16:
-        # bf16 weights cast once run much faster than autocast (which converts every call) on CPUs;
-        # a copy keeps the caller's fp32 model untouched
-        import copy
-
-        model = cast_for_inference(copy.deepcopy(model), dtype)
-        dtype = None
+    model, dtype = inference_model(model, dtype)
     feats: torch.Tensor | None = None
     kept = torch.zeros(n, dtype=torch.bool)
     task = progress.task(description, total=len(indices))
