@@ -207,17 +207,30 @@ def state_dict_fingerprint(sd: dict[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Key mapping
 # ---------------------------------------------------------------------------------------------
-_HF_RULES = [
-    (r"^embeddings\.cls_token$", "cls_token"),
-    (r"^embeddings\.position_embeddings$", "pos_embed"),
-    (r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$", r"patch_embed.proj.\1"),
-    (r"^encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)$", r"blocks.\1.norm1.\2"),
-    (r"^encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)$", r"blocks.\1.norm2.\2"),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
-    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)$", r"blocks.\1.mlp.fc1.\2"),
-    (r"^encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)$", r"blocks.\1.mlp.fc2.\2"),
-    (r"^layernorm\.(weight|bias)$", r"norm.\1"),
+# dinokit/timm name <-> Hugging Face ViTModel name; {i} is a block index, {p} weight or bias
+_HF_NAMES = [
+    ("cls_token", "embeddings.cls_token"),
+    ("pos_embed", "embeddings.position_embeddings"),
+    ("patch_embed.proj.{p}", "embeddings.patch_embeddings.projection.{p}"),
+    ("blocks.{i}.norm1.{p}", "encoder.layer.{i}.layernorm_before.{p}"),
+    ("blocks.{i}.norm2.{p}", "encoder.layer.{i}.layernorm_after.{p}"),
+    ("blocks.{i}.attn.proj.{p}", "encoder.layer.{i}.attention.output.dense.{p}"),
+    ("blocks.{i}.mlp.fc1.{p}", "encoder.layer.{i}.intermediate.dense.{p}"),
+    ("blocks.{i}.mlp.fc2.{p}", "encoder.layer.{i}.output.dense.{p}"),
+    ("norm.{p}", "layernorm.{p}"),
 ]
+
+
+def _name_rule(source: str, target: str) -> tuple[str, str]:
+    """A (regex, replacement) pair from two name templates ({i} comes before {p} in both)."""
+    pattern = "^" + re.escape(source).replace(r"\{i\}", r"(\d+)").replace(r"\{p\}", "(weight|bias)") + "$"
+    groups = iter(range(1, 3))
+    repl = re.sub(r"\{[ip]\}", lambda _: f"\\{next(groups)}", target)
+    return pattern, repl
+
+
+_HF_RULES = [_name_rule(hf, ours) for ours, hf in _HF_NAMES]
+_TO_HF_RULES = [_name_rule(ours, hf) for ours, hf in _HF_NAMES]
 _HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
 
 
@@ -261,17 +274,6 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`convert_hf_state_dict` (for exporting and for tests)."""
     out: dict[str, torch.Tensor] = OrderedDict()
-    inverse = [
-        (r"^cls_token$", "embeddings.cls_token"),
-        (r"^pos_embed$", "embeddings.position_embeddings"),
-        (r"^patch_embed\.proj\.(weight|bias)$", r"embeddings.patch_embeddings.projection.\1"),
-        (r"^blocks\.(\d+)\.norm1\.(weight|bias)$", r"encoder.layer.\1.layernorm_before.\2"),
-        (r"^blocks\.(\d+)\.norm2\.(weight|bias)$", r"encoder.layer.\1.layernorm_after.\2"),
-        (r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$", r"encoder.layer.\1.attention.output.dense.\2"),
-        (r"^blocks\.(\d+)\.mlp\.fc1\.(weight|bias)$", r"encoder.layer.\1.intermediate.dense.\2"),
-        (r"^blocks\.(\d+)\.mlp\.fc2\.(weight|bias)$", r"encoder.layer.\1.output.dense.\2"),
-        (r"^norm\.(weight|bias)$", r"layernorm.\1"),
-    ]
     for k, v in sd.items():
         m = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", k)
         if m:
@@ -279,7 +281,7 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for name, part in (("query", q), ("key", kk), ("value", vv)):
                 out[f"encoder.layer.{m.group(1)}.attention.attention.{name}.{m.group(2)}"] = part.clone()
             continue
-        for pattern, repl in inverse:
+        for pattern, repl in _TO_HF_RULES:
             if re.match(pattern, k):
                 out[re.sub(pattern, repl, k)] = v
                 break
