@@ -19,7 +19,6 @@ import functools
 import io
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import DinokitError
-from ..io import prepare_output_dir, write_json
+from ..io import atomic_write_bytes, prepare_output_dir, write_json
 from ..progress import NULL_PROGRESS, Progress
 
 log = logging.getLogger("dinokit")
@@ -346,10 +345,7 @@ def write_file(path: Path, data: bytes) -> None:
     No fsync per file: a data set of thousands of small images would spend most of its time
     waiting on the disk; ``synth.json`` (written last, atomically) marks a finished set.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
