@@ -133,7 +133,8 @@ def _calibrate_pretrain(plan: DemoPlan, data: Path) -> float:
     calib_data.mkdir(parents=True)
     from dinokit.data.images import find_images
 
-    for i, p in enumerate(find_images(data)[:: max(1, len(find_images(data)) // 64)][:64]):
+    images = find_images(data)
+    for i, p in enumerate(images[:: max(1, len(images) // 64)][:64]):
         shutil.copy(p, calib_data / f"{i:03d}{p.suffix}")
     run = plan.output / "work" / "calibration-run"
     if run.exists():
