@@ -400,7 +400,7 @@ def train_on_images(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Li
     """The paper's probe: frozen backbone, RandomResizedCrop + flip on the training images; under
     torchrun each process takes a shard of every epoch and the probe is wrapped in DDP."""
     from ..data.images import ImageDataset, collate_skip_none
-    from ..runtime import autocast, dist_env, is_dist, resolve_device, resolve_precision
+    from ..runtime import autocast, dist_env, inference_model, is_dist, resolve_device, resolve_precision
     from .features import Embedder, cls_feature_fn, scan_images
 
     if cfg.train is None or cfg.val is None:
@@ -452,6 +452,7 @@ def train_on_images(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Li
     val_loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(val_ds, val_idx), batch_size=cfg.batch_size, shuffle=False, **loader_kw
     )
+    run_model, run_dtype = inference_model(model, dtype)  # the frozen backbone: bf16 is cast once
     steps = len(train_loader)
     task = progress.task("linear probe (images)", total=(cfg.epochs - run.start_epoch) * steps)
     for epoch in range(run.start_epoch, cfg.epochs):
@@ -466,8 +467,8 @@ def train_on_images(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Li
                 continue
             x, y, _ = batch
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.no_grad(), autocast(device, dtype):
-                feats = feature_fn(model, x)
+            with torch.no_grad(), autocast(device, run_dtype):
+                feats = feature_fn(run_model, x)
             loss = F.cross_entropy(run.probe(feats.float()), y)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -480,7 +481,7 @@ def train_on_images(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Li
         _check_finite(mean_loss, epoch)
         scores = None
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            scores = _validate_images(model, run.probe, feature_fn, val_loader, device, dtype)
+            scores = _validate_images(run_model, run.probe, feature_fn, val_loader, device, run_dtype)
         run.end_epoch(epoch, mean_loss, scores, env.is_main)
     task.close()
     return run.result(
