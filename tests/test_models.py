@@ -231,6 +231,37 @@ def test_fused_path_calls_sdpa_and_attention_weights_do_not(monkeypatch):
         assert len(calls) == 3  # the first block only; the last one returns explicit weights
 
 
+def test_blocked_attention_equals_sdpa_across_block_edges():
+    from dinokit.models.vit import _blocked_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 300, 16, dtype=torch.float64) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    # a block of 256 query rows x 300 keys holds one head: 6 heads x 2 row blocks, the last one partial
+    out = _blocked_attention(q, k, v, block=256 * 300)
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert torch.allclose(_blocked_attention(q, k, v), ref, atol=1e-12)  # all heads in one block
+
+
+def test_bf16_cpu_attention_matches_fp32_and_its_gradients_flow():
+    from dinokit.models.vit import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 3, 197, 64) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    with torch.no_grad():
+        blocked = attention(qb, kb, vb).float()
+    explicit = attention(qb, kb, vb)
+    for out in (blocked, explicit.float()):
+        assert ((out - ref).norm() / ref.norm()) < 2e-2  # bf16 rounding, not a different function
+    explicit.float().square().sum().backward()
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    F.scaled_dot_product_attention(q, k, v).square().sum().backward()
+    for a, b in ((qb, q), (kb, k), (vb, v)):
+        assert ((a.grad.float() - b.grad).norm() / b.grad.norm()) < 3e-2
+
+
 # -- intermediate layers -----------------------------------------------------------------------------
 def test_get_intermediate_layers_are_the_last_n_blocks_through_the_final_norm():
     m = tiny(depth=3)
