@@ -51,6 +51,26 @@ def dist_env() -> DistEnv:
         raise DinokitError(f"The torchrun variables RANK/WORLD_SIZE/LOCAL_RANK are not integers ({e}).") from e
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int, device: torch.device, world_size: int = 1) -> int:
+    """How many data-loader workers to start for ``requested``: never more than this process's share
+    of the cores, and on a CPU device only the cores its compute threads leave free. Workers that
+    share cores with the compute threads preempt them in the middle of parallel regions, where the
+    other threads then wait: measured on 2 cores with 2 threads, DINO pretraining ran at 11-13
+    images/s with 2 workers and at 16-18 with the data loaded in the main process."""
+    cores = available_cores() // max(1, world_size)
+    if device.type == "cpu":
+        cores -= torch.get_num_threads()
+    return max(0, min(int(requested), cores))
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; under torchrun each rank takes its LOCAL_RANK GPU."""
     name = (name or "auto").lower()

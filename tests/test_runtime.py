@@ -165,3 +165,20 @@ def test_inference_model_casts_a_copy_for_bf16_and_keeps_autocast_for_fp16():
     assert inference_model(cast, torch.bfloat16) == (cast, None)  # already cast: used as it is
     assert inference_model(m, None) == (m, None)
     assert inference_model(m, torch.float16) == (m, torch.float16)
+
+
+def test_loader_workers_leave_the_compute_threads_their_cores(monkeypatch):
+    from dinokit import runtime
+
+    monkeypatch.setattr(runtime, "available_cores", lambda: 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cpu, cuda = torch.device("cpu"), torch.device("cuda")
+        assert runtime.loader_workers(4, cpu) == 4  # 8 cores - 2 threads = 6 free
+        assert runtime.loader_workers(10, cpu) == 6
+        assert runtime.loader_workers(4, cpu, world_size=4) == 0  # 2 cores per process, both computing
+        assert runtime.loader_workers(4, cuda, world_size=4) == 2  # the GPU computes: the cores are free
+        assert runtime.loader_workers(0, cuda) == 0
+    finally:
+        torch.set_num_threads(threads)

@@ -50,6 +50,7 @@ from ..runtime import (
     barrier,
     init_distributed,
     is_dist,
+    loader_workers,
     precision_name,
     resolve_device,
     resolve_precision,
@@ -598,6 +599,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
             batch_size * world,
         )
     global_batch = batch_size * world
+    num_workers = loader_workers(cfg.num_workers, device, world)
     niter = len(splits.train) // global_batch
     peak_lr = cfg.lr * global_batch / 1024.0
 
@@ -742,7 +744,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
                 train_ds,
                 batch_size=batch_size,
                 sampler=order[first * batch_size :],
-                num_workers=cfg.num_workers,
+                num_workers=num_workers,
                 collate_fn=collate_skip_none,
                 pin_memory=device.type == "cuda",
                 drop_last=True,
@@ -816,7 +818,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
                 break
 
             # -- end of epoch: validate, log, checkpoint ------------------------------------
-            ev = evaluate(model, val_ds, num_classes, batch_size, cfg.num_workers, device, dtype, progress)
+            ev = evaluate(model, val_ds, num_classes, batch_size, num_workers, device, dtype, progress)
             last_eval = ev
             improved = best["top1"] is None or ev["top1"] > best["top1"]
             if improved:

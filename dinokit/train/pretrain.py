@@ -40,6 +40,7 @@ from ..runtime import (
     cleanup_distributed,
     init_distributed,
     is_dist,
+    loader_workers,
     precision_name,
     resolve_device,
     resolve_precision,
@@ -500,8 +501,13 @@ class _Run:
         t_params = list(teacher.parameters())
         all_params = [p for p in student.parameters() if p.requires_grad]
 
-        # more workers than cores only adds contention
-        num_workers = max(0, min(cfg.num_workers, (os.cpu_count() or 1) // world))
+        num_workers = loader_workers(cfg.num_workers, device, world)
+        if num_workers < cfg.num_workers:
+            log.info(
+                "%d data-loader worker(s) instead of %d: %s",
+                num_workers, cfg.num_workers,
+                "the compute threads use every core" if num_workers == 0 else "no more cores are free",
+            )  # fmt: skip
         history: list[dict] = []
         collapsed: list[int] = []
         total_skipped = 0
