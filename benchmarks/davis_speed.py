@@ -155,7 +155,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=0, help="frames per feature batch (0 = auto, as dinokit davis)")
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--memory", action="store_true", help="also the whole-video peak memory at patch 8")
     ap.add_argument("--memory-frames", type=int, default=10)

@@ -17,9 +17,10 @@ from dinokit.data import davis
 from dinokit.eval.propagation import LabelPropagator, PropagationConfig, joint_topk, soft_labels_to_mask
 
 
-def brute_force(feats, labels0, n_last, radius, k, temperature):
+def brute_force(feats, labels0, n_last, radius, k, temperature, cosines=None):
     """The reference's algorithm, spelled out: (F, hw, hw) affinity, a window mask made with loops,
-    top-k over all context patches of all frames at once, soft labels in a FIFO queue."""
+    top-k over all context patches of all frames at once, soft labels in a FIFO queue.
+    ``cosines(t, context frames)`` replaces the float32 cosines."""
     T, h, w, D = feats.shape
     flat = F.normalize(feats.reshape(T, h * w, D), dim=-1)
     mask = torch.zeros(h * w, h * w)
@@ -36,13 +37,14 @@ def brute_force(feats, labels0, n_last, radius, k, temperature):
     for t in range(1, T):
         ctx = [0] + [q[0] for q in queue]
         segs = [first] + [q[1] for q in queue]
-        aff = torch.exp(flat[t] @ flat[ctx].transpose(1, 2) / temperature)  # (F, hw_tar, hw_src)
+        cos = flat[t] @ flat[ctx].transpose(1, 2) if cosines is None else cosines(t, ctx)
+        aff = torch.exp(cos / temperature)  # (F, hw_tar, hw_src)
         aff = aff * mask
         aff = aff.transpose(2, 1).reshape(-1, h * w)  # (F*hw_src, hw_tar)
         kth = aff.topk(k, dim=0).values.min(dim=0).values
         aff[aff < kth] = 0
         aff = aff / aff.sum(dim=0, keepdim=True)
-        seg = torch.cat(segs, dim=1) @ aff  # (C, hw_tar)
+        seg = torch.cat(segs, dim=1).to(aff.dtype) @ aff  # (C, hw_tar)
         outs.append(seg.reshape(C, h, w))
         if n_last and len(queue) == n_last:
             queue.pop(0)
@@ -76,6 +78,24 @@ def test_equals_brute_force(n_last, radius, k, tile):
     got = ours(feats, labels0, cfg)
     for t, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"frame {t + 1}")
+
+
+def test_bf16_path_equals_brute_force_on_its_own_rounding():
+    # the 16-bit path rounds the unit features to bf16, forms (cos - 1) with one more dimension, and
+    # rounds that product to bf16; the brute force does the same arithmetic densely
+    feats, labels0 = random_video(T=6, h=8, w=9, D=32)
+    n = F.normalize(feats, dim=-1)
+    q = torch.cat([n, -torch.ones(*n.shape[:-1], 1)], -1).bfloat16().double()
+    k = torch.cat([n, torch.ones(*n.shape[:-1], 1)], -1).bfloat16().double()
+
+    def rounded_cos(t, ctx):  # (F, hw_tar, hw_src)
+        prod = q[t].reshape(-1, q.shape[-1]) @ k[ctx].reshape(len(ctx), -1, k.shape[-1]).transpose(1, 2)
+        return prod.bfloat16().double() + 1
+
+    want = brute_force(feats, labels0, 3, 3, 5, 0.1, cosines=rounded_cos)
+    got = ours(feats, labels0, PropagationConfig(n_last_frames=3, neighborhood=3, similarity_dtype=torch.bfloat16))
+    for t, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-5, msg=f"frame {t + 1}")
 
 
 def test_bf16_similarities_stay_close_to_fp32():

@@ -51,9 +51,9 @@ class PropagationConfig:
     topk: int = 5  #: neighbours kept jointly over all context frames
     temperature: float = 0.1  #: affinity = exp(cos / temperature)
     #: target tile (rows, columns) in patches: a speed/memory trade-off, not a result change
-    tile: tuple[int, int] = (2, 26)
+    tile: tuple[int, int] = (8, 13)
     #: dtype of the patch similarities' matrix products (None = float32, as the reference);
-    #: ``--precision bf16`` on a GPU sets bfloat16 (cosines rounded to 3 digits)
+    #: ``--precision bf16`` sets bfloat16 (cosines rounded to 3 digits; 2-3x faster on CPUs and GPUs)
     similarity_dtype: torch.dtype | None = None
 
     def validate(self) -> None:
@@ -93,6 +93,7 @@ class WindowGeometry:
     neighbour: torch.Tensor  #: (hw, W2) int64: flat index of the window entry (clamped when outside)
     window_index: torch.Tensor  #: (th*tw, W2) int64 into a tile's R*S region
     outside: torch.Tensor  #: (hw, 1, W2) bool: ~valid, shaped for the (hw, F, W2) similarities
+    rows: torch.Tensor  #: (hw,) int64: the row of each grid cell (row-major) in the tile-ordered similarities
 
     @property
     def window_size(self) -> int:
@@ -130,14 +131,16 @@ def _geometry_cpu(h: int, w: int, radius: int, tile_h: int, tile_w: int) -> Wind
     la = torch.arange(th).repeat_interleave(tw)  # target row inside the tile
     lb = torch.arange(tw).repeat(th)
     window_index = ((la[:, None] + r + dy[None]) * S + (lb[:, None] + r + dx[None])).contiguous()
-    return WindowGeometry(h, w, r, th, tw, nth, ntw, valid, neighbour, window_index, (~valid).unsqueeze(1))
+    # similarities come tile by tile: (strip j, tile row i, position a*tw + b inside the tile)
+    rows = ((qj // tw) * nth + qi // th) * (th * tw) + (qi % th) * tw + qj % tw
+    return WindowGeometry(h, w, r, th, tw, nth, ntw, valid, neighbour, window_index, (~valid).unsqueeze(1), rows)
 
 
 _DEVICE_GEOMETRY: dict = {}
 
 
 def window_geometry(
-    h: int, w: int, radius: int, tile: tuple[int, int] = (2, 26), device: torch.device | str = "cpu"
+    h: int, w: int, radius: int, tile: tuple[int, int] = (8, 13), device: torch.device | str = "cpu"
 ) -> WindowGeometry:
     """The window index tensors for an h x w grid on ``device`` (cached)."""
     device = torch.device(device)
@@ -151,6 +154,7 @@ def window_geometry(
         _DEVICE_GEOMETRY[key] = WindowGeometry(
             g.h, g.w, g.radius, g.tile_h, g.tile_w, g.n_tiles_h, g.n_tiles_w,
             g.valid.to(device), g.neighbour.to(device), g.window_index.to(device), g.outside.to(device),
+            g.rows.to(device),
         )  # fmt: skip
     return _DEVICE_GEOMETRY[key]
 
@@ -175,41 +179,113 @@ def query_tiles(feats: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
     return tiles.reshape(ntw, nth, th * tw, D)
 
 
-def window_similarity(query: torch.Tensor, strips: list[torch.Tensor], geom: WindowGeometry) -> torch.Tensor:
+def window_similarity(
+    query: torch.Tensor, strips: list[torch.Tensor], geom: WindowGeometry, workspace: dict | None = None,
+    offset: float = 0.0,
+) -> torch.Tensor:
     """Cosine similarity of every target patch with the context patches of its window.
 
     ``query``: (h, w, D) L2-normalised target features; ``strips``: one :func:`key_strips` tensor per
-    context frame. Returns (hw, F, W2); entries outside the frame are meaningless (mask them with
-    ``geom.valid``).
+    context frame. Returns (n_rows, F, W2) in TILE order (``geom.rows`` gives each grid cell's row;
+    rows past the grid, when the tiles overhang it, are padding). Window entries outside the frame
+    meet the zero padding of the strips: their similarity is exactly 0. ``workspace``: a dict kept
+    between calls on the same grid, to reuse the scratch buffer. ``offset``: the products hold
+    cosine - offset (see :func:`offset_features`), and entries outside the frame -offset.
     """
-    h, w, D = query.shape
+    D = query.shape[-1]
     th, tw, nth, ntw = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
     S = geom.strip_width
-    R = th + 2 * geom.radius
-    W2 = geom.window_size
+    r = geom.radius
+    R = th + 2 * r
+    W = 2 * r + 1
+    nf = len(strips)
     q = query_tiles(query, geom)  # (ntw, nth, th*tw, D)
-    win_idx = geom.window_index.unsqueeze(0).expand(nth, th * tw, W2)
-    tiles = query.new_empty((len(strips), ntw, nth, th * tw, W2))
-    for f, keys in enumerate(strips):
-        for j in range(ntw):
-            # tile i of strip j is the contiguous block of rows [i*th, i*th + R): a strided batch
-            kj = keys[j].as_strided((nth, R * S, D), (th * S * D, D, 1))
-            sim = torch.bmm(q[j], kj.transpose(1, 2))  # (nth, th*tw, R*S)
-            torch.gather(sim, 2, win_idx, out=tiles[f, j])
-    # (F, ntw, nth, th, tw, W2) -> (rows, columns, F, W2), cropped to the grid
-    grid = tiles.view(len(strips), ntw, nth, th, tw, W2).permute(2, 3, 1, 4, 0, 5)
-    grid = grid.reshape(nth * th, ntw * tw, len(strips), W2)[:h, :w]
-    return grid.reshape(h * w, len(strips), W2)
+    out = query.new_empty((ntw, nth, th * tw, nf, W * W))
+    # the products of one strip's tiles with their blocks, for every context frame
+    key = (nf, nth, th * tw, R * S, query.dtype, query.device, offset)
+    if workspace is None or workspace.get("key") != key:
+        buf = query.new_full(key[:4], -offset)
+        if workspace is not None:
+            workspace.update(key=key, buf=buf)
+    else:
+        buf = workspace["buf"]
+    # query (a, b) of a tile meets rows a..a+2r and columns b..b+2r of its block: the windows are a
+    # strided view of the products, copied out in one go (16-bit values as int16: same bits, faster)
+    bits = (lambda t: t.view(torch.int16)) if query.element_size() == 2 else (lambda t: t)
+    windows = bits(buf).as_strided(
+        (nf, nth, th, tw, W, W), (nth * th * tw * R * S, th * tw * R * S, tw * R * S + S, R * S + 1, S, 1)
+    )
+    # bf16 on a CPU: one plain product per tile (a contiguous block of its strip); a strided batch
+    # of overlapping blocks makes the CPU kernels copy every block first (3x slower). Each block is
+    # cut to the frame's rows [a, b) of the padded grid; the rest of the buffer stays at what the
+    # zero padding would make it (0 - offset).
+    per_tile = query.device.type == "cpu" and query.dtype != torch.float32
+    h = query.shape[0]
+    spans = [(max(i * th, r), min(i * th + R, r + h)) for i in range(nth)]
+    for j in range(ntw):
+        for f, keys in enumerate(strips):
+            if per_tile:
+                flat = keys[j].view(-1, D)
+                for i, (a, b) in enumerate(spans):
+                    if b > a:
+                        o = (a - i * th) * S
+                        torch.mm(q[j, i], flat[a * S : b * S].t(), out=buf[f, i, :, o : o + (b - a) * S])
+            else:
+                # tile i of strip j is the contiguous block of rows [i*th, i*th + R): a strided batch
+                kj = keys[j].as_strided((nth, R * S, D), (th * S * D, D, 1))
+                torch.bmm(q[j], kj.transpose(1, 2), out=buf[f])  # (nth, th*tw, R*S)
+        bits(out[j]).view(nth, th, tw, nf, W, W).permute(3, 0, 1, 2, 4, 5).copy_(windows)
+    return out.view(-1, nf, W * W)
 
 
-def window_affinity(
-    query: torch.Tensor, strips: list[torch.Tensor], geom: WindowGeometry, temperature: float = 0.1
-) -> torch.Tensor:
-    """exp(cos / T) over each target patch's windows in every context frame, 0 outside the frame:
-    (hw, F * W2), context-frame-major."""
-    sim = window_similarity(query, strips, geom).float()  # (hw, F, W2)
-    sim = sim.masked_fill_(geom.outside, float("-inf"))  # exp(-inf) = 0 outside the frame
-    return torch.exp_(sim.div_(temperature)).reshape(sim.shape[0], -1)
+def offset_features(x: torch.Tensor, value: float) -> torch.Tensor:
+    """(..., D) -> (..., D + 1) with ``value`` appended (nothing appended when it is 0).
+
+    16-bit similarities are products of 16-bit features accumulated in float32, then rounded to 16
+    bits: near a cosine of 1, bfloat16 steps by 0.004, and the top-k would meet ties by the dozen
+    (the reference keeps every tie). Queries get a last entry -1 and keys +1, so that a product
+    holds cosine - 1, rounded where bfloat16 is 10-100x finer for the cosines that matter (0.5-1).
+    """
+    if not value:
+        return x
+    return torch.cat([x, x.new_full((*x.shape[:-1], 1), value)], dim=-1)
+
+
+def window_topk(
+    query: torch.Tensor, strips: list[torch.Tensor], geom: WindowGeometry, k: int, temperature: float = 0.1,
+    margin: int = 8, workspace: dict | None = None, offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint top-k of the window affinities exp(cos / T) (0 outside the frame), as
+    :func:`joint_topk` returns it (weights (hw, K'), indices into F * W2, grid order), without
+    masking or exponentiating every window entry.
+
+    exp(. / T) is increasing, so the top-k of the affinities are those of the cosines. Entries
+    outside the frame hold a cosine of exactly 0 (zero padding): wherever the k-th largest cosine is
+    above 0 they are below it and drop out by themselves; the few rows where it is not (or with more
+    ties than ``margin``) go through the masked formulation.
+    """
+    sims = window_similarity(query, strips, geom, workspace, offset)  # (n_rows, F, W2), tile order
+    flat = sims.view(sims.shape[0], -1)
+    n = flat.shape[-1]
+    k = min(k, n)
+    vals, idx = flat.topk(min(n, k + margin), dim=-1)
+    vals, idx = vals[geom.rows], idx[geom.rows]  # grid order from here on
+    redo = vals[:, k - 1] <= -offset
+    aff = torch.exp_(vals.float().add_(offset).div_(temperature))  # the affinities, as joint_topk sees them
+    kth = aff[:, k - 1 : k]
+    if aff.shape[-1] < n:
+        redo |= aff[:, -1] >= kth[:, 0]  # more ties with the k-th value than the margin holds
+    weights = torch.where(aff >= kth, aff, torch.zeros_like(aff))
+    weights = weights / weights.sum(-1, keepdim=True)
+    if bool(redo.any()):
+        cells = redo.nonzero()[:, 0]
+        a = flat[geom.rows[cells]].float().add_(offset).view(len(cells), -1, geom.window_size)
+        a = torch.exp_(a.masked_fill_(geom.outside[cells], float("-inf")).div_(temperature)).view(len(cells), -1)
+        w2, i2 = joint_topk(a, k, margin)
+        width = max(weights.shape[-1], w2.shape[-1])
+        weights, idx, w2, i2 = (F.pad(t, (0, width - t.shape[-1])) for t in (weights, idx, w2, i2))
+        weights[cells], idx[cells] = w2, i2
+    return weights, idx
 
 
 def joint_topk(aff: torch.Tensor, k: int, margin: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,6 +321,7 @@ class LabelPropagator:
         self._keys0: torch.Tensor | None = None
         self._labels0: torch.Tensor | None = None
         self._queue: deque = deque(maxlen=self.config.n_last_frames)
+        self._workspace: dict = {}
 
     @torch.no_grad()
     def start(self, features0: torch.Tensor, labels0: torch.Tensor) -> None:
@@ -257,8 +334,15 @@ class LabelPropagator:
         self._labels0 = labels0.float().reshape(labels0.shape[0], -1).t().contiguous()  # (hw, C)
         self._queue.clear()
 
+    @property
+    def _offset(self) -> float:
+        dt = self.config.similarity_dtype
+        return 1.0 if dt is not None and torch.finfo(dt).bits < 32 else 0.0
+
     def _pad(self, features: torch.Tensor) -> torch.Tensor:
-        keys = key_strips(F.normalize(features.float(), dim=-1), self.geom)
+        keys = key_strips(offset_features(F.normalize(features.float(), dim=-1), self._offset), self.geom)
+        if self._offset:
+            keys[..., -1] = 1.0  # the padding too: its product is then 0 - offset, a cosine of 0
         return keys if self.config.similarity_dtype is None else keys.to(self.config.similarity_dtype)
 
     @torch.no_grad()
@@ -276,13 +360,13 @@ class LabelPropagator:
         if self.geom is None:
             raise RuntimeError("call start() first")
         g = self.geom
-        query = F.normalize(features.float(), dim=-1)
+        query = offset_features(F.normalize(features.float(), dim=-1), -self._offset)
         if self.config.similarity_dtype is not None:
             query = query.to(self.config.similarity_dtype)
         keys = [self._keys0] + [k for k, _ in self._queue]
-        aff = window_affinity(query, keys, g, self.config.temperature)
-        w, idx = joint_topk(aff, self.config.topk)
-        del aff
+        w, idx = window_topk(
+            query, keys, g, self.config.topk, self.config.temperature, workspace=self._workspace, offset=self._offset
+        )
         W2 = g.window_size
         frame = torch.div(idx, W2, rounding_mode="floor")
         flat = frame * (g.h * g.w) + g.neighbour.gather(1, idx - frame * W2)
@@ -306,12 +390,18 @@ def soft_labels_to_mask(soft: torch.Tensor, patch_size: int) -> torch.Tensor:
     up = F.interpolate(
         soft.unsqueeze(0), scale_factor=patch_size, mode="bilinear", align_corners=False, recompute_scale_factor=False
     )[0]
-    mx = up.amax(dim=(1, 2), keepdim=True)
-    shifted = up - up.amin(dim=(1, 2), keepdim=True)
-    normed = shifted / shifted.amax(dim=(1, 2), keepdim=True)
-    up = torch.where(mx > 0, normed, up)
-    # argmax over the (few) channels, laid out last: a reduction over the first dim is slow on CPUs
-    return up.permute(1, 2, 0).contiguous().argmax(dim=-1)
+    mn, mx = up.amin(dim=(1, 2), keepdim=True), up.amax(dim=(1, 2), keepdim=True)
+    pos = mx > 0
+    # (up - min) / (max - min) where max > 0, in place; the other channels: (up - 0) / 1, unchanged
+    up.sub_(torch.where(pos, mn, 0.0)).div_(torch.where(pos, mx - mn, 1.0))
+    # argmax over the few channels as a running maximum (the first maximum wins, as argmax): a
+    # reduction over the first dimension is slow on CPUs, and so is moving it last
+    best, labels = up[0].clone(), torch.zeros(up.shape[1:], dtype=torch.int64, device=up.device)
+    for c in range(1, up.shape[0]):
+        higher = up[c] > best
+        best = torch.where(higher, up[c], best)
+        labels.masked_fill_(higher, c)
+    return labels
 
 
 # -- whole videos ---------------------------------------------------------------------------------
@@ -354,6 +444,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: tokens per feature batch on a CPU: more frames per batch only leave the caches (measured with
+#: ViT-S/16 on 832x480 frames, 1,561 tokens: 0.19 s/frame at 2 frames per batch, 0.27 at 8 in bf16)
+CPU_BATCH_TOKENS = 4096
+
+
+def auto_frame_batch(device: torch.device, tokens: int, dtype: torch.dtype | None = None) -> int:
+    """Frames per feature batch for ``--batch-size 0``: 8 on a GPU; on a CPU about
+    ``CPU_BATCH_TOKENS`` tokens in bf16 (2 frames at 480p with patch 16) and half as many in fp32
+    (1 frame: 0.58 s/frame against 0.60 at 2 and 0.65 at 8)."""
+    if torch.device(device).type != "cpu":
+        return 8
+    return max(1, (CPU_BATCH_TOKENS if dtype is not None else CPU_BATCH_TOKENS // 2) // tokens)
+
+
 def segment_video(
     model: nn.Module,
     sequence,
@@ -361,7 +465,7 @@ def segment_video(
     config: PropagationConfig | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
-    batch_size: int = 8,
+    batch_size: int = 0,
     num_workers: int = 0,
     short_side: int = 480,
     fingerprint: str = "",
@@ -380,8 +484,8 @@ def segment_video(
     config = config or PropagationConfig()
     config.validate()
     device = torch.device(device)
-    if dtype is not None and config.similarity_dtype is None and device.type == "cuda":
-        # half-precision products pay off on GPUs; CPU kernels copy strided bf16 operands instead
+    if dtype is not None and config.similarity_dtype is None:
+        # --precision bf16: the features are bf16 products already; so are their similarities
         config = replace(config, similarity_dtype=dtype)
     out_dir = Path(out_dir)
     marker = out_dir / ".done"
@@ -408,7 +512,8 @@ def segment_video(
     th, tw = dataset.size
     grid = (th // p, tw // p)
     labels0 = first_frame_labels(mask, grid).to(device)
-    model, dtype = inference_model(model, dtype)  # bf16: a copy cast once, faster than autocast on CPUs
+    model, dtype = inference_model(model, dtype)
+    batch_size = batch_size if batch_size > 0 else auto_frame_batch(device, grid[0] * grid[1] + 1, dtype)  # bf16: a copy cast once, faster than autocast on CPUs
     out_dir.mkdir(parents=True, exist_ok=True)
     pool = ThreadPoolExecutor(max_workers=4)
     pending: list[Future] = []
@@ -514,7 +619,7 @@ class DavisRunConfig:
     checkpoint_key: str = "teacher"
     propagation: PropagationConfig = field(default_factory=PropagationConfig)
     short_side: int = 480
-    batch_size: int = 8
+    batch_size: int = 0  #: frames per feature batch; 0 = :func:`auto_frame_batch`
     num_workers: int = 0
     device: str = "auto"
     precision: str = "auto"
