@@ -237,9 +237,10 @@ def test_blocked_attention_equals_sdpa_across_block_edges():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 300, 16, dtype=torch.float64) for _ in range(3))
     ref = F.scaled_dot_product_attention(q, k, v)
-    # a block of 256 query rows x 300 keys holds one head: 6 heads x 2 row blocks, the last one partial
-    out = _blocked_attention(q, k, v, block=256 * 300)
-    assert torch.allclose(out, ref, atol=1e-12)
+    # a block smaller than a head: 6 heads x row chunks of 256 + 44 rows
+    assert torch.allclose(_blocked_attention(q, k, v, block=256 * 300), ref, atol=1e-12)
+    # whole heads, 4 to a block: 4 + 2
+    assert torch.allclose(_blocked_attention(q, k, v, block=4 * 300 * 300 + 5), ref, atol=1e-12)
     assert torch.allclose(_blocked_attention(q, k, v), ref, atol=1e-12)  # all heads in one block
 
 

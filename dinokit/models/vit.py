@@ -61,16 +61,17 @@ _GRAD_SCORES = 1 << 27
 
 
 def _blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = _BLOCK_SCORES) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v without gradients, a block of (heads, query rows) at a time, so that
-    the scores stay in cache and memory grows with the block, not with N^2."""
+    """softmax(q k^T / sqrt(d)) v without gradients, a block of scores at a time, so that they stay
+    in cache and memory grows with the block, not with N^2: whole heads when one fits in the block,
+    else row chunks of one head. Either way a block's output is a contiguous piece of the result,
+    which the matrix product writes in place (a strided piece would go through a copy)."""
     *lead, N, d = q.shape
     M = k.shape[-2]
     q = (q * d**-0.5).reshape(-1, N, d)
     kt = k.reshape(-1, M, d).transpose(1, 2)
     v = v.reshape(-1, M, v.shape[-1])
     out = q.new_empty(q.shape[0], N, v.shape[-1])
-    rows = min(N, 256)
-    heads = max(1, block // (rows * M))
+    heads, rows = (max(1, block // (N * M)), N) if N * M <= block else (1, max(1, block // M))
     for b in range(0, q.shape[0], heads):
         for r in range(0, N, rows):
             scores = torch.bmm(q[b : b + heads, r : r + rows], kt[b : b + heads])
