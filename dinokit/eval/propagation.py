@@ -50,8 +50,8 @@ class PropagationConfig:
     neighborhood: int = 12  #: window radius r in patches; 0 = the whole frame
     topk: int = 5  #: neighbours kept jointly over all context frames
     temperature: float = 0.1  #: affinity = exp(cos / temperature)
-    #: target tile (rows, columns) in patches: a speed/memory trade-off, not a result change
-    tile: tuple[int, int] = (8, 13)
+    #: largest target tile (rows, columns) in patches, balanced over the grid: speed, not results
+    tile: tuple[int, int] = (10, 13)
     #: dtype of the patch similarities' matrix products (None = float32, as the reference);
     #: ``--precision bf16`` sets bfloat16 (cosines rounded to 3 digits; 2-3x faster on CPUs and GPUs)
     similarity_dtype: torch.dtype | None = None
@@ -94,6 +94,7 @@ class WindowGeometry:
     window_index: torch.Tensor  #: (th*tw, W2) int64 into a tile's R*S region
     outside: torch.Tensor  #: (hw, 1, W2) bool: ~valid, shaped for the (hw, F, W2) similarities
     rows: torch.Tensor  #: (hw,) int64: the row of each grid cell (row-major) in the tile-ordered similarities
+    cells: torch.Tensor  #: (n_rows,) int64: the grid cell of each tile-ordered row, -1 past the grid
 
     @property
     def window_size(self) -> int:
@@ -115,7 +116,9 @@ def effective_radius(radius: int, h: int, w: int) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _geometry_cpu(h: int, w: int, radius: int, tile_h: int, tile_w: int) -> WindowGeometry:
-    th, tw = max(1, min(tile_h, h)), max(1, min(tile_w, w))
+    # balanced tiles no bigger than asked: the fewest tiles, cut as evenly as the grid allows, so
+    # that few padding rows are computed (30 rows in tiles of 10, not 4 x 8 = 32)
+    th, tw = -(-h // -(-h // max(1, tile_h))), -(-w // -(-w // max(1, tile_w)))
     r = radius
     nth, ntw = -(-h // th), -(-w // tw)
     S = tw + 2 * r
@@ -133,14 +136,18 @@ def _geometry_cpu(h: int, w: int, radius: int, tile_h: int, tile_w: int) -> Wind
     window_index = ((la[:, None] + r + dy[None]) * S + (lb[:, None] + r + dx[None])).contiguous()
     # similarities come tile by tile: (strip j, tile row i, position a*tw + b inside the tile)
     rows = ((qj // tw) * nth + qi // th) * (th * tw) + (qi % th) * tw + qj % tw
-    return WindowGeometry(h, w, r, th, tw, nth, ntw, valid, neighbour, window_index, (~valid).unsqueeze(1), rows)
+    cells = torch.full((ntw * nth * th * tw,), -1, dtype=torch.int64)
+    cells[rows] = torch.arange(h * w)
+    return WindowGeometry(
+        h, w, r, th, tw, nth, ntw, valid, neighbour, window_index, (~valid).unsqueeze(1), rows, cells
+    )
 
 
 _DEVICE_GEOMETRY: dict = {}
 
 
 def window_geometry(
-    h: int, w: int, radius: int, tile: tuple[int, int] = (8, 13), device: torch.device | str = "cpu"
+    h: int, w: int, radius: int, tile: tuple[int, int] = (10, 13), device: torch.device | str = "cpu"
 ) -> WindowGeometry:
     """The window index tensors for an h x w grid on ``device`` (cached)."""
     device = torch.device(device)
@@ -154,7 +161,7 @@ def window_geometry(
         _DEVICE_GEOMETRY[key] = WindowGeometry(
             g.h, g.w, g.radius, g.tile_h, g.tile_w, g.n_tiles_h, g.n_tiles_w,
             g.valid.to(device), g.neighbour.to(device), g.window_index.to(device), g.outside.to(device),
-            g.rows.to(device),
+            g.rows.to(device), g.cells.to(device),
         )  # fmt: skip
     return _DEVICE_GEOMETRY[key]
 
@@ -179,65 +186,6 @@ def query_tiles(feats: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
     return tiles.reshape(ntw, nth, th * tw, D)
 
 
-def window_similarity(
-    query: torch.Tensor, strips: list[torch.Tensor], geom: WindowGeometry, workspace: dict | None = None,
-    offset: float = 0.0,
-) -> torch.Tensor:
-    """Cosine similarity of every target patch with the context patches of its window.
-
-    ``query``: (h, w, D) L2-normalised target features; ``strips``: one :func:`key_strips` tensor per
-    context frame. Returns (n_rows, F, W2) in TILE order (``geom.rows`` gives each grid cell's row;
-    rows past the grid, when the tiles overhang it, are padding). Window entries outside the frame
-    meet the zero padding of the strips: their similarity is exactly 0. ``workspace``: a dict kept
-    between calls on the same grid, to reuse the scratch buffer. ``offset``: the products hold
-    cosine - offset (see :func:`offset_features`), and entries outside the frame -offset.
-    """
-    D = query.shape[-1]
-    th, tw, nth, ntw = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
-    S = geom.strip_width
-    r = geom.radius
-    R = th + 2 * r
-    W = 2 * r + 1
-    nf = len(strips)
-    q = query_tiles(query, geom)  # (ntw, nth, th*tw, D)
-    out = query.new_empty((ntw, nth, th * tw, nf, W * W))
-    # the products of one strip's tiles with their blocks, for every context frame
-    key = (nf, nth, th * tw, R * S, query.dtype, query.device, offset)
-    if workspace is None or workspace.get("key") != key:
-        buf = query.new_full(key[:4], -offset)
-        if workspace is not None:
-            workspace.update(key=key, buf=buf)
-    else:
-        buf = workspace["buf"]
-    # query (a, b) of a tile meets rows a..a+2r and columns b..b+2r of its block: the windows are a
-    # strided view of the products, copied out in one go (16-bit values as int16: same bits, faster)
-    bits = (lambda t: t.view(torch.int16)) if query.element_size() == 2 else (lambda t: t)
-    windows = bits(buf).as_strided(
-        (nf, nth, th, tw, W, W), (nth * th * tw * R * S, th * tw * R * S, tw * R * S + S, R * S + 1, S, 1)
-    )
-    # bf16 on a CPU: one plain product per tile (a contiguous block of its strip); a strided batch
-    # of overlapping blocks makes the CPU kernels copy every block first (3x slower). Each block is
-    # cut to the frame's rows [a, b) of the padded grid; the rest of the buffer stays at what the
-    # zero padding would make it (0 - offset).
-    per_tile = query.device.type == "cpu" and query.dtype != torch.float32
-    h = query.shape[0]
-    spans = [(max(i * th, r), min(i * th + R, r + h)) for i in range(nth)]
-    for j in range(ntw):
-        for f, keys in enumerate(strips):
-            if per_tile:
-                flat = keys[j].view(-1, D)
-                for i, (a, b) in enumerate(spans):
-                    if b > a:
-                        o = (a - i * th) * S
-                        torch.mm(q[j, i], flat[a * S : b * S].t(), out=buf[f, i, :, o : o + (b - a) * S])
-            else:
-                # tile i of strip j is the contiguous block of rows [i*th, i*th + R): a strided batch
-                kj = keys[j].as_strided((nth, R * S, D), (th * S * D, D, 1))
-                torch.bmm(q[j], kj.transpose(1, 2), out=buf[f])  # (nth, th*tw, R*S)
-        bits(out[j]).view(nth, th, tw, nf, W, W).permute(3, 0, 1, 2, 4, 5).copy_(windows)
-    return out.view(-1, nf, W * W)
-
-
 def offset_features(x: torch.Tensor, value: float) -> torch.Tensor:
     """(..., D) -> (..., D + 1) with ``value`` appended (nothing appended when it is 0).
 
@@ -256,36 +204,97 @@ def window_topk(
     margin: int = 8, workspace: dict | None = None, offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The joint top-k of the window affinities exp(cos / T) (0 outside the frame), as
-    :func:`joint_topk` returns it (weights (hw, K'), indices into F * W2, grid order), without
-    masking or exponentiating every window entry.
+    :func:`joint_topk` returns it: (weights (hw, K'), indices into F * W2, grid order).
 
-    exp(. / T) is increasing, so the top-k of the affinities are those of the cosines. Entries
-    outside the frame hold a cosine of exactly 0 (zero padding): wherever the k-th largest cosine is
-    above 0 they are below it and drop out by themselves; the few rows where it is not (or with more
-    ties than ``margin``) go through the masked formulation.
+    ``query``: (h, w, D) L2-normalised target features; ``strips``: one :func:`key_strips` tensor per
+    context frame. One target tile at a time: its products with the context blocks its windows reach
+    (every context frame), the windows read out of them, their top k + ``margin`` -- so the scratch
+    stays small enough for the caches. ``offset``: the products hold cosine - offset (see
+    :func:`offset_features`). ``workspace``: a dict kept between calls, to reuse the scratch.
+
+    exp(. / T) is increasing, so the top-k of the affinities are those of the cosines, and only the
+    kept ones are exponentiated. Window entries outside the frame meet the zero padding of the
+    strips, a cosine of exactly 0: wherever the k-th largest cosine is above 0 they are below it and
+    drop out by themselves; the few rows where it is not (or with more ties than ``margin``) go
+    through the masked formulation.
     """
-    sims = window_similarity(query, strips, geom, workspace, offset)  # (n_rows, F, W2), tile order
-    flat = sims.view(sims.shape[0], -1)
-    n = flat.shape[-1]
+    D = query.shape[-1]
+    th, tw, nth, ntw = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
+    S, r, h = geom.strip_width, geom.radius, query.shape[0]
+    R, W, nf, M = th + 2 * r, 2 * r + 1, len(strips), th * tw
+    n = nf * W * W
     k = min(k, n)
-    vals, idx = flat.topk(min(n, k + margin), dim=-1)
-    vals, idx = vals[geom.rows], idx[geom.rows]  # grid order from here on
-    redo = vals[:, k - 1] <= -offset
+    kk = min(n, k + margin)
+    q = query_tiles(query, geom)  # (ntw, nth, M, D)
+    key = (nth, nf, M, R * S, query.dtype, query.device, offset)
+    if workspace is None or workspace.get("key") != key:
+        # buf[i]: the products of a tile in row i with its block in every context frame (one per tile
+        # row, as the rows cut off at the frame's edges differ); win: a tile's windows
+        ws = {"key": key, "buf": query.new_full(key[:4], -offset), "win": query.new_empty((M, n))}
+        if workspace is not None:
+            workspace.clear()
+            workspace.update(ws)
+    else:
+        ws = workspace
+    buf, win = ws["buf"], ws["win"]
+    # query (a, b) of the tile meets rows a..a+2r and columns b..b+2r of its block: the windows are a
+    # strided view of the products, copied out in one go (16-bit values as int16: same bits, faster)
+    bits = (lambda t: t.view(torch.int16)) if query.element_size() == 2 else (lambda t: t)
+    windows = [
+        bits(b).as_strided((nf, th, tw, W, W), (M * R * S, tw * R * S + S, R * S + 1, S, 1)) for b in buf
+    ]
+    win_view = bits(win).view(th, tw, nf, W, W).permute(2, 0, 1, 3, 4)
+    vals = query.new_empty((ntw, nth, M, kk))
+    idx = torch.empty((ntw, nth, M, kk), dtype=torch.int64, device=query.device)
+    # each block is cut to the frame's rows [a, b) of the padded grid (a contiguous piece of the
+    # strip: one plain product, written in place); the rest of buf stays at what the zero padding
+    # would make it, 0 - offset
+    spans = [(max(i * th, r), min(i * th + R, r + h)) for i in range(nth)]
+    full_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for j in range(ntw):
+        flats = [keys[j].view(-1, D) for keys in strips]
+        for i, (a, b) in enumerate(spans):
+            if b <= a:
+                continue
+            o = (a - i * th) * S
+            for f, flat in enumerate(flats):
+                torch.mm(q[j, i], flat[a * S : b * S].t(), out=buf[i, f, :, o : o + (b - a) * S])
+            win_view.copy_(windows[i])
+            v, ix = win.topk(kk, dim=-1)
+            vals[j, i], idx[j, i] = v, ix
+            redo = _needs_full_row(v, k, n, offset, temperature)
+            if bool(redo.any()):
+                rows = (j * nth + i) * M + redo.nonzero()[:, 0]
+                real = geom.cells[rows] >= 0
+                if bool(real.any()):
+                    full_rows.append((geom.cells[rows[real]], win[redo][real].float()))
+    vals = vals.view(-1, kk)[geom.rows]  # grid order from here on
+    idx = idx.view(-1, kk)[geom.rows]
     aff = torch.exp_(vals.float().add_(offset).div_(temperature))  # the affinities, as joint_topk sees them
     kth = aff[:, k - 1 : k]
-    if aff.shape[-1] < n:
-        redo |= aff[:, -1] >= kth[:, 0]  # more ties with the k-th value than the margin holds
     weights = torch.where(aff >= kth, aff, torch.zeros_like(aff))
     weights = weights / weights.sum(-1, keepdim=True)
-    if bool(redo.any()):
-        cells = redo.nonzero()[:, 0]
-        a = flat[geom.rows[cells]].float().add_(offset).view(len(cells), -1, geom.window_size)
+    if full_rows:
+        cells = torch.cat([c for c, _ in full_rows])
+        a = torch.cat([x for _, x in full_rows]).add_(offset).view(len(cells), nf, -1)
         a = torch.exp_(a.masked_fill_(geom.outside[cells], float("-inf")).div_(temperature)).view(len(cells), -1)
         w2, i2 = joint_topk(a, k, margin)
         width = max(weights.shape[-1], w2.shape[-1])
         weights, idx, w2, i2 = (F.pad(t, (0, width - t.shape[-1])) for t in (weights, idx, w2, i2))
         weights[cells], idx[cells] = w2, i2
     return weights, idx
+
+
+def _needs_full_row(vals: torch.Tensor, k: int, n: int, offset: float, temperature: float) -> torch.Tensor:
+    """Rows whose top k + margin cannot be used as they are: the k-th cosine is 0 or less (entries
+    outside the frame might be among the kept), or the last one ties with the k-th affinity (more
+    ties than the margin holds; compared as affinities, as :func:`joint_topk` does)."""
+    kth = vals[:, k - 1].float() + offset
+    redo = kth <= 0
+    if vals.shape[-1] < n:
+        last = vals[:, -1].float() + offset
+        redo |= torch.exp(last / temperature) >= torch.exp(kth / temperature)
+    return redo
 
 
 def joint_topk(aff: torch.Tensor, k: int, margin: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,10 +349,13 @@ class LabelPropagator:
         return 1.0 if dt is not None and torch.finfo(dt).bits < 32 else 0.0
 
     def _pad(self, features: torch.Tensor) -> torch.Tensor:
-        keys = key_strips(offset_features(F.normalize(features.float(), dim=-1), self._offset), self.geom)
+        unit = offset_features(F.normalize(features.float(), dim=-1), self._offset)
+        if self.config.similarity_dtype is not None:
+            unit = unit.to(self.config.similarity_dtype)  # before the strips: they repeat 2r columns
+        keys = key_strips(unit, self.geom)
         if self._offset:
             keys[..., -1] = 1.0  # the padding too: its product is then 0 - offset, a cosine of 0
-        return keys if self.config.similarity_dtype is None else keys.to(self.config.similarity_dtype)
+        return keys
 
     @torch.no_grad()
     def remember(self, features: torch.Tensor, soft_labels: torch.Tensor) -> None:
