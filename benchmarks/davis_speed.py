@@ -10,7 +10,10 @@ holds itself to:
 - propagation under 10% of the total time (dinokit, bf16);
 - end to end at least 2.5x faster than the per-frame formulation with --precision bf16 (3x is the aim).
 
-``--memory`` adds the whole-video peak memory at patch 8 on a 1152x480 video (in a subprocess).
+The per-frame formulation uses dinokit's backbone (fused attention), so the ratios measure the
+batching, the windowed propagation and the precision; ``--reference-attention`` also times it with
+the attention matrices formed explicitly, as the reference's model does. ``--memory`` adds the
+whole-video peak memory at patch 8 on a 1152x480 video (in a subprocess).
 
     python benchmarks/davis_speed.py --frames 24 --device auto
 """
@@ -158,6 +161,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=0, help="frames per feature batch (0 = auto, as dinokit davis)")
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--memory", action="store_true", help="also the whole-video peak memory at patch 8")
+    ap.add_argument("--reference-attention", action="store_true",
+                    help="also time the per-frame formulation with explicit attention, as the reference's model")
     ap.add_argument("--memory-frames", type=int, default=10)
     ap.add_argument("--_memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -181,6 +186,14 @@ def main() -> None:
         base = per_frame_dense(model, seq, tmp / "dense", cfg, device)
         base["total"] = time.perf_counter() - t0
         rows["per-frame dense, fp32"] = base
+        if args.reference_attention:
+            # the reference's model forms every attention matrix explicitly
+            model.set_fused_attention(False)
+            t0 = time.perf_counter()
+            ref = per_frame_dense(model, seq, tmp / "dense_explicit", cfg, device)
+            ref["total"] = time.perf_counter() - t0
+            rows["  same, explicit attn"] = ref
+            model.set_fused_attention(True)
         for name, dtype in (("dinokit, fp32", None), ("dinokit, bf16", torch.bfloat16)):
             out = tmp / name.replace(", ", "_")
             t0 = time.perf_counter()
@@ -202,6 +215,9 @@ def main() -> None:
     b = rows["per-frame dense, fp32"]["total"]
     for name in ("dinokit, fp32", "dinokit, bf16"):
         print(f"end to end speed-up of {name} over the per-frame dense formulation: {b / rows[name]['total']:.2f}x")
+        if args.reference_attention:
+            r = rows["  same, explicit attn"]["total"]
+            print(f"  ... and over it with the reference's explicit attention: {r / rows[name]['total']:.2f}x")
     bf = rows["dinokit, bf16"]
     share = bf["propagation"] / bf["total"]
     speed = b / bf["total"]

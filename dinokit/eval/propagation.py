@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
-from ..runtime import autocast, inference_model
+from ..runtime import autocast, inference_model, loader_workers
 
 log = logging.getLogger("dinokit")
 
@@ -535,7 +535,7 @@ def segment_video(
     times.io += time.perf_counter() - t0
 
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers(num_workers, device),
         pin_memory=device.type == "cuda", persistent_workers=False,
     )  # fmt: skip
     prop = LabelPropagator(config)
