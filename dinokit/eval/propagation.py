@@ -226,11 +226,11 @@ def window_topk(
     k = min(k, n)
     kk = min(n, k + margin)
     q = query_tiles(query, geom)  # (ntw, nth, M, D)
-    key = (nth, nf, M, R * S, query.dtype, query.device, offset)
+    key = (geom.h, geom.w, r, th, tw, nf, query.dtype, query.device, offset)
     if workspace is None or workspace.get("key") != key:
         # buf[i]: the products of a tile in row i with its block in every context frame (one per tile
         # row, as the rows cut off at the frame's edges differ); win: a tile's windows
-        ws = {"key": key, "buf": query.new_full(key[:4], -offset), "win": query.new_empty((M, n))}
+        ws = {"key": key, "buf": query.new_full((nth, nf, M, R * S), -offset), "win": query.new_empty((M, n))}
         if workspace is not None:
             workspace.clear()
             workspace.update(ws)
@@ -250,15 +250,27 @@ def window_topk(
     # strip: one plain product, written in place); the rest of buf stays at what the zero padding
     # would make it, 0 - offset
     spans = [(max(i * th, r), min(i * th + R, r + h)) for i in range(nth)]
+    if "outs" not in ws:
+        ws["outs"] = [[buf[i, f, :, (a - i * th) * S : (b - i * th) * S] for f in range(nf)] for i, (a, b) in enumerate(spans)]
+    outs = ws["outs"]
+    # the blocks of a context frame serve every target frame that has it in its context: made once
+    cache = ws.setdefault("blocks", {})
+    blocks = []
+    for keys in strips:
+        hit = cache.get(id(keys))
+        if hit is None or hit[0] is not keys:
+            flat = [keys[j].view(-1, D) for j in range(ntw)]
+            hit = (keys, [[flat[j][a * S : b * S].t() for a, b in spans] for j in range(ntw)])
+        blocks.append(hit)
+    ws["blocks"] = {id(hit[0]): hit for hit in blocks}
     full_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
     for j in range(ntw):
-        flats = [keys[j].view(-1, D) for keys in strips]
         for i, (a, b) in enumerate(spans):
             if b <= a:
                 continue
-            o = (a - i * th) * S
-            for f, flat in enumerate(flats):
-                torch.mm(q[j, i], flat[a * S : b * S].t(), out=buf[i, f, :, o : o + (b - a) * S])
+            qt, out_i = q[j, i], outs[i]
+            for f, (_, blk) in enumerate(blocks):
+                torch.mm(qt, blk[j][i], out=out_i[f])
             win_view.copy_(windows[i])
             v, ix = win.topk(kk, dim=-1)
             vals[j, i], idx[j, i] = v, ix
