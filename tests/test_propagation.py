@@ -67,20 +67,25 @@ def random_video(T=9, h=6, w=7, D=8, C=3, seed=0):
     return feats, F.one_hot(lab, C).permute(2, 0, 1).float()
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize(
     "n_last,radius,k,tile",
     [(3, 2, 5, (8, 16)), (3, 2, 5, 3), (7, 1, 5, (2, 5)), (2, 0, 4, 4), (0, 3, 1, (5, 2)), (4, 12, 5, 8)],
 )
-def test_equals_brute_force(n_last, radius, k, tile):
+def test_equals_brute_force(n_last, radius, k, tile, batched):
+    # batched: the GPU's way (a strip of tiles at a time), run here on the CPU
     feats, labels0 = random_video()
-    cfg = PropagationConfig(n_last_frames=n_last, neighborhood=radius, topk=k, temperature=0.1, tile=tile)
+    cfg = PropagationConfig(
+        n_last_frames=n_last, neighborhood=radius, topk=k, temperature=0.1, tile=tile, batched=batched
+    )
     want = brute_force(feats, labels0, n_last, radius, k, 0.1)
     got = ours(feats, labels0, cfg)
     for t, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"frame {t + 1}")
 
 
-def test_bf16_path_equals_brute_force_on_its_own_rounding():
+@pytest.mark.parametrize("batched", [False, True])
+def test_bf16_path_equals_brute_force_on_its_own_rounding(batched):
     # the 16-bit path rounds the unit features to bf16, forms (cos - 1) with one more dimension, and
     # rounds that product to bf16; the brute force does the same arithmetic densely
     feats, labels0 = random_video(T=6, h=8, w=9, D=32)
@@ -93,7 +98,8 @@ def test_bf16_path_equals_brute_force_on_its_own_rounding():
         return prod.bfloat16().double() + 1
 
     want = brute_force(feats, labels0, 3, 3, 5, 0.1, cosines=rounded_cos)
-    got = ours(feats, labels0, PropagationConfig(n_last_frames=3, neighborhood=3, similarity_dtype=torch.bfloat16))
+    cfg = PropagationConfig(n_last_frames=3, neighborhood=3, similarity_dtype=torch.bfloat16, batched=batched)
+    got = ours(feats, labels0, cfg)
     for t, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-5, msg=f"frame {t + 1}")
 
@@ -107,7 +113,8 @@ def test_bf16_similarities_stay_close_to_fp32():
         assert (a.argmax(0) == b.argmax(0)).float().mean() > 0.8
 
 
-def test_ties_keep_every_equal_value():
+@pytest.mark.parametrize("batched", [False, True])
+def test_ties_keep_every_equal_value(batched):
     # features from 3 distinct one-hot vectors: cosine similarities are exactly 0 or 1, so many
     # context patches tie at the k-th value and the reference keeps them all
     T, h, w = 5, 5, 6
@@ -115,7 +122,7 @@ def test_ties_keep_every_equal_value():
     ids = torch.randint(0, 3, (T, h, w), generator=g)
     feats = F.one_hot(ids, 4).float()
     labels0 = F.one_hot(torch.randint(0, 3, (h, w), generator=g), 3).permute(2, 0, 1).float()
-    cfg = PropagationConfig(n_last_frames=3, neighborhood=2, topk=2, tile=4)
+    cfg = PropagationConfig(n_last_frames=3, neighborhood=2, topk=2, tile=4, batched=batched)
     want = brute_force(feats, labels0, 3, 2, 2, 0.1)
     got = ours(feats, labels0, cfg)
     for a, b in zip(got, want):
@@ -201,9 +208,12 @@ def test_peak_memory_patch8_full_queue():
     assert peak_kb < 4 * 1024 * 1024, f"peak memory {peak_kb / 1024**2:.2f} GB"
 
 
-def test_a_propagator_reused_on_other_grids_matches_a_fresh_one():
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_propagator_reused_on_other_grids_matches_a_fresh_one(batched):
     # the scratch kept between frames depends on the grid: 6 and 5 rows cut the tiles differently
-    cfg = PropagationConfig(n_last_frames=2, neighborhood=2, topk=3, tile=(2, 3), similarity_dtype=torch.bfloat16)
+    cfg = PropagationConfig(
+        n_last_frames=2, neighborhood=2, topk=3, tile=(2, 3), similarity_dtype=torch.bfloat16, batched=batched
+    )
     prop = LabelPropagator(cfg)
     for h, w in ((6, 7), (5, 7), (6, 7)):
         feats, labels0 = random_video(T=4, h=h, w=w, D=16)
@@ -211,3 +221,13 @@ def test_a_propagator_reused_on_other_grids_matches_a_fresh_one():
         reused = [prop.step(feats[t]) for t in range(1, 4)]
         for a, b in zip(reused, ours(feats, labels0, cfg)):
             assert torch.equal(a, b)
+
+
+def test_output_step_a_constant_channel_wins_as_in_the_reference():
+    # a channel that is constant and positive normalises to 0/0 = NaN; the reference's max (and
+    # argmax) take NaN as the largest value, so a full-frame object keeps its label
+    soft = torch.zeros(3, 3, 4)
+    soft[2] = 1.0
+    assert torch.equal(soft_labels_to_mask(soft, 2), torch.full((6, 8), 2))
+    soft[1] = 0.5  # two constant channels: the first NaN wins
+    assert torch.equal(soft_labels_to_mask(soft, 2), torch.full((6, 8), 1))

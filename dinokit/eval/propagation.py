@@ -12,9 +12,9 @@ below the k-th value is dropped, so ties may keep more, as in the reference), no
 takes the weighted sum of the context labels.
 
 Unlike the reference, the dense (hw x hw) affinity and the (hw x hw) window mask are never built:
-the target grid is cut into tiles, each tile is compared (one batched matrix product) with the
-context region its windows can reach, and only the window entries are kept -- memory O(hw * window)
-instead of O(hw^2) (the reference needs more than 16 GB at patch 8 on a 480x1152 video). Feature
+the target grid is cut into tiles, each tile is compared (matrix products) with the context
+region its windows can reach, and only the window entries are kept -- memory O(hw * window) instead
+of O(hw^2) (the reference needs more than 16 GB at patch 8 on a 480x1152 video). Feature
 extraction does not depend on the labels and is batched over frames.
 """
 
@@ -52,6 +52,8 @@ class PropagationConfig:
     temperature: float = 0.1  #: affinity = exp(cos / temperature)
     #: largest target tile (rows, columns) in patches, balanced over the grid: speed, not results
     tile: tuple[int, int] = (10, 13)
+    #: compare a strip of tiles at a time (None: on GPUs) rather than a tile at a time (CPUs)
+    batched: bool | None = None
     #: dtype of the patch similarities' matrix products (None = float32, as the reference);
     #: ``--precision bf16`` sets bfloat16 (cosines rounded to 3 digits; 2-3x faster on CPUs and GPUs)
     similarity_dtype: torch.dtype | None = None
@@ -78,8 +80,8 @@ class WindowGeometry:
 
     A tile's windows reach R = th + 2r padded rows and S = tw + 2r padded columns. Each context frame
     is stored once as overlapping column strips (n_tiles_w, Hp, S, D), so that the region of every
-    tile is a contiguous block of its strip and all tiles of a strip form one strided batch of
-    matrices: the similarities are plain batched matrix products, with no gathering of features.
+    tile is a contiguous block of its strip: the similarities are plain matrix products (one per tile
+    on a CPU, a strided batch per strip on a GPU), with no gathering of features.
     """
 
     h: int
@@ -91,7 +93,6 @@ class WindowGeometry:
     n_tiles_w: int
     valid: torch.Tensor  #: (hw, W2) bool: the window entry lies inside the frame
     neighbour: torch.Tensor  #: (hw, W2) int64: flat index of the window entry (clamped when outside)
-    window_index: torch.Tensor  #: (th*tw, W2) int64 into a tile's R*S region
     outside: torch.Tensor  #: (hw, 1, W2) bool: ~valid, shaped for the (hw, F, W2) similarities
     rows: torch.Tensor  #: (hw,) int64: the row of each grid cell (row-major) in the tile-ordered similarities
     cells: torch.Tensor  #: (n_rows,) int64: the grid cell of each tile-ordered row, -1 past the grid
@@ -121,7 +122,6 @@ def _geometry_cpu(h: int, w: int, radius: int, tile_h: int, tile_w: int) -> Wind
     th, tw = -(-h // -(-h // max(1, tile_h))), -(-w // -(-w // max(1, tile_w)))
     r = radius
     nth, ntw = -(-h // th), -(-w // tw)
-    S = tw + 2 * r
     d = torch.arange(-r, r + 1)
     dy = d.repeat_interleave(2 * r + 1)  # (W2,) row offset, row-major over the window
     dx = d.repeat(2 * r + 1)
@@ -131,15 +131,12 @@ def _geometry_cpu(h: int, w: int, radius: int, tile_h: int, tile_w: int) -> Wind
     nj = qj[:, None] + dx[None]
     valid = (ni >= 0) & (ni < h) & (nj >= 0) & (nj < w)
     neighbour = ni.clamp(0, h - 1) * w + nj.clamp(0, w - 1)
-    la = torch.arange(th).repeat_interleave(tw)  # target row inside the tile
-    lb = torch.arange(tw).repeat(th)
-    window_index = ((la[:, None] + r + dy[None]) * S + (lb[:, None] + r + dx[None])).contiguous()
     # similarities come tile by tile: (strip j, tile row i, position a*tw + b inside the tile)
     rows = ((qj // tw) * nth + qi // th) * (th * tw) + (qi % th) * tw + qj % tw
     cells = torch.full((ntw * nth * th * tw,), -1, dtype=torch.int64)
     cells[rows] = torch.arange(h * w)
     return WindowGeometry(
-        h, w, r, th, tw, nth, ntw, valid, neighbour, window_index, (~valid).unsqueeze(1), rows, cells
+        h, w, r, th, tw, nth, ntw, valid, neighbour, (~valid).unsqueeze(1), rows, cells
     )
 
 
@@ -160,7 +157,7 @@ def window_geometry(
             _DEVICE_GEOMETRY.clear()
         _DEVICE_GEOMETRY[key] = WindowGeometry(
             g.h, g.w, g.radius, g.tile_h, g.tile_w, g.n_tiles_h, g.n_tiles_w,
-            g.valid.to(device), g.neighbour.to(device), g.window_index.to(device), g.outside.to(device),
+            g.valid.to(device), g.neighbour.to(device), g.outside.to(device),
             g.rows.to(device), g.cells.to(device),
         )  # fmt: skip
     return _DEVICE_GEOMETRY[key]
@@ -201,16 +198,19 @@ def offset_features(x: torch.Tensor, value: float) -> torch.Tensor:
 
 def window_topk(
     query: torch.Tensor, strips: list[torch.Tensor], geom: WindowGeometry, k: int, temperature: float = 0.1,
-    margin: int = 8, workspace: dict | None = None, offset: float = 0.0,
+    margin: int = 8, workspace: dict | None = None, offset: float = 0.0, batched: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The joint top-k of the window affinities exp(cos / T) (0 outside the frame), as
     :func:`joint_topk` returns it: (weights (hw, K'), indices into F * W2, grid order).
 
     ``query``: (h, w, D) L2-normalised target features; ``strips``: one :func:`key_strips` tensor per
-    context frame. One target tile at a time: its products with the context blocks its windows reach
-    (every context frame), the windows read out of them, their top k + ``margin`` -- so the scratch
-    stays small enough for the caches. ``offset``: the products hold cosine - offset (see
-    :func:`offset_features`). ``workspace``: a dict kept between calls, to reuse the scratch.
+    context frame. Each target tile is compared with the context blocks its windows reach (every
+    context frame), its windows are read out of the products, and their top k + ``margin`` taken.
+    ``batched`` (default: on GPUs) does that a strip at a time (one strided batch of products per
+    strip and context frame, one top-k at the end, no host synchronisation per tile); otherwise a
+    tile at a time (on CPUs), so that the scratch stays small enough for the caches. ``offset``: the
+    products hold cosine - offset (see :func:`offset_features`). ``workspace``: a dict kept between
+    calls, to reuse the scratch.
 
     exp(. / T) is increasing, so the top-k of the affinities are those of the cosines, and only the
     kept ones are exponentiated. Window entries outside the frame meet the zero padding of the
@@ -225,61 +225,86 @@ def window_topk(
     n = nf * W * W
     k = min(k, n)
     kk = min(n, k + margin)
+    batched = query.device.type != "cpu" if batched is None else bool(batched)
     q = query_tiles(query, geom)  # (ntw, nth, M, D)
-    key = (geom.h, geom.w, r, th, tw, nf, query.dtype, query.device, offset)
+    key = (geom.h, geom.w, r, th, tw, nf, query.dtype, query.device, offset, batched)
     if workspace is None or workspace.get("key") != key:
-        # buf[i]: the products of a tile in row i with its block in every context frame (one per tile
-        # row, as the rows cut off at the frame's edges differ); win: a tile's windows
-        ws = {"key": key, "buf": query.new_full((nth, nf, M, R * S), -offset), "win": query.new_empty((M, n))}
-        if workspace is not None:
-            workspace.clear()
-            workspace.update(ws)
-    else:
-        ws = workspace
+        workspace = {} if workspace is None else workspace
+        workspace.clear()
+        # buf: the products of the tiles with their blocks in every context frame, (nth, nf, ...)
+        # tile by tile (as the rows cut off at the frame's edges differ by tile row), (nf, nth, ...)
+        # batched; win: the windows of one tile, or of them all
+        workspace.update(
+            key=key,
+            buf=query.new_full((nf, nth, M, R * S) if batched else (nth, nf, M, R * S), -offset),
+            win=query.new_empty((ntw, nth, M, n) if batched else (1, 1, M, n)),
+        )
+    ws = workspace
     buf, win = ws["buf"], ws["win"]
-    # query (a, b) of the tile meets rows a..a+2r and columns b..b+2r of its block: the windows are a
+    # query (a, b) of a tile meets rows a..a+2r and columns b..b+2r of its block: the windows are a
     # strided view of the products, copied out in one go (16-bit values as int16: same bits, faster)
     bits = (lambda t: t.view(torch.int16)) if query.element_size() == 2 else (lambda t: t)
+    f_stride = (nth if batched else 1) * M * R * S
+    i_stride = M * R * S if batched else nf * M * R * S
     windows = [
-        bits(b).as_strided((nf, th, tw, W, W), (M * R * S, tw * R * S + S, R * S + 1, S, 1)) for b in buf
+        bits(buf).as_strided((nf, th, tw, W, W), (f_stride, tw * R * S + S, R * S + 1, S, 1), i * i_stride)
+        for i in range(nth)
     ]
-    win_view = bits(win).view(th, tw, nf, W, W).permute(2, 0, 1, 3, 4)
-    vals = query.new_empty((ntw, nth, M, kk))
-    idx = torch.empty((ntw, nth, M, kk), dtype=torch.int64, device=query.device)
-    # each block is cut to the frame's rows [a, b) of the padded grid (a contiguous piece of the
-    # strip: one plain product, written in place); the rest of buf stays at what the zero padding
-    # would make it, 0 - offset
+    # each block is rows [i*th, i*th + R) of the padded strip, a contiguous piece of it. Tile by tile,
+    # it is cut to the frame's rows [a, b) (one plain product per context frame, written in place);
+    # the rest of buf stays at what the zero padding would make it, 0 - offset
     spans = [(max(i * th, r), min(i * th + R, r + h)) for i in range(nth)]
-    if "outs" not in ws:
-        ws["outs"] = [[buf[i, f, :, (a - i * th) * S : (b - i * th) * S] for f in range(nf)] for i, (a, b) in enumerate(spans)]
-    outs = ws["outs"]
+    if not batched and "outs" not in ws:
+        ws["outs"] = [
+            [buf[i, f, :, (a - i * th) * S : (b - i * th) * S] for f in range(nf)] for i, (a, b) in enumerate(spans)
+        ]
     # the blocks of a context frame serve every target frame that has it in its context: made once
-    cache = ws.setdefault("blocks", {})
+    cache = ws.get("blocks", {})
     blocks = []
     for keys in strips:
         hit = cache.get(id(keys))
         if hit is None or hit[0] is not keys:
-            flat = [keys[j].view(-1, D) for j in range(ntw)]
-            hit = (keys, [[flat[j][a * S : b * S].t() for a, b in spans] for j in range(ntw)])
+            if batched:  # tile i of strip j: rows [i*th, i*th + R), a strided batch of overlapping blocks
+                views = [keys[j].as_strided((nth, R * S, D), (th * S * D, D, 1)).transpose(1, 2) for j in range(ntw)]
+            else:
+                flat = [keys[j].view(-1, D) for j in range(ntw)]
+                views = [[flat[j][a * S : b * S].t() for a, b in spans] for j in range(ntw)]
+            hit = (keys, views)
         blocks.append(hit)
     ws["blocks"] = {id(hit[0]): hit for hit in blocks}
+    vals = query.new_empty((ntw, nth, M, kk))
+    idx = torch.empty((ntw, nth, M, kk), dtype=torch.int64, device=query.device)
     full_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
     for j in range(ntw):
-        for i, (a, b) in enumerate(spans):
-            if b <= a:
+        if batched:
+            for f, (_, views) in enumerate(blocks):
+                torch.bmm(q[j], views[j], out=buf[f])
+        for i in range(nth):
+            if batched:
+                tile = win[j, i]
+            else:
+                tile = win[0, 0]
+                for f, (_, views) in enumerate(blocks):
+                    torch.mm(q[j, i], views[j][i], out=ws["outs"][i][f])
+            bits(tile).view(th, tw, nf, W, W).permute(2, 0, 1, 3, 4).copy_(windows[i])
+            if batched:
                 continue
-            qt, out_i = q[j, i], outs[i]
-            for f, (_, blk) in enumerate(blocks):
-                torch.mm(qt, blk[j][i], out=out_i[f])
-            win_view.copy_(windows[i])
-            v, ix = win.topk(kk, dim=-1)
+            v, ix = tile.topk(kk, dim=-1)
             vals[j, i], idx[j, i] = v, ix
             redo = _needs_full_row(v, k, n, offset, temperature)
-            if bool(redo.any()):
+            if bool(redo.any()):  # a host synchronisation: tile by tile is for CPUs
                 rows = (j * nth + i) * M + redo.nonzero()[:, 0]
                 real = geom.cells[rows] >= 0
                 if bool(real.any()):
-                    full_rows.append((geom.cells[rows[real]], win[redo][real].float()))
+                    full_rows.append((geom.cells[rows[real]], tile[redo][real].float()))
+    if batched:
+        flat = win.view(-1, n)
+        v, ix = flat.topk(kk, dim=-1)
+        vals, idx = v.view(vals.shape), ix.view(idx.shape)
+        redo = _needs_full_row(v, k, n, offset, temperature) & (geom.cells >= 0)
+        if bool(redo.any()):
+            rows = redo.nonzero()[:, 0]
+            full_rows.append((geom.cells[rows], flat[rows].float()))
     vals = vals.view(-1, kk)[geom.rows]  # grid order from here on
     idx = idx.view(-1, kk)[geom.rows]
     aff = torch.exp_(vals.float().add_(offset).div_(temperature))  # the affinities, as joint_topk sees them
@@ -389,7 +414,8 @@ class LabelPropagator:
             query = query.to(self.config.similarity_dtype)
         keys = [self._keys0] + [k for k, _ in self._queue]
         w, idx = window_topk(
-            query, keys, g, self.config.topk, self.config.temperature, workspace=self._workspace, offset=self._offset
+            query, keys, g, self.config.topk, self.config.temperature, workspace=self._workspace, offset=self._offset,
+            batched=self.config.batched,
         )
         W2 = g.window_size
         frame = torch.div(idx, W2, rounding_mode="floor")
@@ -422,7 +448,9 @@ def soft_labels_to_mask(soft: torch.Tensor, patch_size: int) -> torch.Tensor:
     # reduction over the first dimension is slow on CPUs, and so is moving it last
     best, labels = up[0].clone(), torch.zeros(up.shape[1:], dtype=torch.int64, device=up.device)
     for c in range(1, up.shape[0]):
-        higher = up[c] > best
+        # a constant positive channel normalises to 0/0 = NaN, which argmax (and the reference's
+        # max) takes as the largest value: the first NaN wins
+        higher = (up[c] > best) | (up[c].isnan() & ~best.isnan())
         best = torch.where(higher, up[c], best)
         labels.masked_fill_(higher, c)
     return labels
@@ -536,8 +564,8 @@ def segment_video(
     th, tw = dataset.size
     grid = (th // p, tw // p)
     labels0 = first_frame_labels(mask, grid).to(device)
-    model, dtype = inference_model(model, dtype)
-    batch_size = batch_size if batch_size > 0 else auto_frame_batch(device, grid[0] * grid[1] + 1, dtype)  # bf16: a copy cast once, faster than autocast on CPUs
+    batch_size = batch_size if batch_size > 0 else auto_frame_batch(device, grid[0] * grid[1] + 1, dtype)
+    model, dtype = inference_model(model, dtype)  # bf16: a copy cast once, faster than autocast on CPUs
     out_dir.mkdir(parents=True, exist_ok=True)
     pool = ThreadPoolExecutor(max_workers=4)
     pending: list[Future] = []
@@ -623,6 +651,7 @@ def config_dict(config: PropagationConfig) -> dict:
     d = asdict(config)
     d.pop("similarity_dtype", None)
     d.pop("tile", None)
+    d.pop("batched", None)
     return d
 
 
@@ -723,6 +752,9 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
         "propagation": config_dict(cfg.propagation),
         "short_side": cfg.short_side,
         "precision": precision_name(dtype),
+        # how 16-bit similarities are formed (cos - 1, see offset_features): results made otherwise
+        # by an earlier version are not mixed with these on a rerun
+        "similarities": "offset-1" if dtype is not None else "fp32",
     }
     fingerprint = to_json(settings, indent=None)
     if previous.is_file() and not cfg.overwrite:
