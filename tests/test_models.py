@@ -263,6 +263,24 @@ def test_bf16_cpu_attention_matches_fp32_and_its_gradients_flow():
         assert ((a.grad.float() - b.grad).norm() / b.grad.norm()) < 3e-2
 
 
+def test_bf16_cpu_attention_is_as_close_to_fp64_as_the_fused_kernel_on_sharp_logits():
+    # logits of std ~9: rounding plain bf16 products would cost ~6x the fused kernel's error
+    from dinokit.models.vit import attention
+
+    torch.manual_seed(0)
+    qb, kb, vb = ((torch.randn(2, 3, 300, 64) * s).bfloat16() for s in (3.0, 3.0, 1.0))
+    ref = F.scaled_dot_product_attention(qb.double(), kb.double(), vb.double())  # the same inputs, exactly
+
+    def err(out):
+        return ((out.double() - ref).norm() / ref.norm()).item()
+
+    fused = err(F.scaled_dot_product_attention(qb, kb, vb))
+    with torch.no_grad():
+        blocked = err(attention(qb, kb, vb))
+    explicit = err(attention(*(t.clone().requires_grad_() for t in (qb, kb, vb))).detach())
+    assert blocked < 2 * fused and explicit < 2 * fused, (blocked, explicit, fused)
+
+
 # -- intermediate layers -----------------------------------------------------------------------------
 def test_get_intermediate_layers_are_the_last_n_blocks_through_the_final_norm():
     m = tiny(depth=3)
