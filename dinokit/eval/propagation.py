@@ -574,8 +574,12 @@ def segment_video(
         on_frame(0, mask)
     times.io += time.perf_counter() - t0
 
+    workers = loader_workers(num_workers, device)
+    if workers < num_workers:
+        log.debug("%d frame loader worker(s) instead of %d: the compute threads take the other cores", workers,
+                  num_workers)  # fmt: skip
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers(num_workers, device),
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
     )  # fmt: skip
     prop = LabelPropagator(config)

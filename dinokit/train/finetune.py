@@ -600,6 +600,9 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
         )
     global_batch = batch_size * world
     num_workers = loader_workers(cfg.num_workers, device, world)
+    if num_workers < cfg.num_workers:
+        log.info("%d data-loader worker(s) instead of %d: the compute threads take the other cores", num_workers,
+                 cfg.num_workers)  # fmt: skip
     niter = len(splits.train) // global_batch
     peak_lr = cfg.lr * global_batch / 1024.0
 
