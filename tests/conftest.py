@@ -43,16 +43,41 @@ def labelled_folder(tmp_path) -> Path:
     return root
 
 
-@pytest.fixture
-def tiny_weights(tmp_path) -> Path:
-    """A saved random vit_tiny/16 backbone (released-weights format)."""
+def save_tiny_vit(path: Path, depth: int = 12) -> Path:
+    """A random vit_tiny/16 (seed 0) with ``depth`` blocks, saved in the released-weights format."""
     import dinokit
 
     torch.manual_seed(0)
-    model = dinokit.build_backbone("vit_tiny", 16)
-    path = tmp_path / "tiny.pth"
-    dinokit.save_backbone(model, path)
+    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=depth), path)
     return path
+
+
+@pytest.fixture
+def tiny_weights(tmp_path) -> Path:
+    """A saved random vit_tiny/16 backbone (released-weights format)."""
+    return save_tiny_vit(tmp_path / "tiny.pth")
+
+
+@pytest.fixture
+def tiny2_weights(tmp_path) -> Path:
+    """The same with 2 blocks: enough wherever trained weights are not the point."""
+    return save_tiny_vit(tmp_path / "tiny2.pth", depth=2)
+
+
+@pytest.fixture
+def tiny4_weights(tmp_path) -> Path:
+    """The same with 4 blocks (enough for the ViT-S probe's last 4 CLS tokens)."""
+    return save_tiny_vit(tmp_path / "tiny4.pth", depth=4)
+
+
+def run_cli(args):
+    """Run the dinokit CLI in-process; ``.text`` is the output with rich's line wrapping undone."""
+    from dinokit.commands import app
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    r.text = " ".join(r.output.split())
+    return r
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from dinokit.commands import app
 from PIL import Image
 from typer.testing import CliRunner
@@ -29,14 +28,6 @@ def assert_one_sentence(result, *needles):
         assert n in " ".join(result.output.split()), result.output
 
 
-@pytest.fixture
-def weights(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "tiny.pth"
-    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=2), path)
-    return path
-
-
 def _image(path, size=(48, 40), seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -45,12 +36,12 @@ def _image(path, size=(48, 40), seed=0):
 
 
 # -- maps ------------------------------------------------------------------------------------------
-def test_maps_form_writes_every_picture_and_the_raw_maps(tmp_path, weights):
+def test_maps_form_writes_every_picture_and_the_raw_maps(tmp_path, tiny2_weights):
     _image(tmp_path / "in" / "a.png", seed=1)
     _image(tmp_path / "in" / "sub" / "b.jpg", seed=2)
     _image(tmp_path / "other" / "c.png", size=(70, 36), seed=3)
     out = tmp_path / "out"
-    r = run(tmp_path / "in", tmp_path / "other" / "*.png", "--weights", weights, "--image-size", 64,
+    r = run(tmp_path / "in", tmp_path / "other" / "*.png", "--weights", tiny2_weights, "--image-size", 64,
             "--output", out, "--quiet")
     assert r.exit_code == 0, r.output
     for name in ("a", "b", "c"):
@@ -72,26 +63,26 @@ def test_maps_form_writes_every_picture_and_the_raw_maps(tmp_path, weights):
     assert metrics["images"] == 3 and metrics["config"]["threshold"] == 0.6
 
 
-def test_maps_form_native_size_and_overwrite(tmp_path, weights):
+def test_maps_form_native_size_and_overwrite(tmp_path, tiny2_weights):
     _image(tmp_path / "x.png", size=(70, 36))
     out = tmp_path / "out"
-    r = run(tmp_path / "x.png", "-w", weights, "--image-size", 0, "-o", out, "-q")
+    r = run(tmp_path / "x.png", "-w", tiny2_weights, "--image-size", 0, "-o", out, "-q")
     assert r.exit_code == 0, r.output
     assert np.load(out / "x" / "maps.npz")["attention"].shape == (3, 2, 4)  # 36x70 cropped to 32x64
-    r = run(tmp_path / "x.png", "-w", weights, "-o", out, "-q")
+    r = run(tmp_path / "x.png", "-w", tiny2_weights, "-o", out, "-q")
     assert_one_sentence(r, "already holds results", "--overwrite")
-    r = run(tmp_path / "x.png", "-w", weights, "--image-size", 32, "-o", out, "-q", "--overwrite")
+    r = run(tmp_path / "x.png", "-w", tiny2_weights, "--image-size", 32, "-o", out, "-q", "--overwrite")
     assert r.exit_code == 0, r.output
     assert np.load(out / "x" / "maps.npz")["attention"].shape == (3, 2, 2)
 
 
 # -- evaluation ------------------------------------------------------------------------------------
-def test_eval_form_on_coins_photograph(tmp_path, weights):
+def test_eval_form_on_coins_photograph(tmp_path, tiny2_weights):
     from test_attention import coins_ground_truth
 
     image_path, mask_path, labels = coins_ground_truth(tmp_path)
     out = tmp_path / "eval"
-    r = run("--images", image_path.parent, "--masks", mask_path.parent, "-w", weights, "--image-size", 128,
+    r = run("--images", image_path.parent, "--masks", mask_path.parent, "-w", tiny2_weights, "--image-size", 128,
             "-o", out, "-q")
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
@@ -106,13 +97,13 @@ def test_eval_form_on_coins_photograph(tmp_path, weights):
     assert (out / "per_image.csv").read_text().splitlines()[1].startswith("coins,")
 
 
-def test_eval_form_on_synth_classify_masks(tmp_path, weights):
+def test_eval_form_on_synth_classify_masks(tmp_path, tiny2_weights):
     data = tmp_path / "synth"
     r = runner.invoke(app, ["synth", "classify", "--output", str(data), "--classes", "2", "--per-class", "5",
                             "--size", "32", "--quiet"])
     assert r.exit_code == 0, r.output
     out = tmp_path / "eval"
-    r = run("--images", data / "val", "--masks", data / "masks" / "val", "-w", weights, "--image-size", 32,
+    r = run("--images", data / "val", "--masks", data / "masks" / "val", "-w", tiny2_weights, "--image-size", 32,
             "-o", out, "-q")
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
@@ -120,14 +111,14 @@ def test_eval_form_on_synth_classify_masks(tmp_path, weights):
     assert m["images"] == n_val and m["objects"] == n_val  # one object per synthetic image
 
 
-def test_eval_form_coco_instances_and_classes(tmp_path, weights):
+def test_eval_form_coco_instances_and_classes(tmp_path, tiny2_weights):
     from test_masks import _coco_file
 
     ann, _, _ = _coco_file(tmp_path)
     # the annotated image is 18x20; evaluate at 32x32
     for objects, n in (("instance", 3), ("class", 2)):
         out = tmp_path / f"eval-{objects}"
-        r = run("--images", tmp_path / "images", "--coco", ann, "--objects", objects, "-w", weights,
+        r = run("--images", tmp_path / "images", "--coco", ann, "--objects", objects, "-w", tiny2_weights,
                 "--image-size", 32, "--ignore-void", "-o", out, "-q")
         assert r.exit_code == 0, r.output
         m = json.loads((out / "metrics.json").read_text())
@@ -135,11 +126,11 @@ def test_eval_form_coco_instances_and_classes(tmp_path, weights):
 
 
 # -- video -----------------------------------------------------------------------------------------
-def test_video_form_frames_folder_to_gif(tmp_path, weights):
+def test_video_form_frames_folder_to_gif(tmp_path, tiny2_weights):
     for k in range(4):
         _image(tmp_path / "frames" / f"{k:03d}.jpg", size=(60, 40), seed=k)
     out = tmp_path / "video"
-    r = run("--video", tmp_path / "frames", "-w", weights, "--image-size", 32, "-o", out, "-q", "--fps", 4)
+    r = run("--video", tmp_path / "frames", "-w", tiny2_weights, "--image-size", 32, "-o", out, "-q", "--fps", 4)
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{k:05d}.png" for k in range(4)]
     assert len(list((out / "masks").iterdir())) == 4
@@ -150,15 +141,15 @@ def test_video_form_frames_folder_to_gif(tmp_path, weights):
     assert json.loads((out / "metrics.json").read_text())["frames"] == 4
 
 
-def test_video_form_mp4_round_trip(tmp_path, weights):
+def test_video_form_mp4_round_trip(tmp_path, tiny2_weights):
     av = pytest.importorskip("av")
     for k in range(3):
         _image(tmp_path / "frames" / f"{k:03d}.png", size=(48, 48), seed=k)
     out = tmp_path / "video"
-    r = run("--video", tmp_path / "frames", "-w", weights, "--image-size", 32, "-o", out, "-q", "--mp4")
+    r = run("--video", tmp_path / "frames", "-w", tiny2_weights, "--image-size", 32, "-o", out, "-q", "--mp4")
     assert r.exit_code == 0, r.output
     # the MP4 itself is a video the next run can read frame by frame
-    r = run("--video", out / "attention.mp4", "-w", weights, "--image-size", 32, "-o", tmp_path / "again", "-q")
+    r = run("--video", out / "attention.mp4", "-w", tiny2_weights, "--image-size", 32, "-o", tmp_path / "again", "-q")
     assert r.exit_code == 0, r.output
     with av.open(str(out / "attention.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 3
@@ -166,55 +157,55 @@ def test_video_form_mp4_round_trip(tmp_path, weights):
 
 
 # -- bad input: one sentence, exit code 2 ------------------------------------------------------------
-def test_bad_inputs_are_one_sentence(tmp_path, weights):
+def test_bad_inputs_are_one_sentence(tmp_path, tiny2_weights):
     o = tmp_path / "out"
     # a missing path
-    assert_one_sentence(run(tmp_path / "nope.png", "-w", weights, "-o", o), "does not exist")
+    assert_one_sentence(run(tmp_path / "nope.png", "-w", tiny2_weights, "-o", o), "does not exist")
     # a file that is not an image
     (tmp_path / "notes.png").write_text("hello")
-    assert_one_sentence(run(tmp_path / "notes.png", "-w", weights, "-o", o), "is not a readable image")
+    assert_one_sentence(run(tmp_path / "notes.png", "-w", tiny2_weights, "-o", o), "is not a readable image")
     # an image smaller than one patch (with or without resizing)
     _image(tmp_path / "tiny" / "t.png", size=(8, 8))
-    assert_one_sentence(run(tmp_path / "tiny" / "t.png", "-w", weights, "-o", o, "--image-size", 0),
+    assert_one_sentence(run(tmp_path / "tiny" / "t.png", "-w", tiny2_weights, "-o", o, "--image-size", 0),
                         "smaller than one 16x16 patch")
-    assert_one_sentence(run(tmp_path / "tiny" / "t.png", "-w", weights, "-o", o), "smaller than one 16x16 patch")
+    assert_one_sentence(run(tmp_path / "tiny" / "t.png", "-w", tiny2_weights, "-o", o), "smaller than one 16x16 patch")
     # a mask whose size differs from its image
     _image(tmp_path / "img" / "a.png", size=(40, 40))
     (tmp_path / "m").mkdir()
     Image.fromarray(np.ones((30, 40), np.uint8)).save(tmp_path / "m" / "a.png")
-    assert_one_sentence(run("--images", tmp_path / "img", "--masks", tmp_path / "m", "-w", weights, "-o", o,
+    assert_one_sentence(run("--images", tmp_path / "img", "--masks", tmp_path / "m", "-w", tiny2_weights, "-o", o,
                             "-q"), "is 40x30 pixels but its image")
     # images without masks
     _image(tmp_path / "img2" / "a.png")
     _image(tmp_path / "img2" / "b.png")
     (tmp_path / "m2").mkdir()
     Image.fromarray(np.ones((40, 48), np.uint8)).save(tmp_path / "m2" / "a.png")
-    assert_one_sentence(run("--images", tmp_path / "img2", "--masks", tmp_path / "m2", "-w", weights, "-o", o),
+    assert_one_sentence(run("--images", tmp_path / "img2", "--masks", tmp_path / "m2", "-w", tiny2_weights, "-o", o),
                         "1 of 2 images", "have no mask")
     # an annotation file that is not COCO
     (tmp_path / "ann.json").write_text(json.dumps({"info": {}, "licenses": []}))
-    assert_one_sentence(run("--images", tmp_path / "img", "--coco", tmp_path / "ann.json", "-w", weights, "-o", o),
+    assert_one_sentence(run("--images", tmp_path / "img", "--coco", tmp_path / "ann.json", "-w", tiny2_weights, "-o", o),
                         "is not a COCO annotation file")
     # forms mixed or missing, bad options
-    assert_one_sentence(run("-w", weights, "-o", o), "Give images")
-    assert_one_sentence(run(tmp_path / "img", "--video", tmp_path / "img", "-w", weights, "-o", o), "one form")
-    assert_one_sentence(run("--images", tmp_path / "img", "-w", weights, "-o", o), "exactly one of --masks")
-    assert_one_sentence(run(tmp_path / "img", "--threshold", 1.5, "-w", weights, "-o", o), "--threshold")
-    assert_one_sentence(run("--video", tmp_path / "nothing", "-w", weights, "-o", o), "does not exist")
+    assert_one_sentence(run("-w", tiny2_weights, "-o", o), "Give images")
+    assert_one_sentence(run(tmp_path / "img", "--video", tmp_path / "img", "-w", tiny2_weights, "-o", o), "one form")
+    assert_one_sentence(run("--images", tmp_path / "img", "-w", tiny2_weights, "-o", o), "exactly one of --masks")
+    assert_one_sentence(run(tmp_path / "img", "--threshold", 1.5, "-w", tiny2_weights, "-o", o), "--threshold")
+    assert_one_sentence(run("--video", tmp_path / "nothing", "-w", tiny2_weights, "-o", o), "does not exist")
     # nothing was created by the refused runs
     assert not o.exists()
 
 
-def test_video_file_without_pyav_is_one_sentence(tmp_path, weights, monkeypatch):
+def test_video_file_without_pyav_is_one_sentence(tmp_path, tiny2_weights, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "av", None)  # `import av` now fails as if PyAV were not installed
     (tmp_path / "clip.mp4").write_bytes(b"\x00" * 16)
-    r = run("--video", tmp_path / "clip.mp4", "-w", weights, "-o", tmp_path / "o")
+    r = run("--video", tmp_path / "clip.mp4", "-w", tiny2_weights, "-o", tmp_path / "o")
     assert_one_sentence(r, "needs PyAV", "dinokit[video]")
     for k in range(2):
         _image(tmp_path / "frames" / f"{k}.png", seed=k)
-    r = run("--video", tmp_path / "frames", "--mp4", "-w", weights, "-o", tmp_path / "o2", "--image-size", 32)
+    r = run("--video", tmp_path / "frames", "--mp4", "-w", tiny2_weights, "-o", tmp_path / "o2", "--image-size", 32)
     assert_one_sentence(r, "needs PyAV")
 
 

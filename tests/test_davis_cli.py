@@ -51,19 +51,6 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture
-def tiny_weights(tmp_path) -> Path:
-    """A random vit_tiny/16 with 2 blocks (propagation needs no trained weights to be exercised)."""
-    import torch
-
-    import dinokit
-
-    torch.manual_seed(0)
-    path = tmp_path / "tiny2.pth"
-    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=2), path)
-    return path
-
-
 def one_sentence_error(result, *fragments):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and result.output.lstrip().startswith("Error:")
@@ -73,10 +60,10 @@ def one_sentence_error(result, *fragments):
         assert "".join(f.split()) in flat, result.output
 
 
-def test_davis_end_to_end_rerun_and_score(tmp_path, tiny_weights):
+def test_davis_end_to_end_rerun_and_score(tmp_path, tiny2_weights):
     root = make_davis(tmp_path / "DAVIS")
     out = tmp_path / "out"
-    args = ["davis", "--data", root, "--weights", tiny_weights, "--output", out, "--short-side", "64",
+    args = ["davis", "--data", root, "--weights", tiny2_weights, "--output", out, "--short-side", "64",
             "--num-workers", "0", "--batch-size", "3", "--visualize", "--quiet"]  # fmt: skip
     r = run(*args)
     assert r.exit_code == 0, r.output
@@ -110,12 +97,12 @@ def test_davis_end_to_end_rerun_and_score(tmp_path, tiny_weights):
     one_sentence_error(r, "other weights or settings", "--overwrite")
 
 
-def test_own_video_folder_and_file(tmp_path, tiny_weights):
+def test_own_video_folder_and_file(tmp_path, tiny2_weights):
     root = make_davis(tmp_path / "DAVIS", seqs=("clip",))
     frames = root / "JPEGImages" / "480p" / "clip"
     mask = root / "Annotations" / "480p" / "clip" / "00000.png"
     out = tmp_path / "mine"
-    r = run("davis", "--frames", frames, "--first-mask", mask, "--weights", tiny_weights, "--output", out,
+    r = run("davis", "--frames", frames, "--first-mask", mask, "--weights", tiny2_weights, "--output", out,
             "--short-side", "64", "--num-workers", "0", "--quiet")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert len(list((out / "clip").glob("*.png"))) == 4
@@ -131,14 +118,14 @@ def test_own_video_folder_and_file(tmp_path, tiny_weights):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    r = run("davis", "--frames", video, "--first-mask", mask, "--weights", tiny_weights, "--output",
+    r = run("davis", "--frames", video, "--first-mask", mask, "--weights", tiny2_weights, "--output",
             tmp_path / "vid", "--short-side", "64", "--num-workers", "0", "--quiet")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "vid" / "clip").glob("*.png"))) == 4
 
 
-def test_bad_davis_input(tmp_path, tiny_weights):
-    common = ["--weights", tiny_weights, "--short-side", "64", "--num-workers", "0", "--quiet"]
+def test_bad_davis_input(tmp_path, tiny2_weights):
+    common = ["--weights", tiny2_weights, "--short-side", "64", "--num-workers", "0", "--quiet"]
     root = make_davis(tmp_path / "DAVIS", n_frames=3, seqs=("a",))
     first = root / "Annotations" / "480p" / "a" / "00000.png"
     # an RGB (not indexed) first-frame mask

@@ -48,14 +48,6 @@ def _jpeg(img: Image.Image, quality: int) -> Image.Image:
 
 
 @pytest.fixture
-def tiny2_weights(tmp_path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "tiny2.pth"
-    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=2), path)
-    return path
-
-
-@pytest.fixture
 def planted(tmp_path):
     """10 distinct images in nested folders, and 3 edited copies under unrelated names."""
     root = tmp_path / "photos"

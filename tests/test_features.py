@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import run_cli
 
 import dinokit
 from dinokit.data.images import open_rgb
@@ -28,23 +28,6 @@ from dinokit.eval.features import (
 )
 
 SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "4", "--quiet"]
-
-
-@pytest.fixture
-def tiny_weights(tmp_path):
-    """A saved random vit_tiny/16 with 4 blocks (enough for the ViT-S probe's last 4 CLS tokens)."""
-    torch.manual_seed(0)
-    path = tmp_path / "tiny4.pth"
-    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=4), path)
-    return path
-
-
-def run_cli(args):
-    from dinokit.commands import app
-
-    r = CliRunner().invoke(app, args)
-    r.text = " ".join(r.output.split())
-    return r
 
 
 @pytest.fixture
@@ -120,8 +103,8 @@ def test_save_and_load_round_trip(labelled_folder, tiny_model, tmp_path):
     assert torch.equal(back.labels, fs.labels) and back.fingerprint == fs.fingerprint
 
 
-def test_embedder_cache_is_reused_only_when_fingerprint_matches(labelled_folder, tiny_weights, tmp_path):
-    spec = FeatureSpec(weights=str(tiny_weights), resize=32, crop=32, device="cpu")
+def test_embedder_cache_is_reused_only_when_fingerprint_matches(labelled_folder, tiny4_weights, tmp_path):
+    spec = FeatureSpec(weights=str(tiny4_weights), resize=32, crop=32, device="cpu")
     cache = tmp_path / "cache.pt"
     a = Embedder(spec).embed(labelled_folder / "val", cache=cache)
     assert a.fingerprint["weights"].startswith("state:")
@@ -129,24 +112,24 @@ def test_embedder_cache_is_reused_only_when_fingerprint_matches(labelled_folder,
     b = Embedder(spec).embed(labelled_folder / "val", cache=cache)
     assert cache.stat().st_mtime_ns == stamp and torch.equal(a.features, b.features)
     # other feature options: recomputed
-    spec2 = FeatureSpec(weights=str(tiny_weights), resize=32, crop=32, device="cpu", n_last_blocks=2)
+    spec2 = FeatureSpec(weights=str(tiny4_weights), resize=32, crop=32, device="cpu", n_last_blocks=2)
     c = Embedder(spec2).embed(labelled_folder / "val", cache=cache)
     assert c.dim == 2 * a.dim and cache.stat().st_mtime_ns != stamp
     with pytest.raises(DataError, match="more blocks than the model's 4"):
-        Embedder(FeatureSpec(weights=str(tiny_weights), n_last_blocks=5))
+        Embedder(FeatureSpec(weights=str(tiny4_weights), n_last_blocks=5))
     # random weights are identified by their seed
     r = Embedder(FeatureSpec(weights="random", arch="vit_tiny", seed=3), depth=1)
     assert r.fingerprint["weights"] == "random(seed=3)"
 
 
-def test_cli_features_pt_and_npy(labelled_folder, tiny_weights, tmp_path):
+def test_cli_features_pt_and_npy(labelled_folder, tiny4_weights, tmp_path):
     out = tmp_path / "f.pt"
-    r = run_cli(["features", "--weights", str(tiny_weights), "--data", str(labelled_folder / "train"),
+    r = run_cli(["features", "--weights", str(tiny4_weights), "--data", str(labelled_folder / "train"),
                  "--output", str(out), *SMALL])
     assert r.exit_code == 0, r.output
     fs = load_features(out)
     assert len(fs) == 18 and fs.classes == ["blue", "green", "red"]
-    sd = torch.load(tiny_weights, weights_only=True)
+    sd = torch.load(tiny4_weights, weights_only=True)
     assert fs.fingerprint["weights"] == "state:" + dinokit.checkpoints.state_dict_fingerprint(sd)
     # the same weights inside a training checkpoint (teacher) give the same fingerprint
     torch.save({"teacher": {"backbone." + k: v for k, v in sd.items()}, "epoch": 1}, tmp_path / "ck.pth")
@@ -155,10 +138,10 @@ def test_cli_features_pt_and_npy(labelled_folder, tiny_weights, tmp_path):
                  "--output", str(out2), *SMALL])
     assert r.exit_code == 0, r.output
     assert load_features(out2).fingerprint["weights"] == fs.fingerprint["weights"]
-    r = run_cli(["features", "--weights", str(tiny_weights), "--data", str(labelled_folder / "train"),
+    r = run_cli(["features", "--weights", str(tiny4_weights), "--data", str(labelled_folder / "train"),
                  "--output", str(out), *SMALL])
     assert r.exit_code == 2 and "already exists; pass --overwrite" in r.text
-    r = run_cli(["features", "--weights", str(tiny_weights), "--data", str(labelled_folder), "--output",
+    r = run_cli(["features", "--weights", str(tiny4_weights), "--data", str(labelled_folder), "--output",
                  str(tmp_path / "n"), "--format", "npy", "--avgpool-patch-tokens", *SMALL])
     assert r.exit_code == 0, r.output
     feats = np.load(tmp_path / "n" / "features.npy")
@@ -167,16 +150,16 @@ def test_cli_features_pt_and_npy(labelled_folder, tiny_weights, tmp_path):
     assert len((tmp_path / "n" / "paths.txt").read_text().splitlines()) == 24
 
 
-def test_knn_refuses_features_made_another_way(labelled_folder, tiny_weights, tmp_path):
+def test_knn_refuses_features_made_another_way(labelled_folder, tiny4_weights, tmp_path):
     torch.manual_seed(1)
     other = tmp_path / "other.pth"
     dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16), other)
     made = {}
     for name, w, split, extra in [
-        ("train", tiny_weights, "train", []),
-        ("val", tiny_weights, "val", []),
+        ("train", tiny4_weights, "train", []),
+        ("val", tiny4_weights, "val", []),
         ("val_other", other, "val", []),
-        ("val_2blocks", tiny_weights, "val", ["--n-last-blocks", "2"]),
+        ("val_2blocks", tiny4_weights, "val", ["--n-last-blocks", "2"]),
     ]:
         made[name] = tmp_path / f"{name}.pt"
         r = run_cli(["features", "--weights", str(w), "--data", str(labelled_folder / split), "--output",
@@ -196,11 +179,11 @@ def test_knn_refuses_features_made_another_way(labelled_folder, tiny_weights, tm
     # features checked against the weights asked for
     r = knn("val", "--weights", str(other))
     assert r.exit_code == 2 and "was made with other weights" in r.text
-    assert knn("val", "--weights", str(tiny_weights)).exit_code == 0
+    assert knn("val", "--weights", str(tiny4_weights)).exit_code == 0
     # a cache made with another transform is named briefly
     from dinokit.eval.features import check_fingerprint
 
-    emb = Embedder(FeatureSpec(weights=str(tiny_weights), device="cpu"))
+    emb = Embedder(FeatureSpec(weights=str(tiny4_weights), device="cpu"))
     with pytest.raises(DataError, match="transform resize 32/crop 32 vs resize 256/crop 224"):
         check_fingerprint(load_features(made["val"]), emb.fingerprint, "val.pt")
     # not a features file
@@ -210,12 +193,12 @@ def test_knn_refuses_features_made_another_way(labelled_folder, tiny_weights, tm
     assert r.exit_code == 2 and "not a readable features file" in r.text
 
 
-def test_features_under_torchrun_match_one_process(labelled_folder, tiny_weights, tmp_path):
+def test_features_under_torchrun_match_one_process(labelled_folder, tiny4_weights, tmp_path):
     pytest.importorskip("torch.distributed.run")
     if not torch.distributed.is_available():
         pytest.skip("no torch.distributed")
     one = tmp_path / "one.pt"
-    r = run_cli(["features", "--weights", str(tiny_weights), "--data", str(labelled_folder / "train"),
+    r = run_cli(["features", "--weights", str(tiny4_weights), "--data", str(labelled_folder / "train"),
                  "--output", str(one), "--device", "cpu", *SMALL])
     assert r.exit_code == 0, r.output
     two = tmp_path / "two.pt"
@@ -226,7 +209,7 @@ def test_features_under_torchrun_match_one_process(labelled_folder, tiny_weights
         port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "dinokit", "features", "--weights", str(tiny_weights), "--data", str(labelled_folder / "train"),
+           "-m", "dinokit", "features", "--weights", str(tiny4_weights), "--data", str(labelled_folder / "train"),
            "--output", str(two), "--device", "cpu", *SMALL]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-2000:]

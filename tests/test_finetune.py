@@ -28,15 +28,6 @@ from dinokit.train.finetune import (
 runner = CliRunner()
 
 
-@pytest.fixture
-def tiny2(tmp_path) -> Path:
-    """A saved random vit_tiny/16 backbone with 2 blocks."""
-    torch.manual_seed(0)
-    path = tmp_path / "tiny2.pth"
-    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=2), path)
-    return path
-
-
 def base_args(weights: Path, data: Path, out: Path, epochs: int = 2) -> list[str]:
     return [
         "finetune", "--weights", str(weights), "--train", str(data / "train"), "--val", str(data / "val"),
@@ -127,13 +118,13 @@ def test_schedule_head_phase_then_warmup_and_cosine(tmp_path):
 
 
 # -- exact resume --------------------------------------------------------------------------------------
-def test_resume_is_bitwise_exact(labelled_folder, tiny2, tmp_path):
+def test_resume_is_bitwise_exact(labelled_folder, tiny2_weights, tmp_path):
     extra = ["--mixup", "0.8", "--cutmix", "1.0", "--randaugment", "9", "--drop-path", "0.1",
              "--head-warmup-epochs", "1", "--layer-decay", "0.75", "--clip-grad", "1.0"]  # fmt: skip
     straight, split = tmp_path / "straight", tmp_path / "split"
-    r = invoke(base_args(tiny2, labelled_folder, straight, epochs=3) + extra)
+    r = invoke(base_args(tiny2_weights, labelled_folder, straight, epochs=3) + extra)
     assert r.exit_code == 0, r.output
-    r = invoke(base_args(tiny2, labelled_folder, split, epochs=3) + extra + ["--stop-after", "1"])
+    r = invoke(base_args(tiny2_weights, labelled_folder, split, epochs=3) + extra + ["--stop-after", "1"])
     assert r.exit_code == 0, r.output
     assert "resume" in r.output and not (split / "model.pth").exists()
     # resume with only the run-control options; the recipe comes from the checkpoint
@@ -178,10 +169,10 @@ class SignalAfter:
         pass
 
 
-def test_signal_mid_epoch_saves_and_resumes_exactly(labelled_folder, tiny2, tmp_path):
+def test_signal_mid_epoch_saves_and_resumes_exactly(labelled_folder, tiny2_weights, tmp_path):
     def cfg(out, **kw):
         return FinetuneConfig(
-            train=labelled_folder / "train", val=labelled_folder / "val", output=out, weights=str(tiny2),
+            train=labelled_folder / "train", val=labelled_folder / "val", output=out, weights=str(tiny2_weights),
             epochs=2, batch_size=4, image_size=32, num_workers=0, precision="fp32", device="cpu",
             warmup_epochs=1, lr=0.02, mixup=0.8, randaugment=5, **kw,
         )  # fmt: skip
@@ -198,7 +189,7 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(labelled_folder, tiny2, tmp_
     assert log_lines(tmp_path / "a") == log_lines(tmp_path / "b")
 
 
-def test_cli_exits_143_with_resume_hint_on_sigterm(labelled_folder, tiny2, tmp_path, monkeypatch):
+def test_cli_exits_143_with_resume_hint_on_sigterm(labelled_folder, tiny2_weights, tmp_path, monkeypatch):
     import dinokit.commands.finetune as cmd
 
     class Progress(SignalAfter):
@@ -212,16 +203,16 @@ def test_cli_exits_143_with_resume_hint_on_sigterm(labelled_folder, tiny2, tmp_p
             pass
 
     monkeypatch.setattr(cmd, "RichProgress", Progress)
-    r = runner.invoke(app, base_args(tiny2, labelled_folder, tmp_path / "run"))
+    r = runner.invoke(app, base_args(tiny2_weights, labelled_folder, tmp_path / "run"))
     assert r.exit_code == 143, r.output
     assert "SIGTERM" in r.output and "--resume" in r.output
     assert (tmp_path / "run" / "checkpoint.pth").is_file()
 
 
 # -- the run folder ------------------------------------------------------------------------------------
-def test_run_folder_outputs(labelled_folder, tiny2, tmp_path):
+def test_run_folder_outputs(labelled_folder, tiny2_weights, tmp_path):
     out = tmp_path / "run"
-    r = invoke(base_args(tiny2, labelled_folder, out, epochs=2))
+    r = invoke(base_args(tiny2_weights, labelled_folder, out, epochs=2))
     assert r.exit_code == 0, r.output
     lines = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in lines] == [1, 2]
@@ -259,9 +250,9 @@ def test_run_folder_outputs(labelled_folder, tiny2, tmp_path):
     assert (out / "best.pth").is_file()
 
 
-def test_fewer_images_than_one_batch_shrinks_the_batch(labelled_folder, tiny2, tmp_path):
+def test_fewer_images_than_one_batch_shrinks_the_batch(labelled_folder, tiny2_weights, tmp_path):
     out = tmp_path / "run"
-    args = base_args(tiny2, labelled_folder, out, epochs=1)
+    args = base_args(tiny2_weights, labelled_folder, out, epochs=1)
     args[args.index("--batch-size") + 1] = "64"
     args.remove("--quiet")
     r = invoke(args)
@@ -271,9 +262,9 @@ def test_fewer_images_than_one_batch_shrinks_the_batch(labelled_folder, tiny2, t
     assert m["global_batch_size"] == 18
 
 
-def test_val_split_is_stratified(labelled_folder, tiny2, tmp_path):
+def test_val_split_is_stratified(labelled_folder, tiny2_weights, tmp_path):
     out = tmp_path / "run"
-    args = base_args(tiny2, labelled_folder, out, epochs=1)
+    args = base_args(tiny2_weights, labelled_folder, out, epochs=1)
     i = args.index("--val")
     del args[i : i + 2]
     r = invoke(args + ["--val-split", "0.34"])
@@ -292,45 +283,45 @@ def one_error_sentence(r) -> str:
     return text
 
 
-def test_val_class_that_train_lacks(labelled_folder, tiny2, tmp_path):
+def test_val_class_that_train_lacks(labelled_folder, tiny2_weights, tmp_path):
     make_image(labelled_folder / "val" / "purple" / "0.png")
-    r = invoke(base_args(tiny2, labelled_folder, tmp_path / "run"))
+    r = invoke(base_args(tiny2_weights, labelled_folder, tmp_path / "run"))
     assert "classes the training set lacks: purple" in one_error_sentence(r)
 
 
-def test_single_class(tmp_path, tiny2):
+def test_single_class(tmp_path, tiny2_weights):
     for i in range(3):
         make_image(tmp_path / "one" / "train" / "cat" / f"{i}.png", seed=i)
         make_image(tmp_path / "one" / "val" / "cat" / f"{i}.png", seed=10 + i)
-    r = invoke(base_args(tiny2, tmp_path / "one", tmp_path / "run"))
+    r = invoke(base_args(tiny2_weights, tmp_path / "one", tmp_path / "run"))
     assert "single class (cat)" in one_error_sentence(r)
 
 
-def test_changed_recipe_on_resume_is_refused(labelled_folder, tiny2, tmp_path):
+def test_changed_recipe_on_resume_is_refused(labelled_folder, tiny2_weights, tmp_path):
     out = tmp_path / "run"
-    assert invoke(base_args(tiny2, labelled_folder, out) + ["--stop-after", "1"]).exit_code == 0
+    assert invoke(base_args(tiny2_weights, labelled_folder, out) + ["--stop-after", "1"]).exit_code == 0
     r = invoke(["finetune", "--output", str(out), "--resume", "--lr", "0.1"])
     assert "--lr 0.1 differs from the resumed run's 0.02" in one_error_sentence(r)
 
 
-def test_resume_without_checkpoint_and_existing_output(labelled_folder, tiny2, tmp_path):
+def test_resume_without_checkpoint_and_existing_output(labelled_folder, tiny2_weights, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "something.txt").write_text("x")
-    r = invoke(base_args(tiny2, labelled_folder, out))
+    r = invoke(base_args(tiny2_weights, labelled_folder, out))
     assert "already holds results" in one_error_sentence(r)
     r = invoke(["finetune", "--output", str(out), "--resume"])
     assert "holds no checkpoint.pth" in one_error_sentence(r)
 
 
-def test_val_and_val_split_together(labelled_folder, tiny2, tmp_path):
-    r = invoke(base_args(tiny2, labelled_folder, tmp_path / "run") + ["--val-split", "0.2"])
+def test_val_and_val_split_together(labelled_folder, tiny2_weights, tmp_path):
+    r = invoke(base_args(tiny2_weights, labelled_folder, tmp_path / "run") + ["--val-split", "0.2"])
     assert "either --val or --val-split" in one_error_sentence(r)
 
 
 # -- torchrun ------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_two_processes_match_one(labelled_folder, tiny2, tmp_path):
+def test_two_processes_match_one(labelled_folder, tiny2_weights, tmp_path):
     """2 processes x batch 2 see the same global batches as 1 process x batch 4 (the order is cut into
     global batches first), so without drop path or mixup they train to the same weights (up to the
     order of float sums); the head-only epoch checks the head's gradient averaging."""
@@ -338,10 +329,10 @@ def test_two_processes_match_one(labelled_folder, tiny2, tmp_path):
     import sys
 
     common = ["--drop-path", "0", "--head-warmup-epochs", "1", "--epochs", "2"]
-    one = base_args(tiny2, labelled_folder, tmp_path / "one") + common
+    one = base_args(tiny2_weights, labelled_folder, tmp_path / "one") + common
     r = invoke(one)
     assert r.exit_code == 0, r.output
-    two = base_args(tiny2, labelled_folder, tmp_path / "two") + common
+    two = base_args(tiny2_weights, labelled_folder, tmp_path / "two") + common
     two[two.index("--batch-size") + 1] = "2"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -377,10 +368,10 @@ def test_starts_from_a_pretrain_checkpoint_teacher(labelled_folder, tmp_path):
     assert not torch.equal(saved["head"]["weight"], torch.zeros_like(saved["head"]["weight"]))
 
 
-def test_overwrite_starts_a_clean_run(labelled_folder, tiny2, tmp_path):
+def test_overwrite_starts_a_clean_run(labelled_folder, tiny2_weights, tmp_path):
     out = tmp_path / "run"
-    assert invoke(base_args(tiny2, labelled_folder, out, epochs=2)).exit_code == 0
-    r = invoke(base_args(tiny2, labelled_folder, out, epochs=1) + ["--overwrite", "--stop-after", "1"])
+    assert invoke(base_args(tiny2_weights, labelled_folder, out, epochs=2)).exit_code == 0
+    r = invoke(base_args(tiny2_weights, labelled_folder, out, epochs=1) + ["--overwrite", "--stop-after", "1"])
     assert r.exit_code == 0, r.output
     assert [h["epoch"] for h in log_lines(out)] == [1]
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1

@@ -12,20 +12,10 @@ import textwrap
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import run_cli
 
-import dinokit
 from dinokit.errors import DataError
 from dinokit.eval.knn import knn_classify, knn_predict
-
-
-@pytest.fixture
-def tiny_weights(tmp_path):
-    """A saved random vit_tiny/16 with 4 blocks (enough for the ViT-S probe's last 4 CLS tokens)."""
-    torch.manual_seed(0)
-    path = tmp_path / "tiny4.pth"
-    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=4), path)
-    return path
 
 
 def brute_force_knn(train, train_labels, test, test_labels, ks, T=0.07, num_classes=None):
@@ -171,17 +161,9 @@ def test_memory_of_a_50k_bank_with_10k_queries_stays_under_2gb():
 SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "8", "--quiet"]
 
 
-def run_cli(args):
-    from dinokit.commands import app
-
-    r = CliRunner().invoke(app, args)
-    r.text = " ".join(r.output.split())  # rich wraps long messages
-    return r
-
-
-def test_cli_knn_writes_metrics_and_reuses_cached_features(labelled_folder, tiny_weights, tmp_path):
+def test_cli_knn_writes_metrics_and_reuses_cached_features(labelled_folder, tiny4_weights, tmp_path):
     out = tmp_path / "knn"
-    args = ["knn", "--weights", str(tiny_weights), "--train", str(labelled_folder / "train"),
+    args = ["knn", "--weights", str(tiny4_weights), "--train", str(labelled_folder / "train"),
             "--val", str(labelled_folder / "val"), "--k", "1,5,20", "--output", str(out), *SMALL]
     r = run_cli(args)
     assert r.exit_code == 0, r.output
@@ -213,13 +195,13 @@ def test_cli_knn_writes_metrics_and_reuses_cached_features(labelled_folder, tiny
     assert m2["knn"]["5"] == m["knn"]["5"]
 
 
-def test_cli_knn_one_test_image(labelled_folder, tiny_weights, tmp_path):
+def test_cli_knn_one_test_image(labelled_folder, tiny4_weights, tmp_path):
     import shutil
 
     val = tmp_path / "val1"
     (val / "green").mkdir(parents=True)
     shutil.copy(labelled_folder / "val" / "green" / "0.png", val / "green" / "0.png")
-    r = run_cli(["knn", "--weights", str(tiny_weights), "--train", str(labelled_folder / "train"), "--val", str(val),
+    r = run_cli(["knn", "--weights", str(tiny4_weights), "--train", str(labelled_folder / "train"), "--val", str(val),
                  "--output", str(tmp_path / "o"), *SMALL])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
@@ -228,10 +210,10 @@ def test_cli_knn_one_test_image(labelled_folder, tiny_weights, tmp_path):
     assert m["config"]["k_used"] == {"10": 10, "20": 18, "100": 18, "200": 18}
 
 
-def test_cli_knn_bad_input(labelled_folder, tiny_weights, tmp_path):
+def test_cli_knn_bad_input(labelled_folder, tiny4_weights, tmp_path):
     import shutil
 
-    base = ["knn", "--weights", str(tiny_weights), *SMALL]
+    base = ["knn", "--weights", str(tiny4_weights), *SMALL]
     # a val class the training set lacks
     val = tmp_path / "val_extra"
     shutil.copytree(labelled_folder / "val", val)

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import run_cli
 
 import dinokit
 from dinokit.eval.features import FeatureSet, load_features, save_features
@@ -23,23 +23,6 @@ from dinokit.eval.linear import (
 )
 
 SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "6", "--quiet"]
-
-
-@pytest.fixture
-def tiny_weights(tmp_path):
-    """A saved random vit_tiny/16 with 4 blocks (enough for the ViT-S probe's last 4 CLS tokens)."""
-    torch.manual_seed(0)
-    path = tmp_path / "tiny4.pth"
-    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=4), path)
-    return path
-
-
-def run_cli(args):
-    from dinokit.commands import app
-
-    r = CliRunner().invoke(app, args)
-    r.text = " ".join(r.output.split())
-    return r
 
 
 def clusters(n_per_class, classes, dim, seed, spread=0.3):
@@ -133,9 +116,9 @@ def test_logistic_probe():
     assert res["top1"] < 30 and res["top5"] < 80
 
 
-def test_cli_images_path_checkpoint_and_evaluate(labelled_folder, tiny_weights, tmp_path):
+def test_cli_images_path_checkpoint_and_evaluate(labelled_folder, tiny4_weights, tmp_path):
     out = tmp_path / "lin"
-    args = ["linear", "--weights", str(tiny_weights), "--train", str(labelled_folder / "train"), "--val",
+    args = ["linear", "--weights", str(tiny4_weights), "--train", str(labelled_folder / "train"), "--val",
             str(labelled_folder / "val"), "--output", str(out), "--epochs", "2", "--lr", "0.5", *SMALL]
     r = run_cli(args)
     assert r.exit_code == 0, r.output
@@ -144,7 +127,7 @@ def test_cli_images_path_checkpoint_and_evaluate(labelled_folder, tiny_weights, 
     assert m["config"]["n_last_blocks"] == 4 and m["config"]["feature_dim"] == 4 * 192  # ViT-T like ViT-S
     assert m["config"]["mode"] == "images"
     # the saved probe, validated with --evaluate, gives the final epoch's accuracy
-    r = run_cli(["linear", "--weights", str(tiny_weights), "--val", str(labelled_folder / "val"), "--evaluate",
+    r = run_cli(["linear", "--weights", str(tiny4_weights), "--val", str(labelled_folder / "val"), "--evaluate",
                  "--linear-weights", str(out / "checkpoint.pth"), "--output", str(tmp_path / "ev"), *SMALL])
     assert r.exit_code == 0, r.output
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -160,12 +143,12 @@ def test_cli_images_path_checkpoint_and_evaluate(labelled_folder, tiny_weights, 
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
 
 
-def test_cli_evaluate_released_head_format(labelled_folder, tiny_weights, tmp_path):
+def test_cli_evaluate_released_head_format(labelled_folder, tiny4_weights, tmp_path):
     """A head in the released layout ({'state_dict': {'module.linear.*'}}) against a hand computation."""
     torch.manual_seed(0)
     w, b = torch.randn(3, 384), torch.randn(3)
     torch.save({"state_dict": {"module.linear.weight": w, "module.linear.bias": b}}, tmp_path / "x_linearweights.pth")
-    r = run_cli(["linear", "--weights", str(tiny_weights), "--val", str(labelled_folder / "val"), "--evaluate",
+    r = run_cli(["linear", "--weights", str(tiny4_weights), "--val", str(labelled_folder / "val"), "--evaluate",
                  "--linear-weights", str(tmp_path / "x_linearweights.pth"), "--n-last-blocks", "1",
                  "--avgpool-patch-tokens", "--output", str(tmp_path / "ev"), *SMALL])
     assert r.exit_code == 0, r.output
@@ -176,13 +159,13 @@ def test_cli_evaluate_released_head_format(labelled_folder, tiny_weights, tmp_pa
     want = (pred == val.labels).float().mean().item() * 100
     assert m["linear"]["final"]["top1"] == pytest.approx(want)
     # the wrong feature size: one sentence
-    r = run_cli(["linear", "--weights", str(tiny_weights), "--val", str(labelled_folder / "val"), "--evaluate",
+    r = run_cli(["linear", "--weights", str(tiny4_weights), "--val", str(labelled_folder / "val"), "--evaluate",
                  "--linear-weights", str(tmp_path / "x_linearweights.pth"), "--output", str(tmp_path / "ev2"), *SMALL])
     assert r.exit_code == 2 and "takes 384-d features" in r.text and "768-d" in r.text
 
 
-def test_cli_bad_input(labelled_folder, tiny_weights, tmp_path, feature_files):
-    base = ["linear", "--weights", str(tiny_weights), "--epochs", "1", *SMALL]
+def test_cli_bad_input(labelled_folder, tiny4_weights, tmp_path, feature_files):
+    base = ["linear", "--weights", str(tiny4_weights), "--epochs", "1", *SMALL]
     val = tmp_path / "v"
     shutil.copytree(labelled_folder / "val", val)
     shutil.copytree(labelled_folder / "val" / "red", val / "purple")

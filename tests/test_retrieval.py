@@ -179,14 +179,6 @@ def mini_oxford(tmp_path) -> Path:
     return root
 
 
-@pytest.fixture
-def tiny2_weights(tmp_path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "tiny2.pth"
-    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=2), path)
-    return path
-
-
 def _independent(weights, root, imsize, multiscale=False):
     from torchvision import transforms as T
 
