@@ -40,16 +40,6 @@ WHY_NOT = {
     "jaccard": "after minutes of DINO the heads of a tiny ViT specialise on the classes' colour and pattern "
     "cues rather than on whole objects; the paper's gain (0.22 at random init to 0.46) comes from 100+ epochs on "
     "ImageNet",
-    "davis": ("0.618", "DAVIS 2017 val, ViT-S/16"),
-    "copydays": ("0.817", "Copydays strong, ViT-B/16 at 224"),
-}
-
-#: why a metric can fail to separate trained from random weights on the built-in data
-WHY_NOT = {
-    "knn": "the pretraining budget is minutes on a CPU instead of days on GPUs; raise --minutes",
-    "linear": "a linear probe on few images can fit random features almost as well; raise --minutes",
-    "jaccard": "the synthetic objects differ from their backgrounds in colour and texture, so even "
-    "random attention (which follows pixel statistics) covers them; pretraining for longer separates them",
     "davis": "the synthetic objects differ from their backgrounds in colour, so patch features of random "
     "weights already match them frame to frame; label propagation mostly needs local appearance here",
     "copydays": "the built-in copies are close to their originals in pixel space, which random features "
