@@ -397,6 +397,17 @@ def pattern_map(rng: np.random.Generator, kind: str, period: float, size: int) -
     return (du * du + dv * dv < (period * 0.35) ** 2).astype(np.float32)
 
 
+def _place_shape(rng: np.random.Generator, shape: str, size: int, min_scale: float) -> tuple[np.ndarray, float]:
+    """``shape`` at a random scale (radius min_scale..0.44 of the image), position and rotation, kept
+    inside the image: (mask bool (size, size), radius)."""
+    radius = size * rng.uniform(min_scale, 0.44)
+    margin = radius * 0.75
+    cx = rng.uniform(margin, size - margin)
+    cy = rng.uniform(margin, size - margin)
+    parts = place_parts(shape_parts(shape), cx, cy, radius, rng.uniform(0, 2 * np.pi))
+    return rasterize(parts, size, size), radius
+
+
 def draw_simple_image(
     rng: np.random.Generator,
     shape: str,
@@ -421,12 +432,7 @@ def draw_simple_image(
     noise = (smooth_noise(rng, size, size, cells=int(rng.integers(2, 5))) - 0.5) * rng.uniform(0, 30)
     canvas = bg[None, None, :] + (grad + noise)[..., None]
 
-    radius = size * rng.uniform(0.25, 0.44)
-    margin = radius * 0.75
-    cx = rng.uniform(margin, size - margin)
-    cy = rng.uniform(margin, size - margin)
-    parts = place_parts(shape_parts(shape), cx, cy, radius, rng.uniform(0, 2 * np.pi))
-    mask = rasterize(parts, size, size)
+    mask, radius = _place_shape(rng, shape, size, min_scale=0.25)
     for _ in range(20):  # an object colour that stands out from the background
         if hue is not None:
             colour = _hsv_colour((hue + rng.normal(0, 0.03)) % 1.0, rng.uniform(0.5, 1.0), rng.uniform(0.35, 1.0))
@@ -470,12 +476,7 @@ def draw_classify_image(
         parts = random_blob(rng, rng.uniform(0, size), rng.uniform(0, size), size * rng.uniform(0.06, 0.18))
         paste(canvas, rasterize(parts, size, size), random_texture(rng, size, size))
 
-    radius = size * rng.uniform(0.22, 0.44)
-    margin = radius * 0.75
-    cx = rng.uniform(margin, size - margin)
-    cy = rng.uniform(margin, size - margin)
-    parts = place_parts(shape_parts(shape), cx, cy, radius, rng.uniform(0, 2 * np.pi))
-    mask = rasterize(parts, size, size)
+    mask, radius = _place_shape(rng, shape, size, min_scale=0.22)
     texture = random_texture(rng, size, size, scale=max(2.5, radius * rng.uniform(0.2, 0.6)))
     if object_colour is not None:
         texture[:] = np.asarray(object_colour, np.float32)
