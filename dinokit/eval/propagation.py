@@ -91,9 +91,8 @@ class WindowGeometry:
     tile_w: int
     n_tiles_h: int
     n_tiles_w: int
-    valid: torch.Tensor  #: (hw, W2) bool: the window entry lies inside the frame
     neighbour: torch.Tensor  #: (hw, W2) int64: flat index of the window entry (clamped when outside)
-    outside: torch.Tensor  #: (hw, 1, W2) bool: ~valid, shaped for the (hw, F, W2) similarities
+    outside: torch.Tensor  #: (hw, 1, W2) bool: the window entry lies outside the frame
     rows: torch.Tensor  #: (hw,) int64: the row of each grid cell (row-major) in the tile-ordered similarities
     cells: torch.Tensor  #: (n_rows,) int64: the grid cell of each tile-ordered row, -1 past the grid
 
@@ -136,7 +135,7 @@ def _geometry_cpu(h: int, w: int, radius: int, tile_h: int, tile_w: int) -> Wind
     cells = torch.full((ntw * nth * th * tw,), -1, dtype=torch.int64)
     cells[rows] = torch.arange(h * w)
     return WindowGeometry(
-        h, w, r, th, tw, nth, ntw, valid, neighbour, (~valid).unsqueeze(1), rows, cells
+        h, w, r, th, tw, nth, ntw, neighbour, (~valid).unsqueeze(1), rows, cells
     )
 
 
@@ -157,7 +156,7 @@ def window_geometry(
             _DEVICE_GEOMETRY.clear()
         _DEVICE_GEOMETRY[key] = WindowGeometry(
             g.h, g.w, g.radius, g.tile_h, g.tile_w, g.n_tiles_h, g.n_tiles_w,
-            g.valid.to(device), g.neighbour.to(device), g.outside.to(device),
+            g.neighbour.to(device), g.outside.to(device),
             g.rows.to(device), g.cells.to(device),
         )  # fmt: skip
     return _DEVICE_GEOMETRY[key]
@@ -385,11 +384,15 @@ class LabelPropagator:
         dt = self.config.similarity_dtype
         return 1.0 if dt is not None and torch.finfo(dt).bits < 32 else 0.0
 
+    def _unit(self, features: torch.Tensor, sign: float) -> torch.Tensor:
+        """L2-normalised features with the offset entry (+1 for keys, -1 for queries), in the
+        similarity dtype."""
+        unit = offset_features(F.normalize(features.float(), dim=-1), sign * self._offset)
+        dt = self.config.similarity_dtype
+        return unit if dt is None else unit.to(dt)
+
     def _pad(self, features: torch.Tensor) -> torch.Tensor:
-        unit = offset_features(F.normalize(features.float(), dim=-1), self._offset)
-        if self.config.similarity_dtype is not None:
-            unit = unit.to(self.config.similarity_dtype)  # before the strips: they repeat 2r columns
-        keys = key_strips(unit, self.geom)
+        keys = key_strips(self._unit(features, 1.0), self.geom)  # cast first: the strips repeat 2r columns
         if self._offset:
             keys[..., -1] = 1.0  # the padding too: its product is then 0 - offset, a cosine of 0
         return keys
@@ -409,9 +412,7 @@ class LabelPropagator:
         if self.geom is None:
             raise RuntimeError("call start() first")
         g = self.geom
-        query = offset_features(F.normalize(features.float(), dim=-1), -self._offset)
-        if self.config.similarity_dtype is not None:
-            query = query.to(self.config.similarity_dtype)
+        query = self._unit(features, -1.0)
         keys = [self._keys0] + [k for k, _ in self._queue]
         w, idx = window_topk(
             query, keys, g, self.config.topk, self.config.temperature, workspace=self._workspace, offset=self._offset,
