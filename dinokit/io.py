@@ -30,7 +30,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -47,6 +47,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+#: read once: setting and restoring the process-wide umask per file races with other threads (the
+#: PNG writers), which could leave it at 0 and create world-writable files and folders
+_UMASK = _umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
