@@ -159,11 +159,7 @@ def random_colour(rng: np.random.Generator) -> np.ndarray:
     h = rng.random()
     s = rng.uniform(0.25, 1.0)
     v = rng.uniform(0.2, 1.0)
-    i = int(h * 6) % 6
-    f = h * 6 - int(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
-    return np.asarray(rgb) * 255.0
+    return _hsv_colour(h, s, v)
 
 
 def smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int, channels: int = 1) -> np.ndarray:
