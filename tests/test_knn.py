@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import subprocess
 import sys
@@ -99,13 +98,8 @@ def test_fewer_than_five_classes_and_k_beyond_training_set(caplog):
     train_labels = torch.tensor([0, 0, 1, 1, 2, 2])
     test = torch.randn(3, 4, generator=g)
     test_labels = torch.tensor([0, 1, 2])
-    logger = logging.getLogger("dinokit")  # the CLI's set-up may stop it propagating to caplog's root handler
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level("WARNING", logger="dinokit"):
-            got = knn_classify(train, train_labels, test, test_labels, ks=(2, 200))
-    finally:
-        logger.removeHandler(caplog.handler)
+    with caplog.at_level("WARNING", logger="dinokit"):  # conftest keeps the logger propagating
+        got = knn_classify(train, train_labels, test, test_labels, ks=(2, 200))
     assert "larger than the training set" in caplog.text
     assert set(got) == {2, 200}
     # with 3 classes "top-5" is top-3: every true class is among them
