@@ -324,9 +324,9 @@ class DescriptorEmbedder:
         progress: Progress = NULL_PROGRESS,
     ):
         from ..data.transforms import describe_transform
+        from ..runtime import inference_model
         from .features import feature_fingerprint
 
-        self.model = model
         self.transform = transform
         self.feature_fn = feature_fn
         self.device = device
@@ -341,6 +341,8 @@ class DescriptorEmbedder:
         fp["descriptor"] = descriptor
         fp["transform"] = describe_transform(transform)
         self.fingerprint = fp
+        # bf16: cast one copy here (after the fingerprint, which hashes the fp32 weights), not per call
+        self.model, _ = inference_model(model.to(device).eval(), dtype)
 
     def _key(self, paths: Sequence[Path], extra: str = "") -> str:
         h = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True, default=str).encode())

@@ -282,13 +282,15 @@ def compute_features(
     seed: int | None = None,
     progress: Progress = NULL_PROGRESS,
     description: str = "features",
+    fingerprint: dict[str, Any] | None = None,
 ) -> FeatureSet:
     """Embed a folder of images (labelled or not) with ``model``; the library form of ``dinokit features``.
 
     ``transform`` defaults to the evaluation transform (Resize 256 bicubic, CenterCrop 224,
     normalise). Unreadable images are skipped with a warning. Under torchrun each rank embeds a
     shard and every rank gets all rows. ``weights`` (what ``model`` was loaded from) goes into the
-    fingerprint; without it the fingerprint hashes the model's state dict.
+    fingerprint; without it the fingerprint hashes the model's state dict. ``fingerprint``: one the
+    caller made already (as :class:`Embedder` does), used as it is.
     """
     from ..data.images import ImageDataset
     from ..data.transforms import eval_transform
@@ -308,6 +310,8 @@ def compute_features(
     labels = None
     if images.labels is not None:
         labels = torch.tensor(images.labels, dtype=torch.long)[kept]
+    if fingerprint is not None:
+        return FeatureSet(feats[kept].contiguous(), labels, list(images.classes), paths, dict(fingerprint))
     fp = feature_fingerprint(
         model,
         weights if weights is not None else getattr(model, "weights_source", "model"),
@@ -512,7 +516,7 @@ class Embedder:
     def __init__(self, spec: FeatureSpec, model: nn.Module | None = None, **model_kwargs):
         from ..checkpoints import load_backbone
         from ..data.transforms import eval_transform
-        from ..runtime import resolve_device, resolve_precision, seed_everything
+        from ..runtime import inference_model, resolve_device, resolve_precision, seed_everything
 
         self.spec = spec
         self.device = resolve_device(spec.device)
@@ -523,7 +527,6 @@ class Embedder:
         depth = getattr(model, "depth", None)
         if depth is not None and spec.n_last_blocks > depth:
             raise DataError(f"--n-last-blocks {spec.n_last_blocks} asks for more blocks than the model's {depth}.")
-        self.model = model
         self.transform = eval_transform(spec.resize, spec.crop)
         self.fingerprint = feature_fingerprint(
             model,
@@ -535,6 +538,8 @@ class Embedder:
             spec.seed,
             self.dtype,
         )
+        # bf16: cast one copy here (after the fingerprint, which hashes the fp32 weights), not per call
+        self.model, _ = inference_model(model.to(self.device).eval(), self.dtype)
 
     def embed(
         self,
@@ -576,8 +581,8 @@ class Embedder:
             seed=self.spec.seed,
             progress=progress,
             description=description,
+            fingerprint=expected,
         )
-        fs.fingerprint = expected
         if cache is not None and dist_env().is_main:
             save_features(fs, cache, overwrite=True)
         return fs
