@@ -23,6 +23,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch import nn
 from .errors import CheckpointError, DinokitError
 from .io import torch_save_atomic
 from .models.registry import VIT_SHAPES, build_backbone, canonical_arch
+from .runtime import RuntimeOptions, inference_model, resolve_device, resolve_precision, seed_everything
 
 log = logging.getLogger("dinokit")
 
@@ -372,6 +374,55 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> tuple[str, int | None, dict]:
 
 def describe(arch: str, patch: int | None) -> str:
     return arch if patch is None else f"{arch} with patch size {patch}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The backbone every command uses: one definition of its options, one function that makes it
+# ---------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class BackboneOptions:
+    """Which backbone a command runs: the weight fields every config shares (one definition).
+
+    ``weights`` is a file, a preset name or ``"random"``; arch and patch size are inferred from the
+    weights when None and checked against them when given.
+    """
+
+    weights: str | None = None
+    arch: str | None = None
+    patch_size: int | None = None
+    checkpoint_key: str = "teacher"  #: which weights of a training checkpoint: teacher or student
+    model_kwargs: dict = field(default_factory=dict)  #: extra constructor arguments (tiny test models)
+
+
+@dataclass
+class PreparedBackbone:
+    """A loaded backbone in fp32 on its device, in eval mode, with the compute precision to use."""
+
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype | None  #: the precision resolved for the command (None = fp32)
+
+    def for_inference(self) -> tuple[nn.Module, torch.dtype | None]:
+        """The model to run frozen: a copy cast once to bf16/fp16 where asked (see
+        :func:`dinokit.runtime.inference_model`), else the fp32 model."""
+        return inference_model(self.model, self.dtype)
+
+
+def prepare_backbone(cfg: BackboneOptions, runtime: RuntimeOptions | None = None, *, training: bool = False,
+                     missing: str | None = None) -> PreparedBackbone:
+    """Seed, load and place the backbone of ``cfg`` (a config with both option sets, or two objects).
+
+    The seed is set before loading so that ``--weights random`` gives the same network for the
+    same ``--seed`` in every command. ``missing`` is the sentence raised when ``cfg.weights`` is None.
+    """
+    runtime = cfg if runtime is None else runtime
+    if cfg.weights is None:
+        raise CheckpointError(missing or "Give --weights: a checkpoint file, a preset name or 'random'.")
+    device = resolve_device(runtime.device)
+    dtype = resolve_precision(runtime.precision, device, training=training)
+    seed_everything(runtime.seed)
+    model = load_backbone(cfg.weights, cfg.arch, cfg.patch_size, cfg.checkpoint_key, **cfg.model_kwargs)
+    return PreparedBackbone(model.to(device).eval(), device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Device, precision, seeding and the torchrun / DistributedDataParallel set-up.
+"""Device, precision, seeding, RNG state, the graceful stop and the torchrun / DDP set-up.
 
 The torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK) is read once; the same command line runs
 as one process with no launcher, or as many under ``torchrun`` (gloo on CPU, nccl on CUDA).
@@ -10,7 +10,9 @@ import contextlib
 import functools
 import os
 import random
+import signal
 from dataclasses import dataclass
+from types import FrameType
 
 import numpy as np
 import torch
@@ -19,6 +21,21 @@ from .errors import DinokitError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(kw_only=True)
+class RuntimeOptions:
+    """Where and how a command runs: the runtime fields every config shares (one definition).
+
+    Configs inherit these fields and override a default where their protocol needs another
+    (``batch_size`` differs between commands); the fields stay flat in ``metrics.json``.
+    """
+
+    device: str = "auto"  #: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    precision: str = "auto"  #: auto, fp32, bf16 or fp16 (see :func:`resolve_precision`)
+    batch_size: int = 64  #: images per batch, per process
+    num_workers: int = 0  #: data-loading worker processes
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -293,3 +310,75 @@ def describe_runtime() -> dict:
     env = dist_env()
     info["torchrun"] = {"rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank}
     return info
+
+
+# -- RNG state in checkpoints, and stopping cleanly on SIGINT/SIGTERM ------------------------------
+def get_rng_state() -> dict:
+    """Python, numpy and torch RNG states in a form ``torch.load(weights_only=True)`` reads back."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class GracefulStop:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps.
+
+    Use as a context manager; ``stop.requested`` becomes true and ``stop.signum`` holds the signal.
+    A second signal of the same kind falls back to the default behaviour (immediate exit).
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+        self.signals = signals
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or 0)
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> GracefulStop:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from ..progress import NULL_PROGRESS, Progress
+from .metrics import percent, ranked_hits
 
 log = logging.getLogger("dinokit")
 
@@ -139,12 +140,8 @@ def accuracy_from_ranked(ranked: torch.Tensor, targets: torch.Tensor) -> tuple[f
     """(top-1, top-5) in percent from ranked class lists; top-5 with fewer than 5 classes is top-C."""
     if len(targets) == 0:
         return float("nan"), float("nan")
-    targets = targets.to(ranked.device).long()
-    hit = ranked == targets[:, None]
-    n = len(targets)
-    top1 = int(hit[:, 0].sum()) * 100.0 / n
-    top5 = int(hit[:, :5].any(dim=1).sum()) * 100.0 / n
-    return top1, top5
+    top1, top5 = ranked_hits(ranked, targets)
+    return percent(top1, len(targets)), percent(top5, len(targets))
 
 
 def knn_classify(

@@ -28,6 +28,8 @@ from torch import nn
 
 from ..errors import CheckpointError, DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
+from ..runtime import get_rng_state, set_rng_state
+from .metrics import topk_correct
 
 log = logging.getLogger("dinokit")
 
@@ -41,14 +43,6 @@ def default_feature_options(arch: str) -> tuple[int, bool]:
     if arch in ("vit_small", "vit_tiny"):
         return 4, False
     return 1, False
-
-
-def topk_correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
-    """Counts of correct top-1 and top-5 (top-C when there are fewer than 5 classes)."""
-    k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    hit = top == targets[:, None]
-    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
 
 
 @dataclass
@@ -175,18 +169,6 @@ def _load_backbone(cfg: LinearConfig):
     return load_backbone(cfg.weights, cfg.arch, cfg.patch_size, cfg.checkpoint_key)
 
 
-def _rng_state() -> dict:
-    from ..train.common import get_rng_state
-
-    return get_rng_state()
-
-
-def _set_rng_state(state: dict) -> None:
-    from ..train.common import set_rng_state
-
-    set_rng_state(state)
-
-
 def _head_state(probe: nn.Module) -> dict[str, torch.Tensor]:
     m = probe.module if hasattr(probe, "module") else probe
     return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
@@ -247,7 +229,7 @@ class _ProbeRun:
         self.last = dict(ck.get("last", {}))
         self.history = list(ck.get("history", []))
         if "rng" in ck:
-            _set_rng_state(ck["rng"])
+            set_rng_state(ck["rng"])
         progress.log(f"resuming from epoch {self.start_epoch} of {self.cfg.epochs}")
 
     def end_epoch(self, epoch: int, loss: float, scores: dict | None, is_main: bool) -> None:
@@ -277,7 +259,7 @@ class _ProbeRun:
                 "last": self.last,
                 "history": self.history,
                 "identity": self.identity,
-                "rng": _rng_state(),
+                "rng": get_rng_state(),
             },
             self.out / CHECKPOINT_NAME,
         )

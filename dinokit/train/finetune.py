@@ -45,6 +45,7 @@ from ..io import append_jsonl, atomic_write_text, prepare_output_dir, to_json, w
 from ..models.registry import backbone_arch, build_backbone, is_vit
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import (
+    GracefulStop,
     all_reduce_mean,
     autocast,
     barrier,
@@ -56,7 +57,7 @@ from ..runtime import (
     resolve_precision,
 )
 from .augment import BatchMixer, eval_transform, resize_for, soft_cross_entropy, train_transform
-from .common import GracefulStop, cosine_scheduler
+from .schedules import cosine_scheduler
 
 log = logging.getLogger("dinokit")
 

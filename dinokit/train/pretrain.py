@@ -35,9 +35,11 @@ from ..models.head import DINOHead, MultiCropWrapper
 from ..models.registry import build_backbone, canonical_arch
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import (
+    GracefulStop,
     autocast,
     barrier,
     cleanup_distributed,
+    get_rng_state,
     init_distributed,
     is_dist,
     loader_workers,
@@ -45,8 +47,8 @@ from ..runtime import (
     resolve_device,
     resolve_precision,
     seed_everything,
+    set_rng_state,
 )
-from .common import GracefulStop, get_rng_state, set_rng_state
 from .loss import DINOLoss
 from .optim import (
     OPTIMIZERS,

@@ -4,14 +4,36 @@ used at global iteration k, so a resumed run follows the uninterrupted one exact
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .common import cosine_scheduler
 from .loss import teacher_temperature_schedule
 
 __all__ = ["DINOSchedules", "build_schedules", "cosine_scheduler", "scaled_lr", "teacher_temperature_schedule"]
+
+
+def cosine_scheduler(
+    base_value: float,
+    final_value: float,
+    epochs: int,
+    niter_per_ep: int,
+    warmup_epochs: float = 0,
+    start_warmup_value: float = 0.0,
+) -> np.ndarray:
+    """Per-iteration values: ``linspace(start, base, W*I)`` (endpoints included), then for
+    i = 0 .. E*I - W*I - 1: ``final + 0.5 (base - final)(1 + cos(pi i / (E*I - W*I)))``
+    (DINO spec, "Schedules"; value k is used at global iteration k)."""
+    total = int(epochs * niter_per_ep)
+    warmup_iters = int(warmup_epochs * niter_per_ep)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    rest = total - warmup_iters
+    iters = np.arange(rest)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(math.pi * iters / max(rest, 1)))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == total
+    return schedule
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
