@@ -6,9 +6,10 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -181,3 +182,17 @@ def collate_skip_none(batch):
     if not kept:
         return None, skipped
     return torch.utils.data.default_collate(kept), skipped
+
+
+def readable_batches(loader: Iterable, task: Any = None) -> Iterator[tuple]:
+    """The ``(x, labels, indices)`` batches of a loader built with :func:`collate_skip_none`, without
+    the batches in which every image was unreadable. ``task`` (a progress task) advances by every
+    image of the loader, read or skipped, once its batch has been used."""
+    for batch, skipped in loader:
+        if batch is None:
+            if task is not None:
+                task.advance(skipped)
+            continue
+        yield batch
+        if task is not None:
+            task.advance(len(batch[2]) + skipped)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.images import collate_skip_none
+from ..data.images import collate_skip_none, readable_batches
 from ..errors import DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import autocast, dist_env, inference_model, is_dist
@@ -95,11 +95,7 @@ def extract_features(
     feats: torch.Tensor | None = None
     kept = torch.zeros(n, dtype=torch.bool)
     task = progress.task(description, total=len(indices))
-    for batch, skipped in loader:
-        if batch is None:
-            task.advance(skipped)
-            continue
-        images, _, idx = batch
+    for images, _, idx in readable_batches(loader, task):
         with autocast(device, dtype):
             out = feature_fn(model, images.to(device, non_blocking=True))
         out = out.float().cpu()
@@ -107,7 +103,6 @@ def extract_features(
             feats = torch.zeros(n, out.shape[1])
         feats[idx] = out
         kept[idx] = True
-        task.advance(len(idx) + skipped)
     task.close()
     if feats is None:
         feats = torch.zeros(n, 0)
