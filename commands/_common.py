@@ -112,6 +112,25 @@ Precision = Annotated[
     ),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
+OptionalWeights = Annotated[
+    str | None,
+    typer.Option("--weights", "-w", help="A checkpoint path, a preset (dino_vits16, ...) or 'random'."),
+]
+Train = Annotated[Path | None, typer.Option("--train", help="Labelled training images (ROOT/<class>/<image>).")]
+Val = Annotated[Path | None, typer.Option("--val", help="Labelled validation images (ROOT/<class>/<image>).")]
+TrainFeatures = Annotated[
+    Path | None, typer.Option("--train-features", help="A features file from dinokit features (instead of --train).")
+]
+ValFeatures = Annotated[
+    Path | None, typer.Option("--val-features", help="A features file from dinokit features (instead of --val).")
+]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its checkpoint.")]
+StopAfter = Annotated[
+    int | None, typer.Option("--stop-after", min=1, help="End cleanly after N epochs of the schedule (resumable).")
+]
+Whitening = Annotated[
+    Path | None, typer.Option("--whitening", help="A folder of other images to learn the whitening on.")
+]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write into an output that already holds results.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
