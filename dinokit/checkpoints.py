@@ -442,7 +442,7 @@ def load_backbone(
     """
     weights = str(weights)
     if weights == "random":
-        model = build_backbone(arch or "vit_small", patch_size or 16, **model_kwargs)
+        model = build_backbone(arch or "vit_small", patch_size, **model_kwargs)
         model.weights_source = "random"
         return model.eval()
     preset = resolve_preset(weights)
@@ -506,7 +506,7 @@ def _model_from_checkpoint(ckpt: Any, path: Path, arch, patch_size, checkpoint_k
             f"{path} holds {describe(found_arch, found_patch)} weights, but --patch-size {patch_size} was asked for."
         )
     kwargs = {**extra, **model_kwargs}
-    model = build_backbone(found_arch, found_patch or 16, **kwargs)
+    model = build_backbone(found_arch, found_patch, **kwargs)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         parts = []

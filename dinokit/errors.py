@@ -24,3 +24,7 @@ class DataError(DinokitError):
 
 class OutputExistsError(DinokitError):
     """An output that already holds results and would be overwritten."""
+
+
+class ModelConfigError(DinokitError, ValueError):
+    """A model option without a valid meaning, such as a patch size below 1 or an unknown mode."""

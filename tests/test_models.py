@@ -388,3 +388,70 @@ def test_linear_classifier_and_multicrop_wrapper():
         expected = torch.cat([head(backbone(c)) for c in crops])
     assert out.shape == (6, 12)
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+# -- constructor arguments -----------------------------------------------------------------------
+def test_unknown_model_options_are_type_errors_not_swallowed():
+    with pytest.raises(TypeError, match="dpeth"):
+        dinokit.build_backbone("vit_tiny", 16, dpeth=1)
+    with pytest.raises(TypeError, match="takes no model options; got depth"):
+        dinokit.build_backbone("resnet50", depth=1)
+    with pytest.raises(TypeError):
+        dinokit.models.resnet.resnet50_backbone(drop_path_rate=0.1)
+    # the training recipes' ViT options do not apply to (and do not reach) the ResNet-50
+    assert dinokit.build_backbone("resnet50", drop_path_rate=0.1, img_size=64).embed_dim == 2048
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(depth=0), "depth must be at least 1, got 0"),
+        (dict(num_heads=0), "num_heads must be at least 1"),
+        (dict(img_size=8), "img_size must be at least 16, got 8"),
+        (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\)"),
+        (dict(embed_dim=100, num_heads=3), "not divisible by 3 heads"),
+    ],
+)
+def test_bad_vit_option_values_are_value_errors_with_a_sentence(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        dinokit.build_backbone("vit_tiny", 16, **{"depth": 1, **kwargs})
+    assert isinstance(info.value, DinokitError)  # the CLI reports it as one sentence
+
+
+def test_patch_size_zero_is_refused_and_none_means_16():
+    for bad in (0, -8):
+        with pytest.raises(ValueError, match="patch size must be at least 1"):
+            dinokit.build_backbone("vit_tiny", bad, depth=1)
+        with pytest.raises(ValueError, match="patch size"):
+            dinokit.load_backbone("random", arch="vit_tiny", patch_size=bad, depth=1)
+    with pytest.raises(TypeError, match="patch size must be an integer"):
+        dinokit.build_backbone("vit_tiny", 16.0, depth=1)
+    assert dinokit.build_backbone("vit_tiny", None, depth=1).patch_size == 16
+    assert dinokit.load_backbone("random", arch="vit_tiny", depth=1).patch_size == 16
+
+
+def test_head_and_classifier_sizes_are_checked():
+    with pytest.raises(ValueError, match="nlayers must be at least 1, got 0"):
+        DINOHead(32, out_dim=10, nlayers=0)
+    with pytest.raises(TypeError, match="out_dim must be an integer"):
+        DINOHead(32, out_dim=10.0)
+    with pytest.raises(ValueError, match="num_labels must be at least 1"):
+        LinearClassifier(32, num_labels=0)
+    with pytest.raises(TypeError):
+        DINOHead(32, out_dim=10, n_layers=2)
+
+
+def test_head_and_vit_share_one_weight_init():
+    """A Linear in the head and in a ViT block draw the same numbers from the same seed."""
+    torch.manual_seed(0)
+    head = DINOHead(192, out_dim=4, nlayers=1, bottleneck_dim=576)
+    torch.manual_seed(0)
+    qkv = nn.Linear(192, 576)
+    dinokit.models.init.trunc_normal_init(qkv)
+    assert torch.equal(head.mlp.weight, qkv.weight) and torch.all(head.mlp.bias == 0)
+    norm = nn.LayerNorm(4)
+    with torch.no_grad():
+        norm.weight.fill_(3.0)
+        norm.bias.fill_(1.0)
+    dinokit.models.init.trunc_normal_init(norm)
+    assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import check_int, trunc_normal_init
+
 
 class WeightNormLinear(nn.Module):
     """A bias-free Linear with weight normalisation, w = g * v / ||v|| (per output row).
@@ -62,7 +64,11 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
     ):
         super().__init__()
-        nlayers = max(nlayers, 1)
+        in_dim = check_int("in_dim", in_dim, 1)
+        out_dim = check_int("out_dim", out_dim, 1)
+        nlayers = check_int("nlayers", nlayers, 1)
+        hidden_dim = check_int("hidden_dim", hidden_dim, 1)
+        bottleneck_dim = check_int("bottleneck_dim", bottleneck_dim, 1)
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
@@ -77,19 +83,12 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
-        self.apply(self._init_weights)
+        self.apply(trunc_normal_init)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         with torch.no_grad():
             self.last_layer.weight_g.fill_(1.0)
         if norm_last_layer:
             self.last_layer.weight_g.requires_grad = False
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)
@@ -102,6 +101,8 @@ class LinearClassifier(nn.Module):
 
     def __init__(self, dim: int, num_labels: int = 1000):
         super().__init__()
+        dim = check_int("dim", dim, 1)
+        num_labels = check_int("num_labels", num_labels, 1)
         self.num_labels = num_labels
         self.linear = nn.Linear(dim, num_labels)
         self.linear.weight.data.normal_(mean=0.0, std=0.01)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import DinokitError
+from .init import check_int
 from .resnet import resnet50_backbone
 from .vit import VIT_SHAPES, VisionTransformer, vit
 
@@ -38,21 +39,29 @@ def arch_for_embed_dim(dim: int) -> str | None:
     return None
 
 
-def build_backbone(arch: str = "vit_small", patch_size: int = 16, **kwargs) -> nn.Module:
+#: ViT options the training recipes set whatever the arch (stochastic depth, the position-table
+#: size of a random init); the ResNet-50 has neither, as it has no patch size, so they do not reach it
+VIT_RECIPE_OPTIONS = frozenset({"drop_path_rate", "img_size"})
+
+
+def build_backbone(arch: str = "vit_small", patch_size: int | None = None, **kwargs) -> nn.Module:
     """A randomly initialised backbone.
 
-    ``arch`` is vit_tiny, vit_small, vit_base or resnet50; ``patch_size`` applies to ViTs (any
-    positive size; 8 and 16 in the paper). Extra keyword arguments go to the ViT constructor
-    (``drop_path_rate``, ``pos_embed_resize``, ``img_size``).
+    ``arch`` is vit_tiny, vit_small, vit_base or resnet50 (or an alias). ``patch_size`` applies to
+    ViTs: any integer of at least 1 (8 and 16 in the paper); None means 16. Extra keyword arguments
+    go to the ViT constructor (``drop_path_rate``, ``pos_embed_resize``, ``img_size``, and
+    ``embed_dim``/``depth``/``num_heads`` for small test models); a name it does not take is a
+    TypeError. The ResNet-50 takes none but ``VIT_RECIPE_OPTIONS``, which it does not use.
     """
     arch = canonical_arch(arch)
     if arch == "resnet50":
-        return resnet50_backbone(**kwargs)
+        other = sorted(set(kwargs) - VIT_RECIPE_OPTIONS)
+        if other:
+            raise TypeError(f"The ResNet-50 backbone takes no model options; got {', '.join(other)}.")
+        return resnet50_backbone()
     if patch_size is None:
         patch_size = 16
-    if int(patch_size) < 1:
-        raise DinokitError(f"The patch size must be a positive integer, got {patch_size}.")
-    model = vit(arch, patch_size=int(patch_size), **kwargs)
+    model = vit(arch, patch_size=check_int("The patch size", patch_size, 1), **kwargs)
     model.arch = arch
     return model
 

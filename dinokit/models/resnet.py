@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 
-def resnet50_backbone(**unused) -> nn.Module:
+def resnet50_backbone() -> nn.Module:
+    """The ResNet-50 takes no options: its shape is fixed, it has no patch size or stochastic depth."""
     from torchvision.models import resnet50
 
     model = resnet50(weights=None)

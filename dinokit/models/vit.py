@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DinokitError
+from ..errors import DinokitError, ModelConfigError
+from .init import check_int, trunc_normal_init
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
@@ -121,7 +122,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
+            raise ModelConfigError(f"The embedding dimension {dim} is not divisible by {num_heads} heads.")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -229,13 +230,20 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
         pos_embed_resize: str = "scale",
-        **unused,
     ):
         super().__init__()
-        if patch_size < 1:
-            raise ValueError("patch_size must be positive")
+        patch_size = check_int("patch_size", patch_size, 1)
+        img_size = check_int("img_size", img_size, patch_size)
+        in_chans = check_int("in_chans", in_chans, 1)
+        embed_dim = check_int("embed_dim", embed_dim, 1)
+        depth = check_int("depth", depth, 1)
+        num_heads = check_int("num_heads", num_heads, 1)
+        if not mlp_ratio > 0:
+            raise ModelConfigError(f"mlp_ratio must be positive, got {mlp_ratio}.")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ModelConfigError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
         if pos_embed_resize not in ("scale", "size"):
-            raise ValueError("pos_embed_resize must be 'scale' or 'size'")
+            raise ModelConfigError(f"pos_embed_resize must be 'scale' or 'size', got {pos_embed_resize!r}.")
         self.num_features = self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.num_heads = num_heads
@@ -256,17 +264,7 @@ class VisionTransformer(nn.Module):
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(trunc_normal_init)
 
     # -- position embedding -------------------------------------------------------------------
     def interpolate_pos_encoding(self, h0: int, w0: int) -> torch.Tensor:
@@ -380,6 +378,10 @@ VIT_SHAPES = {
 
 
 def vit(arch: str, patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """A ViT of a named shape (``VIT_SHAPES``); ``embed_dim``, ``depth`` and ``num_heads`` in
+    ``kwargs`` override the shape (small test models), the rest go to :class:`VisionTransformer`."""
+    if arch not in VIT_SHAPES:
+        raise ModelConfigError(f"Unknown ViT {arch!r}; choose one of {', '.join(VIT_SHAPES)}.")
     shape = dict(VIT_SHAPES[arch])
     shape.update({k: v for k, v in kwargs.items() if k in ("embed_dim", "depth", "num_heads")})
     rest = {k: v for k, v in kwargs.items() if k not in ("embed_dim", "depth", "num_heads")}
