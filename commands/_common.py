@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -257,11 +256,3 @@ def is_main_process() -> bool:
     from dinokit.runtime import dist_env
 
     return dist_env().is_main
-
-
-def exit_code_for_signal(signum: int) -> int:
-    return 128 + signum
-
-
-def stdout_is_tty() -> bool:
-    return sys.stdout.isatty()

@@ -157,12 +157,6 @@ def draw_contours(image: np.ndarray, labels: np.ndarray, color=(255, 255, 255), 
     return out
 
 
-def blend(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Mix an RGB image with a colour-mapped heat map of the same size."""
-    mixed = (1 - alpha) * np.asarray(image, np.float32) + alpha * np.asarray(heat, np.float32)
-    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
-
-
 def _font(size: int = 12):
     try:
         return ImageFont.load_default(size=size)

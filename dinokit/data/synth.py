@@ -344,8 +344,8 @@ def write_file(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data, fsync=False)
 
 
-def save_png(array: np.ndarray, path: Path) -> None:
-    """Save a uint8 array as PNG (PIL's PNG output is deterministic)."""
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a PNG through :func:`write_file` (PIL's PNG output is deterministic)."""
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", compress_level=3)
     write_file(path, buf.getvalue())
@@ -582,8 +582,8 @@ def make_classify_dataset(
             else:
                 image, mask = draw_classify_image(rng, name, size)
             fname = f"{i:05d}.png"
-            save_png(image, root / split / name / fname)
-            save_png(mask.astype(np.uint8), root / "masks" / split / name / fname)
+            write_png(root / split / name / fname, image)
+            write_png(root / "masks" / split / name / fname, mask.astype(np.uint8))
             task.advance(1)
     task.close()
     seconds = time.perf_counter() - start

@@ -145,10 +145,6 @@ def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def reencode(img: Image.Image, quality: int) -> Image.Image:
-    return Image.open(io.BytesIO(jpeg_bytes(img, quality))).convert("RGB")
-
-
 def central_crop(img: Image.Image, percent_removed: float) -> Image.Image:
     """The central crop that keeps (100 - c)% of the area, same aspect (the Copydays ``crops/<c>``)."""
     s = math.sqrt(1 - percent_removed / 100)
