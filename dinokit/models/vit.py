@@ -216,6 +216,9 @@ class VisionTransformer(nn.Module):
         pos_embed_resize: ``"scale"`` (default) resizes the position table as the reference does
             (bicubic with ``scale_factor=(h0 + 0.1) / sqrt(N)``); ``"size"`` resizes to the exact
             grid (timm's way; about 1e-3 apart in the features).
+
+    An argument it does not take is a TypeError; a size below its minimum, a drop-path rate outside
+    [0, 1) or an unknown resize mode is a :class:`~dinokit.errors.ModelConfigError` (a ValueError).
     """
 
     def __init__(
