@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -19,8 +18,13 @@ from ._common import (
     PatchSize,
     Precision,
     Quiet,
+    Resume,
     RichProgress,
     Seed,
+    StopAfter,
+    Train,
+    Val,
+    Weights,
     console,
     console_err,
     is_main_process,
@@ -32,21 +36,9 @@ from ._common import (
 def finetune(
     ctx: typer.Context,
     output: Output,
-    weights: Annotated[
-        str,
-        typer.Option(
-            "--weights",
-            "-w",
-            help="Backbone to start from: a checkpoint path, a preset (dino_vits16, ...) or 'random' "
-            "(the from-scratch baseline).",
-        ),
-    ] = "random",
-    train: Annotated[
-        Optional[Path], typer.Option("--train", help="Labelled training images: TRAIN/<class>/<image>.")
-    ] = None,
-    val: Annotated[
-        Optional[Path], typer.Option("--val", help="Labelled validation images with the training set's classes.")
-    ] = None,
+    weights: Weights = "random",
+    train: Train = None,
+    val: Val = None,
     val_split: Annotated[
         Optional[float],
         typer.Option("--val-split", help="Hold out this fraction of each training class for validation "
@@ -97,10 +89,8 @@ def finetune(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its checkpoint.")] = False,
-    stop_after: Annotated[
-        Optional[int], typer.Option("--stop-after", min=1, help="End cleanly after N epochs (resumable).")
-    ] = None,
+    resume: Resume = False,
+    stop_after: StopAfter = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:

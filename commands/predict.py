@@ -41,8 +41,8 @@ def predict(
 ) -> None:
     """Predict the classes of images with a fine-tuned model, batched."""
     from dinokit.errors import DinokitError
+    from dinokit.eval.predict import predict_images
     from dinokit.io import atomic_write_text, check_output_file, to_json
-    from dinokit.train.finetune import predict_images
 
     setup_logging(quiet)
     if output is not None:

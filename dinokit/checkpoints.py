@@ -6,7 +6,8 @@ Reads (always with ``torch.load(weights_only=True)``, never unpickling arbitrary
    dicts with ``module.`` / ``backbone.`` / ``head.`` prefixes and an ``argparse.Namespace``;
 3. linear-probe weights ``{"state_dict": {"module.linear.weight", ...}}`` (:func:`load_linear_head`);
 4. timm state dicts and dinokit's own files (``{"backbone": ..., "arch": ...}``);
-5. Hugging Face transformers DINO checkpoints (``pytorch_model.bin`` or ``model.safetensors``).
+5. Hugging Face transformers DINO checkpoints (``pytorch_model.bin`` or ``model.safetensors``);
+6. fine-tuned models, backbone + classifier head + class names (:func:`load_finetuned`).
 Writes dinokit's own files atomically.
 """
 
@@ -23,6 +24,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from torch import nn
 
 from .errors import CheckpointError, DinokitError
 from .io import torch_save_atomic
+from .models.head import FinetuneModel
 from .models.registry import VIT_SHAPES, build_backbone, canonical_arch
 from .runtime import RuntimeOptions, inference_model, resolve_device, resolve_precision, seed_everything
 
@@ -542,6 +545,75 @@ def load_linear_head(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {"linear.weight": w, "linear.bias": b}
 
 
+# ---------------------------------------------------------------------------------------------
+# Fine-tuned models (model.pth / best.pth of dinokit finetune)
+# ---------------------------------------------------------------------------------------------
+FINETUNED_MODEL_FORMAT = "dinokit-finetuned"
+#: the resumable training state of a fine-tuning run (its checkpoint.pth), refused where a model is expected
+FINETUNE_CHECKPOINT_FORMAT = "dinokit-finetune-checkpoint"
+
+
+def export_finetuned(model: nn.Module, classes: Sequence[str], spec: dict, image_size: int, extra: dict) -> dict:
+    """The ``model.pth`` layout (plain tensors, strings and numbers; ``weights_only``-safe):
+
+    ``format`` ("dinokit-finetuned"), ``version`` (1), ``backbone`` (flat backbone state dict, the
+    released-weights names), ``head`` (``weight`` (K, D), ``bias`` (K,)), ``classes`` (K names in
+    label order), ``arch``, ``patch_size``, ``image_size`` (the crop size), ``resize_size``,
+    ``mean``, ``std``, and run facts (``epoch``, ``val_top1``, ...).
+    """
+    # torchvision (behind data.transforms) stays out of `import dinokit` for start-up time
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
+
+    m = model.module if hasattr(model, "module") else model
+    return {
+        "format": FINETUNED_MODEL_FORMAT,
+        "version": 1,
+        "backbone": backbone_state_dict(m.backbone),
+        "head": {k: v.detach().cpu().clone() for k, v in m.head.state_dict().items()},
+        "classes": list(classes),
+        "arch": spec["arch"],
+        "patch_size": spec["patch_size"],
+        "image_size": int(image_size),
+        "resize_size": resize_for(image_size),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        **extra,
+    }
+
+
+def load_finetuned(path: str | os.PathLike) -> tuple[FinetuneModel, dict]:
+    """A fine-tuned model (eval mode, CPU) and its file's metadata, from ``model.pth`` / ``best.pth``
+    (or a run folder, meaning its ``model.pth``)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "model.pth").is_file():
+            raise CheckpointError(f"{path} holds no model.pth; give the model file a fine-tuning run wrote.")
+        path = path / "model.pth"
+    ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") == FINETUNE_CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is a fine-tuning checkpoint for resuming; give the run's model.pth or best.pth instead."
+        )
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == FINETUNED_MODEL_FORMAT):
+        raise CheckpointError(
+            f"{path} is not a dinokit fine-tuned model (it has no classifier head and class names); "
+            "make one with dinokit finetune."
+        )
+    try:
+        sd = extract_backbone_state_dict(ckpt, source=str(path))
+        arch, patch, extra = infer_arch(sd)
+        backbone = build_backbone(arch, patch or 16, **extra)
+        backbone.load_state_dict(sd, strict=True)
+        head = ckpt["head"]
+        classes = list(ckpt["classes"])
+        model = FinetuneModel(backbone, len(classes))
+        model.head.load_state_dict(head, strict=True)
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path} is a damaged dinokit fine-tuned model ({str(e).splitlines()[0]}).") from e
+    meta = {k: v for k, v in ckpt.items() if k not in ("backbone", "head")}
+    return model.eval(), meta
+
+
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The flat state dict of a backbone (released-weights format), unwrapped from DDP/compile."""
     m = model
@@ -564,12 +636,16 @@ __all__ = [
     "PRESETS",
     "LINEAR_PRESETS",
     "DinokitError",
+    "FINETUNED_MODEL_FORMAT",
+    "FINETUNE_CHECKPOINT_FORMAT",
     "backbone_state_dict",
     "convert_hf_state_dict",
+    "export_finetuned",
     "extract_backbone_state_dict",
     "file_fingerprint",
     "infer_arch",
     "load_backbone",
+    "load_finetuned",
     "load_linear_head",
     "read_checkpoint",
     "save_backbone",

@@ -239,6 +239,12 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(s)
 
 
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence), for per-epoch / per-image / per-step draws
+    that do not depend on what ran before."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
 def init_distributed(device: torch.device) -> DistEnv:
     """Initialise the process group when launched by torchrun; a no-op for one process."""
     env = dist_env()

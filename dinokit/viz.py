@@ -188,6 +188,56 @@ def make_grid(tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, 
     return np.asarray(canvas)
 
 
+#: the confusion picture is drawn for at most this many classes
+CONFUSION_MAX_CLASSES = 60
+
+
+def draw_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike, title: str = "") -> bool:
+    """Draw a row-normalised confusion matrix (rows: true class, columns: predicted) as a PNG.
+
+    Returns False (and draws nothing) above ``CONFUSION_MAX_CLASSES`` classes.
+    """
+    k = len(classes)
+    if k > CONFUSION_MAX_CLASSES:
+        return False
+    cell = max(10, min(48, 720 // k))
+    font = ImageFont.load_default()
+    names = [c if len(c) <= 16 else c[:15] + "~" for c in classes]
+    label_w = max(int(font.getlength(n)) for n in names) + 10
+    top = 40 + label_w  # column labels are written vertically
+    left = label_w + 8
+    subtitle = "rows: true class, columns: predicted class (row-normalised)"
+    title = title or "Confusion matrix"
+    width = max(left + k * cell + 20, int(max(font.getlength(title), font.getlength(subtitle))) + 16)
+    height = top + k * cell + 30
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((8, 8), title, fill="black", font=font)
+    draw.text((8, 22), subtitle, fill=(90, 90, 90), font=font)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros_like(cm, dtype=np.float64), where=rows > 0)
+    for i in range(k):
+        for j in range(k):
+            v = float(frac[i, j])
+            shade = (int(255 - 225 * v), int(255 - 170 * v), int(255 - 60 * v))
+            x0, y0 = left + j * cell, top + i * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=shade, outline=(225, 225, 225))
+            if cell >= 24 and cm[i, j] > 0:
+                txt = str(int(cm[i, j]))
+                tw = font.getlength(txt)
+                draw.text((x0 + (cell - tw) / 2, y0 + cell / 2 - 5), txt, fill="white" if v > 0.5 else "black", font=font)
+        tw = font.getlength(names[i])
+        draw.text((left - 6 - tw, top + i * cell + cell / 2 - 5), names[i], fill="black", font=font)
+    for j in range(k):
+        label = Image.new("RGB", (label_w, 14), "white")
+        ImageDraw.Draw(label).text((2, 1), names[j], fill="black", font=font)
+        label = label.rotate(90, expand=True)
+        img.paste(label, (left + j * cell + (cell - 14) // 2, top - label_w - 4))
+    with atomic_open(path, "wb") as f:
+        img.save(f, format="PNG")
+    return True
+
+
 def save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write an array (RGB uint8, or a 2-D uint8/bool mask) as a PNG, atomically."""
     path = Path(path)

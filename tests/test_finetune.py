@@ -15,15 +15,10 @@ from dinokit.commands import app
 from typer.testing import CliRunner
 
 import dinokit
-from dinokit.train.finetune import (
-    FinetuneConfig,
-    FinetuneModel,
-    apply_lr,
-    build_schedule,
-    finetune,
-    load_finetuned,
-    param_groups,
-)
+from dinokit.checkpoints import load_finetuned
+from dinokit.models.head import FinetuneModel
+from dinokit.train.finetune import FinetuneConfig, build_schedule, finetune
+from dinokit.train.optim import apply_lr, layer_decay_param_groups
 
 runner = CliRunner()
 
@@ -77,7 +72,7 @@ def test_layer_decay_gives_each_block_the_formula_lr():
     torch.manual_seed(0)
     depth, d, lr = 3, 0.6, 1e-3
     model = FinetuneModel(dinokit.build_backbone("vit_tiny", 16, depth=depth, img_size=32), 4, head_init_std=0.5)
-    groups = param_groups(model, weight_decay=0.0, layer_decay=d)
+    groups = layer_decay_param_groups(model, weight_decay=0.0, layer_decay=d)
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=lr, eps=1e-30)
     apply_lr(opt, lr)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -98,7 +93,7 @@ def test_layer_decay_gives_each_block_the_formula_lr():
 
 def test_weight_decay_skips_biases_norms_and_tokens():
     model = FinetuneModel(dinokit.build_backbone("vit_tiny", 16, depth=2), 3)
-    wd = {n: g["weight_decay"] for g in param_groups(model, 0.05, 0.75) for n in g["param_names"]}
+    wd = {n: g["weight_decay"] for g in layer_decay_param_groups(model, 0.05, 0.75) for n in g["param_names"]}
     assert wd["backbone.blocks.0.attn.qkv.weight"] == 0.05
     assert wd["head.weight"] == 0.05
     assert wd["backbone.patch_embed.proj.weight"] == 0.05
@@ -237,10 +232,10 @@ def test_run_folder_outputs(labelled_folder, tiny2_weights, tmp_path):
         assert torch.equal(v, saved["backbone"][k])
     model, meta = load_finetuned(out)
     from dinokit.data.images import open_rgb, scan_labelled_folder
-    from dinokit.train.augment import eval_transform
+    from dinokit.data.transforms import eval_transform, resize_for
 
     val = scan_labelled_folder(labelled_folder / "val", classes=saved["classes"])
-    tf = eval_transform(32)
+    tf = eval_transform(resize_for(32), 32)
     x = torch.stack([tf(open_rgb(p)) for p in val.paths])
     with torch.no_grad():
         logits = backbone(x) @ saved["head"]["weight"].T + saved["head"]["bias"]

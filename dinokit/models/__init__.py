@@ -1,12 +1,13 @@
-"""Backbones (ViT, ResNet-50), the DINO head and the linear classifier."""
+"""Backbones (ViT, ResNet-50), the DINO head, the linear classifier and the fine-tuning wrapper."""
 
-from .head import DINOHead, LinearClassifier, MultiCropWrapper
+from .head import DINOHead, FinetuneModel, LinearClassifier, MultiCropWrapper
 from .registry import ARCHS, build_backbone, canonical_arch
 from .vit import VisionTransformer
 
 __all__ = [
     "ARCHS",
     "DINOHead",
+    "FinetuneModel",
     "LinearClassifier",
     "MultiCropWrapper",
     "VisionTransformer",

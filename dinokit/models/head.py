@@ -1,4 +1,5 @@
-"""The DINO projection head and the linear classifier of the frozen-feature probe."""
+"""The DINO projection head, the linear classifier of the frozen-feature probe and the fine-tuning
+wrapper (backbone + new linear head)."""
 
 from __future__ import annotations
 
@@ -110,6 +111,21 @@ class LinearClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.view(x.size(0), -1))
+
+
+class FinetuneModel(nn.Module):
+    """Backbone -> Linear head (weights trunc-normal, std 2e-5; bias 0: the first logits are ~0), the
+    network fine-tuning transfer trains whole (paper, Sec. 4.2.3)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head_init_std: float = 2e-5):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=head_init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
 
 
 class MultiCropWrapper(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from ..errors import DinokitError
@@ -74,3 +76,23 @@ def backbone_arch(model: nn.Module) -> str:
     if is_vit(model):
         return getattr(model, "arch", None) or arch_for_embed_dim(model.embed_dim) or "vit"
     return "resnet50"
+
+
+def backbone_spec(backbone: nn.Module, drop_path: float) -> dict:
+    """What rebuilds the backbone's shape with :func:`build_backbone`: arch, patch size and
+    constructor arguments (the image size from the position embedding)."""
+    if not is_vit(backbone):
+        return {"arch": "resnet50", "patch_size": None, "kwargs": {}}
+    n = backbone.pos_embed.shape[1] - 1
+    side = int(round(math.sqrt(n)))
+    return {
+        "arch": backbone_arch(backbone),
+        "patch_size": int(backbone.patch_size),
+        "kwargs": {
+            "embed_dim": int(backbone.embed_dim),
+            "depth": len(backbone.blocks),
+            "num_heads": int(backbone.num_heads),
+            "img_size": side * int(backbone.patch_size),
+            "drop_path_rate": float(drop_path),
+        },
+    }

@@ -1,6 +1,6 @@
 """Fine-tuning augmentation: the DeiT-style train transform (random resized crop, flip, optional
-RandAugment), the evaluation transform at any size, and batch-level mixup / cutmix with label
-smoothing as soft targets."""
+RandAugment) and batch-level mixup / cutmix with label smoothing as soft targets. The evaluation
+transform is :func:`dinokit.data.transforms.eval_transform` at ``resize_for(image_size)``."""
 
 from __future__ import annotations
 
@@ -10,16 +10,8 @@ from torchvision import transforms as T
 
 from ..data.transforms import normalize
 
-#: the evaluation crop is this fraction of the resize (224 of 256, as in DeiT and DINO)
-CROP_FRACTION = 0.875
 
-
-def resize_for(image_size: int) -> int:
-    """The evaluation resize that a centre crop of ``image_size`` is taken from (256 for 224)."""
-    return int(round(image_size / CROP_FRACTION))
-
-
-def train_transform(image_size: int = 224, randaugment: int = 0, min_scale: float = 0.08) -> T.Compose:
+def finetune_train_transform(image_size: int = 224, randaugment: int = 0, min_scale: float = 0.08) -> T.Compose:
     """RandomResizedCrop(image_size, scale=(min_scale, 1), bicubic) -> horizontal flip ->
     RandAugment(2 ops, magnitude ``randaugment``; 0 = off, DeiT uses 9) -> tensor -> ImageNet
     normalisation. All randomness comes from torch's generator."""
@@ -31,18 +23,6 @@ def train_transform(image_size: int = 224, randaugment: int = 0, min_scale: floa
         ops.append(T.RandAugment(num_ops=2, magnitude=int(randaugment), interpolation=T.InterpolationMode.BILINEAR))
     ops += [T.ToTensor(), normalize()]
     return T.Compose(ops)
-
-
-def eval_transform(image_size: int = 224) -> T.Compose:
-    """Resize(image_size / 0.875, bicubic) -> CenterCrop(image_size) -> tensor -> normalisation."""
-    return T.Compose(
-        [
-            T.Resize(resize_for(image_size), interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(image_size),
-            T.ToTensor(),
-            normalize(),
-        ]
-    )
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:

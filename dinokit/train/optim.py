@@ -1,6 +1,7 @@
-"""Optimisers and gradient handling for DINO: parameter groups without weight decay for biases and
-1-d parameters, AdamW / SGD / LARS, per-parameter or global gradient clipping, the frozen last
-layer, and the teacher's EMA update. The loops run over all parameters at once (``torch._foreach``)."""
+"""Optimisers and gradient handling: DINO's parameter groups without weight decay for biases and
+1-d parameters, fine-tuning's parameter groups with layer-wise lr decay, AdamW / SGD / LARS,
+per-parameter or global gradient clipping, the frozen last layer, and the teacher's EMA update. The
+loops run over all parameters at once (``torch._foreach``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import DinokitError
+from ..models.registry import is_vit
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
 
@@ -29,6 +31,60 @@ def get_params_groups(model: nn.Module) -> list[dict]:
         else:
             regularized.append(param)
     return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for patch_embed / cls_token / pos_embed, i + 1 for block i, depth + 1 for the rest (norm, head)."""
+    name = name.removeprefix("backbone.")
+    if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_lr_scale(layer: int, depth: int, layer_decay: float) -> float:
+    """``layer_decay ** (depth + 1 - layer)``: block i gets d^(L - i), the embeddings d^(L + 1), the head 1."""
+    return float(layer_decay ** (depth + 1 - layer))
+
+
+def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW parameter groups of a fine-tuned model (``.backbone`` + ``.head``): one per (layer,
+    decayed or not), each with its ``lr_scale`` (layer-wise lr decay, as in BEiT / MAE fine-tuning).
+
+    No weight decay for biases, 1-d parameters (norms) and the backbone's ``no_weight_decay()``
+    names (cls_token, pos_embed), as in DeiT.
+    """
+    backbone = model.backbone
+    vit = is_vit(backbone)
+    if not vit and layer_decay != 1.0:
+        raise DinokitError("--layer-decay applies to ViT backbones only; leave it at 1 for a ResNet.")
+    depth = len(backbone.blocks) if vit else 0
+    skip = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        bare = name.removeprefix("backbone.")
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or bare in skip
+        lid = layer_id(name, depth) if vit else (1 if name.startswith("head.") else 0)
+        scale = layer_lr_scale(lid, depth, layer_decay) if vit else 1.0
+        key = f"layer{lid}_{'no_decay' if no_decay else 'decay'}"
+        if key not in groups:
+            groups[key] = {
+                "name": key,
+                "params": [],
+                "param_names": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": scale,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set each group's lr to ``lr * lr_scale`` (the layer-wise decay of :func:`layer_decay_param_groups`)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 class LARS(torch.optim.Optimizer):

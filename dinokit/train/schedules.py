@@ -1,6 +1,7 @@
-"""DINO's training schedules (spec "Schedules"): per-iteration learning rate, weight decay and
-teacher momentum, and the per-epoch teacher temperature. Value k of a per-iteration schedule is
-used at global iteration k, so a resumed run follows the uninterrupted one exactly."""
+"""Training schedules. DINO's (spec "Schedules"): per-iteration learning rate, weight decay and
+teacher momentum, and the per-epoch teacher temperature; fine-tuning's learning rate. Value k of a
+per-iteration schedule is used at global iteration k, so a resumed run follows the uninterrupted
+one exactly."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import numpy as np
 
 from .loss import teacher_temperature_schedule
 
-__all__ = ["DINOSchedules", "build_schedules", "cosine_scheduler", "scaled_lr", "teacher_temperature_schedule"]
+__all__ = [
+    "DINOSchedules",
+    "build_schedules",
+    "cosine_scheduler",
+    "finetune_lr_schedule",
+    "scaled_lr",
+    "teacher_temperature_schedule",
+]
 
 
 def cosine_scheduler(
@@ -81,3 +89,23 @@ def build_schedules(
         momentum=cosine_scheduler(momentum_teacher, 1.0, epochs, niter_per_epoch),
         teacher_temp=teacher_temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs),
     )
+
+
+def finetune_lr_schedule(
+    *,
+    epochs: int,
+    niter_per_epoch: int,
+    peak_lr: float,
+    min_lr: float,
+    warmup_epochs: float,
+    head_warmup_epochs: int = 0,
+) -> np.ndarray:
+    """Fine-tuning's per-iteration lr: the head-only warm-up epochs at ``peak_lr`` (constant), then
+    the full phase with ``warmup_epochs`` of linear warm-up from 0 and a cosine down to ``min_lr``."""
+    head = int(head_warmup_epochs)
+    full = epochs - head
+    warm = min(float(warmup_epochs), float(full))
+    parts = [np.full(head * niter_per_epoch, peak_lr, dtype=np.float64)]
+    if full > 0:
+        parts.append(cosine_scheduler(peak_lr, min_lr, full, niter_per_epoch, warmup_epochs=warm))
+    return np.concatenate(parts)

@@ -1,0 +1,140 @@
+"""A fine-tuned classifier at work: its top-1 / top-5 accuracy and confusion matrix on labelled
+images (the validation of fine-tuning transfer, paper Sec. 4.2.3), and class probabilities for
+any images (``dinokit predict``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints import load_finetuned
+from ..data.images import ImageDataset, collate_skip_none, expand_image_inputs, readable_batches
+from ..data.transforms import eval_transform, resize_for
+from ..errors import DinokitError
+from ..progress import NULL_PROGRESS, Progress
+from ..runtime import autocast, dist_env, is_dist, resolve_device, resolve_precision
+from .metrics import percent, topk_correct
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    num_classes: int,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    progress: Progress = NULL_PROGRESS,
+) -> dict:
+    """Top-1 / top-5 (percent), the confusion matrix and per-class top-1 over ``dataset``
+    (sharded over ranks under torchrun, counts summed).
+
+    Top-1 and the per-class scores are read off the confusion matrix (argmax predictions), so the
+    picture and the numbers agree; top-5 counts with :func:`dinokit.eval.metrics.topk_correct`.
+    """
+    env = dist_env()
+    n = len(dataset)
+    indices = list(range(env.rank, n, env.world_size)) if is_dist() else list(range(n))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=device.type == "cuda",
+    )
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    top5 = torch.zeros((), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    task = progress.task("validate", total=len(indices))
+    for x, y, _ in readable_batches(loader, task):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(x)
+        logits = logits.float()
+        pred = logits.argmax(dim=-1)
+        cm.index_put_((y, pred), torch.ones_like(y, dtype=torch.float64), accumulate=True)
+        top5 += topk_correct(logits, y)[1]
+    task.close()
+    model.train(was_training)
+    if is_dist():
+        torch.distributed.all_reduce(cm)
+        torch.distributed.all_reduce(top5)
+    cm_np = cm.cpu().numpy().round().astype(np.int64)
+    total = int(cm_np.sum())
+    per_class = {}
+    for i in range(num_classes):
+        row = int(cm_np[i].sum())
+        per_class[i] = percent(int(cm_np[i, i]), row) if row else None
+    return {
+        "top1": percent(int(np.trace(cm_np)), total),
+        "top5": percent(float(top5.item()), total),
+        "confusion": cm_np,
+        "per_class": per_class,
+        "count": total,
+    }
+
+
+@dataclass
+class PredictResult:
+    paths: list[Path]
+    top_classes: list[list[str]]
+    top_probs: list[list[float]]
+    skipped: list[Path]
+    classes: list[str]
+
+
+@torch.no_grad()
+def predict_images(
+    model_path: str | Path,
+    inputs: Sequence[str | Path],
+    top: int = 5,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "auto",
+    precision: str = "fp32",
+    progress: Progress = NULL_PROGRESS,
+) -> PredictResult:
+    """Class probabilities (softmax of the head) of images, folders or globs, the ``top`` best each."""
+    if top < 1:
+        raise DinokitError("--top must be at least 1.")
+    model, meta = load_finetuned(model_path)
+    paths = expand_image_inputs(inputs)
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev, training=False)
+    classes = list(meta["classes"])
+    k = min(top, len(classes))
+    crop = int(meta.get("image_size", 224))
+    ds = ImageDataset(paths, transform=eval_transform(resize_for(crop), crop), skip_unreadable=True)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_none
+    )
+    model = model.to(dev)
+    kept: list[Path] = []
+    top_classes: list[list[str]] = []
+    top_probs: list[list[float]] = []
+    task = progress.task("predict", total=len(paths))
+    for x, _, idx in readable_batches(loader, task):
+        with autocast(dev, dtype):
+            logits = model(x.to(dev))
+        probs = F.softmax(logits.float(), dim=-1).cpu()
+        p, c = probs.topk(k, dim=-1)
+        for row in range(len(idx)):
+            kept.append(paths[int(idx[row])])
+            top_classes.append([classes[int(j)] for j in c[row]])
+            top_probs.append([float(v) for v in p[row]])
+    task.close()
+    kept_set = set(kept)
+    skipped_paths = [p for p in paths if p not in kept_set]
+    return PredictResult(kept, top_classes, top_probs, skipped_paths, classes)
+
+
+__all__ = ["PredictResult", "evaluate_classifier", "predict_images"]
