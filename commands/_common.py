@@ -259,9 +259,5 @@ def is_main_process() -> bool:
     return dist_env().is_main
 
 
-def exit_code_for_signal(signum: int) -> int:
-    return 128 + signum
-
-
 def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
