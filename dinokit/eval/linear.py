@@ -590,13 +590,6 @@ def linear_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Linear
 
 
 __all__: Sequence[str] = [
-    "LinearConfig",
-    "LinearResult",
-    "default_feature_options",
-    "evaluate_head",
-    "linear_eval",
-    "logistic_probe",
-    "train_on_features",
-    "train_on_images",
-    "probe_train_transform",
+    "LinearConfig", "LinearResult", "default_feature_options", "evaluate_head", "linear_eval", "logistic_probe",
+    "probe_train_transform", "train_on_features", "train_on_images",
 ]
