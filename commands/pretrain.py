@@ -122,8 +122,7 @@ def pretrain_command(
 ) -> None:
     """Pretrain a backbone with DINO on a folder of unlabelled images."""
     from dinokit.errors import DinokitError
-    from dinokit.io import write_metrics
-    from dinokit.train.pretrain import RUNTIME_FIELDS, PretrainConfig, pretrain, resume_hint
+    from dinokit.train.pretrain import PretrainConfig, pretrain
 
     setup_logging(quiet or not is_main_process())
     values = dict(
@@ -167,24 +166,7 @@ def pretrain_command(
         overwrite=overwrite,
     )
     if resume:
-        # the saved run's settings, with whatever was typed on this command line on top
-        saved_path = output / "config.json"
-        if not saved_path.is_file():
-            raise DinokitError(f"{output} holds no run to resume (no config.json); start it without --resume.")
-        try:
-            saved = json.loads(saved_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DinokitError(f"{saved_path} is not readable JSON ({e}).") from e
-        given = _given(ctx)
-        name_map = {"compile_model": "compile"}
-        given = {name_map.get(g, g) for g in given}
-        base = PretrainConfig.from_dict(saved).to_dict()
-        for k, v in values.items():
-            if k in given or k in RUNTIME_FIELDS and k not in ("data",):
-                base[k] = v
-        base["stop_after"] = stop_after
-        base["resume"] = True
-        cfg = PretrainConfig.from_dict(base)
+        cfg = _resumed_config(ctx, output, values)
     else:
         if data is None:
             raise DinokitError("Give the image folder with --data (or --resume to continue a run).")
@@ -197,6 +179,36 @@ def pretrain_command(
         if result.exit_code:
             sys.exit(result.exit_code)
         return
+    _report(result, cfg)
+
+
+def _resumed_config(ctx: typer.Context, output: Path, values: dict):
+    """The saved run's settings, with whatever was typed on this command line on top."""
+    from dinokit.errors import DinokitError
+    from dinokit.io import merge_resume_config
+    from dinokit.train.pretrain import RUNTIME_FIELDS, PretrainConfig
+
+    saved_path = output / "config.json"
+    if not saved_path.is_file():
+        raise DinokitError(f"{output} holds no run to resume (no config.json); start it without --resume.")
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DinokitError(f"{saved_path} is not readable JSON ({e}).") from e
+    given = {"compile" if name == "compile_model" else name for name in _given(ctx)}
+    # where the run is and how it runs now come from this command line; typed options win
+    merged = merge_resume_config(
+        PretrainConfig.from_dict(saved).to_dict(), {**values, "resume": True},
+        explicit=given, always={*RUNTIME_FIELDS, "stop_after", "resume"} - {"data"},
+    )  # fmt: skip
+    return PretrainConfig.from_dict(merged)
+
+
+def _report(result, cfg) -> None:
+    """metrics.json, the last epochs' table, and how to go on (exits 128 + signal when stopped by one)."""
+    from dinokit.io import write_metrics
+    from dinokit.train.pretrain import resume_hint
+
     metrics = {
         "finished": result.finished,
         "epochs": result.epochs,
@@ -240,6 +252,7 @@ def pretrain_command(
             f"Resume with: {resume_hint(result.output)}",
             highlight=False,
         )
+
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -12,11 +12,11 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import OutputExistsError
+from .errors import DinokitError, OutputExistsError
 
 
 @contextlib.contextmanager
@@ -159,3 +159,51 @@ def write_metrics(output_dir: str | os.PathLike, metrics: dict, config: Any = No
     target = Path(output_dir) / name
     write_json(target, out)
     return target
+
+
+def remove_run_files(folder: str | os.PathLike, names: Iterable[str], *, main: bool = True) -> None:
+    """A fresh run in a folder an earlier run used (``--overwrite``): remove that run's files named
+    ``names`` so that nothing of it passes for this one's. Call it after :func:`prepare_output_dir`;
+    under torchrun only the main process removes (``main``), the others share the folder."""
+    if not main:
+        return
+    for name in names:
+        (Path(folder) / name).unlink(missing_ok=True)
+
+
+def merge_resume_config(
+    saved: dict[str, Any],
+    given: dict[str, Any],
+    *,
+    explicit: set[str] | None,
+    always: Iterable[str] = (),
+    run_control: Iterable[str] = (),
+    keep_recipe: bool = False,
+    fields: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """The settings of a resumed run: the saved run's config with this command line on top.
+
+    ``given`` is this invocation's config (every field, defaults included) and ``explicit`` the
+    fields the user typed (None: unknown, as from the library). Fields in ``always`` come from
+    ``given`` whatever was typed (where the run is, how it runs now); fields in ``run_control`` come
+    from ``given`` when typed (or when ``explicit`` is None); any other typed field is the recipe:
+    with ``keep_recipe`` a value that differs from the saved one is refused, else it replaces it.
+    ``fields`` (default: every saved key) are the saved keys kept: a key the config no longer has
+    is left out, and one the saved config lacks gets the config's default.
+    """
+    always, run_control = set(always), set(run_control)
+    merged = {k: v for k, v in saved.items() if fields is None or k in set(fields)}
+    for k, value in given.items():
+        typed = explicit is None or k in explicit
+        if k in always or (k in run_control and typed):
+            merged[k] = value
+        elif explicit is not None and k in explicit and k not in run_control:
+            if not keep_recipe:
+                merged[k] = value
+            elif value != merged.get(k):
+                opt = "--" + k.replace("_", "-")
+                raise DinokitError(
+                    f"{opt} {value} differs from the resumed run's {merged.get(k)}; a resumed run keeps its "
+                    "recipe (leave the option out, or start a new run)."
+                )
+    return merged

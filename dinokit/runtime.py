@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import random
 import signal
@@ -368,7 +369,7 @@ class GracefulStop:
 
     @property
     def exit_code(self) -> int:
-        return 128 + (self.signum or 0)
+        return signal_exit_code(self.signum)
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
@@ -388,3 +389,36 @@ class GracefulStop:
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old.clear()
+
+
+def signal_exit_code(signum: int | None) -> int:
+    """The shell's exit status for a run stopped by ``signum``: 128 + the signal number (130 for
+    Ctrl-C, 143 for SIGTERM), 0 when no signal stopped it."""
+    return 128 + int(signum) if signum else 0
+
+
+def max_over_ranks(values: list[float], device: torch.device | None = None) -> list[float]:
+    """The element-wise maximum of a few numbers over all ranks, in one all-reduce (the numbers
+    themselves outside torchrun). ``device`` is where the collective runs: the CUDA device under
+    NCCL; by default the current CUDA device under NCCL, else the CPU."""
+    if not is_dist():
+        return [float(v) for v in values]
+    if device is None:
+        device = torch.device("cuda") if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    flags = torch.tensor([float(v) for v in values], device=device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return flags.tolist()
+
+
+def agreed_stop_signal(stop: GracefulStop, device: torch.device | None = None) -> int:
+    """The signal any rank got (0 for none), the same on every rank: all ranks stop at the same
+    step, so that the collectives of the next step and the checkpoint's all-gather still match."""
+    return int(max_over_ranks([stop.signum or 0], device)[0])
+
+
+def ensure_finite_loss(loss: float, message: str, *, elsewhere: bool = False) -> None:
+    """Stop a run whose loss is NaN or infinite: a number is right or refused. ``message`` (with
+    ``{loss}`` for the value) says where it happened and what to try; ``elsewhere`` says another
+    rank's loss was not finite (every rank stops at the same step)."""
+    if elsewhere or not math.isfinite(loss):
+        raise DinokitError(message.format(loss=loss))

@@ -18,16 +18,16 @@ RANK_DUMP = textwrap.dedent(
     import os, sys, torch
     import dinokit.train.pretrain as mod
 
-    run = mod._Run.run
+    pretrain = mod.pretrain
 
-    def run_and_dump(self):
-        result = run(self)
-        rank = int(os.environ["RANK"])
-        torch.save({"teacher": self.teacher.state_dict(), "center": self.dino_loss.center.cpu(),
-                    "student": self.student.state_dict()}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    def pretrain_and_dump(cfg, progress):
+        result = pretrain(cfg, progress)
+        state, rank = result.state, int(os.environ["RANK"])
+        torch.save({"teacher": state.teacher.state_dict(), "center": state.dino_loss.center.cpu(),
+                    "student": state.student.state_dict()}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
         return result
 
-    mod._Run.run = run_and_dump
+    mod.pretrain = pretrain_and_dump  # the command looks the function up when it runs
     from dinokit.commands import main
     main(sys.argv[2:])
     """

@@ -25,15 +25,54 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import transforms as T
 
+from ..checkpoints import (
+    LINEAR_PRESETS,
+    BackboneOptions,
+    load_linear_head,
+    prepare_backbone,
+    read_checkpoint,
+    save_checkpoint,
+)
+from ..data.images import ImageDataset, collate_skip_none, readable_batches
+from ..data.transforms import normalize
 from ..errors import CheckpointError, DataError, DinokitError
+from ..io import append_jsonl, remove_run_files
+from ..models.head import LinearClassifier
+from ..models.registry import backbone_arch, is_vit
 from ..progress import NULL_PROGRESS, Progress
-from ..runtime import get_rng_state, set_rng_state
-from .metrics import topk_correct
+from ..runtime import (
+    RuntimeOptions,
+    autocast,
+    dist_env,
+    ensure_finite_loss,
+    get_rng_state,
+    inference_model,
+    is_dist,
+    resolve_device,
+    seed_everything,
+    set_rng_state,
+)
+from .features import (
+    MODEL_KEYS,
+    Embedder,
+    FeatureSpec,
+    align_labels,
+    check_fingerprint,
+    check_same_model,
+    cls_feature_fn,
+    load_features,
+    scan_images,
+)
+from .metrics import percent, topk_correct
 
 log = logging.getLogger("dinokit")
 
 CHECKPOINT_NAME = "checkpoint.pth"
+#: files of an earlier run that a fresh probe run in the same folder removes first
+RUN_FILES = ("log.jsonl",)
+MISSING_WEIGHTS = "Give --weights (a checkpoint, a preset or 'random'): the backbone to probe."
 
 
 def default_feature_options(arch: str) -> tuple[int, bool]:
@@ -46,22 +85,19 @@ def default_feature_options(arch: str) -> tuple[int, bool]:
 
 
 @dataclass
-class LinearConfig:
-    """What ``dinokit linear`` needs."""
+class LinearConfig(BackboneOptions, RuntimeOptions):
+    """What ``dinokit linear`` needs. ``weights`` None: no backbone (and no check of given feature
+    files); the backbone and runtime fields come from the two option mixins."""
 
     output: Path
     train: Path | None = None
     val: Path | None = None
     train_features: Path | None = None
     val_features: Path | None = None
-    weights: str | None = None  # None: random init (and no check of given feature files)
-    arch: str | None = None
-    patch_size: int | None = None
-    checkpoint_key: str = "teacher"
     n_last_blocks: int | None = None  # None: the paper's default for the arch
     avgpool_patch_tokens: bool | None = None
     epochs: int = 100
-    batch_size: int = 128
+    batch_size: int = field(default=128, kw_only=True)
     lr: float = 0.001  # scaled by batch * world / 256
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -76,10 +112,6 @@ class LinearConfig:
     resize: int = 256
     crop: int = 224
     min_scale: float = 0.08
-    num_workers: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -112,8 +144,6 @@ class LinearResult:
 # Pieces
 # ---------------------------------------------------------------------------------------------
 def _feature_spec(cfg: LinearConfig, n_last_blocks: int, avgpool: bool, batch_size: int | None = None):
-    from .features import FeatureSpec
-
     return FeatureSpec(
         weights=cfg.weights or "random",
         arch=cfg.arch,
@@ -132,8 +162,6 @@ def _feature_spec(cfg: LinearConfig, n_last_blocks: int, avgpool: bool, batch_si
 
 
 def _resolve_options(cfg: LinearConfig, model: nn.Module | None) -> tuple[int, bool]:
-    from ..models.registry import backbone_arch, is_vit
-
     if model is not None and not is_vit(model):
         return 1, False
     arch = backbone_arch(model) if model is not None else (cfg.arch or "vit_small")
@@ -143,12 +171,9 @@ def _resolve_options(cfg: LinearConfig, model: nn.Module | None) -> tuple[int, b
             cfg.avgpool_patch_tokens if cfg.avgpool_patch_tokens is not None else avg)
 
 
-def train_transform(crop: int = 224, min_scale: float = 0.08):
-    """The paper's probe augmentation: RandomResizedCrop + horizontal flip + ImageNet normalisation."""
-    from torchvision import transforms as T
-
-    from ..data.transforms import normalize
-
+def probe_train_transform(crop: int = 224, min_scale: float = 0.08) -> T.Compose:
+    """The paper's probe augmentation: RandomResizedCrop + horizontal flip + ImageNet normalisation
+    (fine-tuning's stronger augmentation is :func:`dinokit.train.augment.train_transform`)."""
     return T.Compose(
         [
             T.RandomResizedCrop(crop, scale=(min_scale, 1.0)),
@@ -157,16 +182,6 @@ def train_transform(crop: int = 224, min_scale: float = 0.08):
             normalize(),
         ]
     )
-
-
-def _load_backbone(cfg: LinearConfig):
-    from ..checkpoints import load_backbone
-    from ..runtime import seed_everything
-
-    if cfg.weights is None:
-        raise DataError("Give --weights (a checkpoint, a preset or 'random'): the backbone to probe.")
-    seed_everything(cfg.seed)
-    return load_backbone(cfg.weights, cfg.arch, cfg.patch_size, cfg.checkpoint_key)
 
 
 def _head_state(probe: nn.Module) -> dict[str, torch.Tensor]:
@@ -178,9 +193,6 @@ class _ProbeRun:
     """Optimiser, schedule, checkpointing and the epoch bookkeeping shared by both training paths."""
 
     def __init__(self, cfg: LinearConfig, dim: int, num_classes: int, identity: dict, world: int, device):
-        from ..models.head import LinearClassifier
-        from ..runtime import seed_everything
-
         self.cfg = cfg
         self.out = Path(cfg.output)
         self.identity = identity
@@ -197,15 +209,11 @@ class _ProbeRun:
         self.history: list[dict] = []
 
     def maybe_resume(self, progress: Progress) -> None:
-        from ..checkpoints import read_checkpoint
-        from ..runtime import dist_env
-
         path = self.out / CHECKPOINT_NAME
         if not (self.cfg.resume and path.is_file()):
             if self.cfg.resume:
                 progress.log(f"no {CHECKPOINT_NAME} in {self.out}: starting from the first epoch")
-            if dist_env().is_main:  # a fresh run (e.g. with --overwrite) starts a fresh log
-                (self.out / "log.jsonl").unlink(missing_ok=True)
+            remove_run_files(self.out, RUN_FILES, main=dist_env().is_main)  # a fresh run, a fresh log
             return
         ck = read_checkpoint(path)
         saved = ck.get("identity", {})
@@ -233,9 +241,6 @@ class _ProbeRun:
         progress.log(f"resuming from epoch {self.start_epoch} of {self.cfg.epochs}")
 
     def end_epoch(self, epoch: int, loss: float, scores: dict | None, is_main: bool) -> None:
-        from ..checkpoints import save_checkpoint
-        from ..io import append_jsonl
-
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         row = {"epoch": epoch + 1, "loss": loss, "lr": lr}
@@ -273,15 +278,6 @@ class _ProbeRun:
 # ---------------------------------------------------------------------------------------------
 def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, avg: bool | None = None):
     """Train/val feature sets (from files, or embedded and cached in the output) and the options used."""
-    from .features import (
-        MODEL_KEYS,
-        Embedder,
-        check_fingerprint,
-        check_same_model,
-        load_features,
-        scan_images,
-    )
-
     given = (cfg.train_features is not None, cfg.val_features is not None)
     if any(given) and not all(given):
         raise DataError("Give both --train-features and --val-features, or neither.")
@@ -289,7 +285,7 @@ def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, a
         train, val = load_features(cfg.train_features), load_features(cfg.val_features)
         check_same_model(train, val, str(cfg.train_features), str(cfg.val_features))
         if cfg.weights is not None:
-            model = _load_backbone(cfg)
+            model = prepare_backbone(cfg, missing=MISSING_WEIGHTS).model
             n0, avg0 = _resolve_options(cfg, model)
             emb = Embedder(_feature_spec(cfg, train.fingerprint.get("n_last_blocks", n0),
                                          train.fingerprint.get("avgpool_patch_tokens", avg0)), model=model)
@@ -300,7 +296,7 @@ def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, a
         raise DataError("Give --train and --val image folders (or --train-features and --val-features).")
     train_images = scan_images(cfg.train, labelled=True)
     val_images = scan_images(cfg.val, classes=train_images.classes, labelled=True)
-    model = _load_backbone(cfg)
+    model = prepare_backbone(cfg, missing=MISSING_WEIGHTS).model
     if n is None:
         n, avg = _resolve_options(cfg, model)
     emb = Embedder(_feature_spec(cfg, n, avg), model=model)
@@ -312,9 +308,6 @@ def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, a
 
 def train_on_features(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
     """The fast path: the probe trained on cached (centre-crop) features."""
-    from ..runtime import dist_env, resolve_device
-    from .features import align_labels
-
     train, val, n, avg = _feature_sets(cfg, progress)
     val_labels = align_labels(train, val, "training", "validation")
     C = max(len(train.classes), int(train.labels.max()) + 1)
@@ -360,9 +353,8 @@ def train_on_features(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> 
     )
 
 
-def _check_finite(total: float, epoch: int) -> None:
-    if not math.isfinite(total):
-        raise DinokitError(f"The probe's loss became {total} in epoch {epoch + 1}; lower --lr.")
+def _check_finite(loss: float, epoch: int) -> None:
+    ensure_finite_loss(loss, f"The probe's loss became {{loss}} in epoch {epoch + 1}; lower --lr.")
 
 
 @torch.no_grad()
@@ -372,7 +364,7 @@ def _score_logits(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int
     for s in range(0, len(x), chunk):
         a, b = topk_correct(probe(x[s : s + chunk]), y[s : s + chunk])
         c1, c5 = c1 + a, c5 + b
-    return {"top1": 100.0 * c1 / len(x), "top5": 100.0 * c5 / len(x)}
+    return {"top1": percent(c1, len(x)), "top5": percent(c5, len(x))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,17 +373,12 @@ def _score_logits(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int
 def train_on_images(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
     """The paper's probe: frozen backbone, RandomResizedCrop + flip on the training images; under
     torchrun each process takes a shard of every epoch and the probe is wrapped in DDP."""
-    from ..data.images import ImageDataset, collate_skip_none
-    from ..runtime import autocast, dist_env, inference_model, is_dist, resolve_device, resolve_precision
-    from .features import Embedder, cls_feature_fn, scan_images
-
     if cfg.train is None or cfg.val is None:
         raise DataError("Give --train and --val image folders for the probe on images.")
     train_images = scan_images(cfg.train, labelled=True)
     val_images = scan_images(cfg.val, classes=train_images.classes, labelled=True)
-    device = resolve_device(cfg.device)
-    dtype = resolve_precision(cfg.precision, device, training=False)
-    model = _load_backbone(cfg).to(device).eval()
+    backbone = prepare_backbone(cfg, missing=MISSING_WEIGHTS)
+    model, device = backbone.model, backbone.device
     for p in model.parameters():
         p.requires_grad_(False)
     n, avg = _resolve_options(cfg, model)
@@ -401,8 +388,7 @@ def train_on_images(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Li
         probe_in = torch.zeros(1, 3, cfg.crop, cfg.crop, device=device)
         dim = int(feature_fn(model, probe_in).shape[1])
     C = len(train_images.classes)
-    env = dist_env()
-    world = env.world_size if is_dist() else 1
+    world = dist_env().world_size if is_dist() else 1
     identity = {
         "mode": "images",
         "feature_fingerprint": {k: v for k, v in emb.fingerprint.items() if k != "data"},
@@ -418,39 +404,60 @@ def train_on_images(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Li
         run.probe = nn.parallel.DistributedDataParallel(
             run.probe, device_ids=[device.index] if device.type == "cuda" else None
         )
-    train_ds = ImageDataset(
-        train_images.paths, train_images.labels, train_transform(cfg.crop, cfg.min_scale), skip_unreadable=True
+    loaders = _ImageLoaders(cfg, train_images, val_images, emb.transform, device)
+    run_model, run_dtype = inference_model(model, backbone.dtype)  # the frozen backbone: bf16 is cast once
+    _train_image_epochs(run, loaders, run_model, run_dtype, feature_fn, device, progress)
+    return run.result(
+        "images", num_classes=C, feature_dim=dim, n_train=len(loaders.train_set), n_val=len(loaders.val_set),
+        n_last_blocks=n, avgpool_patch_tokens=avg, fingerprint=dict(emb.fingerprint),
     )
-    val_ds = ImageDataset(val_images.paths, val_images.labels, emb.transform, skip_unreadable=True)
-    sampler = torch.utils.data.DistributedSampler(train_ds, seed=cfg.seed) if is_dist() else None
-    val_idx = list(range(env.rank, len(val_ds), world)) if is_dist() else list(range(len(val_ds)))
-    loader_kw = dict(num_workers=cfg.num_workers, collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
-                     persistent_workers=cfg.num_workers > 0)
-    gen = torch.Generator()
-    train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=False,
-        generator=gen, **loader_kw,
-    )
-    val_loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(val_ds, val_idx), batch_size=cfg.batch_size, shuffle=False, **loader_kw
-    )
-    run_model, run_dtype = inference_model(model, dtype)  # the frozen backbone: bf16 is cast once
-    steps = len(train_loader)
+
+
+class _ImageLoaders:
+    """The probe's training loader (augmented, sharded and reshuffled per epoch under torchrun) and
+    its validation loader (this rank's share of the val images, centre crops)."""
+
+    def __init__(self, cfg: LinearConfig, train_images, val_images, val_transform, device: torch.device):
+        self.train_set = ImageDataset(
+            train_images.paths, train_images.labels, probe_train_transform(cfg.crop, cfg.min_scale),
+            skip_unreadable=True,
+        )  # fmt: skip
+        self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, skip_unreadable=True)
+        self.sampler = torch.utils.data.DistributedSampler(self.train_set, seed=cfg.seed) if is_dist() else None
+        env = dist_env()
+        world = env.world_size if is_dist() else 1
+        val_idx = list(range(env.rank, len(self.val_set), world)) if is_dist() else list(range(len(self.val_set)))
+        loader_kw = dict(num_workers=cfg.num_workers, collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
+                         persistent_workers=cfg.num_workers > 0)  # fmt: skip
+        self.generator = torch.Generator()
+        self.train = torch.utils.data.DataLoader(
+            self.train_set, batch_size=cfg.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
+            drop_last=False, generator=self.generator, **loader_kw,
+        )  # fmt: skip
+        self.val = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self.val_set, val_idx), batch_size=cfg.batch_size, shuffle=False, **loader_kw
+        )
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        self.generator.manual_seed(seed * 100_003 + epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+
+def _train_image_epochs(run: _ProbeRun, loaders: _ImageLoaders, model, dtype, feature_fn, device,
+                        progress: Progress) -> None:
+    """The epochs of the probe on images: train on augmented crops, validate every ``val_every``."""
+    cfg = run.cfg
+    steps = len(loaders.train)
     task = progress.task("linear probe (images)", total=(cfg.epochs - run.start_epoch) * steps)
     for epoch in range(run.start_epoch, cfg.epochs):
-        gen.manual_seed(cfg.seed * 100_003 + epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        loaders.set_epoch(cfg.seed, epoch)
         run.probe.train()
         total = torch.zeros(2, dtype=torch.float64)
-        for batch, _ in train_loader:
-            if batch is None:
-                task.advance(1)
-                continue
-            x, y, _ = batch
+        for x, y, _ in readable_batches(loaders.train):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.no_grad(), autocast(device, run_dtype):
-                feats = feature_fn(run_model, x)
+            with torch.no_grad(), autocast(device, dtype):
+                feats = feature_fn(model, x)
             loss = F.cross_entropy(run.probe(feats.float()), y)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -463,25 +470,16 @@ def train_on_images(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Li
         _check_finite(mean_loss, epoch)
         scores = None
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            scores = _validate_images(run_model, run.probe, feature_fn, val_loader, device, run_dtype)
-        run.end_epoch(epoch, mean_loss, scores, env.is_main)
+            scores = _validate_images(model, run.probe, feature_fn, loaders.val, device, dtype)
+        run.end_epoch(epoch, mean_loss, scores, dist_env().is_main)
     task.close()
-    return run.result(
-        "images", num_classes=C, feature_dim=dim, n_train=len(train_ds), n_val=len(val_ds),
-        n_last_blocks=n, avgpool_patch_tokens=avg, fingerprint=dict(emb.fingerprint),
-    )
 
 
 @torch.no_grad()
 def _validate_images(model, probe, feature_fn, loader, device, dtype) -> dict[str, float]:
-    from ..runtime import autocast, is_dist
-
     probe.eval()
     counts = torch.zeros(3, dtype=torch.float64)
-    for batch, _ in loader:
-        if batch is None:
-            continue
-        x, y, _ = batch
+    for x, y, _ in readable_batches(loader):
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             feats = feature_fn(model, x)
@@ -492,7 +490,7 @@ def _validate_images(model, probe, feature_fn, loader, device, dtype) -> dict[st
         torch.distributed.all_reduce(c)
         counts = c.cpu()
     n = max(float(counts[2]), 1.0)
-    return {"top1": 100.0 * float(counts[0]) / n, "top5": 100.0 * float(counts[1]) / n}
+    return {"top1": percent(float(counts[0]), n), "top5": percent(float(counts[1]), n)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,9 +499,6 @@ def _validate_images(model, probe, feature_fn, loader, device, dtype) -> dict[st
 def evaluate_head(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
     """Validate a trained linear head (a released ``*_linearweights.pth``, a preset name, or a dinokit
     probe checkpoint) on the val images, without training."""
-    from ..checkpoints import LINEAR_PRESETS, load_linear_head
-    from .features import Embedder, scan_images
-
     if not cfg.linear_weights:
         raise DataError("--evaluate needs --linear-weights (a *_linearweights.pth file or a preset name).")
     if cfg.val is None:
@@ -521,7 +516,7 @@ def evaluate_head(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Line
             f"The linear head has {w.shape[0]} classes but {cfg.train or cfg.val} has {len(val_images.classes)} "
             "class folders; pass the training folder with --train so the class order matches."
         )
-    model = _load_backbone(cfg)
+    model = prepare_backbone(cfg, missing=MISSING_WEIGHTS).model
     n, avg = _resolve_options(cfg, model)
     emb = Embedder(_feature_spec(cfg, n, avg), model=model)
     val = emb.embed(val_images, cache=Path(cfg.output) / "val_features.pt", progress=progress, description="val features")
@@ -532,7 +527,7 @@ def evaluate_head(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Line
         )
     logits = val.features @ w.T + b
     c1, c5 = topk_correct(logits, val.labels)
-    final = {"top1": 100.0 * c1 / len(val), "top5": 100.0 * c5 / len(val)}
+    final = {"top1": percent(c1, len(val)), "top5": percent(c5, len(val))}
     return LinearResult(
         "evaluate", final=final, best=dict(final), num_classes=w.shape[0], feature_dim=val.dim, n_val=len(val),
         n_last_blocks=n, avgpool_patch_tokens=avg, fingerprint=dict(val.fingerprint),
@@ -567,8 +562,6 @@ def logistic_probe(
 
 
 def logistic_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
-    from .features import align_labels
-
     train, val, n, avg = _feature_sets(cfg, progress)
     val_labels = align_labels(train, val, "training", "validation")
     task = progress.task("logistic regression", total=None)
@@ -597,13 +590,6 @@ def linear_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Linear
 
 
 __all__: Sequence[str] = [
-    "LinearConfig",
-    "LinearResult",
-    "default_feature_options",
-    "evaluate_head",
-    "linear_eval",
-    "logistic_probe",
-    "train_on_features",
-    "train_on_images",
-    "train_transform",
+    "LinearConfig", "LinearResult", "default_feature_options", "evaluate_head", "linear_eval", "logistic_probe",
+    "probe_train_transform", "train_on_features", "train_on_images",
 ]
