@@ -38,7 +38,7 @@ def _embed(args, q):
     import torch
 
     import dinokit
-    from dinokit.eval.copy_detection import copy_feature_fn
+    from dinokit.eval.descriptors import copy_feature_fn
     from dinokit.eval.features import extract_features
     from dinokit.runtime import resolve_device, resolve_precision
 
@@ -84,7 +84,8 @@ def _search(args, folder: Path, kind: str, q):
     import numpy as np
     import torch
 
-    from dinokit.eval.copy_detection import rank_database, search_pairs_exact, search_pairs_faiss
+    from dinokit.eval.copy_detection import rank_database
+    from dinokit.eval.near_duplicates import search_pairs_exact, search_pairs_faiss
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     base = _current_rss_mb()

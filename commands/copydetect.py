@@ -22,6 +22,7 @@ from ._common import (
     RichProgress,
     Seed,
     Weights,
+    Whitening,
     console,
     is_main_process,
     print_table,
@@ -49,9 +50,7 @@ def copydetect(
     distractors: Annotated[
         Optional[Path], typer.Option("--distractors", help="A folder of distractor images added to the database.")
     ] = None,
-    whitening: Annotated[
-        Optional[Path], typer.Option("--whitening", help="A folder of other images to learn the whitening on.")
-    ] = None,
+    whitening: Whitening = None,
     top: Annotated[
         int, typer.Option("--top", min=0, help="Score the top N results of each query (0: the whole ranking).")
     ] = 20,

@@ -22,6 +22,7 @@ from ._common import (
     RichProgress,
     Seed,
     Weights,
+    Whitening,
     console,
     is_main_process,
     print_table,
@@ -44,9 +45,7 @@ def duplicates(
             "(default 0.9, or 0.5 with --whitening).",
         ),
     ] = None,
-    whitening: Annotated[
-        Optional[Path], typer.Option("--whitening", help="A folder of other images to learn a whitening on.")
-    ] = None,
+    whitening: Whitening = None,
     weights: Weights = "random",
     arch: Arch = None,
     patch_size: PatchSize = None,
@@ -82,8 +81,9 @@ def duplicates(
     """Find near-duplicate images: pairs with their similarity (pairs.csv, pairs.json) and a contact
     sheet of the closest pairs (pairs.png). Descriptors are stored in OUT/index and reused when the
     command is run again with --overwrite: only new or changed images are embedded."""
-    from dinokit.eval.copy_detection import DuplicatesConfig, contact_sheet, find_duplicates, write_pairs
+    from dinokit.eval.near_duplicates import DuplicatesConfig, find_duplicates, write_pairs
     from dinokit.io import prepare_output_dir, write_metrics
+    from dinokit.viz import contact_sheet
 
     setup_logging(quiet)
     prepare_output_dir(output, overwrite=overwrite)

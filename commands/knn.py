@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,6 +12,7 @@ from ._common import (
     CheckpointKey,
     Device,
     NumWorkers,
+    OptionalWeights,
     Output,
     Overwrite,
     PatchSize,
@@ -20,6 +20,10 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Train,
+    TrainFeatures,
+    Val,
+    ValFeatures,
     console,
     print_table,
     setup_logging,
@@ -41,18 +45,11 @@ def parse_ks(text: str) -> tuple[int, ...]:
 
 def knn(
     output: Output,
-    train: Annotated[Optional[Path], typer.Option("--train", help="Labelled training images (ROOT/<class>/<image>).")] = None,
-    val: Annotated[Optional[Path], typer.Option("--val", help="Labelled validation images (ROOT/<class>/<image>).")] = None,
-    train_features: Annotated[
-        Optional[Path], typer.Option("--train-features", help="A features file from dinokit features (instead of --train).")
-    ] = None,
-    val_features: Annotated[
-        Optional[Path], typer.Option("--val-features", help="A features file from dinokit features (instead of --val).")
-    ] = None,
-    weights: Annotated[
-        Optional[str],
-        typer.Option("--weights", "-w", help="A checkpoint path, a preset (dino_vits16, ...) or 'random'."),
-    ] = None,
+    train: Train = None,
+    val: Val = None,
+    train_features: TrainFeatures = None,
+    val_features: ValFeatures = None,
+    weights: OptionalWeights = None,
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",

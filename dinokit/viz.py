@@ -347,3 +347,50 @@ class Mp4Writer:
             os.replace(self._tmp, self.path)
         else:
             self._tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Near-duplicate contact sheets
+# ---------------------------------------------------------------------------------------------
+def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
+                  thumb: int = 160) -> Path | None:
+    """A PNG of the best ``max_pairs`` near-duplicate pairs (``image_a``, ``image_b``, ``score``; see
+    :class:`dinokit.eval.near_duplicates.DuplicatePair`), one row each: the two images side by side
+    and the score."""
+    # here, not at the top: the image reader brings torch, which the other pictures do not need
+    from .data.images import open_rgb
+    from .errors import DinokitError
+
+    pairs = list(pairs)[:max_pairs]
+    if not pairs:
+        return None
+    pad, text_w = 8, 300
+    row_h = thumb + pad
+    sheet = Image.new("RGB", (2 * thumb + text_w + 4 * pad, pad + row_h * len(pairs)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+
+    def tile(p: str) -> Image.Image:
+        try:
+            im = open_rgb(p)
+        except DinokitError:
+            return Image.new("RGB", (thumb, thumb), (200, 200, 200))
+        im.thumbnail((thumb, thumb))
+        return im
+
+    for r, pair in enumerate(pairs):
+        y = pad + r * row_h
+        for c, name in enumerate((pair.image_a, pair.image_b)):
+            im = tile(name)
+            x = pad + c * (thumb + pad)
+            sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+        tx = 2 * (thumb + pad) + 2 * pad
+        draw.text((tx, y + 4), f"{r + 1}.  similarity {pair.score:.3f}", fill=(0, 0, 0))
+        for k, name in enumerate((pair.image_a, pair.image_b)):
+            parts = Path(name).parts
+            label = "/".join(parts[-2:])  # the folder tells apart copies that share a file name
+            label = label if len(label) <= 44 else "..." + label[-41:]
+            draw.text((tx, y + 24 + 16 * k), label, fill=(60, 60, 60))
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        sheet.save(f, format="PNG")
+    return path

@@ -15,7 +15,7 @@ from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
 import dinokit
-from dinokit.eval.copy_detection import (
+from dinokit.eval.near_duplicates import (
     EmbeddingStore,
     search_pairs_exact,
     search_pairs_faiss,
@@ -198,12 +198,12 @@ def test_faiss_search_finds_close_pairs():
 
 
 def test_store_round_trip_in_chunks(tmp_path):
-    from dinokit.eval.copy_detection import (
+    from dinokit.eval.descriptors import (
         DescriptorEmbedder,
         copy_feature_fn,
         copy_transform,
-        embed_into_store,
     )
+    from dinokit.eval.near_duplicates import embed_into_store
 
     paths = []
     for i in range(5):
@@ -223,7 +223,7 @@ def test_store_round_trip_in_chunks(tmp_path):
     again = EmbeddingStore(tmp_path / "index", emb.fingerprint)
     assert again.missing(paths) == []
     got = again.read(paths[:5][::-1])
-    from dinokit.eval.copy_detection import copy_descriptor
+    from dinokit.eval.descriptors import copy_descriptor
 
     with torch.no_grad():
         x = torch.stack([copy_transform(32)(Image.open(p).convert("RGB")) for p in paths[:5][::-1]])

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import dinokit
 from dinokit.errors import DataError
+from dinokit.eval.metrics import trapezoid_ap
 from dinokit.eval.retrieval import (
     load_ground_truth,
     parse_ground_truth,
@@ -23,7 +24,6 @@ from dinokit.eval.retrieval import (
     revisited_map,
     safe_unpickle,
     thumbnail,
-    trapezoid_ap,
 )
 
 runner = CliRunner()

@@ -469,7 +469,7 @@ def test_copydays_images_are_distinct(copydays_root):
 
 def test_copydays_reads_as_copydays(copydays_root):
     """dinokit's own Copydays reader finds every block and a positive for every query."""
-    from dinokit.eval.copy_detection import copydays_positives, scan_copydays
+    from dinokit.data.copydays import copydays_positives, scan_copydays
 
     layout = scan_copydays(copydays_root / "copydays")
     assert "strong" in layout.blocks and "jpegqual/50" in layout.blocks and "crops/80" in layout.blocks

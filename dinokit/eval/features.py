@@ -17,17 +17,27 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..checkpoints import BackboneOptions, PreparedBackbone, prepare_backbone
 from ..data.images import collate_skip_none, readable_batches
 from ..errors import DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
-from ..runtime import autocast, dist_env, inference_model, is_dist
+from ..runtime import (
+    RuntimeOptions,
+    autocast,
+    dist_env,
+    inference_model,
+    is_dist,
+    resolve_device,
+    resolve_precision,
+)
+from .cache import CachedTensors
 
 log = logging.getLogger("dinokit")
 
@@ -373,6 +383,11 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise DataError(f"{path} is not a readable features file ({str(e).splitlines()[0]}).") from e
+    return feature_set_from_dict(obj, path)
+
+
+def feature_set_from_dict(obj: Any, path: str | os.PathLike) -> FeatureSet:
+    """The feature set in a dict read from a ``.pt`` features file (``path`` names it in errors)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("features"), torch.Tensor):
         raise DataError(f"{path} is not a dinokit features file (made with dinokit features).")
     feats = obj["features"].float()
@@ -485,23 +500,15 @@ def align_labels(train: FeatureSet, val: FeatureSet, name_train: str = "train", 
     return remap[val.labels]
 
 
-@dataclass
-class FeatureSpec:
+@dataclass(kw_only=True)
+class FeatureSpec(BackboneOptions, RuntimeOptions):
     """How to embed a folder: weights and model, feature options, transform sizes, runtime."""
 
     weights: str = "random"
-    arch: str | None = None
-    patch_size: int | None = None
-    checkpoint_key: str = "teacher"
     n_last_blocks: int = 1
     avgpool_patch_tokens: bool = False
     resize: int = 256
     crop: int = 224
-    batch_size: int = 64
-    num_workers: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    seed: int = 0
 
 
 class Embedder:
@@ -509,16 +516,18 @@ class Embedder:
     (weights, arch, transform, options, file list) matches is reused, any other is recomputed."""
 
     def __init__(self, spec: FeatureSpec, model: nn.Module | None = None, **model_kwargs):
-        from ..checkpoints import load_backbone
         from ..data.transforms import eval_transform
-        from ..runtime import inference_model, resolve_device, resolve_precision, seed_everything
 
         self.spec = spec
-        self.device = resolve_device(spec.device)
-        self.dtype = resolve_precision(spec.precision, self.device, training=False)
         if model is None:
-            seed_everything(spec.seed)
-            model = load_backbone(spec.weights, spec.arch, spec.patch_size, spec.checkpoint_key, **model_kwargs)
+            spec_kwargs = {**spec.model_kwargs, **model_kwargs}
+            backbone = prepare_backbone(replace(spec, model_kwargs=spec_kwargs) if model_kwargs else spec)
+        else:  # a model the caller loaded (and seeded) already
+            device = resolve_device(spec.device)
+            dtype = resolve_precision(spec.precision, device, training=False)
+            backbone = PreparedBackbone(model.to(device).eval(), device, dtype)
+        self.device, self.dtype = backbone.device, backbone.dtype
+        model = backbone.model
         depth = getattr(model, "depth", None)
         if depth is not None and spec.n_last_blocks > depth:
             raise DataError(f"--n-last-blocks {spec.n_last_blocks} asks for more blocks than the model's {depth}.")
@@ -534,7 +543,7 @@ class Embedder:
             self.dtype,
         )
         # bf16: cast one copy here (after the fingerprint, which hashes the fp32 weights), not per call
-        self.model, _ = inference_model(model.to(self.device).eval(), self.dtype)
+        self.model, _ = backbone.for_inference()
 
     def embed(
         self,
@@ -552,12 +561,14 @@ class Embedder:
 
             expected["transform"] = describe_transform(transform)
         expected["data"] = data_fingerprint(images.paths, images.root)
-        if cache is not None and Path(cache).is_file():
+        cached_file = CachedTensors(cache, same_fingerprint) if cache is not None else None
+        if cached_file is not None and cached_file.exists():
             try:
-                cached = load_features(cache)
+                stored = cached_file.load(expected)
+                cached = feature_set_from_dict(stored, cache) if stored is not None else None
             except DinokitError:
                 cached = None
-            if cached is not None and same_fingerprint(cached.fingerprint, expected):
+            if cached is not None:
                 progress.log(f"reusing cached features {cache}")
                 return cached
             progress.log(f"recomputing {cache}: its fingerprint does not match")
@@ -578,6 +589,6 @@ class Embedder:
             description=description,
             fingerprint=expected,
         )
-        if cache is not None and dist_env().is_main:
-            save_features(fs, cache, overwrite=True)
+        if cached_file is not None:
+            cached_file.save(fs.to_dict())
         return fs

@@ -24,8 +24,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..checkpoints import BackboneOptions
 from ..errors import DataError
 from ..progress import NULL_PROGRESS, Progress
+from ..runtime import RuntimeOptions
+from .features import (
+    MODEL_KEYS,
+    Embedder,
+    FeatureSpec,
+    align_labels,
+    check_fingerprint,
+    check_same_model,
+    load_features,
+    scan_images,
+)
 from .metrics import percent, ranked_hits
 
 log = logging.getLogger("dinokit")
@@ -124,10 +136,10 @@ def knn_predict(
         weights = (top_sim / temperature).exp_()
         nb_labels = labels[top_idx]
         votes = torch.zeros(q.shape[0], C, device=device, dtype=torch.float32)
-        prev = 0
+        voted = 0  # neighbours whose votes are already in ``votes``
         for k in used:
-            votes.scatter_add_(1, nb_labels[:, prev:k], weights[:, prev:k])
-            prev = k
+            votes.scatter_add_(1, nb_labels[:, voted:k], weights[:, voted:k])
+            voted = k
             # a stable descending sort: equal votes rank the lower class index first
             order = votes.sort(dim=1, descending=True, stable=True).indices[:, :n_rank]
             ranked[k][start : start + q.shape[0]] = order.cpu()
@@ -190,7 +202,7 @@ def per_class_top1(ranked: torch.Tensor, targets: torch.Tensor, classes: Sequenc
 # The run behind `dinokit knn`
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class KnnConfig:
+class KnnConfig(BackboneOptions, RuntimeOptions):
     """What ``dinokit knn`` needs: images (with weights) or precomputed features, and the protocol."""
 
     output: Path
@@ -198,21 +210,12 @@ class KnnConfig:
     val: Path | None = None
     train_features: Path | None = None
     val_features: Path | None = None
-    weights: str | None = None
-    arch: str | None = None
-    patch_size: int | None = None
-    checkpoint_key: str = "teacher"
     n_last_blocks: int = 1
     avgpool_patch_tokens: bool = False
     ks: tuple[int, ...] = DEFAULT_KS
     temperature: float = 0.07
     resize: int = 256
     crop: int = 224
-    batch_size: int = 64
-    num_workers: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    seed: int = 0
     memory_budget: int = DEFAULT_MEMORY_BUDGET
 
 
@@ -237,15 +240,6 @@ class KnnResult:
 
 def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
     """Train and val feature sets for a k-NN/linear run: from files, or embedded (cached in the output)."""
-    from .features import (
-        MODEL_KEYS,
-        Embedder,
-        FeatureSpec,
-        check_fingerprint,
-        check_same_model,
-        load_features,
-    )
-
     given = (cfg.train_features is not None, cfg.val_features is not None)
     if any(given) and not all(given):
         raise DataError("Give both --train-features and --val-features, or neither.")
@@ -254,6 +248,7 @@ def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
         arch=cfg.arch,
         patch_size=cfg.patch_size,
         checkpoint_key=cfg.checkpoint_key,
+        model_kwargs=dict(cfg.model_kwargs),
         n_last_blocks=cfg.n_last_blocks,
         avgpool_patch_tokens=cfg.avgpool_patch_tokens,
         resize=cfg.resize,
@@ -278,8 +273,6 @@ def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
         raise DataError("Give --train and --val image folders (or --train-features and --val-features).")
     if cfg.weights is None:
         raise DataError("Give --weights (a checkpoint, a preset or 'random') to embed the images.")
-    from .features import scan_images
-
     train_images = scan_images(cfg.train, labelled=True)
     val_images = scan_images(cfg.val, classes=train_images.classes, labelled=True)
     embedder = Embedder(spec)
@@ -291,8 +284,6 @@ def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
 
 def knn_eval(cfg: KnnConfig, progress: Progress = NULL_PROGRESS) -> KnnResult:
     """``dinokit knn``: embed (or load) train and val, run the weighted k-NN, per-k and per-class scores."""
-    from .features import align_labels
-
     train, val = load_feature_pair(cfg, progress)
     val_labels = align_labels(train, val, "training", "validation")
     C = max(len(train.classes), int(train.labels.max()) + 1)

@@ -14,16 +14,24 @@ import math
 import os
 import pickle
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from torchvision import transforms as T
 
+from ..checkpoints import BackboneOptions, prepare_backbone
+from ..data.images import is_image_file, open_rgb
+from ..data.transforms import normalize
 from ..errors import DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
+from ..runtime import RuntimeOptions, init_distributed
+from .descriptors import DescriptorEmbedder
+from .metrics import trapezoid_ap
 
 log = logging.getLogger("dinokit")
 
@@ -187,18 +195,6 @@ def load_ground_truth(path: str | os.PathLike) -> RevisitedGroundTruth:
 # ---------------------------------------------------------------------------------------------
 # The revisited protocol's scores
 # ---------------------------------------------------------------------------------------------
-def trapezoid_ap(positive_ranks: Sequence[int], n_positives: int) -> float:
-    """AP as the area under the precision-recall curve by trapezoids: the i-th positive (0-based)
-    found at rank r (0-based, ignored images already removed) adds 1/n_positives times the mean of
-    the precisions just before it (i / r, or 1 at r = 0) and at it ((i + 1) / (r + 1))."""
-    total = 0.0
-    for i, r in enumerate(sorted(positive_ranks)):
-        before = 1.0 if r == 0 else i / r
-        at = (i + 1) / (r + 1)
-        total += (before + at) / 2.0
-    return total / n_positives
-
-
 def query_scores(
     ranking: Sequence[int], positives: Sequence[int], ignored: Sequence[int], kappas: Sequence[int] = KAPPAS
 ) -> tuple[float, list[float]] | None:
@@ -255,8 +251,6 @@ def revisited_map(
 def thumbnail(img, imsize: int):
     """The reference's resize: the long side becomes at most ``imsize`` (aspect kept, Lanczos; PIL's
     thumbnail never enlarges)."""
-    from PIL import Image
-
     img = img.copy()
     img.thumbnail((imsize, imsize), Image.LANCZOS)
     return img
@@ -267,10 +261,6 @@ class RetrievalImages(torch.utils.data.Dataset):
     yields (x, -1, index), or None for an unreadable file."""
 
     def __init__(self, paths: Sequence[Path], imsize: int, boxes: Sequence[Any] | None = None):
-        from torchvision import transforms as T
-
-        from ..data.transforms import normalize
-
         self.paths = list(paths)
         self.imsize = imsize
         self.boxes = list(boxes) if boxes is not None else None
@@ -280,8 +270,6 @@ class RetrievalImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from ..data.images import open_rgb
-
         try:
             img = open_rgb(self.paths[i])
         except DinokitError:
@@ -312,8 +300,6 @@ def retrieval_feature_fn(multiscale: bool = False):
 
 
 def _image_path(folder: Path, name: str) -> Path:
-    from ..data.images import is_image_file
-
     return folder / name if is_image_file(name) else folder / f"{name}.jpg"
 
 
@@ -336,20 +322,17 @@ def find_dataset(root: str | os.PathLike, dataset: str) -> tuple[Path, Path]:
 # The command's function
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class RetrievalConfig:
+class RetrievalConfig(BackboneOptions, RuntimeOptions):
+    """What ``dinokit retrieval`` needs: the dataset root and name, the image size and the scales."""
+
     data: Path
     dataset: str
     output: Path
-    weights: str = "random"
-    arch: str | None = None
-    patch_size: int | None = None
-    checkpoint_key: str = "teacher"
     image_size: int = 224
     multiscale: bool = False
-    num_workers: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    seed: int = 0
+    _: KW_ONLY  # the option defaults this command changes
+    weights: str = "random"
+    batch_size: int = 1  #: one image per batch: the images keep their own sizes
 
 
 @dataclass
@@ -369,8 +352,6 @@ class RetrievalResult:
 
 def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) -> RetrievalResult:
     """Revisited Oxford/Paris retrieval with CLS descriptors; scores in percent, as published."""
-    from .copy_detection import DescriptorEmbedder, _load_model, _runtime
-
     if cfg.image_size < 1:
         raise DinokitError(f"--image-size must be positive, got {cfg.image_size}.")
     gnd_path, jpg = find_dataset(cfg.data, cfg.dataset)
@@ -387,13 +368,13 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
     if absent:
         raise DataError(f"{len(absent)} images listed in {gnd_path.name} are missing from {jpg}, e.g. {absent[0].name}.")
 
-    device, dtype = _runtime(cfg.device, cfg.precision)
-    model = _load_model(cfg.weights, cfg.arch, cfg.patch_size, cfg.checkpoint_key, cfg.seed)
+    backbone = prepare_backbone(cfg)
+    init_distributed(backbone.device)
     descriptor = "cls" + (f"+multiscale{tuple(round(s, 4) for s in SCALES)}" if cfg.multiscale else "")
     transform_name = f"thumbnail({cfg.image_size}, lanczos)+normalize"
     embedder = DescriptorEmbedder(
-        model, cfg.weights, transform_name, retrieval_feature_fn(cfg.multiscale), descriptor, device, dtype,
-        batch_size=1, num_workers=cfg.num_workers, cache_dir=Path(cfg.output) / "cache",
+        backbone.model, cfg.weights, transform_name, retrieval_feature_fn(cfg.multiscale), descriptor,
+        backbone.device, backbone.dtype, batch_size=cfg.batch_size, num_workers=cfg.num_workers, cache_dir=Path(cfg.output) / "cache",
         checkpoint_key=cfg.checkpoint_key, seed=cfg.seed, progress=progress,
     )
     db = embedder.embed(db_paths, f"{cfg.dataset}-database", "database",
