@@ -195,9 +195,121 @@ def offset_features(x: torch.Tensor, value: float) -> torch.Tensor:
     return torch.cat([x, x.new_full((*x.shape[:-1], 1), value)], dim=-1)
 
 
+@dataclass(frozen=True)
+class WorkspaceKey:
+    """What the scratch of :func:`window_topk` depends on: another grid, tiling, context length,
+    dtype, device, offset or strategy needs other buffers."""
+
+    height: int
+    width: int
+    radius: int
+    tile_h: int
+    tile_w: int
+    n_context: int
+    dtype: torch.dtype
+    device: torch.device
+    offset: float
+    batched: bool
+
+
+def _as_bits(x: torch.Tensor) -> torch.Tensor:
+    """16-bit values as int16 (the same bits): copying them is faster than as bfloat16/float16."""
+    return x.view(torch.int16) if x.element_size() == 2 else x
+
+
+@dataclass(eq=False)
+class WindowWorkspace:
+    """The scratch of :func:`window_topk`, kept by a :class:`LabelPropagator` across target frames
+    and videos, and made anew by :meth:`prepare` when its :class:`WorkspaceKey` changes.
+
+    A tile's block is rows ``[i * tile_h, i * tile_h + block_rows)`` of its padded strip
+    (``block_rows = tile_h + 2r``), ``block_size = block_rows * strip_width`` context cells.
+    """
+
+    key: WorkspaceKey | None = None
+    geometry: WindowGeometry | None = None
+    #: the products of the target tiles with their blocks in every context frame, filled with
+    #: 0 - offset (what the zero padding makes): tiled (n_tiles_h, n_context, tile_cells, block_size),
+    #: one tile row after another, as the rows cut off at the frame's edges differ by tile row;
+    #: batched (n_context, n_tiles_h, tile_cells, block_size), a whole strip at a time
+    products: torch.Tensor | None = None
+    #: the window entries read out of the products: those of one tile (tile_cells, n_entries) when
+    #: tiled, of every tile (n_tiles_w, n_tiles_h, tile_cells, n_entries) when batched
+    windows: torch.Tensor | None = None
+    #: per tile row, the windows inside the products as a strided view (n_context, tile_h, tile_w,
+    #: side, side), in :func:`_as_bits`
+    product_windows: list[torch.Tensor] = field(default_factory=list)
+    #: tiled only: per tile row, the context rows ``[first, end)`` inside the frame
+    row_spans: list[tuple[int, int]] = field(default_factory=list)
+    #: tiled only: per tile row and context frame, the part of the products its matrix product fills
+    tile_products: list[list[torch.Tensor]] = field(default_factory=list)
+    #: the strips of the current context frames (held, compared by identity) with their block views
+    context_blocks: list[tuple[torch.Tensor, list]] = field(default_factory=list)
+
+    def prepare(self, query: torch.Tensor, geom: WindowGeometry, n_context: int, offset: float, batched: bool) -> None:
+        """Make the buffers for this grid and context unless those already held fit."""
+        key = WorkspaceKey(geom.h, geom.w, geom.radius, geom.tile_h, geom.tile_w, n_context, query.dtype,
+                           query.device, offset, batched)  # fmt: skip
+        if key == self.key:
+            return
+        tile_h, tile_w, n_tile_rows, n_strips = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
+        radius, strip_width = geom.radius, geom.strip_width
+        block_rows, side = tile_h + 2 * radius, 2 * radius + 1
+        block_size, tile_cells, n_entries = block_rows * strip_width, tile_h * tile_w, n_context * side * side
+        if batched:
+            products = query.new_full((n_context, n_tile_rows, tile_cells, block_size), -offset)
+            windows = query.new_empty((n_strips, n_tile_rows, tile_cells, n_entries))
+            context_stride, tile_row_stride = n_tile_rows * tile_cells * block_size, tile_cells * block_size
+        else:
+            products = query.new_full((n_tile_rows, n_context, tile_cells, block_size), -offset)
+            windows = query.new_empty((tile_cells, n_entries))
+            context_stride, tile_row_stride = tile_cells * block_size, n_context * tile_cells * block_size
+        # target (a, b) of a tile meets rows a..a+2r and columns b..b+2r of its block: the windows
+        # are a strided view of the products, copied out in one go
+        strides = (context_stride, tile_w * block_size + strip_width, block_size + 1, strip_width, 1)
+        self.product_windows = [
+            _as_bits(products).as_strided((n_context, tile_h, tile_w, side, side), strides, i * tile_row_stride)
+            for i in range(n_tile_rows)
+        ]
+        # tile by tile, a block is cut to the frame's rows [first, end) (one plain product per
+        # context frame, written in place); the rest of the products stays at 0 - offset
+        self.row_spans = [
+            (max(i * tile_h, radius), min(i * tile_h + block_rows, radius + geom.h)) for i in range(n_tile_rows)
+        ]
+        self.tile_products = [] if batched else [
+            [products[i, f, :, (first - i * tile_h) * strip_width : (end - i * tile_h) * strip_width]
+             for f in range(n_context)]
+            for i, (first, end) in enumerate(self.row_spans)
+        ]  # fmt: skip
+        self.key, self.geometry, self.products, self.windows = key, geom, products, windows
+        self.context_blocks = []
+
+    def blocks(self, strips: list[torch.Tensor]) -> list[list]:
+        """The block views of each context frame's strips, per strip: made once per context frame,
+        which serves every target frame that has it in its context."""
+        held = self.context_blocks
+        self.context_blocks = []
+        for keys in strips:
+            views = next((views for known, views in held if known is keys), None)
+            self.context_blocks.append((keys, self._block_views(keys) if views is None else views))
+        return [views for _, views in self.context_blocks]
+
+    def _block_views(self, keys: torch.Tensor) -> list:
+        geom = self.geometry
+        dim, strip_width, tile_h = keys.shape[-1], geom.strip_width, geom.tile_h
+        block_size = (tile_h + 2 * geom.radius) * strip_width
+        if self.key.batched:  # the blocks of a strip as one strided batch of overlapping (dim, block) matrices
+            return [
+                keys[j].as_strided((geom.n_tiles_h, block_size, dim), (tile_h * strip_width * dim, dim, 1)).transpose(1, 2)
+                for j in range(geom.n_tiles_w)
+            ]
+        flat = [keys[j].view(-1, dim) for j in range(geom.n_tiles_w)]
+        return [[strip[first * strip_width : end * strip_width].t() for first, end in self.row_spans] for strip in flat]
+
+
 def window_topk(
     query: torch.Tensor, strips: list[torch.Tensor], geom: WindowGeometry, k: int, temperature: float = 0.1,
-    margin: int = 8, workspace: dict | None = None, offset: float = 0.0, batched: bool | None = None,
+    margin: int = 8, workspace: WindowWorkspace | None = None, offset: float = 0.0, batched: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The joint top-k of the window affinities exp(cos / T) (0 outside the frame), as
     :func:`joint_topk` returns it: (weights (hw, K'), indices into F * W2, grid order).
@@ -205,11 +317,10 @@ def window_topk(
     ``query``: (h, w, D) L2-normalised target features; ``strips``: one :func:`key_strips` tensor per
     context frame. Each target tile is compared with the context blocks its windows reach (every
     context frame), its windows are read out of the products, and their top k + ``margin`` taken.
-    ``batched`` (default: on GPUs) does that a strip at a time (one strided batch of products per
-    strip and context frame, one top-k at the end, no host synchronisation per tile); otherwise a
-    tile at a time (on CPUs), so that the scratch stays small enough for the caches. ``offset``: the
-    products hold cosine - offset (see :func:`offset_features`). ``workspace``: a dict kept between
-    calls, to reuse the scratch.
+    ``batched`` (default: on GPUs) does that a strip at a time (:func:`_batched_window_topk`);
+    otherwise a tile at a time (:func:`_tiled_window_topk`, on CPUs). ``offset``: the products hold
+    cosine - offset (see :func:`offset_features`). ``workspace``: kept between calls, to reuse the
+    scratch.
 
     exp(. / T) is increasing, so the top-k of the affinities are those of the cosines, and only the
     kept ones are exponentiated. Window entries outside the frame meet the zero padding of the
@@ -217,108 +328,102 @@ def window_topk(
     drop out by themselves; the few rows where it is not (or with more ties than ``margin``) go
     through the masked formulation.
     """
-    D = query.shape[-1]
-    th, tw, nth, ntw = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
-    S, r, h = geom.strip_width, geom.radius, query.shape[0]
-    R, W, nf, M = th + 2 * r, 2 * r + 1, len(strips), th * tw
-    n = nf * W * W
-    k = min(k, n)
-    kk = min(n, k + margin)
+    n_context = len(strips)
+    n_entries = n_context * geom.window_size
+    k = min(k, n_entries)
+    n_kept = min(n_entries, k + margin)
     batched = query.device.type != "cpu" if batched is None else bool(batched)
-    q = query_tiles(query, geom)  # (ntw, nth, M, D)
-    key = (geom.h, geom.w, r, th, tw, nf, query.dtype, query.device, offset, batched)
-    if workspace is None or workspace.get("key") != key:
-        workspace = {} if workspace is None else workspace
-        workspace.clear()
-        # buf: the products of the tiles with their blocks in every context frame, (nth, nf, ...)
-        # tile by tile (as the rows cut off at the frame's edges differ by tile row), (nf, nth, ...)
-        # batched; win: the windows of one tile, or of them all
-        workspace.update(
-            key=key,
-            buf=query.new_full((nf, nth, M, R * S) if batched else (nth, nf, M, R * S), -offset),
-            win=query.new_empty((ntw, nth, M, n) if batched else (1, 1, M, n)),
-        )
-    ws = workspace
-    buf, win = ws["buf"], ws["win"]
-    # query (a, b) of a tile meets rows a..a+2r and columns b..b+2r of its block: the windows are a
-    # strided view of the products, copied out in one go (16-bit values as int16: same bits, faster)
-    bits = (lambda t: t.view(torch.int16)) if query.element_size() == 2 else (lambda t: t)
-    f_stride = (nth if batched else 1) * M * R * S
-    i_stride = M * R * S if batched else nf * M * R * S
-    windows = [
-        bits(buf).as_strided((nf, th, tw, W, W), (f_stride, tw * R * S + S, R * S + 1, S, 1), i * i_stride)
-        for i in range(nth)
-    ]
-    # each block is rows [i*th, i*th + R) of the padded strip, a contiguous piece of it. Tile by tile,
-    # it is cut to the frame's rows [a, b) (one plain product per context frame, written in place);
-    # the rest of buf stays at what the zero padding would make it, 0 - offset
-    spans = [(max(i * th, r), min(i * th + R, r + h)) for i in range(nth)]
-    if not batched and "outs" not in ws:
-        ws["outs"] = [
-            [buf[i, f, :, (a - i * th) * S : (b - i * th) * S] for f in range(nf)] for i, (a, b) in enumerate(spans)
-        ]
-    # the blocks of a context frame serve every target frame that has it in its context: made once
-    cache = ws.get("blocks", {})
-    blocks = []
-    for keys in strips:
-        hit = cache.get(id(keys))
-        if hit is None or hit[0] is not keys:
-            if batched:  # tile i of strip j: rows [i*th, i*th + R), a strided batch of overlapping blocks
-                views = [keys[j].as_strided((nth, R * S, D), (th * S * D, D, 1)).transpose(1, 2) for j in range(ntw)]
-            else:
-                flat = [keys[j].view(-1, D) for j in range(ntw)]
-                views = [[flat[j][a * S : b * S].t() for a, b in spans] for j in range(ntw)]
-            hit = (keys, views)
-        blocks.append(hit)
-    ws["blocks"] = {id(hit[0]): hit for hit in blocks}
-    vals = query.new_empty((ntw, nth, M, kk))
-    idx = torch.empty((ntw, nth, M, kk), dtype=torch.int64, device=query.device)
-    full_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for j in range(ntw):
-        if batched:
-            for f, (_, views) in enumerate(blocks):
-                torch.bmm(q[j], views[j], out=buf[f])
-        for i in range(nth):
-            if batched:
-                tile = win[j, i]
-            else:
-                tile = win[0, 0]
-                for f, (_, views) in enumerate(blocks):
-                    torch.mm(q[j, i], views[j][i], out=ws["outs"][i][f])
-            bits(tile).view(th, tw, nf, W, W).permute(2, 0, 1, 3, 4).copy_(windows[i])
-            if batched:
-                continue
-            v, ix = tile.topk(kk, dim=-1)
-            vals[j, i], idx[j, i] = v, ix
-            redo = _needs_full_row(v, k, n, offset, temperature)
+    workspace = WindowWorkspace() if workspace is None else workspace
+    workspace.prepare(query, geom, n_context, offset, batched)
+    targets = query_tiles(query, geom)  # (n_tiles_w, n_tiles_h, tile_cells, D)
+    blocks = workspace.blocks(strips)
+    strategy = _batched_window_topk if batched else _tiled_window_topk
+    top_values, top_indices, full_rows = strategy(targets, blocks, workspace, k, n_kept, offset, temperature)
+    return _window_weights(top_values, top_indices, full_rows, geom, k, n_context, margin, offset, temperature)
+
+
+#: grid cells whose top k + margin cannot be used as they are, with their whole row of windows
+FullRows = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _tiled_window_topk(
+    targets: torch.Tensor, blocks: list, ws: WindowWorkspace, k: int, n_kept: int, offset: float, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, FullRows]:
+    """A tile at a time (CPUs): the scratch stays small enough for the caches. Returns the top
+    values and indices (n_tiles_w, n_tiles_h, tile_cells, n_kept) in tile order and the full rows."""
+    geom = ws.geometry
+    n_strips, n_tile_rows, tile_cells = targets.shape[:3]
+    side, n_context = 2 * geom.radius + 1, len(blocks)
+    n_entries = ws.windows.shape[-1]
+    tile_windows = ws.windows  # (tile_cells, n_entries)
+    top_values = targets.new_empty((n_strips, n_tile_rows, tile_cells, n_kept))
+    top_indices = torch.empty((n_strips, n_tile_rows, tile_cells, n_kept), dtype=torch.int64, device=targets.device)
+    full_rows: FullRows = []
+    for j in range(n_strips):
+        for i in range(n_tile_rows):
+            for f, views in enumerate(blocks):
+                torch.mm(targets[j, i], views[j][i], out=ws.tile_products[i][f])
+            window_view = _as_bits(tile_windows).view(geom.tile_h, geom.tile_w, n_context, side, side)
+            window_view.permute(2, 0, 1, 3, 4).copy_(ws.product_windows[i])
+            values, indices = tile_windows.topk(n_kept, dim=-1)
+            top_values[j, i], top_indices[j, i] = values, indices
+            redo = _needs_full_row(values, k, n_entries, offset, temperature)
             if bool(redo.any()):  # a host synchronisation: tile by tile is for CPUs
-                rows = (j * nth + i) * M + redo.nonzero()[:, 0]
+                rows = (j * n_tile_rows + i) * tile_cells + redo.nonzero()[:, 0]
                 real = geom.cells[rows] >= 0
                 if bool(real.any()):
-                    full_rows.append((geom.cells[rows[real]], tile[redo][real].float()))
-    if batched:
-        flat = win.view(-1, n)
-        v, ix = flat.topk(kk, dim=-1)
-        vals, idx = v.view(vals.shape), ix.view(idx.shape)
-        redo = _needs_full_row(v, k, n, offset, temperature) & (geom.cells >= 0)
-        if bool(redo.any()):
-            rows = redo.nonzero()[:, 0]
-            full_rows.append((geom.cells[rows], flat[rows].float()))
-    vals = vals.view(-1, kk)[geom.rows]  # grid order from here on
-    idx = idx.view(-1, kk)[geom.rows]
-    aff = torch.exp_(vals.float().add_(offset).div_(temperature))  # the affinities, as joint_topk sees them
+                    full_rows.append((geom.cells[rows[real]], tile_windows[redo][real].float()))
+    return top_values, top_indices, full_rows
+
+
+def _batched_window_topk(
+    targets: torch.Tensor, blocks: list, ws: WindowWorkspace, k: int, n_kept: int, offset: float, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, FullRows]:
+    """A strip at a time (GPUs): one strided batch of products per strip and context frame, one
+    top-k at the end, no host synchronisation per tile. Returns what :func:`_tiled_window_topk` does."""
+    geom = ws.geometry
+    n_strips, n_tile_rows = targets.shape[:2]
+    side, n_context = 2 * geom.radius + 1, len(blocks)
+    windows = ws.windows  # (n_strips, n_tile_rows, tile_cells, n_entries)
+    n_entries = windows.shape[-1]
+    for j in range(n_strips):
+        for f, views in enumerate(blocks):
+            torch.bmm(targets[j], views[j], out=ws.products[f])
+        for i in range(n_tile_rows):
+            window_view = _as_bits(windows[j, i]).view(geom.tile_h, geom.tile_w, n_context, side, side)
+            window_view.permute(2, 0, 1, 3, 4).copy_(ws.product_windows[i])
+    flat = windows.view(-1, n_entries)
+    top_values, top_indices = flat.topk(n_kept, dim=-1)
+    redo = _needs_full_row(top_values, k, n_entries, offset, temperature) & (geom.cells >= 0)
+    full_rows: FullRows = []
+    if bool(redo.any()):
+        rows = redo.nonzero()[:, 0]
+        full_rows.append((geom.cells[rows], flat[rows].float()))
+    return top_values, top_indices, full_rows
+
+
+def _window_weights(
+    top_values: torch.Tensor, top_indices: torch.Tensor, full_rows: FullRows, geom: WindowGeometry, k: int,
+    n_context: int, margin: int, offset: float, temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised affinities of the kept entries in grid order; the full rows through
+    :func:`joint_topk` with the entries outside the frame masked."""
+    n_kept = top_values.shape[-1]
+    top_values = top_values.reshape(-1, n_kept)[geom.rows]  # grid order from here on
+    indices = top_indices.reshape(-1, n_kept)[geom.rows]
+    aff = torch.exp_(top_values.float().add_(offset).div_(temperature))  # the affinities, as joint_topk sees them
     kth = aff[:, k - 1 : k]
     weights = torch.where(aff >= kth, aff, torch.zeros_like(aff))
     weights = weights / weights.sum(-1, keepdim=True)
     if full_rows:
         cells = torch.cat([c for c, _ in full_rows])
-        a = torch.cat([x for _, x in full_rows]).add_(offset).view(len(cells), nf, -1)
+        a = torch.cat([x for _, x in full_rows]).add_(offset).view(len(cells), n_context, -1)
         a = torch.exp_(a.masked_fill_(geom.outside[cells], float("-inf")).div_(temperature)).view(len(cells), -1)
         w2, i2 = joint_topk(a, k, margin)
         width = max(weights.shape[-1], w2.shape[-1])
-        weights, idx, w2, i2 = (F.pad(t, (0, width - t.shape[-1])) for t in (weights, idx, w2, i2))
-        weights[cells], idx[cells] = w2, i2
-    return weights, idx
+        weights, indices, w2, i2 = (F.pad(t, (0, width - t.shape[-1])) for t in (weights, indices, w2, i2))
+        weights[cells], indices[cells] = w2, i2
+    return weights, indices
 
 
 def _needs_full_row(vals: torch.Tensor, k: int, n: int, offset: float, temperature: float) -> torch.Tensor:
@@ -366,7 +471,7 @@ class LabelPropagator:
         self._keys0: torch.Tensor | None = None
         self._labels0: torch.Tensor | None = None
         self._queue: deque = deque(maxlen=self.config.n_last_frames)
-        self._workspace: dict = {}
+        self._workspace = WindowWorkspace()
 
     @torch.no_grad()
     def start(self, features0: torch.Tensor, labels0: torch.Tensor) -> None:
