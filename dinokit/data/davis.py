@@ -27,10 +27,10 @@ from PIL import Image
 
 from ..errors import DataError, DinokitError
 from .images import is_image_file, open_rgb
+from .palette import VOID_LABEL, read_label_png
 
 DAVIS_MEAN = (0.485, 0.456, 0.406)
 DAVIS_STD = (0.228, 0.224, 0.225)
-VOID_LABEL = 255
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
@@ -133,8 +133,6 @@ def _image_size(path: Path) -> tuple[int, int]:
 def read_mask(path: str | os.PathLike, what: str = "first-frame mask") -> np.ndarray:
     """An indexed (palette) or greyscale PNG mask as an (H, W) uint8 label map; an RGB mask is
     refused with one sentence naming the file."""
-    from ..eval.davis_metrics import read_label_png
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"The {what} {path} does not exist.")

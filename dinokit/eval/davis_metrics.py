@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..data.palette import VOID_LABEL, read_label_png
 from ..errors import DataError
 
 MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
-VOID_LABEL = 255
 
 
 # -- per frame --------------------------------------------------------------------------------
@@ -201,29 +201,6 @@ def score_label_maps(
 
 
 # -- folders -----------------------------------------------------------------------------------
-def read_label_png(path: str | os.PathLike, what: str = "mask") -> np.ndarray:
-    """An indexed (palette) or greyscale PNG as an (H, W) integer label map.
-
-    RGB masks are refused with one sentence: their colours would have to be guessed back to labels.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"The {what} {path} does not exist.")
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-            if mode in ("P", "L", "1", "I", "I;16"):
-                return np.array(img).astype(np.int64)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"The {what} {path} cannot be read as an image ({e}).") from e
-    raise DataError(
-        f"The {what} {path} is an {mode} image, not an indexed (palette) PNG of object labels; "
-        "save it with a palette (0 = background, k = object k), as DAVIS masks are."
-    )
-
-
 def list_frames(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith("."))
 
