@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from ..io import atomic_open
 
 #: "don't care" pixels of DAVIS and VOC masks (and COCO crowd regions): neither object nor background
 VOID_LABEL = 255
@@ -34,8 +35,6 @@ DAVIS_PALETTE: list[int] = voc_colormap().reshape(-1).tolist()
 
 def save_indexed_png(labels: np.ndarray, path, palette: list[int] | None = None) -> None:
     """Write an (H, W) integer label array as an indexed PNG with the DAVIS palette, atomically."""
-    from ..io import atomic_open
-
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")

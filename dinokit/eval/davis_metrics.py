@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from scipy import ndimage
 
 from ..data.palette import VOID_LABEL, read_label_png
 from ..errors import DataError
+from ..io import atomic_write_text
+from ..progress import NULL_PROGRESS
 
 MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 
@@ -145,8 +148,6 @@ def statistics(values: Sequence[float]) -> tuple[float, float, float]:
 
 class _ignore_nan_warnings:
     def __enter__(self):
-        import warnings
-
         self._cm = warnings.catch_warnings()
         self._cm.__enter__()
         warnings.simplefilter("ignore", category=RuntimeWarning)
@@ -261,8 +262,6 @@ class DavisScores:
     def write_csvs(self, folder: str | os.PathLike, split: str = "val") -> tuple[Path, Path]:
         """``global_results-<split>.csv`` and ``per-sequence_results-<split>.csv`` as the official
         scorer writes them (three decimals; one row per object in the second)."""
-        from ..io import atomic_write_text
-
         folder = Path(folder)
         g = self.overall()
         glob = ",".join(MEASURES) + "\n" + ",".join(f"{g[k]:.3f}" for k in MEASURES) + "\n"
@@ -341,8 +340,6 @@ def evaluate_davis(
     root; ``sequences`` restricts the sequences scored (default: all of ``gt``, or the split's list
     for a DAVIS root).
     """
-    from ..progress import NULL_PROGRESS
-
     progress = progress or NULL_PROGRESS
     gt_root, names = resolve_gt_root(gt, split)
     pred = Path(pred)

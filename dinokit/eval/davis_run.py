@@ -136,18 +136,14 @@ def segment_video(
             f"The first-frame mask {sequence.first_mask} is {mask.shape[1]}x{mask.shape[0]} pixels but "
             f"the frames of {sequence.name} are {W}x{H}."
         )
-    p = model.patch_size
-    th, tw = dataset.size
-    grid = (th // p, tw // p)
-    labels0 = first_frame_labels(mask, grid).to(device)
+    patch_size = model.patch_size
+    grid = (dataset.size[0] // patch_size, dataset.size[1] // patch_size)
+    first_labels = first_frame_labels(mask, grid).to(device)
     batch_size = batch_size if batch_size > 0 else auto_frame_batch(device, grid[0] * grid[1] + 1, dtype)
     model, dtype = inference_model(model, dtype)  # bf16: a copy cast once, faster than autocast on CPUs
     out_dir.mkdir(parents=True, exist_ok=True)
-    pool = ThreadPoolExecutor(max_workers=4)
-    pending: list[Future] = []
-    pending.append(pool.submit(save_indexed_png, mask, out_dir / names[0]))
-    if on_frame is not None:
-        on_frame(0, mask)
+    writer = _MaskWriter(out_dir, names, (H, W), on_frame)
+    writer.write(0, mask)
     times.io += time.perf_counter() - t0
 
     workers = loader_workers(num_workers, device)
@@ -158,17 +154,14 @@ def segment_video(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
     )  # fmt: skip
-    prop = LabelPropagator(config)
+    propagator = LabelPropagator(config)
     task = progress.task(f"{sequence.name}", total=len(dataset))
     try:
-        _segment_frames(
-            model, loader, prop, labels0, p, (H, W), names, out_dir, device, dtype, times, pool, pending, task,
-            on_frame,
-        )  # fmt: skip
+        _segment_frames(model, dtype, loader, propagator, first_labels, writer, times, task)
     except DinokitError as e:
         raise _unwrap_worker_error(e) from None
     finally:
-        pool.shutdown(wait=True)
+        writer.close()
         task.close()
     atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "frames": len(names)}))
     return VideoResult(sequence.name, len(names), times=times)
@@ -183,10 +176,43 @@ def _unwrap_worker_error(e: DinokitError) -> DinokitError:
     return type(e)(last.split(": ", 1)[1] if "Error: " in last else last)
 
 
+class _MaskWriter:
+    """Writes a video's masks at the frames' own size as indexed PNGs, in a small thread pool, so
+    that the PNG encoding overlaps the propagation of the next frames; a failed write is raised at
+    the next batch."""
+
+    def __init__(self, out_dir: Path, names: list[str], size: tuple[int, int],
+                 on_frame: Callable[[int, np.ndarray], None] | None) -> None:  # fmt: skip
+        self.out_dir, self.names, self.size, self.on_frame = out_dir, names, size, on_frame
+        self.pool = ThreadPoolExecutor(max_workers=4)
+        self.pending: list[Future] = []
+
+    def write(self, index: int, labels: np.ndarray) -> None:
+        """Frame ``index``'s labels, resized to the frame's size where they are smaller."""
+        full = resize_labels_nearest(labels, self.size)
+        self.pending.append(self.pool.submit(save_indexed_png, full, self.out_dir / self.names[index]))
+        if self.on_frame is not None:
+            self.on_frame(index, full)
+
+    def check(self) -> None:
+        """Forget the finished writes, raising the error of a failed one."""
+        self.pending = [f for f in self.pending if not f.done() or f.result() is not None]
+
+    def wait(self) -> None:
+        for f in self.pending:
+            f.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 @torch.no_grad()
-def _segment_frames(model, loader, prop, labels0, p, size, names, out_dir, device, dtype, times, pool, pending,
-                    task, on_frame) -> None:  # fmt: skip
-    H, W = size
+def _segment_frames(
+    model: nn.Module, dtype: torch.dtype | None, loader, propagator: LabelPropagator, first_labels: torch.Tensor,
+    writer: _MaskWriter, times: SegmentationTimes, task,
+) -> None:
+    """Embed the frames batch by batch, propagate the labels frame by frame, hand the masks to ``writer``."""
+    device = first_labels.device
     t_io = time.perf_counter()
     for frames, index in loader:
         t1 = time.perf_counter()
@@ -200,27 +226,22 @@ def _segment_frames(model, loader, prop, labels0, p, size, names, out_dir, devic
         for b in range(feats.shape[0]):
             i = int(index[b])
             if i == 0:
-                prop.start(feats[b], labels0)
+                propagator.start(feats[b], first_labels)
                 continue
-            soft = prop.step(feats[b])
-            masks.append((i, soft_labels_to_mask(soft, p).to(torch.uint8)))
+            soft = propagator.step(feats[b])
+            masks.append((i, soft_labels_to_mask(soft, model.patch_size).to(torch.uint8)))
         host = [(i, m.cpu().numpy()) for i, m in masks]
         t3 = time.perf_counter()
         times.propagation += t3 - t2
         for i, m in host:
-            full = resize_labels_nearest(m, (H, W))
-            pending.append(pool.submit(save_indexed_png, full, out_dir / names[i]))
-            if on_frame is not None:
-                on_frame(i, full)
-        pending = [f for f in pending if not f.done() or f.result() is not None]
+            writer.write(i, m)
+        writer.check()
         task.advance(feats.shape[0])
         t_io = time.perf_counter()
         times.io += t_io - t3
     t4 = time.perf_counter()
-    for f in pending:
-        f.result()
+    writer.wait()
     times.io += time.perf_counter() - t4
-
 
 
 # -- pictures of a run (--visualize) ------------------------------------------------------------

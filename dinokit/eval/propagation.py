@@ -14,8 +14,10 @@ takes the weighted sum of the context labels.
 Unlike the reference, the dense (hw x hw) affinity and the (hw x hw) window mask are never built:
 the target grid is cut into tiles, each tile is compared (matrix products) with the context
 region its windows can reach, and only the window entries are kept -- memory O(hw * window) instead
-of O(hw^2) (the reference needs more than 16 GB at patch 8 on a 480x1152 video). Feature
-extraction does not depend on the labels and is batched over frames.
+of O(hw^2) (the reference needs more than 16 GB at patch 8 on a 480x1152 video).
+
+A whole run (frames read and embedded in batches, masks written, scores) is
+:mod:`dinokit.eval.davis_run`.
 """
 
 from __future__ import annotations
@@ -66,12 +68,13 @@ class PropagationConfig:
 # -- window geometry (index tensors, no Python loops over patches) -------------------------------
 @dataclass(frozen=True)
 class WindowGeometry:
-    """Index tensors for the (2r+1)^2 windows on an h x w grid, cut into th x tw tiles.
+    """Index tensors for the (2r+1)^2 windows on an h x w grid, cut into tile_h x tile_w tiles.
 
-    A tile's windows reach R = th + 2r padded rows and S = tw + 2r padded columns. Each context frame
-    is stored once as overlapping column strips (n_tiles_w, Hp, S, D), so that the region of every
-    tile is a contiguous block of its strip: the similarities are plain matrix products (one per tile
-    on a CPU, a strided batch per strip on a GPU), with no gathering of features.
+    A tile's windows reach tile_h + 2r padded rows and ``strip_width`` = tile_w + 2r padded columns.
+    Each context frame is stored once as overlapping column strips (n_tiles_w, padded_h, strip_width,
+    D), so that the region of every tile is a contiguous block of its strip: the similarities are
+    plain matrix products (one per tile on a CPU, a strided batch per strip on a GPU), with no
+    gathering of features.
     """
 
     h: int
@@ -105,27 +108,28 @@ def effective_radius(radius: int, h: int, w: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _geometry_cpu(h: int, w: int, radius: int, tile_h: int, tile_w: int) -> WindowGeometry:
+def _geometry_cpu(h: int, w: int, radius: int, max_tile_h: int, max_tile_w: int) -> WindowGeometry:
     # balanced tiles no bigger than asked: the fewest tiles, cut as evenly as the grid allows, so
     # that few padding rows are computed (30 rows in tiles of 10, not 4 x 8 = 32)
-    th, tw = -(-h // -(-h // max(1, tile_h))), -(-w // -(-w // max(1, tile_w)))
-    r = radius
-    nth, ntw = -(-h // th), -(-w // tw)
-    d = torch.arange(-r, r + 1)
-    dy = d.repeat_interleave(2 * r + 1)  # (W2,) row offset, row-major over the window
-    dx = d.repeat(2 * r + 1)
-    qi = torch.arange(h).repeat_interleave(w)  # (hw,)
-    qj = torch.arange(w).repeat(h)
-    ni = qi[:, None] + dy[None]  # (hw, W2)
-    nj = qj[:, None] + dx[None]
-    valid = (ni >= 0) & (ni < h) & (nj >= 0) & (nj < w)
-    neighbour = ni.clamp(0, h - 1) * w + nj.clamp(0, w - 1)
-    # similarities come tile by tile: (strip j, tile row i, position a*tw + b inside the tile)
-    rows = ((qj // tw) * nth + qi // th) * (th * tw) + (qi % th) * tw + qj % tw
-    cells = torch.full((ntw * nth * th * tw,), -1, dtype=torch.int64)
+    tile_h = -(-h // -(-h // max(1, max_tile_h)))
+    tile_w = -(-w // -(-w // max(1, max_tile_w)))
+    n_tiles_h, n_tiles_w = -(-h // tile_h), -(-w // tile_w)
+    offsets, side = torch.arange(-radius, radius + 1), 2 * radius + 1
+    dy = offsets.repeat_interleave(side)  # (W2,) row offset, row-major over the window
+    dx = offsets.repeat(side)
+    cell_row = torch.arange(h).repeat_interleave(w)  # (hw,)
+    cell_col = torch.arange(w).repeat(h)
+    entry_row = cell_row[:, None] + dy[None]  # (hw, W2)
+    entry_col = cell_col[:, None] + dx[None]
+    valid = (entry_row >= 0) & (entry_row < h) & (entry_col >= 0) & (entry_col < w)
+    neighbour = entry_row.clamp(0, h - 1) * w + entry_col.clamp(0, w - 1)
+    # similarities come tile by tile: (strip j, tile row i, position a * tile_w + b inside the tile)
+    tile_index = (cell_col // tile_w) * n_tiles_h + cell_row // tile_h
+    rows = tile_index * (tile_h * tile_w) + (cell_row % tile_h) * tile_w + cell_col % tile_w
+    cells = torch.full((n_tiles_w * n_tiles_h * tile_h * tile_w,), -1, dtype=torch.int64)
     cells[rows] = torch.arange(h * w)
     return WindowGeometry(
-        h, w, r, th, tw, nth, ntw, neighbour, (~valid).unsqueeze(1), rows, cells
+        h, w, radius, tile_h, tile_w, n_tiles_h, n_tiles_w, neighbour, (~valid).unsqueeze(1), rows, cells
     )
 
 
@@ -153,23 +157,23 @@ def window_geometry(
 
 
 def key_strips(feats: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
-    """(h, w, D) normalised context features -> (n_tiles_w, Hp, S, D) overlapping column strips of
-    the grid zero-padded by r (and to whole tiles); made once per context frame."""
-    h, w, D = feats.shape
-    r = geom.radius
-    Hp, Wp = geom.padded_shape
-    padded = F.pad(feats, (0, 0, r, Wp - w - r, r, Hp - h - r))  # (Hp, Wp, D)
-    strips = padded.unfold(1, geom.strip_width, geom.tile_w)  # (Hp, ntw, D, S)
+    """(h, w, D) normalised context features -> (n_tiles_w, padded_h, strip_width, D) overlapping
+    column strips of the grid zero-padded by r (and to whole tiles); made once per context frame."""
+    h, w, _ = feats.shape
+    radius = geom.radius
+    padded_h, padded_w = geom.padded_shape
+    padded = F.pad(feats, (0, 0, radius, padded_w - w - radius, radius, padded_h - h - radius))
+    strips = padded.unfold(1, geom.strip_width, geom.tile_w)  # (padded_h, n_tiles_w, D, strip_width)
     return strips.permute(1, 0, 3, 2).contiguous()
 
 
 def query_tiles(feats: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
-    """(h, w, D) -> (n_tiles_w, n_tiles_h, th*tw, D), the grid zero-padded to whole tiles."""
-    h, w, D = feats.shape
-    th, tw, nth, ntw = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
-    padded = F.pad(feats, (0, 0, 0, ntw * tw - w, 0, nth * th - h))
-    tiles = padded.view(nth, th, ntw, tw, D).permute(2, 0, 1, 3, 4)
-    return tiles.reshape(ntw, nth, th * tw, D)
+    """(h, w, D) -> (n_tiles_w, n_tiles_h, tile_h * tile_w, D), the grid zero-padded to whole tiles."""
+    h, w, dim = feats.shape
+    tile_h, tile_w, n_tiles_h, n_tiles_w = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
+    padded = F.pad(feats, (0, 0, 0, n_tiles_w * tile_w - w, 0, n_tiles_h * tile_h - h))
+    tiles = padded.view(n_tiles_h, tile_h, n_tiles_w, tile_w, dim).permute(2, 0, 1, 3, 4)
+    return tiles.reshape(n_tiles_w, n_tiles_h, tile_h * tile_w, dim)
 
 
 def offset_features(x: torch.Tensor, value: float) -> torch.Tensor:
