@@ -293,10 +293,8 @@ class WindowWorkspace:
         dim, strip_width, tile_h = keys.shape[-1], geom.strip_width, geom.tile_h
         block_size = (tile_h + 2 * geom.radius) * strip_width
         if self.key.batched:  # the blocks of a strip as one strided batch of overlapping (dim, block) matrices
-            return [
-                keys[j].as_strided((geom.n_tiles_h, block_size, dim), (tile_h * strip_width * dim, dim, 1)).transpose(1, 2)
-                for j in range(geom.n_tiles_w)
-            ]
+            shape, strides = (geom.n_tiles_h, block_size, dim), (tile_h * strip_width * dim, dim, 1)
+            return [keys[j].as_strided(shape, strides).transpose(1, 2) for j in range(geom.n_tiles_w)]
         flat = [keys[j].view(-1, dim) for j in range(geom.n_tiles_w)]
         return [[strip[first * strip_width : end * strip_width].t() for first, end in self.row_spans] for strip in flat]
 
