@@ -43,7 +43,8 @@ from dinokit.data.davis import (
     resize_labels_nearest,
 )
 from dinokit.data.palette import save_indexed_png
-from dinokit.eval.propagation import PropagationConfig, segment_video
+from dinokit.eval.davis_run import segment_video
+from dinokit.eval.propagation import PropagationConfig
 from dinokit.runtime import resolve_device
 
 

@@ -21,9 +21,9 @@ from ._common import (
     Seed,
     Weights,
     console,
-    print_table,
     setup_logging,
 )
+from .davis_score import print_davis_table
 
 
 def davis(
@@ -84,7 +84,8 @@ def davis(
     OUT/global_results-<split>.csv and OUT/per-sequence_results-<split>.csv. A rerun skips the
     sequences already finished with the same weights and settings.
     """
-    from dinokit.eval.propagation import DavisRunConfig, PropagationConfig, run_davis
+    from dinokit.eval.davis_run import DavisRunConfig, run_davis
+    from dinokit.eval.propagation import PropagationConfig
 
     setup_logging(quiet)
     names = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
@@ -116,10 +117,7 @@ def davis(
     n_frames = sum(v.n_frames for v in result.videos)
     skipped = sum(v.skipped for v in result.videos)
     if result.scores is not None:
-        overall = result.scores.overall()
-        rows = [[seq, *(100 * v[k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))] for seq, v in result.scores.per_sequence().items()]
-        rows.append(["all objects", *(100 * overall[k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))])
-        print_table("DAVIS 2017 (semi-supervised), percent", ["sequence", "J&F", "J", "F"], rows)
+        print_davis_table(result.scores)
     console.print(
         f"{len(result.videos)} video(s), {n_frames} frames"
         + (f" ({skipped} already done)" if skipped else "")

@@ -10,6 +10,14 @@ import typer
 from ._common import Overwrite, Quiet, RichProgress, console, print_table, setup_logging
 
 
+def print_davis_table(scores) -> None:
+    """J&F, J and F per sequence and over all objects (a :class:`dinokit.eval.davis_metrics.DavisScores`)."""
+    overall = scores.overall()
+    rows = [[seq, *(100 * v[k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))] for seq, v in scores.per_sequence().items()]
+    rows.append(["all objects", *(100 * overall[k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))])
+    print_table("DAVIS 2017 (semi-supervised), percent", ["sequence", "J&F", "J", "F"], rows)
+
+
 def davis_score(
     gt: Annotated[
         Path,
@@ -53,10 +61,8 @@ def davis_score(
     config = {"gt": gt, "pred": pred, "split": split, "sequences": scores.sequences}
     path = write_metrics(out, scores.metrics(), config=config)
     g, s = scores.write_csvs(out, split)
+    print_davis_table(scores)
     overall = scores.overall()
-    rows = [[seq, *(100 * v[k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))] for seq, v in scores.per_sequence().items()]
-    rows.append(["all objects", *(100 * overall[k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))])
-    print_table("DAVIS 2017 (semi-supervised), percent", ["sequence", "J&F", "J", "F"], rows)
     console.print(
         "J&F-Mean {:.4f}  J-Mean {:.4f}  J-Recall {:.4f}  J-Decay {:.4f}  F-Mean {:.4f}  F-Recall {:.4f}  "
         "F-Decay {:.4f}".format(*(overall[k] for k in ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean",

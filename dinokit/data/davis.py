@@ -27,10 +27,10 @@ from PIL import Image
 
 from ..errors import DataError, DinokitError
 from .images import is_image_file, open_rgb
+from .palette import VOID_LABEL, read_label_png
 
 DAVIS_MEAN = (0.485, 0.456, 0.406)
 DAVIS_STD = (0.228, 0.224, 0.225)
-VOID_LABEL = 255
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
@@ -133,8 +133,6 @@ def _image_size(path: Path) -> tuple[int, int]:
 def read_mask(path: str | os.PathLike, what: str = "first-frame mask") -> np.ndarray:
     """An indexed (palette) or greyscale PNG mask as an (H, W) uint8 label map; an RGB mask is
     refused with one sentence naming the file."""
-    from ..eval.davis_metrics import read_label_png
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"The {what} {path} does not exist.")
@@ -260,45 +258,3 @@ def decode_video(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Pa
         raise DataError(f"The video {path} holds no frames.")
     marker.write_text(str(len(frames)))
     return frames
-
-
-# -- pictures ---------------------------------------------------------------------------------
-def overlay_labels(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend each object's DAVIS palette colour over the frame and draw its outline."""
-    from ..eval.davis_metrics import boundary_map
-    from .palette import voc_colormap
-
-    cmap = voc_colormap()
-    out = rgb.astype(np.float32).copy()
-    fg = (labels > 0) & (labels != VOID_LABEL)
-    colours = cmap[labels].astype(np.float32)
-    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
-    for k in np.unique(labels[fg]):
-        edge = boundary_map(labels == k)
-        out[edge] = cmap[k]
-    return out.clip(0, 255).astype(np.uint8)
-
-
-def write_visualization(
-    sequence: VideoSequence, result_dir: str | os.PathLike, vis_dir: str | os.PathLike, gif_width: int = 480
-) -> Path:
-    """``vis_dir/<seq>/<frame>.png`` overlays and ``vis_dir/<seq>.gif`` (10 frames per second)."""
-    from ..io import atomic_open
-
-    result_dir, vis_dir = Path(result_dir), Path(vis_dir)
-    seq_dir = vis_dir / sequence.name
-    seq_dir.mkdir(parents=True, exist_ok=True)
-    gif_frames = []
-    for f in sequence.frames:
-        rgb = read_rgb(f)
-        labels = read_mask(result_dir / (f.stem + ".png"), "result mask")
-        img = Image.fromarray(overlay_labels(rgb, labels))
-        with atomic_open(seq_dir / (f.stem + ".png"), "wb") as fh:
-            img.save(fh, format="PNG")
-        scale = min(1.0, gif_width / img.width)
-        small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
-        gif_frames.append(small.convert("P", palette=Image.ADAPTIVE, colors=255))
-    gif = vis_dir / f"{sequence.name}.gif"
-    with atomic_open(gif, "wb") as fh:
-        gif_frames[0].save(fh, format="GIF", save_all=True, append_images=gif_frames[1:], duration=100, loop=0)
-    return gif

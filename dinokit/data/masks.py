@@ -21,11 +21,12 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .images import IMAGE_EXTENSIONS, find_images, is_image_file
+from .palette import VOID_LABEL
 
 log = logging.getLogger("dinokit")
 
 BACKGROUND = 0
-VOID = 255
+VOID = VOID_LABEL
 # VOC's void colour, for masks saved as RGB pictures instead of indexed PNGs
 _VOC_VOID_RGB = (224, 224, 192)
 

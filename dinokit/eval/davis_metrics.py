@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..data.palette import VOID_LABEL, read_label_png
 from ..errors import DataError
+from ..io import atomic_write_text
+from ..progress import NULL_PROGRESS
 
 MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
-VOID_LABEL = 255
 
 
 # -- per frame --------------------------------------------------------------------------------
@@ -145,8 +148,6 @@ def statistics(values: Sequence[float]) -> tuple[float, float, float]:
 
 class _ignore_nan_warnings:
     def __enter__(self):
-        import warnings
-
         self._cm = warnings.catch_warnings()
         self._cm.__enter__()
         warnings.simplefilter("ignore", category=RuntimeWarning)
@@ -201,29 +202,6 @@ def score_label_maps(
 
 
 # -- folders -----------------------------------------------------------------------------------
-def read_label_png(path: str | os.PathLike, what: str = "mask") -> np.ndarray:
-    """An indexed (palette) or greyscale PNG as an (H, W) integer label map.
-
-    RGB masks are refused with one sentence: their colours would have to be guessed back to labels.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"The {what} {path} does not exist.")
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-            if mode in ("P", "L", "1", "I", "I;16"):
-                return np.array(img).astype(np.int64)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"The {what} {path} cannot be read as an image ({e}).") from e
-    raise DataError(
-        f"The {what} {path} is an {mode} image, not an indexed (palette) PNG of object labels; "
-        "save it with a palette (0 = background, k = object k), as DAVIS masks are."
-    )
-
-
 def list_frames(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith("."))
 
@@ -284,8 +262,6 @@ class DavisScores:
     def write_csvs(self, folder: str | os.PathLike, split: str = "val") -> tuple[Path, Path]:
         """``global_results-<split>.csv`` and ``per-sequence_results-<split>.csv`` as the official
         scorer writes them (three decimals; one row per object in the second)."""
-        from ..io import atomic_write_text
-
         folder = Path(folder)
         g = self.overall()
         glob = ",".join(MEASURES) + "\n" + ",".join(f"{g[k]:.3f}" for k in MEASURES) + "\n"
@@ -364,8 +340,6 @@ def evaluate_davis(
     root; ``sequences`` restricts the sequences scored (default: all of ``gt``, or the split's list
     for a DAVIS root).
     """
-    from ..progress import NULL_PROGRESS
-
     progress = progress or NULL_PROGRESS
     gt_root, names = resolve_gt_root(gt, split)
     pred = Path(pred)

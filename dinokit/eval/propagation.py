@@ -14,32 +14,24 @@ takes the weighted sum of the context labels.
 Unlike the reference, the dense (hw x hw) affinity and the (hw x hw) window mask are never built:
 the target grid is cut into tiles, each tile is compared (matrix products) with the context
 region its windows can reach, and only the window entries are kept -- memory O(hw * window) instead
-of O(hw^2) (the reference needs more than 16 GB at patch 8 on a 480x1152 video). Feature
-extraction does not depend on the labels and is batched over frames.
+of O(hw^2) (the reference needs more than 16 GB at patch 8 on a 480x1152 video).
+
+A whole run (frames read and embedded in batches, masks written, scores) is
+:mod:`dinokit.eval.davis_run`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import logging
-import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DataError, DinokitError
-from ..progress import NULL_PROGRESS, Progress
-from ..runtime import autocast, inference_model, loader_workers
-
-log = logging.getLogger("dinokit")
+from ..errors import DinokitError
+from ..runtime import autocast
 
 
 @dataclass
@@ -76,12 +68,13 @@ class PropagationConfig:
 # -- window geometry (index tensors, no Python loops over patches) -------------------------------
 @dataclass(frozen=True)
 class WindowGeometry:
-    """Index tensors for the (2r+1)^2 windows on an h x w grid, cut into th x tw tiles.
+    """Index tensors for the (2r+1)^2 windows on an h x w grid, cut into tile_h x tile_w tiles.
 
-    A tile's windows reach R = th + 2r padded rows and S = tw + 2r padded columns. Each context frame
-    is stored once as overlapping column strips (n_tiles_w, Hp, S, D), so that the region of every
-    tile is a contiguous block of its strip: the similarities are plain matrix products (one per tile
-    on a CPU, a strided batch per strip on a GPU), with no gathering of features.
+    A tile's windows reach tile_h + 2r padded rows and ``strip_width`` = tile_w + 2r padded columns.
+    Each context frame is stored once as overlapping column strips (n_tiles_w, padded_h, strip_width,
+    D), so that the region of every tile is a contiguous block of its strip: the similarities are
+    plain matrix products (one per tile on a CPU, a strided batch per strip on a GPU), with no
+    gathering of features.
     """
 
     h: int
@@ -115,27 +108,28 @@ def effective_radius(radius: int, h: int, w: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _geometry_cpu(h: int, w: int, radius: int, tile_h: int, tile_w: int) -> WindowGeometry:
+def _geometry_cpu(h: int, w: int, radius: int, max_tile_h: int, max_tile_w: int) -> WindowGeometry:
     # balanced tiles no bigger than asked: the fewest tiles, cut as evenly as the grid allows, so
     # that few padding rows are computed (30 rows in tiles of 10, not 4 x 8 = 32)
-    th, tw = -(-h // -(-h // max(1, tile_h))), -(-w // -(-w // max(1, tile_w)))
-    r = radius
-    nth, ntw = -(-h // th), -(-w // tw)
-    d = torch.arange(-r, r + 1)
-    dy = d.repeat_interleave(2 * r + 1)  # (W2,) row offset, row-major over the window
-    dx = d.repeat(2 * r + 1)
-    qi = torch.arange(h).repeat_interleave(w)  # (hw,)
-    qj = torch.arange(w).repeat(h)
-    ni = qi[:, None] + dy[None]  # (hw, W2)
-    nj = qj[:, None] + dx[None]
-    valid = (ni >= 0) & (ni < h) & (nj >= 0) & (nj < w)
-    neighbour = ni.clamp(0, h - 1) * w + nj.clamp(0, w - 1)
-    # similarities come tile by tile: (strip j, tile row i, position a*tw + b inside the tile)
-    rows = ((qj // tw) * nth + qi // th) * (th * tw) + (qi % th) * tw + qj % tw
-    cells = torch.full((ntw * nth * th * tw,), -1, dtype=torch.int64)
+    tile_h = -(-h // -(-h // max(1, max_tile_h)))
+    tile_w = -(-w // -(-w // max(1, max_tile_w)))
+    n_tiles_h, n_tiles_w = -(-h // tile_h), -(-w // tile_w)
+    offsets, side = torch.arange(-radius, radius + 1), 2 * radius + 1
+    dy = offsets.repeat_interleave(side)  # (W2,) row offset, row-major over the window
+    dx = offsets.repeat(side)
+    cell_row = torch.arange(h).repeat_interleave(w)  # (hw,)
+    cell_col = torch.arange(w).repeat(h)
+    entry_row = cell_row[:, None] + dy[None]  # (hw, W2)
+    entry_col = cell_col[:, None] + dx[None]
+    valid = (entry_row >= 0) & (entry_row < h) & (entry_col >= 0) & (entry_col < w)
+    neighbour = entry_row.clamp(0, h - 1) * w + entry_col.clamp(0, w - 1)
+    # similarities come tile by tile: (strip j, tile row i, position a * tile_w + b inside the tile)
+    tile_index = (cell_col // tile_w) * n_tiles_h + cell_row // tile_h
+    rows = tile_index * (tile_h * tile_w) + (cell_row % tile_h) * tile_w + cell_col % tile_w
+    cells = torch.full((n_tiles_w * n_tiles_h * tile_h * tile_w,), -1, dtype=torch.int64)
     cells[rows] = torch.arange(h * w)
     return WindowGeometry(
-        h, w, r, th, tw, nth, ntw, neighbour, (~valid).unsqueeze(1), rows, cells
+        h, w, radius, tile_h, tile_w, n_tiles_h, n_tiles_w, neighbour, (~valid).unsqueeze(1), rows, cells
     )
 
 
@@ -163,23 +157,23 @@ def window_geometry(
 
 
 def key_strips(feats: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
-    """(h, w, D) normalised context features -> (n_tiles_w, Hp, S, D) overlapping column strips of
-    the grid zero-padded by r (and to whole tiles); made once per context frame."""
-    h, w, D = feats.shape
-    r = geom.radius
-    Hp, Wp = geom.padded_shape
-    padded = F.pad(feats, (0, 0, r, Wp - w - r, r, Hp - h - r))  # (Hp, Wp, D)
-    strips = padded.unfold(1, geom.strip_width, geom.tile_w)  # (Hp, ntw, D, S)
+    """(h, w, D) normalised context features -> (n_tiles_w, padded_h, strip_width, D) overlapping
+    column strips of the grid zero-padded by r (and to whole tiles); made once per context frame."""
+    h, w, _ = feats.shape
+    radius = geom.radius
+    padded_h, padded_w = geom.padded_shape
+    padded = F.pad(feats, (0, 0, radius, padded_w - w - radius, radius, padded_h - h - radius))
+    strips = padded.unfold(1, geom.strip_width, geom.tile_w)  # (padded_h, n_tiles_w, D, strip_width)
     return strips.permute(1, 0, 3, 2).contiguous()
 
 
 def query_tiles(feats: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
-    """(h, w, D) -> (n_tiles_w, n_tiles_h, th*tw, D), the grid zero-padded to whole tiles."""
-    h, w, D = feats.shape
-    th, tw, nth, ntw = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
-    padded = F.pad(feats, (0, 0, 0, ntw * tw - w, 0, nth * th - h))
-    tiles = padded.view(nth, th, ntw, tw, D).permute(2, 0, 1, 3, 4)
-    return tiles.reshape(ntw, nth, th * tw, D)
+    """(h, w, D) -> (n_tiles_w, n_tiles_h, tile_h * tile_w, D), the grid zero-padded to whole tiles."""
+    h, w, dim = feats.shape
+    tile_h, tile_w, n_tiles_h, n_tiles_w = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
+    padded = F.pad(feats, (0, 0, 0, n_tiles_w * tile_w - w, 0, n_tiles_h * tile_h - h))
+    tiles = padded.view(n_tiles_h, tile_h, n_tiles_w, tile_w, dim).permute(2, 0, 1, 3, 4)
+    return tiles.reshape(n_tiles_w, n_tiles_h, tile_h * tile_w, dim)
 
 
 def offset_features(x: torch.Tensor, value: float) -> torch.Tensor:
@@ -195,9 +189,119 @@ def offset_features(x: torch.Tensor, value: float) -> torch.Tensor:
     return torch.cat([x, x.new_full((*x.shape[:-1], 1), value)], dim=-1)
 
 
+@dataclass(frozen=True)
+class WorkspaceKey:
+    """What the scratch of :func:`window_topk` depends on: another grid, tiling, context length,
+    dtype, device, offset or strategy needs other buffers."""
+
+    height: int
+    width: int
+    radius: int
+    tile_h: int
+    tile_w: int
+    n_context: int
+    dtype: torch.dtype
+    device: torch.device
+    offset: float
+    batched: bool
+
+
+def _as_bits(x: torch.Tensor) -> torch.Tensor:
+    """16-bit values as int16 (the same bits): copying them is faster than as bfloat16/float16."""
+    return x.view(torch.int16) if x.element_size() == 2 else x
+
+
+@dataclass(eq=False)
+class WindowWorkspace:
+    """The scratch of :func:`window_topk`, kept by a :class:`LabelPropagator` across target frames
+    and videos, and made anew by :meth:`prepare` when its :class:`WorkspaceKey` changes.
+
+    A tile's block is rows ``[i * tile_h, i * tile_h + block_rows)`` of its padded strip
+    (``block_rows = tile_h + 2r``), ``block_size = block_rows * strip_width`` context cells.
+    """
+
+    key: WorkspaceKey | None = None
+    geometry: WindowGeometry | None = None
+    #: the products of the target tiles with their blocks in every context frame, filled with
+    #: 0 - offset (what the zero padding makes): tiled (n_tiles_h, n_context, tile_cells, block_size),
+    #: one tile row after another, as the rows cut off at the frame's edges differ by tile row;
+    #: batched (n_context, n_tiles_h, tile_cells, block_size), a whole strip at a time
+    products: torch.Tensor | None = None
+    #: the window entries read out of the products: those of one tile (tile_cells, n_entries) when
+    #: tiled, of every tile (n_tiles_w, n_tiles_h, tile_cells, n_entries) when batched
+    windows: torch.Tensor | None = None
+    #: per tile row, the windows inside the products as a strided view (n_context, tile_h, tile_w,
+    #: side, side), in :func:`_as_bits`
+    product_windows: list[torch.Tensor] = field(default_factory=list)
+    #: tiled only: per tile row, the context rows ``[first, end)`` inside the frame
+    row_spans: list[tuple[int, int]] = field(default_factory=list)
+    #: tiled only: per tile row and context frame, the part of the products its matrix product fills
+    tile_products: list[list[torch.Tensor]] = field(default_factory=list)
+    #: the strips of the current context frames (held, compared by identity) with their block views
+    context_blocks: list[tuple[torch.Tensor, list]] = field(default_factory=list)
+
+    def prepare(self, query: torch.Tensor, geom: WindowGeometry, n_context: int, offset: float, batched: bool) -> None:
+        """Make the buffers for this grid and context unless those already held fit."""
+        key = WorkspaceKey(geom.h, geom.w, geom.radius, geom.tile_h, geom.tile_w, n_context, query.dtype,
+                           query.device, offset, batched)  # fmt: skip
+        if key == self.key:
+            return
+        tile_h, tile_w, n_tile_rows, n_strips = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
+        radius, strip_width = geom.radius, geom.strip_width
+        block_rows, side = tile_h + 2 * radius, 2 * radius + 1
+        block_size, tile_cells, n_entries = block_rows * strip_width, tile_h * tile_w, n_context * side * side
+        if batched:
+            products = query.new_full((n_context, n_tile_rows, tile_cells, block_size), -offset)
+            windows = query.new_empty((n_strips, n_tile_rows, tile_cells, n_entries))
+            context_stride, tile_row_stride = n_tile_rows * tile_cells * block_size, tile_cells * block_size
+        else:
+            products = query.new_full((n_tile_rows, n_context, tile_cells, block_size), -offset)
+            windows = query.new_empty((tile_cells, n_entries))
+            context_stride, tile_row_stride = tile_cells * block_size, n_context * tile_cells * block_size
+        # target (a, b) of a tile meets rows a..a+2r and columns b..b+2r of its block: the windows
+        # are a strided view of the products, copied out in one go
+        strides = (context_stride, tile_w * block_size + strip_width, block_size + 1, strip_width, 1)
+        self.product_windows = [
+            _as_bits(products).as_strided((n_context, tile_h, tile_w, side, side), strides, i * tile_row_stride)
+            for i in range(n_tile_rows)
+        ]
+        # tile by tile, a block is cut to the frame's rows [first, end) (one plain product per
+        # context frame, written in place); the rest of the products stays at 0 - offset
+        self.row_spans = [
+            (max(i * tile_h, radius), min(i * tile_h + block_rows, radius + geom.h)) for i in range(n_tile_rows)
+        ]
+        self.tile_products = [] if batched else [
+            [products[i, f, :, (first - i * tile_h) * strip_width : (end - i * tile_h) * strip_width]
+             for f in range(n_context)]
+            for i, (first, end) in enumerate(self.row_spans)
+        ]  # fmt: skip
+        self.key, self.geometry, self.products, self.windows = key, geom, products, windows
+        self.context_blocks = []
+
+    def blocks(self, strips: list[torch.Tensor]) -> list[list]:
+        """The block views of each context frame's strips, per strip: made once per context frame,
+        which serves every target frame that has it in its context."""
+        held = self.context_blocks
+        self.context_blocks = []
+        for keys in strips:
+            views = next((views for known, views in held if known is keys), None)
+            self.context_blocks.append((keys, self._block_views(keys) if views is None else views))
+        return [views for _, views in self.context_blocks]
+
+    def _block_views(self, keys: torch.Tensor) -> list:
+        geom = self.geometry
+        dim, strip_width, tile_h = keys.shape[-1], geom.strip_width, geom.tile_h
+        block_size = (tile_h + 2 * geom.radius) * strip_width
+        if self.key.batched:  # the blocks of a strip as one strided batch of overlapping (dim, block) matrices
+            shape, strides = (geom.n_tiles_h, block_size, dim), (tile_h * strip_width * dim, dim, 1)
+            return [keys[j].as_strided(shape, strides).transpose(1, 2) for j in range(geom.n_tiles_w)]
+        flat = [keys[j].view(-1, dim) for j in range(geom.n_tiles_w)]
+        return [[strip[first * strip_width : end * strip_width].t() for first, end in self.row_spans] for strip in flat]
+
+
 def window_topk(
     query: torch.Tensor, strips: list[torch.Tensor], geom: WindowGeometry, k: int, temperature: float = 0.1,
-    margin: int = 8, workspace: dict | None = None, offset: float = 0.0, batched: bool | None = None,
+    margin: int = 8, workspace: WindowWorkspace | None = None, offset: float = 0.0, batched: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The joint top-k of the window affinities exp(cos / T) (0 outside the frame), as
     :func:`joint_topk` returns it: (weights (hw, K'), indices into F * W2, grid order).
@@ -205,11 +309,10 @@ def window_topk(
     ``query``: (h, w, D) L2-normalised target features; ``strips``: one :func:`key_strips` tensor per
     context frame. Each target tile is compared with the context blocks its windows reach (every
     context frame), its windows are read out of the products, and their top k + ``margin`` taken.
-    ``batched`` (default: on GPUs) does that a strip at a time (one strided batch of products per
-    strip and context frame, one top-k at the end, no host synchronisation per tile); otherwise a
-    tile at a time (on CPUs), so that the scratch stays small enough for the caches. ``offset``: the
-    products hold cosine - offset (see :func:`offset_features`). ``workspace``: a dict kept between
-    calls, to reuse the scratch.
+    ``batched`` (default: on GPUs) does that a strip at a time (:func:`_batched_window_topk`);
+    otherwise a tile at a time (:func:`_tiled_window_topk`, on CPUs). ``offset``: the products hold
+    cosine - offset (see :func:`offset_features`). ``workspace``: kept between calls, to reuse the
+    scratch.
 
     exp(. / T) is increasing, so the top-k of the affinities are those of the cosines, and only the
     kept ones are exponentiated. Window entries outside the frame meet the zero padding of the
@@ -217,108 +320,102 @@ def window_topk(
     drop out by themselves; the few rows where it is not (or with more ties than ``margin``) go
     through the masked formulation.
     """
-    D = query.shape[-1]
-    th, tw, nth, ntw = geom.tile_h, geom.tile_w, geom.n_tiles_h, geom.n_tiles_w
-    S, r, h = geom.strip_width, geom.radius, query.shape[0]
-    R, W, nf, M = th + 2 * r, 2 * r + 1, len(strips), th * tw
-    n = nf * W * W
-    k = min(k, n)
-    kk = min(n, k + margin)
+    n_context = len(strips)
+    n_entries = n_context * geom.window_size
+    k = min(k, n_entries)
+    n_kept = min(n_entries, k + margin)
     batched = query.device.type != "cpu" if batched is None else bool(batched)
-    q = query_tiles(query, geom)  # (ntw, nth, M, D)
-    key = (geom.h, geom.w, r, th, tw, nf, query.dtype, query.device, offset, batched)
-    if workspace is None or workspace.get("key") != key:
-        workspace = {} if workspace is None else workspace
-        workspace.clear()
-        # buf: the products of the tiles with their blocks in every context frame, (nth, nf, ...)
-        # tile by tile (as the rows cut off at the frame's edges differ by tile row), (nf, nth, ...)
-        # batched; win: the windows of one tile, or of them all
-        workspace.update(
-            key=key,
-            buf=query.new_full((nf, nth, M, R * S) if batched else (nth, nf, M, R * S), -offset),
-            win=query.new_empty((ntw, nth, M, n) if batched else (1, 1, M, n)),
-        )
-    ws = workspace
-    buf, win = ws["buf"], ws["win"]
-    # query (a, b) of a tile meets rows a..a+2r and columns b..b+2r of its block: the windows are a
-    # strided view of the products, copied out in one go (16-bit values as int16: same bits, faster)
-    bits = (lambda t: t.view(torch.int16)) if query.element_size() == 2 else (lambda t: t)
-    f_stride = (nth if batched else 1) * M * R * S
-    i_stride = M * R * S if batched else nf * M * R * S
-    windows = [
-        bits(buf).as_strided((nf, th, tw, W, W), (f_stride, tw * R * S + S, R * S + 1, S, 1), i * i_stride)
-        for i in range(nth)
-    ]
-    # each block is rows [i*th, i*th + R) of the padded strip, a contiguous piece of it. Tile by tile,
-    # it is cut to the frame's rows [a, b) (one plain product per context frame, written in place);
-    # the rest of buf stays at what the zero padding would make it, 0 - offset
-    spans = [(max(i * th, r), min(i * th + R, r + h)) for i in range(nth)]
-    if not batched and "outs" not in ws:
-        ws["outs"] = [
-            [buf[i, f, :, (a - i * th) * S : (b - i * th) * S] for f in range(nf)] for i, (a, b) in enumerate(spans)
-        ]
-    # the blocks of a context frame serve every target frame that has it in its context: made once
-    cache = ws.get("blocks", {})
-    blocks = []
-    for keys in strips:
-        hit = cache.get(id(keys))
-        if hit is None or hit[0] is not keys:
-            if batched:  # tile i of strip j: rows [i*th, i*th + R), a strided batch of overlapping blocks
-                views = [keys[j].as_strided((nth, R * S, D), (th * S * D, D, 1)).transpose(1, 2) for j in range(ntw)]
-            else:
-                flat = [keys[j].view(-1, D) for j in range(ntw)]
-                views = [[flat[j][a * S : b * S].t() for a, b in spans] for j in range(ntw)]
-            hit = (keys, views)
-        blocks.append(hit)
-    ws["blocks"] = {id(hit[0]): hit for hit in blocks}
-    vals = query.new_empty((ntw, nth, M, kk))
-    idx = torch.empty((ntw, nth, M, kk), dtype=torch.int64, device=query.device)
-    full_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for j in range(ntw):
-        if batched:
-            for f, (_, views) in enumerate(blocks):
-                torch.bmm(q[j], views[j], out=buf[f])
-        for i in range(nth):
-            if batched:
-                tile = win[j, i]
-            else:
-                tile = win[0, 0]
-                for f, (_, views) in enumerate(blocks):
-                    torch.mm(q[j, i], views[j][i], out=ws["outs"][i][f])
-            bits(tile).view(th, tw, nf, W, W).permute(2, 0, 1, 3, 4).copy_(windows[i])
-            if batched:
-                continue
-            v, ix = tile.topk(kk, dim=-1)
-            vals[j, i], idx[j, i] = v, ix
-            redo = _needs_full_row(v, k, n, offset, temperature)
+    workspace = WindowWorkspace() if workspace is None else workspace
+    workspace.prepare(query, geom, n_context, offset, batched)
+    targets = query_tiles(query, geom)  # (n_tiles_w, n_tiles_h, tile_cells, D)
+    blocks = workspace.blocks(strips)
+    strategy = _batched_window_topk if batched else _tiled_window_topk
+    top_values, top_indices, full_rows = strategy(targets, blocks, workspace, k, n_kept, offset, temperature)
+    return _window_weights(top_values, top_indices, full_rows, geom, k, n_context, margin, offset, temperature)
+
+
+#: grid cells whose top k + margin cannot be used as they are, with their whole row of windows
+FullRows = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _tiled_window_topk(
+    targets: torch.Tensor, blocks: list, ws: WindowWorkspace, k: int, n_kept: int, offset: float, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, FullRows]:
+    """A tile at a time (CPUs): the scratch stays small enough for the caches. Returns the top
+    values and indices (n_tiles_w, n_tiles_h, tile_cells, n_kept) in tile order and the full rows."""
+    geom = ws.geometry
+    n_strips, n_tile_rows, tile_cells = targets.shape[:3]
+    side, n_context = 2 * geom.radius + 1, len(blocks)
+    n_entries = ws.windows.shape[-1]
+    tile_windows = ws.windows  # (tile_cells, n_entries)
+    top_values = targets.new_empty((n_strips, n_tile_rows, tile_cells, n_kept))
+    top_indices = torch.empty((n_strips, n_tile_rows, tile_cells, n_kept), dtype=torch.int64, device=targets.device)
+    full_rows: FullRows = []
+    for j in range(n_strips):
+        for i in range(n_tile_rows):
+            for f, views in enumerate(blocks):
+                torch.mm(targets[j, i], views[j][i], out=ws.tile_products[i][f])
+            window_view = _as_bits(tile_windows).view(geom.tile_h, geom.tile_w, n_context, side, side)
+            window_view.permute(2, 0, 1, 3, 4).copy_(ws.product_windows[i])
+            values, indices = tile_windows.topk(n_kept, dim=-1)
+            top_values[j, i], top_indices[j, i] = values, indices
+            redo = _needs_full_row(values, k, n_entries, offset, temperature)
             if bool(redo.any()):  # a host synchronisation: tile by tile is for CPUs
-                rows = (j * nth + i) * M + redo.nonzero()[:, 0]
+                rows = (j * n_tile_rows + i) * tile_cells + redo.nonzero()[:, 0]
                 real = geom.cells[rows] >= 0
                 if bool(real.any()):
-                    full_rows.append((geom.cells[rows[real]], tile[redo][real].float()))
-    if batched:
-        flat = win.view(-1, n)
-        v, ix = flat.topk(kk, dim=-1)
-        vals, idx = v.view(vals.shape), ix.view(idx.shape)
-        redo = _needs_full_row(v, k, n, offset, temperature) & (geom.cells >= 0)
-        if bool(redo.any()):
-            rows = redo.nonzero()[:, 0]
-            full_rows.append((geom.cells[rows], flat[rows].float()))
-    vals = vals.view(-1, kk)[geom.rows]  # grid order from here on
-    idx = idx.view(-1, kk)[geom.rows]
-    aff = torch.exp_(vals.float().add_(offset).div_(temperature))  # the affinities, as joint_topk sees them
+                    full_rows.append((geom.cells[rows[real]], tile_windows[redo][real].float()))
+    return top_values, top_indices, full_rows
+
+
+def _batched_window_topk(
+    targets: torch.Tensor, blocks: list, ws: WindowWorkspace, k: int, n_kept: int, offset: float, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, FullRows]:
+    """A strip at a time (GPUs): one strided batch of products per strip and context frame, one
+    top-k at the end, no host synchronisation per tile. Returns what :func:`_tiled_window_topk` does."""
+    geom = ws.geometry
+    n_strips, n_tile_rows = targets.shape[:2]
+    side, n_context = 2 * geom.radius + 1, len(blocks)
+    windows = ws.windows  # (n_strips, n_tile_rows, tile_cells, n_entries)
+    n_entries = windows.shape[-1]
+    for j in range(n_strips):
+        for f, views in enumerate(blocks):
+            torch.bmm(targets[j], views[j], out=ws.products[f])
+        for i in range(n_tile_rows):
+            window_view = _as_bits(windows[j, i]).view(geom.tile_h, geom.tile_w, n_context, side, side)
+            window_view.permute(2, 0, 1, 3, 4).copy_(ws.product_windows[i])
+    flat = windows.view(-1, n_entries)
+    top_values, top_indices = flat.topk(n_kept, dim=-1)
+    redo = _needs_full_row(top_values, k, n_entries, offset, temperature) & (geom.cells >= 0)
+    full_rows: FullRows = []
+    if bool(redo.any()):
+        rows = redo.nonzero()[:, 0]
+        full_rows.append((geom.cells[rows], flat[rows].float()))
+    return top_values, top_indices, full_rows
+
+
+def _window_weights(
+    top_values: torch.Tensor, top_indices: torch.Tensor, full_rows: FullRows, geom: WindowGeometry, k: int,
+    n_context: int, margin: int, offset: float, temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised affinities of the kept entries in grid order; the full rows through
+    :func:`joint_topk` with the entries outside the frame masked."""
+    n_kept = top_values.shape[-1]
+    top_values = top_values.reshape(-1, n_kept)[geom.rows]  # grid order from here on
+    indices = top_indices.reshape(-1, n_kept)[geom.rows]
+    aff = torch.exp_(top_values.float().add_(offset).div_(temperature))  # the affinities, as joint_topk sees them
     kth = aff[:, k - 1 : k]
     weights = torch.where(aff >= kth, aff, torch.zeros_like(aff))
     weights = weights / weights.sum(-1, keepdim=True)
     if full_rows:
         cells = torch.cat([c for c, _ in full_rows])
-        a = torch.cat([x for _, x in full_rows]).add_(offset).view(len(cells), nf, -1)
+        a = torch.cat([x for _, x in full_rows]).add_(offset).view(len(cells), n_context, -1)
         a = torch.exp_(a.masked_fill_(geom.outside[cells], float("-inf")).div_(temperature)).view(len(cells), -1)
         w2, i2 = joint_topk(a, k, margin)
         width = max(weights.shape[-1], w2.shape[-1])
-        weights, idx, w2, i2 = (F.pad(t, (0, width - t.shape[-1])) for t in (weights, idx, w2, i2))
-        weights[cells], idx[cells] = w2, i2
-    return weights, idx
+        weights, indices, w2, i2 = (F.pad(t, (0, width - t.shape[-1])) for t in (weights, indices, w2, i2))
+        weights[cells], indices[cells] = w2, i2
+    return weights, indices
 
 
 def _needs_full_row(vals: torch.Tensor, k: int, n: int, offset: float, temperature: float) -> torch.Tensor:
@@ -366,7 +463,7 @@ class LabelPropagator:
         self._keys0: torch.Tensor | None = None
         self._labels0: torch.Tensor | None = None
         self._queue: deque = deque(maxlen=self.config.n_last_frames)
-        self._workspace: dict = {}
+        self._workspace = WindowWorkspace()
 
     @torch.no_grad()
     def start(self, features0: torch.Tensor, labels0: torch.Tensor) -> None:
@@ -471,356 +568,9 @@ def patch_features(model: nn.Module, frames: torch.Tensor, dtype: torch.dtype | 
     return tokens.float().reshape(B, H // p, W // p, -1)
 
 
-@dataclass
-class SegmentationTimes:
-    """Where the time of one video went (seconds)."""
-
-    features: float = 0.0
-    propagation: float = 0.0
-    io: float = 0.0
-
-    @property
-    def total(self) -> float:
-        return self.features + self.propagation + self.io
-
-
-@dataclass
-class VideoResult:
-    name: str
-    n_frames: int
-    skipped: bool = False
-    times: SegmentationTimes = field(default_factory=SegmentationTimes)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-#: tokens per feature batch on a CPU: more frames per batch only leave the caches (measured with
-#: ViT-S/16 on 832x480 frames, 1,561 tokens: 0.19 s/frame at 2 frames per batch, 0.27 at 8 in bf16)
-CPU_BATCH_TOKENS = 4096
-
-
-def auto_frame_batch(device: torch.device, tokens: int, dtype: torch.dtype | None = None) -> int:
-    """Frames per feature batch for ``--batch-size 0``: 8 on a GPU; on a CPU about
-    ``CPU_BATCH_TOKENS`` tokens in bf16 (2 frames at 480p with patch 16) and half as many in fp32
-    (1 frame: 0.58 s/frame against 0.60 at 2 and 0.65 at 8)."""
-    if torch.device(device).type != "cpu":
-        return 8
-    return max(1, (CPU_BATCH_TOKENS if dtype is not None else CPU_BATCH_TOKENS // 2) // tokens)
-
-
-def segment_video(
-    model: nn.Module,
-    sequence,
-    out_dir: str | Path,
-    config: PropagationConfig | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    batch_size: int = 0,
-    num_workers: int = 0,
-    short_side: int = 480,
-    fingerprint: str = "",
-    progress: Progress = NULL_PROGRESS,
-    on_frame: Callable[[int, np.ndarray], None] | None = None,
-) -> VideoResult:
-    """Segment one video (:class:`dinokit.data.davis.VideoSequence`) into ``out_dir/<frame>.png``.
-
-    Frames are read and resized by a data loader and embedded in batches; labels are propagated
-    frame by frame; PNGs are written by a small thread pool. A finished video leaves
-    ``out_dir/.done`` (with ``fingerprint``); a video whose marker matches is skipped.
-    """
-    from ..data.davis import FrameDataset, first_frame_labels, read_mask
-    from ..data.palette import save_indexed_png
-
-    config = config or PropagationConfig()
-    config.validate()
-    device = torch.device(device)
-    if dtype is not None and config.similarity_dtype is None:
-        # --precision bf16: the features are bf16 products already; so are their similarities
-        config = replace(config, similarity_dtype=dtype)
-    out_dir = Path(out_dir)
-    marker = out_dir / ".done"
-    names = [f.stem + ".png" for f in sequence.frames]
-    if marker.is_file():
-        try:
-            done = json.loads(marker.read_text())
-        except ValueError:
-            done = {}
-        if done.get("fingerprint") == fingerprint and all((out_dir / n).is_file() for n in names):
-            return VideoResult(sequence.name, len(names), skipped=True)
-    marker.unlink(missing_ok=True)
-    times = SegmentationTimes()
-    t0 = time.perf_counter()
-    dataset = FrameDataset(sequence.frames, short_side=short_side)
-    H, W = dataset.original_size
-    mask = read_mask(sequence.first_mask)
-    if mask.shape != (H, W):
-        raise DataError(
-            f"The first-frame mask {sequence.first_mask} is {mask.shape[1]}x{mask.shape[0]} pixels but "
-            f"the frames of {sequence.name} are {W}x{H}."
-        )
-    p = model.patch_size
-    th, tw = dataset.size
-    grid = (th // p, tw // p)
-    labels0 = first_frame_labels(mask, grid).to(device)
-    batch_size = batch_size if batch_size > 0 else auto_frame_batch(device, grid[0] * grid[1] + 1, dtype)
-    model, dtype = inference_model(model, dtype)  # bf16: a copy cast once, faster than autocast on CPUs
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pool = ThreadPoolExecutor(max_workers=4)
-    pending: list[Future] = []
-    pending.append(pool.submit(save_indexed_png, mask, out_dir / names[0]))
-    if on_frame is not None:
-        on_frame(0, mask)
-    times.io += time.perf_counter() - t0
-
-    workers = loader_workers(num_workers, device)
-    if workers < num_workers:
-        log.debug("%d frame loader worker(s) instead of %d: the compute threads take the other cores", workers,
-                  num_workers)  # fmt: skip
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-    )  # fmt: skip
-    prop = LabelPropagator(config)
-    task = progress.task(f"{sequence.name}", total=len(dataset))
-    try:
-        _segment_frames(
-            model, loader, prop, labels0, p, (H, W), names, out_dir, device, dtype, times, pool, pending, task,
-            on_frame,
-        )  # fmt: skip
-    except DinokitError as e:
-        raise _unwrap_worker_error(e) from None
-    finally:
-        pool.shutdown(wait=True)
-        task.close()
-    from ..io import atomic_write_text
-
-    atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "frames": len(names)}))
-    return VideoResult(sequence.name, len(names), times=times)
-
-
-def _unwrap_worker_error(e: DinokitError) -> DinokitError:
-    """A data-loader worker re-raises our error with its traceback in the message: keep the sentence."""
-    text = str(e)
-    if "Original Traceback" not in text:
-        return e
-    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
-    return type(e)(last.split(": ", 1)[1] if "Error: " in last else last)
-
-
-@torch.no_grad()
-def _segment_frames(model, loader, prop, labels0, p, size, names, out_dir, device, dtype, times, pool, pending,
-                    task, on_frame) -> None:  # fmt: skip
-    from ..data.davis import resize_labels_nearest
-    from ..data.palette import save_indexed_png
-
-    H, W = size
-    t_io = time.perf_counter()
-    for frames, index in loader:
-        t1 = time.perf_counter()
-        times.io += t1 - t_io
-        frames = frames.to(device, non_blocking=True)
-        feats = patch_features(model, frames, dtype)
-        _sync(device)
-        t2 = time.perf_counter()
-        times.features += t2 - t1
-        masks = []
-        for b in range(feats.shape[0]):
-            i = int(index[b])
-            if i == 0:
-                prop.start(feats[b], labels0)
-                continue
-            soft = prop.step(feats[b])
-            masks.append((i, soft_labels_to_mask(soft, p).to(torch.uint8)))
-        host = [(i, m.cpu().numpy()) for i, m in masks]
-        t3 = time.perf_counter()
-        times.propagation += t3 - t2
-        for i, m in host:
-            full = resize_labels_nearest(m, (H, W))
-            pending.append(pool.submit(save_indexed_png, full, out_dir / names[i]))
-            if on_frame is not None:
-                on_frame(i, full)
-        pending = [f for f in pending if not f.done() or f.result() is not None]
-        task.advance(feats.shape[0])
-        t_io = time.perf_counter()
-        times.io += t_io - t3
-    t4 = time.perf_counter()
-    for f in pending:
-        f.result()
-    times.io += time.perf_counter() - t4
-
-
 def config_dict(config: PropagationConfig) -> dict:
     d = asdict(config)
     d.pop("similarity_dtype", None)
     d.pop("tile", None)
     d.pop("batched", None)
     return d
-
-
-# -- a whole run: videos in, masks + scores out -------------------------------------------------
-@dataclass
-class DavisRunConfig:
-    """What ``dinokit davis`` does: segment DAVIS sequences (or one video) and score them."""
-
-    output: Path
-    data: Path | None = None  #: a DAVIS 2017 root
-    split: str = "val"
-    sequences: list[str] | None = None
-    frames: Path | None = None  #: a user's video: a folder of frames or a video file
-    first_mask: Path | None = None
-    weights: str = "dino_vits16"
-    arch: str | None = None
-    patch_size: int | None = None
-    checkpoint_key: str = "teacher"
-    propagation: PropagationConfig = field(default_factory=PropagationConfig)
-    short_side: int = 480
-    batch_size: int = 0  #: frames per feature batch; 0 = :func:`auto_frame_batch`
-    num_workers: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    seed: int = 0
-    visualize: bool = False
-    overwrite: bool = False
-
-
-@dataclass
-class DavisRunResult:
-    videos: list[VideoResult]
-    scores: object | None  #: :class:`dinokit.eval.davis_metrics.DavisScores` when ground truth exists
-    metrics_path: Path | None
-    output: Path
-
-
-RUN_MARKER = "davis_run.json"
-
-
-def _run_sequences(cfg: DavisRunConfig):
-    from ..data import davis
-
-    if cfg.data is not None and cfg.frames is not None:
-        raise DinokitError("Give either --data (a DAVIS root) or --frames (your own video), not both.")
-    if cfg.data is not None:
-        return davis.davis_sequences(cfg.data, cfg.split, cfg.sequences)
-    if cfg.frames is None:
-        raise DinokitError("Give --data DAVIS_ROOT, or --frames DIR with --first-mask PNG for your own video.")
-    if cfg.first_mask is None:
-        raise DinokitError(f"--frames {cfg.frames} needs --first-mask: the indexed PNG mask of its first frame.")
-    if not Path(cfg.first_mask).is_file():
-        raise DataError(f"The first-frame mask {cfg.first_mask} does not exist.")
-    frames = Path(cfg.frames)
-    if frames.is_file() and davis.is_video_file(frames):
-        # decoded into the output folder once it is prepared (see run_davis)
-        return [davis.VideoSequence(name=frames.stem, frames=[], first_mask=Path(cfg.first_mask))]
-    if frames.is_file():
-        raise DataError(f"{frames} is neither a folder of frames nor a video file ({', '.join(davis.VIDEO_EXTENSIONS)}).")
-    return [davis.folder_video(frames, cfg.first_mask)]
-
-
-def _has_ground_truth(seq) -> bool:
-    if seq.gt_dir is None or not Path(seq.gt_dir).is_dir():
-        return False
-    return sum(1 for p in Path(seq.gt_dir).glob("*.png")) >= 3
-
-
-def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisRunResult:
-    """Segment every sequence into ``OUT/<seq>/<frame>.png`` and score those with ground truth.
-
-    Sequences finished by an earlier run with the same weights and settings are skipped.
-    """
-    from .. import load_backbone
-    from ..checkpoints import state_dict_fingerprint
-    from ..data.davis import decode_video, write_visualization
-    from ..io import prepare_output_dir, to_json, write_json, write_metrics
-    from ..runtime import precision_name, resolve_device, resolve_precision, seed_everything
-    from .davis_metrics import DavisScores, score_sequence_folders
-
-    cfg.propagation.validate()
-    if cfg.short_side < 16:
-        raise DinokitError("--short-side must be at least 16 pixels.")
-    sequences = _run_sequences(cfg)
-    out = Path(cfg.output)
-    previous = out / RUN_MARKER
-    prepare_output_dir(out, overwrite=cfg.overwrite, resume=previous.is_file())
-    device = resolve_device(cfg.device)
-    dtype = resolve_precision(cfg.precision, device, training=False)
-    seed_everything(cfg.seed)
-    model = load_backbone(cfg.weights, arch=cfg.arch, patch_size=cfg.patch_size, checkpoint_key=cfg.checkpoint_key)
-    if not hasattr(model, "patch_size"):
-        raise DinokitError("Label propagation needs a ViT backbone (patch features); ResNet-50 has none.")
-    model = model.to(device).eval()
-    settings = {
-        "weights": state_dict_fingerprint(model.state_dict()),
-        "patch_size": model.patch_size,
-        "propagation": config_dict(cfg.propagation),
-        "short_side": cfg.short_side,
-        "precision": precision_name(dtype),
-        # how 16-bit similarities are formed (cos - 1, see offset_features): results made otherwise
-        # by an earlier version are not mixed with these on a rerun
-        "similarities": "offset-1" if dtype is not None else "fp32",
-    }
-    fingerprint = to_json(settings, indent=None)
-    if previous.is_file() and not cfg.overwrite:
-        try:
-            old = json.loads(previous.read_text()).get("fingerprint")
-        except ValueError:
-            old = None
-        if old != fingerprint:
-            raise DinokitError(
-                f"The output folder {out} holds a run with other weights or settings; pass --overwrite "
-                "to replace its results or choose another folder."
-            )
-    write_json(previous, {"fingerprint": fingerprint})
-    for seq in sequences:
-        if not seq.frames:  # a video file
-            seq.frames = decode_video(cfg.frames, out / ".frames" / seq.name)
-
-    videos = []
-    scores = DavisScores(sequences=[])
-    overall = progress.task("Videos", total=len(sequences)) if len(sequences) > 1 else None
-    for seq in sequences:
-        res_dir = out / seq.name
-        res = segment_video(
-            model, seq, res_dir, cfg.propagation, device, dtype, cfg.batch_size, cfg.num_workers,
-            cfg.short_side, fingerprint, progress,
-        )  # fmt: skip
-        if res.skipped:
-            progress.log(f"{seq.name}: already segmented in {res_dir}, skipped")
-        videos.append(res)
-        if cfg.visualize:
-            write_visualization(seq, res_dir, out / "visualize")
-        if _has_ground_truth(seq):
-            objs = score_sequence_folders(seq.gt_dir, res_dir, seq.name)
-            scores.sequences.append(seq.name)
-            for key, o in objs.items():
-                scores.per_object[key] = o.summary()
-                scores.per_frame[key] = {"J": o.J, "F": o.F}
-        if overall is not None:
-            overall.advance(1)
-    if overall is not None:
-        overall.close()
-
-    config = {
-        "data": cfg.data, "frames": cfg.frames, "first_mask": cfg.first_mask, "split": cfg.split,
-        "sequences": [s.name for s in sequences], "weights": cfg.weights,
-        "arch": getattr(model, "arch", cfg.arch), "patch_size": model.patch_size,
-        "checkpoint_key": cfg.checkpoint_key, **config_dict(cfg.propagation), "short_side": cfg.short_side,
-        "batch_size": cfg.batch_size, "device": str(device), "precision": precision_name(dtype), "seed": cfg.seed,
-    }  # fmt: skip
-    timing = {
-        v.name: {"frames": v.n_frames, "skipped": v.skipped, "features_s": v.times.features,
-                 "propagation_s": v.times.propagation, "io_s": v.times.io}
-        for v in videos
-    }  # fmt: skip
-    metrics: dict = {}
-    if scores.per_object:
-        metrics.update(scores.metrics())
-        scores.write_csvs(out, cfg.split)
-    else:
-        metrics["scored"] = False
-        metrics["note"] = "no ground truth beyond the first frame: masks written, nothing scored"
-    metrics["videos"] = timing
-    path = write_metrics(out, metrics, config=config)
-    return DavisRunResult(videos=videos, scores=scores if scores.per_object else None, metrics_path=path, output=out)
