@@ -16,9 +16,9 @@ def results():
 
 
 def test_table_marks_each_metric_by_comparison(results):
-    from dinokit.commands.demo import _table_rows
+    from dinokit.commands.demo_report import table_rows
 
-    rows = {r[0]: r for r in _table_rows(results)}
+    rows = {r[0]: r for r in table_rows(results)}
     assert rows["k-NN top-1 (20-NN, %)"][1:4] == ("12.5", "31.0", "yes")
     assert rows["DAVIS J&F-Mean"][1:4] == ("0.600", "0.580", "no")
     # a tie is not a win
@@ -26,11 +26,11 @@ def test_table_marks_each_metric_by_comparison(results):
 
 
 def test_reports_explain_every_miss_and_only_misses(tmp_path, results):
-    from dinokit.commands.demo import WHY_NOT, _write_reports
+    from dinokit.commands.demo_report import WHY_NOT, write_reports
 
     summary = {"seconds": 300.0, "pretrain_epochs": 7, "config": {"arch": "vit_tiny", "patch_size": "16"}}
     (tmp_path / "figures").mkdir()
-    _write_reports(tmp_path, results, {"video": "figures/video.png"}, summary)
+    write_reports(tmp_path, results, {"video": "figures/video.png"}, summary)
     md = (tmp_path / "report.md").read_text()
     html = (tmp_path / "report.html").read_text()
     assert WHY_NOT["davis"] in md and WHY_NOT["copydays"] in md

@@ -28,7 +28,7 @@ from ..data.masks import VOID, GroundTruth
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
-from ..runtime import autocast
+from ..runtime import RuntimeOptions, autocast, resolve_device, resolve_precision
 
 log = logging.getLogger("dinokit")
 
@@ -194,14 +194,25 @@ def masks_from_maps(maps: torch.Tensor, threshold: float) -> torch.Tensor:
     return mass_threshold(flat, threshold).reshape(maps.shape)
 
 
-@dataclass
-class AttentionConfig:
-    image_size: int | None = 480
-    threshold: float = 0.6
+@dataclass(kw_only=True)
+class AttentionConfig(RuntimeOptions):
+    """The protocol's settings: the input size and the mass fraction each head's mask keeps, with
+    where the maps are computed (batch size, workers, device and precision of :class:`RuntimeOptions`).
+
+    :class:`dinokit.eval.attention_run.AttentionRunConfig` adds the backbone, inputs and output of a run.
+    """
+
+    image_size: int | None = 480  #: resize to (S, S) (video frames: shorter side S); None keeps the size
+    threshold: float = 0.6  #: fraction of each head's attention mass its mask keeps (the paper's 60%)
     batch_size: int = 8
-    num_workers: int = 0
-    device: str | torch.device = "cpu"
-    dtype: torch.dtype | None = None
+    device: str = "cpu"  #: the functions here run where they are told; the command passes --device
+
+
+def _placed(model, cfg: AttentionConfig) -> tuple[torch.nn.Module, torch.device, torch.dtype | None]:
+    """The model on the config's device in eval mode, with the autocast dtype of its precision
+    (fp32 under ``auto``: evaluation numbers match the reference)."""
+    device = resolve_device(str(cfg.device))
+    return model.to(device).eval(), device, resolve_precision(cfg.precision, device, training=False)
 
 
 @dataclass
@@ -220,9 +231,9 @@ class ImageAttention:
         return self.maps.mean(axis=0)
 
 
-def _run_group(model, group: list[tuple], cfg: AttentionConfig, device) -> list[ImageAttention]:
+def _run_group(model, group: list[tuple], cfg: AttentionConfig, device, dtype) -> list[ImageAttention]:
     x = torch.stack([g[1] for g in group]).to(device)
-    maps = cls_attention_maps(model, x, cfg.dtype).cpu()
+    maps = cls_attention_maps(model, x, dtype).cpu()
     masks = masks_from_maps(maps, cfg.threshold)
     p = int(model.patch_size)
     return [
@@ -238,8 +249,7 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
     """Maps of each image (paths, or (name, PIL image) pairs), computed in batches of equal-sized
     images and yielded in input order; only one batch is held in memory."""
     p = check_attention_model(model)
-    device = torch.device(cfg.device)
-    model = model.to(device).eval()
+    model, device, dtype = _placed(model, cfg)
     task = progress.task("attention maps", total=total)
     pending: list[tuple] = []
 
@@ -249,7 +259,7 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
         for k, item in enumerate(pending):
             groups.setdefault(tuple(item[1].shape), []).append((k, item))
         for members in groups.values():
-            res = _run_group(model, [m[1] for m in members], cfg, device)
+            res = _run_group(model, [m[1] for m in members], cfg, device, dtype)
             out.extend(zip([m[0] for m in members], res))
         pending.clear()
         out.sort(key=lambda kr: kr[0])
@@ -335,8 +345,7 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
     if not items:
         raise DataError("There are no images to evaluate.")
     p = check_attention_model(model)
-    device = torch.device(cfg.device)
-    model = model.to(device).eval()
+    model, device, dtype = _placed(model, cfg)
     ds = _GroundTruthDataset(items, cfg.image_size, p)
     loader = torch.utils.data.DataLoader(
         ds,
@@ -358,7 +367,7 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
     try:
         for x, labels, index in loader:
             x = x.to(device, non_blocking=True)
-            maps = cls_attention_maps(model, x, cfg.dtype)
+            maps = cls_attention_maps(model, x, dtype)
             masks = masks_from_maps(maps, cfg.threshold)  # (B, heads, h, w) bool on the CPU
             for b in range(x.shape[0]):
                 i = int(index[b])

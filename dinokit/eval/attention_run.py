@@ -1,0 +1,299 @@
+"""A run of the attention protocol (DINO Sec. 4.2.1, Fig. 1/3; appendix Table 7) in one of three forms,
+with its files in the output folder:
+
+* **maps**: each image's per-head CLS attention, head mean and mass-threshold masks as pictures and
+  ``maps.npz`` (one folder per image);
+* **evaluation**: the attention-mask Jaccard against ground-truth objects (masks or COCO), with
+  ``per_image.csv`` and pictures of the best and worst images;
+* **video**: the maps of every frame as pictures, ``attention.gif`` and optionally ``attention.mp4``.
+
+:func:`run_attention` reads the inputs, loads the backbone, writes the files and returns the metrics
+and the protocol record for ``metrics.json``; the maps and the Jaccard themselves are in
+:mod:`dinokit.eval.attention`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import viz
+from ..checkpoints import BackboneOptions, prepare_backbone
+from ..data.images import expand_image_inputs
+from ..data.masks import GroundTruth, ground_truth_from_coco, ground_truth_from_masks, read_image_list
+from ..errors import DinokitError
+from ..io import atomic_write_bytes, atomic_write_text, prepare_output_dir
+from ..models.registry import backbone_arch
+from ..progress import NULL_PROGRESS, Progress
+from ..runtime import precision_name
+from .attention import (
+    AttentionConfig,
+    ImageAttention,
+    JaccardResult,
+    attention_maps,
+    check_attention_model,
+    evaluate_jaccard,
+    evaluation_picture,
+    frame_pictures,
+    iter_video_frames,
+    summarize_maps,
+    video_attention,
+)
+
+
+@dataclass(kw_only=True)
+class AttentionRunConfig(AttentionConfig, BackboneOptions):
+    """A run of ``dinokit attn``: the backbone, the protocol settings, one form's inputs and the output.
+
+    Exactly one form: ``images`` (maps), ``images_dir`` with ``masks`` or ``coco`` (evaluation), or
+    ``video``.
+    """
+
+    output: Path
+    images: list[str] | None = None  #: maps form: images, folders or glob patterns
+    images_dir: Path | None = None  #: evaluation form: the folder of images
+    masks: Path | None = None  #: ground-truth label PNGs named like the images
+    coco: Path | None = None  #: or ground truth from a COCO annotation file
+    objects: str = "instance"  #: COCO objects: instance, or class (instances of a category merged)
+    binary_masks: bool = False  #: any nonzero mask pixel is one foreground object
+    ignore_void: bool = False  #: void (255) pixels leave every Jaccard's union
+    image_list: Path | None = None  #: evaluate only the images named in this file
+    video: Path | None = None  #: video form: a folder of frames or a video file
+    fps: float | None = None  #: frame rate of the GIF/MP4 (default: the file's, or 10)
+    mp4: bool = False  #: also write attention.mp4
+    overwrite: bool = False  #: write into an output folder that already holds results
+
+
+@dataclass
+class AttentionRunResult:
+    """What a run wrote: its form, the numbers and the protocol record for ``metrics.json``."""
+
+    form: str  #: maps, evaluation or video
+    output: Path
+    metrics: dict
+    config: dict
+    heads: int
+    images: int = 0
+    frames: int = 0
+    fps: float | None = None
+    jaccard: JaccardResult | None = None  #: the evaluation form's scores
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+def check_run_config(cfg: AttentionRunConfig) -> str:
+    """The form the config asks for; one sentence naming the option for a config that is not one form."""
+    forms = [bool(cfg.images), cfg.images_dir is not None, cfg.video is not None]
+    if sum(forms) == 0:
+        raise DinokitError("Give images to draw maps of, --images with --masks or --coco to evaluate, or --video.")
+    if sum(forms) > 1:
+        raise DinokitError("Use one form at a time: positional images, --images (evaluation) or --video.")
+    if cfg.images_dir is None and (cfg.masks is not None or cfg.coco is not None):
+        raise DinokitError("--masks and --coco belong to the evaluation form; give the images with --images.")
+    if cfg.images_dir is not None and (cfg.masks is None) == (cfg.coco is None):
+        raise DinokitError("The evaluation form needs exactly one of --masks DIR or --coco ANNOTATIONS.json.")
+    if not 0.0 < cfg.threshold <= 1.0:
+        raise DinokitError(f"--threshold must be a fraction in (0, 1], not {cfg.threshold}.")
+    if cfg.objects not in ("instance", "class"):
+        raise DinokitError(f"--objects must be instance or class, not {cfg.objects!r}.")
+    if cfg.images_dir is not None and not cfg.images_dir.is_dir():
+        raise DinokitError(f"The image folder {cfg.images_dir} does not exist.")
+    if cfg.masks is not None and not cfg.masks.is_dir():
+        raise DinokitError(f"The mask folder {cfg.masks} does not exist.")
+    if cfg.coco is not None and not cfg.coco.is_file():
+        raise DinokitError(f"The annotation file {cfg.coco} does not exist.")
+    if cfg.video is not None and not cfg.video.exists():
+        raise DinokitError(f"The video {cfg.video} does not exist.")
+    if cfg.image_list is not None and not cfg.image_list.is_file():
+        raise DinokitError(f"The image list {cfg.image_list} does not exist.")
+    return "video" if cfg.video is not None else "evaluation" if cfg.images_dir is not None else "maps"
+
+
+def load_ground_truth(cfg: AttentionRunConfig) -> list[GroundTruth]:
+    """The evaluation form's images with their objects, from label PNGs or a COCO file."""
+    ids = read_image_list(cfg.image_list) if cfg.image_list is not None else None
+    if cfg.coco is not None:
+        return ground_truth_from_coco(cfg.images_dir, cfg.coco, objects=cfg.objects, image_list=ids)
+    return ground_truth_from_masks(cfg.images_dir, cfg.masks, binary=cfg.binary_masks, image_list=ids)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "image"
+
+
+def unique_names(paths: list[Path]) -> list[str]:
+    """A folder name per image: its stem, made unique with the parent folder or a number."""
+    stems = [_safe_name(Path(str(p)).stem) for p in paths]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    out, used = [], set()
+    for p, s in zip(paths, stems):
+        name = s if counts[s] == 1 else _safe_name(f"{Path(str(p)).parent.name}_{s}")
+        base, k = name, 2
+        while name in used:
+            name, k = f"{base}-{k}", k + 1
+        used.add(name)
+        out.append(name)
+    return out
+
+
+@contextlib.contextmanager
+def _remove_if_left_empty(out: Path, created: bool):
+    """A run refused on its first image leaves no empty output folder behind."""
+    try:
+        yield
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def run_attention(cfg: AttentionRunConfig, progress: Progress = NULL_PROGRESS) -> AttentionRunResult:
+    """Check the form, read its inputs (a bad path is reported before anything is loaded or created),
+    load the backbone, then compute and write the form's maps or scores into ``cfg.output``."""
+    form = check_run_config(cfg)
+    paths = expand_image_inputs(cfg.images) if form == "maps" else None
+    items = load_ground_truth(cfg) if form == "evaluation" else None
+    prepared = prepare_backbone(cfg)  # seeds first: --weights random is the same network on every run
+    model = prepared.model
+    check_attention_model(model)
+    record = {
+        "weights": str(cfg.weights),
+        "arch": backbone_arch(model),
+        "patch_size": int(model.patch_size),
+        "heads": int(model.num_heads),
+        "checkpoint_key": cfg.checkpoint_key,
+        "seed": cfg.seed,
+        "precision": precision_name(prepared.dtype),
+    }
+    created = not cfg.output.exists()
+    out = prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
+    with _remove_if_left_empty(out, created):
+        if form == "video":
+            return _run_video(model, cfg, out, record, progress)
+        if form == "evaluation":
+            return _run_evaluation(items, model, cfg, out, record, progress)
+        return _run_maps(paths, model, cfg, out, record, progress)
+
+
+def _run_maps(paths: list[Path], model, cfg: AttentionRunConfig, out: Path, record: dict,
+              progress: Progress) -> AttentionRunResult:
+    names = dict(zip(paths, unique_names(paths)))
+    per_image = {}
+    for res in attention_maps(model, paths, cfg, progress, total=len(paths)):
+        name = names[res.path]
+        write_image_maps(out / name, res, cfg.threshold)
+        per_image[name] = {"source": str(res.path), **summarize_maps(res)}
+    config = {**record, "form": "maps", "image_size": cfg.image_size, "threshold": cfg.threshold,
+              "colormap": "viridis", "crop": "top-left, to a multiple of the patch size"}
+    return AttentionRunResult("maps", out, {"images": len(per_image), "per_image": per_image}, config,
+                              heads=record["heads"], images=len(per_image))
+
+
+def write_image_maps(folder: Path, res: ImageAttention, threshold: float) -> None:
+    """One image's pictures (input, each head's map, head mean, masks, a labelled grid of them) and its
+    raw maps and masks as ``maps.npz``."""
+    p = res.patch_size
+    folder.mkdir(parents=True, exist_ok=True)
+    viz.save_png(folder / "image.png", res.image)
+    head_pics = []
+    for h, m in enumerate(res.maps):
+        pic = viz.apply_colormap(viz.upsample_nearest(m, p), "viridis")
+        viz.save_png(folder / f"attn-head{h}.png", pic)
+        head_pics.append(pic)
+    mean_pic = viz.apply_colormap(viz.upsample_nearest(res.mean_map, p), "viridis")
+    viz.save_png(folder / "attn-mean.png", mean_pic)
+    colors = viz.distinct_colors(len(res.masks))
+    overlay = viz.overlay_masks(res.image, viz.upsample_nearest(res.masks, p), colors, alpha=0.5, thickness=2)
+    viz.save_png(folder / "masks.png", overlay)
+    tiles = [res.image, mean_pic, overlay, *head_pics]
+    labels = ["input", "mean of heads", f"masks ({threshold:.0%} mass)"] + [f"head {h}" for h in range(len(head_pics))]
+    viz.save_png(folder / "grid.png", viz.make_grid(tiles, labels, cols=min(5, len(tiles))))
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        attention=res.maps.astype(np.float32),
+        masks=res.masks,
+        mean=res.mean_map.astype(np.float32),
+        patch_size=np.int64(p),
+        threshold=np.float64(threshold),
+        input_size=np.asarray(res.image.shape[:2], dtype=np.int64),
+    )
+    atomic_write_bytes(folder / "maps.npz", buf.getvalue())
+
+
+def _run_evaluation(items: list[GroundTruth], model, cfg: AttentionRunConfig, out: Path, record: dict,
+                    progress: Progress) -> AttentionRunResult:
+    result = evaluate_jaccard(model, items, cfg, ignore_void=cfg.ignore_void, progress=progress)
+    coco = cfg.coco is not None
+    config = {
+        **record,
+        "form": "evaluation",
+        "images": str(cfg.images_dir),
+        "ground_truth": "coco" if coco else "masks",
+        "masks": str(cfg.masks) if cfg.masks is not None else None,
+        "coco": str(cfg.coco) if coco else None,
+        "image_list": str(cfg.image_list) if cfg.image_list is not None else None,
+        "objects": cfg.objects if coco else ("binary" if cfg.binary_masks else "label values"),
+        "binary_masks": cfg.binary_masks,
+        "ignore_void": cfg.ignore_void,
+        "image_size": cfg.image_size,
+        "threshold": cfg.threshold,
+        "ground_truth_resize": "PIL nearest to (S, S)" if cfg.image_size else "none",
+        "image_resize": "torchvision Resize((S, S)), bilinear" if cfg.image_size else "none",
+        "crop": "top-left, to a multiple of the patch size",
+        "ties": "equal attention values are taken in patch order",
+        "protocol": "per object the best head's Jaccard; mean over the image's objects; mean over images",
+    }
+    write_evaluation_files(out, result, items, cfg, int(model.patch_size))
+    return AttentionRunResult("evaluation", out, result.metrics(), config, heads=record["heads"],
+                              images=result.images, jaccard=result)
+
+
+def write_evaluation_files(out: Path, result: JaccardResult, items: list[GroundTruth], cfg: AttentionConfig,
+                           patch_size: int) -> None:
+    """``per_image.csv`` (each image's Jaccard and per-head scores) and ``pictures/`` of the best and
+    worst images."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["image", "jaccard", "objects", *[f"head{h}" for h in range(len(result.jaccard_per_head))]])
+    for s in result.per_image:
+        w.writerow([s.name, f"{s.jaccard:.6f}", s.objects, *[f"{v:.6f}" for v in s.per_head]])
+    atomic_write_text(out / "per_image.csv", buf.getvalue())
+    for kind, entries in (("best", result.best), ("worst", result.worst)):
+        for rank, (score, index, grid) in enumerate(entries, 1):
+            item = items[index]
+            pic = evaluation_picture(item, grid, cfg, patch_size, score)
+            viz.save_png(out / "pictures" / f"{kind}-{rank}-{_safe_name(item.name)}.png", pic)
+
+
+def _run_video(model, cfg: AttentionRunConfig, out: Path, record: dict, progress: Progress) -> AttentionRunResult:
+    """Each frame's head-mean map and masks as PNGs, and both side by side as an animated GIF (and MP4)."""
+    frames, total, file_fps = iter_video_frames(cfg.video)
+    fps = cfg.fps or file_fps or 10.0
+    n = 0
+    with contextlib.ExitStack() as stack:
+        gif = stack.enter_context(viz.GifWriter(out / "attention.gif", fps=fps))
+        mp4 = stack.enter_context(viz.Mp4Writer(out / "attention.mp4", fps=fps)) if cfg.mp4 else None
+        for res in video_attention(model, frames, cfg, progress, total=total):
+            heat, overlay = frame_pictures(res)
+            viz.save_png(out / "maps" / f"{n:05d}.png", heat)
+            viz.save_png(out / "masks" / f"{n:05d}.png", overlay)
+            side = np.concatenate([overlay, np.full((overlay.shape[0], 4, 3), 255, np.uint8), heat], axis=1)
+            gif.add(side)
+            if mp4 is not None:
+                mp4.add(side)
+            n += 1
+    config = {**record, "form": "video", "video": str(cfg.video), "image_size": cfg.image_size,
+              "resize": "shorter side to S, aspect kept" if cfg.image_size else "none",
+              "threshold": cfg.threshold, "fps": fps, "colormap": "inferno"}
+    files = ["attention.gif", "maps/", "masks/"] + (["attention.mp4"] if cfg.mp4 else [])
+    metrics = {"frames": n, "patch_size": int(model.patch_size), "files": files}
+    return AttentionRunResult("video", out, metrics, config, heads=record["heads"], frames=n, fps=fps)
