@@ -232,20 +232,20 @@ def test_fused_path_calls_sdpa_and_attention_weights_do_not(monkeypatch):
 
 
 def test_blocked_attention_equals_sdpa_across_block_edges():
-    from dinokit.models.vit import _blocked_attention
+    from dinokit.models.attention import blocked_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 300, 16, dtype=torch.float64) for _ in range(3))
     ref = F.scaled_dot_product_attention(q, k, v)
     # a block smaller than a head: 6 heads x row chunks of 256 + 44 rows
-    assert torch.allclose(_blocked_attention(q, k, v, block=256 * 300), ref, atol=1e-12)
+    assert torch.allclose(blocked_attention(q, k, v, block=256 * 300), ref, atol=1e-12)
     # whole heads, 4 to a block: 4 + 2
-    assert torch.allclose(_blocked_attention(q, k, v, block=4 * 300 * 300 + 5), ref, atol=1e-12)
-    assert torch.allclose(_blocked_attention(q, k, v), ref, atol=1e-12)  # all heads in one block
+    assert torch.allclose(blocked_attention(q, k, v, block=4 * 300 * 300 + 5), ref, atol=1e-12)
+    assert torch.allclose(blocked_attention(q, k, v), ref, atol=1e-12)  # all heads in one block
 
 
 def test_bf16_cpu_attention_matches_fp32_and_its_gradients_flow():
-    from dinokit.models.vit import attention
+    from dinokit.models.attention import attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(4, 3, 197, 64) for _ in range(3))
@@ -265,7 +265,7 @@ def test_bf16_cpu_attention_matches_fp32_and_its_gradients_flow():
 
 def test_bf16_cpu_attention_is_as_close_to_fp64_as_the_fused_kernel_on_sharp_logits():
     # logits of std ~9: rounding plain bf16 products would cost ~6x the fused kernel's error
-    from dinokit.models.vit import attention
+    from dinokit.models.attention import attention
 
     torch.manual_seed(0)
     qb, kb, vb = ((torch.randn(2, 3, 300, 64) * s).bfloat16() for s in (3.0, 3.0, 1.0))
