@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dinokit
-from dinokit import checkpoints
+from dinokit import checkpoints, presets
 from dinokit.checkpoints import (
     file_fingerprint,
     load_backbone,
@@ -285,7 +285,7 @@ def test_unknown_preset():
 
 # -- presets and the torch.hub cache ------------------------------------------------------------------
 def _preset_file(tmp_path: Path, name: str = "dino_vits16") -> Path:
-    return Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / Path(checkpoints.PRESETS[name][0]).name
+    return Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / Path(presets.PRESETS[name][0]).name
 
 
 def test_offline_preset_fails_at_once_naming_where_to_put_the_file(tmp_path, monkeypatch):
@@ -329,8 +329,8 @@ def test_a_corrupt_cached_file_is_reported_and_fetched_again(tmp_path, monkeypat
     small = tiny(seed=9, depth=1, arch="vit_small")
     server = tmp_path / "server"
     (server / "dino_deitsmall16_pretrain").mkdir(parents=True)
-    torch.save(small.state_dict(), server / checkpoints.PRESETS["dino_vits16"][0])
-    monkeypatch.setattr(checkpoints, "BASE_URL", server.as_uri() + "/")
+    torch.save(small.state_dict(), server / presets.PRESETS["dino_vits16"][0])
+    monkeypatch.setattr(presets, "BASE_URL", server.as_uri() + "/")
     monkeypatch.setenv("DINOKIT_OFFLINE", "0")
     path.write_bytes(b"corrupt again")
     m = load_backbone("dino_vits16")
@@ -339,7 +339,7 @@ def test_a_corrupt_cached_file_is_reported_and_fetched_again(tmp_path, monkeypat
 
 
 def test_a_failed_download_leaves_no_partial_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoints, "BASE_URL", (tmp_path / "nowhere").as_uri() + "/")
+    monkeypatch.setattr(presets, "BASE_URL", (tmp_path / "nowhere").as_uri() + "/")
     monkeypatch.setenv("DINOKIT_OFFLINE", "0")
     with pytest.raises(CheckpointError, match="could not be downloaded") as e:
         load_backbone("dino_vitb8")
