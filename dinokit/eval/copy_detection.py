@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
+from .metrics import require_finite
 
 log = logging.getLogger("dinokit")
 
@@ -297,6 +298,9 @@ class Embedded:
     features: torch.Tensor  # (N, D); zero rows where unreadable
     kept: torch.Tensor  # (N,) bool
     reused: bool = False
+
+    def __post_init__(self) -> None:  # every descriptor set (copy detection, retrieval) passes here
+        require_finite(self.features, "The image descriptors")
 
     @property
     def n_unreadable(self) -> int:
@@ -833,6 +837,7 @@ def embed_into_store(
             embedder.model, dataset, embedder.batch_size, embedder.num_workers, embedder.device,
             embedder.dtype, embedder.feature_fn, shared,
         )
+        require_finite(feats, "The image descriptors")
         if dist_env().is_main:  # the main rank owns the files
             store.add(part, feats.numpy(), kept.numpy())
     task.close()

@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import CheckpointError, DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import get_rng_state, set_rng_state
-from .metrics import topk_correct
+from .metrics import require_finite, topk_correct
 
 log = logging.getLogger("dinokit")
 
@@ -316,6 +316,8 @@ def train_on_features(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> 
     from .features import align_labels
 
     train, val, n, avg = _feature_sets(cfg, progress)
+    require_finite(train.features, "The training features")
+    require_finite(val.features, "The validation features")
     val_labels = align_labels(train, val, "training", "validation")
     C = max(len(train.classes), int(train.labels.max()) + 1)
     device = resolve_device(cfg.device)
@@ -570,6 +572,8 @@ def logistic_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Line
     from .features import align_labels
 
     train, val, n, avg = _feature_sets(cfg, progress)
+    require_finite(train.features, "The training features")
+    require_finite(val.features, "The validation features")
     val_labels = align_labels(train, val, "training", "validation")
     task = progress.task("logistic regression", total=None)
     final = logistic_probe(train.features, train.labels, val.features, val_labels, cfg.logistic_c, cfg.logistic_max_iter)
