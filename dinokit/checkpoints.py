@@ -256,7 +256,19 @@ def extract_backbone_state_dict(ckpt: Any, checkpoint_key: str = "teacher", sour
         )
     if not stripped:
         raise CheckpointError(f"{source} holds a projection head only, not backbone weights.")
+    require_finite_weights(stripped, source)
     return stripped
+
+
+def require_finite_weights(sd: dict[str, Any], source: str = "the checkpoint") -> None:
+    """Refuse weights holding NaN or inf: every feature and score computed from them would be NaN (or
+    a meaningless number), so they are stopped where they are loaded."""
+    for key, value in sd.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"{source} holds non-finite values (NaN or inf) in {key}; the file is damaged or the training "
+                "diverged."
+            )
 
 
 def infer_arch(sd: dict[str, torch.Tensor]) -> tuple[str, int | None, dict]:
@@ -414,8 +426,16 @@ def _model_from_checkpoint(ckpt: Any, path: Path, arch, patch_size, checkpoint_k
             f"{path} holds {describe(found_arch, found_patch)} weights, but --patch-size {patch_size} was asked for."
         )
     kwargs = {**extra, **model_kwargs}
-    model = build_backbone(found_arch, found_patch, **kwargs)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        model = build_backbone(found_arch, found_patch, **kwargs)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except (ValueError, RuntimeError) as e:  # shapes no model of that kind has, or that differ from it
+        mismatch = re.search(r"size mismatch for ([^:]+): copying a param with shape (.+?) from checkpoint", str(e))
+        detail = f"{mismatch.group(1)} has shape {mismatch.group(2)}" if mismatch else _first_line(e)
+        raise CheckpointError(
+            f"{path} has tensor shapes that fit no {describe(found_arch, found_patch)} ({detail}); the file is "
+            "damaged or was not written for this model."
+        ) from e
     if missing or unexpected:
         parts = []
         if missing:
@@ -447,6 +467,7 @@ def load_linear_head(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path} does not hold linear-probe weights (a linear.weight matrix and its linear.bias)."
         )
+    require_finite_weights({"linear.weight": w, "linear.bias": b}, str(path))
     return {"linear.weight": w, "linear.bias": b}
 
 
@@ -553,6 +574,7 @@ __all__ = [
     "load_finetuned",
     "load_linear_head",
     "read_checkpoint",
+    "require_finite_weights",
     "save_backbone",
     "save_checkpoint",
     "state_dict_fingerprint",

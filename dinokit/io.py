@@ -146,7 +146,13 @@ def check_output_file(path: str | os.PathLike, overwrite: bool = False) -> Path:
         raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it.")
     if path.is_dir():
         raise OutputExistsError(f"{path} is a folder; give a file path.")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DinokitError(f"The folder {path.parent} cannot be created ({e.strerror or e}).") from e
+    # checked before the work, not found out when the result is to be written
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise DinokitError(f"The folder {path.parent} is not writable; choose another output path.")
     return path
 
 

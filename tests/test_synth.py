@@ -144,6 +144,15 @@ def test_classify_refuses_nonempty_output_and_bad_options(tmp_path):
     (out / "keep.txt").write_text("x")
     r = _run("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "1", "--size", "16")
     assert r.exit_code == 2 and "--overwrite" in r.output
+    # a folder synth did not write is refused even with --overwrite: nothing of the user's is deleted
+    r = _run("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--size", "16",
+             "--overwrite", "-q")
+    assert r.exit_code == 2 and "did not write" in r.output
+    assert (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    r = _run("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--size", "16", "-q")
+    assert r.exit_code == 0, r.output
+    (out / "keep.txt").write_text("x")
     r = _run("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--size", "16",
              "--overwrite", "-q")
     assert r.exit_code == 0, r.output

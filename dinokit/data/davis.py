@@ -125,7 +125,7 @@ def _image_size(path: Path) -> tuple[int, int]:
             return im.size[1], im.size[0]
     except FileNotFoundError as e:
         raise DataError(f"The frame {path} does not exist.") from e
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:
         raise DataError(f"The frame {path} is not a readable image ({e.__class__.__name__}).") from e
 
 

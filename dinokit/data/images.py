@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -25,58 +26,154 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(str(path)).startswith(".")
 
 
+class _ImageWalk:
+    """A folder walk that follows symbolic links but enters each real folder once and lists each real
+    file once (by device and inode), so that a link to ``..`` neither loops forever nor counts an
+    image twice. One walk can cover several roots (the class folders of a labelled root)."""
+
+    def __init__(self) -> None:
+        self.seen_dirs: set[tuple[int, int]] = set()
+        self.seen_files: set[tuple[int, int]] = set()
+        self.skipped_dirs = 0
+        self.skipped_files = 0
+
+    @staticmethod
+    def _key(path: str | os.PathLike) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:  # a broken link: listed, and reported unreadable when it is opened
+            return None
+        return st.st_dev, st.st_ino
+
+    def enter(self, folder: str | os.PathLike) -> bool:
+        """Mark ``folder`` visited; False (counted as skipped) when it was visited before."""
+        key = self._key(folder)
+        if key is not None and key in self.seen_dirs:
+            self.skipped_dirs += 1
+            return False
+        if key is not None:
+            self.seen_dirs.add(key)
+        return True
+
+    def add_file(self, path: str | os.PathLike, key: tuple[int, int] | None = None) -> bool:
+        """Mark ``path`` listed; False (counted as skipped) when the same file was listed before."""
+        key = key or self._key(path)
+        if key is not None and key in self.seen_files:
+            self.skipped_files += 1
+            return False
+        if key is not None:
+            self.seen_files.add(key)
+        return True
+
+    def images(self, root: Path, recursive: bool = True, entered: bool = False) -> list[Path]:
+        """The image files under ``root`` not listed before, in sorted order (depth first);
+        ``entered``: ``root`` was marked visited beforehand and is walked all the same."""
+        found: list[Path] = []
+        pending = [root] if entered or self.enter(root) else []
+        while pending:
+            folder = pending.pop()
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+                device = os.stat(folder).st_dev
+            except OSError as e:
+                log.warning("cannot list the folder %s (%s); skipping it", folder, e.__class__.__name__)
+                continue
+            subfolders = []
+            for entry in entries:
+                path = Path(folder) / entry.name
+                if _is_dir(entry):
+                    if recursive and not entry.name.startswith(".") and self.enter(path):
+                        subfolders.append(path)
+                elif is_image_file(entry.name):
+                    # a plain file's inode comes with the listing; only a link costs a stat
+                    key = None if entry.is_symlink() else (device, entry.inode())
+                    if self.add_file(path, key):
+                        found.append(path)
+            pending.extend(reversed(subfolders))
+        return found
+
+    def report(self, root: str | os.PathLike) -> None:
+        if self.skipped_dirs or self.skipped_files:
+            log.warning(
+                "%s: skipped %d folders and %d images reached a second time (through links or repeated paths)",
+                root, self.skipped_dirs, self.skipped_files,
+            )
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
+
+
 def find_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """All image files under ``root`` (recursively), sorted; an error when there is no such folder."""
+    """All image files under ``root`` (recursively), sorted; an error when there is no such folder.
+
+    Links are followed, but each real folder is entered once and each real file listed once."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"The folder {root} does not exist.")
     if root.is_file():
         return [root] if is_image_file(root) else []
-    paths = []
-    walker = os.walk(root, followlinks=True) if recursive else [(str(root), [], os.listdir(root))]
-    for dirpath, dirnames, filenames in walker:
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        paths.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
+    walk = _ImageWalk()
+    paths = walk.images(root, recursive)
+    walk.report(root)
     return sorted(paths)
 
 
 def expand_image_inputs(items: Iterable[str | os.PathLike]) -> list[Path]:
-    """Images named on a command line: files, folders (recursively) or glob patterns."""
+    """Images named on a command line: files, folders (recursively) or glob patterns; each real file
+    once, however many names or links reach it."""
+    walk = _ImageWalk()
     out: list[Path] = []
     for item in items:
         s = str(item)
         p = Path(s).expanduser()
         if p.is_dir():
-            out.extend(find_images(p))
+            out.extend(sorted(walk.images(p)))
         elif p.is_file():
-            out.append(p)
+            if walk.add_file(p):
+                out.append(p)
         elif any(c in s for c in "*?["):
             matches = sorted(glob.glob(os.path.expanduser(s), recursive=True))
             if not matches:
                 raise DataError(f"The pattern {s} matches no file.")
             for m in matches:
-                out.extend(find_images(m) if os.path.isdir(m) else [Path(m)] if is_image_file(m) else [])
+                if os.path.isdir(m):
+                    out.extend(sorted(walk.images(Path(m))))
+                elif is_image_file(m) and walk.add_file(m):
+                    out.append(Path(m))
         else:
             raise DataError(f"The path {s} does not exist.")
-    seen = set()
-    unique = []
-    for p in out:
-        if p not in seen:
-            seen.add(p)
-            unique.append(p)
-    if not unique:
+    walk.report("the given paths")
+    if not out:
         raise DataError("No images were found in the given paths.")
-    return unique
+    return out
+
+
+#: modes of 16-bit (and wider integer) grey images; ``convert("RGB")`` would clip them at 255 (white)
+_WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image as RGB, fully decoded; a :class:`DataError` naming the file when it cannot be read."""
+    """Open an image as RGB, fully decoded; a :class:`DataError` naming the file when it cannot be read.
+
+    16-bit grey images are scaled to 8 bits (value >> 8). An image larger than Pillow's
+    decompression-bomb limit is refused like any unreadable one, before it is decoded."""
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode in _WIDE_GREY_MODES:
+                grey = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
+                return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
             return im.convert("RGB")
     except FileNotFoundError as e:
         raise DataError(f"The image {path} does not exist.") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(
+            f"{path} is not a readable image (more pixels than Pillow decodes safely, a possible decompression bomb)."
+        ) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path} is not a readable image ({e.__class__.__name__}).") from e
 
@@ -122,8 +219,12 @@ def scan_labelled_folder(root: str | os.PathLike, classes: Sequence[str] | None 
             )
     index = {c: i for i, c in enumerate(classes)}
     samples = []
+    walk = _ImageWalk()
+    for folder in (root, *(root / c for c in found)):  # a link from one class folder to another
+        walk.enter(folder)  # must not lend it the other's images
     for c in found:
-        samples.extend((p, index[c]) for p in find_images(root / c))
+        samples.extend((p, index[c]) for p in sorted(walk.images(root / c, entered=True)))
+    walk.report(root)
     if not samples:
         raise DataError(f"{root} holds no images.")
     return LabelledFolder(root=root, classes=list(classes), samples=samples)

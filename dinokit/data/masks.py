@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -64,6 +65,8 @@ def read_label_mask(path: str | os.PathLike, binary: bool = False) -> np.ndarray
                 arr = _rgb_to_labels(np.asarray(im.convert("RGB")), binary)
     except FileNotFoundError as e:
         raise DataError(f"The mask {path} does not exist.") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path} is not a readable mask image (more pixels than Pillow decodes safely).") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path} is not a readable mask image ({e.__class__.__name__}).") from e
     if binary:
@@ -249,17 +252,21 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
     from pycocotools import mask as mask_utils
 
     seg = ann["segmentation"]
+    what = f"Annotation {ann.get('id', '?')}"
     try:
         if isinstance(seg, list):  # polygons
-            if not seg:
+            polygons = [p for p in (_checked_polygon(poly, height, width, what) for poly in seg) if p]
+            if not polygons:
                 return np.zeros((height, width), dtype=bool)
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+            rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
         elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):  # uncompressed RLE
+            _check_rle(seg, seg["counts"], height, width, what)
             rle = mask_utils.frPyObjects(seg, height, width)
         elif isinstance(seg, dict):
             rle = dict(seg)
             if isinstance(rle["counts"], str):
                 rle["counts"] = rle["counts"].encode("ascii")
+            _check_rle(rle, _rle_string_counts(rle["counts"], what), height, width, what)
         else:
             raise TypeError(type(seg).__name__)
         with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword notice
@@ -275,6 +282,96 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
             f"{width}x{height}."
         )
     return m.astype(bool)
+
+
+#: how far outside the image a polygon is kept exact; beyond it the polygon is cut (the pixels
+#: inside the image stay the same) so that rasterising costs memory bounded by the image size
+_POLYGON_MARGIN = 1.0
+
+
+def _checked_polygon(poly, height: int, width: int, what: str) -> list[float]:
+    """A COCO polygon ``[x0, y0, x1, y1, ...]`` validated (numbers, finite, at least 3 points) and cut
+    to the image plus a margin, ready for pycocotools (whose rasteriser allocates memory in proportion
+    to the polygon's perimeter: one coordinate of 1e308 would exhaust the machine)."""
+    if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+        raise DataError(f"{what} has a polygon that is not a list of numbers.")
+    if len(poly) % 2 or len(poly) < 6:
+        raise DataError(
+            f"{what} has a polygon of {len(poly)} coordinates; a polygon needs at least 3 (x, y) points."
+        )
+    try:
+        coords = [float(v) for v in poly]
+    except OverflowError:  # an integer beyond any float
+        coords = [math.inf]
+    if not all(math.isfinite(v) for v in coords):
+        raise DataError(f"{what} has a polygon with a non-finite coordinate (NaN or inf).")
+    # far-away vertices are pulled in to where the arithmetic below stays exact; the pixels inside the
+    # image do not change visibly (an edge to 1e9 and an edge to 1e308 cross the image alike)
+    far = 1e9
+    points = [(min(max(x, -far), far), min(max(y, -far), far)) for x, y in zip(coords[0::2], coords[1::2])]
+    lo_x, hi_x, lo_y, hi_y = -_POLYGON_MARGIN, width + _POLYGON_MARGIN, -_POLYGON_MARGIN, height + _POLYGON_MARGIN
+    if all(lo_x <= x <= hi_x and lo_y <= y <= hi_y for x, y in points):
+        return list(poly)
+    # Sutherland-Hodgman: cut by each side of the box in turn
+    for axis, bound, keep_below in ((0, lo_x, False), (0, hi_x, True), (1, lo_y, False), (1, hi_y, True)):
+        points = _cut_polygon(points, axis, bound, keep_below)
+    if len(points) < 3:
+        return []  # nothing of it inside the image
+    return [float(v) for p in points for v in p]
+
+
+def _cut_polygon(points: list[tuple[float, float]], axis: int, bound: float, keep_below: bool) -> list:
+    """The part of a polygon on one side of the line ``coordinate[axis] == bound``."""
+
+    def inside(p: tuple[float, float]) -> bool:
+        return p[axis] <= bound if keep_below else p[axis] >= bound
+
+    cut: list[tuple[float, float]] = []
+    for i, cur in enumerate(points):
+        before = points[i - 1]
+        if inside(cur) != inside(before):
+            t = (bound - before[axis]) / (cur[axis] - before[axis])
+            crossing = [0.0, 0.0]
+            crossing[axis] = bound
+            crossing[1 - axis] = before[1 - axis] + t * (cur[1 - axis] - before[1 - axis])
+            cut.append((crossing[0], crossing[1]))
+        if inside(cur):
+            cut.append(cur)
+    return cut
+
+
+def _rle_string_counts(counts: bytes, what: str) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (the format of pycocotools' rleFrString)."""
+    out: list[int] = []
+    p = 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(counts):
+                raise DataError(f"{what} has a compressed RLE that ends in the middle of a number.")
+            c = counts[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return out
+
+
+def _check_rle(rle: dict, counts: Sequence, height: int, width: int, what: str) -> None:
+    """An RLE must describe exactly the image's pixels: pycocotools allocates its ``size`` and writes
+    its runs without bounds checks."""
+    size = rle.get("size")
+    if not (isinstance(size, (list, tuple)) and list(size) == [height, width]):
+        raise DataError(f"{what} has an RLE of size {size}, not the image's [{height}, {width}].")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        raise DataError(f"{what} has an RLE with a run length that is not a non-negative integer.")
+    if sum(counts) != height * width:
+        raise DataError(f"{what} has an RLE covering {sum(counts)} pixels, not the image's {height * width}.")
 
 
 def coco_label_map(annotations: Sequence[dict], height: int, width: int, objects: str = "instance") -> np.ndarray:

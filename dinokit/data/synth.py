@@ -19,7 +19,6 @@ import functools
 import io
 import logging
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,8 +28,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import DinokitError
-from ..io import atomic_write_bytes, prepare_output_dir, write_json
+from ..io import atomic_write_bytes, write_json
 from ..progress import NULL_PROGRESS, Progress
+from .synth_output import prepare_synth_output
 
 log = logging.getLogger("dinokit")
 
@@ -339,7 +339,8 @@ def write_file(path: Path, data: bytes) -> None:
     """Write through a temporary name and a rename, so a stopped run never leaves half a file.
 
     No fsync per file: a data set of thousands of small images would spend most of its time
-    waiting on the disk; ``synth.json`` (written last, atomically) marks a finished set.
+    waiting on the disk; ``synth.json`` (rewritten last, atomically, with the set's description) marks a
+    finished set.
     """
     atomic_write_bytes(path, data, fsync=False)
 
@@ -506,16 +507,6 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> None:
         raise DinokitError(f"--{name} must be at least {minimum}, not {value}.")
 
 
-def _clear_layout(root: Path, folders: Sequence[str]) -> None:
-    """With --overwrite: remove the folders this generator writes, so no stale image survives."""
-    for name in folders:
-        target = root / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
 def make_classify_dataset(
     out: str | Path,
     classes: int = 10,
@@ -564,9 +555,7 @@ def make_classify_dataset(
     n_train = per_class - n_val
     if n_train < 1:
         raise DinokitError("--val-fraction leaves no training image; lower it or raise --per-class.")
-    root = prepare_output_dir(out, overwrite=overwrite)
-    if overwrite:
-        _clear_layout(root, ("train", "val", "masks", "synth.json"))
+    root = prepare_synth_output(out, "classify", overwrite)
 
     start = time.perf_counter()
     photographs()  # load once, outside the timed loop's first step

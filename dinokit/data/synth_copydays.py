@@ -31,7 +31,6 @@ from ..errors import DinokitError
 from ..progress import NULL_PROGRESS, Progress
 from .synth import (
     SHAPE_NAMES,
-    _clear_layout,
     item_rng,
     photo_crop,
     photographs,
@@ -44,6 +43,7 @@ from .synth import (
     smooth_noise,
     write_file,
 )
+from .synth_output import prepare_synth_output
 
 JPEG_QUALITIES = (3, 5, 8, 10, 15, 20, 30, 50, 75)
 CROP_PERCENTS = (10, 15, 20, 30, 40, 50, 60, 70, 80)
@@ -345,7 +345,7 @@ def make_copydays_dataset(
     progress: Progress = NULL_PROGRESS,
 ) -> CopydaysSummary:
     """Write a Copydays-layout set with distractor and whitening folders (see the module docstring)."""
-    from ..io import prepare_output_dir, write_json
+    from ..io import write_json
 
     if not 1 <= originals <= 9999 - FIRST_GROUP:
         raise DinokitError(f"--originals must lie in 1..{9999 - FIRST_GROUP}, not {originals}.")
@@ -354,9 +354,7 @@ def make_copydays_dataset(
             raise DinokitError(f"--{opt} must be 0 or more, not {value}.")
     if size < 32:
         raise DinokitError(f"--size must be at least 32, not {size}.")
-    root = prepare_output_dir(out, overwrite=overwrite)
-    if overwrite:
-        _clear_layout(root, ("copydays", "distractors", "whitening", "synth.json"))
+    root = prepare_synth_output(out, "copydays", overwrite)
     cd = root / "copydays"
     start = time.perf_counter()
     photographs()

@@ -24,12 +24,11 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DinokitError
-from ..io import atomic_write_text, prepare_output_dir, write_json
+from ..io import atomic_write_text, write_json
 from ..progress import NULL_PROGRESS, Progress
 from .palette import DAVIS_PALETTE
 from .synth import (
     SHAPE_NAMES,
-    _clear_layout,
     item_rng,
     photo_crop,
     place_parts,
@@ -38,6 +37,7 @@ from .synth import (
     shape_parts,
     write_file,
 )
+from .synth_output import prepare_synth_output
 
 MAX_OBJECTS = 20
 
@@ -217,9 +217,7 @@ def make_video_dataset(
         if value < minimum:
             raise DinokitError(f"--{opt} must be at least {minimum}, not {value}.")
     obj_range = parse_object_range(objects)
-    root = prepare_output_dir(out, overwrite=overwrite)
-    if overwrite:
-        _clear_layout(root, ("JPEGImages", "Annotations", "ImageSets", "synth.json"))
+    root = prepare_synth_output(out, "video", overwrite)
     start = time.perf_counter()
     names: list[str] = []
     n_objects: dict[str, int] = {}

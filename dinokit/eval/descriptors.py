@@ -30,6 +30,7 @@ from ..progress import NULL_PROGRESS, Progress
 from ..runtime import inference_model
 from .cache import CachedTensors, files_key
 from .features import extract_features, feature_fingerprint
+from .metrics import require_finite
 
 log = logging.getLogger("dinokit")
 
@@ -176,6 +177,9 @@ class Embedded:
     features: torch.Tensor  # (N, D); zero rows where unreadable
     kept: torch.Tensor  # (N,) bool
     reused: bool = False
+
+    def __post_init__(self) -> None:  # every descriptor set (copy detection, retrieval) passes here
+        require_finite(self.features, "The image descriptors")
 
     @property
     def n_unreadable(self) -> int:

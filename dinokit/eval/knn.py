@@ -2,7 +2,8 @@
 
 Features are L2-normalised; each test feature takes its k most cosine-similar training features,
 each neighbour votes for its class with weight ``exp(sim / T)`` (T = 0.07), and the class with the
-largest summed vote is the prediction. Top-1 and top-5 are reported for k in {10, 20, 100, 200}
+largest summed vote is the prediction. The votes are computed as ``exp((sim - max sim) / T)`` in
+float64, which ranks the classes exactly as ``exp(sim / T)`` would without overflowing for small T. Top-1 and top-5 are reported for k in {10, 20, 100, 200}
 (the paper quotes 20-NN).
 
 The neighbours are found once, for the largest k, and every smaller k reuses a prefix of that
@@ -38,7 +39,7 @@ from .features import (
     load_features,
     scan_images,
 )
-from .metrics import percent, ranked_hits
+from .metrics import percent, ranked_hits, require_finite
 
 log = logging.getLogger("dinokit")
 
@@ -109,6 +110,8 @@ def knn_predict(
     """The weighted k-NN's ranked classes for every test feature and every k."""
     train_labels = torch.as_tensor(train_labels).long()
     _check_inputs(train_features, train_labels, test_features, None)
+    require_finite(train_features, "The training features")
+    require_finite(test_features, "The test features")
     if temperature <= 0:
         raise DataError(f"The temperature must be positive, got {temperature}.")
     device = torch.device(device) if device is not None else train_features.device
@@ -133,9 +136,15 @@ def knn_predict(
         sim = q @ train.T
         top_sim, top_idx = sim.topk(kmax, dim=1, largest=True, sorted=True)
         del sim
-        weights = (top_sim / temperature).exp_()
-        nb_labels = labels[top_idx]
-        votes = torch.zeros(q.shape[0], C, device=device, dtype=torch.float32)
+        # exp(sim / T) overflows float32 below T ~ 0.011; shifting by each query's best similarity
+        # scales all of its votes by one factor exp(-max / T), which keeps their ranking, and float64
+        # keeps the shifted votes exact enough to rank like the unshifted float64 formulation
+        if device.type == "mps":  # no float64 there; the votes are small, count them on the CPU
+            top_sim, top_idx = top_sim.cpu(), top_idx.cpu()
+        top_sim = top_sim.double()
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp_()
+        nb_labels = labels.to(top_idx.device)[top_idx]
+        votes = torch.zeros(q.shape[0], C, device=top_sim.device, dtype=torch.float64)
         voted = 0  # neighbours whose votes are already in ``votes``
         for k in used:
             votes.scatter_add_(1, nb_labels[:, voted:k], weights[:, voted:k])

@@ -65,7 +65,7 @@ from .features import (
     load_features,
     scan_images,
 )
-from .metrics import percent, topk_correct
+from .metrics import percent, require_finite, topk_correct
 
 log = logging.getLogger("dinokit")
 
@@ -309,6 +309,8 @@ def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, a
 def train_on_features(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
     """The fast path: the probe trained on cached (centre-crop) features."""
     train, val, n, avg = _feature_sets(cfg, progress)
+    require_finite(train.features, "The training features")
+    require_finite(val.features, "The validation features")
     val_labels = align_labels(train, val, "training", "validation")
     C = max(len(train.classes), int(train.labels.max()) + 1)
     device = resolve_device(cfg.device)
@@ -563,6 +565,8 @@ def logistic_probe(
 
 def logistic_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
     train, val, n, avg = _feature_sets(cfg, progress)
+    require_finite(train.features, "The training features")
+    require_finite(val.features, "The validation features")
     val_labels = align_labels(train, val, "training", "validation")
     task = progress.task("logistic regression", total=None)
     final = logistic_probe(train.features, train.labels, val.features, val_labels, cfg.logistic_c, cfg.logistic_max_iter)

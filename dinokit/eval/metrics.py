@@ -1,10 +1,24 @@
-"""Scores several protocols share, written once: top-1/top-5 accuracy and trapezoid average precision."""
+"""Scores several protocols share, written once: top-1/top-5 accuracy and trapezoid average precision,
+and the guard that keeps non-finite features out of them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+
+from ..errors import DataError
+
+
+def require_finite(features: torch.Tensor, what: str = "the features") -> None:
+    """Refuse features holding NaN or inf before a score is computed from them: a neighbour search or
+    a classifier on such rows still prints a plausible-looking number."""
+    if features.is_floating_point() and not bool(torch.isfinite(features).all()):
+        rows = int((~torch.isfinite(features)).any(dim=-1).sum()) if features.ndim > 1 else 1
+        raise DataError(
+            f"{what} hold non-finite values (NaN or inf) in {rows} of {len(features)} rows; the weights or the "
+            "precision that computed them is broken (try --precision fp32)."
+        )
 
 
 def ranked_hits(ranked: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:

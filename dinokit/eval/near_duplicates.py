@@ -37,6 +37,7 @@ from .descriptors import (
     whitening_from,
 )
 from .features import extract_features
+from .metrics import require_finite
 
 log = logging.getLogger("dinokit")
 
@@ -258,6 +259,7 @@ def embed_into_store(
             embedder.dtype, embedder.feature_fn, shared,
         )
         if dist_env().is_main:  # the main rank owns the files
+            require_finite(feats, "The image descriptors")
             store.add(part, feats.numpy(), kept.numpy())
     task.close()
     return len(todo)
