@@ -7,6 +7,7 @@ library users get :data:`NULL_PROGRESS`, which does nothing, or pass their own.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 
@@ -48,8 +49,6 @@ class NullProgress:
         return _NullTask()
 
     def log(self, message: str) -> None:
-        import logging
-
         logging.getLogger("dinokit").info(message)
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import colorsys
 import os
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .data.images import open_rgb
+from .errors import DinokitError
 from .io import atomic_open
 
 # Anchor colours sampled at 0, 1/8, ..., 1 of the perceptually uniform maps of van der Walt and
@@ -309,14 +312,11 @@ class Mp4Writer:
         self._tmp = self.path.with_name(f".{self.path.name}.tmp.mp4")
 
     def __enter__(self) -> Mp4Writer:
-        from .errors import DinokitError
 
         try:
             import av
         except ImportError as e:
             raise DinokitError("Writing MP4 needs PyAV; install it with pip install 'dinokit[video]'.") from e
-        from fractions import Fraction
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._container = av.open(str(self._tmp), mode="w")
         self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
@@ -358,8 +358,6 @@ def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
     :class:`dinokit.eval.near_duplicates.DuplicatePair`), one row each: the two images side by side
     and the score."""
     # here, not at the top: the image reader brings torch, which the other pictures do not need
-    from .data.images import open_rgb
-    from .errors import DinokitError
 
     pairs = list(pairs)[:max_pairs]
     if not pairs:

@@ -8,6 +8,8 @@ every other value is one object.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -239,9 +241,6 @@ def load_coco(ann_file: str | os.PathLike):
 
     coco = COCO()
     coco.dataset = data
-    import contextlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
         coco.createIndex()
     return coco

@@ -20,6 +20,7 @@ import io
 import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,8 +240,6 @@ def photographs() -> tuple[tuple[str, np.ndarray], ...]:
 
     These ship with scikit-image, so no download is needed; any that cannot be read are skipped.
     """
-    import warnings
-
     try:
         import skimage.data as skd
     except ImportError:  # pragma: no cover - scikit-image is a dependency

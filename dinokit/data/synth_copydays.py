@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 from ..errors import DinokitError
+from ..io import write_json
 from ..progress import NULL_PROGRESS, Progress
 from .synth import (
     SHAPE_NAMES,
@@ -345,7 +346,6 @@ def make_copydays_dataset(
     progress: Progress = NULL_PROGRESS,
 ) -> CopydaysSummary:
     """Write a Copydays-layout set with distractor and whitening folders (see the module docstring)."""
-    from ..io import write_json
 
     if not 1 <= originals <= 9999 - FIRST_GROUP:
         raise DinokitError(f"--originals must lie in 1..{9999 - FIRST_GROUP}, not {originals}.")

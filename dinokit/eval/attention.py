@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
-from ..data.images import open_rgb
+from .. import viz
+from ..data.images import find_images, open_rgb
 from ..data.masks import VOID, GroundTruth
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import DataError, DinokitError
@@ -127,8 +129,6 @@ def resize_image(img: Image.Image, image_size: int | None, keep_aspect: bool = F
     ``image_size`` 0/None keeps the image as it is."""
     if not image_size:
         return img
-    from torchvision import transforms as T
-
     return T.Resize(image_size if keep_aspect else (image_size, image_size))(img)
 
 
@@ -419,7 +419,6 @@ def evaluation_picture(item: GroundTruth, head_masks: np.ndarray, cfg: Attention
                        score: float | None = None) -> np.ndarray:
     """A picture of one evaluated image: the ground truth, and every head's mask with the ground-truth
     contours drawn in white."""
-    from .. import viz
 
     img = open_rgb(item.image)
     labels = resize_labels(item.load(img.size), cfg.image_size, patch_size)
@@ -442,7 +441,6 @@ def iter_video_frames(source: str | Path) -> tuple[Iterator[tuple[str, Image.Ima
 
     Returns the frame iterator, the number of frames when known and the file's frame rate when known.
     """
-    from ..data.images import find_images
 
     src = Path(source)
     if not src.exists():
@@ -492,7 +490,6 @@ def video_attention(model, frames: Iterable[tuple[str, Image.Image]], cfg: Atten
 
 def frame_pictures(res: ImageAttention) -> tuple[np.ndarray, np.ndarray]:
     """A frame's head-mean attention (inferno colours) and its heads' masks on the frame, same size."""
-    from .. import viz
 
     mean = viz.upsample_nearest(res.mean_map, res.patch_size)
     heat = viz.apply_colormap(mean, "inferno")

@@ -14,19 +14,38 @@ and reuses cached feature files whose fingerprint matches.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoints import BackboneOptions, PreparedBackbone, prepare_backbone
-from ..data.images import collate_skip_none, readable_batches
+from ..checkpoints import (
+    BackboneOptions,
+    PreparedBackbone,
+    file_fingerprint,
+    prepare_backbone,
+    state_dict_fingerprint,
+)
+from ..data.images import (
+    ImageDataset,
+    collate_skip_none,
+    find_images,
+    looks_labelled,
+    readable_batches,
+    scan_labelled_folder,
+)
+from ..data.transforms import describe_transform, eval_transform
 from ..errors import DataError, DinokitError
+from ..io import atomic_open, atomic_write_text, check_output_file, torch_save_atomic, write_json
+from ..models.registry import backbone_arch, is_vit
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import (
     RuntimeOptions,
@@ -34,6 +53,7 @@ from ..runtime import (
     dist_env,
     inference_model,
     is_dist,
+    precision_name,
     resolve_device,
     resolve_precision,
 )
@@ -179,7 +199,6 @@ def weights_id(weights: str, model: nn.Module | None = None, seed: int | None = 
     """What identifies the weights in a fingerprint: ``random(seed=S)``, or the hash of the loaded
     backbone's state dict (so a training checkpoint's teacher and the backbone file exported from it
     agree, and a renamed or moved file still matches); without a model, the file's SHA-256."""
-    from ..checkpoints import file_fingerprint, state_dict_fingerprint
 
     weights = str(weights)
     if weights == "random":
@@ -203,9 +222,6 @@ def feature_fingerprint(
     dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """The fingerprint of features made by ``model`` (loaded from ``weights``) through ``transform``."""
-    from ..data.transforms import describe_transform
-    from ..models.registry import backbone_arch, is_vit
-    from ..runtime import precision_name
 
     vit = is_vit(model)
     return {
@@ -251,7 +267,6 @@ def scan_images(data: str | os.PathLike, classes: Sequence[str] | None = None, l
     """List the images of ``data``. A folder of class sub-folders (and no loose images) is read as an
     ImageFolder; anything else as plain images, searched recursively. With ``classes`` (the training
     set's), class indices follow that list and a class it lacks is an error."""
-    from ..data.images import find_images, looks_labelled, scan_labelled_folder
 
     root = Path(data).expanduser()
     if not root.exists():
@@ -297,8 +312,6 @@ def compute_features(
     fingerprint; without it the fingerprint hashes the model's state dict. ``fingerprint``: one the
     caller made already (as :class:`Embedder` does), used as it is.
     """
-    from ..data.images import ImageDataset
-    from ..data.transforms import eval_transform
 
     transform = transform if transform is not None else eval_transform()
     images = data if isinstance(data, ImageList) else scan_images(data, classes=classes)
@@ -328,7 +341,6 @@ def compute_features(
         dtype,
     )
     if weights is None and getattr(model, "weights_source", None) in (None, "random"):
-        from ..checkpoints import state_dict_fingerprint
 
         fp["weights"] = "state:" + state_dict_fingerprint(model.state_dict())
     fp["data"] = data_fingerprint(images.paths, images.root)
@@ -343,7 +355,6 @@ def save_features(fs: FeatureSet, path: str | os.PathLike, format: str = "pt", o
     ``classes.txt`` and ``fingerprint.json``) in the folder ``path`` (or beside ``path`` when it
     ends in ``.npy``), for use in other tools.
     """
-    from ..io import atomic_open, atomic_write_text, check_output_file, torch_save_atomic, write_json
 
     path = Path(path)
     if format == "pt":
@@ -352,7 +363,6 @@ def save_features(fs: FeatureSet, path: str | os.PathLike, format: str = "pt", o
         return [path]
     if format != "npy":
         raise DinokitError(f"Unknown features format {format!r}; use pt or npy.")
-    import numpy as np
 
     folder, feat_path = (path.parent, path) if path.suffix == ".npy" else (path, path / "features.npy")
     if folder.exists() and not folder.is_dir():
@@ -399,9 +409,7 @@ def feature_set_from_dict(obj: Any, path: str | os.PathLike) -> FeatureSet:
 
 
 def _load_npy(path: Path) -> FeatureSet:
-    import json
 
-    import numpy as np
 
     folder, feat_path = (path.parent, path) if path.suffix == ".npy" else (path, path / "features.npy")
     if not feat_path.is_file():
@@ -419,7 +427,6 @@ def _load_npy(path: Path) -> FeatureSet:
 
 def _short(key: str, value: Any) -> str:
     if key == "transform" and isinstance(value, str):
-        import re
 
         resize = re.search(r"Resize\(size=(\d+)", value)
         crop = re.search(r"CenterCrop\(size=\((\d+)", value)
@@ -516,7 +523,6 @@ class Embedder:
     (weights, arch, transform, options, file list) matches is reused, any other is recomputed."""
 
     def __init__(self, spec: FeatureSpec, model: nn.Module | None = None, **model_kwargs):
-        from ..data.transforms import eval_transform
 
         self.spec = spec
         if model is None:
@@ -557,7 +563,6 @@ class Embedder:
         images = data if isinstance(data, ImageList) else scan_images(data, classes=classes)
         expected = dict(self.fingerprint)
         if transform is not None:
-            from ..data.transforms import describe_transform
 
             expected["transform"] = describe_transform(transform)
         expected["data"] = data_fingerprint(images.paths, images.root)

@@ -7,6 +7,8 @@ Descriptors are kept in an :class:`EmbeddingStore` in the run folder and reused 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -518,9 +520,6 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
 
 def write_pairs(result: DuplicatesResult, output: str | os.PathLike) -> list[Path]:
     """``pairs.csv`` (score, image_a, image_b) and ``pairs.json``, atomically."""
-    import csv
-    import io
-
     output = Path(output)
     buf = io.StringIO()
     w = csv.writer(buf)
