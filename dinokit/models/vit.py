@@ -160,11 +160,14 @@ class VisionTransformer(nn.Module):
         self.apply(trunc_normal_init)
 
     # -- position embedding -------------------------------------------------------------------
-    def interpolate_pos_encoding(self, h0: int, w0: int) -> torch.Tensor:
+    def interpolate_pos_encoding(self, h0: int, w0: int, square_input: bool = True) -> torch.Tensor:
         """The position table for a grid of h0 x w0 patches, (1, 1 + h0*w0, D).
 
-        At the table's own square grid it is returned unchanged; otherwise its patch part is resized
-        bicubically, by default with the reference's ``scale_factor=(h0 + 0.1) / sqrt(N)``.
+        Its patch part is resized bicubically, by default with the reference's
+        ``scale_factor=(h0 + 0.1) / sqrt(N)``. The table is returned unchanged at its own square
+        grid; under the default (``pos_embed_resize="scale"``) only when the input image is square
+        too (``square_input``), as the reference decides: a 224x230 image still has 14x14 patches
+        at patch 16, yet the reference resizes the table for it (by 14.1/14), so dinokit does.
         Resized tables are cached per grid (the cache is dropped whenever the table changes).
         """
         pos = self.pos_embed
@@ -172,7 +175,7 @@ class VisionTransformer(nn.Module):
         side = int(math.sqrt(n))
         if side * side != n:
             raise DinokitError(f"The position embedding has {n} patch entries, which is not a square grid.")
-        if h0 == side and w0 == side:
+        if h0 == side and w0 == side and (square_input or self.pos_embed_resize == "size"):
             return pos
         key = (h0, w0, pos.data_ptr(), pos._version, pos.dtype, pos.device, self.pos_embed_resize)
         if not torch.is_grad_enabled() and key in self._pos_cache:
@@ -213,7 +216,7 @@ class VisionTransformer(nn.Module):
             x = x.to(weight.dtype)  # a model cast to bf16 for inference takes fp32 images as they come
         tokens = self.patch_embed(x)
         tokens = torch.cat((self.cls_token.expand(B, -1, -1), tokens), dim=1)
-        return tokens + self.interpolate_pos_encoding(h0, w0)
+        return tokens + self.interpolate_pos_encoding(h0, w0, square_input=H == W)
 
     # -- public API (the reference's method names) ---------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
