@@ -100,6 +100,7 @@ def finetune(
 
     Use the result with: dinokit predict --model OUTPUT/model.pth IMAGES...
     """
+    from dinokit.runtime import signal_exit_code
     from dinokit.train.finetune import FinetuneConfig
     from dinokit.train.finetune import finetune as run_finetune
 
@@ -146,7 +147,7 @@ def finetune(
         result = run_finetune(cfg, progress, explicit=explicit)
     if not is_main_process():
         if result.signal:
-            sys.exit(128 + result.signal)
+            sys.exit(signal_exit_code(result.signal))
         return
     rows = [
         [h["epoch"], h["phase"], h["train_loss"], h["val_top1"], h["val_top5"], f"{h['lr']:.3g}", h["seconds"]]
@@ -178,7 +179,7 @@ def finetune(
             f"Resume with: dinokit finetune --output {result.output} --resume",
             highlight=False,
         )
-        sys.exit(128 + result.signal)
+        sys.exit(signal_exit_code(result.signal))
     if not result.finished:
         console.print(
             f"Stopped after epoch {result.epochs_done} of {result.epochs} (--stop-after); resume with: "

@@ -31,7 +31,7 @@ from torch import nn
 from .errors import CheckpointError, DinokitError
 from .io import torch_save_atomic
 from .models.head import FinetuneModel
-from .models.registry import VIT_SHAPES, build_backbone, canonical_arch
+from .models.registry import VIT_SHAPES, build_backbone, canonical_arch, is_vit_arch
 from .presets import LINEAR_PRESETS, PRESETS, fetch_preset_file, resolve_preset
 from .runtime import RuntimeOptions, inference_model, resolve_device, resolve_precision, seed_everything
 
@@ -353,16 +353,20 @@ def load_backbone(
     arch: str | None = None,
     patch_size: int | None = None,
     checkpoint_key: str = "teacher",
+    vit_options: dict | None = None,
     **model_kwargs,
 ) -> nn.Module:
     """A backbone with weights: a file path, a preset name (e.g. ``dino_vits16``) or ``"random"``.
 
     Arch and patch size are inferred from the state dict when not given; when given they must
-    match it. The model is returned in eval mode on the CPU.
+    match it. ``vit_options`` are constructor arguments for a ViT only (a training recipe's
+    stochastic depth, whatever backbone the weights turn out to be); ``model_kwargs`` go to any
+    backbone and win over them. The model is returned in eval mode on the CPU.
     """
     weights = str(weights)
     if weights == "random":
-        model = build_backbone(arch or "vit_small", patch_size, **model_kwargs)
+        arch = arch or "vit_small"
+        model = build_backbone(arch, patch_size, **_with_vit_options(arch, vit_options, model_kwargs))
         model.weights_source = "random"
         return model.eval()
     preset = resolve_preset(weights)
@@ -393,7 +397,7 @@ def load_backbone(
                     f"The cached file of preset {weights!r} did not load and was removed, and fetching it "
                     f"again failed: {str(e2).rstrip('.')}."
                 ) from e2
-        model = _model_from_checkpoint(ckpt, path, arch, patch_size, checkpoint_key, model_kwargs)
+        model = _model_from_checkpoint(ckpt, path, arch, patch_size, checkpoint_key, vit_options, model_kwargs)
         model.weights_source = weights
         return model
     path = Path(weights).expanduser()
@@ -402,16 +406,21 @@ def load_backbone(
         if os.sep in weights or "." in weights:
             raise CheckpointError(f"The weights file {path} does not exist.")
         raise CheckpointError(f"Unknown weights {weights!r}: not a file and not a preset ({known}).")
-    model = _load_from_file(path, arch, patch_size, checkpoint_key, model_kwargs)
+    model = _model_from_checkpoint(read_checkpoint(path), path, arch, patch_size, checkpoint_key, vit_options,
+                                   model_kwargs)  # fmt: skip
     model.weights_source = str(path)
     return model
 
 
-def _load_from_file(path: Path, arch, patch_size, checkpoint_key, model_kwargs) -> nn.Module:
-    return _model_from_checkpoint(read_checkpoint(path), path, arch, patch_size, checkpoint_key, model_kwargs)
+def _with_vit_options(arch: str, vit_options: dict | None, model_kwargs: dict) -> dict:
+    """The constructor arguments of ``arch``: ``vit_options`` apply to a ViT only."""
+    if vit_options and is_vit_arch(arch):
+        return {**vit_options, **model_kwargs}
+    return dict(model_kwargs)
 
 
-def _model_from_checkpoint(ckpt: Any, path: Path, arch, patch_size, checkpoint_key, model_kwargs) -> nn.Module:
+def _model_from_checkpoint(ckpt: Any, path: Path, arch, patch_size, checkpoint_key, vit_options,
+                           model_kwargs) -> nn.Module:  # fmt: skip
     sd = extract_backbone_state_dict(ckpt, checkpoint_key, source=str(path))
     sd = _map_weight_norm_keys(sd)
     found_arch, found_patch, extra = infer_arch(sd)
@@ -425,7 +434,7 @@ def _model_from_checkpoint(ckpt: Any, path: Path, arch, patch_size, checkpoint_k
         raise CheckpointError(
             f"{path} holds {describe(found_arch, found_patch)} weights, but --patch-size {patch_size} was asked for."
         )
-    kwargs = {**extra, **model_kwargs}
+    kwargs = {**extra, **_with_vit_options(found_arch, vit_options, model_kwargs)}
     try:
         model = build_backbone(found_arch, found_patch, **kwargs)
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -528,7 +537,7 @@ def load_finetuned(path: str | os.PathLike) -> tuple[FinetuneModel, dict]:
     try:
         sd = extract_backbone_state_dict(ckpt, source=str(path))
         arch, patch, extra = infer_arch(sd)
-        backbone = build_backbone(arch, patch or 16, **extra)
+        backbone = build_backbone(arch, patch, **extra)
         backbone.load_state_dict(sd, strict=True)
         head = ckpt["head"]
         classes = list(ckpt["classes"])

@@ -419,8 +419,9 @@ def test_unknown_model_options_are_type_errors_not_swallowed():
         dinokit.build_backbone("resnet50", depth=1)
     with pytest.raises(TypeError):
         dinokit.models.resnet.resnet50_backbone(drop_path_rate=0.1)
-    # the training recipes' ViT options do not apply to (and do not reach) the ResNet-50
-    assert dinokit.build_backbone("resnet50", drop_path_rate=0.1, img_size=64).embed_dim == 2048
+    # the training recipes pass their ViT options to ViTs only: the ResNet-50 takes none at all
+    with pytest.raises(TypeError, match="takes no model options; got drop_path_rate, img_size"):
+        dinokit.build_backbone("resnet50", drop_path_rate=0.1, img_size=64)
 
 
 @pytest.mark.parametrize(

@@ -41,9 +41,10 @@ def arch_for_embed_dim(dim: int) -> str | None:
     return None
 
 
-#: ViT options the training recipes set whatever the arch (stochastic depth, the position-table
-#: size of a random init); the ResNet-50 has neither, as it has no patch size, so they do not reach it
-VIT_RECIPE_OPTIONS = frozenset({"drop_path_rate", "img_size"})
+def is_vit_arch(arch: str) -> bool:
+    """Whether ``arch`` (a name or alias) builds a ViT: only ViTs take model options such as the
+    training recipes' stochastic depth and position-table size."""
+    return canonical_arch(arch) != "resnet50"
 
 
 def build_backbone(arch: str = "vit_small", patch_size: int | None = None, **kwargs) -> nn.Module:
@@ -53,13 +54,12 @@ def build_backbone(arch: str = "vit_small", patch_size: int | None = None, **kwa
     ViTs: any integer of at least 1 (8 and 16 in the paper); None means 16. Extra keyword arguments
     go to the ViT constructor (``drop_path_rate``, ``pos_embed_resize``, ``img_size``, and
     ``embed_dim``/``depth``/``num_heads`` for small test models); a name it does not take is a
-    TypeError. The ResNet-50 takes none but ``VIT_RECIPE_OPTIONS``, which it does not use.
+    TypeError. The ResNet-50 takes none (see :func:`is_vit_arch`).
     """
     arch = canonical_arch(arch)
     if arch == "resnet50":
-        other = sorted(set(kwargs) - VIT_RECIPE_OPTIONS)
-        if other:
-            raise TypeError(f"The ResNet-50 backbone takes no model options; got {', '.join(other)}.")
+        if kwargs:
+            raise TypeError(f"The ResNet-50 backbone takes no model options; got {', '.join(sorted(kwargs))}.")
         return resnet50_backbone()
     if patch_size is None:
         patch_size = 16

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..models.head import DINOHead, MultiCropWrapper
-from ..models.registry import build_backbone
+from ..models.registry import build_backbone, is_vit_arch
 from ..runtime import autocast, is_dist, seed_everything
 from .loss import DINOLoss
 from .optim import (
@@ -47,7 +47,8 @@ def _fp32_head(head: nn.Module) -> None:
 def build_student_teacher(cfg: PretrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student (drop path) and teacher (same weights, no gradients), both backbone + DINO head."""
     kw = {} if cfg.depth is None else {"depth": int(cfg.depth)}
-    student_bb = build_backbone(cfg.arch, cfg.patch_size, drop_path_rate=cfg.drop_path, **kw)
+    stochastic_depth = {"drop_path_rate": cfg.drop_path} if is_vit_arch(cfg.arch) else {}  # a ViT option
+    student_bb = build_backbone(cfg.arch, cfg.patch_size, **stochastic_depth, **kw)
     teacher_bb = build_backbone(cfg.arch, cfg.patch_size, **kw)
     dim = student_bb.embed_dim
     student = MultiCropWrapper(

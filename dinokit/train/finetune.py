@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,17 +43,28 @@ from ..data.images import collate_skip_none
 from ..data.splits import Splits, epoch_indices, load_splits
 from ..errors import CheckpointError, DataError, DinokitError
 from ..eval.predict import evaluate_classifier
-from ..io import append_jsonl, atomic_write_text, prepare_output_dir, to_json, write_json, write_metrics
+from ..io import (
+    append_jsonl,
+    atomic_write_text,
+    merge_resume_config,
+    prepare_output_dir,
+    remove_run_files,
+    to_json,
+    write_json,
+    write_metrics,
+)
 from ..models.head import FinetuneModel
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import (
     DistEnv,
     GracefulStop,
     RuntimeOptions,
+    agreed_stop_signal,
     all_reduce_mean,
     autocast,
     barrier,
     derive_seed,
+    ensure_finite_loss,
     init_distributed,
     is_dist,
     precision_name,
@@ -71,6 +81,7 @@ from .finetune_state import (
     build_model,
     plan_batches,
 )
+from .loop import leave_signals_to_main, start_loader
 from .optim import apply_lr
 from .schedules import finetune_lr_schedule
 
@@ -253,6 +264,7 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
         collate_fn=collate_skip_none,
         pin_memory=setup.device.type == "cuda",
         drop_last=True,
+        worker_init_fn=leave_signals_to_main if plan.num_workers > 0 else None,
     )
     task = progress.task(
         f"epoch {epoch + 1}/{cfg.epochs}" + (" (head only)" if head_only else ""), total=plan.niter
@@ -261,20 +273,24 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
     t0 = time.monotonic()
     step = first_step
     signum = 0
-    for batch, _skipped in loader:
+    for batch, _skipped in start_loader(loader):
         it = epoch * plan.niter + step
         lr = float(setup.schedule[it])
         apply_lr(state.optimizer, lr)
         torch.manual_seed(derive_seed(cfg.seed, 31, env.rank, it))  # drop path, mixup, cutmix
         loss, n_img = train_step(setup, state, runner, batch, head_only)
         loss_value = float(all_reduce_mean(loss.detach().float().clone()).item())
-        _check_finite(loss_value, epoch, step)
+        ensure_finite_loss(
+            loss_value,
+            f"The loss became non-finite at epoch {epoch} step {step}; the last good checkpoint is kept "
+            "(try a lower --lr, --clip-grad 1.0 or --precision fp32).",
+        )
         state.totals.loss_sum += loss_value
         state.totals.loss_count += 1
         state.totals.images += n_img * env.world_size
         step += 1
         task.advance(1, loss=loss_value, lr=lr)
-        signum = _stop_signal(stop)
+        signum = agreed_stop_signal(stop)
         if signum and step < plan.niter:
             break
     task.close()
@@ -364,8 +380,8 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
     out = Path(cfg.output)
     if env.is_main:
         prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
-        if not cfg.resume:
-            _remove_earlier_run_files(out)
+    # --overwrite: nothing of an earlier run may pass for this one's
+    remove_run_files(out, RUN_FILES, main=env.is_main and not cfg.resume)
     barrier()
 
     setup, state, splits, start_epoch, start_step = set_up(cfg, resume_state, env, device, dtype)
@@ -392,7 +408,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
                 result.stopped_at = (epoch + 1, step)
                 break
             last_eval = end_epoch(setup, state, epoch, head_only, result, progress)
-            signum = _stop_signal(stop)
+            signum = agreed_stop_signal(stop)
             if signum:
                 result.signal = signum
                 break
@@ -497,11 +513,11 @@ def _validate(cfg: FinetuneConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Run machinery (resume, stale files, the agreed stop, the finite-loss check), kept apart so
-# that a loop machinery shared with pretrain and linear can take their place
+# Resume: the run's checkpoint, its recipe, and its log up to the resumed epoch
 # ---------------------------------------------------------------------------------------------
 def _resume_config(cfg: FinetuneConfig, explicit: set[str] | None) -> tuple[FinetuneConfig, dict | None]:
-    """With ``cfg.resume``: the run's checkpoint and its recipe merged with ``cfg``'s run control."""
+    """With ``cfg.resume``: the run's checkpoint and its recipe merged with ``cfg``'s run control
+    (see :func:`dinokit.io.merge_resume_config`: a typed recipe option that differs is refused)."""
     if not cfg.resume:
         return cfg, None
     out = Path(cfg.output)
@@ -511,7 +527,15 @@ def _resume_config(cfg: FinetuneConfig, explicit: set[str] | None) -> tuple[Fine
     resume_state = read_checkpoint(ckpt_path)
     if not (isinstance(resume_state, dict) and resume_state.get("format") == FINETUNE_CHECKPOINT_FORMAT):
         raise CheckpointError(f"{ckpt_path} is not a dinokit fine-tuning checkpoint.")
-    cfg = _merge_resume_config(resume_state["config"], cfg, explicit)
+    merged = merge_resume_config(
+        resume_state["config"], cfg.to_dict(), explicit=explicit, run_control=RUN_CONTROL,
+        always=("resume", "stop_after", "output"), keep_recipe=True,
+        fields=[f.name for f in dataclasses.fields(FinetuneConfig)],
+    )  # fmt: skip
+    for k in ("train", "val", "output"):
+        if merged.get(k) is not None:
+            merged[k] = Path(merged[k])
+    cfg = FinetuneConfig(**merged)
     if cfg.epochs != resume_state["config"]["epochs"]:
         log.warning(
             "resuming a %d-epoch run for %d epochs: the lr schedule is recomputed for the new length.",
@@ -519,33 +543,6 @@ def _resume_config(cfg: FinetuneConfig, explicit: set[str] | None) -> tuple[Fine
             cfg.epochs,
         )
     return cfg, resume_state
-
-
-def _merge_resume_config(saved: dict, cfg: FinetuneConfig, explicit: set[str] | None) -> FinetuneConfig:
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    merged = {k: v for k, v in saved.items() if k in names}
-    given = cfg.to_dict()
-    for k in names:
-        if k in RUN_CONTROL:
-            if explicit is None or k in explicit or k in ("resume", "stop_after", "output"):
-                merged[k] = given[k]
-            continue
-        if explicit is not None and k in explicit and given[k] != merged.get(k):
-            opt = "--" + k.replace("_", "-")
-            raise DinokitError(
-                f"{opt} {given[k]} differs from the resumed run's {merged.get(k)}; a resumed run keeps its "
-                "recipe (leave the option out, or start a new run)."
-            )
-    for k in ("train", "val", "output"):
-        if merged.get(k) is not None:
-            merged[k] = Path(merged[k])
-    return FinetuneConfig(**merged)
-
-
-def _remove_earlier_run_files(out: Path) -> None:
-    """--overwrite: nothing of an earlier run may pass for this one's."""
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
 
 
 def _truncate_log(out: Path, epoch: int, env: DistEnv) -> list[dict]:
@@ -566,25 +563,6 @@ def _read_log(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             break  # a torn last line
     return lines
-
-
-def _stop_signal(stop: GracefulStop) -> int:
-    """The signal any rank got (0 for none), the same on every rank."""
-    if not is_dist():
-        return int(stop.signum or 0)
-    flag = torch.tensor([float(stop.signum or 0)])
-    if torch.distributed.get_backend() == "nccl":
-        flag = flag.cuda()
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return int(flag.item())
-
-
-def _check_finite(loss: float, epoch: int, step: int) -> None:
-    if not math.isfinite(loss):
-        raise DinokitError(
-            f"The loss became non-finite at epoch {epoch} step {step}; the last good checkpoint is kept "
-            "(try a lower --lr, --clip-grad 1.0 or --precision fp32)."
-        )
 
 
 __all__ = ["RUN_CONTROL", "FinetuneConfig", "FinetuneResult", "build_schedule", "finetune", "train_epoch", "train_step"]

@@ -144,16 +144,18 @@ def build_model(cfg: FinetuneConfig, resume_state: dict | None, num_classes: int
     """The backbone (as saved when resuming, else loaded and seeded) with a new head; and its spec."""
     if resume_state is not None:
         spec = resume_state["backbone_spec"]
-        backbone = build_backbone(spec["arch"], spec["patch_size"] or 16, **spec["kwargs"])
+        backbone = build_backbone(spec["arch"], spec["patch_size"], **spec["kwargs"])
     else:
-        kwargs = dict(cfg.model_kwargs)
-        kwargs.setdefault("drop_path_rate", cfg.drop_path)
+        # stochastic depth, and the position table of a random init at the training size; the
+        # weights decide whether the backbone is a ViT, so load_backbone applies them
+        vit_options: dict = {"drop_path_rate": cfg.drop_path}
         if cfg.weights == "random":
-            kwargs.setdefault("img_size", cfg.image_size)
+            vit_options["img_size"] = cfg.image_size
         # The random init (and the head's) is seeded from (seed, 3), not by prepare_backbone's
         # seed_everything(seed): the same --seed keeps giving the same network as before.
         torch.manual_seed(derive_seed(cfg.seed, 3))
-        backbone = load_backbone(cfg.weights, cfg.arch, cfg.patch_size, cfg.checkpoint_key, **kwargs)
+        backbone = load_backbone(cfg.weights, cfg.arch, cfg.patch_size, cfg.checkpoint_key, vit_options=vit_options,
+                                 **cfg.model_kwargs)  # fmt: skip
         spec = backbone_spec(backbone, cfg.drop_path)
         if not is_vit(backbone) and cfg.drop_path:
             log.info("drop path applies to ViT backbones only; the ResNet-50 trains without it.")
