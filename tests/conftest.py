@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dinokit.eval.features import save_features
 from tests.helpers import feature_clusters, make_copydays, make_image, save_tiny_vit
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -60,8 +61,6 @@ def copydays(tmp_path) -> Path:
 @pytest.fixture
 def feature_files(tmp_path):
     """Saved train (4 x 20) and val (4 x 5) features of four separable classes."""
-    from dinokit.eval.features import save_features
-
     save_features(feature_clusters(20, 4, 16, 0), tmp_path / "train.pt")
     save_features(feature_clusters(5, 4, 16, 1), tmp_path / "val.pt")
     return tmp_path / "train.pt", tmp_path / "val.pt"

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+import dinokit
 from dinokit.eval.features import FeatureSet
 from dinokit.train.pretrain import PretrainConfig
 
 
 def make_image(path: Path, size=(40, 40), seed: int = 0, color=None) -> Path:
+    """A noise picture of ``size`` (seeded), with a centred square of ``color`` when one is given."""
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
     if color is not None:
@@ -32,15 +34,14 @@ def make_image(path: Path, size=(40, 40), seed: int = 0, color=None) -> Path:
 
 def save_tiny_vit(path: Path, depth: int = 12) -> Path:
     """A random vit_tiny/16 (seed 0) with ``depth`` blocks, saved in the released-weights format."""
-    import dinokit
-
     torch.manual_seed(0)
     dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=depth), path)
     return path
 
 
 def run_cli(args, catch_exceptions: bool = True):
-    """Run the dinokit CLI in-process; ``.text`` is the output with rich's line wrapping undone."""
+    """Run the dinokit CLI in-process; ``.text`` is the output with rich's line wrapping undone.
+    ``catch_exceptions=False`` lets an unexpected exception end the test with its traceback."""
     from dinokit.commands import app
     from typer.testing import CliRunner
 
@@ -169,6 +170,7 @@ COCO_H, COCO_W = 20, 18  # the size of the one image the COCO annotation file de
 
 
 def black_image(path, size=(12, 10)):
+    """An all-black RGB picture: a stand-in image where only its size and name matter."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(path)
 
@@ -188,6 +190,8 @@ def rle_counts(mask: np.ndarray) -> list[int]:
 
 
 def coco_file(tmp_path):
+    """A COCO annotation file for one 18x20 image: a polygon, an uncompressed and a compressed RLE and a
+    crowd region, with the masks built by hand that each should decode to."""
     from pycocotools import mask as mask_utils
 
     poly = np.zeros((COCO_H, COCO_W), bool)

@@ -108,12 +108,14 @@ def run_in_subprocess(args: list[str], code: str | None = None, **kw) -> subproc
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, **kw)
 
 
+@pytest.mark.slow
 def test_python_dash_m_dinokit_help():
     result = run_in_subprocess(["--help"])
     assert result.returncode == 0, result.stderr
     assert "Usage" in result.stdout and "info" in result.stdout
 
 
+@pytest.mark.slow
 def test_console_script_version():
     exe = shutil.which("dinokit")
     if exe is None:
@@ -122,6 +124,7 @@ def test_console_script_version():
     assert result.returncode == 0 and result.stdout.strip() == f"dinokit {dinokit.__version__}"
 
 
+@pytest.mark.slow
 def test_a_user_error_in_a_subprocess_of_python_dash_m_dinokit():
     # python -m dinokit, with one command added that fails as a user's bad input would
     code = textwrap.dedent(

@@ -95,6 +95,7 @@ def test_knn_refuses_features_made_another_way(labelled_folder, tiny4_weights, t
     assert r.exit_code == 2 and "not a readable features file" in r.text
 
 
+@pytest.mark.slow
 def test_features_under_torchrun_match_one_process(labelled_folder, tiny4_weights, tmp_path):
     pytest.importorskip("torch.distributed.run")
     if not torch.distributed.is_available():

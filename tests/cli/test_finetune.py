@@ -227,6 +227,7 @@ def test_starts_from_a_pretrain_checkpoint_teacher(labelled_folder, tmp_path):
     assert not torch.equal(saved["head"]["weight"], torch.zeros_like(saved["head"]["weight"]))
 
 
+@pytest.mark.slow
 def test_overwrite_starts_a_clean_run(labelled_folder, tiny2_weights, tmp_path):
     out = tmp_path / "run"
     assert invoke(base_args(tiny2_weights, labelled_folder, out, epochs=2)).exit_code == 0

@@ -134,6 +134,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_memory_of_a_50k_bank_with_10k_queries_stays_under_2gb():
     """Peak resident memory above the inputs, measured in a fresh process (ru_maxrss, in KiB on Linux)."""
     if sys.platform != "linux":
