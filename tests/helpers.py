@@ -18,6 +18,7 @@ from PIL import Image, ImageFilter
 
 import dinokit
 from dinokit.eval.features import FeatureSet
+from dinokit.models import VisionTransformer
 from dinokit.train.pretrain import PretrainConfig
 
 
@@ -37,6 +38,12 @@ def save_tiny_vit(path: Path, depth: int = 12) -> Path:
     torch.manual_seed(0)
     dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=depth), path)
     return path
+
+
+def tiny_vit(depth: int = 2, patch: int = 16, seed: int = 0, **kw) -> VisionTransformer:
+    """A random vit_tiny (seeded) with ``depth`` blocks, in eval mode."""
+    torch.manual_seed(seed)
+    return dinokit.build_backbone("vit_tiny", patch, depth=depth, **kw).eval()
 
 
 def run_cli(args, catch_exceptions: bool = True):
