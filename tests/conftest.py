@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from dinokit.eval.features import save_features
+from tests.helpers import feature_clusters, make_copydays, make_image, save_tiny_vit
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("DINOKIT_OFFLINE", "1")
@@ -21,16 +22,6 @@ def _isolated_hub_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DINOKIT_OFFLINE", "1")
 
 
-def make_image(path: Path, size=(40, 40), seed: int = 0, color=None) -> Path:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
-    if color is not None:
-        arr[size[1] // 4 : 3 * size[1] // 4, size[0] // 4 : 3 * size[0] // 4] = color
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-    return path
-
-
 @pytest.fixture
 def labelled_folder(tmp_path) -> Path:
     """ROOT/{train,val}/<class>/<img>.png with 3 classes of coloured squares on noise."""
@@ -41,15 +32,6 @@ def labelled_folder(tmp_path) -> Path:
             for i in range(n):
                 make_image(root / split / name / f"{i}.png", seed=ci * 100 + i + (0 if split == "train" else 50), color=color)
     return root
-
-
-def save_tiny_vit(path: Path, depth: int = 12) -> Path:
-    """A random vit_tiny/16 (seed 0) with ``depth`` blocks, saved in the released-weights format."""
-    import dinokit
-
-    torch.manual_seed(0)
-    dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=depth), path)
-    return path
 
 
 @pytest.fixture
@@ -70,14 +52,37 @@ def tiny4_weights(tmp_path) -> Path:
     return save_tiny_vit(tmp_path / "tiny4.pth", depth=4)
 
 
-def run_cli(args):
-    """Run the dinokit CLI in-process; ``.text`` is the output with rich's line wrapping undone."""
-    from dinokit.commands import app
-    from typer.testing import CliRunner
+@pytest.fixture
+def copydays(tmp_path) -> Path:
+    """A tiny Copydays: four groups of originals with their strong, JPEG and crop copies."""
+    return make_copydays(tmp_path / "copydays")
 
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    r.text = " ".join(r.output.split())
-    return r
+
+@pytest.fixture
+def feature_files(tmp_path):
+    """Saved train (4 x 20) and val (4 x 5) features of four separable classes."""
+    save_features(feature_clusters(20, 4, 16, 0), tmp_path / "train.pt")
+    save_features(feature_clusters(5, 4, 16, 1), tmp_path / "val.pt")
+    return tmp_path / "train.pt", tmp_path / "val.pt"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: these models are tiny, and a shared CI machine punishes oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pretrain_images(tmp_path_factory) -> Path:
+    """32 readable images in class folders (an ImageFolder; classes are ignored) and one broken file."""
+    root = tmp_path_factory.mktemp("pretrain_data")
+    for i in range(32):
+        make_image(root / f"class{i % 2}" / "sub" / f"{i}.png", size=(40, 36), seed=i)
+    (root / "class0" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    return root
 
 
 @pytest.fixture(autouse=True)

@@ -5,19 +5,14 @@ checkpoints of the wrong shapes, and a synth output folder holding someone else'
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import struct
-import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_image
 from PIL import Image
 
 import dinokit
@@ -27,55 +22,10 @@ from dinokit.data.masks import annotation_mask, read_label_mask
 from dinokit.errors import CheckpointError, DataError, OutputExistsError
 from dinokit.eval.knn import knn_classify, knn_predict
 from dinokit.eval.metrics import require_finite
+from tests.helpers import make_image, memory_headroom, write_bomb_png
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-
-def write_bomb_png(path: Path, side: int = 20000) -> Path:
-    """A real side x side 1-bit palette PNG of ~50 KB (what Pillow would decode to side**2 pixels),
-    written row by row so that making it costs neither the memory nor the time of the picture."""
-    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed 1-bit indices
-    z = zlib.compressobj(1)
-    body = b"".join(z.compress(row) for _ in range(side)) + z.flush()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 3, 0, 0, 0))
-        + _png_chunk(b"PLTE", bytes(6))
-        + _png_chunk(b"IDAT", body)
-        + _png_chunk(b"IEND", b"")
-    )
-    return path
-
-
-@contextlib.contextmanager
-def memory_headroom(extra: int = 1 << 30):
-    """Cap the process's data segment at its present size plus ``extra`` for the block, so that code
-    which would allocate without bound fails at once instead of eating the machine."""
-    try:
-        import resource
-    except ImportError:  # not on this platform: nothing to cap
-        yield
-        return
-    status = Path("/proc/self/status")
-    if not status.is_file():
-        yield
-        return
-    used_kb = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmData:"))
-    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    cap = used_kb * 1024 + extra
-    if hard != resource.RLIM_INFINITY:
-        cap = min(cap, hard)
-    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
-
-
 def _tiny_state_dict() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return backbone_state_dict(dinokit.build_backbone("vit_tiny", 16, depth=2))
@@ -223,13 +173,21 @@ def _loop_folder(tmp_path: Path, links: int) -> Path:
 
 
 @pytest.mark.parametrize("links", [1, 2])
-def test_scans_follow_links_but_visit_each_folder_and_file_once(tmp_path, caplog, links):
+def test_scans_follow_links_but_visit_each_folder_and_file_once(tmp_path, caplog, monkeypatch, links):
     root = _loop_folder(tmp_path, links)
     (root / "c").mkdir()
     os.symlink("../z.png", root / "c" / "z-again.png")
-    start = time.perf_counter()
+    scanned = []  # each real folder listed once, however many links lead back into it
+    scandir = os.scandir
+
+    def counting_scandir(path):
+        scanned.append(os.path.realpath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
     found = find_images(root)
-    assert time.perf_counter() - start < 5
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert sorted(scanned) == sorted(set(scanned))
     assert sorted(p.name for p in found) == ["x.png", "y.png", "z.png"]
     assert "skipped" in caplog.text
     assert sorted(p.name for p in expand_image_inputs([root, root / "a", root / "z.png"])) == ["x.png", "y.png", "z.png"]

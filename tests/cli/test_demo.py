@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.helpers import run_cli
+
 
 @pytest.fixture
 def results():
@@ -42,11 +44,8 @@ def test_reports_explain_every_miss_and_only_misses(tmp_path, results):
 
 
 def test_demo_refuses_a_non_empty_output(tmp_path):
-    from dinokit.commands import app
-    from typer.testing import CliRunner
-
     (tmp_path / "keep.txt").write_text("x")
-    r = CliRunner().invoke(app, ["demo", "--output", str(tmp_path)])
+    r = run_cli(["demo", "--output", str(tmp_path)])
     assert r.exit_code == 2
     assert "--overwrite" in r.output
     assert json.loads(json.dumps(sorted(p.name for p in tmp_path.iterdir()))) == ["keep.txt"]

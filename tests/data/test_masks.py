@@ -20,6 +20,7 @@ from dinokit.data.masks import (
     read_label_mask,
 )
 from dinokit.errors import DataError
+from tests.helpers import COCO_H, COCO_W, black_image, coco_file
 
 
 def _labels():
@@ -75,11 +76,6 @@ def test_unreadable_mask_is_one_sentence(tmp_path):
         read_label_mask(tmp_path / "bad.png")
 
 
-def _img(path, size=(12, 10)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(path)
-
-
 def _mask(path, size=(12, 10), value=1):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((size[1], size[0]), value, np.uint8)).save(path)
@@ -90,7 +86,7 @@ def test_pairing_relative_paths_png_for_jpeg_and_synth_layout(tmp_path):
     root = tmp_path / "synth"
     for c in ("circle", "square"):
         for n in ("00000", "00001"):
-            _img(root / "val" / c / f"{n}.jpg")
+            black_image(root / "val" / c / f"{n}.jpg")
             _mask(root / "masks" / "val" / c / f"{n}.png")
     items = ground_truth_from_masks(root / "val", root / "masks" / "val")
     assert [i.name for i in items] == ["circle/00000", "circle/00001", "square/00000", "square/00001"]
@@ -99,8 +95,8 @@ def test_pairing_relative_paths_png_for_jpeg_and_synth_layout(tmp_path):
 
 
 def test_pairing_flat_mask_folder_voc_style(tmp_path):
-    _img(tmp_path / "JPEGImages" / "2007_000032.jpg")
-    _img(tmp_path / "JPEGImages" / "2007_000039.jpg")
+    black_image(tmp_path / "JPEGImages" / "2007_000032.jpg")
+    black_image(tmp_path / "JPEGImages" / "2007_000039.jpg")
     _mask(tmp_path / "SegmentationObject" / "2007_000032.png")
     _mask(tmp_path / "SegmentationObject" / "2007_000039.png")
     items = ground_truth_from_masks(tmp_path / "JPEGImages", tmp_path / "SegmentationObject")
@@ -108,8 +104,8 @@ def test_pairing_flat_mask_folder_voc_style(tmp_path):
 
 
 def test_images_without_masks_and_image_list(tmp_path):
-    _img(tmp_path / "img" / "a.jpg")
-    _img(tmp_path / "img" / "b.jpg")
+    black_image(tmp_path / "img" / "a.jpg")
+    black_image(tmp_path / "img" / "b.jpg")
     _mask(tmp_path / "masks" / "a.png")
     with pytest.raises(DataError, match=r"1 of 2 images .* have no mask"):
         ground_truth_from_masks(tmp_path / "img", tmp_path / "masks")
@@ -123,7 +119,7 @@ def test_images_without_masks_and_image_list(tmp_path):
 
 
 def test_mask_size_must_match_image(tmp_path):
-    _img(tmp_path / "img" / "a.png", size=(12, 10))
+    black_image(tmp_path / "img" / "a.png", size=(12, 10))
     _mask(tmp_path / "masks" / "a.png", size=(11, 10))
     (item,) = ground_truth_from_masks(tmp_path / "img", tmp_path / "masks")
     with pytest.raises(DataError, match="is 11x10 pixels but its image .* is 12x10"):
@@ -131,58 +127,11 @@ def test_mask_size_must_match_image(tmp_path):
 
 
 # -- COCO ------------------------------------------------------------------------------------------
-H, W = 20, 18
-
-
-def _rle_counts(mask: np.ndarray) -> list[int]:
-    """Uncompressed COCO RLE written out by hand: run lengths of the column-major pixels, zeros first."""
-    flat = mask.flatten(order="F").astype(np.uint8)
-    counts, cur, run = [], 0, 0
-    for v in flat:
-        if v == cur:
-            run += 1
-        else:
-            counts.append(run)
-            cur, run = v, 1
-    counts.append(run)
-    return counts
-
-
-def _coco_file(tmp_path):
-    from pycocotools import mask as mask_utils
-
-    poly = np.zeros((H, W), bool)
-    poly[3:9, 2:7] = True  # the polygon below covers x in [2, 7), y in [3, 9)
-    rle_m = np.zeros((H, W), bool)
-    rle_m[0:2, 0:10] = True
-    rle_m[9:12, 6:9] = True
-    comp_m = np.zeros((H, W), bool)
-    comp_m[10:12, 0:3] = True
-    crowd_m = np.zeros((H, W), bool)
-    crowd_m[5:7, 8:10] = True
-    comp = mask_utils.encode(np.asfortranarray(comp_m.astype(np.uint8)))
-    comp["counts"] = comp["counts"].decode("ascii")
-    data = {
-        "images": [{"id": 7, "file_name": "a.jpg", "height": H, "width": W}],
-        "annotations": [
-            {"id": 1, "image_id": 7, "category_id": 3, "iscrowd": 0,
-             "segmentation": [[2, 3, 7, 3, 7, 9, 2, 9]]},
-            {"id": 2, "image_id": 7, "category_id": 3, "iscrowd": 0,
-             "segmentation": {"size": [H, W], "counts": _rle_counts(rle_m)}},
-            {"id": 3, "image_id": 7, "category_id": 5, "iscrowd": 0, "segmentation": comp},
-            {"id": 4, "image_id": 7, "category_id": 5, "iscrowd": 1,
-             "segmentation": {"size": [H, W], "counts": _rle_counts(crowd_m)}},
-        ],
-        "categories": [{"id": 3, "name": "x"}, {"id": 5, "name": "y"}],
-    }
-    path = tmp_path / "ann.json"
-    path.write_text(json.dumps(data))
-    _img(tmp_path / "images" / "a.jpg", size=(W, H))
-    return path, data, {"poly": poly, "rle": rle_m, "comp": comp_m, "crowd": crowd_m}
+H, W = COCO_H, COCO_W
 
 
 def test_coco_polygons_and_rle_equal_hand_built_masks(tmp_path):
-    path, data, hand = _coco_file(tmp_path)
+    path, data, hand = coco_file(tmp_path)
     anns = data["annotations"]
     np.testing.assert_array_equal(annotation_mask(anns[0], H, W), hand["poly"])
     np.testing.assert_array_equal(annotation_mask(anns[1], H, W), hand["rle"])
@@ -190,7 +139,7 @@ def test_coco_polygons_and_rle_equal_hand_built_masks(tmp_path):
 
 
 def test_coco_instance_and_class_label_maps(tmp_path):
-    path, data, hand = _coco_file(tmp_path)
+    path, data, hand = coco_file(tmp_path)
     inst = coco_label_map(data["annotations"], H, W, "instance")
     ids = {int(inst[hand[k]][0]) for k in ("poly", "rle", "comp")}
     assert len(ids) == 3 and 0 not in ids and VOID not in ids
@@ -206,12 +155,12 @@ def test_coco_instance_and_class_label_maps(tmp_path):
 
 
 def test_coco_ground_truth_and_bad_files(tmp_path):
-    path, _, hand = _coco_file(tmp_path)
+    path, _, hand = coco_file(tmp_path)
     (item,) = ground_truth_from_coco(tmp_path / "images", path)
     assert item.name == "a" and item.load((W, H)).shape == (H, W)
     with pytest.raises(DataError, match="are 18x20 pixels but the image"):
         item.load((W + 1, H))
-    _img(tmp_path / "images" / "extra.jpg")
+    black_image(tmp_path / "images" / "extra.jpg")
     with pytest.raises(DataError, match="1 images under .* have no entry"):
         ground_truth_from_coco(tmp_path / "images", path)
     not_coco = tmp_path / "list.json"

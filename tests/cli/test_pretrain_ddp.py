@@ -11,7 +11,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_image
+
+from tests.helpers import make_image
 
 RANK_DUMP = textwrap.dedent(
     """

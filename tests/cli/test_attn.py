@@ -7,17 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from dinokit.commands import app
 from PIL import Image
-from typer.testing import CliRunner
 
 import dinokit
-
-runner = CliRunner()
+from tests.helpers import coco_file, coins_ground_truth, run_cli
 
 
 def run(*args):
-    return runner.invoke(app, ["attn", *map(str, args)])
+    return run_cli(["attn", *args])
 
 
 def assert_one_sentence(result, *needles):
@@ -78,8 +75,6 @@ def test_maps_form_native_size_and_overwrite(tmp_path, tiny2_weights):
 
 # -- evaluation ------------------------------------------------------------------------------------
 def test_eval_form_on_coins_photograph(tmp_path, tiny2_weights):
-    from test_attention import coins_ground_truth
-
     image_path, mask_path, labels = coins_ground_truth(tmp_path)
     out = tmp_path / "eval"
     r = run("--images", image_path.parent, "--masks", mask_path.parent, "-w", tiny2_weights, "--image-size", 128,
@@ -99,7 +94,7 @@ def test_eval_form_on_coins_photograph(tmp_path, tiny2_weights):
 
 def test_eval_form_on_synth_classify_masks(tmp_path, tiny2_weights):
     data = tmp_path / "synth"
-    r = runner.invoke(app, ["synth", "classify", "--output", str(data), "--classes", "2", "--per-class", "5",
+    r = run_cli(["synth", "classify", "--output", str(data), "--classes", "2", "--per-class", "5",
                             "--size", "32", "--quiet"])
     assert r.exit_code == 0, r.output
     out = tmp_path / "eval"
@@ -112,9 +107,7 @@ def test_eval_form_on_synth_classify_masks(tmp_path, tiny2_weights):
 
 
 def test_eval_form_coco_instances_and_classes(tmp_path, tiny2_weights):
-    from test_masks import _coco_file
-
-    ann, _, _ = _coco_file(tmp_path)
+    ann, _, _ = coco_file(tmp_path)
     # the annotated image is 18x20; evaluate at 32x32
     for objects, n in (("instance", 3), ("class", 2)):
         out = tmp_path / f"eval-{objects}"

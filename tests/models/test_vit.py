@@ -1,5 +1,5 @@
-"""The ViT / ResNet-50 backbones and the DINO head, held against timm and against formulations
-written out here (bicubic resampling by hand, attention by einsum)."""
+"""The ViT backbone, held against timm and against formulations written out here: the arch table and
+the spec's blocks, position-embedding resizing (bicubic by hand), intermediate layers, constructor checks."""
 
 from __future__ import annotations
 
@@ -8,17 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import dinokit
 from dinokit.errors import DinokitError
-from dinokit.models import DINOHead, LinearClassifier, MultiCropWrapper, VisionTransformer
-
-
-def tiny(depth: int = 2, patch: int = 16, seed: int = 0, **kw) -> VisionTransformer:
-    torch.manual_seed(seed)
-    return dinokit.build_backbone("vit_tiny", patch, depth=depth, **kw).eval()
+from dinokit.models import DINOHead, LinearClassifier, VisionTransformer
+from tests.helpers import tiny_vit
 
 
 # -- timm interoperability ---------------------------------------------------------------------
@@ -58,7 +53,7 @@ def test_full_depth_parameter_counts():
 
 
 def test_block_details_follow_the_spec():
-    m = tiny(depth=3, drop_path_rate=0.1)
+    m = tiny_vit(depth=3, drop_path_rate=0.1)
     rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in m.blocks]
     assert rates == pytest.approx([0.0, 0.05, 0.1])
     blk = m.blocks[0]
@@ -80,7 +75,7 @@ def test_unknown_arch_and_bad_patch_size_are_user_errors():
 
 def test_input_smaller_than_a_patch_is_a_user_error():
     with pytest.raises(DinokitError, match="smaller than one 16x16 patch"):
-        tiny()(torch.randn(1, 3, 8, 40))
+        tiny_vit()(torch.randn(1, 3, 8, 40))
 
 
 # -- position embedding resize -------------------------------------------------------------------
@@ -119,7 +114,7 @@ def _resized_table(model: VisionTransformer, h0: int, w0: int, by_size: bool) ->
 
 @pytest.mark.parametrize("mode", ["scale", "size"])
 def test_position_embedding_at_480x640_matches_a_hand_written_bicubic(mode):
-    m = tiny(pos_embed_resize=mode)
+    m = tiny_vit(pos_embed_resize=mode)
     with torch.no_grad():
         table = m.interpolate_pos_encoding(30, 40)
     assert table.shape == (1, 1 + 30 * 40, 192)
@@ -128,17 +123,17 @@ def test_position_embedding_at_480x640_matches_a_hand_written_bicubic(mode):
 
 
 def test_the_two_resize_modes_differ_slightly_and_the_reference_one_is_the_default():
-    a, b = tiny(), tiny(pos_embed_resize="size")
+    a, b = tiny_vit(), tiny_vit(pos_embed_resize="size")
     assert a.pos_embed_resize == "scale"
     with torch.no_grad():
         d = (a.interpolate_pos_encoding(30, 40) - b.interpolate_pos_encoding(30, 40)).abs().max()
     assert 1e-5 < d < 0.05
     with pytest.raises(ValueError):
-        tiny(pos_embed_resize="nearest")
+        tiny_vit(pos_embed_resize="nearest")
 
 
 def test_forward_at_480x640_uses_the_resized_table():
-    m = tiny()
+    m = tiny_vit()
     x = torch.randn(1, 3, 480, 640)
     with torch.no_grad():
         tokens = m.patch_embed(x)
@@ -173,7 +168,7 @@ def test_a_non_square_input_with_the_table_s_own_grid_resizes_the_table_as_the_r
 
 
 def test_the_224_grid_is_used_unchanged_and_resized_tables_are_cached_until_the_weights_change():
-    m = tiny()
+    m = tiny_vit()
     assert m.interpolate_pos_encoding(14, 14) is m.pos_embed
     with torch.no_grad():
         first = m.interpolate_pos_encoding(4, 6)
@@ -188,123 +183,9 @@ def test_the_224_grid_is_used_unchanged_and_resized_tables_are_cached_until_the_
     assert m.pos_embed.grad is not None and m.pos_embed.grad.abs().sum() > 0
 
 
-# -- attention -------------------------------------------------------------------------------------
-def _last_block_input(m: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    t = m.prepare_tokens(x)
-    for blk in m.blocks[:-1]:
-        t = blk(t)
-    return m.blocks[-1].norm1(t)
-
-
-def test_last_selfattention_matches_einsum_and_rows_sum_to_one():
-    m = tiny(depth=2)
-    x = torch.randn(2, 3, 48, 64)
-    with torch.no_grad():
-        attn = m.get_last_selfattention(x)
-        h = _last_block_input(m, x)
-        a = m.blocks[-1].attn
-        q, k, _ = (h @ a.qkv.weight.T + a.qkv.bias).chunk(3, dim=-1)
-        q = q.reshape(2, -1, a.num_heads, a.head_dim)
-        k = k.reshape(2, -1, a.num_heads, a.head_dim)
-        logits = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(a.head_dim)
-        expected = torch.softmax(logits, dim=-1)
-    n = 1 + 3 * 4
-    assert attn.shape == (2, 3, n, n)
-    assert torch.allclose(attn.sum(-1), torch.ones(2, 3, n), atol=1e-5)
-    assert torch.allclose(attn, expected, atol=1e-6)
-
-
-def test_cls_attention_is_row_zero_patch_part_of_the_full_matrix():
-    m = tiny(depth=2)
-    x = torch.randn(2, 3, 64, 48)
-    with torch.no_grad():
-        full = m.get_last_selfattention(x)
-        cls = m.get_cls_attention(x)
-    assert cls.shape == (2, 3, 12)
-    assert torch.allclose(cls, full[:, :, 0, 1:], atol=1e-6)
-
-
-def test_fused_attention_equals_the_explicit_path():
-    m = tiny(depth=2)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        fused = m.forward_features(x)
-        m.set_fused_attention(False)
-        explicit = m.forward_features(x)
-    assert all(not b.attn.fused_attn for b in m.blocks)
-    assert torch.allclose(fused, explicit, atol=1e-5)
-
-
-def test_fused_path_calls_sdpa_and_attention_weights_do_not(monkeypatch):
-    calls = []
-    real = F.scaled_dot_product_attention
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    m = tiny(depth=2)
-    with torch.no_grad():
-        m(torch.randn(1, 3, 32, 32))
-        assert len(calls) == 2
-        m.get_last_selfattention(torch.randn(1, 3, 32, 32))
-        assert len(calls) == 3  # the first block only; the last one returns explicit weights
-
-
-def test_blocked_attention_equals_sdpa_across_block_edges():
-    from dinokit.models.attention import blocked_attention
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 300, 16, dtype=torch.float64) for _ in range(3))
-    ref = F.scaled_dot_product_attention(q, k, v)
-    # a block smaller than a head: 6 heads x row chunks of 256 + 44 rows
-    assert torch.allclose(blocked_attention(q, k, v, block=256 * 300), ref, atol=1e-12)
-    # whole heads, 4 to a block: 4 + 2
-    assert torch.allclose(blocked_attention(q, k, v, block=4 * 300 * 300 + 5), ref, atol=1e-12)
-    assert torch.allclose(blocked_attention(q, k, v), ref, atol=1e-12)  # all heads in one block
-
-
-def test_bf16_cpu_attention_matches_fp32_and_its_gradients_flow():
-    from dinokit.models.attention import attention
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(4, 3, 197, 64) for _ in range(3))
-    ref = F.scaled_dot_product_attention(q, k, v)
-    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
-    with torch.no_grad():
-        blocked = attention(qb, kb, vb).float()
-    explicit = attention(qb, kb, vb)
-    for out in (blocked, explicit.float()):
-        assert ((out - ref).norm() / ref.norm()) < 2e-2  # bf16 rounding, not a different function
-    explicit.float().square().sum().backward()
-    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    F.scaled_dot_product_attention(q, k, v).square().sum().backward()
-    for a, b in ((qb, q), (kb, k), (vb, v)):
-        assert ((a.grad.float() - b.grad).norm() / b.grad.norm()) < 3e-2
-
-
-def test_bf16_cpu_attention_is_as_close_to_fp64_as_the_fused_kernel_on_sharp_logits():
-    # logits of std ~9: rounding plain bf16 products would cost ~6x the fused kernel's error
-    from dinokit.models.attention import attention
-
-    torch.manual_seed(0)
-    qb, kb, vb = ((torch.randn(2, 3, 300, 64) * s).bfloat16() for s in (3.0, 3.0, 1.0))
-    ref = F.scaled_dot_product_attention(qb.double(), kb.double(), vb.double())  # the same inputs, exactly
-
-    def err(out):
-        return ((out.double() - ref).norm() / ref.norm()).item()
-
-    fused = err(F.scaled_dot_product_attention(qb, kb, vb))
-    with torch.no_grad():
-        blocked = err(attention(qb, kb, vb))
-    explicit = err(attention(*(t.clone().requires_grad_() for t in (qb, kb, vb))).detach())
-    assert blocked < 2 * fused and explicit < 2 * fused, (blocked, explicit, fused)
-
-
 # -- intermediate layers -----------------------------------------------------------------------------
 def test_get_intermediate_layers_are_the_last_n_blocks_through_the_final_norm():
-    m = tiny(depth=3)
+    m = tiny_vit(depth=3)
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
         t = m.prepare_tokens(x)
@@ -319,96 +200,6 @@ def test_get_intermediate_layers_are_the_last_n_blocks_through_the_final_norm():
             assert torch.allclose(g, e, atol=1e-6)
         assert torch.allclose(m.get_intermediate_layers(x)[0], m.forward_features(x), atol=1e-6)
         assert torch.allclose(m(x), m.forward_features(x)[:, 0])
-
-
-# -- ResNet-50 -----------------------------------------------------------------------------------------
-def test_resnet50_backbone_gives_2048_d_average_pool():
-    torch.manual_seed(0)
-    m = dinokit.build_backbone("resnet50").eval()
-    assert isinstance(m.fc, nn.Identity) and m.embed_dim == 2048
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        out = m(x)
-        m2 = nn.Sequential(*list(m.children())[:-2])
-        expected = m2(x).mean(dim=(2, 3))
-    assert out.shape == (2, 2048)
-    assert torch.allclose(out, expected, atol=1e-5)
-    assert 23 < sum(p.numel() for p in m.parameters()) / 1e6 < 24
-
-
-# -- DINO head -----------------------------------------------------------------------------------------
-def test_dino_head_shapes_keys_and_math():
-    torch.manual_seed(0)
-    head = DINOHead(192, out_dim=100, hidden_dim=64, bottleneck_dim=32).eval()
-    keys = set(head.state_dict())
-    assert keys == {
-        "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias",
-        "last_layer.weight_g", "last_layer.weight_v",
-    }
-    assert head.state_dict()["last_layer.weight_v"].shape == (100, 32)
-    assert head.state_dict()["last_layer.weight_g"].shape == (100, 1)
-    x = torch.randn(5, 192)
-    with torch.no_grad():
-        z = x
-        for i in (0, 2, 4):
-            z = F.linear(z, head.mlp[i].weight, head.mlp[i].bias)
-            if i < 4:
-                z = F.gelu(z)
-        z = z / z.norm(dim=1, keepdim=True)
-        v, g = head.last_layer.weight_v, head.last_layer.weight_g
-        expected = z @ (g * v / v.norm(dim=1, keepdim=True)).T
-        got = head(x)
-    assert got.shape == (5, 100)
-    assert torch.allclose(got, expected, atol=1e-5)
-
-
-def test_dino_head_default_dimensions_and_batchnorm_key_shift():
-    head = DINOHead(384, out_dim=16, use_bn=True)
-    sd = head.state_dict()
-    assert sd["mlp.0.weight"].shape == (2048, 384)
-    assert "mlp.1.running_mean" in sd  # BatchNorm after the first Linear
-    assert sd["mlp.3.weight"].shape == (2048, 2048)
-    assert sd["mlp.6.weight"].shape == (256, 2048)
-
-
-def test_norm_last_layer_freezes_the_gain_at_one():
-    frozen = DINOHead(32, out_dim=10, hidden_dim=16, bottleneck_dim=8, norm_last_layer=True)
-    free = DINOHead(32, out_dim=10, hidden_dim=16, bottleneck_dim=8, norm_last_layer=False)
-    assert torch.all(frozen.last_layer.weight_g == 1) and torch.all(free.last_layer.weight_g == 1)
-    assert not frozen.last_layer.weight_g.requires_grad and free.last_layer.weight_g.requires_grad
-    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
-    assert "last_layer.weight_v" in trainable and "last_layer.weight_g" not in trainable
-
-
-def test_parametrization_api_names_map_on_load():
-    torch.manual_seed(0)
-    ref = nn.utils.parametrizations.weight_norm(nn.Linear(8, 10, bias=False))
-    with torch.no_grad():
-        ref.parametrizations.weight.original0.uniform_(0.5, 2.0)
-    head = DINOHead(32, out_dim=10, hidden_dim=16, bottleneck_dim=8)
-    sd = {k: v for k, v in head.state_dict().items() if not k.startswith("last_layer.")}
-    for k, v in ref.state_dict().items():
-        sd["last_layer." + k] = v
-    assert "last_layer.parametrizations.weight.original0" in sd
-    head.load_state_dict(sd, strict=True)
-    z = torch.randn(4, 8)
-    with torch.no_grad():
-        assert torch.allclose(head.last_layer(z), ref(z), atol=1e-6)
-
-
-def test_linear_classifier_and_multicrop_wrapper():
-    torch.manual_seed(0)
-    clf = LinearClassifier(192, num_labels=7)
-    assert torch.all(clf.linear.bias == 0) and 0.005 < clf.linear.weight.std() < 0.015
-    backbone = tiny(depth=1)
-    head = DINOHead(192, out_dim=12, hidden_dim=16, bottleneck_dim=8).eval()
-    wrapper = MultiCropWrapper(backbone, head)
-    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
-    with torch.no_grad():
-        out = wrapper(crops)
-        expected = torch.cat([head(backbone(c)) for c in crops])
-    assert out.shape == (6, 12)
-    assert torch.allclose(out, expected, atol=1e-5)
 
 
 # -- constructor arguments -----------------------------------------------------------------------

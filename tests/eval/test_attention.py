@@ -24,6 +24,7 @@ from dinokit.eval.attention import (
     preprocess,
     resize_labels,
 )
+from tests.helpers import coins_ground_truth
 
 
 # -- mass_threshold ---------------------------------------------------------------------------------
@@ -216,33 +217,6 @@ def test_attention_maps_batches_by_size_and_keeps_order(tmp_path):
 
 
 # -- the evaluation on a real photograph --------------------------------------------------------------
-def coins_ground_truth(tmp_path):
-    """scikit-image's coins photograph and its coins segmented here: dark and bright thresholds as
-    markers, a watershed on the Sobel edges, holes filled, connected components: one object per coin."""
-    from scipy import ndimage
-    from skimage import data, filters, measure, segmentation
-
-    img = data.coins()
-    markers = np.zeros(img.shape, np.int32)
-    markers[img < 30] = 1
-    markers[img > 150] = 2
-    fg = ndimage.binary_fill_holes(segmentation.watershed(filters.sobel(img), markers) == 2)
-    comp = measure.label(fg, connectivity=2)
-    sizes = np.bincount(comp.ravel())
-    keep = [c for c in np.flatnonzero(sizes >= 150) if c != 0]  # drop specks
-    labels = np.zeros(comp.shape, np.int32)
-    for new, old in enumerate(keep, 1):
-        labels[comp == old] = new
-    assert labels.max() == 24  # the picture shows 24 coins
-    image_path = tmp_path / "images" / "coins.jpg"
-    image_path.parent.mkdir(parents=True)
-    Image.fromarray(img).convert("RGB").save(image_path, quality=95)
-    mask_path = tmp_path / "masks" / "coins.png"
-    mask_path.parent.mkdir(parents=True)
-    Image.fromarray(labels.astype(np.uint8), mode="L").save(mask_path)
-    return image_path, mask_path, labels
-
-
 def test_coins_evaluation_end_to_end(tmp_path):
     image_path, mask_path, labels = coins_ground_truth(tmp_path)
     torch.manual_seed(0)

@@ -8,56 +8,35 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image
-from dinokit.commands import app
-from typer.testing import CliRunner
 
 import dinokit
-from dinokit.train.pretrain import PretrainConfig, pretrain
+from dinokit.train.pretrain import pretrain
+from tests.helpers import load_state, run_cli, tiny_pretrain_config
 
 TINY = [
     "--arch", "vit_tiny", "--depth", "2", "--batch-size", "8", "--out-dim", "256", "--local-crops", "2",
     "--global-size", "32", "--local-size", "16", "--precision", "fp32", "--num-workers", "0", "--quiet",
 ]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 LOG_FIELDS = {"epoch", "loss", "lr", "wd", "momentum", "teacher_temp", "images_per_second", "seconds"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and a shared CI machine punishes oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """32 readable images in class folders (an ImageFolder; classes are ignored) and one broken file."""
-    root = tmp_path_factory.mktemp("pretrain_data")
-    for i in range(32):
-        make_image(root / f"class{i % 2}" / "sub" / f"{i}.png", size=(40, 36), seed=i)
-    (root / "class0" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
-    return root
-
-
 def invoke(args):
-    return CliRunner().invoke(app, ["pretrain", *args], catch_exceptions=False)
+    return run_cli(["pretrain", *args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
-def straight(images, tmp_path_factory):
+def straight(pretrain_images, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "straight"
-    res = invoke(["--data", str(images), "--output", str(out), "--epochs", "2", "--save-every", "1", *TINY])
+    res = invoke(["--data", str(pretrain_images), "--output", str(out), "--epochs", "2", "--save-every", "1", *TINY])
     return out, res
-
-
-def load_sd(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_same_state(a: dict, b: dict):
@@ -83,7 +62,7 @@ def test_two_epochs_on_32_images_write_the_run_folder(straight):
     config = json.loads((out / "config.json").read_text())
     assert config["iterations_per_epoch"] == 4 and config["global_batch"] == 8
     # every file loads with weights_only=True; the checkpoint's both keys give a backbone
-    ckpt = load_sd(out / "checkpoint.pth")
+    ckpt = load_state(out / "checkpoint.pth")
     assert ckpt["epoch"] == 2 and ckpt["iteration"] == 0 and ckpt["dino_loss"]["center"].shape == (1, 256)
     teacher = dinokit.load_backbone(out / "checkpoint.pth")
     student = dinokit.load_backbone(out / "checkpoint.pth", checkpoint_key="student")
@@ -94,18 +73,18 @@ def test_two_epochs_on_32_images_write_the_run_folder(straight):
     assert released.pos_embed.shape[1] == 1 + 14 * 14
 
 
-def test_stop_after_then_resume_is_bitwise_equal(straight, images, tmp_path):
+def test_stop_after_then_resume_is_bitwise_equal(straight, pretrain_images, tmp_path):
     out_s = straight[0]
     out = tmp_path / "resumed"
-    base = ["--data", str(images), "--output", str(out), "--epochs", "2", *TINY]
+    base = ["--data", str(pretrain_images), "--output", str(out), "--epochs", "2", *TINY]
     res = invoke([*base, "--stop-after", "1"])
     assert res.exit_code == 0, res.output
     assert "--resume" in res.output
-    assert load_sd(out / "checkpoint.pth")["epoch"] == 1
+    assert load_state(out / "checkpoint.pth")["epoch"] == 1
     res = invoke([*base, "--resume"])
     assert res.exit_code == 0, res.output
-    assert_same_state(load_sd(out_s / "backbone.pth"), load_sd(out / "backbone.pth"))
-    a, b = load_sd(out_s / "checkpoint.pth"), load_sd(out / "checkpoint.pth")
+    assert_same_state(load_state(out_s / "backbone.pth"), load_state(out / "backbone.pth"))
+    a, b = load_state(out_s / "checkpoint.pth"), load_state(out / "checkpoint.pth")
     assert_same_state(a["student"], b["student"])
     assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
@@ -140,35 +119,28 @@ class SignalAt:
         pass
 
 
-def tiny_config(images, out, **kw) -> PretrainConfig:
-    return PretrainConfig(
-        data=str(images), output=str(out), arch="vit_tiny", depth=2, batch_size=8, out_dim=256, local_crops=2,
-        global_size=32, local_size=16, precision="fp32", num_workers=0, epochs=2, **kw,
-    )
-
-
-def test_signal_mid_epoch_saves_and_resumes_exactly(straight, images, tmp_path):
+def test_signal_mid_epoch_saves_and_resumes_exactly(straight, pretrain_images, tmp_path):
     out = tmp_path / "signalled"
-    result = pretrain(tiny_config(images, out), SignalAt(epoch=2, step=2))
+    result = pretrain(tiny_pretrain_config(pretrain_images, out), SignalAt(epoch=2, step=2))
     assert result.exit_code == 143 and result.stopped_by == "SIGTERM" and not result.finished
-    ckpt = load_sd(out / "checkpoint.pth")
+    ckpt = load_state(out / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (1, 2)  # the step in flight was finished, then saved
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
-    result = pretrain(tiny_config(images, out, resume=True))
+    result = pretrain(tiny_pretrain_config(pretrain_images, out, resume=True))
     assert result.finished and result.exit_code == 0
-    assert_same_state(load_sd(straight[0] / "backbone.pth"), load_sd(out / "backbone.pth"))
+    assert_same_state(load_state(straight[0] / "backbone.pth"), load_state(out / "backbone.pth"))
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     straight_lines = [json.loads(x) for x in (straight[0] / "log.jsonl").read_text().splitlines()]
     assert lines[1]["loss"] == pytest.approx(straight_lines[1]["loss"], rel=1e-6)  # whole-epoch mean kept
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_running_process_leaves_a_resumable_checkpoint(images, tmp_path):
+def test_sigterm_to_a_running_process_leaves_a_resumable_checkpoint(pretrain_images, tmp_path):
     out = tmp_path / "killed"
     # a data worker too, and the signal goes to the whole process group (as `kill -TERM -PGID`, a
     # batch scheduler or a container stop would send it): the workers must leave it to the main process
     args = [a if a != "0" or i == 0 or TINY[i - 1] != "--num-workers" else "1" for i, a in enumerate(TINY)]
-    cmd = [sys.executable, "-m", "dinokit", "pretrain", "--data", str(images), "--output", str(out),
+    cmd = [sys.executable, "-m", "dinokit", "pretrain", "--data", str(pretrain_images), "--output", str(out),
            "--epochs", "50", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -185,7 +157,7 @@ def test_sigterm_to_a_running_process_leaves_a_resumable_checkpoint(images, tmp_
             proc.kill()
     assert proc.returncode == 143, stderr
     assert "--resume" in stdout + stderr
-    done = load_sd(out / "checkpoint.pth")
+    done = load_state(out / "checkpoint.pth")
     assert 1 <= done["epoch"] < 50
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stopped_by"] == "SIGTERM"
@@ -193,38 +165,21 @@ def test_sigterm_to_a_running_process_leaves_a_resumable_checkpoint(images, tmp_
     stop = done["epoch"] + 1
     res = invoke(["--output", str(out), "--resume", "--stop-after", str(stop), "--quiet"])
     assert res.exit_code == 0, res.output
-    assert load_sd(out / "checkpoint.pth")["epoch"] == stop
+    assert load_state(out / "checkpoint.pth")["epoch"] == stop
 
 
 def test_empty_folder_is_an_error_before_anything_starts(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    res = CliRunner().invoke(app, ["pretrain", "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), *TINY])
+    res = run_cli(["pretrain", "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), *TINY])
     assert res.exit_code == 2
     text = " ".join(res.output.split())
     assert "holds no images" in text and "Traceback" not in text
     assert not (tmp_path / "o").exists()
 
 
-def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(straight, images, tmp_path):
-    res = CliRunner().invoke(app, ["pretrain", "--data", str(images), "--output", str(straight[0]), *TINY])
+def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(straight, pretrain_images, tmp_path):
+    res = run_cli(["pretrain", "--data", str(pretrain_images), "--output", str(straight[0]), *TINY])
     assert res.exit_code == 2 and "--resume" in " ".join(res.output.split())
-    res = CliRunner().invoke(app, ["pretrain", "--data", str(images), "--output", str(tmp_path / "new"), "--resume"])
+    res = run_cli(["pretrain", "--data", str(pretrain_images), "--output", str(tmp_path / "new"), "--resume"])
     assert res.exit_code == 2 and "without --resume" in " ".join(res.output.split())
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, monkeypatch):
-    import dinokit.train.dino as mod
-
-    class ExplodingLoss(mod.DINOLoss):
-        def forward(self, student_output, teacher_output, epoch):
-            loss = super().forward(student_output, teacher_output, epoch)
-            return loss * float("nan") if epoch == 1 else loss
-
-    monkeypatch.setattr(mod, "DINOLoss", ExplodingLoss)
-    out = tmp_path / "nan"
-    with pytest.raises(dinokit.DinokitError, match="last good state"):
-        pretrain(tiny_config(images, out))
-    ckpt = load_sd(out / "checkpoint.pth")
-    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 0)
-    assert torch.isfinite(torch.cat([v.flatten() for v in ckpt["teacher"].values()])).all()

@@ -13,7 +13,7 @@ from scipy import ndimage
 from dinokit.errors import DataError
 from dinokit.eval import davis_metrics as dm
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "assets"
 
 
 @pytest.mark.parametrize("name", ["davis", "davis-ellipses"])

@@ -8,15 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image
-from dinokit.commands import app
 from torchvision import transforms as T
-from typer.testing import CliRunner
 
 import dinokit
 from dinokit.train.finetune import FinetuneConfig, finetune
-
-runner = CliRunner()
+from tests.helpers import make_image, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +56,7 @@ def reference_probs(model_file: Path, paths: list[Path]) -> torch.Tensor:
 def test_csv_matches_an_independent_forward_pass(trained, tmp_path):
     model_file, data = trained
     out = tmp_path / "preds.csv"
-    r = runner.invoke(app, ["predict", "--model", str(model_file), str(data / "val"), "--top", "3",
+    r = run_cli(["predict", "--model", str(model_file), str(data / "val"), "--top", "3",
                             "--output", str(out), "--batch-size", "3", "--device", "cpu"])  # fmt: skip
     assert r.exit_code == 0, r.output
     rows = list(csv.reader(out.open()))
@@ -80,7 +76,7 @@ def test_json_files_folders_and_globs(trained, tmp_path):
     model_file, data = trained
     out = tmp_path / "preds.json"
     one = data / "val" / "red" / "val0.png"
-    r = runner.invoke(app, ["predict", "--model", str(model_file), str(one), str(data / "val" / "green"),
+    r = run_cli(["predict", "--model", str(model_file), str(one), str(data / "val" / "green"),
                             str(data / "train" / "*" / "train0.png"), str(one), "--top", "10",
                             "--output", str(out)])  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -95,7 +91,7 @@ def test_json_files_folders_and_globs(trained, tmp_path):
 
 def test_table_when_no_output(trained):
     model_file, data = trained
-    r = runner.invoke(app, ["predict", "--model", str(model_file.parent), str(data / "val" / "white"), "--top", "2"])
+    r = run_cli(["predict", "--model", str(model_file.parent), str(data / "val" / "white"), "--top", "2"])
     assert r.exit_code == 0, r.output
     assert "val0.png" in r.output and "val1.png" in r.output and "%" in r.output
 
@@ -107,7 +103,7 @@ def test_unreadable_image_is_skipped_with_a_warning(trained, tmp_path):
     bad.write_bytes(b"not a png")
     make_image(tmp_path / "imgs" / "ok.png")
     out = tmp_path / "p.csv"
-    r = runner.invoke(app, ["predict", "--model", str(model_file), str(tmp_path / "imgs"), "--output", str(out)])
+    r = run_cli(["predict", "--model", str(model_file), str(tmp_path / "imgs"), "--output", str(out)])
     assert r.exit_code == 0, r.output
     assert "1 unreadable images were skipped" in " ".join(r.output.split())
     assert [row[0] for row in csv.reader(out.open())][1:] == [str(tmp_path / "imgs" / "ok.png")]
@@ -124,23 +120,23 @@ def test_model_that_is_not_a_dinokit_model(tmp_path, trained):
     _, data = trained
     backbone_only = tmp_path / "backbone.pth"
     dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=1), backbone_only)
-    r = runner.invoke(app, ["predict", "--model", str(backbone_only), str(data / "val")])
+    r = run_cli(["predict", "--model", str(backbone_only), str(data / "val")])
     assert "is not a dinokit fine-tuned model" in error_sentence(r)
     text = tmp_path / "notes.pth"
     text.write_text("hello")
-    r = runner.invoke(app, ["predict", "--model", str(text), str(data / "val")])
+    r = run_cli(["predict", "--model", str(text), str(data / "val")])
     assert "is not a readable PyTorch checkpoint" in error_sentence(r)
-    r = runner.invoke(app, ["predict", "--model", str(trained[0].parent / "checkpoint.pth"), str(data / "val")])
+    r = run_cli(["predict", "--model", str(trained[0].parent / "checkpoint.pth"), str(data / "val")])
     assert "fine-tuning checkpoint for resuming" in error_sentence(r)
 
 
 def test_output_rules(trained, tmp_path):
     model_file, data = trained
-    r = runner.invoke(app, ["predict", "--model", str(model_file), str(data / "val"), "--output", str(tmp_path / "p.txt")])
+    r = run_cli(["predict", "--model", str(model_file), str(data / "val"), "--output", str(tmp_path / "p.txt")])
     assert "must end in .csv or .json" in error_sentence(r)
     existing = tmp_path / "p.csv"
     existing.write_text("keep")
-    r = runner.invoke(app, ["predict", "--model", str(model_file), str(data / "val"), "--output", str(existing)])
+    r = run_cli(["predict", "--model", str(model_file), str(data / "val"), "--output", str(existing)])
     assert "already exists" in error_sentence(r) and existing.read_text() == "keep"
-    r = runner.invoke(app, ["predict", "--model", str(model_file), str(tmp_path / "nothing*.png")])
+    r = run_cli(["predict", "--model", str(model_file), str(tmp_path / "nothing*.png")])
     assert "matches no file" in error_sentence(r)

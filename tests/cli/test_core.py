@@ -12,12 +12,10 @@ import textwrap
 import pytest
 import typer
 from dinokit.commands import app, main
-from typer.testing import CliRunner
 
 import dinokit
 from dinokit.errors import DataError, DinokitError
-
-runner = CliRunner()
+from tests.helpers import run_cli
 
 
 def _all_command_paths() -> list[list[str]]:
@@ -36,11 +34,11 @@ def _all_command_paths() -> list[list[str]]:
 
 
 def test_root_help_and_version():
-    result = runner.invoke(app, ["--help"])
+    result = run_cli(["--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output and "info" in result.output and "--version" in result.output
     assert "<bool>" not in result.output
-    result = runner.invoke(app, ["--version"])
+    result = run_cli(["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"dinokit {dinokit.__version__}"
 
 
@@ -48,18 +46,18 @@ def test_every_registered_command_renders_its_help():
     paths = _all_command_paths()
     assert ["info"] in paths
     for path in paths:
-        result = runner.invoke(app, [*path, "--help"])
+        result = run_cli([*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
         assert "Usage" in result.output, path
         assert "Traceback" not in result.output, path
 
 
 def test_info_prints_versions_devices_threads_and_bf16():
-    result = runner.invoke(app, ["info"])
+    result = run_cli(["info"])
     assert result.exit_code == 0, result.output
     for word in ("dinokit", "torch", "torch_threads", "cpu_native_bf16", "default_device"):
         assert word in result.output
-    result = runner.invoke(app, ["info", "--json"])
+    result = run_cli(["info", "--json"])
     data = json.loads(result.stdout)
     assert data["dinokit"] == dinokit.__version__ and data["torch_threads"] >= 1
     assert isinstance(data["cpu_native_bf16"], bool) and isinstance(data["cuda_devices"], list)
@@ -87,12 +85,12 @@ def failing_commands():
 
 
 def test_a_user_error_is_one_sentence_and_exit_code_2(failing_commands):
-    result = runner.invoke(app, ["fail-user-error"])
+    result = run_cli(["fail-user-error"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "Error: The folder /data/x holds no images [png, jpg]."
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
-    result = runner.invoke(app, ["fail-missing-file"])
+    result = run_cli(["fail-missing-file"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "Error: cannot use /definitely/not/here.png: No such file or directory."
 
@@ -104,18 +102,20 @@ def test_interrupt_exits_130_through_main(failing_commands, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-def _run(args: list[str], code: str | None = None, **kw) -> subprocess.CompletedProcess:
+def run_in_subprocess(args: list[str], code: str | None = None, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200", "DINOKIT_OFFLINE": "1"}
     cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "dinokit", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, **kw)
 
 
+@pytest.mark.slow
 def test_python_dash_m_dinokit_help():
-    result = _run(["--help"])
+    result = run_in_subprocess(["--help"])
     assert result.returncode == 0, result.stderr
     assert "Usage" in result.stdout and "info" in result.stdout
 
 
+@pytest.mark.slow
 def test_console_script_version():
     exe = shutil.which("dinokit")
     if exe is None:
@@ -124,6 +124,7 @@ def test_console_script_version():
     assert result.returncode == 0 and result.stdout.strip() == f"dinokit {dinokit.__version__}"
 
 
+@pytest.mark.slow
 def test_a_user_error_in_a_subprocess_of_python_dash_m_dinokit():
     # python -m dinokit, with one command added that fails as a user's bad input would
     code = textwrap.dedent(
@@ -140,7 +141,7 @@ def test_a_user_error_in_a_subprocess_of_python_dash_m_dinokit():
         runpy.run_module("dinokit", run_name="__main__", alter_sys=True)
         """
     )
-    result = _run(["load", "dino_vits16"], code=code)  # offline, not cached: says where to put the file
+    result = run_in_subprocess(["load", "dino_vits16"], code=code)  # offline, not cached: says where to put the file
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -7,14 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dinokit.commands import app
 from PIL import Image
-from typer.testing import CliRunner
 
 from dinokit.data.palette import DAVIS_PALETTE
+from tests.helpers import run_cli
 
-DATA = Path(__file__).parent / "data"
-runner = CliRunner()
+DATA = Path(__file__).parents[1] / "assets"
 KEYS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
 
 
@@ -48,7 +46,7 @@ def make_davis(root: Path, n_frames: int = 4, size=(64, 160), seqs=("squares", "
 
 
 def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+    return run_cli(args)
 
 
 def one_sentence_error(result, *fragments):

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_image, run_cli, save_tiny_vit
 from PIL import Image
-from test_input_guards import memory_headroom, write_bomb_png
 
 from dinokit.eval.features import load_features
+from tests.helpers import make_image, memory_headroom, run_cli, save_tiny_vit, write_bomb_png
 
 SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "4", "--device", "cpu", "--quiet"]
 

@@ -1,26 +1,18 @@
-"""dinokit finetune: layer-wise lr decay, exact resume (also after a signal), the run folder, bad input."""
+"""`dinokit finetune` end to end: exact resume (also after SIGTERM), the run folder, bad input."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_image
-from dinokit.commands import app
-from typer.testing import CliRunner
 
 import dinokit
 from dinokit.checkpoints import load_finetuned
-from dinokit.models.head import FinetuneModel
-from dinokit.train.finetune import FinetuneConfig, build_schedule, finetune
-from dinokit.train.optim import apply_lr, layer_decay_param_groups
-
-runner = CliRunner()
+from tests.helpers import SignalAfter, assert_same_weights, load_state, log_lines, make_image, run_cli
 
 
 def base_args(weights: Path, data: Path, out: Path, epochs: int = 2) -> list[str]:
@@ -33,83 +25,7 @@ def base_args(weights: Path, data: Path, out: Path, epochs: int = 2) -> list[str
 
 
 def invoke(args: list[str]):
-    return runner.invoke(app, args, catch_exceptions=False)
-
-
-def load_model_file(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    ma, mb = load_model_file(a), load_model_file(b)
-    for part in ("backbone", "head"):
-        assert ma[part].keys() == mb[part].keys()
-        for k in ma[part]:
-            assert torch.equal(ma[part][k], mb[part][k]), f"{part}.{k} differs"
-
-
-def log_lines(run: Path) -> list[dict]:
-    lines = [json.loads(s) for s in (run / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in lines]
-
-
-# -- layer-wise learning-rate decay ------------------------------------------------------------------
-def expected_scale(name: str, depth: int, d: float) -> float:
-    """The documented formula, written out by hand: block i of L -> d^(L - i), embeddings -> d^(L + 1),
-    final norm and head -> 1."""
-    bare = name.removeprefix("backbone.")
-    if bare.startswith("blocks."):
-        return d ** (depth - int(bare.split(".")[1]))
-    if bare in ("cls_token", "pos_embed") or bare.startswith("patch_embed."):
-        return d ** (depth + 1)
-    assert bare.startswith(("norm.", "head.")), bare
-    return 1.0
-
-
-def test_layer_decay_gives_each_block_the_formula_lr():
-    """Adam's first step moves every weight with a non-zero gradient by exactly its lr (m/sqrt(v) = +-1),
-    so the measured step of each tensor is the lr the optimizer actually used for it."""
-    torch.manual_seed(0)
-    depth, d, lr = 3, 0.6, 1e-3
-    model = FinetuneModel(dinokit.build_backbone("vit_tiny", 16, depth=depth, img_size=32), 4, head_init_std=0.5)
-    groups = layer_decay_param_groups(model, weight_decay=0.0, layer_decay=d)
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=lr, eps=1e-30)
-    apply_lr(opt, lr)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    x = torch.randn(6, 3, 32, 32)
-    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3, 0, 1]))
-    loss.backward()
-    opt.step()
-    seen = set()
-    for n, p in model.named_parameters():
-        step = (p.detach() - before[n]).abs()
-        moved = step[p.grad.abs() > 0]
-        assert moved.numel() > 0, n
-        want = lr * expected_scale(n, depth, d)
-        np.testing.assert_allclose(moved.median().item(), want, rtol=1e-3, err_msg=n)
-        seen.add(n.split(".")[1] if n.startswith("backbone.blocks") else n)
-    assert {"blocks", "backbone.cls_token", "backbone.pos_embed", "head.weight"} <= seen
-
-
-def test_weight_decay_skips_biases_norms_and_tokens():
-    model = FinetuneModel(dinokit.build_backbone("vit_tiny", 16, depth=2), 3)
-    wd = {n: g["weight_decay"] for g in layer_decay_param_groups(model, 0.05, 0.75) for n in g["param_names"]}
-    assert wd["backbone.blocks.0.attn.qkv.weight"] == 0.05
-    assert wd["head.weight"] == 0.05
-    assert wd["backbone.patch_embed.proj.weight"] == 0.05
-    for n in ("backbone.cls_token", "backbone.pos_embed", "backbone.blocks.1.norm1.weight", "head.bias",
-              "backbone.blocks.0.attn.qkv.bias", "backbone.norm.weight"):  # fmt: skip
-        assert wd[n] == 0.0, n
-
-
-def test_schedule_head_phase_then_warmup_and_cosine(tmp_path):
-    cfg = FinetuneConfig(train=None, output=tmp_path, epochs=5, head_warmup_epochs=1, warmup_epochs=2, min_lr=1e-6)
-    s = build_schedule(cfg, niter_per_epoch=4, peak_lr=1e-3)
-    assert len(s) == 20
-    assert np.all(s[:4] == 1e-3)  # head-only epoch at the peak lr
-    np.testing.assert_allclose(s[4:12], np.linspace(0, 1e-3, 8))  # warm-up, endpoints included
-    np.testing.assert_allclose(s[12], 1e-3)
-    np.testing.assert_allclose(s[-1], 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + np.cos(np.pi * 7 / 8)))
+    return run_cli(args, catch_exceptions=False)
 
 
 # -- exact resume --------------------------------------------------------------------------------------
@@ -132,58 +48,6 @@ def test_resume_is_bitwise_exact(labelled_folder, tiny2_weights, tmp_path):
     assert [h["phase"] for h in log_lines(split)] == ["head", "full", "full"]
 
 
-class SignalAfter:
-    """A progress sink that sends this process a signal after ``n`` training steps."""
-
-    def __init__(self, n: int, signum: int = signal.SIGTERM):
-        self.n, self.signum, self.steps = n, signum, 0
-        outer = self
-
-        class Task:
-            def __init__(self, training):
-                self.training = training
-
-            def advance(self, k=1, **fields):
-                if self.training and fields:
-                    outer.steps += k
-                    if outer.steps == outer.n:
-                        os.kill(os.getpid(), outer.signum)
-
-            def update(self, **fields):
-                pass
-
-            def close(self):
-                pass
-
-        self._task = Task
-
-    def task(self, description, total=None):
-        return self._task(description.startswith("epoch"))
-
-    def log(self, message):
-        pass
-
-
-def test_signal_mid_epoch_saves_and_resumes_exactly(labelled_folder, tiny2_weights, tmp_path):
-    def cfg(out, **kw):
-        return FinetuneConfig(
-            train=labelled_folder / "train", val=labelled_folder / "val", output=out, weights=str(tiny2_weights),
-            epochs=2, batch_size=4, image_size=32, num_workers=0, precision="fp32", device="cpu",
-            warmup_epochs=1, lr=0.02, mixup=0.8, randaugment=5, **kw,
-        )  # fmt: skip
-
-    straight = finetune(cfg(tmp_path / "a"))
-    assert straight.finished
-    stopped = finetune(cfg(tmp_path / "b"), progress=SignalAfter(6))  # 4 steps per epoch: mid epoch 2
-    assert stopped.signal == signal.SIGTERM and not stopped.finished and stopped.epochs_done == 1
-    state = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
-    assert (state["epoch"], state["step"]) == (1, 2)
-    resumed = finetune(cfg(tmp_path / "b", resume=True))
-    assert resumed.finished
-    assert_same_weights(tmp_path / "a" / "model.pth", tmp_path / "b" / "model.pth")
-    assert log_lines(tmp_path / "a") == log_lines(tmp_path / "b")
-
-
 def test_cli_exits_143_with_resume_hint_on_sigterm(labelled_folder, tiny2_weights, tmp_path, monkeypatch):
     import dinokit.commands.finetune as cmd
 
@@ -198,7 +62,7 @@ def test_cli_exits_143_with_resume_hint_on_sigterm(labelled_folder, tiny2_weight
             pass
 
     monkeypatch.setattr(cmd, "RichProgress", Progress)
-    r = runner.invoke(app, base_args(tiny2_weights, labelled_folder, tmp_path / "run"))
+    r = run_cli(base_args(tiny2_weights, labelled_folder, tmp_path / "run"))
     assert r.exit_code == 143, r.output
     assert "SIGTERM" in r.output and "--resume" in r.output
     assert (tmp_path / "run" / "checkpoint.pth").is_file()
@@ -224,7 +88,7 @@ def test_run_folder_outputs(labelled_folder, tiny2_weights, tmp_path):
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # model.pth: its backbone part loads with dinokit.load_backbone; the head gives the run's val top-1
-    saved = load_model_file(out / "model.pth")
+    saved = load_state(out / "model.pth")
     assert saved["format"] == "dinokit-finetuned" and saved["classes"] == ["blue", "green", "red"]
     assert saved["arch"] == "vit_tiny" and saved["patch_size"] == 16 and saved["image_size"] == 32
     backbone = dinokit.load_backbone(out / "model.pth")
@@ -335,7 +199,7 @@ def test_two_processes_match_one(labelled_folder, tiny2_weights, tmp_path):
         capture_output=True, text=True, env=env, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = load_model_file(tmp_path / "one" / "model.pth"), load_model_file(tmp_path / "two" / "model.pth")
+    a, b = load_state(tmp_path / "one" / "model.pth"), load_state(tmp_path / "two" / "model.pth")
     for part in ("backbone", "head"):
         for k in a[part]:
             torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-4, atol=1e-5, msg=f"{part}.{k}")
@@ -357,12 +221,13 @@ def test_starts_from_a_pretrain_checkpoint_teacher(labelled_folder, tmp_path):
     out = tmp_path / "run"
     r = invoke(base_args(ckpt, labelled_folder, out, epochs=1) + ["--head-warmup-epochs", "1"])
     assert r.exit_code == 0, r.output
-    saved = load_model_file(out / "model.pth")
+    saved = load_state(out / "model.pth")
     for k, v in teacher.backbone.state_dict().items():
         assert torch.equal(saved["backbone"][k], v), k
     assert not torch.equal(saved["head"]["weight"], torch.zeros_like(saved["head"]["weight"]))
 
 
+@pytest.mark.slow
 def test_overwrite_starts_a_clean_run(labelled_folder, tiny2_weights, tmp_path):
     out = tmp_path / "run"
     assert invoke(base_args(tiny2_weights, labelled_folder, out, epochs=2)).exit_code == 0

@@ -1,0 +1,108 @@
+"""Near-duplicate search: block-wise search equals brute force, faiss finds close pairs, the embedding
+store round-trips in chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dinokit
+from dinokit.eval.near_duplicates import (
+    EmbeddingStore,
+    search_pairs_exact,
+    search_pairs_faiss,
+)
+from tests.helpers import smooth_photo
+
+
+def _brute_pairs(q, d, t, self_search):
+    out = set()
+    for i in range(len(q)):
+        for j in range(len(d)):
+            if self_search and j <= i:
+                continue
+            s = float(np.dot(q[i], d[j]))
+            if s >= t:
+                out.add((i, j))
+    return out
+
+
+def test_blockwise_search_equals_brute_force():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(6, 16))
+    q = np.concatenate([base, base[:4] + 0.3 * rng.normal(size=(4, 16)), rng.normal(size=(7, 16))])
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    for block in (1, 3, 5, 100):
+        a, b, s, truncated, best = search_pairs_exact(q, None, 0.6, block=block)
+        assert set(zip(a.tolist(), b.tolist())) == _brute_pairs(q, q, 0.6, True)
+        assert np.allclose(s, [q[i] @ q[j] for i, j in zip(a, b)], atol=1e-5)
+        assert not truncated
+        sim = q @ q.T
+        np.fill_diagonal(sim, -np.inf)
+        assert np.allclose(best, sim.max(1), atol=1e-5)
+    d = q[3:12]
+    same = np.array([i - 3 if 3 <= i < 12 else -1 for i in range(len(q))])
+    a, b, s, _, _ = search_pairs_exact(q, d, 0.6, block=4, same=same)
+    want = {(i, j) for i, j in _brute_pairs(q, d, 0.6, False) if same[i] != j}
+    assert set(zip(a.tolist(), b.tolist())) == want
+    # a cap keeps the best pairs
+    a, b, s, truncated, _ = search_pairs_exact(q, None, -1.0, max_pairs=5, block=2)
+    all_s = np.sort((q @ q.T)[np.triu_indices(len(q), 1)])[::-1]
+    assert truncated and len(s) == 5 and np.allclose(s, all_s[:5], atol=1e-5)
+
+
+def test_faiss_search_finds_close_pairs():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(50, 32))
+    q = np.concatenate([base, base[:5] + 0.05 * rng.normal(size=(5, 32))])
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    a, b, s, _, _ = search_pairs_faiss(q, None, 0.9, neighbours=4, block=16)
+    assert set(zip(a.tolist(), b.tolist())) == _brute_pairs(q, q, 0.9, True)
+
+
+def test_store_round_trip_in_chunks(tmp_path):
+    from dinokit.eval.descriptors import (
+        DescriptorEmbedder,
+        copy_feature_fn,
+        copy_transform,
+    )
+    from dinokit.eval.near_duplicates import embed_into_store
+
+    paths = []
+    for i in range(5):
+        p = tmp_path / "imgs" / f"{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        smooth_photo(i, 32).save(p)
+        paths.append(p)
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"nope")
+    paths.append(tmp_path / "imgs" / "bad.png")
+    torch.manual_seed(0)
+    model = dinokit.build_backbone("vit_tiny", 16, depth=1).eval()
+    emb = DescriptorEmbedder(model, "random", copy_transform(32), copy_feature_fn(), "cls+gem", torch.device("cpu"))
+    store = EmbeddingStore(tmp_path / "index", emb.fingerprint)
+    assert embed_into_store(store, paths, emb, chunk_size=2) == 6
+    assert len(list((tmp_path / "index").glob("emb-*.npy"))) == 3
+    assert store.readable(paths) == [True] * 5 + [False]
+    again = EmbeddingStore(tmp_path / "index", emb.fingerprint)
+    assert again.missing(paths) == []
+    got = again.read(paths[:5][::-1])
+    from dinokit.eval.descriptors import copy_descriptor
+
+    with torch.no_grad():
+        x = torch.stack([copy_transform(32)(Image.open(p).convert("RGB")) for p in paths[:5][::-1]])
+        want = copy_descriptor(model, x).numpy()
+    assert np.allclose(got, want, atol=1e-5)
+
+
+def test_faiss_missing_is_one_sentence(monkeypatch):
+    import sys
+
+    from dinokit.errors import DinokitError
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now fails
+    q = np.eye(3, dtype=np.float32)
+    with pytest.raises(DinokitError, match=r"needs the faiss package \(pip install faiss-cpu"):
+        search_pairs_faiss(q, None, 0.9)
