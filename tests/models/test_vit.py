@@ -149,7 +149,7 @@ def test_forward_at_480x640_uses_the_resized_table():
 def test_a_non_square_input_with_the_table_s_own_grid_resizes_the_table_as_the_reference_does():
     # 224x230 at patch 16 is still a 14x14 grid, but the reference resizes whenever the image is not
     # square: by scale (14 + 0.1) / 14 in both directions, which moves the table by about 1e-2
-    m = tiny()
+    m = tiny_vit()
     x = torch.randn(1, 3, 224, 230)
     expected_table = _resized_table(m, 14, 14, by_size=False)
     assert (expected_table - m.pos_embed.detach()).abs().max() > 1e-3  # a real difference
@@ -163,7 +163,7 @@ def test_a_non_square_input_with_the_table_s_own_grid_resizes_the_table_as_the_r
     assert torch.allclose(got, expected, atol=1e-4)
     # a square image of the same grid keeps the table itself; the size rule never resizes at its grid
     assert m.interpolate_pos_encoding(14, 14, square_input=True) is m.pos_embed
-    size_model = tiny(pos_embed_resize="size")
+    size_model = tiny_vit(pos_embed_resize="size")
     assert size_model.interpolate_pos_encoding(14, 14, square_input=False) is size_model.pos_embed
 
 
