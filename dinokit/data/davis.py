@@ -166,6 +166,25 @@ def resize_labels_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarr
 
 
 # -- finding videos ---------------------------------------------------------------------------
+def split_sequences(root: str | os.PathLike, split: str) -> list[str]:
+    """The sequence names listed in ``ROOT/ImageSets/2017/<split>.txt``.
+
+    A missing list is refused, naming the splits that exist: falling back to every folder under the
+    root would score a misspelt split (``vall``) over all sequences and print a plausible number.
+    """
+    lists = Path(root) / "ImageSets" / "2017"
+    lst = lists / f"{split}.txt"
+    if not lst.is_file():
+        present = sorted(p.stem for p in lists.glob("*.txt")) if lists.is_dir() else []
+        there = (
+            f"the splits there are {', '.join(present)}"
+            if present
+            else f"{lists} holds no split lists; name the sequences with --sequences a,b"
+        )
+        raise DataError(f"The DAVIS split list {lst} does not exist ({there}).")
+    return [s.strip() for s in lst.read_text().splitlines() if s.strip()]
+
+
 def davis_sequences(
     root: str | os.PathLike,
     split: str = "val",
@@ -183,11 +202,7 @@ def davis_sequences(
             f"{root} is not a DAVIS root: {img_root} is missing (expected JPEGImages/{resolution}/<seq>/)."
         )
     if names is None:
-        lst = root / "ImageSets" / "2017" / f"{split}.txt"
-        if lst.is_file():
-            names = [s.strip() for s in lst.read_text().splitlines() if s.strip()]
-        else:
-            names = sorted(p.name for p in img_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = split_sequences(root, split)
     if not names:
         raise DataError(f"The DAVIS folder {root} lists no sequences for the split {split!r}.")
     out = []
