@@ -38,8 +38,18 @@ def davis(
     ] = None,
     first_mask: Annotated[
         Optional[Path],
-        typer.Option("--first-mask", help="With --frames: the first frame's indexed PNG mask (0 = background)."),
+        typer.Option(
+            "--first-mask",
+            help="With --frames: the first frame's indexed PNG mask (0 = background, k = object k, 255 = void).",
+        ),
     ] = None,
+    binary_mask: Annotated[
+        bool,
+        typer.Option(
+            "--binary-mask",
+            help="Read any nonzero pixel of the first-frame mask as one object (a white-on-black mask).",
+        ),
+    ] = False,
     weights: Weights = "dino_vits16",
     arch: Arch = None,
     patch_size: PatchSize = None,
@@ -96,6 +106,7 @@ def davis(
         sequences=names,
         frames=frames,
         first_mask=first_mask,
+        binary_mask=binary_mask,
         weights=weights,
         arch=arch,
         patch_size=patch_size,

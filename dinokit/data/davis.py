@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..errors import DataError, DinokitError
 from .images import is_image_file, open_rgb
+from .masks import read_label_mask
 from .palette import VOID_LABEL, read_label_png
 
 DAVIS_MEAN = (0.485, 0.456, 0.406)
@@ -140,6 +141,35 @@ def read_mask(path: str | os.PathLike, what: str = "first-frame mask") -> np.nda
     if labels.size and (labels.min() < 0 or labels.max() > 255):
         raise DataError(f"The {what} {path} holds labels outside 0..255.")
     return labels.astype(np.uint8)
+
+
+def read_first_mask(path: str | os.PathLike, binary: bool = False) -> np.ndarray:
+    """The first frame's object labels, (H, W) uint8, refused when they hold no object.
+
+    Without ``binary`` the mask is an indexed PNG of labels (0 background, k object k, 255 void);
+    with it any nonzero pixel, whatever the file's mode, is the one object 1 (a white-on-black mask
+    from an image editor). A mask without any label 1..254 would propagate nothing: every later
+    frame would come out empty with a score of zero, so it is refused with what to do instead.
+    """
+    path = Path(path)
+    if binary:
+        if not path.is_file():
+            raise DataError(f"The first-frame mask {path} does not exist.")
+        labels = read_label_mask(path, binary=True).astype(np.uint8)
+    else:
+        labels = read_mask(path)
+    if not ((labels != 0) & (labels != VOID_LABEL)).any():
+        if (labels == VOID_LABEL).any():
+            raise DataError(
+                f"The first-frame mask {path} holds no object label, only 0 (background) and {VOID_LABEL} "
+                "(void in DAVIS masks, ignored); give each object its own label (1, 2, ...) in an indexed PNG, "
+                "or pass --binary-mask to take every nonzero pixel as one object."
+            )
+        raise DataError(
+            f"The first-frame mask {path} holds no object (every pixel is 0, background); give each "
+            "object its own label (1, 2, ...)."
+        )
+    return labels
 
 
 def first_frame_labels(mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
