@@ -38,6 +38,7 @@ from ..runtime import (
     resolve_precision,
 )
 from .cache import CachedTensors
+from .metrics import require_finite
 
 log = logging.getLogger("dinokit")
 
@@ -341,10 +342,13 @@ def save_features(fs: FeatureSet, path: str | os.PathLike, format: str = "pt", o
     ``pt``: one file holding features, labels, class names, paths and fingerprint (read back with
     :func:`load_features`). ``npy``: ``features.npy`` and ``paths.txt`` (plus ``labels.npy``,
     ``classes.txt`` and ``fingerprint.json``) in the folder ``path`` (or beside ``path`` when it
-    ends in ``.npy``), for use in other tools.
+    ends in ``.npy``), for use in other tools. Non-finite features are refused before anything is
+    written.
     """
     from ..io import atomic_open, atomic_write_text, check_output_file, torch_save_atomic, write_json
 
+    # a file of NaN features (fp16 overflow, broken weights) would give any later tool a wrong number
+    require_finite(fs.features, "The computed features")
     path = Path(path)
     if format == "pt":
         check_output_file(path, overwrite)
