@@ -508,7 +508,6 @@ def align_labels(train: FeatureSet, val: FeatureSet, name_train: str = "train", 
 class FeatureSpec(BackboneOptions, RuntimeOptions):
     """How to embed a folder: weights and model, feature options, transform sizes, runtime."""
 
-    weights: str = "random"
     n_last_blocks: int = 1
     avgpool_patch_tokens: bool = False
     resize: int = 256
