@@ -113,7 +113,12 @@ Precision = Annotated[
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 OptionalWeights = Annotated[
     str | None,
-    typer.Option("--weights", "-w", help="A checkpoint path, a preset (dino_vits16, ...) or 'random'."),
+    typer.Option(
+        "--weights",
+        "-w",
+        help="A checkpoint path, a preset (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, dino_resnet50) or "
+        "'random' (a randomly initialised baseline); needed wherever images are embedded.",
+    ),
 ]
 Train = Annotated[Path | None, typer.Option("--train", help="Labelled training images (ROOT/<class>/<image>).")]
 Val = Annotated[Path | None, typer.Option("--val", help="Labelled validation images (ROOT/<class>/<image>).")]

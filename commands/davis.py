@@ -19,7 +19,6 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
-    Weights,
     console,
     setup_logging,
 )
@@ -38,13 +37,33 @@ def davis(
     ] = None,
     first_mask: Annotated[
         Optional[Path],
-        typer.Option("--first-mask", help="With --frames: the first frame's indexed PNG mask (0 = background)."),
+        typer.Option(
+            "--first-mask",
+            help="With --frames: the first frame's indexed PNG mask (0 = background, k = object k, 255 = void).",
+        ),
     ] = None,
-    weights: Weights = "dino_vits16",
+    binary_mask: Annotated[
+        bool,
+        typer.Option(
+            "--binary-mask",
+            help="Read any nonzero pixel of the first-frame mask as one object (a white-on-black mask).",
+        ),
+    ] = False,
+    weights: Annotated[
+        str,
+        typer.Option(
+            "--weights",
+            "-w",
+            help="A checkpoint path, a preset (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8) or 'random'; "
+            "dino_vits16 by default, the weights the reference evaluation loads when given none.",
+        ),
+    ] = "dino_vits16",
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
-    split: Annotated[str, typer.Option("--split", help="The DAVIS split whose sequences are segmented.")] = "val",
+    split: Annotated[
+        str, typer.Option("--split", help="The DAVIS split whose sequences are segmented (ImageSets/2017/<split>.txt).")
+    ] = "val",
     sequences: Annotated[
         Optional[str], typer.Option("--sequences", help="Only these sequences, comma-separated (e.g. bmx-trees,dogs-jump).")
     ] = None,
@@ -96,6 +115,7 @@ def davis(
         sequences=names,
         frames=frames,
         first_mask=first_mask,
+        binary_mask=binary_mask,
         weights=weights,
         arch=arch,
         patch_size=patch_size,

@@ -14,13 +14,13 @@ from ._common import (
     CheckpointKey,
     Device,
     NumWorkers,
+    OptionalWeights,
     Overwrite,
     PatchSize,
     Precision,
     Quiet,
     RichProgress,
     Seed,
-    Weights,
     console,
     setup_logging,
 )
@@ -41,7 +41,7 @@ def features(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="The features file (.pt), or a folder with --format npy.")
     ],
-    weights: Weights = "random",
+    weights: OptionalWeights = None,
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",

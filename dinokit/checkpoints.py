@@ -328,6 +328,16 @@ class PreparedBackbone:
         return inference_model(self.model, self.dtype)
 
 
+def weights_needed(purpose: str = "") -> str:
+    """The sentence for a command run without ``--weights``: which weights to give. Random weights
+    are a baseline asked for by name, never what a forgotten option silently means."""
+    presets = ", ".join(list(PRESETS)[:5])
+    return (
+        f"Give --weights{' ' + purpose if purpose else ''}: a checkpoint file, a preset ({presets}) "
+        "or 'random' for a randomly initialised baseline."
+    )
+
+
 def prepare_backbone(cfg: BackboneOptions, runtime: RuntimeOptions | None = None, *, training: bool = False,
                      missing: str | None = None) -> PreparedBackbone:
     """Seed, load and place the backbone of ``cfg`` (a config with both option sets, or two objects).
@@ -337,7 +347,7 @@ def prepare_backbone(cfg: BackboneOptions, runtime: RuntimeOptions | None = None
     """
     runtime = cfg if runtime is None else runtime
     if cfg.weights is None:
-        raise CheckpointError(missing or "Give --weights: a checkpoint file, a preset name or 'random'.")
+        raise CheckpointError(missing or weights_needed())
     device = resolve_device(runtime.device)
     dtype = resolve_precision(runtime.precision, device, training=training)
     seed_everything(runtime.seed)
@@ -584,6 +594,7 @@ __all__ = [
     "load_linear_head",
     "read_checkpoint",
     "require_finite_weights",
+    "weights_needed",
     "save_backbone",
     "save_checkpoint",
     "state_dict_fingerprint",

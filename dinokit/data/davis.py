@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..errors import DataError, DinokitError
 from .images import is_image_file, open_rgb
+from .masks import read_label_mask
 from .palette import VOID_LABEL, read_label_png
 
 DAVIS_MEAN = (0.485, 0.456, 0.406)
@@ -142,6 +143,35 @@ def read_mask(path: str | os.PathLike, what: str = "first-frame mask") -> np.nda
     return labels.astype(np.uint8)
 
 
+def read_first_mask(path: str | os.PathLike, binary: bool = False) -> np.ndarray:
+    """The first frame's object labels, (H, W) uint8, refused when they hold no object.
+
+    Without ``binary`` the mask is an indexed PNG of labels (0 background, k object k, 255 void);
+    with it any nonzero pixel, whatever the file's mode, is the one object 1 (a white-on-black mask
+    from an image editor). A mask without any label 1..254 would propagate nothing: every later
+    frame would come out empty with a score of zero, so it is refused with what to do instead.
+    """
+    path = Path(path)
+    if binary:
+        if not path.is_file():
+            raise DataError(f"The first-frame mask {path} does not exist.")
+        labels = read_label_mask(path, binary=True).astype(np.uint8)
+    else:
+        labels = read_mask(path)
+    if not ((labels != 0) & (labels != VOID_LABEL)).any():
+        if (labels == VOID_LABEL).any():
+            raise DataError(
+                f"The first-frame mask {path} holds no object label, only 0 (background) and {VOID_LABEL} "
+                "(void in DAVIS masks, ignored); give each object its own label (1, 2, ...) in an indexed PNG, "
+                "or pass --binary-mask to take every nonzero pixel as one object."
+            )
+        raise DataError(
+            f"The first-frame mask {path} holds no object (every pixel is 0, background); give each "
+            "object its own label (1, 2, ...)."
+        )
+    return labels
+
+
 def first_frame_labels(mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
     """The first mask as one-hot soft labels on the patch grid, (C, h, w) float32.
 
@@ -166,6 +196,25 @@ def resize_labels_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarr
 
 
 # -- finding videos ---------------------------------------------------------------------------
+def split_sequences(root: str | os.PathLike, split: str) -> list[str]:
+    """The sequence names listed in ``ROOT/ImageSets/2017/<split>.txt``.
+
+    A missing list is refused, naming the splits that exist: falling back to every folder under the
+    root would score a misspelt split (``vall``) over all sequences and print a plausible number.
+    """
+    lists = Path(root) / "ImageSets" / "2017"
+    lst = lists / f"{split}.txt"
+    if not lst.is_file():
+        present = sorted(p.stem for p in lists.glob("*.txt")) if lists.is_dir() else []
+        there = (
+            f"the splits there are {', '.join(present)}"
+            if present
+            else f"{lists} holds no split lists; name the sequences with --sequences a,b"
+        )
+        raise DataError(f"The DAVIS split list {lst} does not exist ({there}).")
+    return [s.strip() for s in lst.read_text().splitlines() if s.strip()]
+
+
 def davis_sequences(
     root: str | os.PathLike,
     split: str = "val",
@@ -183,11 +232,7 @@ def davis_sequences(
             f"{root} is not a DAVIS root: {img_root} is missing (expected JPEGImages/{resolution}/<seq>/)."
         )
     if names is None:
-        lst = root / "ImageSets" / "2017" / f"{split}.txt"
-        if lst.is_file():
-            names = [s.strip() for s in lst.read_text().splitlines() if s.strip()]
-        else:
-            names = sorted(p.name for p in img_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = split_sequences(root, split)
     if not names:
         raise DataError(f"The DAVIS folder {root} lists no sequences for the split {split!r}.")
     out = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -112,8 +112,10 @@ class MultiCropDataset(torch.utils.data.Dataset):
     """Unlabelled images through :class:`MultiCropAugmentation`.
 
     An image that cannot be decoded is skipped: the next readable image in the list takes its place
-    (so batches keep their size on every rank) and the item reports how many it skipped. Items are
-    ``(crops, n_skipped)``; :func:`collate_multicrop` stacks them.
+    (so batches keep their size on every rank) and the item reports the indices of the files it
+    skipped. Items are ``(crops, skipped_indices)``; :func:`collate_multicrop` stacks them. A bad
+    file is tried by every item whose search reaches it, so a count of unreadable files takes the
+    distinct indices (see :func:`count_new_unreadable`), not the number of tries.
     """
 
     def __init__(self, paths: Sequence[Path], transform: MultiCropAugmentation, seed: int = 0):
@@ -133,13 +135,13 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         n = len(self.paths)
-        skipped = 0
+        skipped: list[int] = []
         for k in range(min(n, 64)):
             j = (i + k) % n
             try:
                 img = open_rgb(self.paths[j])
             except DataError:
-                skipped += 1
+                skipped.append(j)
                 log.debug("skipping unreadable image %s", self.paths[j])
                 continue
             s = sample_seed(self.seed, self.epoch, i)
@@ -152,15 +154,24 @@ class MultiCropDataset(torch.utils.data.Dataset):
                     crops = self.transform(img)
                 finally:
                     random.setstate(py_state)
-            return crops, skipped
-        return None, skipped
+            return crops, tuple(skipped)
+        return None, tuple(skipped)
 
 
 def collate_multicrop(batch):
-    """Stack ``(crops, n_skipped)`` items: returns (list of (B, 3, H, W) tensors or None, n_skipped)."""
-    skipped = sum(s for _, s in batch)
+    """Stack ``(crops, skipped_indices)`` items: returns (list of (B, 3, H, W) tensors or None, the
+    skipped indices of all items, a file tried by several items once per try)."""
+    skipped = tuple(j for _, s in batch for j in s)
     kept = [c for c, _ in batch if c is not None]
     if not kept:
         return None, skipped
     ncrops = len(kept[0])
     return [torch.stack([c[k] for c in kept]) for k in range(ncrops)], skipped
+
+
+def count_new_unreadable(skipped: Iterable[int], seen: set[int]) -> int:
+    """How many of the ``skipped`` indices are not in ``seen`` (which then holds them): counts each
+    unreadable file once per epoch however many items tried it."""
+    new = set(skipped) - seen
+    seen |= new
+    return len(new)

@@ -63,5 +63,7 @@ def read_label_png(path: str | os.PathLike, what: str = "mask") -> np.ndarray:
         raise DataError(f"The {what} {path} cannot be read as an image ({e}).") from e
     raise DataError(
         f"The {what} {path} is an {mode} image, not an indexed (palette) PNG of object labels; "
-        "save it with a palette (0 = background, k = object k), as DAVIS masks are."
+        "save the labels (0 = background, k = object k) with a palette as DAVIS masks are, with PIL "
+        "for instance: img = Image.fromarray(labels.astype('uint8'), mode='P'); img.putpalette(palette); "
+        "img.save(path)."
     )

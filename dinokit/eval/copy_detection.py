@@ -86,7 +86,6 @@ class CopyDetectionConfig(BackboneOptions, RuntimeOptions):
     top: int = 20
     gem_p: float = GEM_P
     _: KW_ONLY  # the option defaults this command changes
-    weights: str = "random"
     batch_size: int = 32
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..data.davis import split_sequences
 from ..data.palette import VOID_LABEL, read_label_png
 from ..errors import DataError
 from ..io import atomic_write_text
@@ -206,20 +207,18 @@ def list_frames(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith("."))
 
 
-def resolve_gt_root(gt: str | os.PathLike, split: str = "val") -> tuple[Path, list[str]]:
+def resolve_gt_root(
+    gt: str | os.PathLike, split: str = "val", sequences: Sequence[str] | None = None
+) -> tuple[Path, list[str]]:
     """``--gt``: a folder of ``<seq>/`` folders of PNGs, or a DAVIS root (Annotations/480p inside,
-    and ImageSets/2017/<split>.txt naming the sequences). Returns (folder of sequences, names)."""
+    and ImageSets/2017/<split>.txt naming the sequences unless ``sequences`` does; a missing list is
+    refused). Returns (folder of sequences, names)."""
     root = Path(gt)
     if not root.is_dir():
         raise DataError(f"The ground-truth folder {root} does not exist.")
     ann = root / "Annotations" / "480p"
     if ann.is_dir():
-        lst = root / "ImageSets" / "2017" / f"{split}.txt"
-        if lst.is_file():
-            names = [s.strip() for s in lst.read_text().splitlines() if s.strip()]
-        else:
-            names = sorted(p.name for p in ann.iterdir() if p.is_dir())
-        return ann, names
+        return ann, list(sequences) if sequences is not None else split_sequences(root, split)
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise DataError(
@@ -341,7 +340,7 @@ def evaluate_davis(
     for a DAVIS root).
     """
     progress = progress or NULL_PROGRESS
-    gt_root, names = resolve_gt_root(gt, split)
+    gt_root, names = resolve_gt_root(gt, split, sequences)
     pred = Path(pred)
     if not pred.is_dir():
         raise DataError(f"The prediction folder {pred} does not exist.")

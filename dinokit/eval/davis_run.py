@@ -33,6 +33,7 @@ from ..data.davis import (
     first_frame_labels,
     folder_video,
     is_video_file,
+    read_first_mask,
     read_mask,
     read_rgb,
     resize_labels_nearest,
@@ -102,12 +103,14 @@ def segment_video(
     fingerprint: str = "",
     progress: Progress = NULL_PROGRESS,
     on_frame: Callable[[int, np.ndarray], None] | None = None,
+    binary_mask: bool = False,
 ) -> VideoResult:
     """Segment one video into ``out_dir/<frame>.png``.
 
     Frames are read and resized by a data loader and embedded in batches; labels are propagated
     frame by frame; PNGs are written by a small thread pool. A finished video leaves
-    ``out_dir/.done`` (with ``fingerprint``); a video whose marker matches is skipped.
+    ``out_dir/.done`` (with ``fingerprint``); a video whose marker matches is skipped. With
+    ``binary_mask`` any nonzero pixel of the first mask is the one object (:func:`read_first_mask`).
     """
     config = config or PropagationConfig()
     config.validate()
@@ -130,7 +133,7 @@ def segment_video(
     t0 = time.perf_counter()
     dataset = FrameDataset(sequence.frames, short_side=short_side)
     H, W = dataset.original_size
-    mask = read_mask(sequence.first_mask)
+    mask = read_first_mask(sequence.first_mask, binary_mask)
     if mask.shape != (H, W):
         raise DataError(
             f"The first-frame mask {sequence.first_mask} is {mask.shape[1]}x{mask.shape[0]} pixels but "
@@ -292,6 +295,7 @@ class DavisRunConfig(BackboneOptions, RuntimeOptions):
     sequences: list[str] | None = None
     frames: Path | None = None  #: a user's video: a folder of frames or a video file
     first_mask: Path | None = None
+    binary_mask: bool = False  #: any nonzero pixel of a first-frame mask is the one object
     weights: str = "dino_vits16"
     propagation: PropagationConfig = field(default_factory=PropagationConfig)
     short_side: int = 480
@@ -350,6 +354,8 @@ def _run_fingerprint(cfg: DavisRunConfig, model: nn.Module, dtype: torch.dtype |
         # by an earlier version are not mixed with these on a rerun
         "similarities": "offset-1" if dtype is not None else "fp32",
     }
+    if cfg.binary_mask:  # only when set: runs made before the option keep their fingerprint
+        settings["binary_mask"] = True
     return to_json(settings, indent=None)
 
 
@@ -378,6 +384,8 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
     if cfg.short_side < 16:
         raise DinokitError("--short-side must be at least 16 pixels.")
     sequences = _run_sequences(cfg)
+    for seq in sequences:  # a mask without objects is refused before any folder or model is made
+        read_first_mask(seq.first_mask, cfg.binary_mask)
     out = Path(cfg.output)
     prepare_output_dir(out, overwrite=cfg.overwrite, resume=(out / RUN_MARKER).is_file())
     backbone = prepare_backbone(cfg)
@@ -397,7 +405,7 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
         res_dir = out / seq.name
         res = segment_video(
             model, seq, res_dir, cfg.propagation, device, dtype, cfg.batch_size, cfg.num_workers,
-            cfg.short_side, fingerprint, progress,
+            cfg.short_side, fingerprint, progress, binary_mask=cfg.binary_mask,
         )  # fmt: skip
         if res.skipped:
             progress.log(f"{seq.name}: already segmented in {res_dir}, skipped")
@@ -416,7 +424,8 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
         overall.close()
 
     config = {
-        "data": cfg.data, "frames": cfg.frames, "first_mask": cfg.first_mask, "split": cfg.split,
+        "data": cfg.data, "frames": cfg.frames, "first_mask": cfg.first_mask,
+        "binary_mask": cfg.binary_mask, "split": cfg.split,
         "sequences": [s.name for s in sequences], "weights": cfg.weights,
         "arch": getattr(model, "arch", cfg.arch), "patch_size": model.patch_size,
         "checkpoint_key": cfg.checkpoint_key, **config_dict(cfg.propagation), "short_side": cfg.short_side,

@@ -58,6 +58,7 @@ from ..runtime import (
     resolve_precision,
 )
 from .cache import CachedTensors
+from .metrics import require_finite
 
 log = logging.getLogger("dinokit")
 
@@ -353,9 +354,12 @@ def save_features(fs: FeatureSet, path: str | os.PathLike, format: str = "pt", o
     ``pt``: one file holding features, labels, class names, paths and fingerprint (read back with
     :func:`load_features`). ``npy``: ``features.npy`` and ``paths.txt`` (plus ``labels.npy``,
     ``classes.txt`` and ``fingerprint.json``) in the folder ``path`` (or beside ``path`` when it
-    ends in ``.npy``), for use in other tools.
+    ends in ``.npy``), for use in other tools. Non-finite features are refused before anything is
+    written.
     """
 
+    # a file of NaN features (fp16 overflow, broken weights) would give any later tool a wrong number
+    require_finite(fs.features, "The computed features")
     path = Path(path)
     if format == "pt":
         check_output_file(path, overwrite)
@@ -511,7 +515,6 @@ def align_labels(train: FeatureSet, val: FeatureSet, name_train: str = "train", 
 class FeatureSpec(BackboneOptions, RuntimeOptions):
     """How to embed a folder: weights and model, feature options, transform sizes, runtime."""
 
-    weights: str = "random"
     n_last_blocks: int = 1
     avgpool_patch_tokens: bool = False
     resize: int = 256

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints import BackboneOptions
+from ..checkpoints import BackboneOptions, weights_needed
 from ..errors import DataError
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import RuntimeOptions
@@ -253,7 +253,7 @@ def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
     if any(given) and not all(given):
         raise DataError("Give both --train-features and --val-features, or neither.")
     spec = FeatureSpec(
-        weights=cfg.weights or "random",
+        weights=cfg.weights,
         arch=cfg.arch,
         patch_size=cfg.patch_size,
         checkpoint_key=cfg.checkpoint_key,
@@ -281,7 +281,7 @@ def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
     if cfg.train is None or cfg.val is None:
         raise DataError("Give --train and --val image folders (or --train-features and --val-features).")
     if cfg.weights is None:
-        raise DataError("Give --weights (a checkpoint, a preset or 'random') to embed the images.")
+        raise DataError(weights_needed("to embed the images"))
     train_images = scan_images(cfg.train, labelled=True)
     val_images = scan_images(cfg.val, classes=train_images.classes, labelled=True)
     embedder = Embedder(spec)

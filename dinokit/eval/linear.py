@@ -34,6 +34,7 @@ from ..checkpoints import (
     prepare_backbone,
     read_checkpoint,
     save_checkpoint,
+    weights_needed,
 )
 from ..data.images import ImageDataset, collate_skip_none, readable_batches
 from ..data.transforms import normalize
@@ -72,7 +73,7 @@ log = logging.getLogger("dinokit")
 CHECKPOINT_NAME = "checkpoint.pth"
 #: files of an earlier run that a fresh probe run in the same folder removes first
 RUN_FILES = ("log.jsonl",)
-MISSING_WEIGHTS = "Give --weights (a checkpoint, a preset or 'random'): the backbone to probe."
+MISSING_WEIGHTS = weights_needed("for the backbone to probe")
 
 
 def default_feature_options(arch: str) -> tuple[int, bool]:
@@ -145,7 +146,7 @@ class LinearResult:
 # ---------------------------------------------------------------------------------------------
 def _feature_spec(cfg: LinearConfig, n_last_blocks: int, avgpool: bool, batch_size: int | None = None):
     return FeatureSpec(
-        weights=cfg.weights or "random",
+        weights=cfg.weights,
         arch=cfg.arch,
         patch_size=cfg.patch_size,
         checkpoint_key=cfg.checkpoint_key,

@@ -199,7 +199,6 @@ class DuplicatesConfig(BackboneOptions, RuntimeOptions):
     chunk_size: int = 4096
     search_block: int = 4096
     _: KW_ONLY  # the option defaults this command changes
-    weights: str = "random"
     batch_size: int = 32
 
 

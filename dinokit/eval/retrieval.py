@@ -331,7 +331,6 @@ class RetrievalConfig(BackboneOptions, RuntimeOptions):
     image_size: int = 224
     multiscale: bool = False
     _: KW_ONLY  # the option defaults this command changes
-    weights: str = "random"
     batch_size: int = 1  #: one image per batch: the images keep their own sizes
 
 

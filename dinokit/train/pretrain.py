@@ -26,7 +26,7 @@ import torch
 
 from ..checkpoints import read_checkpoint, save_backbone, save_checkpoint
 from ..data.images import IMAGE_EXTENSIONS, find_images
-from ..data.multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
+from ..data.multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop, count_new_unreadable
 from ..errors import DataError, DinokitError
 from ..io import append_jsonl, prepare_output_dir, remove_run_files, write_json
 from ..models.registry import canonical_arch
@@ -378,8 +378,9 @@ class PretrainRun:
         task = self.progress.task(f"epoch {epoch + 1}/{cfg.epochs}", total=iters - first_step)
         last_ui = 0.0
         done_steps, signum = first_step, 0
-        for it, (crops, n_skipped) in enumerate(start_loader(loader), start=first_step):
-            tally.skipped += n_skipped
+        unreadable: set[int] = set()  # each bad file counts once, however many items tried it
+        for it, (crops, skipped) in enumerate(start_loader(loader), start=first_step):
+            tally.skipped += count_new_unreadable(skipped, unreadable)
             if crops is None:
                 raise DataError(f"No readable image was found in {cfg.data}; every image failed to decode.")
             values = self.schedules.at(epoch * iters + it, epoch)
