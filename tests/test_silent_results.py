@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_image, run_cli
 from PIL import Image
 
 from dinokit.data.palette import DAVIS_PALETTE
+from tests.helpers import make_image, run_cli
 
 
 def save_palette_png(labels: np.ndarray, path: Path) -> Path:
