@@ -158,10 +158,11 @@ def normalise_descriptors(x: torch.Tensor, whitening: Whitening | None = None) -
     return nn.functional.normalize(x.float(), dim=1, p=2)
 
 
-def find_folder_images(folder: str | os.PathLike, what: str) -> list[Path]:
-    """The images of a folder given as an option (``what`` names it in errors: "whitening folder")."""
+def find_folder_images(folder: str | os.PathLike, what: str, allow_file: bool = False) -> list[Path]:
+    """The images of a folder given as an option (``what`` names it in errors: "whitening folder");
+    with ``allow_file`` a single image file stands for a folder of one."""
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
+    if not (folder.exists() if allow_file else folder.is_dir()):
         raise DataError(f"The {what} {folder} does not exist.")
     paths = find_images(folder)
     if not paths:

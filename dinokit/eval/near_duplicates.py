@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import BackboneOptions, prepare_backbone
-from ..data.images import ImageDataset, find_images
+from ..data.images import ImageDataset
 from ..errors import DataError, DinokitError
 from ..io import atomic_open, atomic_write_text, write_json
 from ..progress import NULL_PROGRESS, Progress
@@ -229,16 +229,6 @@ class DuplicatesResult:
         return d
 
 
-def _list_folder(folder: str | os.PathLike, what: str) -> list[Path]:
-    folder = Path(folder).expanduser()
-    if not folder.exists():
-        raise DataError(f"The {what} {folder} does not exist.")
-    paths = find_images(folder)
-    if not paths:
-        raise DataError(f"The {what} {folder} holds no images.")
-    return paths
-
-
 def embed_into_store(
     store: EmbeddingStore,
     paths: Sequence[Path],
@@ -441,8 +431,8 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
         raise DinokitError(f"Unknown backend {cfg.backend!r}; use exact or faiss.")
     if cfg.image_size < 1:
         raise DinokitError(f"--image-size must be positive, got {cfg.image_size}.")
-    paths_a = _list_folder(cfg.folder, "folder")
-    paths_b = _list_folder(cfg.against, "folder given with --against") if cfg.against is not None else None
+    paths_a = find_folder_images(cfg.folder, "folder", allow_file=True)
+    paths_b = find_folder_images(cfg.against, "folder given with --against", allow_file=True) if cfg.against is not None else None
     white_paths = find_folder_images(cfg.whitening, "whitening folder") if cfg.whitening is not None else []
     threshold = cfg.threshold
     if threshold is None:
