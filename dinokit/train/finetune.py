@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +53,9 @@ from ..runtime import (
     all_reduce_mean,
     autocast,
     barrier,
+    check_numbers,
     derive_seed,
+    ensure_finite_loss,
     init_distributed,
     is_dist,
     precision_name,
@@ -71,6 +72,7 @@ from .finetune_state import (
     build_model,
     plan_batches,
 )
+from .loop import loss_failure_message
 from .optim import apply_lr
 from .schedules import finetune_lr_schedule
 
@@ -268,7 +270,7 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
         torch.manual_seed(derive_seed(cfg.seed, 31, env.rank, it))  # drop path, mixup, cutmix
         loss, n_img = train_step(setup, state, runner, batch, head_only)
         loss_value = float(all_reduce_mean(loss.detach().float().clone()).item())
-        _check_finite(loss_value, epoch, step)
+        _check_finite(loss_value, epoch, step, setup.out / "checkpoint.pth")
         state.totals.loss_sum += loss_value
         state.totals.loss_count += 1
         state.totals.images += n_img * env.world_size
@@ -492,8 +494,7 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise DinokitError(f"--min-crop-scale must be in (0, 1], got {cfg.min_crop_scale}.")
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise DinokitError("--stop-after must be at least 1.")
-    if cfg.lr <= 0:
-        raise DinokitError("--lr must be positive.")
+    check_numbers(cfg, positive=("lr",), non_negative=("min_lr", "weight_decay", "warmup_epochs", "clip_grad"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,12 +580,9 @@ def _stop_signal(stop: GracefulStop) -> int:
     return int(flag.item())
 
 
-def _check_finite(loss: float, epoch: int, step: int) -> None:
-    if not math.isfinite(loss):
-        raise DinokitError(
-            f"The loss became non-finite at epoch {epoch} step {step}; the last good checkpoint is kept "
-            "(try a lower --lr, --clip-grad 1.0 or --precision fp32)."
-        )
+def _check_finite(loss: float, epoch: int, step: int, checkpoint: Path) -> None:
+    ensure_finite_loss(loss, loss_failure_message(f"at epoch {epoch} step {step}", checkpoint,
+                                                  "try a lower --lr, --clip-grad 1.0 or --precision fp32"))
 
 
 __all__ = ["RUN_CONTROL", "FinetuneConfig", "FinetuneResult", "build_schedule", "finetune", "train_epoch", "train_step"]
