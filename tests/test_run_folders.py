@@ -309,3 +309,48 @@ def test_davis_score_keeps_the_record_of_a_davis_run(tmp_path):
                  "--output", tmp_path / "scores", "--quiet"])
     assert r.exit_code == 0 and (tmp_path / "scores" / "metrics.json").is_file()
     assert json.loads((run / "metrics.json").read_text()) == record
+
+
+def test_finetune_checkpoints_on_the_cadence_and_resumes_exactly(labelled_folder, tiny2_weights, tmp_path):
+    def cfg(out, **kw):
+        return FinetuneConfig(
+            train=labelled_folder / "train", val=labelled_folder / "val", output=out, weights=str(tiny2_weights),
+            epochs=2, batch_size=4, image_size=32, num_workers=0, precision="fp32", device="cpu",
+            warmup_epochs=1, lr=0.02, mixup=0.8, **kw,
+        )  # fmt: skip
+
+    class KillAtStep:
+        """Ends the run (as SIGKILL would) after the 6th step: 4 steps per epoch, so inside epoch 2."""
+
+        steps = 0
+
+        def task(self, description, total=None):
+            outer = self
+
+            class Task:
+                def advance(self, n=1, **fields):
+                    if description.startswith("epoch") and fields:
+                        outer.steps += n
+                        if outer.steps == 6:
+                            raise Killed
+
+                def update(self, **fields):
+                    pass
+
+                def close(self):
+                    pass
+
+            return Task()
+
+        def log(self, message):
+            pass
+
+    assert finetune(cfg(tmp_path / "a")).finished
+    with pytest.raises(Killed):
+        finetune(cfg(tmp_path / "b", checkpoint_minutes=1e-9), progress=KillAtStep())
+    state = load(tmp_path / "b" / "checkpoint.pth")
+    assert (state["epoch"], state["step"]) == (1, 1)  # the step in flight when killed is lost, no more
+    assert finetune(cfg(tmp_path / "b", resume=True)).finished
+    a, b = load(tmp_path / "a" / "model.pth"), load(tmp_path / "b" / "model.pth")
+    for part in ("backbone", "head"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])

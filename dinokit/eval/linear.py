@@ -186,29 +186,10 @@ def probe_train_transform(crop: int = 224, min_scale: float = 0.08) -> T.Compose
     )
 
 
-#: the identity fields every probe checkpoint has recorded
-IDENTITY_KEYS = ("feature_fingerprint", "num_classes", "dim", "mode", "classes", "batch_size", "lr_base")
-
-
 def _recipe(cfg: LinearConfig) -> dict[str, Any]:
     """The probe's recipe in its run identity (with the features, classes and mode)."""
     return {"batch_size": cfg.batch_size, "lr_base": cfg.lr, "momentum": cfg.momentum,
             "weight_decay": cfg.weight_decay, "seed": cfg.seed}
-
-
-def _start_run_folder(cfg: LinearConfig) -> None:
-    """A fresh probe run (not --resume) removes an earlier run's files before it writes anything, so
-    that a run stopped early leaves no older checkpoint beside it."""
-    if not cfg.resume:
-        remove_run_files(cfg.output, RUN_FILES, main=dist_env().is_main)
-
-
-def _validate(cfg: LinearConfig) -> None:
-    if cfg.epochs < 1:
-        raise DinokitError("--epochs must be at least 1.")
-    check_numbers(cfg, positive=("lr",), non_negative=("weight_decay",), fractions=("momentum",))
-    if cfg.logistic:
-        check_numbers(cfg, positive=("logistic_c",))
 
 
 def _head_state(probe: nn.Module) -> dict[str, torch.Tensor]:
@@ -243,10 +224,8 @@ class _ProbeRun:
                 remove_run_files(self.out, RUN_FILES, main=dist_env().is_main)  # a fresh run, a fresh log
             return
         ck = read_checkpoint(path)
-        saved = dict(ck.get("identity", {}))
-        for key in set(self.identity) - set(saved) - set(IDENTITY_KEYS):
-            saved[key] = self.identity[key]  # a field older checkpoints did not record is not compared
-        check_run_identity(path, saved, self.identity, what="this probe run")
+        saved = ck.get("identity", {})  # fields older checkpoints did not record are not compared
+        check_run_identity(path, saved, {k: self.identity.get(k) for k in saved}, what="this probe run")
         if int(ck.get("epochs", self.cfg.epochs)) != self.cfg.epochs:
             raise CheckpointError(
                 f"{path} was made for {ck.get('epochs')} epochs, not {self.cfg.epochs}; the cosine schedule "
@@ -602,14 +581,18 @@ def logistic_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Line
 
 def linear_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
     """``dinokit linear``: the probe on images (default), on cached features, a released head, or logistic."""
-    _validate(cfg)
+    if cfg.epochs < 1:
+        raise DinokitError("--epochs must be at least 1.")
+    check_numbers(cfg, positive=("lr", *(("logistic_c",) if cfg.logistic else ())), non_negative=("weight_decay",),
+                  fractions=("momentum",))
     if sum([cfg.evaluate, cfg.logistic]) > 1:
         raise DinokitError("Choose one of --evaluate and --logistic.")
     if cfg.evaluate:
         return evaluate_head(cfg, progress)
     if cfg.logistic:
         return logistic_eval(cfg, progress)
-    _start_run_folder(cfg)
+    if not cfg.resume:  # a fresh run: the earlier run's checkpoint and log go before anything is written
+        remove_run_files(cfg.output, RUN_FILES, main=dist_env().is_main)
     if cfg.features_only or cfg.train_features is not None:
         return train_on_features(cfg, progress)
     return train_on_images(cfg, progress)

@@ -72,7 +72,7 @@ from .finetune_state import (
     build_model,
     plan_batches,
 )
-from .loop import loss_failure_message
+from .loop import CheckpointCadence, loss_failure_message
 from .optim import apply_lr
 from .schedules import finetune_lr_schedule
 
@@ -115,6 +115,7 @@ class FinetuneConfig(BackboneOptions, RuntimeOptions):
     num_workers: int = field(default=4, kw_only=True)
     resume: bool = False
     stop_after: int | None = None  # end cleanly after this many epochs of the schedule
+    checkpoint_minutes: float = 10.0  # checkpoint.pth also every this many minutes within an epoch (0: off)
     overwrite: bool = False
 
     def to_dict(self) -> dict:
@@ -127,7 +128,8 @@ class FinetuneConfig(BackboneOptions, RuntimeOptions):
 
 #: options a resumed run may change; every other option is the run's recipe and stays as saved
 RUN_CONTROL = frozenset(
-    {"train", "val", "output", "epochs", "stop_after", "num_workers", "device", "resume", "overwrite"}
+    {"train", "val", "output", "epochs", "stop_after", "num_workers", "device", "resume", "overwrite",
+     "checkpoint_minutes"}
 )
 
 
@@ -261,6 +263,7 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
     )
     task.advance(first_step)
     t0 = time.monotonic()
+    cadence = CheckpointCadence(cfg.checkpoint_minutes)  # a killed run loses at most this much
     step = first_step
     signum = 0
     for batch, _skipped in loader:
@@ -279,6 +282,9 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
         signum = _stop_signal(stop)
         if signum and step < plan.niter:
             break
+        if step < plan.niter and cadence.agreed_due(setup.device):
+            save_training_checkpoint(setup, state, epoch, step)
+            cadence.saved()
     task.close()
     state.totals.seconds += time.monotonic() - t0
     return step, signum
@@ -494,7 +500,8 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise DinokitError(f"--min-crop-scale must be in (0, 1], got {cfg.min_crop_scale}.")
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise DinokitError("--stop-after must be at least 1.")
-    check_numbers(cfg, positive=("lr",), non_negative=("min_lr", "weight_decay", "warmup_epochs", "clip_grad"))
+    check_numbers(cfg, positive=("lr",),
+                  non_negative=("min_lr", "weight_decay", "warmup_epochs", "clip_grad", "checkpoint_minutes"))
 
 
 # ---------------------------------------------------------------------------------------------
