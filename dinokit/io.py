@@ -236,10 +236,12 @@ def check_run_identity(checkpoint: str | os.PathLike, saved: dict[str, Any] | No
                        current: dict[str, Any] | None, what: str = "its config.json") -> None:
     """Refuse to resume from ``checkpoint`` when its run identity ``saved`` is not ``current`` (the
     identity of ``what``: the folder's config.json, or the run the command line asks for), naming
-    the fields that differ. An identity that is missing (an older folder) is not compared."""
+    the fields that differ. An identity that is missing (an older folder) is not compared, nor a
+    field only one of them has (one that an older or newer dinokit did not record)."""
     if not saved or not current:
         return
-    diff = identity_differences(saved, current)
+    common = set(saved) & set(current)
+    diff = identity_differences({k: saved[k] for k in common}, {k: current[k] for k in common})
     if diff:
         raise DinokitError(
             f"{checkpoint} belongs to another run than {what} ({'; '.join(diff[:6])}"

@@ -224,8 +224,7 @@ class _ProbeRun:
                 remove_run_files(self.out, RUN_FILES, main=dist_env().is_main)  # a fresh run, a fresh log
             return
         ck = read_checkpoint(path)
-        saved = ck.get("identity", {})  # fields older checkpoints did not record are not compared
-        check_run_identity(path, saved, {k: self.identity.get(k) for k in saved}, what="this probe run")
+        check_run_identity(path, ck.get("identity", {}), self.identity, what="this probe run")
         if int(ck.get("epochs", self.cfg.epochs)) != self.cfg.epochs:
             raise CheckpointError(
                 f"{path} was made for {ck.get('epochs')} epochs, not {self.cfg.epochs}; the cosine schedule "

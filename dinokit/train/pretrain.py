@@ -96,7 +96,7 @@ RUN_FILES = (
     "config.json", "checkpoint.pth", "checkpoint[0-9][0-9][0-9][0-9].pth", "backbone.pth", "log.jsonl", "metrics.json",
 )
 #: config fields that do not make a run another run: where and how it runs now, and how long it goes on
-NOT_IDENTITY = (*RUNTIME_FIELDS, "epochs", "save_every", "checkpoint_minutes")
+NOT_IDENTITY = (*RUNTIME_FIELDS, "epochs", "save_every", "checkpoint_minutes", "precision")
 
 
 @dataclass
