@@ -132,6 +132,14 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --ou
 StopAfter = Annotated[
     int | None, typer.Option("--stop-after", min=1, help="End cleanly after N epochs of the schedule (resumable).")
 ]
+CheckpointMinutes = Annotated[
+    float,
+    typer.Option(
+        "--checkpoint-minutes", min=0.0,
+        help="Also write checkpoint.pth every this many minutes within an epoch, so that a killed run "
+        "loses at most that much (0: only at the end of each epoch).",
+    ),
+]
 Whitening = Annotated[
     Path | None, typer.Option("--whitening", help="A folder of other images to learn the whitening on.")
 ]

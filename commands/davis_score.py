@@ -26,7 +26,12 @@ def davis_score(
     pred: Annotated[Path, typer.Option("--pred", help="Results: a folder of <seq>/ folders of indexed PNGs.")],
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", help="Where metrics.json and the CSVs go (default: the --pred folder)."),
+        typer.Option(
+            "--output", "-o",
+            help="Where metrics.json and the CSVs go (default: the --pred folder). Existing results there are "
+            "kept unless --overwrite; a `dinokit davis` run's own metrics.json is its record, so score such a "
+            "run with sequences of your choice into another --output.",
+        ),
     ] = None,
     split: Annotated[
         str, typer.Option("--split", help="The split list of a DAVIS root, also used in the CSV names.")
@@ -41,9 +46,11 @@ def davis_score(
 
     Objects are the labels of the first ground-truth frame; the first and the last frame are not
     scored. Writes metrics.json (fractions, with per_object), global_results-<split>.csv and
-    per-sequence_results-<split>.csv.
+    per-sequence_results-<split>.csv into --output (default: the --pred folder). Like every command it
+    never replaces existing results without --overwrite: scoring a folder twice, or scoring a
+    `dinokit davis` run (whose metrics.json records its weights and videos) into its own folder, is
+    refused with a sentence that says to pass --output or --overwrite.
     """
-    from dinokit.errors import OutputExistsError
     from dinokit.eval.davis_metrics import evaluate_davis
     from dinokit.io import write_metrics
 
@@ -51,12 +58,11 @@ def davis_score(
     names = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
     out = Path(output) if output is not None else Path(pred)
     if output is not None:
-        if out.exists() and not out.is_dir():
-            raise OutputExistsError(f"The output {out} is a file, not a folder; choose a folder path.")
-        if (out / "metrics.json").exists() and not overwrite:
-            raise OutputExistsError(f"{out / 'metrics.json'} already exists; pass --overwrite to replace it.")
+        _check_destination(out, split, overwrite, default=False)
     with RichProgress(quiet=quiet) as progress:
         scores = evaluate_davis(gt, pred, split=split, sequences=names, progress=progress)
+    if output is None:  # the prediction folder: checked once it is known to hold predictions
+        _check_destination(out, split, overwrite, default=True)
     out.mkdir(parents=True, exist_ok=True)
     config = {"gt": gt, "pred": pred, "split": split, "sequences": scores.sequences}
     path = write_metrics(out, scores.metrics(), config=config)
@@ -70,6 +76,31 @@ def davis_score(
         highlight=False,
     )
     console.print(f"Wrote {path}, {g.name} and {s.name}.", highlight=False)
+
+
+def _check_destination(out: Path, split: str, overwrite: bool, default: bool) -> None:
+    """Refuse to replace the results already in ``out`` without --overwrite (before anything is written)."""
+    import json
+
+    from dinokit.errors import OutputExistsError
+
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"The output {out} is a file, not a folder; choose a folder path.")
+    results = [out / "metrics.json", out / f"global_results-{split}.csv", out / f"per-sequence_results-{split}.csv"]
+    existing = [p for p in results if p.exists()]
+    if not existing or overwrite:
+        return
+    try:
+        record = json.loads(results[0].read_text(encoding="utf-8")) if results[0].is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    if default and isinstance(record, dict) and "videos" in record:
+        raise OutputExistsError(
+            f"{out} is a `dinokit davis` run whose metrics.json records its weights and videos; pass --output "
+            "with another folder for these scores (or --overwrite to replace that record)."
+        )
+    hint = "pass --output with another folder, or --overwrite to replace it" if default else "pass --overwrite to replace it"
+    raise OutputExistsError(f"{existing[0]} already exists; {hint}.")
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -11,6 +11,7 @@ from ._common import (
     Arch,
     BatchSize,
     CheckpointKey,
+    CheckpointMinutes,
     Device,
     NumWorkers,
     Output,
@@ -91,6 +92,7 @@ def finetune(
     seed: Seed = 0,
     resume: Resume = False,
     stop_after: StopAfter = None,
+    checkpoint_minutes: CheckpointMinutes = 10.0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -141,6 +143,7 @@ def finetune(
         seed=seed,
         resume=resume,
         stop_after=stop_after,
+        checkpoint_minutes=checkpoint_minutes,
         overwrite=overwrite,
     )
     with RichProgress(quiet=quiet or not is_main_process()) as progress:

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._common import (
+    CheckpointMinutes,
     Device,
     NumWorkers,
     Overwrite,
@@ -112,6 +113,7 @@ def pretrain_command(
     save_every: Annotated[
         int, typer.Option("--save-every", min=0, help="Keep checkpoint{epoch:04d}.pth every N epochs (0 = never).")
     ] = 20,
+    checkpoint_minutes: CheckpointMinutes = 10.0,
     stop_after: Annotated[
         Optional[int],
         typer.Option("--stop-after", min=1, help="End cleanly after N epochs of the schedule (resumable)."),
@@ -161,6 +163,7 @@ def pretrain_command(
         threads=threads,
         seed=seed,
         save_every=save_every,
+        checkpoint_minutes=checkpoint_minutes,
         stop_after=stop_after,
         resume=resume,
         overwrite=overwrite,

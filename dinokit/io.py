@@ -10,8 +10,10 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -97,11 +99,37 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+@contextlib.contextmanager
+def signals_deferred(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then deliver them to the handlers that were set.
+
+    A checkpoint being written must be finished, not torn by a second Ctrl-C: Python runs signal
+    handlers between bytecodes, also inside ``torch.save``, so the handlers are swapped for one that
+    only records the signal. Outside the main thread (where handlers cannot be set) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in received:
+            handler = old[s]
+            if callable(handler):
+                handler(s, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(s)
+
+
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through a temporary file and a rename."""
+    """``torch.save`` through a temporary file and a rename, with Ctrl-C and SIGTERM held until the
+    file is complete (they take effect right after)."""
     import torch
 
-    with atomic_open(path, "wb") as f:
+    with signals_deferred(), atomic_open(path, "wb") as f:
         torch.save(obj, f)
 
 
@@ -167,14 +195,58 @@ def write_metrics(output_dir: str | os.PathLike, metrics: dict, config: Any = No
     return target
 
 
-def remove_run_files(folder: str | os.PathLike, names: Iterable[str], *, main: bool = True) -> None:
+def remove_run_files(folder: str | os.PathLike, names: Iterable[str], *, main: bool = True) -> list[Path]:
     """A fresh run in a folder an earlier run used (``--overwrite``): remove that run's files named
-    ``names`` so that nothing of it passes for this one's. Call it after :func:`prepare_output_dir`;
-    under torchrun only the main process removes (``main``), the others share the folder."""
+    ``names`` (file names or glob patterns such as ``checkpoint[0-9][0-9][0-9][0-9].pth``; only the
+    files the command writes, never anything else in the folder) so that nothing of it passes for
+    this one's. Call it after :func:`prepare_output_dir` and before the run writes anything (its
+    config.json included): a run killed in between then leaves no old checkpoint beside its new
+    config. Under torchrun only the main process removes (``main``), the others share the folder.
+    Returns the files removed."""
+    removed: list[Path] = []
     if not main:
-        return
+        return removed
+    folder = Path(folder)
     for name in names:
-        (Path(folder) / name).unlink(missing_ok=True)
+        for path in sorted(folder.glob(name)) if any(c in name for c in "*?[") else [folder / name]:
+            if path.is_file() or path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def run_identity(config: dict[str, Any], ignore: Iterable[str]) -> dict[str, Any]:
+    """What makes a training run this run and not another: its config less the fields in ``ignore``
+    (where the run is, how it runs now, how long it goes on). It is written into the run's
+    config.json and into each checkpoint; :func:`check_run_identity` compares the two on --resume."""
+    ignore = set(ignore)
+    return json.loads(to_json({k: v for k, v in config.items() if k not in ignore}, indent=None))
+
+
+def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``name saved -> current`` for each field on which two run identities differ."""
+    return [
+        f"{k} {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
+
+
+def check_run_identity(checkpoint: str | os.PathLike, saved: dict[str, Any] | None,
+                       current: dict[str, Any] | None, what: str = "its config.json") -> None:
+    """Refuse to resume from ``checkpoint`` when its run identity ``saved`` is not ``current`` (the
+    identity of ``what``: the folder's config.json, or the run the command line asks for), naming
+    the fields that differ. An identity that is missing (an older folder) is not compared, nor a
+    field only one of them has (one that an older or newer dinokit did not record)."""
+    if not saved or not current:
+        return
+    common = set(saved) & set(current)
+    diff = identity_differences({k: saved[k] for k in common}, {k: current[k] for k in common})
+    if diff:
+        raise DinokitError(
+            f"{checkpoint} belongs to another run than {what} ({'; '.join(diff[:6])}"
+            f"{'; ...' if len(diff) > 6 else ''}); start a new run with --overwrite or choose another --output."
+        )
 
 
 def merge_resume_config(

@@ -422,3 +422,19 @@ def ensure_finite_loss(loss: float, message: str, *, elsewhere: bool = False) ->
     rank's loss was not finite (every rank stops at the same step)."""
     if elsewhere or not math.isfinite(loss):
         raise DinokitError(message.format(loss=loss))
+
+
+def check_numbers(config: object, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                  fractions: tuple[str, ...] = ()) -> None:
+    """Refuse option values that would train silently wrong (a negative lr climbs the loss; NaN
+    spreads to every weight): each named field of ``config`` must be a finite number, ``positive``
+    ones above 0, ``non_negative`` ones 0 or more, ``fractions`` within [0, 1]. None (unset) passes."""
+    rules = [(n, "a positive", lambda v: v > 0) for n in positive]
+    rules += [(n, "a non-negative", lambda v: v >= 0) for n in non_negative]
+    rules += [(n, "a fraction in [0, 1], a", lambda v: 0 <= v <= 1) for n in fractions]
+    for name, kind, holds in rules:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and holds(value)):
+            raise DinokitError(f"--{name.replace('_', '-')} must be {kind} finite number, got {value}.")

@@ -39,13 +39,14 @@ from ..checkpoints import (
 from ..data.images import ImageDataset, collate_skip_none, readable_batches
 from ..data.transforms import normalize
 from ..errors import CheckpointError, DataError, DinokitError
-from ..io import append_jsonl, remove_run_files
+from ..io import append_jsonl, check_run_identity, remove_run_files
 from ..models.head import LinearClassifier
 from ..models.registry import backbone_arch, is_vit
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import (
     RuntimeOptions,
     autocast,
+    check_numbers,
     dist_env,
     ensure_finite_loss,
     get_rng_state,
@@ -71,8 +72,9 @@ from .metrics import percent, require_finite, topk_correct
 log = logging.getLogger("dinokit")
 
 CHECKPOINT_NAME = "checkpoint.pth"
-#: files of an earlier run that a fresh probe run in the same folder removes first
-RUN_FILES = ("log.jsonl",)
+#: the files a probe run writes: a fresh run in the same folder removes an earlier run's first (the
+#: feature caches stay: they are reused when their fingerprint matches)
+RUN_FILES = ("log.jsonl", CHECKPOINT_NAME, "metrics.json")
 MISSING_WEIGHTS = weights_needed("for the backbone to probe")
 
 
@@ -185,6 +187,12 @@ def probe_train_transform(crop: int = 224, min_scale: float = 0.08) -> T.Compose
     )
 
 
+def _recipe(cfg: LinearConfig) -> dict[str, Any]:
+    """The probe's recipe in its run identity (with the features, classes and mode)."""
+    return {"batch_size": cfg.batch_size, "lr_base": cfg.lr, "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay, "seed": cfg.seed}
+
+
 def _head_state(probe: nn.Module) -> dict[str, torch.Tensor]:
     m = probe.module if hasattr(probe, "module") else probe
     return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
@@ -214,16 +222,10 @@ class _ProbeRun:
         if not (self.cfg.resume and path.is_file()):
             if self.cfg.resume:
                 progress.log(f"no {CHECKPOINT_NAME} in {self.out}: starting from the first epoch")
-            remove_run_files(self.out, RUN_FILES, main=dist_env().is_main)  # a fresh run, a fresh log
+                remove_run_files(self.out, RUN_FILES, main=dist_env().is_main)  # a fresh run, a fresh log
             return
         ck = read_checkpoint(path)
-        saved = ck.get("identity", {})
-        for key in ("feature_fingerprint", "num_classes", "dim", "mode", "classes", "batch_size", "lr_base"):
-            if saved.get(key) != self.identity.get(key):
-                raise CheckpointError(
-                    f"{path} belongs to another probe run ({key} differs: {saved.get(key)} vs "
-                    f"{self.identity.get(key)}); use another --output or drop --resume."
-                )
+        check_run_identity(path, ck.get("identity", {}), self.identity, what="this probe run")
         if int(ck.get("epochs", self.cfg.epochs)) != self.cfg.epochs:
             raise CheckpointError(
                 f"{path} was made for {ck.get('epochs')} epochs, not {self.cfg.epochs}; the cosine schedule "
@@ -321,8 +323,7 @@ def train_on_features(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> 
         "num_classes": C,
         "dim": train.dim,
         "classes": list(train.classes),
-        "batch_size": cfg.batch_size,
-        "lr_base": cfg.lr,
+        **_recipe(cfg),
     }
     run = _ProbeRun(cfg, train.dim, C, identity, world=1, device=device)
     run.maybe_resume(progress)
@@ -398,8 +399,7 @@ def train_on_images(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Li
         "num_classes": C,
         "dim": dim,
         "classes": list(train_images.classes),
-        "batch_size": cfg.batch_size,
-        "lr_base": cfg.lr,
+        **_recipe(cfg),
     }
     run = _ProbeRun(cfg, dim, C, identity, world=world, device=device)
     run.maybe_resume(progress)
@@ -583,12 +583,16 @@ def linear_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Linear
     """``dinokit linear``: the probe on images (default), on cached features, a released head, or logistic."""
     if cfg.epochs < 1:
         raise DinokitError("--epochs must be at least 1.")
+    check_numbers(cfg, positive=("lr", *(("logistic_c",) if cfg.logistic else ())), non_negative=("weight_decay",),
+                  fractions=("momentum",))
     if sum([cfg.evaluate, cfg.logistic]) > 1:
         raise DinokitError("Choose one of --evaluate and --logistic.")
     if cfg.evaluate:
         return evaluate_head(cfg, progress)
     if cfg.logistic:
         return logistic_eval(cfg, progress)
+    if not cfg.resume:  # a fresh run: the earlier run's checkpoint and log go before anything is written
+        remove_run_files(cfg.output, RUN_FILES, main=dist_env().is_main)
     if cfg.features_only or cfg.train_features is not None:
         return train_on_features(cfg, progress)
     return train_on_images(cfg, progress)

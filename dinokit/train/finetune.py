@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ from ..runtime import (
     all_reduce_mean,
     autocast,
     barrier,
+    check_numbers,
     derive_seed,
     ensure_finite_loss,
     init_distributed,
@@ -81,7 +83,7 @@ from .finetune_state import (
     build_model,
     plan_batches,
 )
-from .loop import leave_signals_to_main, start_loader
+from .loop import CheckpointCadence, leave_signals_to_main, loss_failure_message, start_loader
 from .optim import apply_lr
 from .schedules import finetune_lr_schedule
 
@@ -124,6 +126,7 @@ class FinetuneConfig(BackboneOptions, RuntimeOptions):
     num_workers: int = field(default=4, kw_only=True)
     resume: bool = False
     stop_after: int | None = None  # end cleanly after this many epochs of the schedule
+    checkpoint_minutes: float = 10.0  # checkpoint.pth also every this many minutes within an epoch (0: off)
     overwrite: bool = False
 
     def to_dict(self) -> dict:
@@ -136,7 +139,8 @@ class FinetuneConfig(BackboneOptions, RuntimeOptions):
 
 #: options a resumed run may change; every other option is the run's recipe and stays as saved
 RUN_CONTROL = frozenset(
-    {"train", "val", "output", "epochs", "stop_after", "num_workers", "device", "resume", "overwrite"}
+    {"train", "val", "output", "epochs", "stop_after", "num_workers", "device", "resume", "overwrite",
+     "checkpoint_minutes"}
 )
 
 
@@ -271,6 +275,7 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
     )
     task.advance(first_step)
     t0 = time.monotonic()
+    cadence = CheckpointCadence(cfg.checkpoint_minutes)  # a killed run loses at most this much
     step = first_step
     signum = 0
     for batch, _skipped in start_loader(loader):
@@ -280,11 +285,12 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
         torch.manual_seed(derive_seed(cfg.seed, 31, env.rank, it))  # drop path, mixup, cutmix
         loss, n_img = train_step(setup, state, runner, batch, head_only)
         loss_value = float(all_reduce_mean(loss.detach().float().clone()).item())
-        ensure_finite_loss(
-            loss_value,
-            f"The loss became non-finite at epoch {epoch} step {step}; the last good checkpoint is kept "
-            "(try a lower --lr, --clip-grad 1.0 or --precision fp32).",
-        )
+        if not math.isfinite(loss_value):  # the sentence looks for the checkpoint: only build it then
+            ensure_finite_loss(
+                loss_value,
+                loss_failure_message(f"at epoch {epoch} step {step}", setup.out / "checkpoint.pth",
+                                     "try a lower --lr, --clip-grad 1.0 or --precision fp32"),
+            )
         state.totals.loss_sum += loss_value
         state.totals.loss_count += 1
         state.totals.images += n_img * env.world_size
@@ -293,6 +299,9 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
         signum = agreed_stop_signal(stop)
         if signum and step < plan.niter:
             break
+        if step < plan.niter and cadence.agreed_due(setup.device):
+            save_training_checkpoint(setup, state, epoch, step)
+            cadence.saved()
     task.close()
     state.totals.seconds += time.monotonic() - t0
     return step, signum
@@ -508,8 +517,8 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise DinokitError(f"--min-crop-scale must be in (0, 1], got {cfg.min_crop_scale}.")
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise DinokitError("--stop-after must be at least 1.")
-    if cfg.lr <= 0:
-        raise DinokitError("--lr must be positive.")
+    check_numbers(cfg, positive=("lr",),
+                  non_negative=("min_lr", "weight_decay", "warmup_epochs", "clip_grad", "checkpoint_minutes"))
 
 
 # ---------------------------------------------------------------------------------------------

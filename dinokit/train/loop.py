@@ -1,6 +1,7 @@
 """The epoch-loop machinery that training runs share: the data order of an epoch, data-loader
 workers that leave signals to the main process, the per-epoch tally a mid-epoch checkpoint keeps,
-and the checkpoint cadence.
+the checkpoint cadences (numbered copies every few epochs, checkpoint.pth every few minutes) and
+the sentence for a loss that is no longer finite.
 
 The pieces that evaluation shares too (the graceful stop, the stop agreed across ranks, exit codes,
 the finite-loss check) live in :mod:`dinokit.runtime`; run folders and resume-config merging in
@@ -10,10 +11,13 @@ the finite-loss check) live in :mod:`dinokit.runtime`; run folders and resume-co
 from __future__ import annotations
 
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..runtime import max_over_ranks
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -73,6 +77,38 @@ def numbered_checkpoint(output: Path, epochs_done: int, save_every: int) -> Path
     if save_every and epochs_done % save_every == 0:
         return Path(output) / f"checkpoint{epochs_done:04d}.pth"
     return None
+
+
+class CheckpointCadence:
+    """When a run writes a checkpoint in the middle of an epoch: every ``minutes`` of training (0: only
+    at the ends of epochs), so that a run killed without warning (SIGKILL, a lost machine) loses at
+    most that much. The checkpoint is the one a signal writes (the step it stopped at, the RNG states
+    and the epoch's tally), so the resumed run continues exactly as the uninterrupted one."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60.0 * float(minutes)
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.seconds > 0 and time.monotonic() - self.last >= self.seconds
+
+    def agreed_due(self, device: torch.device | None = None) -> bool:
+        """:meth:`due` on any rank, the same on every rank (the checkpoint gathers from all of them)."""
+        return bool(max_over_ranks([self.due()], device)[0])
+
+    def saved(self) -> None:
+        """A checkpoint was just written (at the cadence, at an epoch's end, or for a signal)."""
+        self.last = time.monotonic()
+
+
+def loss_failure_message(where: str, checkpoint: Path, advice: str) -> str:
+    """The sentence for a loss that became non-finite ``where`` (``{loss}`` is left for the value):
+    what of the run is kept is said truly, whether a checkpoint was saved before or not."""
+    where, advice = (t.replace("{", "{{").replace("}", "}}") for t in (where, advice))
+    kept = str(checkpoint).replace("{", "{{").replace("}", "}}")
+    if Path(checkpoint).is_file():
+        return f"The loss became {{loss}} {where}; the run stopped and {kept} keeps the last good state ({advice})."
+    return f"The loss became {{loss}} {where}, before any checkpoint was saved, so nothing of the run is kept ({advice})."
 
 
 def start_loader(loader):

@@ -28,7 +28,15 @@ from ..checkpoints import read_checkpoint, save_backbone, save_checkpoint
 from ..data.images import IMAGE_EXTENSIONS, find_images
 from ..data.multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop, count_new_unreadable
 from ..errors import DataError, DinokitError
-from ..io import append_jsonl, prepare_output_dir, remove_run_files, write_json
+from ..io import (
+    append_jsonl,
+    check_run_identity,
+    prepare_output_dir,
+    remove_run_files,
+    run_identity,
+    signals_deferred,
+    write_json,
+)
 from ..models.registry import canonical_arch
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import (
@@ -50,7 +58,15 @@ from ..runtime import (
     signal_exit_code,
 )
 from .dino import DINOTrainingState, build_student_teacher, build_training_state, dino_step
-from .loop import EpochSampler, EpochTally, leave_signals_to_main, numbered_checkpoint, start_loader
+from .loop import (
+    CheckpointCadence,
+    EpochSampler,
+    EpochTally,
+    leave_signals_to_main,
+    loss_failure_message,
+    numbered_checkpoint,
+    start_loader,
+)
 from .pretrain_settings import (
     AUTO_FIELDS,
     AUTO_RULE,
@@ -74,8 +90,13 @@ __all__ = [
 
 log = logging.getLogger("dinokit")
 
-#: files of an earlier run that a fresh run in the same folder (--overwrite) removes first
-RUN_FILES = ("log.jsonl",)
+#: the files a pretraining run writes: a fresh run in the same folder (--overwrite) removes an
+#: earlier run's before it writes anything, and nothing else of the folder
+RUN_FILES = (
+    "config.json", "checkpoint.pth", "checkpoint[0-9][0-9][0-9][0-9].pth", "backbone.pth", "log.jsonl", "metrics.json",
+)
+#: config fields that do not make a run another run: where and how it runs now, and how long it goes on
+NOT_IDENTITY = (*RUNTIME_FIELDS, "epochs", "save_every", "checkpoint_minutes", "precision")
 
 
 @dataclass
@@ -202,6 +223,7 @@ class PretrainRun:
         self.progress = progress
         self.out = Path(cfg.output)
         self.newest_checkpoint: dict | None = None
+        self.cadence = CheckpointCadence(cfg.checkpoint_minutes)
 
     # -- set-up ---------------------------------------------------------------------------------
     def _open_run_folder(self) -> dict | None:
@@ -210,7 +232,10 @@ class PretrainRun:
         if self.cfg.resume:
             if not ckpt_path.is_file():
                 raise DinokitError(f"There is no {ckpt_path} to resume from; start the run without --resume.")
-            return read_checkpoint(ckpt_path)
+            ckpt = read_checkpoint(ckpt_path)
+            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+                raise DinokitError(f"{ckpt_path} is not a dinokit pretraining checkpoint.")
+            return ckpt
         if ckpt_path.is_file() and not self.cfg.overwrite:
             raise DinokitError(
                 f"{self.out} already holds a pretraining run; pass --resume to continue it or --overwrite "
@@ -230,6 +255,10 @@ class PretrainRun:
         if ckpt is not None:
             saved = ckpt.get("config", {}) if isinstance(ckpt.get("config"), dict) else {}
         self.cfg = cfg = settings_for_run(self.cfg, saved, len(paths), env.world_size)
+        self.identity = run_identity(cfg.to_dict(), NOT_IDENTITY)
+        if ckpt is not None:
+            check_run_identity(self.out / "checkpoint.pth", ckpt.get("run_identity") or run_identity(saved, NOT_IDENTITY),
+                               self.identity, what="the run asked for (its config.json and this command line)")
         if device.type == "cpu" and not cfg.threads:
             _warn_if_cpu_busy()
         self.dtype = resolve_precision(cfg.precision, device, training=True)
@@ -255,6 +284,7 @@ class PretrainRun:
         if env.is_main:
             write_json(self.out / "config.json", {
                 **cfg.to_dict(),
+                "run_identity": self.identity,
                 "n_images": self.n_images,
                 "world_size": env.world_size,
                 "global_batch": self.global_batch,
@@ -302,6 +332,7 @@ class PretrainRun:
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> PretrainResult:
         resumed_tally, start_epoch, start_iteration = self._set_up()
+        self.cadence.saved()  # the clock starts with the training, not with the set-up
         cfg, iters = self.cfg, self.iters
         history: list[dict] = []
         collapsed: list[int] = []
@@ -386,19 +417,25 @@ class PretrainRun:
             values = self.schedules.at(epoch * iters + it, epoch)
             loss = dino_step(self.state, crops, epoch, values)
             losses[it] = loss
+            due = False
             if (it - first_step) % check_every == 0 or it == iters - 1:
-                nonfinite, agreed = max_over_ranks([not torch.isfinite(loss), stop.signum or 0], device)
+                nonfinite, agreed, due = max_over_ranks(
+                    [not torch.isfinite(loss), stop.signum or 0, self.cadence.due()], device
+                )
                 if nonfinite:  # on any rank: all stop together
                     ensure_finite_loss(
                         loss.item(),
-                        f"The loss became {{loss}} at epoch {epoch + 1}, step {it + 1}; the run stopped and "
-                        f"{self.out / 'checkpoint.pth'} keeps the last good state (lower --lr, raise "
-                        "--clip-grad protection, or use --precision fp32).",
+                        loss_failure_message(f"at epoch {epoch + 1}, step {it + 1}", self.out / "checkpoint.pth",
+                                             "lower --lr, raise --clip-grad protection, or use --precision fp32"),
                         elsewhere=True,
                     )
                 signum = int(agreed)
             tally.images += len(crops[0]) * world
             done_steps = it + 1
+            stopping = signum or (stop.requested and not is_dist())
+            if due and not stopping and done_steps < iters:  # the time cadence: a kill loses at most that much
+                self._save(epoch, done_steps, self._tally_so_far(tally, losses, first_step, done_steps,
+                                                                 seconds_before + time.perf_counter() - t_epoch))
             now = time.perf_counter()
             if now - last_ui > 1.0 or it == iters - 1:
                 last_ui = now
@@ -447,9 +484,21 @@ class PretrainRun:
         return (epoch_losses / self.env.world_size).cpu()
 
     # -- checkpoints ----------------------------------------------------------------------------
+    @staticmethod
+    def _tally_so_far(tally: EpochTally, losses: torch.Tensor, first_step: int, done: int, seconds: float) -> EpochTally:
+        """The epoch's tally after ``done`` steps, for a checkpoint written while the epoch goes on."""
+        return EpochTally(seconds=seconds, images=tally.images, skipped=tally.skipped,
+                          losses=tally.losses[:first_step] + losses[first_step:done].float().cpu().tolist())
+
     def _save(self, epoch: int, iteration: int, tally: EpochTally | None) -> None:
         """Write checkpoint.pth (and backbone.pth) atomically on rank 0; every rank's RNG state goes in.
-        ``tally`` is the epoch so far when the checkpoint is written mid-epoch."""
+        ``tally`` is the epoch so far when the checkpoint is written mid-epoch. Ctrl-C and SIGTERM
+        wait until both files are written."""
+        with signals_deferred():
+            self._write_checkpoint(epoch, iteration, tally)
+        self.cadence.saved()
+
+    def _write_checkpoint(self, epoch: int, iteration: int, tally: EpochTally | None) -> None:
         rng = get_rng_state()
         if is_dist():
             states: list = [None] * self.env.world_size
@@ -468,6 +517,7 @@ class PretrainRun:
             "world_size": int(self.env.world_size),
             "partial": tally.to_dict() if tally is not None else None,
             "config": self.cfg.to_dict(),
+            "run_identity": self.identity,
             "rng": states,
             "arch": canonical_arch(self.cfg.arch),
             "patch_size": int(self.cfg.patch_size),

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import DinokitError
 from ..models.registry import canonical_arch
-from ..runtime import RuntimeOptions
+from ..runtime import RuntimeOptions, check_numbers
 from .optim import OPTIMIZERS
 
 log = logging.getLogger("dinokit")
@@ -22,6 +22,7 @@ log = logging.getLogger("dinokit")
 #: config fields a resumed run takes from the command line rather than from the saved config
 RUNTIME_FIELDS = (
     "resume", "overwrite", "stop_after", "num_workers", "threads", "device", "compile", "output", "data",
+    "checkpoint_minutes",
 )
 #: settings chosen from the data when left unset
 AUTO_FIELDS = ("out_dim", "momentum_teacher", "warmup_epochs", "global_scale")
@@ -70,6 +71,7 @@ class PretrainConfig(RuntimeOptions):
     num_workers: int = field(default=4, kw_only=True)  #: RuntimeOptions says 0; DINO decodes many crops per image
     threads: int | None = None
     save_every: int = 20
+    checkpoint_minutes: float = 10.0  #: checkpoint.pth also every this many minutes (0: only each epoch)
     stop_after: int | None = None
     resume: bool = False
     overwrite: bool = False
@@ -144,6 +146,10 @@ def resolve_auto_settings(cfg: PretrainConfig, n_images: int, world_size: int) -
 
 def validate_config(cfg: PretrainConfig) -> None:
     canonical_arch(cfg.arch)
+    check_numbers(cfg, positive=("lr", "teacher_temp", "warmup_teacher_temp"),
+                  non_negative=("min_lr", "weight_decay", "weight_decay_end", "clip_grad", "checkpoint_minutes",
+                                "drop_path"),
+                  fractions=("momentum_teacher", "center_momentum"))
     if cfg.epochs < 1:
         raise DinokitError("--epochs must be at least 1.")
     if cfg.warmup_epochs is not None and cfg.warmup_epochs > cfg.epochs:
