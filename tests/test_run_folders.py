@@ -29,7 +29,7 @@ TINY = [
     "--arch", "vit_tiny", "--depth", "2", "--batch-size", "8", "--out-dim", "256", "--local-crops", "2",
     "--global-size", "32", "--local-size", "16", "--precision", "fp32", "--num-workers", "0", "--quiet",
 ]
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "assets"
 
 
 @pytest.fixture(scope="module", autouse=True)
