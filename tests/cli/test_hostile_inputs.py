@@ -246,3 +246,37 @@ def test_coco_malformed_annotations_are_one_sentence(tmp_path, tiny1, segmentati
         assert_refused(_attn_coco(tmp_path, ann, tiny1, "bad"), "Annotation 4", needle)
     ann.write_text("{not json")
     assert_refused(_attn_coco(tmp_path, ann, tiny1, "bad2"), "not a COCO annotation file")
+
+
+# -- DAVIS folders ---------------------------------------------------------------------------------
+ELLIPSES = Path(__file__).parents[1] / "assets" / "davis-ellipses"
+
+
+def _ellipses_copy(tmp_path: Path) -> tuple[Path, Path]:
+    import shutil
+
+    shutil.copytree(ELLIPSES / "gt", tmp_path / "gt")
+    shutil.copytree(ELLIPSES / "pred", tmp_path / "pred")
+    return tmp_path / "gt", tmp_path / "pred"
+
+
+def test_davis_folders_with_wrong_sizes_missing_frames_or_an_unknown_split_are_one_sentence(tmp_path):
+    gt, pred = _ellipses_copy(tmp_path)
+    frame = pred / "ellipses-drift" / "00002.png"
+    img = Image.open(frame)
+    img.resize((img.width // 2, img.height // 2)).save(frame)
+    r = run_cli(["davis-score", "--gt", gt, "--pred", pred, "--output", tmp_path / "s1", "--quiet"])
+    assert_refused(r, str(frame), "427x240", "854x480")
+
+    gt, pred = _ellipses_copy(tmp_path / "second")
+    (pred / "ellipses-drift" / "00004.png").unlink()
+    r = run_cli(["davis-score", "--gt", gt, "--pred", pred, "--output", tmp_path / "s2", "--quiet"])
+    assert_refused(r, "00004")
+
+    root = tmp_path / "DAVIS"  # a DAVIS 2017 root: Annotations/480p/<seq> and ImageSets/2017/<split>.txt
+    (root / "Annotations").mkdir(parents=True)
+    gt.rename(root / "Annotations" / "480p")
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("ellipses-drift\n")
+    r = run_cli(["davis-score", "--gt", root, "--pred", pred, "--split", "vall", "--output", tmp_path / "s3", "--quiet"])
+    assert_refused(r, "vall.txt", "val")
