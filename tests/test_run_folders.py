@@ -100,6 +100,22 @@ def test_resume_refuses_a_checkpoint_of_another_run_naming_the_difference(images
     assert load(run / "checkpoint.pth")["epoch"] == 1  # nothing was trained on
 
 
+def test_resume_refuses_a_checkpoint_made_from_other_images_but_follows_a_moved_folder(images, tmp_path):
+    import shutil
+
+    run = tmp_path / "R"
+    pretrain(tiny_config(images, run))
+    moved = tmp_path / "moved"
+    shutil.copytree(images, moved)
+    pretrain(tiny_config(moved, run, resume=True, epochs=2))  # the same images elsewhere: the same run
+    assert load(run / "checkpoint.pth")["epoch"] == 2
+    extra = sorted(p for p in moved.rglob("*") if p.is_file())[0]
+    shutil.copy(extra, extra.with_name("added" + extra.suffix))
+    with pytest.raises(dinokit.DinokitError, match="belongs to another run.*data_files"):
+        pretrain(tiny_config(moved, run, resume=True, epochs=3))
+    assert load(run / "checkpoint.pth")["epoch"] == 2  # nothing was trained on
+
+
 def clusters(n_per_class, classes, dim, seed):
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * 2

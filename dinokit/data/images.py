@@ -4,6 +4,7 @@ ImageFolder roots (``ROOT/<class>/.../<image>``)."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -120,6 +121,20 @@ def find_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
     paths = walk.images(root, recursive)
     walk.report(root)
     return sorted(paths)
+
+
+def data_fingerprint(paths: Sequence[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
+    """A hash of the image list (relative paths and sizes), so a cache notices a changed folder."""
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        rel = os.path.relpath(p, root) if root is not None else str(p)
+        try:
+            size = p.stat().st_size
+        except OSError:
+            size = -1
+        h.update(f"{rel}\0{size}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def expand_image_inputs(items: Iterable[str | os.PathLike]) -> list[Path]:

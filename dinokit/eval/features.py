@@ -13,7 +13,6 @@ and reuses cached feature files whose fingerprint matches.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from ..checkpoints import (
 from ..data.images import (
     ImageDataset,
     collate_skip_none,
+    data_fingerprint,
     find_images,
     looks_labelled,
     readable_batches,
@@ -238,20 +238,6 @@ def feature_fingerprint(
         "avgpool_patch_tokens": bool(avgpool_patch_tokens) if vit else False,
         "precision": precision_name(dtype),
     }
-
-
-def data_fingerprint(paths: Sequence[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
-    """A hash of the image list (relative paths and sizes), so a cache notices a changed folder."""
-    h = hashlib.sha256()
-    for p in paths:
-        p = Path(p)
-        rel = os.path.relpath(p, root) if root is not None else str(p)
-        try:
-            size = p.stat().st_size
-        except OSError:
-            size = -1
-        h.update(f"{rel}\0{size}\n".encode())
-    return h.hexdigest()[:16]
 
 
 @dataclass

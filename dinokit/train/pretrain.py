@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import read_checkpoint, save_backbone, save_checkpoint
-from ..data.images import IMAGE_EXTENSIONS, find_images
+from ..data.images import IMAGE_EXTENSIONS, data_fingerprint, find_images
 from ..data.multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop, count_new_unreadable
 from ..errors import DataError, DinokitError
 from ..io import (
@@ -255,7 +255,8 @@ class PretrainRun:
         if ckpt is not None:
             saved = ckpt.get("config", {}) if isinstance(ckpt.get("config"), dict) else {}
         self.cfg = cfg = settings_for_run(self.cfg, saved, len(paths), env.world_size)
-        self.identity = run_identity(cfg.to_dict(), NOT_IDENTITY)
+        # the images, not the folder's path: a data set that moved is the same run, one that changed is not
+        self.identity = {**run_identity(cfg.to_dict(), NOT_IDENTITY), "data_files": data_fingerprint(paths, Path(cfg.data).expanduser())}
         if ckpt is not None:
             check_run_identity(self.out / "checkpoint.pth", ckpt.get("run_identity") or run_identity(saved, NOT_IDENTITY),
                                self.identity, what="the run asked for (its config.json and this command line)")
