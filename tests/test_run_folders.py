@@ -30,14 +30,7 @@ TINY = [
     "--global-size", "32", "--local-size", "16", "--precision", "fp32", "--num-workers", "0", "--quiet",
 ]
 DATA = Path(__file__).parent / "assets"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
