@@ -48,6 +48,14 @@ def retrieval(
     multiscale: Annotated[
         bool, typer.Option("--multiscale", help="Average the descriptor over scales 1, 1/sqrt(2) and 1/2.")
     ] = False,
+    crop_queries: Annotated[
+        bool,
+        typer.Option(
+            "--crop-queries",
+            help="Crop each query to its ground-truth box first (the revisited toolkit's protocol); by default "
+            "the whole query image is used, as the DINO reference did for the paper's table.",
+        ),
+    ] = False,
     num_workers: NumWorkers = 0,
     device: Device = "auto",
     precision: Precision = "auto",
@@ -72,6 +80,7 @@ def retrieval(
         checkpoint_key=checkpoint_key,
         image_size=image_size,
         multiscale=multiscale,
+        crop_queries=crop_queries,
         num_workers=num_workers,
         device=device,
         precision=precision,
@@ -94,7 +103,7 @@ def retrieval(
     unreadable = sum(result.unreadable.values())
     if unreadable:
         console.print(f"{unreadable} unreadable images were skipped.")
-    console.print(f"Results in {output / 'metrics.json'}")
+    console.print(f"Queries: {result.query_region}. Results in {output / 'metrics.json'}")
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -257,7 +257,7 @@ def thumbnail(img, imsize: int):
 
 
 class RetrievalImages(torch.utils.data.Dataset):
-    """Images (queries cropped to their box), thumbnailed to ``imsize``, ImageNet-normalised;
+    """Images (queries cropped to their box when boxes are given), thumbnailed to ``imsize``, ImageNet-normalised;
     yields (x, -1, index), or None for an unreadable file."""
 
     def __init__(self, paths: Sequence[Path], imsize: int, boxes: Sequence[Any] | None = None):
@@ -330,6 +330,9 @@ class RetrievalConfig(BackboneOptions, RuntimeOptions):
     output: Path
     image_size: int = 224
     multiscale: bool = False
+    #: crop each query to its ground-truth box first (the revisited toolkit's protocol); the DINO
+    #: reference's evaluation, which gave the paper's table, uses the whole query image
+    crop_queries: bool = False
     _: KW_ONLY  # the option defaults this command changes
     batch_size: int = 1  #: one image per batch: the images keep their own sizes
 
@@ -342,6 +345,7 @@ class RetrievalResult:
     queries: int
     database: int
     unreadable: dict[str, int] = field(default_factory=dict)
+    query_region: str = "whole image"  #: "whole image" (the DINO reference) or "box" (--crop-queries)
 
     def to_metrics(self) -> dict[str, Any]:
         d = asdict(self)
@@ -378,8 +382,9 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
     )
     db = embedder.embed(db_paths, f"{cfg.dataset}-database", "database",
                         dataset=RetrievalImages(db_paths, cfg.image_size))
+    boxes = gt.bbx if cfg.crop_queries else None
     qs = embedder.embed(q_paths, f"{cfg.dataset}-queries", "queries",
-                        dataset=RetrievalImages(q_paths, cfg.image_size, gt.bbx), extra_key=repr(gt.bbx))
+                        dataset=RetrievalImages(q_paths, cfg.image_size, boxes), extra_key=repr(boxes))
     unreadable = {"database": db.n_unreadable, "queries": qs.n_unreadable}
     if not bool(qs.kept.any()):
         raise DataError(f"None of the {gt.n_queries} query images in {jpg} could be read.")
@@ -404,4 +409,5 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
         m, pr, _ = revisited_map(rankings, pos, ign, KAPPAS)
         maps[proto] = 100.0 * m
         mps[proto] = {str(k): 100.0 * v for k, v in zip(KAPPAS, pr)}
-    return RetrievalResult(cfg.dataset, maps, mps, int(len(q_ids)), int(len(db_ids)), unreadable)
+    return RetrievalResult(cfg.dataset, maps, mps, int(len(q_ids)), int(len(db_ids)), unreadable,
+                           "box" if cfg.crop_queries else "whole image")

@@ -48,7 +48,7 @@ def mini_oxford(tmp_path) -> Path:
     return root
 
 
-def _independent(weights, root, imsize, multiscale=False):
+def _independent(weights, root, imsize, multiscale=False, crop=False):
     from torchvision import transforms as T
 
     model = dinokit.load_backbone(str(weights)).eval()
@@ -72,7 +72,7 @@ def _independent(weights, root, imsize, multiscale=False):
         return (v / v.norm(dim=1, keepdim=True))[0]
 
     db = torch.stack([desc(n) for n in gnd["imlist"]])
-    q = torch.stack([desc(n, g["bbx"]) for n, g in zip(gnd["qimlist"], gnd["gnd"])])
+    q = torch.stack([desc(n, g["bbx"] if crop else None) for n, g in zip(gnd["qimlist"], gnd["gnd"])])
     ranks = torch.argsort(-(q @ db.T), dim=1).tolist()
     out = {}
     for proto in ("medium", "hard"):
@@ -87,16 +87,21 @@ def _independent(weights, root, imsize, multiscale=False):
     return out
 
 
-@pytest.mark.parametrize("multiscale", [False, True])
-def test_retrieval_cli_end_to_end(mini_oxford, tiny2_weights, tmp_path, multiscale):
+@pytest.mark.parametrize("multiscale,crop", [(False, False), (True, False), (False, True)])
+def test_retrieval_cli_end_to_end(mini_oxford, tiny2_weights, tmp_path, multiscale, crop):
     out = tmp_path / "run"
     args = ["retrieval", "--data", str(mini_oxford), "--dataset", "roxford5k", "--weights", str(tiny2_weights),
             "--image-size", "48", "--output", str(out), "--device", "cpu", "--quiet"]
-    res = run_cli(args + (["--multiscale"] if multiscale else []))
+    res = run_cli(args + (["--multiscale"] if multiscale else []) + (["--crop-queries"] if crop else []))
     assert res.exit_code == 0, res.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["queries"] == 2 and m["database"] == 8
-    want = _independent(tiny2_weights, mini_oxford, 48, multiscale)
+    assert m["query_region"] == ("box" if crop else "whole image") and m["config"]["crop_queries"] is crop
+    want = _independent(tiny2_weights, mini_oxford, 48, multiscale, crop)
+    if crop:  # the fixture's boxes change the scores, so the test tells the two protocols apart
+        other = _independent(tiny2_weights, mini_oxford, 48, multiscale, not crop)
+        assert any(abs(want[p][0] - other[p][0]) > 1e-3 or any(abs(want[p][1] - other[p][1]) > 1e-3)
+                   for p in ("medium", "hard"))
     for proto in ("medium", "hard"):
         assert m["mAP"][proto] == pytest.approx(want[proto][0], abs=1e-3)
         assert [m["mP@k"][proto][k] for k in ("1", "5", "10")] == pytest.approx(list(want[proto][1]), abs=1e-3)
