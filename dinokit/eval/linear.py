@@ -140,7 +140,9 @@ class LinearResult:
             return {"logistic": self.final}
         if self.mode == "evaluate":
             return {"linear": {"final": self.final}}
-        return {"linear": {"final": self.final, "best": self.best}}
+        # the headline is the best epoch, as the reference reports it and the paper quotes it
+        headline = {k: self.best[k] for k in ("top1", "top5", "epoch") if k in self.best}
+        return {"linear": {**headline, "final": self.final, "best": self.best}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,13 @@ def test_cli_images_path_checkpoint_and_evaluate(labelled_folder, tiny4_weights,
     r = run_cli(args)
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["linear"]) == {"final", "best"} and set(m["linear"]["final"]) == {"top1", "top5"}
+    assert set(m["linear"]) == {"top1", "top5", "epoch", "final", "best"} and set(m["linear"]["final"]) == {"top1", "top5"}
+    # the headline is the best epoch's accuracy (what the reference prints), the final one beside it
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    best = max(log, key=lambda rec: rec["top1"])  # the first epoch that reached the maximum
+    assert m["linear"]["top1"] == pytest.approx(best["top1"]) and m["linear"]["epoch"] == best["epoch"]
+    assert m["linear"]["top1"] >= m["linear"]["final"]["top1"]
+    assert r.output.index("best (epoch") < r.output.index("final (epoch")
     assert m["config"]["n_last_blocks"] == 4 and m["config"]["feature_dim"] == 4 * 192  # ViT-T like ViT-S
     assert m["config"]["mode"] == "images"
     # the saved probe, validated with --evaluate, gives the final epoch's accuracy
