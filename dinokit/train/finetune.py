@@ -69,6 +69,7 @@ from ..runtime import (
     ensure_finite_loss,
     init_distributed,
     is_dist,
+    max_over_ranks,
     precision_name,
     resolve_device,
     resolve_precision,
@@ -296,10 +297,12 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
         state.totals.images += n_img * env.world_size
         step += 1
         task.advance(1, loss=loss_value, lr=lr)
-        signum = agreed_stop_signal(stop)
+        # one collective a step: the stop and the checkpoint cadence are agreed across ranks together
+        agreed_signal, due = max_over_ranks([stop.signum or 0, cadence.due()], setup.device)
+        signum = int(agreed_signal)
         if signum and step < plan.niter:
             break
-        if step < plan.niter and cadence.agreed_due(setup.device):
+        if step < plan.niter and due:
             save_training_checkpoint(setup, state, epoch, step)
             cadence.saved()
     task.close()

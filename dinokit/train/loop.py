@@ -17,8 +17,6 @@ from pathlib import Path
 
 import torch
 
-from ..runtime import max_over_ranks
-
 
 class EpochSampler(torch.utils.data.Sampler):
     """A DistributedSampler (shuffle, drop_last) cut to whole batches, able to start mid-epoch.
@@ -91,10 +89,6 @@ class CheckpointCadence:
 
     def due(self) -> bool:
         return self.seconds > 0 and time.monotonic() - self.last >= self.seconds
-
-    def agreed_due(self, device: torch.device | None = None) -> bool:
-        """:meth:`due` on any rank, the same on every rank (the checkpoint gathers from all of them)."""
-        return bool(max_over_ranks([self.due()], device)[0])
 
     def saved(self) -> None:
         """A checkpoint was just written (at the cadence, at an epoch's end, or for a signal)."""
