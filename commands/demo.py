@@ -1,7 +1,8 @@
 """``dinokit demo``: the whole paper in miniature on a laptop CPU, with nothing to download.
 
-It generates the built-in data (``dinokit synth``), pretrains a small ViT with DINO within a time
-budget, then evaluates the trained model and the same model at random init side by side with the
+It generates the built-in data (``dinokit synth``), pretrains a small ViT with DINO for a fixed
+number of epochs (a fixed recipe: the same numbers on every run and every machine of a kind; a time
+budget is an option), then evaluates the trained model and the same model at random init side by side with the
 paper's protocols (k-NN, linear probe, attention Jaccard, DAVIS J&F on synthetic videos, Copydays
 ``strong`` mAP) and writes ``report.md`` and ``report.html`` with the table and pictures. Every
 step is an ordinary dinokit command whose run folder stays in the output for inspection.
@@ -24,11 +25,18 @@ from dinokit.io import prepare_output_dir, versions, write_json
 from ._common import Overwrite, Quiet, console, console_err
 from .demo_report import compose_pictures, table_rows, write_reports
 
+#: the default demo's pretraining length: a fixed recipe, so that its numbers do not depend on the
+#: machine's speed or load (chosen so that the whole demo stays within 10 minutes on an idle 2-core CPU)
+DEMO_EPOCHS = 12
+#: compute threads of every step: fixed, because reductions split over threads sum in another order;
+#: two, the cores of the small machines the demo is sized for (a bigger machine gives the same numbers)
+DEMO_THREADS = 2
+
 
 @dataclass
 class DemoPlan:
     output: Path
-    minutes: float
+    minutes: float | None = None
     arch: str = "vit_tiny"
     patch_size: int = 16
     image_size: int = 96
@@ -38,8 +46,18 @@ class DemoPlan:
     batch_size: int = 32
     classes: int = 10
     per_class: int = 100
+    video_sequences: int = 2
+    video_frames: int = 12
+    video_size: tuple[int, int] = (240, 427)
+    copydays_originals: int = 24
+    copydays_distractors: int = 48
+    copydays_size: int = 160
+    copy_image_size: int = 128
+    attn_picture_size: int = 192
     seed: int = 0
     epochs: int | None = None
+    threads: int = DEMO_THREADS
+    numerics: dict = field(default_factory=dict)
     quiet: bool = False
     overwrite: bool = False
     timings: dict[str, float] = field(default_factory=dict)
@@ -86,6 +104,8 @@ class _Timer:
         self.timings[self.name] = round(time.monotonic() - self.t, 1)
 
 
+
+
 def _common(plan: DemoPlan) -> list[str]:
     flags = ["--quiet"] if plan.quiet else []
     if plan.overwrite:
@@ -128,17 +148,17 @@ def _pretrain_recipe(plan: DemoPlan) -> list[str]:
         # hundred steps), a high lr, a small head and a sharp teacher
         "--lr", 5e-3, "--out-dim", 256, "--momentum-teacher", 0.9, "--weight-decay-end", 0.04,
         "--teacher-temp", 0.02, "--warmup-teacher-temp", 0.02,
-        "--num-workers", 1, "--seed", plan.seed,
+        "--num-workers", 1, "--seed", plan.seed, "--precision", "fp32", "--threads", plan.threads,
     ]  # fmt: skip
 
 
 def run_demo(plan: DemoPlan) -> dict:
     out = plan.output
     data = out / "data"
-    stage = _Stages(plan, total=10)
+    stage = _Stages(plan, total=10 if plan.minutes is not None else 9)
     t_start = time.monotonic()
-    budget = plan.minutes * 60.0
     common = _common(plan)
+    fp32 = ["--precision", "fp32"]
 
     with stage("built-in data: dinokit synth classify / video / copydays"):
         # flat shapes with class-correlated (noisy) colours and surface patterns, as real classes have:
@@ -147,22 +167,23 @@ def run_demo(plan: DemoPlan) -> dict:
               "--per-class", plan.per_class, "--size", plan.image_size, "--seed", plan.seed,
               "--style", "simple", "--class-colour", 0.7, "--class-texture", 1.0, *common],
              "synth classify")  # fmt: skip
-        _run(["synth", "video", "--output", data / "video", "--sequences", 2, "--frames", 12,
-              "--height", 240, "--width", 427, "--seed", plan.seed, *common], "synth video")  # fmt: skip
-        _run(["synth", "copydays", "--output", data / "copydays", "--originals", 24,
-              "--distractors", 48, "--whitening", 48, "--size", 160, "--seed", plan.seed, *common],
-             "synth copydays")  # fmt: skip
+        _run(["synth", "video", "--output", data / "video", "--sequences", plan.video_sequences,
+              "--frames", plan.video_frames, "--height", plan.video_size[0], "--width", plan.video_size[1],
+              "--seed", plan.seed, *common], "synth video")  # fmt: skip
+        _run(["synth", "copydays", "--output", data / "copydays", "--originals", plan.copydays_originals,
+              "--distractors", plan.copydays_distractors, "--whitening", plan.copydays_distractors,
+              "--size", plan.copydays_size, "--seed", plan.seed, *common], "synth copydays")  # fmt: skip
 
     n_train = sum(1 for _ in (data / "classify" / "train").rglob("*.png"))
-    with stage("measuring this machine's pretraining speed"):
-        if plan.epochs is None:
+    if plan.minutes is None:
+        epochs = plan.epochs or DEMO_EPOCHS
+    else:
+        with stage("measuring this machine's pretraining speed (--minutes)"):
             sec_per_image = _calibrate_pretrain(plan, data / "classify" / "train")
             # evaluating two models takes roughly a third of the budget on a 2-core CPU; the rest trains
             spent = time.monotonic() - t_start
-            pretrain_budget = max(30.0, 0.62 * budget - spent)
+            pretrain_budget = max(30.0, 0.62 * plan.minutes * 60.0 - spent)
             epochs = int(max(2, min(300, pretrain_budget / (sec_per_image * n_train * 1.1))))
-        else:
-            epochs = plan.epochs
     plan.timings["pretrain_epochs"] = epochs
 
     trained = out / "pretrain"
@@ -181,7 +202,7 @@ def run_demo(plan: DemoPlan) -> dict:
             run = evals / name / "knn"
             _run(["knn", *w, "--train", data / "classify" / "train", "--val", data / "classify" / "val",
                   "--resize", plan.image_size, "--crop", plan.image_size, "--k", "10,20",
-                  "--output", run, *common], f"knn {name}")  # fmt: skip
+                  "--output", run, *fp32, *common], f"knn {name}")  # fmt: skip
             m = _read_json(run / "metrics.json")
             results[name]["knn"] = float(m["knn"]["20"]["top1"])
 
@@ -190,7 +211,7 @@ def run_demo(plan: DemoPlan) -> dict:
             run = evals / name / "linear"
             _run(["linear", *w, "--train", data / "classify" / "train", "--val", data / "classify" / "val",
                   "--resize", plan.image_size, "--crop", plan.image_size, "--features-only",
-                  "--epochs", 100, "--lr", 0.5, "--output", run, *common], f"linear {name}")  # fmt: skip
+                  "--epochs", 100, "--lr", 0.5, "--output", run, *fp32, *common], f"linear {name}")  # fmt: skip
             m = _read_json(run / "metrics.json")
             results[name]["linear"] = float(m["linear"]["final"]["top1"])
 
@@ -198,38 +219,39 @@ def run_demo(plan: DemoPlan) -> dict:
         for name, w in weights.items():
             run = evals / name / "attn-eval"
             _run(["attn", *w, "--images", data / "classify" / "val", "--masks", data / "classify" / "masks" / "val",
-                  "--image-size", plan.image_size, "--output", run, *common], f"attn eval {name}")  # fmt: skip
+                  "--image-size", plan.image_size, "--output", run, *fp32, *common], f"attn eval {name}")  # fmt: skip
             results[name]["jaccard"] = float(_read_json(run / "metrics.json")["jaccard"])
             samples = sorted((data / "classify" / "val").rglob("*.png"))[::40][:4]
-            _run(["attn", *[str(s) for s in samples], *w, "--image-size", 192,
-                  "--output", evals / name / "attn-maps", *common], f"attn maps {name}")  # fmt: skip
+            _run(["attn", *[str(s) for s in samples], *w, "--image-size", plan.attn_picture_size,
+                  "--output", evals / name / "attn-maps", *fp32, *common], f"attn maps {name}")  # fmt: skip
 
     with stage("video object segmentation by label propagation (dinokit davis)"):
         for name, w in weights.items():
             run = evals / name / "davis"
-            _run(["davis", "--data", data / "video", *w, "--short-side", 240, "--visualize",
-                  "--num-workers", 0, "--output", run, *common], f"davis {name}")  # fmt: skip
+            _run(["davis", "--data", data / "video", *w, "--short-side", plan.video_size[0], "--visualize",
+                  "--num-workers", 0, "--output", run, *fp32, *common], f"davis {name}")  # fmt: skip
             results[name]["davis"] = float(_read_json(run / "metrics.json")["J&F-Mean"])
 
     with stage("copy detection, Copydays protocol (dinokit copydetect)"):
         for name, w in weights.items():
             run = evals / name / "copydetect"
             _run(["copydetect", "--data", data / "copydays" / "copydays", *w,
-                  "--distractors", data / "copydays" / "distractors", "--image-size", 128,
-                  "--output", run, *common], f"copydetect {name}")  # fmt: skip
+                  "--distractors", data / "copydays" / "distractors", "--image-size", plan.copy_image_size,
+                  "--output", run, *fp32, *common], f"copydetect {name}")  # fmt: skip
             results[name]["copydays"] = float(_read_json(run / "metrics.json")["mAP"]["strong"])
 
     with stage("near-duplicate search with the trained model (dinokit duplicates)"):
         _run(["duplicates", data / "copydays" / "copydays" / "strong",
               "--against", data / "copydays" / "copydays" / "original", *weights["trained"],
-              "--image-size", 128, "--threshold", 0.5, "--sheet-pairs", 8,
-              "--output", evals / "trained" / "duplicates", *common], "duplicates")  # fmt: skip
+              "--image-size", plan.copy_image_size, "--threshold", 0.5, "--sheet-pairs", 8,
+              "--output", evals / "trained" / "duplicates", *fp32, *common], "duplicates")  # fmt: skip
 
     with stage("report"):
         pictures = compose_pictures(out, evals)
         summary = {
             "results": results,
             "pretrain_epochs": epochs,
+            "numerics": plan.numerics,
             "seconds": round(time.monotonic() - t_start, 1),
             "timings": plan.timings,
             "config": {k: str(v) for k, v in plan.__dict__.items() if k != "timings"},
@@ -242,29 +264,42 @@ def run_demo(plan: DemoPlan) -> dict:
 
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="The demo's run folder.")] = Path("runs/demo"),
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", min=1, help=f"Pretraining epochs (default {DEMO_EPOCHS}, the fixed recipe)."),
+    ] = None,
     minutes: Annotated[
-        float, typer.Option("--minutes", min=2.0, help="Time budget; the pretraining length is fitted to it.")
-    ] = 8.0,
+        float | None,
+        typer.Option(
+            "--minutes", min=2.0,
+            help="A time budget instead of the fixed recipe: the pretraining length is fitted to this "
+            "machine's speed, so the numbers then depend on the machine and its load.",
+        ),
+    ] = None,
     arch: Annotated[str, typer.Option("--arch", help="Backbone to pretrain (vit_tiny keeps it quick).")] = "vit_tiny",
     per_class: Annotated[
         int, typer.Option("--per-class", min=4, help="Images per class in the built-in classification set.")
     ] = 100,
-    epochs: Annotated[
-        int | None, typer.Option("--epochs", min=1, help="Pretraining epochs (default: fitted to --minutes).")
-    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Generate built-in data, pretrain a small ViT with DINO, and compare it with random init on every
-    protocol of the paper; writes OUT/report.md and OUT/report.html."""
+    protocol of the paper; writes OUT/report.md and OUT/report.html. The default recipe is fixed and
+    computes on two threads with pinned CPU kernels, so its numbers are the same on every run."""
+    from dinokit.runtime import pin_cpu_numerics
+
     from ._common import setup_logging
 
+    if epochs is not None and minutes is not None:
+        raise DinokitError("Give --epochs or --minutes, not both: --minutes fits the number of epochs to a time budget.")
+    # before anything computes: the kernels are chosen at the first tensor operation of the process
+    numerics = pin_cpu_numerics(threads=DEMO_THREADS)
     setup_logging(quiet)
     out = prepare_output_dir(output, overwrite=overwrite)
     plan = DemoPlan(
         output=out, minutes=minutes, arch=arch, per_class=per_class, epochs=epochs, seed=seed, quiet=quiet,
-        overwrite=overwrite,
+        overwrite=overwrite, threads=DEMO_THREADS, numerics=numerics,
     )
     summary = run_demo(plan)
     from rich.table import Table

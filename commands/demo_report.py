@@ -7,7 +7,7 @@ import html
 import shutil
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from dinokit.io import atomic_write_text
 
@@ -35,11 +35,27 @@ WHY_NOT = {
 
 
 # -- pictures -----------------------------------------------------------------------------------
+def _caption_font(size: int = 22) -> ImageFont.ImageFont:
+    """A scalable font for captions (Pillow's bundled one); the 11-pixel bitmap font where Pillow
+    has no FreeType."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
 def _label(im: Image.Image, text: str) -> Image.Image:
-    """The picture under an 18-pixel caption line."""
-    canvas = Image.new("RGB", (im.width, im.height + 18), "white")
-    canvas.paste(im.convert("RGB"), (0, 18))
-    ImageDraw.Draw(canvas).text((4, 3), text, fill="black")
+    """The picture under a caption line. The report shows pictures at most 960 pixels wide, so the
+    text is 22 pixels high at that width whatever the picture's own width: it reads like the page's
+    text."""
+    size = max(22, round(22 * im.width / 960))
+    font = _caption_font(size)
+    box = ImageDraw.Draw(im).textbbox((0, 0), text, font=font)
+    pad = size // 3
+    line = box[3] - box[1] + 2 * pad
+    canvas = Image.new("RGB", (max(im.width, box[2] + 2 * pad), im.height + line), "white")
+    canvas.paste(im.convert("RGB"), (0, line))
+    ImageDraw.Draw(canvas).text((pad, pad - box[1]), text, fill="black", font=font)
     return canvas
 
 

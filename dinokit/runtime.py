@@ -89,6 +89,31 @@ def loader_workers(requested: int, device: torch.device, world_size: int = 1) ->
     return max(0, min(int(requested), cores))
 
 
+#: the environment that fixes which CPU kernels compute: ATen's vectorised kernels, oneDNN's
+#: convolutions and matrix products, and MKL's, all at their AVX2 level, which every x86-64 CPU of the
+#: last decade has. Kernels of different widths sum in different orders, so without this an AVX-512
+#: machine and an AVX2 machine of the same name give results that differ in the last bits, and a
+#: short training run amplifies those bits into different metrics.
+PINNED_CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+
+
+def pin_cpu_numerics(threads: int = 1) -> dict:
+    """Make CPU results independent of the machine: ``threads`` compute threads (reductions split
+    over threads sum in another order) and the kernels of :data:`PINNED_CPU_KERNELS`.
+
+    The kernel choice is read when torch computes for the first time in a process, so this takes
+    full effect only before the first tensor operation (as in a fresh ``dinokit`` process); variables
+    the user has set are left as they are. Returns what holds now, for the run's record."""
+    for key, value in PINNED_CPU_KERNELS.items():
+        os.environ.setdefault(key, value)
+    torch.set_num_threads(int(threads))
+    return {
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **{key: os.environ[key] for key in PINNED_CPU_KERNELS},
+    }
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; under torchrun each rank takes its LOCAL_RANK GPU."""
     name = (name or "auto").lower()

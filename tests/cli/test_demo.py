@@ -49,3 +49,42 @@ def test_demo_refuses_a_non_empty_output(tmp_path):
     assert r.exit_code == 2
     assert "--overwrite" in r.output
     assert json.loads(json.dumps(sorted(p.name for p in tmp_path.iterdir()))) == ["keep.txt"]
+
+
+def _tiny_plan(out):
+    from dinokit.commands.demo import DemoPlan
+
+    return DemoPlan(
+        output=out, epochs=1, arch="vit_tiny", image_size=32, global_size=32, local_size=16, local_crops=2,
+        batch_size=8, classes=3, per_class=8, video_sequences=1, video_frames=3, video_size=(48, 64),
+        copydays_originals=3, copydays_distractors=2, copydays_size=48, copy_image_size=32,
+        attn_picture_size=32, threads=1, quiet=True,
+    )
+
+
+@pytest.mark.slow
+def test_the_fixed_recipe_gives_the_same_numbers_twice(tmp_path, one_thread):
+    """The demo is a fixed recipe: two runs in a row give the same metrics.json results, to the bit
+    (the time budget, which depends on the machine, is an option, not the default)."""
+    from dinokit.commands.demo import run_demo
+
+    first = run_demo(_tiny_plan(tmp_path / "a"))
+    second = run_demo(_tiny_plan(tmp_path / "b"))
+    assert first["pretrain_epochs"] == second["pretrain_epochs"] == 1
+    assert set(first["results"]["trained"]) == {"knn", "linear", "jaccard", "davis", "copydays"}
+    assert first["results"] == second["results"]
+    on_disk = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert on_disk["results"] == first["results"]
+    # the pretrained weights themselves, not only the rounded metrics
+    import torch
+
+    wa = torch.load(tmp_path / "a" / "pretrain" / "backbone.pth", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "pretrain" / "backbone.pth", weights_only=True)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_epochs_and_minutes_together_are_refused(tmp_path):
+    r = run_cli(["demo", "--output", str(tmp_path / "d"), "--epochs", "3", "--minutes", "5"])
+    assert r.exit_code != 0
+    assert "--epochs or --minutes" in r.output
+    assert not (tmp_path / "d").exists()
