@@ -509,3 +509,46 @@ def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
     with atomic_open(path, "wb") as f:
         sheet.save(f, format="PNG")
     return path
+
+
+def similar_sheet(rows: Sequence, path: str | os.PathLike, max_rows: int = 24, thumb: int = 128) -> Path | None:
+    """A PNG with one row per query: the query image, then its matches in rank order, each captioned
+    with its rank, similarity and name (``rows``: :class:`dinokit.eval.near_duplicates.SimilarQuery`)."""
+    rows = [r for r in rows if r.matches][:max_rows]
+    if not rows:
+        return None
+    k = max(len(r.matches) for r in rows)
+    pad, gap = 8, 12  # gap: the space between the query and its matches
+    font = _font(12)
+    line = 15
+    row_h = thumb + 2 * line + pad
+    width = pad + thumb + gap + k * (thumb + pad)
+    sheet = Image.new("RGB", (width, pad + row_h * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+
+    def tile(p: str) -> Image.Image:
+        try:
+            im = open_rgb(p)
+        except DinokitError:
+            return Image.new("RGB", (thumb, thumb), (200, 200, 200))
+        im.thumbnail((thumb, thumb))
+        return im
+
+    def put(p: str, x: int, y: int, first: str, second: str, bold: bool = False) -> None:
+        im = tile(p)
+        sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+        if bold:
+            draw.rectangle([x - 2, y - 2, x + thumb + 1, y + thumb + 1], outline=(31, 119, 180), width=2)
+        draw.text((x, y + thumb + 2), fit_text(first, font, thumb), fill=(0, 0, 0), font=font)
+        draw.text((x, y + thumb + 2 + line), fit_text(second, font, thumb), fill=(90, 90, 90), font=font)
+
+    for r, q in enumerate(rows):
+        y = pad + r * row_h
+        put(q.query, pad, y, "query", Path(q.query).name, bold=True)
+        for c, m in enumerate(q.matches):
+            x = pad + thumb + gap + c * (thumb + pad)
+            put(m.image, x, y, f"{m.rank}. {m.score:.3f}", "/".join(Path(m.image).parts[-2:]))
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        sheet.save(f, format="PNG")
+    return path
