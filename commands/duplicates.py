@@ -121,7 +121,7 @@ def duplicates(
         print_table(f"Near-duplicate pairs (similarity >= {result.threshold:g})", ["#", "score", "image", "image"], rows)
     searched = f"{result.n_images} images" + (f" against {result.n_against}" if cfg.against else "")
     console.print(
-        f"{len(result.pairs)} pairs in {len(result.clusters)} clusters "
+        f"{len(result.pairs)} pairs in {len(result.clusters)} cluster{'' if len(result.clusters) == 1 else 's'} "
         f"({sum(len(c.images) for c in result.clusters)} images) among {searched}; embedded {result.embedded} new images, "
         f"reused {result.reused}" + (f", skipped {result.unreadable} unreadable" if result.unreadable else "") + "."
     )
