@@ -229,13 +229,19 @@ def blend_heatmap(image: np.ndarray, values: np.ndarray, cmap: str = "viridis", 
     return np.clip(np.round((1 - alpha) * img + alpha * heat), 0, 255).astype(np.uint8)
 
 
+def caption_size(width: int) -> int:
+    """The font size of a caption for a picture ``width`` pixels wide: about a twentieth of it, so the
+    text keeps its size relative to the page, between 11 and 32 pixels."""
+    return int(min(32, max(11, width // 20)))
+
+
 def legend(colors: np.ndarray, labels: Sequence[str], width: int, font_size: int = 13) -> np.ndarray:
     """A white strip ``width`` pixels wide with a colour swatch and its label per entry, in as many rows
     as the width needs (the key of a mask picture drawn in :func:`distinct_colors`)."""
     font = _font(font_size)
-    sw, gap, pad = font_size, 6, 4
+    sw, gap, pad, sep = font_size, max(6, font_size), 4, max(4, font_size // 3)
     items = [(tuple(int(v) for v in c), str(t)) for c, t in zip(np.asarray(colors), labels)]
-    widths = [sw + 4 + int(font.getlength(t)) + gap for _, t in items]
+    widths = [sw + sep + int(font.getlength(t)) + gap for _, t in items]
     rows: list[list[int]] = [[]]
     x = pad
     for i, w in enumerate(widths):
@@ -252,8 +258,8 @@ def legend(colors: np.ndarray, labels: Sequence[str], width: int, font_size: int
         for i in idx:
             color, text = items[i]
             draw.rectangle([x, y + 2, x + sw - 1, y + 1 + sw], fill=color, outline=(60, 60, 60))
-            text = fit_text(text, font, width - x - sw - 4 - pad)
-            draw.text((x + sw + 4, y + 1), text, fill=(0, 0, 0), font=font)
+            text = fit_text(text, font, width - x - sw - sep - pad)
+            draw.text((x + sw + sep, y + 1), text, fill=(0, 0, 0), font=font)
             x += widths[i]
     return np.asarray(canvas)
 
@@ -291,7 +297,7 @@ def make_grid(tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, 
         h, w = h * scale, w * scale
     cols = max(1, min(cols, len(tiles)))
     rows = (len(tiles) + cols - 1) // cols
-    font_size = int(min(16, max(11, w // 14)))
+    font_size = caption_size(w)
     lh = (label_height or font_size + 6) if labels else 0
     canvas = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + lh + pad) + pad), background)
     draw = ImageDraw.Draw(canvas)

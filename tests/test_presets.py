@@ -123,3 +123,14 @@ def test_catalogue_follows_the_tables_and_the_cache(tmp_path):
     cat = {p.name: p for p in preset_catalogue()}
     assert cat[first].cached and cat[first].cache_path == str(path) and cat[first].file == path.name
     assert all(r.repo_id.startswith("facebook/") for r in hf_catalogue())
+
+
+def test_cli_repo_id_offline_is_one_sentence(tmp_path, monkeypatch):
+    from tests.helpers import make_image, run_cli
+
+    _fake_hub(monkeypatch, {}, [])
+    make_image(tmp_path / "a.png", size=(32, 32))
+    r = run_cli(["features", "--weights", "facebook/dino-vits16", "--data", tmp_path, "--output",
+                 tmp_path / "f.pt", "--quiet"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "https://huggingface.co/facebook/dino-vits16" in r.text and "pytorch_model.bin" in r.text

@@ -243,13 +243,15 @@ def write_image_maps(folder: Path, res: ImageAttention, threshold: float, photo_
     masks_pic = shown(viz.overlay_masks(res.image, viz.upsample_nearest(res.masks, p), colors, alpha=0.5,
                                         thickness=2))
     big = viz.enlarge(masks_pic, 220)
-    viz.save_png(folder / "masks.png", viz.stack_vertical([big, viz.legend(colors, head_names, big.shape[1])]))
+    key = viz.legend(colors, head_names, big.shape[1], font_size=max(13, viz.caption_size(big.shape[1])))
+    viz.save_png(folder / "masks.png", viz.stack_vertical([big, key]))
     top = viz.make_grid([shown(res.image), mean_overlay, masks_pic],
                         ["input", "mean of heads", f"masks, {threshold:.0%} of the mass"], cols=3)
     _, cols = viz.grid_shape(heads, masks_pic.shape[1] / masks_pic.shape[0], header=3)
     grid = viz.make_grid(overlays, head_names, cols=cols)
-    viz.save_png(folder / "grid.png", viz.stack_vertical([top, grid, viz.legend(colors, head_names,
-                                                                                  max(top.shape[1], grid.shape[1]))]))
+    width = max(top.shape[1], grid.shape[1])
+    key = viz.legend(colors, head_names, width, font_size=max(13, viz.caption_size(viz.enlarge(overlays[0], 160).shape[1])))
+    viz.save_png(folder / "grid.png", viz.stack_vertical([top, grid, key]))
     buf = io.BytesIO()
     np.savez_compressed(
         buf,
