@@ -95,17 +95,12 @@ def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
         raise
 
 
-def preset_url(url_path: str) -> str:
-    """Where a preset's file is downloaded from (a table entry is a full URL or a path under BASE_URL)."""
-    return url_path if "://" in url_path else BASE_URL + url_path
-
-
 def fetch_preset_file(url_path: str, name: str) -> Path:
     """The cached file of a preset, downloading it once when online."""
     dest = preset_cache_path(url_path)
     if dest.is_file():
         return dest
-    url = preset_url(url_path)
+    url = BASE_URL + url_path
     where = f"download {url} and put it at {dest} (torch.hub's cache; set TORCH_HOME to move it)"
     if is_offline():
         raise CheckpointError(f"The preset {name!r} is not in the cache and DINOKIT_OFFLINE is set: {where}.")
@@ -134,12 +129,20 @@ class PresetInfo:
     arch: str
     patch_size: int | None
     file: str  #: the file name in torch.hub's cache
-    url: str
+    url: str | None  #: where it is downloaded from; None for a file without a public address
     cache_path: str
     cached: bool
     aliases: list[str]
     linear_head: str | None  #: the file of its released linear head, if any
     linear_head_cached: bool
+
+
+def preset_url(url_path: str) -> str | None:
+    """Where a preset's file is downloaded from: a table entry is a full URL, a path under BASE_URL,
+    or a bare file name (a file without a public address, requested elsewhere: None)."""
+    if "://" in url_path:
+        return url_path
+    return BASE_URL + url_path if "/" in url_path else None
 
 
 def preset_catalogue() -> list[PresetInfo]:

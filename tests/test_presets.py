@@ -134,3 +134,11 @@ def test_cli_repo_id_offline_is_one_sentence(tmp_path, monkeypatch):
                  tmp_path / "f.pt", "--quiet"])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert "https://huggingface.co/facebook/dino-vits16" in r.text and "pytorch_model.bin" in r.text
+
+
+def test_preset_url_of_each_kind_of_table_entry():
+    from dinokit.presets import BASE_URL, preset_url
+
+    assert preset_url("https://example.org/w/x.pth") == "https://example.org/w/x.pth"
+    assert preset_url("dino_x/dino_x.pth") == BASE_URL + "dino_x/dino_x.pth"
+    assert preset_url("gated_file.pth") is None  # a file requested elsewhere has no address

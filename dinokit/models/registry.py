@@ -106,12 +106,19 @@ def arch_catalogue() -> list[dict]:
     out = []
     for arch in ARCHS:
         aliases = [a for a, target in ARCH_ALIASES.items() if target == arch]
-        if arch in VIT_SHAPES:
-            shape = VIT_SHAPES[arch]
-            out.append({"arch": arch, "kind": "ViT", "embed_dim": shape["embed_dim"], "depth": shape["depth"],
-                        "num_heads": shape["num_heads"], "aliases": aliases})
-        else:
-            kind = "ResNet" if arch.startswith("resnet") else "other"
-            out.append({"arch": arch, "kind": kind, "embed_dim": FEATURE_DIMS.get(arch), "depth": None,
-                        "num_heads": None, "aliases": aliases})
+        shape = arch_shape(arch)
+        kind = "ViT" if is_vit_arch(arch) else "ResNet" if arch.startswith("resnet") else "other"
+        out.append({
+            "arch": arch,
+            "kind": kind,
+            "embed_dim": shape.get("embed_dim", FEATURE_DIMS.get(arch)),
+            "depth": shape.get("depth"),
+            "num_heads": shape.get("num_heads"),
+            "aliases": aliases,
+        })
     return out
+
+
+def arch_shape(arch: str) -> dict:
+    """The width, depth and heads of a named ViT from its shape table (empty for other backbones)."""
+    return dict(VIT_SHAPES.get(arch, {}))
