@@ -16,6 +16,7 @@ from ._common import DinokitGroup, console_err, version_callback
 
 COMMAND_MODULES = (
     "info",
+    "models",
     "pretrain",
     "features",
     "knn",
@@ -27,6 +28,7 @@ COMMAND_MODULES = (
     "davis_score",
     "copydetect",
     "duplicates",
+    "similar",
     "retrieval",
     "synth",
     "demo",

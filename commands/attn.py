@@ -45,6 +45,11 @@ def attn(
                      help="Resize images to (S, S) (video frames: shorter side S) before cropping to a multiple "
                      "of the patch size; 0 keeps the original size."),
     ] = 480,
+    keep_aspect: Annotated[
+        bool,
+        typer.Option("--keep-aspect", help="Resize the shorter side to S and keep the photo's aspect ratio "
+                     "(maps and evaluation; the Jaccard protocol's default is the square resize)."),
+    ] = False,
     threshold: Annotated[
         float, typer.Option("--threshold", help="Fraction of each head's attention mass its mask keeps (0-1].")
     ] = 0.6,
@@ -116,6 +121,7 @@ def attn(
         patch_size=patch_size,
         checkpoint_key=checkpoint_key,
         image_size=image_size or None,
+        keep_aspect=keep_aspect,
         threshold=threshold,
         batch_size=batch_size,
         num_workers=num_workers,

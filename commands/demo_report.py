@@ -85,11 +85,12 @@ def compose_pictures(out: Path, evals: Path) -> dict[str, str]:
     for name in ("random", "trained"):
         tiles = []
         for d in sorted((evals / name / "attn-maps").glob("*/")):
-            for fname in ("masks.png", "attn-mean.png"):
+            for fname in ("masks.png", "overlay-mean.png"):  # masks.png carries the key of head colours
                 if (d / fname).is_file():
-                    tiles.append(Image.open(d / fname).convert("RGB").resize((144, 144)))
+                    t = Image.open(d / fname).convert("RGB")
+                    tiles.append(t.resize((168 * t.width // t.height, 168)))
         if tiles:
-            rows.append(_label(_stack(tiles, vertical=False), f"{name} init: head masks and head-mean map"))
+            rows.append(_label(_stack(tiles, vertical=False), f"{name} init: head masks and the heads' mean over the image"))
     if rows:
         _stack(rows, vertical=True).save(fig / "attention.png")
         pics["attention"] = "figures/attention.png"

@@ -78,10 +78,11 @@ def duplicates(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Find near-duplicate images: pairs with their similarity (pairs.csv, pairs.json) and a contact
+    """Find near-duplicate images: pairs with their similarity (pairs.csv, pairs.json), the groups
+    they join (clusters.csv, clusters.json: an image and its copies are one cluster) and a contact
     sheet of the closest pairs (pairs.png). Descriptors are stored in OUT/index and reused when the
     command is run again with --overwrite: only new or changed images are embedded."""
-    from dinokit.eval.near_duplicates import DuplicatesConfig, find_duplicates, write_pairs
+    from dinokit.eval.near_duplicates import DuplicatesConfig, find_duplicates, write_clusters, write_pairs
     from dinokit.io import prepare_output_dir, write_metrics
     from dinokit.viz import contact_sheet
 
@@ -112,6 +113,7 @@ def duplicates(
     if not is_main_process():
         return
     write_pairs(result, output)
+    write_clusters(result, output)
     sheet = contact_sheet(result.pairs, output / "pairs.png", max_pairs=sheet_pairs) if sheet_pairs else None
     write_metrics(output, result.summary(), config=asdict(cfg))
     rows = [[i + 1, f"{p.score:.3f}", p.image_a, p.image_b] for i, p in enumerate(result.pairs[:10])]
@@ -119,7 +121,8 @@ def duplicates(
         print_table(f"Near-duplicate pairs (similarity >= {result.threshold:g})", ["#", "score", "image", "image"], rows)
     searched = f"{result.n_images} images" + (f" against {result.n_against}" if cfg.against else "")
     console.print(
-        f"{len(result.pairs)} pairs among {searched}; embedded {result.embedded} new images, "
+        f"{len(result.pairs)} pairs in {len(result.clusters)} cluster{'' if len(result.clusters) == 1 else 's'} "
+        f"({sum(len(c.images) for c in result.clusters)} images) among {searched}; embedded {result.embedded} new images, "
         f"reused {result.reused}" + (f", skipped {result.unreadable} unreadable" if result.unreadable else "") + "."
     )
     q = result.nearest_neighbour_quantiles

@@ -39,7 +39,9 @@ Crop = Annotated[int, typer.Option("--crop", min=1, help="Centre crop size in pi
 def features(
     data: Annotated[Path, typer.Option("--data", "-d", help="A labelled ImageFolder root or any folder of images.")],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="The features file (.pt), or a folder with --format npy.")
+        Path,
+        typer.Option("--output", "-o", help="The features file (.pt, or .csv with --format csv), or a folder "
+                     "with --format npy."),
     ],
     weights: OptionalWeights = None,
     arch: Arch = None,
@@ -47,7 +49,11 @@ def features(
     checkpoint_key: CheckpointKey = "teacher",
     n_last_blocks: NLastBlocks = 1,
     avgpool_patch_tokens: AvgPool = False,
-    fmt: Annotated[str, typer.Option("--format", help="pt (one file for dinokit) or npy (features.npy + paths.txt).")] = "pt",
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="pt (one file for dinokit), npy (features.npy + paths.txt) or csv (one "
+                     "row per image: path, label, then the dimensions; for spreadsheets and pandas)."),
+    ] = "pt",
     resize: Resize = 256,
     crop: Crop = 224,
     batch_size: BatchSize = 64,
@@ -66,9 +72,13 @@ def features(
     from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
     setup_logging(quiet)
-    if fmt not in ("pt", "npy"):
-        raise DinokitError(f"Unknown --format {fmt!r}; use pt or npy.")
-    target = output / "features.npy" if fmt == "npy" and output.suffix != ".npy" else output
+    if fmt not in ("pt", "npy", "csv"):
+        raise DinokitError(f"Unknown --format {fmt!r}; use pt, npy or csv.")
+    target = output
+    if fmt == "npy" and output.suffix != ".npy":
+        target = output / "features.npy"
+    elif fmt == "csv" and output.suffix != ".csv":
+        target = output / "features.csv"
     check_output_file(target, overwrite)
     spec = FeatureSpec(
         weights=weights,

@@ -32,7 +32,14 @@ from .errors import CheckpointError, DinokitError
 from .io import torch_save_atomic
 from .models.head import FinetuneModel
 from .models.registry import VIT_SHAPES, build_backbone, canonical_arch, is_vit_arch
-from .presets import LINEAR_PRESETS, PRESETS, fetch_preset_file, resolve_preset
+from .presets import (
+    LINEAR_PRESETS,
+    PRESETS,
+    fetch_hf_weights,
+    fetch_preset_file,
+    is_hf_repo_id,
+    resolve_preset,
+)
 from .runtime import RuntimeOptions, inference_model, resolve_device, resolve_precision, seed_everything
 
 log = logging.getLogger("dinokit")
@@ -411,6 +418,8 @@ def load_backbone(
         model.weights_source = weights
         return model
     path = Path(weights).expanduser()
+    if not path.exists() and is_hf_repo_id(weights):  # a local path of that name wins
+        path = fetch_hf_weights(weights)
     if not path.exists():
         known = ", ".join(["random", *PRESETS])
         if os.sep in weights or "." in weights:

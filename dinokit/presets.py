@@ -1,15 +1,22 @@
 """The released DINO checkpoints by name: the preset tables, and fetching a preset's file once into
 torch.hub's cache (``$TORCH_HOME/hub/checkpoints``). ``DINOKIT_OFFLINE=1`` never downloads: a preset
-that is not in the cache then fails at once with the sentence that says where to put the file."""
+that is not in the cache then fails at once with the sentence that says where to put the file.
+
+Hugging Face repository ids (``facebook/dino-vits16``) are fetched through the hub's own client and
+cache when ``huggingface_hub`` is installed (the ``hf`` extra); :func:`preset_catalogue` and
+:func:`hf_catalogue` describe what there is and what is cached, for ``dinokit models``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -109,3 +116,169 @@ def fetch_preset_file(url_path: str, name: str) -> Path:
 def resolve_preset(name: str) -> tuple[str, str, int | None] | None:
     key = PRESET_ALIASES.get(name, name)
     return PRESETS.get(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# What there is: the tables as records, with what the caches hold
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PresetInfo:
+    """One preset of :data:`PRESETS` as ``dinokit models`` lists it."""
+
+    name: str
+    arch: str
+    patch_size: int | None
+    file: str  #: the file name in torch.hub's cache
+    url: str | None  #: where it is downloaded from; None for a file without a public address
+    cache_path: str
+    cached: bool
+    aliases: list[str]
+    linear_head: str | None  #: the file of its released linear head, if any
+    linear_head_cached: bool
+
+
+def preset_url(url_path: str) -> str | None:
+    """Where a preset's file is downloaded from: a table entry is a full URL, a path under BASE_URL,
+    or a bare file name (a file without a public address, requested elsewhere: None)."""
+    if "://" in url_path:
+        return url_path
+    return BASE_URL + url_path if "/" in url_path else None
+
+
+def preset_catalogue() -> list[PresetInfo]:
+    """Every preset of the tables, in table order, with whether its file is in the cache."""
+    out = []
+    for name, entry in PRESETS.items():
+        url_path, arch, patch = entry[0], entry[1], entry[2]
+        path = preset_cache_path(url_path)
+        head = LINEAR_PRESETS.get(name)
+        out.append(
+            PresetInfo(
+                name=name,
+                arch=arch,
+                patch_size=patch,
+                file=path.name,
+                url=preset_url(url_path),
+                cache_path=str(path),
+                cached=path.is_file(),
+                aliases=[a for a, target in PRESET_ALIASES.items() if target == name],
+                linear_head=os.path.basename(head) if head else None,
+                linear_head_cached=bool(head) and preset_cache_path(head).is_file(),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face repository ids
+# ---------------------------------------------------------------------------------------------
+#: the DINO backbones published on the Hugging Face hub (any other ViT repo id works too)
+HF_REPOS: dict[str, tuple[str, int]] = {
+    "facebook/dino-vits16": ("vit_small", 16),
+    "facebook/dino-vits8": ("vit_small", 8),
+    "facebook/dino-vitb16": ("vit_base", 16),
+    "facebook/dino-vitb8": ("vit_base", 8),
+}
+
+#: the weight files of a Hugging Face repository dinokit reads, in order of preference
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".pkl", ".npz", ".tar")
+
+
+def is_hf_repo_id(weights: str) -> bool:
+    """Whether ``weights`` reads as a Hugging Face repository id (``owner/name``) rather than a path:
+    one slash, no file suffix, and no local folder of the owner's name (``runs/x`` with a ``runs/``
+    folder here is a missing local file, not a repository)."""
+    w = str(weights)
+    if not _REPO_ID.match(w) or w.lower().endswith(_FILE_SUFFIXES):
+        return False
+    return not Path(w.split("/")[0]).exists()
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub's cache folder (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _hf_where(repo_id: str) -> str:
+    return (
+        f"download {' or '.join(HF_WEIGHT_FILES)} from https://huggingface.co/{repo_id} into a folder and pass "
+        "that folder (or the file) to --weights"
+    )
+
+
+def _hf_offline() -> bool:
+    return is_offline() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def fetch_hf_weights(repo_id: str) -> Path:
+    """The local file of a Hugging Face repository's weights, through ``huggingface_hub``'s client and
+    cache (downloaded once; only the cache when offline). Without the package, or when the file can
+    be neither found in the cache nor fetched, one sentence says where to put the files."""
+    try:
+        import huggingface_hub
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError:
+        raise CheckpointError(
+            f"--weights {repo_id} looks like a Hugging Face repository, and fetching it needs huggingface_hub "
+            f"(pip install 'dinokit[hf]'); or {_hf_where(repo_id)}."
+        ) from None
+    offline = _hf_offline()
+    names = list(HF_WEIGHT_FILES)
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        names.remove("model.safetensors")
+    reasons = []
+    for name in names:
+        try:
+            path = huggingface_hub.hf_hub_download(repo_id, name, local_files_only=offline)
+        except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError in recent versions)
+            reasons.append(f"{name} not cached" if offline else f"{name} not cached and not reachable")
+            continue
+        except EntryNotFoundError:
+            reasons.append(f"no {name} in the repository")
+            continue
+        except Exception as e:  # an unknown repository, no network, ...
+            reasons.append(_short_reason(e))
+            continue
+        log.info("weights of %s: %s", repo_id, path)
+        return Path(path)
+    state = "is not in the Hugging Face cache and offline mode is set" if offline else "could not be fetched"
+    raise CheckpointError(
+        f"The Hugging Face repository {repo_id} {state} ({'; '.join(dict.fromkeys(reasons))}): {_hf_where(repo_id)}."
+    )
+
+
+def _short_reason(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+@dataclass
+class HfRepoInfo:
+    """One repository of :data:`HF_REPOS` as ``dinokit models`` lists it."""
+
+    repo_id: str
+    arch: str
+    patch_size: int
+    cached: bool  #: a weight file of it is in the Hugging Face cache
+
+
+def hf_catalogue() -> list[HfRepoInfo]:
+    """The known Hugging Face DINO repositories, with whether a weight file of each is in the cache
+    (read from the cache folder, without the network or huggingface_hub)."""
+    cache = hf_cache_dir()
+    out = []
+    for repo_id, (arch, patch) in HF_REPOS.items():
+        snapshots = cache / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+        cached = snapshots.is_dir() and any(
+            (snap / name).is_file() for snap in snapshots.iterdir() for name in HF_WEIGHT_FILES
+        )
+        out.append(HfRepoInfo(repo_id, arch, patch, cached))
+    return out

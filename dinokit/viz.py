@@ -167,18 +167,141 @@ def _font(size: int = 12):
         return ImageFont.load_default()
 
 
-def make_grid(tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, cols: int = 4,
-              pad: int = 4, label_height: int = 16, background=(255, 255, 255)) -> np.ndarray:
-    """Tile RGB pictures (resized to the first one's size) in rows of ``cols`` with a caption above each."""
+def fit_text(text: str, font, width: float) -> str:
+    """``text`` cut at the end (with "...") so that it is at most ``width`` pixels wide in ``font``."""
+    text = str(text)
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text.rstrip() + "..." if text else ""
+
+
+def grid_shape(n: int, tile_aspect: float = 1.0, target_aspect: float = 4 / 3, header: int = 0) -> tuple[int, int]:
+    """(rows, cols) for ``n`` tiles of width/height ``tile_aspect``: few empty cells and a page close to
+    ``target_aspect`` (6 square tiles -> 2x3, 12 -> 3x4, 16 -> 4x4). ``header`` tiles in one row
+    above the grid count in the page's shape."""
+    if n <= 0:
+        raise ValueError("a grid needs at least one tile")
+    best, best_score = (1, n), float("inf")
+    for cols in range(1, n + 1):
+        rows = -(-n // cols)
+        empty = rows * cols - n
+        if empty >= cols:  # a whole empty row
+            continue
+        width, height = max(cols, header), rows + (1 if header else 0)
+        empty = width * height - n - header  # empty cells of the whole page
+        score = abs(np.log(width * tile_aspect / height / target_aspect)) + 0.3 * empty
+        if score < best_score - 1e-9:
+            best, best_score = (rows, cols), score
+    return best
+
+
+def to_aspect(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A picture resampled (bilinear) to the proportions of ``size`` = (width, height), its height kept:
+    a square network input shown at the photo's own aspect ratio."""
+    arr = np.asarray(picture, dtype=np.uint8)
+    h, w = arr.shape[:2]
+    width = max(1, int(round(h * size[0] / max(1, size[1]))))
+    if width == w:
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((width, h), Image.BILINEAR))
+
+
+def enlarge(picture: np.ndarray, min_width: int) -> np.ndarray:
+    """A picture narrower than ``min_width`` enlarged by the smallest whole factor that reaches it
+    (nearest, so patches stay sharp); wider pictures unchanged."""
+    arr = np.asarray(picture)
+    w = arr.shape[1]
+    if w >= min_width:
+        return arr
+    f = -(-min_width // max(1, w))
+    return np.repeat(np.repeat(arr, f, axis=0), f, axis=1)
+
+
+def blend_heatmap(image: np.ndarray, values: np.ndarray, cmap: str = "viridis", alpha: float = 0.6) -> np.ndarray:
+    """A 2-D map (the image's size, any range) coloured with ``cmap`` and blended over an RGB image:
+    ``(1 - alpha) * image + alpha * colours``, the map scaled to its own range."""
+    img = np.asarray(image, dtype=np.float32)
+    heat = apply_colormap(values, cmap).astype(np.float32)
+    if heat.shape[:2] != img.shape[:2]:
+        raise ValueError(f"the map is {heat.shape[:2]} but the image is {img.shape[:2]}")
+    return np.clip(np.round((1 - alpha) * img + alpha * heat), 0, 255).astype(np.uint8)
+
+
+def caption_size(width: int) -> int:
+    """The font size of a caption for a picture ``width`` pixels wide: about a twentieth of it, so the
+    text keeps its size relative to the page, between 11 and 32 pixels."""
+    return int(min(32, max(11, width // 20)))
+
+
+def legend(colors: np.ndarray, labels: Sequence[str], width: int, font_size: int = 13) -> np.ndarray:
+    """A white strip ``width`` pixels wide with a colour swatch and its label per entry, in as many rows
+    as the width needs (the key of a mask picture drawn in :func:`distinct_colors`)."""
+    font = _font(font_size)
+    sw, gap, pad, sep = font_size, max(6, font_size), 4, max(4, font_size // 3)
+    items = [(tuple(int(v) for v in c), str(t)) for c, t in zip(np.asarray(colors), labels)]
+    widths = [sw + sep + int(font.getlength(t)) + gap for _, t in items]
+    rows: list[list[int]] = [[]]
+    x = pad
+    for i, w in enumerate(widths):
+        if rows[-1] and x + w > width - pad:
+            rows.append([])
+            x = pad
+        rows[-1].append(i)
+        x += w
+    line = font_size + 6
+    canvas = Image.new("RGB", (width, pad * 2 + line * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, idx in enumerate(rows):
+        x, y = pad, pad + r * line
+        for i in idx:
+            color, text = items[i]
+            draw.rectangle([x, y + 2, x + sw - 1, y + 1 + sw], fill=color, outline=(60, 60, 60))
+            text = fit_text(text, font, width - x - sw - sep - pad)
+            draw.text((x + sw + sep, y + 1), text, fill=(0, 0, 0), font=font)
+            x += widths[i]
+    return np.asarray(canvas)
+
+
+def stack_vertical(pictures: Sequence[np.ndarray], pad: int = 4, background=(255, 255, 255)) -> np.ndarray:
+    """Pictures one under the other, left-aligned on a background as wide as the widest."""
+    pics = [np.asarray(p, dtype=np.uint8) for p in pictures]
+    width = max(p.shape[1] for p in pics)
+    height = sum(p.shape[0] for p in pics) + pad * (len(pics) - 1)
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[:] = background
+    y = 0
+    for p in pics:
+        canvas[y : y + p.shape[0], : p.shape[1]] = p
+        y += p.shape[0] + pad
+    return canvas
+
+
+def make_grid(tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, cols: int | None = None,
+              pad: int = 4, label_height: int | None = None, background=(255, 255, 255),
+              min_tile: int = 160) -> np.ndarray:
+    """Tile RGB pictures (resized to the first one's size) in rows of ``cols`` with a caption above each.
+
+    ``cols`` None fits the grid to the number of tiles (:func:`grid_shape`). Tiles narrower than
+    ``min_tile`` pixels are enlarged (nearest, so patches stay sharp) and captions are sized to the
+    tile and cut to its width: text stays readable and never runs into the next caption.
+    """
     if not tiles:
         raise ValueError("make_grid needs at least one picture")
     h, w = np.asarray(tiles[0]).shape[:2]
+    if cols is None:
+        cols = grid_shape(len(tiles), w / max(1, h))[1]
+    if w < min_tile:
+        scale = -(-min_tile // w)
+        h, w = h * scale, w * scale
     cols = max(1, min(cols, len(tiles)))
     rows = (len(tiles) + cols - 1) // cols
-    lh = label_height if labels else 0
+    font_size = caption_size(w)
+    lh = (label_height or font_size + 6) if labels else 0
     canvas = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + lh + pad) + pad), background)
     draw = ImageDraw.Draw(canvas)
-    font = _font(max(9, label_height - 4))
+    font = _font(font_size)
     for i, t in enumerate(tiles):
         pic = Image.fromarray(np.asarray(t, dtype=np.uint8))
         if pic.size != (w, h):
@@ -186,7 +309,7 @@ def make_grid(tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, 
         r, c = divmod(i, cols)
         x, y = pad + c * (w + pad), pad + r * (h + lh + pad)
         if labels:
-            draw.text((x, y + 1), str(labels[i]), fill=(0, 0, 0), font=font)
+            draw.text((x, y + 1), fit_text(labels[i], font, w), fill=(0, 0, 0), font=font)
         canvas.paste(pic, (x, y + lh))
     return np.asarray(canvas)
 
@@ -388,6 +511,49 @@ def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
             label = "/".join(parts[-2:])  # the folder tells apart copies that share a file name
             label = label if len(label) <= 44 else "..." + label[-41:]
             draw.text((tx, y + 24 + 16 * k), label, fill=(60, 60, 60))
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        sheet.save(f, format="PNG")
+    return path
+
+
+def similar_sheet(rows: Sequence, path: str | os.PathLike, max_rows: int = 24, thumb: int = 128) -> Path | None:
+    """A PNG with one row per query: the query image, then its matches in rank order, each captioned
+    with its rank, similarity and name (``rows``: :class:`dinokit.eval.near_duplicates.SimilarQuery`)."""
+    rows = [r for r in rows if r.matches][:max_rows]
+    if not rows:
+        return None
+    k = max(len(r.matches) for r in rows)
+    pad, gap = 8, 12  # gap: the space between the query and its matches
+    font = _font(12)
+    line = 15
+    row_h = thumb + 2 * line + pad
+    width = pad + thumb + gap + k * (thumb + pad)
+    sheet = Image.new("RGB", (width, pad + row_h * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+
+    def tile(p: str) -> Image.Image:
+        try:
+            im = open_rgb(p)
+        except DinokitError:
+            return Image.new("RGB", (thumb, thumb), (200, 200, 200))
+        im.thumbnail((thumb, thumb))
+        return im
+
+    def put(p: str, x: int, y: int, first: str, second: str, bold: bool = False) -> None:
+        im = tile(p)
+        sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+        if bold:
+            draw.rectangle([x - 2, y - 2, x + thumb + 1, y + thumb + 1], outline=(31, 119, 180), width=2)
+        draw.text((x, y + thumb + 2), fit_text(first, font, thumb), fill=(0, 0, 0), font=font)
+        draw.text((x, y + thumb + 2 + line), fit_text(second, font, thumb), fill=(90, 90, 90), font=font)
+
+    for r, q in enumerate(rows):
+        y = pad + r * row_h
+        put(q.query, pad, y, "query", Path(q.query).name, bold=True)
+        for c, m in enumerate(q.matches):
+            x = pad + thumb + gap + c * (thumb + pad)
+            put(m.image, x, y, f"{m.rank}. {m.score:.3f}", "/".join(Path(m.image).parts[-2:]))
     path = Path(path)
     with atomic_open(path, "wb") as f:
         sheet.save(f, format="PNG")

@@ -132,6 +132,18 @@ def resize_image(img: Image.Image, image_size: int | None, keep_aspect: bool = F
     return T.Resize(image_size if keep_aspect else (image_size, image_size))(img)
 
 
+def resized_size(width: int, height: int, image_size: int | None, keep_aspect: bool = False) -> tuple[int, int]:
+    """The (width, height) :func:`resize_image` gives: (S, S), or the shorter side S and the longer
+    side scaled and truncated (torchvision's rule) with ``keep_aspect``; unchanged without a size."""
+    if not image_size:
+        return width, height
+    if not keep_aspect:
+        return image_size, image_size
+    if width <= height:
+        return image_size, int(image_size * height / width)
+    return int(image_size * width / height), image_size
+
+
 def crop_to_patches(arr: np.ndarray, patch_size: int) -> np.ndarray:
     """Crop the bottom and right edges of an (H, W, ...) array to multiples of the patch size."""
     h, w = arr.shape[0], arr.shape[1]
@@ -162,11 +174,15 @@ def preprocess(img: Image.Image, image_size: int | None, patch_size: int, name="
     return (x - mean) / std, rgb
 
 
-def resize_labels(labels: np.ndarray, image_size: int | None, patch_size: int) -> np.ndarray:
-    """Ground truth to the network's pixels: PIL NEAREST to (S, S), then the same crop as the image."""
+def resize_labels(labels: np.ndarray, image_size: int | None, patch_size: int,
+                  keep_aspect: bool = False) -> np.ndarray:
+    """Ground truth to the network's pixels: PIL NEAREST to the image's resized size ((S, S), or
+    shorter side S with ``keep_aspect``), then the same crop as the image."""
     if image_size:
+        h, w = np.asarray(labels).shape[:2]
         pic = Image.fromarray(np.asarray(labels, dtype=np.int32), mode="I")
-        labels = np.asarray(pic.resize((image_size, image_size), Image.NEAREST), dtype=np.int32)
+        size = resized_size(w, h, image_size, keep_aspect)
+        labels = np.asarray(pic.resize(size, Image.NEAREST), dtype=np.int32)
     return np.array(crop_to_patches(labels, patch_size), dtype=np.int32, order="C")
 
 
@@ -203,6 +219,7 @@ class AttentionConfig(RuntimeOptions):
     """
 
     image_size: int | None = 480  #: resize to (S, S) (video frames: shorter side S); None keeps the size
+    keep_aspect: bool = False  #: resize the shorter side to S instead (the aspect ratio kept)
     threshold: float = 0.6  #: fraction of each head's attention mass its mask keeps (the paper's 60%)
     batch_size: int = 8
     device: str = "cpu"  #: the functions here run where they are told; the command passes --device
@@ -249,6 +266,7 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
     """Maps of each image (paths, or (name, PIL image) pairs), computed in batches of equal-sized
     images and yielded in input order; only one batch is held in memory."""
     p = check_attention_model(model)
+    keep_aspect = keep_aspect or cfg.keep_aspect
     model, device, dtype = _placed(model, cfg)
     task = progress.task("attention maps", total=total)
     pending: list[tuple] = []
@@ -284,10 +302,12 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
 
 # -- the Jaccard evaluation -------------------------------------------------------------------------
 class _GroundTruthDataset(torch.utils.data.Dataset):
-    def __init__(self, items: Sequence[GroundTruth], image_size: int | None, patch_size: int):
+    def __init__(self, items: Sequence[GroundTruth], image_size: int | None, patch_size: int,
+                 keep_aspect: bool = False):
         self.items = list(items)
         self.image_size = image_size
         self.patch_size = patch_size
+        self.keep_aspect = keep_aspect
 
     def __len__(self) -> int:
         return len(self.items)
@@ -296,8 +316,8 @@ class _GroundTruthDataset(torch.utils.data.Dataset):
         gt = self.items[i]
         img = open_rgb(gt.image)
         labels = gt.load(img.size)
-        x, _ = preprocess(img, self.image_size, self.patch_size, gt.image)
-        labels = resize_labels(labels, self.image_size, self.patch_size)
+        x, _ = preprocess(img, self.image_size, self.patch_size, gt.image, self.keep_aspect)
+        labels = resize_labels(labels, self.image_size, self.patch_size, self.keep_aspect)
         return x, torch.from_numpy(labels), i
 
 
@@ -346,10 +366,10 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
         raise DataError("There are no images to evaluate.")
     p = check_attention_model(model)
     model, device, dtype = _placed(model, cfg)
-    ds = _GroundTruthDataset(items, cfg.image_size, p)
+    ds = _GroundTruthDataset(items, cfg.image_size, p, cfg.keep_aspect)
     loader = torch.utils.data.DataLoader(
         ds,
-        batch_size=cfg.batch_size if cfg.image_size else 1,
+        batch_size=cfg.batch_size if cfg.image_size and not cfg.keep_aspect else 1,  # batches of one size
         num_workers=cfg.num_workers,
         shuffle=False,
         pin_memory=device.type == "cuda",
@@ -421,8 +441,8 @@ def evaluation_picture(item: GroundTruth, head_masks: np.ndarray, cfg: Attention
     contours drawn in white."""
 
     img = open_rgb(item.image)
-    labels = resize_labels(item.load(img.size), cfg.image_size, patch_size)
-    _, rgb = preprocess(img, cfg.image_size, patch_size, item.image)
+    labels = resize_labels(item.load(img.size), cfg.image_size, patch_size, cfg.keep_aspect)
+    _, rgb = preprocess(img, cfg.image_size, patch_size, item.image, cfg.keep_aspect)
     ids = object_ids(labels)
     gt_masks = np.stack([labels == i for i in ids]) if ids else np.zeros((0, *labels.shape), bool)
     gt_colors = viz.distinct_colors(len(gt_masks) + 3)[3:]  # red, purple, ... : apart from the heads' first colours
@@ -431,8 +451,13 @@ def evaluation_picture(item: GroundTruth, head_masks: np.ndarray, cfg: Attention
     pixel_masks = viz.upsample_nearest(head_masks, patch_size)
     heads_pic = viz.overlay_masks(rgb, pixel_masks, alpha=0.5, thickness=2)
     heads_pic = viz.draw_contours(heads_pic, labels, (255, 255, 255), thickness=2, ignore=(0, VOID))
+    if cfg.image_size and not cfg.keep_aspect:  # shown at the photo's proportions
+        gt_pic, heads_pic = viz.to_aspect(gt_pic, img.size), viz.to_aspect(heads_pic, img.size)
     caption = f"heads' masks, J={score:.3f}" if score is not None else "heads' masks"
-    return viz.make_grid([gt_pic, heads_pic], [f"{item.name} ground truth", caption], cols=2)
+    pic = viz.make_grid([gt_pic, heads_pic], [f"{item.name} ground truth", caption], cols=2)
+    heads = len(head_masks)
+    key = viz.legend(viz.distinct_colors(heads), [f"head {h}" for h in range(heads)], pic.shape[1])
+    return viz.stack_vertical([pic, key])
 
 
 # -- video ----------------------------------------------------------------------------------------

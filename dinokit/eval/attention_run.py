@@ -143,6 +143,15 @@ def unique_names(paths: list[Path]) -> list[str]:
     return out
 
 
+def resize_record(cfg: AttentionConfig) -> str:
+    """How the run resized its images, in words for ``metrics.json``."""
+    if not cfg.image_size:
+        return "none"
+    if cfg.keep_aspect:
+        return "torchvision Resize(S): shorter side S, aspect kept, bilinear"
+    return "torchvision Resize((S, S)), bilinear"
+
+
 @contextlib.contextmanager
 def _remove_if_left_empty(out: Path, created: bool):
     """A run refused on its first image leaves no empty output folder behind."""
@@ -189,33 +198,60 @@ def _run_maps(paths: list[Path], model, cfg: AttentionRunConfig, out: Path, reco
     per_image = {}
     for res in attention_maps(model, paths, cfg, progress, total=len(paths)):
         name = names[res.path]
-        write_image_maps(out / name, res, cfg.threshold)
+        write_image_maps(out / name, res, cfg.threshold, photo_aspect=bool(cfg.image_size) and not cfg.keep_aspect)
         per_image[name] = {"source": str(res.path), **summarize_maps(res)}
     config = {**record, "form": "maps", "image_size": cfg.image_size, "threshold": cfg.threshold,
-              "colormap": "viridis", "crop": "top-left, to a multiple of the patch size"}
+              "keep_aspect": cfg.keep_aspect, "resize": resize_record(cfg),
+              "colormap": "viridis", "crop": "top-left, to a multiple of the patch size",
+              "pictures": "overlays, masks and grid at the photo's aspect ratio"}
     return AttentionRunResult("maps", out, {"images": len(per_image), "per_image": per_image}, config,
                               heads=record["heads"], images=len(per_image))
 
 
-def write_image_maps(folder: Path, res: ImageAttention, threshold: float) -> None:
-    """One image's pictures (input, each head's map, head mean, masks, a labelled grid of them) and its
-    raw maps and masks as ``maps.npz``."""
+def write_image_maps(folder: Path, res: ImageAttention, threshold: float, photo_aspect: bool = True) -> None:
+    """One image's pictures and its raw maps and masks as ``maps.npz``.
+
+    ``image.png``, ``attn-head<h>.png`` and ``attn-mean.png`` are what the network saw and its maps
+    (network resolution); ``overlay-head<h>.png`` and ``overlay-mean.png`` blend each map over the
+    photo, ``masks.png`` draws every head's mask over it with a key of the head colours, and
+    ``grid.png`` holds the input, the mean, the masks and every head in a grid fitted to the number of
+    heads. With ``photo_aspect`` the overlays, masks and grid are shown at the photo's own proportions
+    (a square network input is stretched back); ``masks.png`` is enlarged to at least 220 pixels wide
+    so that its key stays readable.
+    """
     p = res.patch_size
     folder.mkdir(parents=True, exist_ok=True)
     viz.save_png(folder / "image.png", res.image)
-    head_pics = []
+
+    def shown(pic: np.ndarray) -> np.ndarray:
+        return viz.to_aspect(pic, res.original_size) if photo_aspect and all(res.original_size) else pic
+
+    overlays = []
     for h, m in enumerate(res.maps):
-        pic = viz.apply_colormap(viz.upsample_nearest(m, p), "viridis")
-        viz.save_png(folder / f"attn-head{h}.png", pic)
-        head_pics.append(pic)
-    mean_pic = viz.apply_colormap(viz.upsample_nearest(res.mean_map, p), "viridis")
-    viz.save_png(folder / "attn-mean.png", mean_pic)
-    colors = viz.distinct_colors(len(res.masks))
-    overlay = viz.overlay_masks(res.image, viz.upsample_nearest(res.masks, p), colors, alpha=0.5, thickness=2)
-    viz.save_png(folder / "masks.png", overlay)
-    tiles = [res.image, mean_pic, overlay, *head_pics]
-    labels = ["input", "mean of heads", f"masks ({threshold:.0%} mass)"] + [f"head {h}" for h in range(len(head_pics))]
-    viz.save_png(folder / "grid.png", viz.make_grid(tiles, labels, cols=min(5, len(tiles))))
+        full = viz.upsample_nearest(m, p)
+        viz.save_png(folder / f"attn-head{h}.png", viz.apply_colormap(full, "viridis"))
+        overlay = shown(viz.blend_heatmap(res.image, full, "viridis"))
+        viz.save_png(folder / f"overlay-head{h}.png", overlay)
+        overlays.append(overlay)
+    mean_full = viz.upsample_nearest(res.mean_map, p)
+    viz.save_png(folder / "attn-mean.png", viz.apply_colormap(mean_full, "viridis"))
+    mean_overlay = shown(viz.blend_heatmap(res.image, mean_full, "viridis"))
+    viz.save_png(folder / "overlay-mean.png", mean_overlay)
+    heads = len(res.masks)
+    colors = viz.distinct_colors(heads)
+    head_names = [f"head {h}" for h in range(heads)]
+    masks_pic = shown(viz.overlay_masks(res.image, viz.upsample_nearest(res.masks, p), colors, alpha=0.5,
+                                        thickness=2))
+    big = viz.enlarge(masks_pic, 220)
+    key = viz.legend(colors, head_names, big.shape[1], font_size=max(13, viz.caption_size(big.shape[1])))
+    viz.save_png(folder / "masks.png", viz.stack_vertical([big, key]))
+    top = viz.make_grid([shown(res.image), mean_overlay, masks_pic],
+                        ["input", "mean of heads", f"masks, {threshold:.0%} of the mass"], cols=3)
+    _, cols = viz.grid_shape(heads, masks_pic.shape[1] / masks_pic.shape[0], header=3)
+    grid = viz.make_grid(overlays, head_names, cols=cols)
+    width = max(top.shape[1], grid.shape[1])
+    key = viz.legend(colors, head_names, width, font_size=max(13, viz.caption_size(viz.enlarge(overlays[0], 160).shape[1])))
+    viz.save_png(folder / "grid.png", viz.stack_vertical([top, grid, key]))
     buf = io.BytesIO()
     np.savez_compressed(
         buf,
@@ -246,8 +282,11 @@ def _run_evaluation(items: list[GroundTruth], model, cfg: AttentionRunConfig, ou
         "ignore_void": cfg.ignore_void,
         "image_size": cfg.image_size,
         "threshold": cfg.threshold,
-        "ground_truth_resize": "PIL nearest to (S, S)" if cfg.image_size else "none",
-        "image_resize": "torchvision Resize((S, S)), bilinear" if cfg.image_size else "none",
+        "keep_aspect": cfg.keep_aspect,
+        "ground_truth_resize": ("none" if not cfg.image_size else
+                                "PIL nearest to the resized image's size" if cfg.keep_aspect else
+                                "PIL nearest to (S, S)"),
+        "image_resize": resize_record(cfg),
         "crop": "top-left, to a multiple of the patch size",
         "ties": "equal attention values are taken in patch order",
         "protocol": "per object the best head's Jaccard; mean over the image's objects; mean over images",
@@ -274,18 +313,31 @@ def write_evaluation_files(out: Path, result: JaccardResult, items: list[GroundT
             viz.save_png(out / "pictures" / f"{kind}-{rank}-{_safe_name(item.name)}.png", pic)
 
 
+def frame_name(source, index: int, from_folder: bool, used: set[str]) -> str:
+    """The output name of a video frame: the frame file's stem for a folder of frames (as ``davis``
+    names its masks), the frame number (``00000``) for a video file; made unique with the number."""
+    name = _safe_name(Path(str(source)).stem) if from_folder else f"{index:05d}"
+    if name in used:
+        name = f"{name}-{index:05d}"
+    used.add(name)
+    return name
+
+
 def _run_video(model, cfg: AttentionRunConfig, out: Path, record: dict, progress: Progress) -> AttentionRunResult:
     """Each frame's head-mean map and masks as PNGs, and both side by side as an animated GIF (and MP4)."""
     frames, total, file_fps = iter_video_frames(cfg.video)
     fps = cfg.fps or file_fps or 10.0
+    from_folder = Path(cfg.video).is_dir()
+    used: set[str] = set()
     n = 0
     with contextlib.ExitStack() as stack:
         gif = stack.enter_context(viz.GifWriter(out / "attention.gif", fps=fps))
         mp4 = stack.enter_context(viz.Mp4Writer(out / "attention.mp4", fps=fps)) if cfg.mp4 else None
         for res in video_attention(model, frames, cfg, progress, total=total):
+            name = frame_name(res.path, n, from_folder, used)
             heat, overlay = frame_pictures(res)
-            viz.save_png(out / "maps" / f"{n:05d}.png", heat)
-            viz.save_png(out / "masks" / f"{n:05d}.png", overlay)
+            viz.save_png(out / "maps" / f"{name}.png", heat)
+            viz.save_png(out / "masks" / f"{name}.png", overlay)
             side = np.concatenate([overlay, np.full((overlay.shape[0], 4, 3), 255, np.uint8), heat], axis=1)
             gif.add(side)
             if mp4 is not None:
@@ -295,5 +347,6 @@ def _run_video(model, cfg: AttentionRunConfig, out: Path, record: dict, progress
               "resize": "shorter side to S, aspect kept" if cfg.image_size else "none",
               "threshold": cfg.threshold, "fps": fps, "colormap": "inferno"}
     files = ["attention.gif", "maps/", "masks/"] + (["attention.mp4"] if cfg.mp4 else [])
+    config["frame_names"] = "the frame files' names" if from_folder else "frame numbers"
     metrics = {"frames": n, "patch_size": int(model.patch_size), "files": files}
     return AttentionRunResult("video", out, metrics, config, heads=record["heads"], frames=n, fps=fps)

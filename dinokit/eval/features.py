@@ -13,6 +13,7 @@ and reuses cached feature files whose fingerprint matches.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -340,7 +341,10 @@ def save_features(fs: FeatureSet, path: str | os.PathLike, format: str = "pt", o
     ``pt``: one file holding features, labels, class names, paths and fingerprint (read back with
     :func:`load_features`). ``npy``: ``features.npy`` and ``paths.txt`` (plus ``labels.npy``,
     ``classes.txt`` and ``fingerprint.json``) in the folder ``path`` (or beside ``path`` when it
-    ends in ``.npy``), for use in other tools. Non-finite features are refused before anything is
+    ends in ``.npy``), for use in other tools. ``csv``: one row per image (``path``, ``label`` when
+    the folder is labelled, then ``f0`` ... ``f<D-1>``, each float32 written with the digits that
+    read back to the same value) in ``path`` (or ``path/features.csv`` when it does not end in
+    ``.csv``), for spreadsheets and pandas. Non-finite features are refused before anything is
     written.
     """
 
@@ -351,8 +355,13 @@ def save_features(fs: FeatureSet, path: str | os.PathLike, format: str = "pt", o
         check_output_file(path, overwrite)
         torch_save_atomic(fs.to_dict(), path)
         return [path]
+    if format == "csv":
+        target = path if path.suffix == ".csv" else path / "features.csv"
+        check_output_file(target, overwrite)
+        write_features_csv(fs, target)
+        return [target]
     if format != "npy":
-        raise DinokitError(f"Unknown features format {format!r}; use pt or npy.")
+        raise DinokitError(f"Unknown features format {format!r}; use pt, npy or csv.")
 
     folder, feat_path = (path.parent, path) if path.suffix == ".npy" else (path, path / "features.npy")
     if folder.exists() and not folder.is_dir():
@@ -370,6 +379,22 @@ def save_features(fs: FeatureSet, path: str | os.PathLike, format: str = "pt", o
     write_json(folder / "fingerprint.json", fs.fingerprint)
     written.append(folder / "fingerprint.json")
     return written
+
+
+def write_features_csv(fs: FeatureSet, path: str | os.PathLike) -> Path:
+    """The features as CSV, one row per image (see :func:`save_features`), written atomically."""
+    path = Path(path)
+    feats = fs.features.detach().to(torch.float32).cpu().numpy()
+    labelled = fs.labels is not None
+    header = ["path", *(["label"] if labelled else []), *(f"f{i}" for i in range(feats.shape[1]))]
+    with atomic_open(path, "w") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        for i, row in enumerate(feats):
+            label = [fs.classes[int(fs.labels[i])]] if labelled else []
+            # numpy prints a float32 with the fewest digits that read back to the same float32
+            w.writerow([fs.paths[i], *label, *(str(v) for v in row)])
+    return path
 
 
 def load_features(path: str | os.PathLike) -> FeatureSet:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import BackboneOptions, prepare_backbone
-from ..data.images import ImageDataset
+from ..data.images import ImageDataset, expand_image_inputs
 from ..errors import DataError, DinokitError
 from ..io import atomic_open, atomic_write_text, write_json
 from ..progress import NULL_PROGRESS, Progress
@@ -210,6 +210,47 @@ class DuplicatePair:
 
 
 @dataclass
+class DuplicateCluster:
+    """Images joined by near-duplicate pairs (a connected component of the pairs' graph): an image and
+    its three copies are one cluster of four, whichever of the six pairs pass the threshold."""
+
+    images: list[str]  #: sorted by name
+    pairs: int  #: pairs inside the cluster that passed the threshold
+    max_score: float  #: the most similar pair
+    min_score: float  #: the weakest pair that joins it (a chain of pairs may join dissimilar ends)
+
+
+def duplicate_clusters(pairs: Sequence[DuplicatePair]) -> list[DuplicateCluster]:
+    """The connected components of the graph whose edges are ``pairs`` (union-find), largest first
+    (ties by best score, then by first image name); images without a pair are in no cluster."""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for p in pairs:
+        ra, rb = root(p.image_a), root(p.image_b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    members: dict[str, list[str]] = {}
+    for x in parent:
+        members.setdefault(root(x), []).append(x)
+    scores: dict[str, list[float]] = {}
+    for p in pairs:
+        scores.setdefault(root(p.image_a), []).append(p.score)
+    clusters = [
+        DuplicateCluster(sorted(m), len(scores[r]), float(max(scores[r])), float(min(scores[r])))
+        for r, m in members.items()
+    ]
+    clusters.sort(key=lambda c: (-len(c.images), -c.max_score, c.images[0]))
+    return clusters
+
+
+@dataclass
 class DuplicatesResult:
     pairs: list[DuplicatePair]
     threshold: float
@@ -221,11 +262,15 @@ class DuplicatesResult:
     backend: str
     truncated: bool = False
     nearest_neighbour_quantiles: dict[str, float] = field(default_factory=dict)
+    clusters: list[DuplicateCluster] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("pairs")
+        d.pop("clusters")
         d["n_pairs"] = len(self.pairs)
+        d["n_clusters"] = len(self.clusters)
+        d["images_in_clusters"] = sum(len(c.images) for c in self.clusters)
         return d
 
 
@@ -504,6 +549,7 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
         backend=cfg.backend,
         truncated=truncated,
         nearest_neighbour_quantiles=quantiles,
+        clusters=duplicate_clusters(pairs),
     )
 
 
@@ -518,3 +564,176 @@ def write_pairs(result: DuplicatesResult, output: str | os.PathLike) -> list[Pat
     atomic_write_text(output / "pairs.csv", buf.getvalue())
     write_json(output / "pairs.json", {**result.summary(), "pairs": [asdict(p) for p in result.pairs]})
     return [output / "pairs.csv", output / "pairs.json"]
+
+
+def write_clusters(result: DuplicatesResult, output: str | os.PathLike) -> list[Path]:
+    """``clusters.csv`` (one row per image: cluster, size, image) and ``clusters.json``, atomically."""
+    output = Path(output)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["cluster", "size", "image"])
+    for i, c in enumerate(result.clusters, 1):
+        for image in c.images:
+            w.writerow([i, len(c.images), image])
+    atomic_write_text(output / "clusters.csv", buf.getvalue())
+    clusters = [{"cluster": i, "size": len(c.images), **asdict(c)} for i, c in enumerate(result.clusters, 1)]
+    write_json(output / "clusters.json", {"threshold": result.threshold, "n_clusters": len(clusters),
+                                          "truncated": result.truncated, "clusters": clusters})
+    return [output / "clusters.csv", output / "clusters.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Similar images: a folder ranked by similarity to query images
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SimilarConfig(BackboneOptions, RuntimeOptions):
+    """What ``dinokit similar`` needs: the query images, the folder to rank and how many to keep."""
+
+    queries: list[str]
+    against: Path
+    output: Path
+    k: int = 5
+    whitening: Path | None = None
+    image_size: int = 320
+    chunk_size: int = 4096
+    search_block: int = 4096
+    _: KW_ONLY  # the option defaults this command changes
+    batch_size: int = 32
+
+
+@dataclass
+class SimilarMatch:
+    rank: int
+    image: str
+    score: float
+
+
+@dataclass
+class SimilarQuery:
+    query: str
+    matches: list[SimilarMatch]
+
+
+@dataclass
+class SimilarResult:
+    queries: list[SimilarQuery]
+    k: int
+    n_queries: int
+    n_against: int
+    embedded: int
+    reused: int
+    unreadable: int
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("queries")
+        return d
+
+
+def top_k_similar(
+    queries: np.ndarray,
+    database: np.ndarray,
+    k: int,
+    block: int = 4096,
+    same: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``k`` most similar database rows by inner product (cosine on normalised rows),
+    most similar first, ties by database order; ``same`` marks per query a database row that is the
+    query's own file (-1 for none), never returned. Returns (scores, indices), (nq, k'), with
+    k' = min(k, database size) and -inf / -1 where fewer rows are left."""
+    nq, nd = queries.shape[0], database.shape[0]
+    k = min(k, nd)
+    best_s = torch.full((nq, k), -float("inf"))
+    best_i = torch.full((nq, k), -1, dtype=torch.int64)
+    for qs in range(0, nq, block):
+        q = torch.from_numpy(np.array(queries[qs : qs + block], dtype=np.float32))
+        run_s, run_i = best_s[qs : qs + len(q)], best_i[qs : qs + len(q)]
+        for ds in range(0, nd, block):
+            d = torch.from_numpy(np.array(database[ds : ds + block], dtype=np.float32))
+            sim = (q @ d.T).double()
+            if same is not None:
+                s = torch.from_numpy(same[qs : qs + len(q)]) - ds
+                rows = torch.nonzero((s >= 0) & (s < d.shape[0])).flatten()
+                sim[rows, s[rows]] = -float("inf")
+            idx = torch.arange(ds, ds + d.shape[0]).expand(len(q), -1)
+            cand_s = torch.cat([run_s.double(), sim], dim=1)
+            cand_i = torch.cat([run_i, idx], dim=1)
+            # stable sort on the score: equal scores keep database order (earlier blocks come first)
+            order = torch.sort(-cand_s, dim=1, stable=True).indices[:, :k]
+            run_s = torch.gather(cand_s, 1, order).float()
+            run_i = torch.gather(cand_i, 1, order)
+        best_s[qs : qs + len(q)], best_i[qs : qs + len(q)] = run_s, run_i
+    best_i[~torch.isfinite(best_s)] = -1
+    return best_s.numpy(), best_i.numpy()
+
+
+def find_similar(cfg: SimilarConfig, progress: Progress = NULL_PROGRESS) -> SimilarResult:
+    """The ``cfg.k`` images of ``cfg.against`` most similar to each query image (the copy-detection
+    descriptor ``duplicates`` uses, cosine similarity, optionally whitened); a query's own file is
+    never its own match. Descriptors are kept in ``OUT/index`` and reused by later runs."""
+    if cfg.k < 1:
+        raise DinokitError(f"--k must be at least 1, got {cfg.k}.")
+    if cfg.image_size < 1:
+        raise DinokitError(f"--image-size must be positive, got {cfg.image_size}.")
+    if not cfg.queries:
+        raise DinokitError("Give at least one query image (a file, folder or glob pattern).")
+    paths_q = expand_image_inputs(cfg.queries)
+    paths_d = find_folder_images(cfg.against, "folder given with --against", allow_file=True)
+    white_paths = find_folder_images(cfg.whitening, "whitening folder") if cfg.whitening is not None else []
+
+    backbone = prepare_backbone(cfg)
+    init_distributed(backbone.device)
+    out = Path(cfg.output)
+    embedder = DescriptorEmbedder(
+        backbone.model, cfg.weights, copy_transform(cfg.image_size), copy_feature_fn(), f"cls+gem(p={GEM_P:g})",
+        backbone.device, backbone.dtype, cfg.batch_size, cfg.num_workers, out / "cache", cfg.checkpoint_key,
+        cfg.seed, progress,
+    )
+    store = EmbeddingStore(out / "index", embedder.fingerprint)
+    everything = list(dict.fromkeys([*paths_q, *paths_d]))
+    n_new = embed_into_store(store, everything, embedder, cfg.chunk_size, progress)
+    reused = len(everything) - n_new
+    barrier()
+    if not dist_env().is_main:
+        return SimilarResult([], cfg.k, 0, 0, n_new, reused, 0)
+    whitening = None
+    if white_paths:
+        whitening = whitening_from(embedder.embed(white_paths, "whitening"), cfg.whitening)
+
+    ok_q = [p for p, r in zip(paths_q, store.readable(paths_q)) if r]
+    ok_d = [p for p, r in zip(paths_d, store.readable(paths_d)) if r]
+    unreadable = len(everything) - len({*ok_q, *ok_d})
+    if unreadable:
+        log.warning("%d unreadable images were skipped", unreadable)
+    if not ok_q:
+        raise DataError("None of the query images could be read.")
+    if not ok_d:
+        raise DataError(f"None of the images in {cfg.against} could be read.")
+    qm = _write_search_matrix(store, ok_q, out / "index" / "search-queries.npy", whitening, cfg.search_block)
+    dm = _write_search_matrix(store, ok_d, out / "index" / "search-against.npy", whitening, cfg.search_block)
+    key_d = {EmbeddingStore.key(p): j for j, p in enumerate(ok_d)}
+    same = np.array([key_d.get(EmbeddingStore.key(p), -1) for p in ok_q], dtype=np.int64)
+    scores, indices = top_k_similar(qm, dm, cfg.k, cfg.search_block, same)
+    queries = []
+    for qi, p in enumerate(ok_q):
+        matches = [
+            SimilarMatch(r + 1, str(ok_d[j]), float(v))
+            for r, (j, v) in enumerate(zip(indices[qi].tolist(), scores[qi].tolist()))
+            if j >= 0
+        ]
+        queries.append(SimilarQuery(str(p), matches))
+    return SimilarResult(queries, cfg.k, len(ok_q), len(ok_d), n_new, reused, unreadable)
+
+
+def write_similar(result: SimilarResult, output: str | os.PathLike) -> list[Path]:
+    """``similar.csv`` (query, rank, image, score; one row per match) and ``similar.json``, atomically."""
+    output = Path(output)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["query", "rank", "image", "score"])
+    for q in result.queries:
+        for m in q.matches:
+            w.writerow([q.query, m.rank, m.image, f"{m.score:.6f}"])
+    atomic_write_text(output / "similar.csv", buf.getvalue())
+    write_json(output / "similar.json", {**result.summary(), "queries": [asdict(q) for q in result.queries]})
+    return [output / "similar.csv", output / "similar.json"]

@@ -13,6 +13,9 @@ from .vit import VIT_SHAPES, VisionTransformer, vit
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "resnet50")
 
+#: the feature width of the backbones that are not ViTs (a ViT's is in VIT_SHAPES)
+FEATURE_DIMS = {"resnet50": 2048}
+
 #: aliases users type (timm / DeiT names)
 ARCH_ALIASES = {
     "vit_t": "vit_tiny",
@@ -96,3 +99,26 @@ def backbone_spec(backbone: nn.Module, drop_path: float) -> dict:
             "drop_path_rate": float(drop_path),
         },
     }
+
+
+def arch_catalogue() -> list[dict]:
+    """Every architecture :func:`build_backbone` makes: its kind, width, depth, heads and aliases."""
+    out = []
+    for arch in ARCHS:
+        aliases = [a for a, target in ARCH_ALIASES.items() if target == arch]
+        shape = arch_shape(arch)
+        kind = "ViT" if is_vit_arch(arch) else "ResNet" if arch.startswith("resnet") else "other"
+        out.append({
+            "arch": arch,
+            "kind": kind,
+            "embed_dim": shape.get("embed_dim", FEATURE_DIMS.get(arch)),
+            "depth": shape.get("depth"),
+            "num_heads": shape.get("num_heads"),
+            "aliases": aliases,
+        })
+    return out
+
+
+def arch_shape(arch: str) -> dict:
+    """The width, depth and heads of a named ViT from its shape table (empty for other backbones)."""
+    return dict(VIT_SHAPES.get(arch, {}))

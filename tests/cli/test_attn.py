@@ -55,7 +55,11 @@ def test_maps_form_writes_every_picture_and_the_raw_maps(tmp_path, tiny2_weights
         a, m = z["attention"].reshape(3, -1), z["masks"].reshape(3, -1)
         assert ((a * m).sum(1) >= 0.6 * a.sum(1) - 1e-6).all()
         assert Image.open(d / "attn-head0.png").size == (64, 64)  # upsampled by the patch size
-        assert Image.open(d / "masks.png").size == (64, 64)
+        assert {f"overlay-head{h}.png" for h in range(3)} | {"overlay-mean.png"} <= files
+        w, h = Image.open(tmp_path / ("other" if name == "c" else "in") / (
+            "c.png" if name == "c" else "a.png" if name == "a" else "sub/b.jpg")).size
+        # the square network input is shown at the photo's proportions: height 64, width 64 * w / h
+        assert Image.open(d / "overlay-head0.png").size == (round(64 * w / h), 64)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 3 and metrics["config"]["threshold"] == 0.6
 
@@ -71,6 +75,56 @@ def test_maps_form_native_size_and_overwrite(tmp_path, tiny2_weights):
     r = run(tmp_path / "x.png", "-w", tiny2_weights, "--image-size", 32, "-o", out, "-q", "--overwrite")
     assert r.exit_code == 0, r.output
     assert np.load(out / "x" / "maps.npz")["attention"].shape == (3, 2, 2)
+
+
+# the first colours of the heads' masks (the familiar categorical palette), written out here
+HEAD_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44)]
+VIRIDIS_LOW, VIRIDIS_HIGH = (68, 1, 84), (253, 231, 37)  # viridis at 0 and 1
+
+
+def test_keep_aspect_pictures_overlays_and_key(tmp_path, tiny2_weights):
+    _image(tmp_path / "x.png", size=(70, 36))
+    out = tmp_path / "out"
+    r = run(tmp_path / "x.png", "-w", tiny2_weights, "--image-size", 64, "--keep-aspect", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    d = out / "x"
+    # shorter side 36 -> 64, longer side int(64 * 70 / 36) = 124, cropped to 7 patches of 16 = 112
+    z = np.load(d / "maps.npz")
+    assert z["attention"].shape == (3, 4, 7)
+    image = np.asarray(Image.open(d / "image.png"), np.float64)
+    assert image.shape == (64, 112, 3)
+    for h in range(3):
+        overlay = np.asarray(Image.open(d / f"overlay-head{h}.png"), np.float64)
+        assert overlay.shape == (64, 112, 3)  # at the network's pixels: nothing stretched
+        a = z["attention"][h]
+        for (i, j), colour in ((np.unravel_index(a.argmax(), a.shape), VIRIDIS_HIGH),
+                               (np.unravel_index(a.argmin(), a.shape), VIRIDIS_LOW)):
+            y, x = 16 * i + 8, 16 * j + 8
+            want = 0.4 * image[y, x] + 0.6 * np.asarray(colour)
+            assert np.abs(overlay[y, x] - want).max() <= 2.5
+    # masks.png: the heads' masks with a key of the head colours below the picture
+    masks = np.asarray(Image.open(d / "masks.png"))
+    assert masks.shape[1] >= 220
+    key = masks[masks.shape[1] * 64 // 112 :]
+    for colour in HEAD_COLOURS:
+        assert (key == colour).all(-1).sum() >= 50, colour
+    grid = np.asarray(Image.open(d / "grid.png"))
+    assert grid.shape[1] > grid.shape[0]  # input, mean and masks in a row, the 3 heads in a row below
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["keep_aspect"] is True and "aspect kept" in metrics["config"]["resize"]
+
+
+def test_eval_form_keep_aspect_scores_labels_at_the_same_pixels(tmp_path, tiny2_weights):
+    image_path, mask_path, labels = coins_ground_truth(tmp_path)
+    out = tmp_path / "eval"
+    r = run("--images", image_path.parent, "--masks", mask_path.parent, "-w", tiny2_weights, "--image-size", 64,
+            "--keep-aspect", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["keep_aspect"] is True and m["objects"] == 24
+    assert 0.0 < m["jaccard"] <= 1.0
+    pic = Image.open(next((out / "pictures").glob("best-1-*.png")))
+    assert pic.width > pic.height  # ground truth and masks side by side, each at the photo's aspect
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -125,13 +179,25 @@ def test_video_form_frames_folder_to_gif(tmp_path, tiny2_weights):
     out = tmp_path / "video"
     r = run("--video", tmp_path / "frames", "-w", tiny2_weights, "--image-size", 32, "-o", out, "-q", "--fps", 4)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{k:05d}.png" for k in range(4)]
+    assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{k:03d}.png" for k in range(4)]  # frame names
     assert len(list((out / "masks").iterdir())) == 4
     gif = Image.open(out / "attention.gif")
     assert gif.n_frames == 4 and gif.info.get("duration") == 250
     # frames keep the aspect ratio: shorter side 32 -> 48x32 (cropped to patches), map + overlay side by side
-    assert Image.open(out / "maps" / "00000.png").size == (48, 32)
+    assert Image.open(out / "maps" / "000.png").size == (48, 32)
     assert json.loads((out / "metrics.json").read_text())["frames"] == 4
+
+
+def test_video_form_keeps_the_frame_names(tmp_path, tiny2_weights):
+    names = ["clip_b", "clip_a", "later"]
+    for k, n in enumerate(names):
+        _image(tmp_path / "frames" / f"{n}.jpg", size=(40, 32), seed=k)
+    out = tmp_path / "video"
+    r = run("--video", tmp_path / "frames", "-w", tiny2_weights, "--image-size", 32, "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    expected = sorted(f"{n}.png" for n in names)
+    assert sorted(p.name for p in (out / "maps").iterdir()) == expected
+    assert sorted(p.name for p in (out / "masks").iterdir()) == expected
 
 
 def test_video_form_mp4_round_trip(tmp_path, tiny2_weights):

@@ -154,3 +154,31 @@ def test_bad_input_is_one_sentence(tmp_path, tiny2_weights):
     assert res.exit_code == 2 and "between -1 and 1" in _flat(res.output)
     res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o4"), "--backend", "annoy", "--quiet"])
     assert res.exit_code == 2 and "Unknown backend" in _flat(res.output)
+
+
+# -- clusters ----------------------------------------------------------------------------------------
+def test_an_image_and_three_copies_are_one_cluster_of_four(tmp_path, tiny2_weights):
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(6):
+        smooth_photo(i).save(root / f"photo_{i}.png")
+    original = smooth_photo(0)
+    original.resize((48, 48), Image.BICUBIC).save(root / "copy_resized.png")
+    _jpeg(original, 40).save(root / "copy_reencoded.jpg")
+    original.transpose(Image.FLIP_LEFT_RIGHT).transpose(Image.FLIP_LEFT_RIGHT).save(root / "copy_same.png")
+    group = {str(root / n) for n in ("photo_0.png", "copy_resized.png", "copy_reencoded.jpg", "copy_same.png")}
+    out = tmp_path / "out"
+    r = run_duplicates(root, out, tiny2_weights)
+    assert r.exit_code == 0, r.output
+    pairs = _pairs(out)
+    assert {frozenset(p[1:]) for p in pairs} <= {frozenset((a, b)) for a in group for b in group if a != b}
+    clusters = json.loads((out / "clusters.json").read_text())["clusters"]
+    assert len(clusters) == 1 and set(clusters[0]["images"]) == group and clusters[0]["size"] == 4
+    assert clusters[0]["pairs"] == len(pairs) >= 3
+    with open(out / "clusters.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["image"] for r in rows} == group and {r["cluster"] for r in rows} == {"1"}
+    assert {r["size"] for r in rows} == {"4"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_clusters"] == 1 and metrics["images_in_clusters"] == 4
+    assert "in 1 cluster (4 images)" in _flat(r.output)

@@ -120,3 +120,33 @@ def test_features_under_torchrun_match_one_process(labelled_folder, tiny4_weight
     assert a.paths == b.paths
     torch.testing.assert_close(a.features, b.features, rtol=1e-4, atol=1e-5)
     assert json.dumps(a.fingerprint, sort_keys=True) == json.dumps(b.fingerprint, sort_keys=True)
+
+
+def test_features_csv_reads_back_as_the_pt_file(labelled_folder, tiny4_weights, tmp_path):
+    import csv
+
+    args = ["features", "--weights", str(tiny4_weights), "--data", str(labelled_folder / "val"), *SMALL]
+    assert run_cli([*args, "--output", str(tmp_path / "f.pt")]).exit_code == 0
+    r = run_cli([*args, "--output", str(tmp_path / "f.csv"), "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    fs = load_features(tmp_path / "f.pt")
+    with open(tmp_path / "f.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    assert header == ["path", "label", *(f"f{i}" for i in range(fs.dim))]
+    assert len(body) == len(fs) == 6
+    assert [b[0] for b in body] == fs.paths
+    assert [b[1] for b in body] == [fs.classes[int(i)] for i in fs.labels]
+    values = np.array([[np.float32(v) for v in b[2:]] for b in body], dtype=np.float32)
+    assert np.array_equal(values, fs.features.numpy())  # every float32 reads back exactly
+    # an unlabelled folder: no label column; a folder as --output gets features.csv
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted((labelled_folder / "val" / "red").iterdir()):
+        (flat / p.name).write_bytes(p.read_bytes())
+    r = run_cli(["features", "--weights", str(tiny4_weights), "--data", str(flat), *SMALL, "--output",
+                 str(tmp_path / "out"), "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "out" / "features.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:2] == ["path", "f0"]

@@ -106,3 +106,38 @@ def test_faiss_missing_is_one_sentence(monkeypatch):
     q = np.eye(3, dtype=np.float32)
     with pytest.raises(DinokitError, match=r"needs the faiss package \(pip install faiss-cpu"):
         search_pairs_faiss(q, None, 0.9)
+
+
+def test_clusters_are_the_connected_components_of_the_pairs():
+    from dinokit.eval.near_duplicates import DuplicatePair, duplicate_clusters
+
+    four = ["d", "a", "c", "b"]
+    pairs = [DuplicatePair(x, y, 0.9 + 0.01 * k) for k, (x, y) in
+             enumerate((x, y) for i, x in enumerate(four) for y in four[i + 1 :])]  # all six pairs
+    pairs += [DuplicatePair("y", "x", 0.99), DuplicatePair("p", "q", 0.95), DuplicatePair("q", "r", 0.91)]
+    clusters = duplicate_clusters(pairs)
+    assert [c.images for c in clusters] == [["a", "b", "c", "d"], ["p", "q", "r"], ["x", "y"]]
+    assert [c.pairs for c in clusters] == [6, 2, 1]
+    assert clusters[0].max_score == pytest.approx(0.95) and clusters[0].min_score == pytest.approx(0.90)
+    assert clusters[1].min_score == pytest.approx(0.91)
+    assert duplicate_clusters([]) == []
+
+
+def test_top_k_similar_matches_a_full_sort():
+    from dinokit.eval.near_duplicates import top_k_similar
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=1).numpy()
+    d = torch.nn.functional.normalize(torch.randn(23, 5, generator=g), dim=1).numpy()
+    d[4] = d[9]  # a tie: the earlier row ranks first
+    same = np.full(7, -1)
+    same[2] = 11  # query 2's own file is database row 11
+    s, i = top_k_similar(q, d, 4, block=5, same=same)
+    full = q.astype(np.float64) @ d.T.astype(np.float64)
+    full[2, 11] = -np.inf
+    for r in range(7):
+        want = sorted(range(23), key=lambda j: (-full[r, j], j))[:4]
+        assert i[r].tolist() == want
+        np.testing.assert_allclose(s[r], full[r, want], atol=1e-5)
+    s, i = top_k_similar(q[:1], d[:2], 5)
+    assert s.shape == (1, 2)

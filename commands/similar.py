@@ -1,0 +1,106 @@
+"""``dinokit similar``: a folder's images ranked by similarity to query images."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import (
+    Arch,
+    BatchSize,
+    CheckpointKey,
+    Device,
+    NumWorkers,
+    OptionalWeights,
+    Output,
+    Overwrite,
+    PatchSize,
+    Precision,
+    Quiet,
+    RichProgress,
+    Seed,
+    Whitening,
+    console,
+    is_main_process,
+    print_table,
+    setup_logging,
+)
+
+
+def similar(
+    queries: Annotated[
+        list[str],
+        typer.Argument(help="Query images: files, folders or glob patterns.", show_default=False),
+    ],
+    against: Annotated[
+        Path, typer.Option("--against", help="The folder of images to rank (recursively).", show_default=False)
+    ],
+    output: Output,
+    k: Annotated[int, typer.Option("--k", min=1, help="Matches kept per query, most similar first.")] = 5,
+    whitening: Whitening = None,
+    weights: OptionalWeights = None,
+    arch: Arch = None,
+    patch_size: PatchSize = None,
+    checkpoint_key: CheckpointKey = "teacher",
+    image_size: Annotated[
+        int, typer.Option("--image-size", min=1, help="Images are resized to this square (aspect ignored).")
+    ] = 320,
+    sheet_queries: Annotated[
+        int, typer.Option("--sheet-queries", min=0, help="Queries shown in the contact sheet (0: no sheet).")
+    ] = 24,
+    batch_size: BatchSize = 32,
+    num_workers: NumWorkers = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Rank the images of a folder by similarity to query images (the copy-detection descriptor of
+    duplicates, cosine similarity): the top --k per query in similar.csv and similar.json, and a
+    contact sheet of each query with its matches (similar.png). A query's own file is never its match."""
+    from dinokit.eval.near_duplicates import SimilarConfig, find_similar, write_similar
+    from dinokit.io import prepare_output_dir, write_metrics
+    from dinokit.viz import similar_sheet
+
+    setup_logging(quiet)
+    prepare_output_dir(output, overwrite=overwrite)
+    cfg = SimilarConfig(
+        queries=queries,
+        against=against,
+        output=output,
+        k=k,
+        whitening=whitening,
+        weights=weights,
+        arch=arch,
+        patch_size=patch_size,
+        checkpoint_key=checkpoint_key,
+        image_size=image_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        seed=seed,
+    )
+    with RichProgress(quiet=quiet) as progress:
+        result = find_similar(cfg, progress)
+    if not is_main_process():
+        return
+    write_similar(result, output)
+    sheet = similar_sheet(result.queries, output / "similar.png", max_rows=sheet_queries) if sheet_queries else None
+    write_metrics(output, result.summary(), config=asdict(cfg))
+    rows = [[Path(q.query).name, m.rank, f"{m.score:.3f}", m.image] for q in result.queries[:5] for m in q.matches]
+    if rows:
+        print_table("Most similar images (cosine similarity)", ["query", "rank", "similarity", "image"], rows)
+    console.print(
+        f"{result.n_queries} queries against {result.n_against} images; embedded {result.embedded} new images, "
+        f"reused {result.reused}" + (f", skipped {result.unreadable} unreadable" if result.unreadable else "") + "."
+    )
+    console.print(f"Results in {output / 'similar.csv'}" + (f" and {sheet}" if sheet else ""))
+
+
+def register(app: typer.Typer, synth_app: typer.Typer) -> None:
+    app.command("similar")(similar)
