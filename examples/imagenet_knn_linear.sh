@@ -13,5 +13,6 @@ torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$MODEL" --data 
 dinokit knn --train-features "$OUT/train.pt" --val-features "$OUT/val.pt" --k 10,20,100,200 --temperature 0.07 --output "$OUT/knn"
 # the released linear heads, validated without training
 dinokit linear --weights "$MODEL" --evaluate --linear-weights "$MODEL" --train "$IMAGENET/train" --val "$IMAGENET/val" --output "$OUT/linear-released"
-# training the probe as the paper: 100 epochs, SGD, lr 0.001 * batch / 256, cosine; ViT-S: last 4 CLS tokens
+# training the probe as the reference: 100 epochs, SGD, lr 0.001 * batch / 256, cosine; ViT-S: last 4 CLS tokens;
+# the paper's global batch is 1024 (GPUS=8 x 128) with the learning rate swept per model
 torchrun --nproc-per-node "$GPUS" -m dinokit linear --weights "$MODEL" --train "$IMAGENET/train" --val "$IMAGENET/val" --epochs 100 --output "$OUT/linear"
