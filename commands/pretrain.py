@@ -28,7 +28,7 @@ from ._common import (
 HELP = "\n\n".join(
     [
         'Pretrain a backbone with DINO (self-distillation, no labels) on a folder of images.',
-        "The folder is searched recursively (class sub-folders of an ImageFolder are ignored); unreadable images are skipped and counted. Defaults are the paper's ViT recipe. The same command runs under `torchrun --nproc-per-node N -m dinokit pretrain ...` for DistributedDataParallel; --batch-size is per process and the lr scales with the global batch (lr * global_batch / 256).",
+        "The folder is searched recursively (class sub-folders of an ImageFolder are ignored); unreadable images are skipped and counted. Defaults are the reference code's (the paper's ViT recipe with a constant teacher temperature 0.04). The same command runs under `torchrun --nproc-per-node N -m dinokit pretrain ...` for DistributedDataParallel; --batch-size is per process and the lr scales with the global batch (lr * global_batch / 256).",
         'Small data sets: left unset, --out-dim is the power of two nearest the number of images (1024 to 65536), --momentum-teacher is 0.996 lowered to 1 - 10/T (at least 0.99) for runs of fewer than T = 2500 iterations, and --warmup-epochs is 10 or a tenth of --epochs, whichever is fewer.',
         'The run folder gets config.json, log.jsonl (one line per epoch), checkpoint.pth (every epoch; --resume continues from it), checkpoint{epoch:04d}.pth every --save-every epochs, backbone.pth (the teacher backbone in the released-weights format, usable as --weights anywhere) and metrics.json. Ctrl-C or SIGTERM finishes the step, saves, and exits 130/143.',
     ]

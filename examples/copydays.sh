@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Copydays copy detection (paper, Table 6): strong mAP ViT-B/16 at 224: 81.7; ViT-B/8 at 320: 85.5,
+# Copydays copy detection (paper, Table 4): strong mAP ViT-B/16 at 224: 81.7; ViT-B/8 at 320: 85.5,
 # with 10k YFCC100M distractors in the database and 20k other YFCC100M images to learn the whitening.
 source "$(dirname "$0")/_common.sh"
 COPYDAYS=${COPYDAYS:-/data/copydays}     # original/ strong/ jpegqual/<q>/ crops/<c>/

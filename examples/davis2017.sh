@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # DAVIS 2017 val, semi-supervised video object segmentation by label propagation (paper, Table 5):
 #   J&F-Mean ViT-S/16 61.8 (J 60.2, F 63.4), ViT-B/16 62.3, ViT-S/8 69.9, ViT-B/8 71.4.
-# Defaults are the paper's: 7 previous frames + the first, window radius 12, top-5, temperature 0.1.
+# Defaults are the reference code's (the paper follows Jabri et al.'s protocol): 7 previous frames + the
+# first, window radius 12, top-5, temperature 0.1.
 source "$(dirname "$0")/_common.sh"
 DAVIS=${DAVIS:-/data/DAVIS}
 MODEL=${MODEL:-dino_vits16}

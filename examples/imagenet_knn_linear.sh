@@ -13,5 +13,8 @@ torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$MODEL" --data 
 dinokit knn --train-features "$OUT/train.pt" --val-features "$OUT/val.pt" --k 10,20,100,200 --temperature 0.07 --output "$OUT/knn"
 # the released linear heads, validated without training
 dinokit linear --weights "$MODEL" --evaluate --linear-weights "$MODEL" --train "$IMAGENET/train" --val "$IMAGENET/val" --output "$OUT/linear-released"
-# training the probe as the paper: 100 epochs, SGD, lr 0.001 * batch / 256, cosine; ViT-S: last 4 CLS tokens
-torchrun --nproc-per-node "$GPUS" -m dinokit linear --weights "$MODEL" --train "$IMAGENET/train" --val "$IMAGENET/val" --epochs 100 --output "$OUT/linear"
+# training the probe as the reference: 100 epochs, SGD, lr 0.001 * batch / 256, cosine; ViT-S: last 4 CLS tokens;
+# the paper's global batch is 1024 (the reference's 8 GPUs x 128; the learning rate follows it) and it
+# sweeps the learning rate per model
+torchrun --nproc-per-node "$GPUS" -m dinokit linear --weights "$MODEL" --train "$IMAGENET/train" --val "$IMAGENET/val" --epochs 100 \
+  --batch-size $((1024 / GPUS)) --output "$OUT/linear"

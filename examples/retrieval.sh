@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Image retrieval on revisited Oxford and Paris (paper, Table 8), mAP Medium / Hard:
+# Image retrieval on revisited Oxford and Paris (paper, Table 3), mAP Medium / Hard:
 #   ViT-S/16 trained on ImageNet (preset dino_vits16):            ROx 41.8 / 13.7, RPar 63.1 / 34.4;
 #   trained on Google Landmarks v2 (preset dino_vits16_googlelandmark): ROx 51.5 / 24.3, RPar 75.3 / 51.6.
 # The settings per data set are the DINO reference's (its README, "Image Retrieval on revisited Oxford

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Attention maps segment objects (paper, Table 7): Jaccard of the best head's 60%-mass mask with
+# Attention maps segment objects (paper, the table of Fig. 4): Jaccard of the best head's 60%-mass mask with
 # each VOC12 val object: ViT-S/16 DINO 45.9 (supervised 27.3, random 22.0); ViT-S/8 44.7.
 source "$(dirname "$0")/_common.sh"
 VOC=${VOC:-/data/VOCdevkit/VOC2012}

@@ -1,4 +1,4 @@
-"""The Copydays folder layout (Douze et al. 2009, as used by Caron et al. 2021, Sec. 4.2.2): the
+"""The Copydays folder layout (Douze et al. 2009, as used by Caron et al. 2021, Sec. 4.2.1): the
 ``original`` block (the database), the query blocks ``strong``, ``jpegqual/<q>`` and ``crops/<c>``,
 and which original each query is a copy of."""
 

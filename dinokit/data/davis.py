@@ -7,8 +7,9 @@ folder of frames (or a video file, with the optional PyAV extra) plus one first-
 
 Frames are prepared as the reference evaluation does: resized so that the short side is 480 and the
 long side is floored to a multiple of 64 (854x480 -> 832x480) with bilinear interpolation WITHOUT
-antialiasing -- what OpenCV's ``INTER_LINEAR`` does on the reference's uint8 frames, so the result is
-rounded to whole grey levels -- then normalised with mean (0.485, 0.456, 0.406) and std (0.228,
+antialiasing -- the sampling of OpenCV's ``INTER_LINEAR`` on the reference's uint8 frames, rounded to
+whole grey levels (OpenCV's 11-bit fixed-point weights may round a pixel one level the other way) --
+then normalised with mean (0.485, 0.456, 0.406) and std (0.228,
 0.224, 0.225) (0.228 is the reference's value). The first mask goes straight to the patch grid with
 PIL's NEAREST (torch's ``nearest`` picks other cells).
 """
@@ -66,7 +67,8 @@ def propagation_size(height: int, width: int, short_side: int = 480, multiple: i
 
 def resize_bilinear_uint8(rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, h, w) float32 in [0, 255], bilinear without antialiasing and rounded
-    to whole grey levels, as OpenCV's ``resize(..., INTER_LINEAR)`` gives on uint8 images."""
+    to whole grey levels, as OpenCV's ``resize(..., INTER_LINEAR)`` gives on uint8 images (up to its
+    fixed-point rounding)."""
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).float()
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)

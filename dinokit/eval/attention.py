@@ -1,6 +1,6 @@
-"""Self-attention maps of the CLS token and the attention-mask Jaccard evaluation (DINO, Sec. 4.2.1
-"Probing the self-attention map" and Fig. 3/4; Table 7 of the appendix: "DINO attention maps segment
-objects").
+"""Self-attention maps of the CLS token and the attention-mask Jaccard evaluation (DINO, Sec. 4.2.2
+"Probing the self-attention map", Fig. 3 and the Jaccard table of Fig. 4; other self-supervised
+ViTs in Appendix D).
 
 * A head's map is the CLS query's post-softmax attention to the patch tokens in the last block.
 * :func:`mass_threshold` keeps, per head, the smallest set of patches holding a fraction of the

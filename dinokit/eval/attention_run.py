@@ -1,4 +1,4 @@
-"""A run of the attention protocol (DINO Sec. 4.2.1, Fig. 1/3; appendix Table 7) in one of three forms,
+"""A run of the attention protocol (DINO Sec. 4.2.2, Fig. 3 and 4; appendix D) in one of three forms,
 with its files in the output folder:
 
 * **maps**: each image's per-head CLS attention, head mean and mass-threshold masks as pictures and

@@ -1,4 +1,4 @@
-"""Copy detection on Copydays with DINO descriptors (Caron et al. 2021, Sec. 4.2.2 and App. C; spec
+"""Copy detection on Copydays with DINO descriptors (Caron et al. 2021, Sec. 4.2.1 and Table 4; spec
 copy-detection): the originals (plus distractors) are the database, every edited block queries it,
 and each block scores the mean of the Holidays trapezoid AP over its queries.
 
@@ -147,7 +147,7 @@ def _learn_whitening(embedder: DescriptorEmbedder, paths: list[Path], folder: Pa
 
 
 def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS) -> CopyDetectionResult:
-    """Run the Copydays protocol (spec copy-detection; paper Sec. 4.2.2): embed the originals (plus
+    """Run the Copydays protocol (spec copy-detection; paper Sec. 4.2.1): embed the originals (plus
     distractors) as the database and every block as queries, rank by cosine similarity and report
     the mAP of each block, a fraction in [0, 1]."""
     if cfg.image_size < 1:

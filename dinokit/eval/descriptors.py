@@ -1,4 +1,4 @@
-"""The copy-detection descriptor and its whitening (Caron et al. 2021, Sec. 4.2.2 and App. C).
+"""The copy-detection descriptor and its whitening (Caron et al. 2021, Sec. 4.2.1, "Copy detection").
 
 The descriptor is the last block's output after the final LayerNorm: the CLS token concatenated with
 GeM pooling (p = 4) of the patch tokens (1536 dims for ViT-B). Descriptors can be whitened with a
@@ -121,10 +121,11 @@ class Whitening:
 
 
 def learn_whitening(features: torch.Tensor, eps: float = WHITENING_EPS, power: float = 0.5) -> Whitening:
-    """Learn the reference's whitening from ``features`` (n, D) (paper App. C, "whitening").
+    """Learn the reference's whitening from ``features`` (n, D) (paper Sec. 4.2.1, following Multigrain).
 
     The mean of the whitening set is what gets subtracted later, but — as in the reference — the
-    eigen-decomposition is of the UNcentred second-moment matrix F^T F / n. Eigenvalues below
+    eigen-decomposition is of the UNcentred second-moment matrix F^T F / n (here in float64; the
+    reference works in float32). Eigenvalues below
     ``max * eps`` are raised to that floor; the projection is ``diag(eig^-power) V^T`` with the
     eigenvectors in decreasing order of eigenvalue.
     """

@@ -1,5 +1,5 @@
 """Near-duplicate search in a folder (spec copy-detection, "practical near-duplicate search"): the
-everyday form of copy detection (Caron et al. 2021, Sec. 4.2.2). Every pair of images whose
+everyday form of copy detection (Caron et al. 2021, Sec. 4.2.1). Every pair of images whose
 copy-detection descriptors (CLS + GeM, optionally whitened; :mod:`dinokit.eval.descriptors`) have a
 cosine similarity above a threshold, found exactly block by block or approximately with faiss.
 Descriptors are kept in an :class:`EmbeddingStore` in the run folder and reused by later runs.

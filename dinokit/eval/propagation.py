@@ -1,6 +1,6 @@
 """Video object segmentation by label propagation in the frozen patch-feature space.
 
-DINO (Caron et al. 2021), Sec. 4.2.3 / Table 5 "DAVIS 2017 video instance tracking", following the
+DINO (Caron et al. 2021), Sec. 4.2.2 / Table 5 "DAVIS 2017 video instance tracking", following the
 protocol of Jabri et al. 2020: the first frame's masks are carried through the video by nearest
 neighbours between patch features. No training.
 

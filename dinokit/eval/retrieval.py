@@ -1,5 +1,5 @@
 """Landmark image retrieval on revisited Oxford and Paris (Radenović et al. 2018), as in the DINO
-paper (Sec. 4.2.2, Table 4): CLS descriptors, cosine ranking, mAP and mP@k under the Medium and
+paper (Sec. 4.2.1, Table 3): CLS descriptors, cosine ranking, mAP and mP@k under the Medium and
 Hard protocols.
 
 The ground truth ``gnd_<dataset>.pkl`` is a pickle. It is read with an unpickler that accepts only

@@ -1,4 +1,4 @@
-"""The settings of a DINO pretraining run: :class:`PretrainConfig` (the paper's ViT recipe), the
+"""The settings of a DINO pretraining run: :class:`PretrainConfig` (the reference code's ViT defaults), the
 defaults chosen from the size of the data when left unset, their checks, and the settings a resumed
 run keeps.
 """
@@ -30,7 +30,8 @@ AUTO_FIELDS = ("out_dim", "momentum_teacher", "warmup_epochs", "global_scale")
 
 @dataclass
 class PretrainConfig(RuntimeOptions):
-    """Everything a DINO run needs; defaults are the paper's ViT recipe (spec "Schedules").
+    """Everything a DINO run needs; defaults are the reference code's (``main_dino.py``), the paper's ViT
+    recipe except its teacher-temperature warm-up 0.04 -> 0.07 over 30 epochs (spec "Schedules").
 
     ``out_dim``, ``momentum_teacher`` and ``warmup_epochs`` left as None are chosen from the data
     (see :func:`resolve_auto_settings`). The runtime fields (device, precision, batch_size,
