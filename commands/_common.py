@@ -29,6 +29,7 @@ from rich.progress import (
 )
 
 from dinokit.errors import DinokitError
+from dinokit.presets import PRESETS
 
 console = Console()
 console_err = Console(stderr=True)
@@ -386,45 +387,61 @@ class DinokitGroup(typer.core.TyperGroup):
 
 
 # -- shared options (same names and meaning in every command) ------------------------------------
+#: help panels: a command's own options come first under "Options", the shared ones below these titles
+BACKBONE_PANEL = "Backbone"
+RUNTIME_PANEL = "Runtime"
+RUN_PANEL = "Run folder and output"
+
+#: every released preset, from the preset table (so that the help stays true when one is added)
+PRESET_NAMES = ", ".join(PRESETS)
+
 Arch = Annotated[
     str | None,
-    typer.Option("--arch", help="Backbone: vit_tiny, vit_small, vit_base or resnet50 (inferred from --weights)."),
+    typer.Option("--arch", rich_help_panel=BACKBONE_PANEL,
+                 help="vit_tiny, vit_small, vit_base or resnet50 (default: read from --weights)."),
 ]
 PatchSize = Annotated[
-    int | None, typer.Option("--patch-size", help="ViT patch size in pixels (inferred from --weights).")
+    int | None,
+    typer.Option("--patch-size", rich_help_panel=BACKBONE_PANEL,
+                 help="ViT patch size in pixels (default: read from --weights)."),
 ]
 Weights = Annotated[
     str,
     typer.Option(
-        "--weights",
-        "-w",
-        help="A checkpoint path, a preset (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, dino_resnet50) "
-        "or 'random'.",
+        "--weights", "-w", rich_help_panel=BACKBONE_PANEL,
+        help=f"A checkpoint file, a preset ({PRESET_NAMES}) or 'random'.",
     ),
 ]
 CheckpointKey = Annotated[
-    str, typer.Option("--checkpoint-key", help="Which weights of a training checkpoint: teacher or student.")
+    str,
+    typer.Option("--checkpoint-key", rich_help_panel=BACKBONE_PANEL,
+                 help="Which weights of a training checkpoint: teacher or student."),
 ]
-Output = Annotated[Path, typer.Option("--output", "-o", help="The run folder for results.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch (per process).")]
-NumWorkers = Annotated[int, typer.Option("--num-workers", min=0, help="Data-loading worker processes.")]
-Device = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")]
+Output = Annotated[Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The run folder for results.")]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", min=1, rich_help_panel=RUNTIME_PANEL, help="Images per batch (per process).")
+]
+NumWorkers = Annotated[
+    int, typer.Option("--num-workers", min=0, rich_help_panel=RUNTIME_PANEL, help="Data-loading worker processes.")
+]
+Device = Annotated[
+    str, typer.Option("--device", rich_help_panel=RUNTIME_PANEL, help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")
+]
 Precision = Annotated[
     str,
     typer.Option(
-        "--precision",
+        "--precision", rich_help_panel=RUNTIME_PANEL,
         help="auto, fp32, bf16 or fp16. auto = bf16 for training where the hardware has native bf16, "
         "fp32 for evaluation.",
     ),
 ]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
+Seed = Annotated[int, typer.Option("--seed", rich_help_panel=RUNTIME_PANEL, help="Random seed.")]
 OptionalWeights = Annotated[
     str | None,
     typer.Option(
-        "--weights",
-        "-w",
-        help="A checkpoint path, a preset (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, dino_resnet50) or "
-        "'random' (a randomly initialised baseline); needed wherever images are embedded.",
+        "--weights", "-w", rich_help_panel=BACKBONE_PANEL,
+        help=f"A checkpoint file, a preset ({PRESET_NAMES}) or 'random' (a randomly initialised baseline); "
+        "needed wherever images are embedded.",
     ),
 ]
 Train = Annotated[Path | None, typer.Option("--train", help="Labelled training images (ROOT/<class>/<image>).")]
@@ -435,14 +452,18 @@ TrainFeatures = Annotated[
 ValFeatures = Annotated[
     Path | None, typer.Option("--val-features", help="A features file from dinokit features (instead of --val).")
 ]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its checkpoint.")]
+Resume = Annotated[
+    bool, typer.Option("--resume", rich_help_panel=RUN_PANEL, help="Continue the run in --output from its checkpoint.")
+]
 StopAfter = Annotated[
-    int | None, typer.Option("--stop-after", min=1, help="End cleanly after N epochs of the schedule (resumable).")
+    int | None,
+    typer.Option("--stop-after", min=1, rich_help_panel=RUN_PANEL,
+                 help="End cleanly after N epochs of the schedule (resumable)."),
 ]
 CheckpointMinutes = Annotated[
     float,
     typer.Option(
-        "--checkpoint-minutes", min=0.0,
+        "--checkpoint-minutes", min=0.0, rich_help_panel=RUN_PANEL,
         help="Also write checkpoint.pth every this many minutes within an epoch, so that a killed run "
         "loses at most that much (0: only at the end of each epoch).",
     ),
@@ -450,10 +471,17 @@ CheckpointMinutes = Annotated[
 Whitening = Annotated[
     Path | None, typer.Option("--whitening", help="A folder of other images to learn the whitening on.")
 ]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write into an output that already holds results.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-
-
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", rich_help_panel=RUN_PANEL, help="Write into an output that already holds results.")
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=RUN_PANEL, help="No progress bars.")]
+Strict = Annotated[
+    bool,
+    typer.Option(
+        "--strict", rich_help_panel=RUN_PANEL,
+        help="Stop at the first unreadable image (by default unreadable images are skipped and counted).",
+    ),
+]
 def setup_logging(quiet: bool = False) -> None:
     from rich.logging import RichHandler
 

@@ -46,7 +46,7 @@ def attn(
                      "of the patch size; 0 keeps the original size."),
     ] = 480,
     threshold: Annotated[
-        float, typer.Option("--threshold", help="Fraction of each head's attention mass its mask keeps (0-1].")
+        float, typer.Option("--attention-mass", help="Fraction of each head's attention mass its mask keeps (0-1].")
     ] = 0.6,
     images_dir: Annotated[
         Optional[Path],
@@ -76,12 +76,12 @@ def attn(
     ] = None,
     video: Annotated[
         Optional[Path],
-        typer.Option("--video", help="Video form: a folder of frames or a video file (files need dinokit\\[video])."),
+        typer.Option("--video", help="Video form: a folder of frames or a video file (files need dinokit[video])."),
     ] = None,
     fps: Annotated[
         Optional[float], typer.Option("--fps", min=0.1, help="Frame rate of the GIF/MP4 (default: the file's, or 10).")
     ] = None,
-    mp4: Annotated[bool, typer.Option("--mp4", help="Also write attention.mp4 (needs dinokit\\[video]).")] = False,
+    mp4: Annotated[bool, typer.Option("--mp4", help="Also write attention.mp4 (needs dinokit[video]).")] = False,
     batch_size: BatchSize = 8,
     num_workers: NumWorkers = 0,
     device: Device = "auto",

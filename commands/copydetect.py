@@ -52,7 +52,7 @@ def copydetect(
     ] = None,
     whitening: Whitening = None,
     top: Annotated[
-        int, typer.Option("--top", min=0, help="Score the top N results of each query (0: the whole ranking).")
+        int, typer.Option("--k", min=0, help="Score the top N results of each query (0: the whole ranking).")
     ] = 20,
     batch_size: BatchSize = 32,
     num_workers: NumWorkers = 0,

@@ -21,7 +21,7 @@ import typer
 from dinokit.errors import DinokitError
 from dinokit.io import prepare_output_dir, versions, write_json
 
-from ._common import Overwrite, Quiet, console, console_err
+from ._common import RUN_PANEL, Overwrite, Quiet, console, console_err
 from .demo_report import compose_pictures, table_rows, write_reports
 
 
@@ -144,13 +144,13 @@ def run_demo(plan: DemoPlan) -> dict:
         # flat shapes with class-correlated (noisy) colours and surface patterns, as real classes have:
         # minutes of DINO on a CPU can learn from these, not from the fully cluttered default set
         _run(["synth", "classify", "--output", data / "classify", "--classes", plan.classes,
-              "--per-class", plan.per_class, "--size", plan.image_size, "--seed", plan.seed,
+              "--per-class", plan.per_class, "--image-size", plan.image_size, "--seed", plan.seed,
               "--style", "simple", "--class-colour", 0.7, "--class-texture", 1.0, *common],
              "synth classify")  # fmt: skip
         _run(["synth", "video", "--output", data / "video", "--sequences", 2, "--frames", 12,
               "--height", 240, "--width", 427, "--seed", plan.seed, *common], "synth video")  # fmt: skip
         _run(["synth", "copydays", "--output", data / "copydays", "--originals", 24,
-              "--distractors", 48, "--whitening", 48, "--size", 160, "--seed", plan.seed, *common],
+              "--distractors", 48, "--whitening", 48, "--image-size", 160, "--seed", plan.seed, *common],
              "synth copydays")  # fmt: skip
 
     n_train = sum(1 for _ in (data / "classify" / "train").rglob("*.png"))
@@ -180,7 +180,7 @@ def run_demo(plan: DemoPlan) -> dict:
         for name, w in weights.items():
             run = evals / name / "knn"
             _run(["knn", *w, "--train", data / "classify" / "train", "--val", data / "classify" / "val",
-                  "--resize", plan.image_size, "--crop", plan.image_size, "--k", "10,20",
+                  "--resize", plan.image_size, "--image-size", plan.image_size, "--k", "10,20",
                   "--output", run, *common], f"knn {name}")  # fmt: skip
             m = _read_json(run / "metrics.json")
             results[name]["knn"] = float(m["knn"]["20"]["top1"])
@@ -189,7 +189,7 @@ def run_demo(plan: DemoPlan) -> dict:
         for name, w in weights.items():
             run = evals / name / "linear"
             _run(["linear", *w, "--train", data / "classify" / "train", "--val", data / "classify" / "val",
-                  "--resize", plan.image_size, "--crop", plan.image_size, "--features-only",
+                  "--resize", plan.image_size, "--image-size", plan.image_size, "--features-only",
                   "--epochs", 100, "--lr", 0.5, "--output", run, *common], f"linear {name}")  # fmt: skip
             m = _read_json(run / "metrics.json")
             results[name]["linear"] = float(m["linear"]["final"]["top1"])
@@ -207,7 +207,7 @@ def run_demo(plan: DemoPlan) -> dict:
     with stage("video object segmentation by label propagation (dinokit davis)"):
         for name, w in weights.items():
             run = evals / name / "davis"
-            _run(["davis", "--data", data / "video", *w, "--short-side", 240, "--visualize",
+            _run(["davis", "--data", data / "video", *w, "--image-size", 240, "--visualize",
                   "--num-workers", 0, "--output", run, *common], f"davis {name}")  # fmt: skip
             results[name]["davis"] = float(_read_json(run / "metrics.json")["J&F-Mean"])
 
@@ -222,7 +222,7 @@ def run_demo(plan: DemoPlan) -> dict:
     with stage("near-duplicate search with the trained model (dinokit duplicates)"):
         _run(["duplicates", data / "copydays" / "copydays" / "strong",
               "--against", data / "copydays" / "copydays" / "original", *weights["trained"],
-              "--image-size", 128, "--threshold", 0.5, "--sheet-pairs", 8,
+              "--image-size", 128, "--min-similarity", 0.5, "--sheet-pairs", 8,
               "--output", evals / "trained" / "duplicates", *common], "duplicates")  # fmt: skip
 
     with stage("report"):
@@ -241,7 +241,7 @@ def run_demo(plan: DemoPlan) -> dict:
 
 
 def demo(
-    output: Annotated[Path, typer.Option("--output", "-o", help="The demo's run folder.")] = Path("runs/demo"),
+    output: Annotated[Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The demo's run folder.")],
     minutes: Annotated[
         float, typer.Option("--minutes", min=2.0, help="Time budget; the pretraining length is fitted to it.")
     ] = 8.0,

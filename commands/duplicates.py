@@ -40,7 +40,7 @@ def duplicates(
     threshold: Annotated[
         Optional[float],
         typer.Option(
-            "--threshold",
+            "--min-similarity",
             help="Cosine similarity from which two images count as near-duplicates "
             "(default 0.9, or 0.5 with --whitening).",
         ),
@@ -62,7 +62,7 @@ def duplicates(
         ),
     ] = "exact",
     neighbours: Annotated[
-        int, typer.Option("--neighbours", min=1, help="With --backend faiss: neighbours looked at per image.")
+        int, typer.Option("--k", min=1, help="With --backend faiss: neighbours looked at per image.")
     ] = 10,
     max_pairs: Annotated[
         int, typer.Option("--max-pairs", min=1, help="Keep at most this many pairs (the most similar).")

@@ -33,7 +33,9 @@ AvgPool = Annotated[
     typer.Option("--avgpool-patch-tokens", help="Append the average of the last block's patch tokens."),
 ]
 Resize = Annotated[int, typer.Option("--resize", min=1, help="Resize the short side to this (bicubic) before the crop.")]
-Crop = Annotated[int, typer.Option("--crop", min=1, help="Centre crop size in pixels.")]
+Crop = Annotated[
+    int, typer.Option("--image-size", min=1, help="The centre crop in pixels: the size the network sees.")
+]
 
 
 def features(

@@ -27,7 +27,7 @@ def predict(
     model: Annotated[
         Path, typer.Option("--model", "-m", help="A fine-tuned model: RUN/model.pth or RUN/best.pth.")
     ],
-    top: Annotated[int, typer.Option("--top", min=1, help="How many classes to report per image.")] = 5,
+    top: Annotated[int, typer.Option("--k", min=1, help="How many classes to report per image (the top k).")] = 5,
     output: Annotated[
         Optional[Path],
         typer.Option("--output", "-o", help="Write predictions to this .csv or .json file (else print a table)."),

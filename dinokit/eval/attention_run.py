@@ -98,7 +98,7 @@ def check_run_config(cfg: AttentionRunConfig) -> str:
     if cfg.images_dir is not None and (cfg.masks is None) == (cfg.coco is None):
         raise DinokitError("The evaluation form needs exactly one of --masks DIR or --coco ANNOTATIONS.json.")
     if not 0.0 < cfg.threshold <= 1.0:
-        raise DinokitError(f"--threshold must be a fraction in (0, 1], not {cfg.threshold}.")
+        raise DinokitError(f"--attention-mass must be a fraction in (0, 1], not {cfg.threshold}.")
     if cfg.objects not in ("instance", "class"):
         raise DinokitError(f"--objects must be instance or class, not {cfg.objects!r}.")
     if cfg.images_dir is not None and not cfg.images_dir.is_dir():

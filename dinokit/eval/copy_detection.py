@@ -153,7 +153,7 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
     if cfg.image_size < 1:
         raise DinokitError(f"--image-size must be positive, got {cfg.image_size}.")
     if cfg.top < 0:
-        raise DinokitError(f"--top must be 0 (rank everything) or positive, got {cfg.top}.")
+        raise DinokitError(f"--k must be 0 (rank everything) or positive, got {cfg.top}.")
     layout = scan_copydays(cfg.data)
     distractors = find_folder_images(cfg.distractors, "distractor folder") if cfg.distractors is not None else []
     white_paths = find_folder_images(cfg.whitening, "whitening folder") if cfg.whitening is not None else []

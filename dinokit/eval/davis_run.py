@@ -382,7 +382,7 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
     """
     cfg.propagation.validate()
     if cfg.short_side < 16:
-        raise DinokitError("--short-side must be at least 16 pixels.")
+        raise DinokitError("--image-size must be at least 16 pixels.")
     sequences = _run_sequences(cfg)
     for seq in sequences:  # a mask without objects is refused before any folder or model is made
         read_first_mask(seq.first_mask, cfg.binary_mask)

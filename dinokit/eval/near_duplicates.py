@@ -438,7 +438,7 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
     if threshold is None:
         threshold = WHITENED_THRESHOLD if cfg.whitening is not None else DEFAULT_THRESHOLD
     if not -1.0 <= threshold <= 1.0:
-        raise DinokitError(f"--threshold is a cosine similarity between -1 and 1, got {threshold}.")
+        raise DinokitError(f"--min-similarity is a cosine similarity between -1 and 1, got {threshold}.")
 
     backbone = prepare_backbone(cfg)
     init_distributed(backbone.device)

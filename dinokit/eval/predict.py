@@ -105,7 +105,7 @@ def predict_images(
 ) -> PredictResult:
     """Class probabilities (softmax of the head) of images, folders or globs, the ``top`` best each."""
     if top < 1:
-        raise DinokitError("--top must be at least 1.")
+        raise DinokitError("--k must be at least 1.")
     model, meta = load_finetuned(model_path)
     paths = expand_image_inputs(inputs)
     dev = resolve_device(device)

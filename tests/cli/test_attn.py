@@ -95,7 +95,7 @@ def test_eval_form_on_coins_photograph(tmp_path, tiny2_weights):
 def test_eval_form_on_synth_classify_masks(tmp_path, tiny2_weights):
     data = tmp_path / "synth"
     r = run_cli(["synth", "classify", "--output", str(data), "--classes", "2", "--per-class", "5",
-                            "--size", "32", "--quiet"])
+                            "--image-size", "32", "--quiet"])
     assert r.exit_code == 0, r.output
     out = tmp_path / "eval"
     r = run("--images", data / "val", "--masks", data / "masks" / "val", "-w", tiny2_weights, "--image-size", 32,
@@ -183,7 +183,7 @@ def test_bad_inputs_are_one_sentence(tmp_path, tiny2_weights):
     assert_one_sentence(run("-w", tiny2_weights, "-o", o), "Give images")
     assert_one_sentence(run(tmp_path / "img", "--video", tmp_path / "img", "-w", tiny2_weights, "-o", o), "one form")
     assert_one_sentence(run("--images", tmp_path / "img", "-w", tiny2_weights, "-o", o), "exactly one of --masks")
-    assert_one_sentence(run(tmp_path / "img", "--threshold", 1.5, "-w", tiny2_weights, "-o", o), "--threshold")
+    assert_one_sentence(run(tmp_path / "img", "--attention-mass", 1.5, "-w", tiny2_weights, "-o", o), "--attention-mass")
     assert_one_sentence(run("--video", tmp_path / "nothing", "-w", tiny2_weights, "-o", o), "does not exist")
     # nothing was created by the refused runs
     assert not o.exists()

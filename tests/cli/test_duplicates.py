@@ -59,7 +59,7 @@ def _pairs(out: Path) -> list[tuple[float, str, str]]:
 
 def run_duplicates(folder, out, weights, *extra):
     return run_cli(["duplicates", str(folder), "--output", str(out), "--weights", str(weights), "--image-size", "64",
-                 "--threshold", "0.95", "--device", "cpu", "--quiet", *extra])
+                 "--min-similarity", "0.95", "--device", "cpu", "--quiet", *extra])
 
 
 def test_finds_planted_copies_and_second_run_embeds_nothing(planted, tiny2_weights, tmp_path):
@@ -126,7 +126,7 @@ def test_faiss_backend_agrees_with_exact(planted, tiny2_weights, tmp_path):
     pytest.importorskip("faiss")
     folder, truth = planted
     out = tmp_path / "dups"
-    res = run_duplicates(folder, out, tiny2_weights, "--backend", "faiss", "--neighbours", "3")
+    res = run_duplicates(folder, out, tiny2_weights, "--backend", "faiss", "--k", "3")
     assert res.exit_code == 0, res.output
     assert {frozenset((a, b)) for _, a, b in _pairs(out)} == truth
 
@@ -150,7 +150,7 @@ def test_bad_input_is_one_sentence(tmp_path, tiny2_weights):
     res = run_duplicates(tmp_path / "nowhere", tmp_path / "o2", tiny2_weights)
     assert res.exit_code == 2 and "does not exist" in _flat(res.output)
     smooth_photo(0).save(empty / "x.png")
-    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o3"), "--threshold", "3", "--quiet"])
+    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o3"), "--min-similarity", "3", "--quiet"])
     assert res.exit_code == 2 and "between -1 and 1" in _flat(res.output)
     res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o4"), "--backend", "annoy", "--quiet"])
     assert res.exit_code == 2 and "Unknown backend" in _flat(res.output)

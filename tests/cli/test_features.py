@@ -21,7 +21,7 @@ from dinokit.eval.features import (
 )
 from tests.helpers import run_cli
 
-SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "4", "--quiet"]
+SMALL = ["--resize", "32", "--image-size", "32", "--batch-size", "4", "--quiet"]
 
 
 def test_cli_features_pt_and_npy(labelled_folder, tiny4_weights, tmp_path):

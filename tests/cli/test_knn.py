@@ -13,7 +13,7 @@ from tests.helpers import run_cli
 # ---------------------------------------------------------------------------------------------
 # `dinokit knn` end to end
 # ---------------------------------------------------------------------------------------------
-SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "8", "--quiet"]
+SMALL = ["--resize", "32", "--image-size", "32", "--batch-size", "8", "--quiet"]
 
 
 def test_cli_knn_writes_metrics_and_reuses_cached_features(labelled_folder, tiny4_weights, tmp_path):

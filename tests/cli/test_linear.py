@@ -12,7 +12,7 @@ import torch
 from dinokit.eval.features import load_features, save_features
 from tests.helpers import feature_clusters, run_cli
 
-SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "6", "--quiet"]
+SMALL = ["--resize", "32", "--image-size", "32", "--batch-size", "6", "--quiet"]
 
 
 def test_cli_images_path_checkpoint_and_evaluate(labelled_folder, tiny4_weights, tmp_path):
