@@ -31,8 +31,33 @@ from rich.progress import (
 from dinokit.errors import DinokitError
 from dinokit.presets import PRESETS
 
-console = Console()
-console_err = Console(stderr=True)
+#: the width of a table written to a pipe or a file: wide enough that rows stay whole
+PIPE_WIDTH = 400
+
+
+class LogConsole(Console):
+    """A rich console that draws for a terminal, but writes to a pipe or a file (logs, SLURM) without
+    wrapping: a path or a record stays on one line, whatever COLUMNS says."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if not self.is_terminal:
+            kwargs.setdefault("soft_wrap", True)
+        super().print(*objects, **kwargs)
+
+    @property
+    def size(self):
+        size = super().size
+        if not self.is_terminal and self._width is None:
+            return size.__class__(PIPE_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size) -> None:
+        Console.size.fset(self, new_size)
+
+
+console = LogConsole()
+console_err = LogConsole(stderr=True)
 
 
 def _hide_flag_types() -> None:
@@ -482,27 +507,69 @@ Strict = Annotated[
         help="Stop at the first unreadable image (by default unreadable images are skipped and counted).",
     ),
 ]
+class PlainLogHandler(logging.Handler):
+    """Log records for a pipe or a file: ``LEVEL message`` on one line, no padding, no wrapping."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+        except Exception:  # noqa: BLE001 - logging's own rule: a bad record never stops the program
+            self.handleError(record)
+            return
+        console_err.file.write(f"{record.levelname} {message}\n")
+        console_err.file.flush()
+
+
 def setup_logging(quiet: bool = False) -> None:
+    """The ``dinokit`` logger on stderr: rich lines on a terminal, plain unpadded lines elsewhere."""
     from rich.logging import RichHandler
 
     level = logging.WARNING if quiet else logging.INFO
     logger = logging.getLogger("dinokit")
     logger.setLevel(level)
-    if not any(isinstance(h, RichHandler) for h in logger.handlers):
-        handler = RichHandler(console=console_err, show_path=False, show_time=False, markup=False)
+    kind = RichHandler if console_err.is_terminal else PlainLogHandler
+    for h in [h for h in logger.handlers if isinstance(h, (RichHandler, PlainLogHandler)) and type(h) is not kind]:
+        logger.removeHandler(h)
+    if not any(type(h) is kind for h in logger.handlers):
+        if kind is RichHandler:
+            handler = RichHandler(console=console_err, show_path=False, show_time=False, markup=False)
+        else:
+            handler = PlainLogHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.propagate = False
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 class``, ``2 classes``: a count with its noun in the right number."""
+    return f"{n} {word if n == 1 else many or word + ('es' if word.endswith(('s', 'x', 'sh', 'ch')) else 's')}"
+
+
+#: without a terminal, a progress line at least this often (seconds) ...
+HEARTBEAT_SECONDS = 30.0
+#: ... and at each tenth of the work, but not more often than this
+HEARTBEAT_MIN_SECONDS = 5.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 class _RichTask:
-    def __init__(self, progress: RichProgress, task_id, total):
+    def __init__(self, progress: RichProgress, task_id, total, description: str = ""):
         self._p = progress
         self._id = task_id
         self._fields: dict[str, Any] = {}
-        self._last_log = time.monotonic()
+        self._start = self._last_log = time.monotonic()
         self._done = 0
+        self._logged_done = 0
         self._total = total
+        self._description = description
 
     def _info(self) -> str:
         parts = []
@@ -515,10 +582,33 @@ class _RichTask:
         self._done += n
         if self._p.bar is not None:
             self._p.bar.update(self._id, advance=n, info=self._info())
-        elif self._p.log_lines and time.monotonic() - self._last_log > 30:
-            self._last_log = time.monotonic()
-            total = f"/{self._total}" if self._total else ""
-            console_err.print(f"  {self._done}{total} {self._info()}", highlight=False)
+        elif self._p.log_lines and self._heartbeat_due():
+            self._heartbeat()
+
+    def _heartbeat_due(self) -> bool:
+        """Every HEARTBEAT_SECONDS, or at each further tenth of the work once MIN_SECONDS have passed."""
+        since = time.monotonic() - self._last_log
+        if since >= HEARTBEAT_SECONDS:
+            return True
+        if self._total and since >= HEARTBEAT_MIN_SECONDS:
+            return int(10 * self._done / self._total) > int(10 * self._logged_done / self._total)
+        return False
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        self._last_log, self._logged_done = now, self._done
+        elapsed = now - self._start
+        if self._total:
+            share = min(self._done / self._total, 1.0)
+            eta = f", eta {_duration(elapsed * (1 - share) / share)}" if 0 < share < 1 else ""
+            where = f"{self._done}/{self._total} ({100 * share:.0f}%)"
+        else:
+            eta, where = "", str(self._done)
+        info = self._info()
+        console_err.print(
+            f"{self._description}: {where}, {_duration(elapsed)}{eta}" + (f", {info}" if info else ""),
+            highlight=False, markup=False, soft_wrap=True,
+        )
 
     def update(self, **fields: Any) -> None:
         self._fields.update(fields)
@@ -539,8 +629,8 @@ class _RichTask:
 class RichProgress:
     """The CLI's implementation of :class:`dinokit.progress.Progress`: rich bars with rate and ETA.
 
-    Bars are drawn only on a terminal and not with ``--quiet``; elsewhere a line every 30 s keeps
-    logs readable.
+    Bars are drawn only on a terminal and not with ``--quiet``; elsewhere (a log file, a scheduler)
+    a plain line says how far the work is every 30 s, and at each tenth of it (at most every 5 s).
     """
 
     def __init__(self, quiet: bool = False, enabled: bool = True):
@@ -577,8 +667,9 @@ class RichProgress:
     def task(self, description: str, total: int | None = None) -> _RichTask:
         task_id = self.bar.add_task(description, total=total, info="") if self.bar is not None else None
         if self.bar is None and self.log_lines:
-            console_err.print(f"{description} ({total if total is not None else '?'} steps)", highlight=False)
-        return _RichTask(self, task_id, total)
+            steps = plural(total, "step") if total is not None else "? steps"
+            console_err.print(f"{description} ({steps})", highlight=False, markup=False, soft_wrap=True)
+        return _RichTask(self, task_id, total, description)
 
     def log(self, message: str) -> None:
         if self.quiet:

@@ -23,6 +23,7 @@ from ._common import (
     Seed,
     Weights,
     console,
+    plural,
     print_table,
     setup_logging,
 )
@@ -133,18 +134,18 @@ def print_result(result) -> None:
     """What the run wrote; for the evaluation form, the Jaccard table."""
     out = result.output
     if result.form == "video":
-        console.print(f"Wrote {result.frames} frames and attention.gif to {out}.")
+        console.print(f"Wrote {plural(result.frames, 'frame')} and attention.gif to {out}.")
     elif result.form == "evaluation":
         r = result.jaccard
         rows = [["Jaccard (best head per object)", r.jaccard], [f"best single head ({r.best_head})",
                 r.jaccard_per_head[r.best_head]]]
         rows += [[f"head {h}", v] for h, v in enumerate(r.jaccard_per_head)]
-        print_table(f"Attention-mask Jaccard: {r.images} images, {r.objects} objects", ["", "Jaccard"], rows)
+        print_table(f"Attention-mask Jaccard: {plural(r.images, 'image')}, {plural(r.objects, 'object')}", ["", "Jaccard"], rows)
         if r.images_without_objects:
             console.print(f"{r.images_without_objects} images without any object were skipped.")
         console.print(f"Results in {out / 'metrics.json'}.")
     else:
-        console.print(f"Wrote the attention maps of {result.images} images ({result.heads} heads) to {out}.")
+        console.print(f"Wrote the attention maps of {plural(result.images, 'image')} ({plural(result.heads, 'head')}) to {out}.")
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -22,6 +22,7 @@ from ._common import (
     RichProgress,
     Seed,
     console,
+    plural,
     setup_logging,
 )
 from .davis_score import print_davis_table
@@ -140,7 +141,7 @@ def davis(
     if result.scores is not None:
         print_davis_table(result.scores)
     console.print(
-        f"{len(result.videos)} video(s), {n_frames} frames"
+        f"{plural(len(result.videos), 'video')}, {plural(n_frames, 'frame')}"
         + (f" ({skipped} already done)" if skipped else "")
         + f"; masks in {result.output}/<seq>/, metrics in {result.metrics_path}",
         highlight=False,

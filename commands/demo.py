@@ -69,8 +69,10 @@ class _Stages:
     def __call__(self, title: str):
         self.i += 1
         elapsed = time.monotonic() - self.t0
-        if not self.plan.quiet:
+        if not self.plan.quiet and console_err.is_terminal:
             console_err.rule(f"[bold]demo {self.i}/{self.total}[/]  {title}  ({elapsed / 60:.1f} min elapsed)")
+        elif not self.plan.quiet:  # a log: one plain line, not a rule as wide as the page
+            console_err.print(f"== demo {self.i}/{self.total}: {title} ({elapsed / 60:.1f} min elapsed)", highlight=False)
         return _Timer(self.plan.timings, title)
 
 

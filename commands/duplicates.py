@@ -25,6 +25,7 @@ from ._common import (
     Whitening,
     console,
     is_main_process,
+    plural,
     print_table,
     setup_logging,
 )
@@ -117,9 +118,9 @@ def duplicates(
     rows = [[i + 1, f"{p.score:.3f}", p.image_a, p.image_b] for i, p in enumerate(result.pairs[:10])]
     if rows:
         print_table(f"Near-duplicate pairs (similarity >= {result.threshold:g})", ["#", "score", "image", "image"], rows)
-    searched = f"{result.n_images} images" + (f" against {result.n_against}" if cfg.against else "")
+    searched = plural(result.n_images, "image") + (f" against {result.n_against}" if cfg.against else "")
     console.print(
-        f"{len(result.pairs)} pairs among {searched}; embedded {result.embedded} new images, "
+        f"{plural(len(result.pairs), 'pair')} among {searched}; embedded {plural(result.embedded, 'new image')}, "
         f"reused {result.reused}" + (f", skipped {result.unreadable} unreadable" if result.unreadable else "") + "."
     )
     q = result.nearest_neighbour_quantiles

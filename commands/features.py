@@ -22,6 +22,7 @@ from ._common import (
     RichProgress,
     Seed,
     console,
+    plural,
     setup_logging,
 )
 
@@ -94,9 +95,9 @@ def features(
             fs = embedder.embed(data, progress=progress)
         if dist_env().is_main:
             written = save_features(fs, output, format=fmt, overwrite=overwrite)
-            labelled = f", {len(fs.classes)} classes" if fs.labels is not None else ""
+            labelled = f", {plural(len(fs.classes), 'class')}" if fs.labels is not None else ""
             console.print(
-                f"{len(fs)} images{labelled} -> {fs.dim}-d features: " + ", ".join(str(p) for p in written),
+                f"{plural(len(fs), 'image')}{labelled} -> {fs.dim}-d features: " + ", ".join(str(p) for p in written),
                 highlight=False,
             )
     finally:

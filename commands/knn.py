@@ -25,6 +25,7 @@ from ._common import (
     Val,
     ValFeatures,
     console,
+    plural,
     print_table,
     setup_logging,
 )
@@ -121,7 +122,7 @@ def knn(
         rows = [[f"{kk}-NN", t1, t5] for kk, (t1, t5) in result.accuracies.items()]
         print_table(f"Weighted k-NN, T={temperature}", ["k", "top-1 %", "top-5 %"], rows)
         console.print(
-            f"{result.n_train} train and {result.n_val} val images, {result.num_classes} classes", highlight=False
+            f"{result.n_train} train and {plural(result.n_val, 'val image')}, {plural(result.num_classes, 'class')}", highlight=False
         )
         if result.num_classes < 5:
             console.print(f"(with {result.num_classes} classes, top-5 counts all of them)", highlight=False)

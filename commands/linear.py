@@ -21,6 +21,7 @@ from ._common import (
     RichProgress,
     Seed,
     console,
+    plural,
     print_table,
     setup_logging,
 )
@@ -154,7 +155,7 @@ def linear(
         print_table(title, ["", "top-1 %", "top-5 %"], rows)
         console.print(
             f"{result.feature_dim}-d features (last {result.n_last_blocks} CLS"
-            f"{' + patch average' if result.avgpool_patch_tokens else ''}), {result.num_classes} classes",
+            f"{' + patch average' if result.avgpool_patch_tokens else ''}), {plural(result.num_classes, 'class')}",
             highlight=False,
         )
         console.print(f"metrics: {path}", highlight=False)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import RUN_PANEL, Overwrite, Quiet, RichProgress, console, print_table, setup_logging
+from ._common import RUN_PANEL, Overwrite, Quiet, RichProgress, console, plural, print_table, setup_logging
 
 Output = Annotated[
     Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The folder the data set is written to.")
@@ -81,7 +81,7 @@ def classify(
         ],
     )
     console.print(
-        f"{len(s.classes)} classes ({', '.join(s.classes)}), {s.size}x{s.size} px, seed {s.seed}, "
+        f"{plural(len(s.classes), 'class')} ({', '.join(s.classes)}), {s.size}x{s.size} px, seed {s.seed}, "
         f"{s.seconds:.1f} s.",
         highlight=False,
     )
