@@ -94,6 +94,7 @@ def attn(
     """Self-attention maps of the last block's CLS token (DINO Fig. 1/3), masked at a fraction of the
     attention mass; with --images and --masks/--coco, the paper's attention-mask Jaccard; with --video,
     the maps of every frame as pictures and an animated GIF."""
+    from dinokit.eval.attention import UNITS
     from dinokit.eval.attention_run import AttentionRunConfig, run_attention
     from dinokit.io import write_metrics
 
@@ -126,7 +127,7 @@ def attn(
     )
     with RichProgress(quiet=quiet) as progress:
         result = run_attention(cfg, progress)
-    write_metrics(result.output, result.metrics, result.config)
+    write_metrics(result.output, result.metrics, result.config, units=UNITS if result.form == "evaluation" else None)
     print_result(result)
 
 
@@ -140,7 +141,7 @@ def print_result(result) -> None:
         rows = [["Jaccard (best head per object)", r.jaccard], [f"best single head ({r.best_head})",
                 r.jaccard_per_head[r.best_head]]]
         rows += [[f"head {h}", v] for h, v in enumerate(r.jaccard_per_head)]
-        print_table(f"Attention-mask Jaccard: {plural(r.images, 'image')}, {plural(r.objects, 'object')}", ["", "Jaccard"], rows)
+        print_table(f"Attention-mask Jaccard: {plural(r.images, 'image')}, {plural(r.objects, 'object')}", ["", "Jaccard (0-1)"], rows)
         if r.images_without_objects:
             console.print(f"{r.images_without_objects} images without any object were skipped.")
         console.print(f"Results in {out / 'metrics.json'}.")

@@ -64,7 +64,7 @@ def copydetect(
 ) -> None:
     """Copy detection on Copydays: rank the originals (plus distractors) for every edited copy and
     report the mAP of each block (strong is the headline)."""
-    from dinokit.eval.copy_detection import CopyDetectionConfig, copy_detection
+    from dinokit.eval.copy_detection import UNITS, CopyDetectionConfig, copy_detection
     from dinokit.io import prepare_output_dir, write_metrics
 
     setup_logging(quiet)
@@ -91,7 +91,7 @@ def copydetect(
     if not is_main_process():
         return
     metrics = result.to_metrics()
-    write_metrics(output, metrics, config=asdict(cfg))
+    write_metrics(output, metrics, config=asdict(cfg), units=UNITS)
     rows = [[block, result.queries[block], 100.0 * value] for block, value in result.mAP.items()]
     # strong first: it is the headline number
     rows.sort(key=lambda r: r[0] != "strong")
@@ -102,7 +102,11 @@ def copydetect(
     unreadable = sum(result.unreadable.values())
     if unreadable:
         console.print(f"{unreadable} unreadable images were skipped.")
-    console.print(f"strong mAP {result.headline:.3f}; results in {output / 'metrics.json'}")
+    # one scale per score on screen (percent, as the table); metrics.json keeps the protocol's fraction
+    console.print(
+        f"strong mAP {100 * result.headline:.2f}% (metrics.json: fractions); results in {output / 'metrics.json'}",
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -82,7 +82,7 @@ def duplicates(
     """Find near-duplicate images: pairs with their similarity (pairs.csv, pairs.json) and a contact
     sheet of the closest pairs (pairs.png). Descriptors are stored in OUT/index and reused when the
     command is run again with --overwrite: only new or changed images are embedded."""
-    from dinokit.eval.near_duplicates import DuplicatesConfig, find_duplicates, write_pairs
+    from dinokit.eval.near_duplicates import UNITS, DuplicatesConfig, find_duplicates, write_pairs
     from dinokit.io import prepare_output_dir, write_metrics
     from dinokit.viz import contact_sheet
 
@@ -114,7 +114,7 @@ def duplicates(
         return
     write_pairs(result, output)
     sheet = contact_sheet(result.pairs, output / "pairs.png", max_pairs=sheet_pairs) if sheet_pairs else None
-    write_metrics(output, result.summary(), config=asdict(cfg))
+    write_metrics(output, result.summary(), config=asdict(cfg), units=UNITS)
     rows = [[i + 1, f"{p.score:.3f}", p.image_a, p.image_b] for i, p in enumerate(result.pairs[:10])]
     if rows:
         print_table(f"Near-duplicate pairs (similarity >= {result.threshold:g})", ["#", "score", "image", "image"], rows)

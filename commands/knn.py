@@ -73,7 +73,7 @@ def knn(
     Features of --train/--val are cached in the output folder and reused while their fingerprint
     (weights, arch, transform, options, file list) matches.
     """
-    from dinokit.eval.knn import KnnConfig, knn_eval
+    from dinokit.eval.knn import UNITS, KnnConfig, knn_eval
     from dinokit.io import prepare_output_dir, write_metrics
     from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
@@ -118,7 +118,7 @@ def knn(
             "n_val": result.n_val,
             "fingerprint": result.fingerprint,
         }
-        path = write_metrics(out, result.metrics(), config)
+        path = write_metrics(out, result.metrics(), config, units=UNITS)
         rows = [[f"{kk}-NN", t1, t5] for kk, (t1, t5) in result.accuracies.items()]
         print_table(f"Weighted k-NN, T={temperature}", ["k", "top-1 %", "top-5 %"], rows)
         console.print(

@@ -88,7 +88,7 @@ def linear(
 ) -> None:
     """Linear probe on a frozen backbone (paper Sec. 4.1): SGD, cosine lr, a checkpoint each epoch;
     final and best top-1/top-5 in metrics.json. Also --evaluate for released heads and --logistic."""
-    from dinokit.eval.linear import LinearConfig, linear_eval
+    from dinokit.eval.linear import UNITS, LinearConfig, linear_eval
     from dinokit.io import prepare_output_dir, write_metrics
     from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
@@ -142,7 +142,7 @@ def linear(
             "epochs_run": result.epochs_run,
             "fingerprint": result.fingerprint,
         }
-        path = write_metrics(out, result.metrics(), config)
+        path = write_metrics(out, result.metrics(), config, units=UNITS)
         if result.mode in ("evaluate", "logistic"):
             rows = [[result.mode, result.final["top1"], result.final["top5"]]]
         else:

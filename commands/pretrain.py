@@ -238,7 +238,8 @@ def _report(result, cfg) -> None:
         "checkpoint": str(result.checkpoint),
         "backbone": str(result.backbone),
     }
-    write_metrics(result.output, metrics, config=cfg.to_dict())
+    write_metrics(result.output, metrics, config=cfg.to_dict(),
+                  units={"loss": "nats (cross-entropy)", "images_per_second": "images/s", "seconds": "s"})
     rows = [[h["epoch"], h["loss"], f"{h['lr']:.3g}", f"{h['momentum']:.5f}", f"{h['images_per_second']:.1f}"]
             for h in result.history[-5:]]
     if rows:

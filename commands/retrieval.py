@@ -65,7 +65,7 @@ def retrieval(
 ) -> None:
     """Image retrieval on revisited Oxford or Paris: mAP and mP@1/5/10 (percent) under the Medium
     and Hard protocols."""
-    from dinokit.eval.retrieval import RetrievalConfig, image_retrieval
+    from dinokit.eval.retrieval import UNITS, RetrievalConfig, image_retrieval
     from dinokit.io import prepare_output_dir, write_metrics
 
     setup_logging(quiet)
@@ -90,7 +90,7 @@ def retrieval(
         result = image_retrieval(cfg, progress)
     if not is_main_process():
         return
-    write_metrics(output, result.to_metrics(), config=asdict(cfg))
+    write_metrics(output, result.to_metrics(), config=asdict(cfg), units=UNITS)
     rows = [
         [proto.capitalize(), result.mAP[proto], *(result.mP[proto][k] for k in ("1", "5", "10"))]
         for proto in ("medium", "hard")

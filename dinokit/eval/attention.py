@@ -34,6 +34,9 @@ from ..runtime import RuntimeOptions, autocast, resolve_device, resolve_precisio
 
 log = logging.getLogger("dinokit")
 
+#: the scale of each score in metrics.json: Jaccard indices as fractions (0-1)
+UNITS = {"jaccard": "fraction", "jaccard_per_head": "fraction"}
+
 
 # -- the two protocol functions ---------------------------------------------------------------------
 def mass_threshold(attn, fraction: float = 0.6):

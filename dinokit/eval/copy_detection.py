@@ -38,6 +38,9 @@ from .metrics import trapezoid_ap
 
 log = logging.getLogger("dinokit")
 
+#: the scale of each score in metrics.json: mAP as a fraction (0-1), as the Copydays protocol computes it
+UNITS = {"mAP": "fraction", "headline": "fraction"}
+
 
 # ---------------------------------------------------------------------------------------------
 # Ranking and average precision

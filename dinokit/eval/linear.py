@@ -71,6 +71,8 @@ from .metrics import percent, require_finite, topk_correct
 
 log = logging.getLogger("dinokit")
 
+#: the scale of each score in metrics.json: accuracies in percent, as the paper reports them
+UNITS = {"top1": "percent", "top5": "percent"}
 CHECKPOINT_NAME = "checkpoint.pth"
 #: the files a probe run writes: a fresh run in the same folder removes an earlier run's first (the
 #: feature caches stay: they are reused when their fingerprint matches)

@@ -48,6 +48,8 @@ log = logging.getLogger("dinokit")
 #: and distinct photographs below; with --whitening scores spread out and a lower threshold fits
 #: (see WHITENED_THRESHOLD and docs/copy-detection.md).
 DEFAULT_THRESHOLD = 0.9
+#: the scale of each score in metrics.json: cosine similarities (-1 to 1)
+UNITS = {"threshold": "cosine similarity", "nearest_neighbour_quantiles": "cosine similarity"}
 WHITENED_THRESHOLD = 0.5
 INDEX_FORMAT = 1
 

@@ -38,6 +38,8 @@ log = logging.getLogger("dinokit")
 DATASETS = ("roxford5k", "rparis6k")
 SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 KAPPAS = (1, 5, 10)
+#: the scale of each score in metrics.json: percent, as the revisited Oxford/Paris papers report them
+UNITS = {"mAP": "percent", "mP@k": "percent"}
 
 
 # ---------------------------------------------------------------------------------------------

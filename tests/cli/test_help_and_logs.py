@@ -53,7 +53,11 @@ def test_help_at_80_columns_cuts_nothing(path, cmd):
     if cmd.help:
         description = out.split("\n\n")[1:]
         for paragraph in description:
-            if paragraph.startswith("  ") and not paragraph.lstrip().startswith("-") and ":" not in paragraph[:20]:
+            if (
+                paragraph.startswith("  ")
+                and not paragraph.lstrip().startswith("-")
+                and ":" not in paragraph[:20]
+            ):
                 para_lines = paragraph.splitlines()
                 for line, following in zip(para_lines, para_lines[1:]):
                     assert len(line) + 1 + len(following.split()[0]) > WIDTH - 2, (path, line)
@@ -75,13 +79,17 @@ def test_missing_output_is_one_sentence():
     r = run_cli(["knn", "--train", "x"])
     assert r.exit_code == 2
     lines = [line for line in r.output.splitlines() if line.strip()]
-    assert lines == ["Error: dinokit knn needs --output (the run folder for results). See dinokit knn --help."]
+    assert lines == [
+        "Error: dinokit knn needs --output (the run folder for results). See dinokit knn --help."
+    ]
 
 
 def test_unknown_option_is_one_sentence():
     r = run_cli(["davis", "--output", "o", "--short-sid", "3"])
     assert r.exit_code == 2
-    assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("Error: No such option: --short-sid")
+    assert len(r.output.strip().splitlines()) == 1 and r.output.startswith(
+        "Error: No such option: --short-sid"
+    )
 
 
 def test_old_names_and_reference_names_still_work(tmp_path, tiny2_weights):
@@ -97,13 +105,22 @@ def test_old_names_and_reference_names_still_work(tmp_path, tiny2_weights):
     ])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert out.is_file()
-    for old, new in [("--data_path", "--data"), ("--pretrained_weights", "--weights"), ("--output_dir", "--output"),
-                     ("--patch_size", "--patch-size"), ("--crop", "--image-size"), ("--batch_size_per_gpu", "--batch-size")]:
+    for old, new in [
+        ("--data_path", "--data"),
+        ("--pretrained_weights", "--weights"),
+        ("--output_dir", "--output"),
+        ("--patch_size", "--patch-size"),
+        ("--crop", "--image-size"),
+        ("--batch_size_per_gpu", "--batch-size"),
+    ]:
         assert f"Note: {old} is {new} in dinokit features." in r.output
     import torch
 
     saved = torch.load(out, weights_only=True)
-    assert saved["features"].shape == (3, 192) and "CenterCrop(size=(32, 32))" in saved["fingerprint"]["transform"]
+    assert (
+        saved["features"].shape == (3, 192)
+        and "CenterCrop(size=(32, 32))" in saved["fingerprint"]["transform"]
+    )
     # the old names stay out of the help
     help_text = CliRunner().invoke(app, ["features", "--help"]).output
     assert "--crop" not in help_text and "--data_path" not in help_text
@@ -112,10 +129,19 @@ def test_old_names_and_reference_names_still_work(tmp_path, tiny2_weights):
 def test_renamed_options_map_per_command():
     cmd = get_command(app)
     rewrite = _common.rewrite_option_names
-    assert rewrite(cmd.commands["davis"], ["--short-side", "64", "--topk", "3"]) == ["--image-size", "64", "--k", "3"]
+    assert rewrite(cmd.commands["davis"], ["--short-side", "64", "--topk", "3"]) == [
+        "--image-size",
+        "64",
+        "--k",
+        "3",
+    ]
     assert rewrite(cmd.commands["attn"], ["--threshold=0.5"]) == ["--attention-mass=0.5"]
     assert rewrite(cmd.commands["duplicates"], ["--threshold", "0.9", "--neighbours", "4"]) == [
-        "--min-similarity", "0.9", "--k", "4"]
+        "--min-similarity",
+        "0.9",
+        "--k",
+        "4",
+    ]
     assert rewrite(cmd.commands["copydetect"], ["--top", "0"]) == ["--k", "0"]
     assert rewrite(cmd.commands["predict"], ["--top", "2"]) == ["--k", "2"]
     assert rewrite(cmd.commands["synth"].commands["classify"], ["--size", "16"]) == ["--image-size", "16"]
