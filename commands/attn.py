@@ -21,6 +21,7 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     Weights,
     console,
     plural,
@@ -88,6 +89,7 @@ def attn(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -124,6 +126,7 @@ def attn(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     with RichProgress(quiet=quiet) as progress:
         result = run_attention(cfg, progress)
@@ -143,10 +146,14 @@ def print_result(result) -> None:
         rows += [[f"head {h}", v] for h, v in enumerate(r.jaccard_per_head)]
         print_table(f"Attention-mask Jaccard: {plural(r.images, 'image')}, {plural(r.objects, 'object')}", ["", "Jaccard (0-1)"], rows)
         if r.images_without_objects:
-            console.print(f"{r.images_without_objects} images without any object were skipped.")
+            console.print(f"{plural(r.images_without_objects, 'image')} without any object skipped.")
+        if r.unreadable_images:
+            console.print(f"{plural(r.unreadable_images, 'unreadable image')} skipped (--strict stops at the first).")
         console.print(f"Results in {out / 'metrics.json'}.")
     else:
         console.print(f"Wrote the attention maps of {plural(result.images, 'image')} ({plural(result.heads, 'head')}) to {out}.")
+        if result.skipped:
+            console.print(f"{plural(result.skipped, 'unreadable image')} skipped (--strict stops at the first).")
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -22,6 +22,7 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     Whitening,
     console,
     is_main_process,
@@ -59,6 +60,7 @@ def copydetect(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -85,6 +87,7 @@ def copydetect(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     with RichProgress(quiet=quiet) as progress:
         result = copy_detection(cfg, progress)

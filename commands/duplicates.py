@@ -22,6 +22,7 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     Whitening,
     console,
     is_main_process,
@@ -76,6 +77,7 @@ def duplicates(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -107,6 +109,7 @@ def duplicates(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     with RichProgress(quiet=quiet) as progress:
         result = find_duplicates(cfg, progress)
@@ -119,9 +122,12 @@ def duplicates(
     if rows:
         print_table(f"Near-duplicate pairs (similarity >= {result.threshold:g})", ["#", "score", "image", "image"], rows)
     searched = plural(result.n_images, "image") + (f" against {result.n_against}" if cfg.against else "")
+    # images counts the readable ones searched; files read now and from the index count every file
     console.print(
-        f"{plural(len(result.pairs), 'pair')} among {searched}; embedded {plural(result.embedded, 'new image')}, "
-        f"reused {result.reused}" + (f", skipped {result.unreadable} unreadable" if result.unreadable else "") + "."
+        f"{plural(len(result.pairs), 'pair')} among {searched}"
+        + (f" ({plural(result.unreadable, 'unreadable image')} skipped)" if result.unreadable else "")
+        + f"; {plural(result.embedded, 'file')} read now, {result.reused} from the index.",
+        highlight=False,
     )
     q = result.nearest_neighbour_quantiles
     if q:

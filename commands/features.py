@@ -21,6 +21,7 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     console,
     plural,
     setup_logging,
@@ -58,6 +59,7 @@ def features(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -87,6 +89,7 @@ def features(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     init_distributed(resolve_device(device))
     try:

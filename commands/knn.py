@@ -20,6 +20,7 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     Train,
     TrainFeatures,
     Val,
@@ -65,6 +66,7 @@ def knn(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -101,6 +103,7 @@ def knn(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     if train_features is None:
         init_distributed(resolve_device(device))

@@ -20,6 +20,7 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     console,
     plural,
     print_table,
@@ -83,6 +84,7 @@ def linear(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -123,6 +125,7 @@ def linear(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     init_distributed(resolve_device(device))
     try:

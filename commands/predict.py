@@ -17,6 +17,7 @@ from ._common import (
     Precision,
     Quiet,
     RichProgress,
+    Strict,
     console,
     setup_logging,
 )
@@ -35,7 +36,8 @@ def predict(
     batch_size: BatchSize = 64,
     num_workers: NumWorkers = 0,
     device: Device = "auto",
-    precision: Precision = "fp32",
+    precision: Precision = "auto",
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -52,7 +54,7 @@ def predict(
     with RichProgress(quiet=quiet) as progress:
         res = predict_images(
             model, images, top=top, batch_size=batch_size, num_workers=num_workers, device=device,
-            precision=precision, progress=progress,
+            precision=precision, progress=progress, strict=strict,
         )
     k = len(res.top_classes[0]) if res.top_classes else min(top, len(res.classes))
     if res.skipped:

@@ -21,6 +21,7 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     console,
     console_err,
     is_main_process,
@@ -118,6 +119,7 @@ def pretrain_command(
         typer.Option("--threads", rich_help_panel=RUNTIME_PANEL, min=1, help="CPU threads for the compute (default: torch's choice, one per core)."),
     ] = None,
     seed: Seed = 0,
+    strict: Strict = False,
     save_every: Annotated[
         int, typer.Option("--save-every", rich_help_panel=RUN_PANEL, min=0, help="Keep checkpoint{epoch:04d}.pth every N epochs (0 = never).")
     ] = 20,
@@ -170,6 +172,7 @@ def pretrain_command(
         num_workers=num_workers,
         threads=threads,
         seed=seed,
+        strict=strict,
         save_every=save_every,
         checkpoint_minutes=checkpoint_minutes,
         stop_after=stop_after,

@@ -21,6 +21,7 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     console,
     is_main_process,
     print_table,
@@ -60,6 +61,7 @@ def retrieval(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -85,6 +87,7 @@ def retrieval(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     with RichProgress(quiet=quiet) as progress:
         result = image_retrieval(cfg, progress)

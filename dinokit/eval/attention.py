@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .. import viz
-from ..data.images import find_images, open_rgb
+from ..data.images import collate_skip_none, find_images, open_rgb
 from ..data.masks import VOID, GroundTruth
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import DataError, DinokitError
@@ -287,7 +287,8 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
 
 # -- the Jaccard evaluation -------------------------------------------------------------------------
 class _GroundTruthDataset(torch.utils.data.Dataset):
-    def __init__(self, items: Sequence[GroundTruth], image_size: int | None, patch_size: int):
+    def __init__(self, items: Sequence[GroundTruth], image_size: int | None, patch_size: int, strict: bool = False):
+        self.strict = strict  #: an unreadable image stops the run; else the item is None (skipped, counted)
         self.items = list(items)
         self.image_size = image_size
         self.patch_size = patch_size
@@ -297,7 +298,13 @@ class _GroundTruthDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         gt = self.items[i]
-        img = open_rgb(gt.image)
+        try:
+            img = open_rgb(gt.image)
+        except DataError:
+            if self.strict:
+                raise
+            log.warning("skipping unreadable image %s", gt.image)
+            return None
         labels = gt.load(img.size)
         x, _ = preprocess(img, self.image_size, self.patch_size, gt.image)
         labels = resize_labels(labels, self.image_size, self.patch_size)
@@ -320,6 +327,7 @@ class JaccardResult:
     images: int
     objects: int
     images_without_objects: int
+    unreadable_images: int = 0  #: images that could not be decoded, skipped
     per_image: list[ImageScore] = field(default_factory=list)
     # (score, index, head masks at patch resolution) of the best and worst images, for pictures
     best: list[tuple[float, int, np.ndarray]] = field(default_factory=list)
@@ -333,6 +341,7 @@ class JaccardResult:
             "images": self.images,
             "objects": self.objects,
             "images_without_objects": self.images_without_objects,
+            "skipped_images": self.unreadable_images,
         }
 
 
@@ -349,9 +358,10 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
         raise DataError("There are no images to evaluate.")
     p = check_attention_model(model)
     model, device, dtype = _placed(model, cfg)
-    ds = _GroundTruthDataset(items, cfg.image_size, p)
+    ds = _GroundTruthDataset(items, cfg.image_size, p, strict=cfg.strict)
     loader = torch.utils.data.DataLoader(
         ds,
+        collate_fn=collate_skip_none,
         batch_size=cfg.batch_size if cfg.image_size else 1,
         num_workers=cfg.num_workers,
         shuffle=False,
@@ -365,10 +375,16 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
     head_sums: np.ndarray | None = None
     n_objects = 0
     skipped = 0
+    unreadable = 0
     running = 0.0
     task = progress.task("attention Jaccard", total=len(ds))
     try:
-        for x, labels, index in loader:
+        for batch, n_unreadable in loader:
+            unreadable += n_unreadable
+            if batch is None:
+                task.advance(n_unreadable)
+                continue
+            x, labels, index = batch
             x = x.to(device, non_blocking=True)
             maps = cls_attention_maps(model, x, dtype)
             masks = masks_from_maps(maps, cfg.threshold)  # (B, heads, h, w) bool on the CPU
@@ -396,9 +412,11 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
                     heapq.heappush(worst_heap, entry_w)
                 elif keep_pictures and -score > worst_heap[0][0]:
                     heapq.heapreplace(worst_heap, entry_w)
-            task.advance(x.shape[0], jaccard=running / max(1, len(per_image)))
+            task.advance(x.shape[0] + n_unreadable, jaccard=running / max(1, len(per_image)))
     finally:
         task.close()
+    if unreadable == len(ds):
+        raise DataError(f"None of the {len(ds)} images could be read.")
     if not per_image:
         raise DataError("No image has a ground-truth object (every mask is background or void).")
     n = len(per_image)
@@ -412,6 +430,7 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
         images=n,
         objects=n_objects,
         images_without_objects=skipped,
+        unreadable_images=unreadable,
         per_image=per_image,
         best=best,
         worst=worst,

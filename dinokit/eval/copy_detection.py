@@ -177,6 +177,7 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
         cfg.checkpoint_key,
         cfg.seed,
         progress,
+        strict=cfg.strict,
     )
 
     unreadable: dict[str, int] = {}

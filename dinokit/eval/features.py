@@ -290,6 +290,7 @@ def compute_features(
     progress: Progress = NULL_PROGRESS,
     description: str = "features",
     fingerprint: dict[str, Any] | None = None,
+    strict: bool = False,
 ) -> FeatureSet:
     """Embed a folder of images (labelled or not) with ``model``; the library form of ``dinokit features``.
 
@@ -302,7 +303,7 @@ def compute_features(
 
     transform = transform if transform is not None else eval_transform()
     images = data if isinstance(data, ImageList) else scan_images(data, classes=classes)
-    dataset = ImageDataset(images.paths, images.labels, transform=transform, skip_unreadable=True)
+    dataset = ImageDataset(images.paths, images.labels, transform=transform, skip_unreadable=not strict)
     fn = cls_feature_fn(n_last_blocks, avgpool_patch_tokens)
     feats, kept = extract_features(
         model, dataset, batch_size, num_workers, device, dtype, fn, progress, description=description
@@ -578,6 +579,7 @@ class Embedder:
             dtype=self.dtype,
             weights=self.spec.weights,
             checkpoint_key=self.spec.checkpoint_key,
+            strict=self.spec.strict,
             seed=self.spec.seed,
             progress=progress,
             description=description,

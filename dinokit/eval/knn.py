@@ -269,6 +269,7 @@ def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
         device=cfg.device,
         precision=cfg.precision,
         seed=cfg.seed,
+        strict=cfg.strict,
     )
     if all(given):
         train = load_features(cfg.train_features)

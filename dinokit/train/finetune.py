@@ -141,7 +141,7 @@ class FinetuneConfig(BackboneOptions, RuntimeOptions):
 #: options a resumed run may change; every other option is the run's recipe and stays as saved
 RUN_CONTROL = frozenset(
     {"train", "val", "output", "epochs", "stop_after", "num_workers", "device", "resume", "overwrite",
-     "checkpoint_minutes"}
+     "checkpoint_minutes", "strict"}
 )
 
 

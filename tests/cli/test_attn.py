@@ -215,3 +215,24 @@ def test_random_weights_are_reproducible_with_seed(tmp_path):
     model = dinokit.load_backbone("random", arch="vit_tiny")
     x, _ = preprocess(Image.open(tmp_path / "a.png").convert("RGB"), 32, 16)
     np.testing.assert_allclose(got, cls_attention_maps(model, x[None])[0].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_unreadable_images_are_skipped_and_counted_or_stop_with_strict(tmp_path, tiny2_weights):
+    """The rule of every command: a truncated JPEG among good images is skipped and counted; --strict
+    stops at it with a sentence naming it, and writes nothing."""
+    _image(tmp_path / "in" / "a.png", seed=1)
+    _image(tmp_path / "in" / "b.jpg", seed=2)
+    good = (tmp_path / "in" / "b.jpg").read_bytes()
+    (tmp_path / "in" / "broken.jpg").write_bytes(good[: len(good) // 3])  # a truncated JPEG
+    out = tmp_path / "out"
+    r = run(tmp_path / "in", "--weights", tiny2_weights, "--image-size", 64, "--output", out)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["a", "b"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 2 and metrics["skipped_images"] == 1
+    assert metrics["unreadable"] == [str(tmp_path / "in" / "broken.jpg")]
+    assert "1 unreadable image skipped" in r.text
+    strict = tmp_path / "strict"
+    r = run(tmp_path / "in", "--weights", tiny2_weights, "--image-size", 64, "--output", strict, "--strict")
+    assert_one_sentence(r, "broken.jpg", "is not a readable image")
+    assert not strict.exists()

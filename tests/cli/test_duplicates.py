@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import dinokit
-from tests.helpers import run_cli, smooth_photo
+from tests.helpers import make_image, run_cli, smooth_photo
 
 
 def _flat(text: str) -> str:
@@ -138,7 +138,7 @@ def test_unreadable_images_are_skipped_and_counted(planted, tiny2_weights, tmp_p
     res = run_duplicates(folder, out, tiny2_weights)
     assert res.exit_code == 0, res.output
     assert json.loads((out / "metrics.json").read_text())["unreadable"] == 1
-    assert "skipped 1 unreadable" in _flat(res.output)
+    assert "(1 unreadable image skipped)" in _flat(res.output)
     assert {frozenset((a, b)) for _, a, b in _pairs(out)} == truth
 
 
@@ -154,3 +154,20 @@ def test_bad_input_is_one_sentence(tmp_path, tiny2_weights):
     assert res.exit_code == 2 and "between -1 and 1" in _flat(res.output)
     res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o4"), "--backend", "annoy", "--quiet"])
     assert res.exit_code == 2 and "Unknown backend" in _flat(res.output)
+
+
+def test_unreadable_image_counts_agree_and_strict_stops(tmp_path, tiny2_weights):
+    folder = tmp_path / "imgs"
+    for i in range(3):
+        make_image(folder / f"{i}.png", size=(48, 40), seed=i)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not the rest of a jpeg")
+    out = tmp_path / "dups"
+    res = run_duplicates(folder, out, tiny2_weights)
+    assert res.exit_code == 0, res.output
+    # 3 readable images searched, 1 skipped, 4 files read: the counts add up and say what they count
+    assert "among 3 images (1 unreadable image skipped); 4 files read now, 0 from the index." in res.text
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["n_images"] == 3 and summary["unreadable"] == 1
+    strict = tmp_path / "strict"
+    res = run_duplicates(folder, strict, tiny2_weights, "--strict")
+    assert res.exit_code == 2 and res.text.startswith("Error:") and "broken.jpg" in res.text
