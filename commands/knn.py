@@ -45,6 +45,24 @@ def parse_ks(text: str) -> tuple[int, ...]:
     return ks
 
 
+def knn_rows(accuracies: dict, k_used: dict) -> tuple[list[list], bool]:
+    """One row per k actually used: a k larger than the training set is cut to its size, and the ks
+    cut to the same value share one row that names them ("24-NN (asked 100, 200)")."""
+    rows: list[list] = []
+    asked_for: dict[int, list[int]] = {}
+    for k in accuracies:
+        asked_for.setdefault(int(k_used.get(k, k)), []).append(k)
+    cut = False
+    for used, asked in asked_for.items():
+        t1, t5 = accuracies[asked[0]]
+        label = f"{used}-NN"
+        if asked != [used]:
+            cut = True
+            label += f" (asked {', '.join(map(str, asked))})"
+        rows.append([label, t1, t5])
+    return rows, cut
+
+
 def knn(
     output: Output,
     train: Train = None,
@@ -122,8 +140,11 @@ def knn(
             "fingerprint": result.fingerprint,
         }
         path = write_metrics(out, result.metrics(), config, units=UNITS)
-        rows = [[f"{kk}-NN", t1, t5] for kk, (t1, t5) in result.accuracies.items()]
-        print_table(f"Weighted k-NN, T={temperature}", ["k", "top-1 %", "top-5 %"], rows)
+        rows, cut = knn_rows(result.accuracies, result.k_used)
+        title = f"Weighted k-NN, T={temperature}"
+        if cut:
+            title += f" (k cut to the {plural(result.n_train, 'train image')})"
+        print_table(title, ["k", "top-1 %", "top-5 %"], rows)
         console.print(
             f"{result.n_train} train and {plural(result.n_val, 'val image')}, {plural(result.num_classes, 'class')}", highlight=False
         )

@@ -13,6 +13,7 @@ from ._common import (
     CheckpointKey,
     Device,
     NumWorkers,
+    OptionalWeights,
     Output,
     Overwrite,
     PatchSize,
@@ -39,10 +40,7 @@ def linear(
     val_features: Annotated[
         Optional[Path], typer.Option("--val-features", help="A features file from dinokit features (fast path).")
     ] = None,
-    weights: Annotated[
-        Optional[str],
-        typer.Option("--weights", "-w", help="A checkpoint path, a preset (dino_vits16, ...) or 'random'."),
-    ] = None,
+    weights: OptionalWeights = None,
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
