@@ -540,6 +540,23 @@ def setup_logging(quiet: bool = False) -> None:
     logger.propagate = False
 
 
+#: a training run with fewer optimisation steps than this is short: the paper's learning rates, made
+#: for ImageNet-size runs (hundreds of thousands of steps), barely move the weights in it
+SHORT_RUN_STEPS = 1000
+
+
+def short_run_note(command: str, steps: int, lr_option_given: bool, lr_text: str) -> str | None:
+    """The one line that says which option to raise when a run with the paper's learning rate is short
+    (``None`` for a run of real size, or when --lr was chosen)."""
+    if lr_option_given or steps >= SHORT_RUN_STEPS:
+        return None
+    return (
+        f"Note: this {command} run made {plural(steps, 'optimisation step')} with the paper's learning rate "
+        f"({lr_text}), made for runs of hundreds of thousands of steps; on small data raise --lr "
+        "(or --epochs) to learn more than chance."
+    )
+
+
 def plural(n: int, word: str, many: str | None = None) -> str:
     """``1 class``, ``2 classes``: a count with its noun in the right number."""
     return f"{n} {word if n == 1 else many or word + ('es' if word.endswith(('s', 'x', 'sh', 'ch')) else 's')}"

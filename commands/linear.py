@@ -23,14 +23,17 @@ from ._common import (
     Seed,
     Strict,
     console,
+    console_err,
     plural,
     print_table,
     setup_logging,
+    short_run_note,
 )
 from .features import Crop, Resize
 
 
 def linear(
+    ctx: typer.Context,
     output: Output,
     train: Annotated[Optional[Path], typer.Option("--train", help="Labelled training images (ROOT/<class>/<image>).")] = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Labelled validation images (ROOT/<class>/<image>).")] = None,
@@ -154,6 +157,13 @@ def linear(
         title = {"images": "Linear probe", "features": "Linear probe (cached features)",
                  "evaluate": "Linear head", "logistic": "Logistic regression"}[result.mode]
         print_table(title, ["", "top-1 %", "top-5 %"], rows)
+        if result.mode in ("images", "features"):
+            world = dist_env().world_size
+            steps = result.epochs_run * -(-result.n_train // (batch_size * world))
+            note = short_run_note("linear probe", steps, _typed(ctx, "lr"),
+                                  f"{lr:g} x global batch / 256 = {lr * batch_size * world / 256:.3g}")
+            if note:
+                console_err.print(note, highlight=False)
         console.print(
             f"{result.feature_dim}-d features (last {result.n_last_blocks} CLS"
             f"{' + patch average' if result.avgpool_patch_tokens else ''}), {plural(result.num_classes, 'class')}",
@@ -162,6 +172,11 @@ def linear(
         console.print(f"metrics: {path}", highlight=False)
     finally:
         cleanup_distributed()
+
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:
