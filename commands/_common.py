@@ -321,11 +321,21 @@ def rewrite_option_names(command, args: list[str]) -> list[str]:
     renamed = {**RENAMED_OPTIONS["*"], **RENAMED_OPTIONS.get(command.name or "", {})}
     out: list[str] = []
     noted: set[str] = set()
-    for i, arg in enumerate(args):
+    args = list(args)
+    i = -1
+    while i + 1 < len(args):
+        i += 1
+        arg = args[i]
         if arg == "--":
             out.extend(args[i:])
             break
         name, eq, value = arg.partition("=")
+        if name == "--nb_knn" and not eq:  # the reference's "--nb_knn 10 20 100 200" is "--k 10,20,100,200"
+            values = []
+            while i + 1 < len(args) and args[i + 1].isdigit():
+                i += 1
+                values.append(args[i])
+            eq, value = ("=", ",".join(values)) if values else ("", "")
         new = None
         if name.startswith("--") and name not in own:
             candidate = renamed.get(name) or REFERENCE_OPTIONS.get(name) or name.replace("_", "-")
