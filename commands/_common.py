@@ -250,6 +250,15 @@ class DinokitCommand(typer.core.TyperCommand):
         _format_panels(self, ctx, formatter)
         self.format_epilog(ctx, formatter)
 
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        """``[OPTIONS] IMAGES...``: arguments by their upper-case names, optional ones in brackets."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = param.name.upper() + ("..." if param.nargs == -1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
     def format_help_text(self, ctx, formatter) -> None:
         text = inspect_cleandoc(self.help or "")
         if self.deprecated:
