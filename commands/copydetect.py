@@ -26,6 +26,7 @@ from ._common import (
     Whitening,
     console,
     is_main_process,
+    plural,
     print_table,
     setup_logging,
 )
@@ -104,7 +105,7 @@ def copydetect(
     print_table(title, ["block", "queries", "mAP"], rows)
     unreadable = sum(result.unreadable.values())
     if unreadable:
-        console.print(f"{unreadable} unreadable images were skipped.")
+        console.print(f"{plural(unreadable, 'unreadable image')} skipped.")
     # one scale per score on screen (percent, as the table); metrics.json keeps the protocol's fraction
     console.print(
         f"strong mAP {100 * result.headline:.2f}% (metrics.json: fractions); results in {output / 'metrics.json'}",

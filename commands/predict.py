@@ -19,6 +19,7 @@ from ._common import (
     RichProgress,
     Strict,
     console,
+    plural,
     setup_logging,
 )
 
@@ -61,7 +62,7 @@ def predict(
         import logging
 
         logging.getLogger("dinokit").warning(
-            "%d unreadable images were skipped (first: %s).", len(res.skipped), res.skipped[0]
+            "%s skipped (first: %s).", plural(len(res.skipped), "unreadable image"), res.skipped[0]
         )
     if output is None:
         import os

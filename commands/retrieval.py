@@ -24,6 +24,7 @@ from ._common import (
     Strict,
     console,
     is_main_process,
+    plural,
     print_table,
     setup_logging,
 )
@@ -105,7 +106,7 @@ def retrieval(
     )
     unreadable = sum(result.unreadable.values())
     if unreadable:
-        console.print(f"{unreadable} unreadable images were skipped.")
+        console.print(f"{plural(unreadable, 'unreadable image')} skipped.")
     console.print(f"Queries: {result.query_region}. Results in {output / 'metrics.json'}")
 
 

@@ -221,7 +221,7 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
         counts[block] = len(queries.rows)
     total_unreadable = sum(unreadable.values())
     if total_unreadable:
-        log.warning("%d unreadable images were skipped", total_unreadable)
+        log.warning("%d unreadable %s skipped", total_unreadable, "image was" if total_unreadable == 1 else "images were")
     return CopyDetectionResult(
         mAP=maps,
         queries=counts,

@@ -311,7 +311,8 @@ def compute_features(
     if not bool(kept.any()):
         raise DataError(f"None of the {len(images.paths)} images in {images.root} could be read.")
     if not bool(kept.all()):
-        log.warning("%d unreadable images were left out", int((~kept).sum()))
+        n_bad = int((~kept).sum())
+        log.warning("%d unreadable %s left out", n_bad, "image was" if n_bad == 1 else "images were")
     paths = [str(p) for p, k in zip(images.paths, kept.tolist()) if k]
     labels = None
     if images.labels is not None:

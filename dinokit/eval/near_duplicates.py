@@ -469,7 +469,7 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
     ok_b = [p for p, r in zip(paths_b, store.readable(paths_b)) if r] if paths_b is not None else None
     unreadable = len(everything) - len({*ok_a, *(ok_b or [])})
     if unreadable:
-        log.warning("%d unreadable images were skipped", unreadable)
+        log.warning("%d unreadable %s skipped", unreadable, "image was" if unreadable == 1 else "images were")
     if not ok_a:
         raise DataError(f"None of the images in {cfg.folder} could be read.")
     if ok_b is not None and not ok_b:

@@ -396,7 +396,8 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
     if not bool(db.kept.any()):
         raise DataError(f"None of the {len(db_paths)} database images in {jpg} could be read.")
     if sum(unreadable.values()):
-        log.warning("%d unreadable images were skipped", sum(unreadable.values()))
+        n_bad = sum(unreadable.values())
+        log.warning("%d unreadable %s skipped", n_bad, "image was" if n_bad == 1 else "images were")
 
     db_ids = torch.nonzero(db.kept).flatten()
     q_ids = torch.nonzero(qs.kept).flatten()

@@ -144,7 +144,7 @@ def test_unreadable_images_are_skipped_and_counted(copydays, tiny2_weights, tmp_
     assert metrics["unreadable"]["strong"] == 1
     assert metrics["queries"]["jpegqual/50"] == 3
     assert metrics["queries"]["strong"] == 4
-    assert "2 unreadable images were skipped" in _flat(res.output)
+    assert "2 unreadable images skipped." in _flat(res.output)
 
 
 def test_all_queries_unreadable_is_an_error(copydays, tiny2_weights, tmp_path):

@@ -105,7 +105,7 @@ def test_unreadable_image_is_skipped_with_a_warning(trained, tmp_path):
     out = tmp_path / "p.csv"
     r = run_cli(["predict", "--model", str(model_file), str(tmp_path / "imgs"), "--output", str(out)])
     assert r.exit_code == 0, r.output
-    assert "1 unreadable images were skipped" in " ".join(r.output.split())
+    assert "1 unreadable image skipped" in " ".join(r.output.split())
     assert [row[0] for row in csv.reader(out.open())][1:] == [str(tmp_path / "imgs" / "ok.png")]
 
 
