@@ -144,7 +144,11 @@ def test_renamed_options_map_per_command():
     ]
     assert rewrite(cmd.commands["copydetect"], ["--top", "0"]) == ["--k", "0"]
     # the reference's multi-value --nb_knn becomes dinokit's comma-separated --k
-    assert rewrite(cmd.commands["knn"], ["--nb_knn", "10", "20", "--output_dir", "o"]) == ["--k=10,20", "--output", "o"]
+    assert rewrite(cmd.commands["knn"], ["--nb_knn", "10", "20", "--output_dir", "o"]) == [
+        "--k=10,20",
+        "--output",
+        "o",
+    ]
     assert rewrite(cmd.commands["predict"], ["--top", "2"]) == ["--k", "2"]
     assert rewrite(cmd.commands["synth"].commands["classify"], ["--size", "16"]) == ["--image-size", "16"]
     # a name the command does not have is left for click to refuse; values and "--" are left alone

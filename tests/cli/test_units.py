@@ -17,7 +17,9 @@ DATA = Path(__file__).resolve().parents[1] / "assets"
 def test_knn_units_are_percent(feature_files, tmp_path):
     train, val = feature_files
     out = tmp_path / "knn"
-    r = run_cli(["knn", "--train-features", train, "--val-features", val, "--k", "1,5", "--output", out, "--quiet"])
+    r = run_cli(
+        ["knn", "--train-features", train, "--val-features", val, "--k", "1,5", "--output", out, "--quiet"]
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["units"]["top1"] == "percent" and m["units"]["top5"] == "percent"
