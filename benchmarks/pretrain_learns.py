@@ -103,7 +103,7 @@ def main() -> None:
     if not (data / "train").is_dir():
         style = ["--style", "simple", "--class-colour", "0.7", "--class-texture", "1.0"] if short else []
         cmd = [sys.executable, "-m", "dinokit", "synth", "classify", "--output", str(data), "--classes", "10",
-               "--per-class", "100", "--size", "96", "--seed", str(args.seed), *style]  # fmt: skip
+               "--per-class", "100", "--image-size", "96", "--seed", str(args.seed), *style]  # fmt: skip
         subprocess.run(cmd, check=True)
     recipe = (
         dict(lr=5e-3, out_dim=256, momentum_teacher=0.9, weight_decay_end=0.04, teacher_temp=0.02,

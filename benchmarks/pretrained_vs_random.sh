@@ -15,13 +15,13 @@ mkdir -p "$OUT"
 for name in random pretrained; do
   if [ "$name" = random ]; then W=(--weights random --arch "$ARCH" --patch-size "$PATCH" --seed 0); else W=(--weights "$WEIGHTS"); fi
   o="$OUT/$name"
-  dinokit knn "${W[@]}" --train "$C/train" --val "$C/val" --resize "$SIZE" --crop "$SIZE" --output "$o/knn" --overwrite -q
-  dinokit linear "${W[@]}" --train "$C/train" --val "$C/val" --resize "$SIZE" --crop "$SIZE" --features-only \
+  dinokit knn "${W[@]}" --train "$C/train" --val "$C/val" --resize "$SIZE" --image-size "$SIZE" --output "$o/knn" --overwrite -q
+  dinokit linear "${W[@]}" --train "$C/train" --val "$C/val" --resize "$SIZE" --image-size "$SIZE" --features-only \
     --epochs 100 --lr 0.5 --output "$o/linear" --overwrite -q
   dinokit linear --train-features "$o/linear/train_features.pt" --val-features "$o/linear/val_features.pt" \
     --logistic --output "$o/logistic" --overwrite -q
   dinokit attn "${W[@]}" --images "$C/val" --masks "$C/masks/val" --image-size "$SIZE" --output "$o/attn" --overwrite -q
-  dinokit davis "${W[@]}" --data "$DATA/video" --short-side 240 --output "$o/davis" --overwrite -q
+  dinokit davis "${W[@]}" --data "$DATA/video" --image-size 240 --output "$o/davis" --overwrite -q
   dinokit copydetect "${W[@]}" --data "$DATA/copydays/copydays" --image-size 128 --output "$o/copydetect" --overwrite -q
   dinokit finetune "${W[@]}" --train "$C/train" --val "$C/val" --epochs 5 --batch-size 32 --image-size "$SIZE" \
     --output "$o/finetune" --overwrite -q

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from ._common import DinokitGroup, console_err, version_callback
+from ._common import DinokitCommand, DinokitGroup, console_err, version_callback
 
 COMMAND_MODULES = (
     "info",
@@ -34,6 +34,9 @@ COMMAND_MODULES = (
     "demo",
 )
 
+# help text up to 100 columns wide (the terminal's width when narrower), "-h" as well as "--help"
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
 app = typer.Typer(
     name="dinokit",
     cls=DinokitGroup,
@@ -42,13 +45,16 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+    context_settings=CONTEXT_SETTINGS,
 )
 synth_app = typer.Typer(
     name="synth",
     help="Generate the built-in data sets (no download needed).",
     no_args_is_help=True,
     cls=DinokitGroup,
+    rich_markup_mode=None,
+    context_settings=CONTEXT_SETTINGS,
 )
 
 
@@ -65,6 +71,11 @@ for _name in COMMAND_MODULES:
     if importlib.util.find_spec(f"{__name__}.{_name}") is not None:
         importlib.import_module(f"{__name__}.{_name}").register(app, synth_app)
 
+for _typer in (app, synth_app):
+    for _info in _typer.registered_commands:  # one help layout and one option vocabulary everywhere
+        if _info.cls in (None, typer.core.TyperCommand):
+            _info.cls = DinokitCommand
+        _info.context_settings = {**CONTEXT_SETTINGS, **(_info.context_settings or {})}
 app.add_typer(synth_app, name="synth")
 
 

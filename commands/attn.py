@@ -21,8 +21,10 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     Weights,
     console,
+    plural,
     print_table,
     setup_logging,
 )
@@ -51,7 +53,7 @@ def attn(
                      "(maps and evaluation; the Jaccard protocol's default is the square resize)."),
     ] = False,
     threshold: Annotated[
-        float, typer.Option("--threshold", help="Fraction of each head's attention mass its mask keeps (0-1].")
+        float, typer.Option("--attention-mass", help="Fraction of each head's attention mass its mask keeps (0-1].")
     ] = 0.6,
     images_dir: Annotated[
         Optional[Path],
@@ -81,23 +83,25 @@ def attn(
     ] = None,
     video: Annotated[
         Optional[Path],
-        typer.Option("--video", help="Video form: a folder of frames or a video file (files need dinokit\\[video])."),
+        typer.Option("--video", help="Video form: a folder of frames or a video file (files need dinokit[video])."),
     ] = None,
     fps: Annotated[
         Optional[float], typer.Option("--fps", min=0.1, help="Frame rate of the GIF/MP4 (default: the file's, or 10).")
     ] = None,
-    mp4: Annotated[bool, typer.Option("--mp4", help="Also write attention.mp4 (needs dinokit\\[video]).")] = False,
+    mp4: Annotated[bool, typer.Option("--mp4", help="Also write attention.mp4 (needs dinokit[video]).")] = False,
     batch_size: BatchSize = 8,
     num_workers: NumWorkers = 0,
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Self-attention maps of the last block's CLS token (DINO Fig. 1/3), masked at a fraction of the
     attention mass; with --images and --masks/--coco, the paper's attention-mask Jaccard; with --video,
     the maps of every frame as pictures and an animated GIF."""
+    from dinokit.eval.attention import UNITS
     from dinokit.eval.attention_run import AttentionRunConfig, run_attention
     from dinokit.io import write_metrics
 
@@ -128,10 +132,11 @@ def attn(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     with RichProgress(quiet=quiet) as progress:
         result = run_attention(cfg, progress)
-    write_metrics(result.output, result.metrics, result.config)
+    write_metrics(result.output, result.metrics, result.config, units=UNITS if result.form == "evaluation" else None)
     print_result(result)
 
 
@@ -139,18 +144,22 @@ def print_result(result) -> None:
     """What the run wrote; for the evaluation form, the Jaccard table."""
     out = result.output
     if result.form == "video":
-        console.print(f"Wrote {result.frames} frames and attention.gif to {out}.")
+        console.print(f"Wrote {plural(result.frames, 'frame')} and attention.gif to {out}.")
     elif result.form == "evaluation":
         r = result.jaccard
         rows = [["Jaccard (best head per object)", r.jaccard], [f"best single head ({r.best_head})",
                 r.jaccard_per_head[r.best_head]]]
         rows += [[f"head {h}", v] for h, v in enumerate(r.jaccard_per_head)]
-        print_table(f"Attention-mask Jaccard: {r.images} images, {r.objects} objects", ["", "Jaccard"], rows)
+        print_table(f"Attention-mask Jaccard: {plural(r.images, 'image')}, {plural(r.objects, 'object')}", ["", "Jaccard (0-1)"], rows)
         if r.images_without_objects:
-            console.print(f"{r.images_without_objects} images without any object were skipped.")
+            console.print(f"{plural(r.images_without_objects, 'image')} without any object skipped.")
+        if r.unreadable_images:
+            console.print(f"{plural(r.unreadable_images, 'unreadable image')} skipped (--strict stops at the first).")
         console.print(f"Results in {out / 'metrics.json'}.")
     else:
-        console.print(f"Wrote the attention maps of {result.images} images ({result.heads} heads) to {out}.")
+        console.print(f"Wrote the attention maps of {plural(result.images, 'image')} ({plural(result.heads, 'head')}) to {out}.")
+        if result.skipped:
+            console.print(f"{plural(result.skipped, 'unreadable image')} skipped (--strict stops at the first).")
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -22,9 +22,11 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     Whitening,
     console,
     is_main_process,
+    plural,
     print_table,
     setup_logging,
 )
@@ -52,19 +54,20 @@ def copydetect(
     ] = None,
     whitening: Whitening = None,
     top: Annotated[
-        int, typer.Option("--top", min=0, help="Score the top N results of each query (0: the whole ranking).")
+        int, typer.Option("--k", min=0, help="Score the top N results of each query (0: the whole ranking).")
     ] = 20,
     batch_size: BatchSize = 32,
     num_workers: NumWorkers = 0,
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Copy detection on Copydays: rank the originals (plus distractors) for every edited copy and
     report the mAP of each block (strong is the headline)."""
-    from dinokit.eval.copy_detection import CopyDetectionConfig, copy_detection
+    from dinokit.eval.copy_detection import UNITS, CopyDetectionConfig, copy_detection
     from dinokit.io import prepare_output_dir, write_metrics
 
     setup_logging(quiet)
@@ -85,13 +88,14 @@ def copydetect(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     with RichProgress(quiet=quiet) as progress:
         result = copy_detection(cfg, progress)
     if not is_main_process():
         return
     metrics = result.to_metrics()
-    write_metrics(output, metrics, config=asdict(cfg))
+    write_metrics(output, metrics, config=asdict(cfg), units=UNITS)
     rows = [[block, result.queries[block], 100.0 * value] for block, value in result.mAP.items()]
     # strong first: it is the headline number
     rows.sort(key=lambda r: r[0] != "strong")
@@ -101,8 +105,12 @@ def copydetect(
     print_table(title, ["block", "queries", "mAP"], rows)
     unreadable = sum(result.unreadable.values())
     if unreadable:
-        console.print(f"{unreadable} unreadable images were skipped.")
-    console.print(f"strong mAP {result.headline:.3f}; results in {output / 'metrics.json'}")
+        console.print(f"{plural(unreadable, 'unreadable image')} skipped.")
+    # one scale per score on screen (percent, as the table); metrics.json keeps the protocol's fraction
+    console.print(
+        f"strong mAP {100 * result.headline:.2f}% (metrics.json: fractions); results in {output / 'metrics.json'}",
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ._common import (
+    BACKBONE_PANEL,
+    PRESET_NAMES,
     Arch,
     CheckpointKey,
     Device,
@@ -20,6 +22,7 @@ from ._common import (
     RichProgress,
     Seed,
     console,
+    plural,
     setup_logging,
 )
 from .davis_score import print_davis_table
@@ -33,7 +36,7 @@ def davis(
     ] = None,
     frames: Annotated[
         Optional[Path],
-        typer.Option("--frames", help="Your own video: a folder of frames, or a video file (needs dinokit\\[video])."),
+        typer.Option("--frames", help="Your own video: a folder of frames, or a video file (needs dinokit[video])."),
     ] = None,
     first_mask: Annotated[
         Optional[Path],
@@ -52,10 +55,9 @@ def davis(
     weights: Annotated[
         str,
         typer.Option(
-            "--weights",
-            "-w",
-            help="A checkpoint path, a preset (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8) or 'random'; "
-            "dino_vits16 by default, the weights the reference evaluation loads when given none.",
+            "--weights", "-w", rich_help_panel=BACKBONE_PANEL,
+            help=f"A checkpoint file, a preset ({PRESET_NAMES}) or 'random'; dino_vits16 by default, the "
+            "weights the reference evaluation loads when given none.",
         ),
     ] = "dino_vits16",
     arch: Arch = None,
@@ -73,10 +75,10 @@ def davis(
     neighborhood: Annotated[
         int, typer.Option("--neighborhood", min=0, help="Window radius in patches (0 = the whole frame).")
     ] = 12,
-    topk: Annotated[int, typer.Option("--topk", min=1, help="Neighbours kept jointly over the context.")] = 5,
+    topk: Annotated[int, typer.Option("--k", min=1, help="Neighbours kept jointly over the context.")] = 5,
     temperature: Annotated[float, typer.Option("--temperature", help="Affinity = exp(cos / temperature).")] = 0.1,
     short_side: Annotated[
-        int, typer.Option("--short-side", min=16, help="Frames are resized to this short side (480 as the paper).")
+        int, typer.Option("--image-size", min=16, help="The frames' short side in pixels (480 as the paper).")
     ] = 480,
     visualize: Annotated[
         bool, typer.Option("--visualize", help="Also write overlay PNGs and an animated GIF per sequence.")
@@ -139,7 +141,7 @@ def davis(
     if result.scores is not None:
         print_davis_table(result.scores)
     console.print(
-        f"{len(result.videos)} video(s), {n_frames} frames"
+        f"{plural(len(result.videos), 'video')}, {plural(n_frames, 'frame')}"
         + (f" ({skipped} already done)" if skipped else "")
         + f"; masks in {result.output}/<seq>/, metrics in {result.metrics_path}",
         highlight=False,

@@ -13,9 +13,11 @@ from ._common import Overwrite, Quiet, RichProgress, console, print_table, setup
 def print_davis_table(scores) -> None:
     """J&F, J and F per sequence and over all objects (a :class:`dinokit.eval.davis_metrics.DavisScores`)."""
     overall = scores.overall()
-    rows = [[seq, *(100 * v[k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))] for seq, v in scores.per_sequence().items()]
-    rows.append(["all objects", *(100 * overall[k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))])
-    print_table("DAVIS 2017 (semi-supervised), percent", ["sequence", "J&F", "J", "F"], rows)
+    keys = ("J&F-Mean", "J-Mean", "F-Mean")
+    # fractions (0-1), the scale of metrics.json and of the official scorer's CSVs
+    rows = [[seq, *(f"{v[k]:.4f}" for k in keys)] for seq, v in scores.per_sequence().items()]
+    rows.append(["all objects", *(f"{overall[k]:.4f}" for k in keys)])
+    print_table("DAVIS 2017 (semi-supervised), fractions (0-1)", ["sequence", "J&F", "J", "F"], rows)
 
 
 def davis_score(
@@ -51,7 +53,7 @@ def davis_score(
     `dinokit davis` run (whose metrics.json records its weights and videos) into its own folder, is
     refused with a sentence that says to pass --output or --overwrite.
     """
-    from dinokit.eval.davis_metrics import evaluate_davis
+    from dinokit.eval.davis_metrics import UNITS, evaluate_davis
     from dinokit.io import write_metrics
 
     setup_logging(quiet)
@@ -65,7 +67,7 @@ def davis_score(
         _check_destination(out, split, overwrite, default=True)
     out.mkdir(parents=True, exist_ok=True)
     config = {"gt": gt, "pred": pred, "split": split, "sequences": scores.sequences}
-    path = write_metrics(out, scores.metrics(), config=config)
+    path = write_metrics(out, scores.metrics(), config=config, units=UNITS)
     g, s = scores.write_csvs(out, split)
     print_davis_table(scores)
     overall = scores.overall()

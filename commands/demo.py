@@ -22,7 +22,7 @@ import typer
 from dinokit.errors import DinokitError
 from dinokit.io import prepare_output_dir, versions, write_json
 
-from ._common import Overwrite, Quiet, console, console_err
+from ._common import RUN_PANEL, Overwrite, Quiet, console, console_err
 from .demo_report import compose_pictures, table_rows, write_reports
 
 #: the default demo's pretraining length: a fixed recipe, so that its numbers do not depend on the
@@ -87,8 +87,10 @@ class _Stages:
     def __call__(self, title: str):
         self.i += 1
         elapsed = time.monotonic() - self.t0
-        if not self.plan.quiet:
+        if not self.plan.quiet and console_err.is_terminal:
             console_err.rule(f"[bold]demo {self.i}/{self.total}[/]  {title}  ({elapsed / 60:.1f} min elapsed)")
+        elif not self.plan.quiet:  # a log: one plain line, not a rule as wide as the page
+            console_err.print(f"== demo {self.i}/{self.total}: {title} ({elapsed / 60:.1f} min elapsed)", highlight=False)
         return _Timer(self.plan.timings, title)
 
 
@@ -164,7 +166,7 @@ def run_demo(plan: DemoPlan) -> dict:
         # flat shapes with class-correlated (noisy) colours and surface patterns, as real classes have:
         # minutes of DINO on a CPU can learn from these, not from the fully cluttered default set
         _run(["synth", "classify", "--output", data / "classify", "--classes", plan.classes,
-              "--per-class", plan.per_class, "--size", plan.image_size, "--seed", plan.seed,
+              "--per-class", plan.per_class, "--image-size", plan.image_size, "--seed", plan.seed,
               "--style", "simple", "--class-colour", 0.7, "--class-texture", 1.0, *common],
              "synth classify")  # fmt: skip
         _run(["synth", "video", "--output", data / "video", "--sequences", plan.video_sequences,
@@ -172,7 +174,7 @@ def run_demo(plan: DemoPlan) -> dict:
               "--seed", plan.seed, *common], "synth video")  # fmt: skip
         _run(["synth", "copydays", "--output", data / "copydays", "--originals", plan.copydays_originals,
               "--distractors", plan.copydays_distractors, "--whitening", plan.copydays_distractors,
-              "--size", plan.copydays_size, "--seed", plan.seed, *common], "synth copydays")  # fmt: skip
+              "--image-size", plan.copydays_size, "--seed", plan.seed, *common], "synth copydays")  # fmt: skip
 
     n_train = sum(1 for _ in (data / "classify" / "train").rglob("*.png"))
     if plan.minutes is None:
@@ -201,7 +203,7 @@ def run_demo(plan: DemoPlan) -> dict:
         for name, w in weights.items():
             run = evals / name / "knn"
             _run(["knn", *w, "--train", data / "classify" / "train", "--val", data / "classify" / "val",
-                  "--resize", plan.image_size, "--crop", plan.image_size, "--k", "10,20",
+                  "--resize", plan.image_size, "--image-size", plan.image_size, "--k", "10,20",
                   "--output", run, *fp32, *common], f"knn {name}")  # fmt: skip
             m = _read_json(run / "metrics.json")
             results[name]["knn"] = float(m["knn"]["20"]["top1"])
@@ -210,7 +212,7 @@ def run_demo(plan: DemoPlan) -> dict:
         for name, w in weights.items():
             run = evals / name / "linear"
             _run(["linear", *w, "--train", data / "classify" / "train", "--val", data / "classify" / "val",
-                  "--resize", plan.image_size, "--crop", plan.image_size, "--features-only",
+                  "--resize", plan.image_size, "--image-size", plan.image_size, "--features-only",
                   "--epochs", 100, "--lr", 0.5, "--output", run, *fp32, *common], f"linear {name}")  # fmt: skip
             m = _read_json(run / "metrics.json")
             results[name]["linear"] = float(m["linear"]["final"]["top1"])
@@ -228,7 +230,7 @@ def run_demo(plan: DemoPlan) -> dict:
     with stage("video object segmentation by label propagation (dinokit davis)"):
         for name, w in weights.items():
             run = evals / name / "davis"
-            _run(["davis", "--data", data / "video", *w, "--short-side", plan.video_size[0], "--visualize",
+            _run(["davis", "--data", data / "video", *w, "--image-size", plan.video_size[0], "--visualize",
                   "--num-workers", 0, "--output", run, *fp32, *common], f"davis {name}")  # fmt: skip
             results[name]["davis"] = float(_read_json(run / "metrics.json")["J&F-Mean"])
 
@@ -243,7 +245,7 @@ def run_demo(plan: DemoPlan) -> dict:
     with stage("near-duplicate search with the trained model (dinokit duplicates)"):
         _run(["duplicates", data / "copydays" / "copydays" / "strong",
               "--against", data / "copydays" / "copydays" / "original", *weights["trained"],
-              "--image-size", plan.copy_image_size, "--threshold", 0.5, "--sheet-pairs", 8,
+              "--image-size", plan.copy_image_size, "--min-similarity", 0.5, "--sheet-pairs", 8,
               "--output", evals / "trained" / "duplicates", *fp32, *common], "duplicates")  # fmt: skip
 
     with stage("report"):
@@ -263,7 +265,7 @@ def run_demo(plan: DemoPlan) -> dict:
 
 
 def demo(
-    output: Annotated[Path, typer.Option("--output", "-o", help="The demo's run folder.")] = Path("runs/demo"),
+    output: Annotated[Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The demo's run folder.")],
     epochs: Annotated[
         int | None,
         typer.Option("--epochs", min=1, help=f"Pretraining epochs (default {DEMO_EPOCHS}, the fixed recipe)."),

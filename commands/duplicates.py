@@ -22,9 +22,11 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     Whitening,
     console,
     is_main_process,
+    plural,
     print_table,
     setup_logging,
 )
@@ -40,7 +42,7 @@ def duplicates(
     threshold: Annotated[
         Optional[float],
         typer.Option(
-            "--threshold",
+            "--min-similarity",
             help="Cosine similarity from which two images count as near-duplicates "
             "(default 0.9, or 0.5 with --whitening).",
         ),
@@ -62,7 +64,7 @@ def duplicates(
         ),
     ] = "exact",
     neighbours: Annotated[
-        int, typer.Option("--neighbours", min=1, help="With --backend faiss: neighbours looked at per image.")
+        int, typer.Option("--k", min=1, help="With --backend faiss: neighbours looked at per image.")
     ] = 10,
     max_pairs: Annotated[
         int, typer.Option("--max-pairs", min=1, help="Keep at most this many pairs (the most similar).")
@@ -75,6 +77,7 @@ def duplicates(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -82,7 +85,13 @@ def duplicates(
     they join (clusters.csv, clusters.json: an image and its copies are one cluster) and a contact
     sheet of the closest pairs (pairs.png). Descriptors are stored in OUT/index and reused when the
     command is run again with --overwrite: only new or changed images are embedded."""
-    from dinokit.eval.near_duplicates import DuplicatesConfig, find_duplicates, write_clusters, write_pairs
+    from dinokit.eval.near_duplicates import (
+        UNITS,
+        DuplicatesConfig,
+        find_duplicates,
+        write_clusters,
+        write_pairs,
+    )
     from dinokit.io import prepare_output_dir, write_metrics
     from dinokit.viz import contact_sheet
 
@@ -107,6 +116,7 @@ def duplicates(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     with RichProgress(quiet=quiet) as progress:
         result = find_duplicates(cfg, progress)
@@ -115,15 +125,18 @@ def duplicates(
     write_pairs(result, output)
     write_clusters(result, output)
     sheet = contact_sheet(result.pairs, output / "pairs.png", max_pairs=sheet_pairs) if sheet_pairs else None
-    write_metrics(output, result.summary(), config=asdict(cfg))
+    write_metrics(output, result.summary(), config=asdict(cfg), units=UNITS)
     rows = [[i + 1, f"{p.score:.3f}", p.image_a, p.image_b] for i, p in enumerate(result.pairs[:10])]
     if rows:
         print_table(f"Near-duplicate pairs (similarity >= {result.threshold:g})", ["#", "score", "image", "image"], rows)
-    searched = f"{result.n_images} images" + (f" against {result.n_against}" if cfg.against else "")
+    searched = plural(result.n_images, "image") + (f" against {result.n_against}" if cfg.against else "")
+    # images counts the readable ones searched; files read now and from the index count every file
     console.print(
-        f"{len(result.pairs)} pairs in {len(result.clusters)} cluster{'' if len(result.clusters) == 1 else 's'} "
-        f"({sum(len(c.images) for c in result.clusters)} images) among {searched}; embedded {result.embedded} new images, "
-        f"reused {result.reused}" + (f", skipped {result.unreadable} unreadable" if result.unreadable else "") + "."
+        f"{plural(len(result.pairs), 'pair')} in {plural(len(result.clusters), 'cluster')} "
+        f"({plural(sum(len(c.images) for c in result.clusters), 'image')}) among {searched}"
+        + (f" ({plural(result.unreadable, 'unreadable image')} skipped)" if result.unreadable else "")
+        + f"; {plural(result.embedded, 'file')} read now, {result.reused} from the index.",
+        highlight=False,
     )
     q = result.nearest_neighbour_quantiles
     if q:

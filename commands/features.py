@@ -21,7 +21,9 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     console,
+    plural,
     setup_logging,
 )
 
@@ -33,7 +35,9 @@ AvgPool = Annotated[
     typer.Option("--avgpool-patch-tokens", help="Append the average of the last block's patch tokens."),
 ]
 Resize = Annotated[int, typer.Option("--resize", min=1, help="Resize the short side to this (bicubic) before the crop.")]
-Crop = Annotated[int, typer.Option("--crop", min=1, help="Centre crop size in pixels.")]
+Crop = Annotated[
+    int, typer.Option("--image-size", min=1, help="The centre crop in pixels: the size the network sees.")
+]
 
 
 def features(
@@ -61,6 +65,7 @@ def features(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -94,6 +99,7 @@ def features(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     init_distributed(resolve_device(device))
     try:
@@ -102,9 +108,9 @@ def features(
             fs = embedder.embed(data, progress=progress)
         if dist_env().is_main:
             written = save_features(fs, output, format=fmt, overwrite=overwrite)
-            labelled = f", {len(fs.classes)} classes" if fs.labels is not None else ""
+            labelled = f", {plural(len(fs.classes), 'class')}" if fs.labels is not None else ""
             console.print(
-                f"{len(fs)} images{labelled} -> {fs.dim}-d features: " + ", ".join(str(p) for p in written),
+                f"{plural(len(fs), 'image')}{labelled} -> {fs.dim}-d features: " + ", ".join(str(p) for p in written),
                 highlight=False,
             )
     finally:

@@ -23,6 +23,7 @@ from ._common import (
     RichProgress,
     Seed,
     StopAfter,
+    Strict,
     Train,
     Val,
     Weights,
@@ -31,6 +32,7 @@ from ._common import (
     is_main_process,
     print_table,
     setup_logging,
+    short_run_note,
 )
 
 
@@ -90,6 +92,7 @@ def finetune(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     resume: Resume = False,
     stop_after: StopAfter = None,
     checkpoint_minutes: CheckpointMinutes = 10.0,
@@ -141,6 +144,7 @@ def finetune(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
         resume=resume,
         stop_after=stop_after,
         checkpoint_minutes=checkpoint_minutes,
@@ -191,6 +195,11 @@ def finetune(
         )
     else:
         console.print(f"Model written to {result.output / 'model.pth'}.", highlight=False)
+    steps = result.epochs_done * -(-result.num_train // max(1, result.batch_size))
+    note = short_run_note("finetune", steps, "lr" in explicit,
+                          f"{lr:g} x global batch / 1024 = peak {result.peak_lr:.3g}")
+    if note:
+        console_err.print(note, highlight=False)
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

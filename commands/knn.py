@@ -20,11 +20,13 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     Train,
     TrainFeatures,
     Val,
     ValFeatures,
     console,
+    plural,
     print_table,
     setup_logging,
 )
@@ -41,6 +43,24 @@ def parse_ks(text: str) -> tuple[int, ...]:
     if not ks or min(ks) < 1:
         raise DinokitError(f"--k takes comma-separated positive integers such as 10,20,100,200, not {text!r}.")
     return ks
+
+
+def knn_rows(accuracies: dict, k_used: dict) -> tuple[list[list], bool]:
+    """One row per k actually used: a k larger than the training set is cut to its size, and the ks
+    cut to the same value share one row that names them ("24-NN (asked 100, 200)")."""
+    rows: list[list] = []
+    asked_for: dict[int, list[int]] = {}
+    for k in accuracies:
+        asked_for.setdefault(int(k_used.get(k, k)), []).append(k)
+    cut = False
+    for used, asked in asked_for.items():
+        t1, t5 = accuracies[asked[0]]
+        label = f"{used}-NN"
+        if asked != [used]:
+            cut = True
+            label += f" (asked {', '.join(map(str, asked))})"
+        rows.append([label, t1, t5])
+    return rows, cut
 
 
 def knn(
@@ -64,6 +84,7 @@ def knn(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -72,7 +93,7 @@ def knn(
     Features of --train/--val are cached in the output folder and reused while their fingerprint
     (weights, arch, transform, options, file list) matches.
     """
-    from dinokit.eval.knn import KnnConfig, knn_eval
+    from dinokit.eval.knn import UNITS, KnnConfig, knn_eval
     from dinokit.io import prepare_output_dir, write_metrics
     from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
@@ -100,6 +121,7 @@ def knn(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     if train_features is None:
         init_distributed(resolve_device(device))
@@ -117,11 +139,14 @@ def knn(
             "n_val": result.n_val,
             "fingerprint": result.fingerprint,
         }
-        path = write_metrics(out, result.metrics(), config)
-        rows = [[f"{kk}-NN", t1, t5] for kk, (t1, t5) in result.accuracies.items()]
-        print_table(f"Weighted k-NN, T={temperature}", ["k", "top-1 %", "top-5 %"], rows)
+        path = write_metrics(out, result.metrics(), config, units=UNITS)
+        rows, cut = knn_rows(result.accuracies, result.k_used)
+        title = f"Weighted k-NN, T={temperature}"
+        if cut:
+            title += f" (k cut to the {plural(result.n_train, 'train image')})"
+        print_table(title, ["k", "top-1 %", "top-5 %"], rows)
         console.print(
-            f"{result.n_train} train and {result.n_val} val images, {result.num_classes} classes", highlight=False
+            f"{result.n_train} train and {plural(result.n_val, 'val image')}, {plural(result.num_classes, 'class')}", highlight=False
         )
         if result.num_classes < 5:
             console.print(f"(with {result.num_classes} classes, top-5 counts all of them)", highlight=False)

@@ -13,6 +13,7 @@ from ._common import (
     CheckpointKey,
     Device,
     NumWorkers,
+    OptionalWeights,
     Output,
     Overwrite,
     PatchSize,
@@ -20,14 +21,19 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     console,
+    console_err,
+    plural,
     print_table,
     setup_logging,
+    short_run_note,
 )
 from .features import Crop, Resize
 
 
 def linear(
+    ctx: typer.Context,
     output: Output,
     train: Annotated[Optional[Path], typer.Option("--train", help="Labelled training images (ROOT/<class>/<image>).")] = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Labelled validation images (ROOT/<class>/<image>).")] = None,
@@ -37,10 +43,7 @@ def linear(
     val_features: Annotated[
         Optional[Path], typer.Option("--val-features", help="A features file from dinokit features (fast path).")
     ] = None,
-    weights: Annotated[
-        Optional[str],
-        typer.Option("--weights", "-w", help="A checkpoint path, a preset (dino_vits16, ...) or 'random'."),
-    ] = None,
+    weights: OptionalWeights = None,
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
@@ -82,12 +85,13 @@ def linear(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Linear probe on a frozen backbone (paper Sec. 4.1): SGD, cosine lr, a checkpoint each epoch;
     final and best top-1/top-5 in metrics.json. Also --evaluate for released heads and --logistic."""
-    from dinokit.eval.linear import LinearConfig, linear_eval
+    from dinokit.eval.linear import UNITS, LinearConfig, linear_eval
     from dinokit.io import prepare_output_dir, write_metrics
     from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
@@ -122,6 +126,7 @@ def linear(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     init_distributed(resolve_device(device))
     try:
@@ -141,7 +146,7 @@ def linear(
             "epochs_run": result.epochs_run,
             "fingerprint": result.fingerprint,
         }
-        path = write_metrics(out, result.metrics(), config)
+        path = write_metrics(out, result.metrics(), config, units=UNITS)
         if result.mode in ("evaluate", "logistic"):
             rows = [[result.mode, result.final["top1"], result.final["top5"]]]
         else:
@@ -152,14 +157,26 @@ def linear(
         title = {"images": "Linear probe", "features": "Linear probe (cached features)",
                  "evaluate": "Linear head", "logistic": "Logistic regression"}[result.mode]
         print_table(title, ["", "top-1 %", "top-5 %"], rows)
+        if result.mode in ("images", "features"):
+            world = dist_env().world_size
+            steps = result.epochs_run * -(-result.n_train // (batch_size * world))
+            note = short_run_note("linear probe", steps, _typed(ctx, "lr"),
+                                  f"{lr:g} x global batch / 256 = {lr * batch_size * world / 256:.3g}")
+            if note:
+                console_err.print(note, highlight=False)
         console.print(
             f"{result.feature_dim}-d features (last {result.n_last_blocks} CLS"
-            f"{' + patch average' if result.avgpool_patch_tokens else ''}), {result.num_classes} classes",
+            f"{' + patch average' if result.avgpool_patch_tokens else ''}), {plural(result.num_classes, 'class')}",
             highlight=False,
         )
         console.print(f"metrics: {path}", highlight=False)
     finally:
         cleanup_distributed()
+
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -17,7 +17,9 @@ from ._common import (
     Precision,
     Quiet,
     RichProgress,
+    Strict,
     console,
+    plural,
     setup_logging,
 )
 
@@ -27,7 +29,7 @@ def predict(
     model: Annotated[
         Path, typer.Option("--model", "-m", help="A fine-tuned model: RUN/model.pth or RUN/best.pth.")
     ],
-    top: Annotated[int, typer.Option("--top", min=1, help="How many classes to report per image.")] = 5,
+    top: Annotated[int, typer.Option("--k", min=1, help="How many classes to report per image (the top k).")] = 5,
     output: Annotated[
         Optional[Path],
         typer.Option("--output", "-o", help="Write predictions to this .csv or .json file (else print a table)."),
@@ -35,7 +37,8 @@ def predict(
     batch_size: BatchSize = 64,
     num_workers: NumWorkers = 0,
     device: Device = "auto",
-    precision: Precision = "fp32",
+    precision: Precision = "auto",
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -52,14 +55,14 @@ def predict(
     with RichProgress(quiet=quiet) as progress:
         res = predict_images(
             model, images, top=top, batch_size=batch_size, num_workers=num_workers, device=device,
-            precision=precision, progress=progress,
+            precision=precision, progress=progress, strict=strict,
         )
     k = len(res.top_classes[0]) if res.top_classes else min(top, len(res.classes))
     if res.skipped:
         import logging
 
         logging.getLogger("dinokit").warning(
-            "%d unreadable images were skipped (first: %s).", len(res.skipped), res.skipped[0]
+            "%s skipped (first: %s).", plural(len(res.skipped), "unreadable image"), res.skipped[0]
         )
     if output is None:
         import os

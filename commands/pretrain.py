@@ -10,20 +10,29 @@ from typing import Annotated, Optional
 import typer
 
 from ._common import (
+    RUN_PANEL,
+    RUNTIME_PANEL,
     CheckpointMinutes,
     Device,
     NumWorkers,
+    Output,
     Overwrite,
     Precision,
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     console,
     console_err,
     is_main_process,
     print_table,
     setup_logging,
 )
+
+MODEL_PANEL = "Model"
+OPTIM_PANEL = "Optimisation"
+TEACHER_PANEL = "Teacher"
+CROPS_PANEL = "Multi-crop augmentation"
 
 HELP = "\n\n".join(
     [
@@ -49,76 +58,77 @@ def pretrain_command(
     data: Annotated[
         Optional[Path], typer.Option("--data", "-d", help="Folder of images (searched recursively); not needed with --resume.")
     ] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="The run folder.")] = Path("runs/pretrain"),
-    arch: Annotated[str, typer.Option("--arch", help="vit_tiny, vit_small, vit_base or resnet50.")] = "vit_small",
-    patch_size: Annotated[int, typer.Option("--patch-size", help="ViT patch size in pixels.")] = 16,
+    output: Output = ...,
+    arch: Annotated[str, typer.Option("--arch", rich_help_panel=MODEL_PANEL, help="vit_tiny, vit_small, vit_base or resnet50.")] = "vit_small",
+    patch_size: Annotated[int, typer.Option("--patch-size", rich_help_panel=MODEL_PANEL, help="ViT patch size in pixels.")] = 16,
     depth: Annotated[
-        Optional[int], typer.Option("--depth", help="Transformer blocks (default: the arch's 12); for quick experiments.")
+        Optional[int], typer.Option("--depth", rich_help_panel=MODEL_PANEL, help="Transformer blocks (default: the arch's 12); for quick experiments.")
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs of the schedule.")] = 100,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch, per process.")] = 64,
-    lr: Annotated[float, typer.Option("--lr", help="Base lr at batch 256 (scaled by global_batch / 256).")] = 5e-4,
-    min_lr: Annotated[float, typer.Option("--min-lr", help="lr at the end of the cosine schedule.")] = 1e-6,
+    epochs: Annotated[int, typer.Option("--epochs", rich_help_panel=OPTIM_PANEL, min=1, help="Epochs of the schedule.")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", rich_help_panel=OPTIM_PANEL, min=1, help="Images per batch, per process.")] = 64,
+    lr: Annotated[float, typer.Option("--lr", rich_help_panel=OPTIM_PANEL, help="Base lr at batch 256 (scaled by global_batch / 256).")] = 5e-4,
+    min_lr: Annotated[float, typer.Option("--min-lr", rich_help_panel=OPTIM_PANEL, help="lr at the end of the cosine schedule.")] = 1e-6,
     warmup_epochs: Annotated[
-        Optional[float], typer.Option("--warmup-epochs", help="Linear lr warm-up (default: min(10, epochs/10)).")
+        Optional[float], typer.Option("--warmup-epochs", rich_help_panel=OPTIM_PANEL, help="Linear lr warm-up (default: min(10, epochs/10)).")
     ] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay at the start.")] = 0.04,
-    weight_decay_end: Annotated[float, typer.Option("--weight-decay-end", help="Weight decay at the end.")] = 0.4,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", rich_help_panel=OPTIM_PANEL, help="Weight decay at the start.")] = 0.04,
+    weight_decay_end: Annotated[float, typer.Option("--weight-decay-end", rich_help_panel=OPTIM_PANEL, help="Weight decay at the end.")] = 0.4,
     momentum_teacher: Annotated[
         Optional[float],
-        typer.Option("--momentum-teacher", help="Teacher EMA momentum at the start, cosine to 1 (default: see above)."),
+        typer.Option("--momentum-teacher", rich_help_panel=TEACHER_PANEL, help="Teacher EMA momentum at the start, cosine to 1 (default: see above)."),
     ] = None,
-    teacher_temp: Annotated[float, typer.Option("--teacher-temp", help="Teacher temperature after warm-up.")] = 0.04,
+    teacher_temp: Annotated[float, typer.Option("--teacher-temp", rich_help_panel=TEACHER_PANEL, help="Teacher temperature after warm-up.")] = 0.04,
     warmup_teacher_temp: Annotated[
-        float, typer.Option("--warmup-teacher-temp", help="Teacher temperature at epoch 0.")
+        float, typer.Option("--warmup-teacher-temp", rich_help_panel=TEACHER_PANEL, help="Teacher temperature at epoch 0.")
     ] = 0.04,
     warmup_teacher_temp_epochs: Annotated[
-        int, typer.Option("--warmup-teacher-temp-epochs", help="Epochs of teacher-temperature warm-up (paper: 30).")
+        int, typer.Option("--warmup-teacher-temp-epochs", rich_help_panel=TEACHER_PANEL, help="Epochs of teacher-temperature warm-up (paper: 30).")
     ] = 0,
     out_dim: Annotated[
-        Optional[int], typer.Option("--out-dim", help="DINO head outputs (paper 65536; default: see above).")
+        Optional[int], typer.Option("--out-dim", rich_help_panel=MODEL_PANEL, help="DINO head outputs (paper 65536; default: see above).")
     ] = None,
     norm_last_layer: Annotated[
         bool,
-        typer.Option("--norm-last-layer/--no-norm-last-layer", help="Fix the head's weight-norm gain at 1."),
+        typer.Option("--norm-last-layer/--no-norm-last-layer", rich_help_panel=MODEL_PANEL, help="Fix the head's weight-norm gain at 1."),
     ] = True,
     freeze_last_layer: Annotated[
-        int, typer.Option("--freeze-last-layer", help="Epochs during which the head's last layer is not trained.")
+        int, typer.Option("--freeze-last-layer", rich_help_panel=MODEL_PANEL, help="Epochs during which the head's last layer is not trained.")
     ] = 1,
-    clip_grad: Annotated[float, typer.Option("--clip-grad", help="Gradient clipping norm (0 = off).")] = 3.0,
+    clip_grad: Annotated[float, typer.Option("--clip-grad", rich_help_panel=OPTIM_PANEL, help="Gradient clipping norm (0 = off).")] = 3.0,
     clip_mode: Annotated[
-        str, typer.Option("--clip-mode", help="param: each parameter's gradient separately (reference); global.")
+        str, typer.Option("--clip-mode", rich_help_panel=OPTIM_PANEL, help="param: each parameter's gradient separately (reference); global.")
     ] = "param",
-    drop_path: Annotated[float, typer.Option("--drop-path", help="Stochastic depth rate of the student.")] = 0.1,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw, sgd or lars.")] = "adamw",
-    local_crops: Annotated[int, typer.Option("--local-crops", min=0, help="Local crops per image.")] = 8,
-    global_size: Annotated[int, typer.Option("--global-size", help="Global crop size in pixels.")] = 224,
-    local_size: Annotated[int, typer.Option("--local-size", help="Local crop size in pixels.")] = 96,
+    drop_path: Annotated[float, typer.Option("--drop-path", rich_help_panel=MODEL_PANEL, help="Stochastic depth rate of the student.")] = 0.1,
+    optimizer: Annotated[str, typer.Option("--optimizer", rich_help_panel=OPTIM_PANEL, help="adamw, sgd or lars.")] = "adamw",
+    local_crops: Annotated[int, typer.Option("--local-crops", rich_help_panel=CROPS_PANEL, min=0, help="Local crops per image.")] = 8,
+    global_size: Annotated[int, typer.Option("--global-size", rich_help_panel=CROPS_PANEL, help="Global crop size in pixels.")] = 224,
+    local_size: Annotated[int, typer.Option("--local-size", rich_help_panel=CROPS_PANEL, help="Local crop size in pixels.")] = 96,
     global_scale: Annotated[
         Optional[tuple[float, float]],
-        typer.Option("--global-scale", help="Area range of global crops (default 0.4 1, or 0.14 1 with no local crops)."),
+        typer.Option("--global-scale", rich_help_panel=CROPS_PANEL, help="Area range of global crops (default 0.4 1, or 0.14 1 with no local crops)."),
     ] = None,
     local_scale: Annotated[
-        tuple[float, float], typer.Option("--local-scale", help="Area range of local crops.")
+        tuple[float, float], typer.Option("--local-scale", rich_help_panel=CROPS_PANEL, help="Area range of local crops.")
     ] = (0.05, 0.4),
     precision: Precision = "auto",
     device: Device = "auto",
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the student and teacher.")] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", rich_help_panel=RUNTIME_PANEL, help="torch.compile the student and teacher.")] = False,
     num_workers: NumWorkers = 4,
     threads: Annotated[
         Optional[int],
-        typer.Option("--threads", min=1, help="CPU threads for the compute (default: torch's choice, one per core)."),
+        typer.Option("--threads", rich_help_panel=RUNTIME_PANEL, min=1, help="CPU threads for the compute (default: torch's choice, one per core)."),
     ] = None,
     seed: Seed = 0,
+    strict: Strict = False,
     save_every: Annotated[
-        int, typer.Option("--save-every", min=0, help="Keep checkpoint{epoch:04d}.pth every N epochs (0 = never).")
+        int, typer.Option("--save-every", rich_help_panel=RUN_PANEL, min=0, help="Keep checkpoint{epoch:04d}.pth every N epochs (0 = never).")
     ] = 20,
     checkpoint_minutes: CheckpointMinutes = 10.0,
     stop_after: Annotated[
         Optional[int],
-        typer.Option("--stop-after", min=1, help="End cleanly after N epochs of the schedule (resumable)."),
+        typer.Option("--stop-after", rich_help_panel=RUN_PANEL, min=1, help="End cleanly after N epochs of the schedule (resumable)."),
     ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its checkpoint.pth.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=RUN_PANEL, help="Continue the run in --output from its checkpoint.pth.")] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -162,6 +172,7 @@ def pretrain_command(
         num_workers=num_workers,
         threads=threads,
         seed=seed,
+        strict=strict,
         save_every=save_every,
         checkpoint_minutes=checkpoint_minutes,
         stop_after=stop_after,
@@ -230,7 +241,8 @@ def _report(result, cfg) -> None:
         "checkpoint": str(result.checkpoint),
         "backbone": str(result.backbone),
     }
-    write_metrics(result.output, metrics, config=cfg.to_dict())
+    write_metrics(result.output, metrics, config=cfg.to_dict(),
+                  units={"loss": "nats (cross-entropy)", "images_per_second": "images/s", "seconds": "s"})
     rows = [[h["epoch"], h["loss"], f"{h['lr']:.3g}", f"{h['momentum']:.5f}", f"{h['images_per_second']:.1f}"]
             for h in result.history[-5:]]
     if rows:

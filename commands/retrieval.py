@@ -21,8 +21,10 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     console,
     is_main_process,
+    plural,
     print_table,
     setup_logging,
 )
@@ -60,12 +62,13 @@ def retrieval(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Image retrieval on revisited Oxford or Paris: mAP and mP@1/5/10 (percent) under the Medium
     and Hard protocols."""
-    from dinokit.eval.retrieval import RetrievalConfig, image_retrieval
+    from dinokit.eval.retrieval import UNITS, RetrievalConfig, image_retrieval
     from dinokit.io import prepare_output_dir, write_metrics
 
     setup_logging(quiet)
@@ -85,12 +88,13 @@ def retrieval(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     with RichProgress(quiet=quiet) as progress:
         result = image_retrieval(cfg, progress)
     if not is_main_process():
         return
-    write_metrics(output, result.to_metrics(), config=asdict(cfg))
+    write_metrics(output, result.to_metrics(), config=asdict(cfg), units=UNITS)
     rows = [
         [proto.capitalize(), result.mAP[proto], *(result.mP[proto][k] for k in ("1", "5", "10"))]
         for proto in ("medium", "hard")
@@ -102,7 +106,7 @@ def retrieval(
     )
     unreadable = sum(result.unreadable.values())
     if unreadable:
-        console.print(f"{unreadable} unreadable images were skipped.")
+        console.print(f"{plural(unreadable, 'unreadable image')} skipped.")
     console.print(f"Queries: {result.query_region}. Results in {output / 'metrics.json'}")
 
 

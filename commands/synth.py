@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ._common import Output, Overwrite, Quiet, RichProgress, console, print_table, setup_logging
+from ._common import RUN_PANEL, Overwrite, Quiet, RichProgress, console, plural, print_table, setup_logging
 
+Output = Annotated[
+    Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The folder the data set is written to.")
+]
 Seed0 = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives byte-identical files.")]
 
 
@@ -18,7 +22,7 @@ def classify(
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", min=0.0, max=0.99, help="Fraction of each class held out for val.")
     ] = 0.2,
-    size: Annotated[int, typer.Option("--size", min=16, help="Image side in pixels.")] = 96,
+    size: Annotated[int, typer.Option("--image-size", min=16, help="Image side in pixels.")] = 96,
     style: Annotated[
         str,
         typer.Option(
@@ -77,7 +81,7 @@ def classify(
         ],
     )
     console.print(
-        f"{len(s.classes)} classes ({', '.join(s.classes)}), {s.size}x{s.size} px, seed {s.seed}, "
+        f"{plural(len(s.classes), 'class')} ({', '.join(s.classes)}), {s.size}x{s.size} px, seed {s.seed}, "
         f"{s.seconds:.1f} s.",
         highlight=False,
     )
@@ -137,7 +141,7 @@ def copydays(
     whitening: Annotated[
         int, typer.Option("--whitening", min=0, help="Other distinct images for DIR/whitening (to learn a whitening).")
     ] = 100,
-    size: Annotated[int, typer.Option("--size", min=32, help="Long side of the originals in pixels.")] = 256,
+    size: Annotated[int, typer.Option("--image-size", min=32, help="Long side of the originals in pixels.")] = 256,
     seed: Seed0 = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,

@@ -184,9 +184,17 @@ def check_output_file(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
-def write_metrics(output_dir: str | os.PathLike, metrics: dict, config: Any = None, name: str = "metrics.json") -> Path:
-    """Write ``OUT/metrics.json``: the metrics, the config and the versions, atomically."""
+def write_metrics(
+    output_dir: str | os.PathLike, metrics: dict, config: Any = None, name: str = "metrics.json",
+    units: dict[str, str] | None = None,
+) -> Path:
+    """Write ``OUT/metrics.json``: the metrics, the config and the versions, atomically.
+
+    ``units`` says which scale each score keeps (its protocol's: ``percent`` for accuracies and
+    retrieval mAP as published, ``fraction`` for DAVIS J&F, Jaccard and Copydays mAP)."""
     out = dict(metrics)
+    if units:
+        out["units"] = dict(units)
     if config is not None:
         out["config"] = config
     out.setdefault("versions", versions())

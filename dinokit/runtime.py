@@ -37,6 +37,9 @@ class RuntimeOptions:
     batch_size: int = 64  #: images per batch, per process
     num_workers: int = 0  #: data-loading worker processes
     seed: int = 0
+    #: unreadable images: skipped and counted (False, every command's default) or the first one stops
+    #: the run with a sentence naming it (True, ``--strict``)
+    strict: bool = False
 
 
 @dataclass(frozen=True)

@@ -11,5 +11,5 @@ OUT=${OUT:-runs/copydays-$MODEL-$SIZE}
 need "$COPYDAYS/original" "the Copydays images"
 need "$DISTRACTORS" "10k distractor images"
 need "$WHITENING" "20k images to learn the whitening"
-dinokit copydetect --data "$COPYDAYS" --weights "$MODEL" --image-size "$SIZE" --top 20 \
+dinokit copydetect --data "$COPYDAYS" --weights "$MODEL" --image-size "$SIZE" --k 20 \
   --distractors "$DISTRACTORS" --whitening "$WHITENING" --output "$OUT"

@@ -8,7 +8,7 @@ DAVIS=${DAVIS:-/data/DAVIS}
 MODEL=${MODEL:-dino_vits16}
 OUT=${OUT:-runs/davis-$MODEL}
 need "$DAVIS/JPEGImages/480p" "the DAVIS 2017 trainval folder (JPEGImages/480p, Annotations/480p, ImageSets/2017)"
-dinokit davis --data "$DAVIS" --weights "$MODEL" --n-last-frames 7 --neighborhood 12 --topk 5 --temperature 0.1 \
+dinokit davis --data "$DAVIS" --weights "$MODEL" --n-last-frames 7 --neighborhood 12 --k 5 --temperature 0.1 \
   --output "$OUT"
 # the results folder can be scored again on its own
 dinokit davis-score --gt "$DAVIS" --pred "$OUT" --output "$OUT/score"

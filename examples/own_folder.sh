@@ -17,10 +17,10 @@ need "$IMAGES" "a folder of images"
 dinokit pretrain --data "$IMAGES" --output "$OUT/pretrain" --arch vit_small --patch-size 16 --epochs "$EPOCHS" \
   --global-size 96 --local-size 48 --batch-size 64
 W="$OUT/pretrain/backbone.pth"
-dinokit features --weights "$W" --data "$IMAGES" --output "$OUT/features.pt" --resize 96 --crop 96
+dinokit features --weights "$W" --data "$IMAGES" --output "$OUT/features.pt" --resize 96 --image-size 96
 dinokit attn "$IMAGES" --weights "$W" --image-size 224 --output "$OUT/attention"
 dinokit duplicates "$IMAGES" --weights "$W" --image-size 224 --output "$OUT/duplicates"
 if [ -n "$TRAIN" ] && [ -n "$VAL" ]; then
-  dinokit knn --weights "$W" --train "$TRAIN" --val "$VAL" --resize 96 --crop 96 --output "$OUT/knn"
+  dinokit knn --weights "$W" --train "$TRAIN" --val "$VAL" --resize 96 --image-size 96 --output "$OUT/knn"
 fi
 echo "Results in $OUT"

@@ -7,9 +7,9 @@ MODEL=${MODEL:-dino_vits16}
 OUT=${OUT:-runs/voc12-attention-$MODEL}
 need "$VOC/SegmentationObject" "PASCAL VOC 2012 (JPEGImages, SegmentationObject, ImageSets/Segmentation)"
 dinokit attn --images "$VOC/JPEGImages" --masks "$VOC/SegmentationObject" \
-  --image-list "$VOC/ImageSets/Segmentation/val.txt" --weights "$MODEL" --threshold 0.6 --image-size 480 \
+  --image-list "$VOC/ImageSets/Segmentation/val.txt" --weights "$MODEL" --attention-mass 0.6 --image-size 480 \
   --objects instance --output "$OUT"
 # the random-init baseline of the table
 dinokit attn --images "$VOC/JPEGImages" --masks "$VOC/SegmentationObject" \
   --image-list "$VOC/ImageSets/Segmentation/val.txt" --weights random --arch vit_small --patch-size 16 \
-  --threshold 0.6 --image-size 480 --output "$OUT-random"
+  --attention-mass 0.6 --image-size 480 --output "$OUT-random"

@@ -51,7 +51,7 @@ def refused(result, *fragments):
         assert "".join(f.split()) in flat, result.output
 
 
-DAVIS_COMMON = ["--short-side", "64", "--num-workers", "0", "--quiet"]
+DAVIS_COMMON = ["--image-size", "64", "--num-workers", "0", "--quiet"]
 
 
 # -- a misspelt --split -------------------------------------------------------------------------

@@ -353,7 +353,7 @@ def make_copydays_dataset(
         if value < 0:
             raise DinokitError(f"--{opt} must be 0 or more, not {value}.")
     if size < 32:
-        raise DinokitError(f"--size must be at least 32, not {size}.")
+        raise DinokitError(f"--image-size must be at least 32, not {size}.")
     root = prepare_synth_output(out, "copydays", overwrite)
     cd = root / "copydays"
     start = time.perf_counter()

@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .. import viz
-from ..data.images import find_images, open_rgb
+from ..data.images import collate_skip_none, find_images, open_rgb
 from ..data.masks import VOID, GroundTruth
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import DataError, DinokitError
@@ -33,6 +33,9 @@ from ..progress import NULL_PROGRESS, Progress
 from ..runtime import RuntimeOptions, autocast, resolve_device, resolve_precision
 
 log = logging.getLogger("dinokit")
+
+#: the scale of each score in metrics.json: Jaccard indices as fractions (0-1)
+UNITS = {"jaccard": "fraction", "jaccard_per_head": "fraction"}
 
 
 # -- the two protocol functions ---------------------------------------------------------------------
@@ -303,7 +306,8 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
 # -- the Jaccard evaluation -------------------------------------------------------------------------
 class _GroundTruthDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[GroundTruth], image_size: int | None, patch_size: int,
-                 keep_aspect: bool = False):
+                 keep_aspect: bool = False, strict: bool = False):
+        self.strict = strict  #: an unreadable image stops the run; else the item is None (skipped, counted)
         self.items = list(items)
         self.image_size = image_size
         self.patch_size = patch_size
@@ -314,7 +318,13 @@ class _GroundTruthDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         gt = self.items[i]
-        img = open_rgb(gt.image)
+        try:
+            img = open_rgb(gt.image)
+        except DataError:
+            if self.strict:
+                raise
+            log.warning("skipping unreadable image %s", gt.image)
+            return None
         labels = gt.load(img.size)
         x, _ = preprocess(img, self.image_size, self.patch_size, gt.image, self.keep_aspect)
         labels = resize_labels(labels, self.image_size, self.patch_size, self.keep_aspect)
@@ -337,6 +347,7 @@ class JaccardResult:
     images: int
     objects: int
     images_without_objects: int
+    unreadable_images: int = 0  #: images that could not be decoded, skipped
     per_image: list[ImageScore] = field(default_factory=list)
     # (score, index, head masks at patch resolution) of the best and worst images, for pictures
     best: list[tuple[float, int, np.ndarray]] = field(default_factory=list)
@@ -350,6 +361,7 @@ class JaccardResult:
             "images": self.images,
             "objects": self.objects,
             "images_without_objects": self.images_without_objects,
+            "skipped_images": self.unreadable_images,
         }
 
 
@@ -366,9 +378,10 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
         raise DataError("There are no images to evaluate.")
     p = check_attention_model(model)
     model, device, dtype = _placed(model, cfg)
-    ds = _GroundTruthDataset(items, cfg.image_size, p, cfg.keep_aspect)
+    ds = _GroundTruthDataset(items, cfg.image_size, p, cfg.keep_aspect, strict=cfg.strict)
     loader = torch.utils.data.DataLoader(
         ds,
+        collate_fn=collate_skip_none,
         batch_size=cfg.batch_size if cfg.image_size and not cfg.keep_aspect else 1,  # batches of one size
         num_workers=cfg.num_workers,
         shuffle=False,
@@ -382,10 +395,16 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
     head_sums: np.ndarray | None = None
     n_objects = 0
     skipped = 0
+    unreadable = 0
     running = 0.0
     task = progress.task("attention Jaccard", total=len(ds))
     try:
-        for x, labels, index in loader:
+        for batch, n_unreadable in loader:
+            unreadable += n_unreadable
+            if batch is None:
+                task.advance(n_unreadable)
+                continue
+            x, labels, index = batch
             x = x.to(device, non_blocking=True)
             maps = cls_attention_maps(model, x, dtype)
             masks = masks_from_maps(maps, cfg.threshold)  # (B, heads, h, w) bool on the CPU
@@ -413,9 +432,11 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
                     heapq.heappush(worst_heap, entry_w)
                 elif keep_pictures and -score > worst_heap[0][0]:
                     heapq.heapreplace(worst_heap, entry_w)
-            task.advance(x.shape[0], jaccard=running / max(1, len(per_image)))
+            task.advance(x.shape[0] + n_unreadable, jaccard=running / max(1, len(per_image)))
     finally:
         task.close()
+    if unreadable == len(ds):
+        raise DataError(f"None of the {len(ds)} images could be read.")
     if not per_image:
         raise DataError("No image has a ground-truth object (every mask is background or void).")
     n = len(per_image)
@@ -429,6 +450,7 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
         images=n,
         objects=n_objects,
         images_without_objects=skipped,
+        unreadable_images=unreadable,
         per_image=per_image,
         best=best,
         worst=worst,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,9 @@ import numpy as np
 
 from .. import viz
 from ..checkpoints import BackboneOptions, prepare_backbone
-from ..data.images import expand_image_inputs
+from ..data.images import expand_image_inputs, open_rgb
 from ..data.masks import GroundTruth, ground_truth_from_coco, ground_truth_from_masks, read_image_list
-from ..errors import DinokitError
+from ..errors import DataError, DinokitError
 from ..io import atomic_write_bytes, atomic_write_text, prepare_output_dir
 from ..models.registry import backbone_arch
 from ..progress import NULL_PROGRESS, Progress
@@ -45,6 +46,8 @@ from .attention import (
     summarize_maps,
     video_attention,
 )
+
+log = logging.getLogger("dinokit")
 
 
 @dataclass(kw_only=True)
@@ -82,6 +85,7 @@ class AttentionRunResult:
     images: int = 0
     frames: int = 0
     fps: float | None = None
+    skipped: int = 0  #: unreadable images skipped
     jaccard: JaccardResult | None = None  #: the evaluation form's scores
 
 
@@ -98,7 +102,7 @@ def check_run_config(cfg: AttentionRunConfig) -> str:
     if cfg.images_dir is not None and (cfg.masks is None) == (cfg.coco is None):
         raise DinokitError("The evaluation form needs exactly one of --masks DIR or --coco ANNOTATIONS.json.")
     if not 0.0 < cfg.threshold <= 1.0:
-        raise DinokitError(f"--threshold must be a fraction in (0, 1], not {cfg.threshold}.")
+        raise DinokitError(f"--attention-mass must be a fraction in (0, 1], not {cfg.threshold}.")
     if cfg.objects not in ("instance", "class"):
         raise DinokitError(f"--objects must be instance or class, not {cfg.objects!r}.")
     if cfg.images_dir is not None and not cfg.images_dir.is_dir():
@@ -196,16 +200,38 @@ def _run_maps(paths: list[Path], model, cfg: AttentionRunConfig, out: Path, reco
               progress: Progress) -> AttentionRunResult:
     names = dict(zip(paths, unique_names(paths)))
     per_image = {}
-    for res in attention_maps(model, paths, cfg, progress, total=len(paths)):
+    unreadable: list[tuple[Path, str]] = []
+    readable = readable_images(paths, cfg.strict, unreadable)
+    for res in attention_maps(model, readable, cfg, progress, total=len(paths)):
         name = names[res.path]
         write_image_maps(out / name, res, cfg.threshold, photo_aspect=bool(cfg.image_size) and not cfg.keep_aspect)
         per_image[name] = {"source": str(res.path), **summarize_maps(res)}
+    if not per_image:
+        first = unreadable[0][1].rstrip(".")
+        raise DataError(first if len(paths) == 1 else f"None of the {len(paths)} images could be read ({first}).")
     config = {**record, "form": "maps", "image_size": cfg.image_size, "threshold": cfg.threshold,
               "keep_aspect": cfg.keep_aspect, "resize": resize_record(cfg),
               "colormap": "viridis", "crop": "top-left, to a multiple of the patch size",
               "pictures": "overlays, masks and grid at the photo's aspect ratio"}
-    return AttentionRunResult("maps", out, {"images": len(per_image), "per_image": per_image}, config,
-                              heads=record["heads"], images=len(per_image))
+    metrics = {"images": len(per_image), "per_image": per_image, "skipped_images": len(unreadable),
+               "unreadable": [str(p) for p, _ in unreadable]}
+    return AttentionRunResult("maps", out, metrics, config, heads=record["heads"], images=len(per_image),
+                              skipped=len(unreadable))
+
+
+def readable_images(paths: list[Path], strict: bool, unreadable: list[tuple[Path, str]]):
+    """(path, image) of each readable image; an unreadable one is skipped and added to ``unreadable``
+    with the reader's sentence (the rule of every command), or with ``strict`` stops the run."""
+    for path in paths:
+        try:
+            image = open_rgb(path)
+        except DataError as e:
+            if strict:
+                raise
+            log.warning("skipping unreadable image %s", path)
+            unreadable.append((path, str(e)))
+            continue
+        yield path, image
 
 
 def write_image_maps(folder: Path, res: ImageAttention, threshold: float, photo_aspect: bool = True) -> None:

@@ -38,6 +38,9 @@ from .metrics import trapezoid_ap
 
 log = logging.getLogger("dinokit")
 
+#: the scale of each score in metrics.json: mAP as a fraction (0-1), as the Copydays protocol computes it
+UNITS = {"mAP": "fraction", "headline": "fraction"}
+
 
 # ---------------------------------------------------------------------------------------------
 # Ranking and average precision
@@ -153,7 +156,7 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
     if cfg.image_size < 1:
         raise DinokitError(f"--image-size must be positive, got {cfg.image_size}.")
     if cfg.top < 0:
-        raise DinokitError(f"--top must be 0 (rank everything) or positive, got {cfg.top}.")
+        raise DinokitError(f"--k must be 0 (rank everything) or positive, got {cfg.top}.")
     layout = scan_copydays(cfg.data)
     distractors = find_folder_images(cfg.distractors, "distractor folder") if cfg.distractors is not None else []
     white_paths = find_folder_images(cfg.whitening, "whitening folder") if cfg.whitening is not None else []
@@ -174,6 +177,7 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
         cfg.checkpoint_key,
         cfg.seed,
         progress,
+        strict=cfg.strict,
     )
 
     unreadable: dict[str, int] = {}
@@ -217,7 +221,7 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
         counts[block] = len(queries.rows)
     total_unreadable = sum(unreadable.values())
     if total_unreadable:
-        log.warning("%d unreadable images were skipped", total_unreadable)
+        log.warning("%d unreadable %s skipped", total_unreadable, "image was" if total_unreadable == 1 else "images were")
     return CopyDetectionResult(
         mAP=maps,
         queries=counts,

@@ -36,6 +36,8 @@ from ..io import atomic_write_text
 from ..progress import NULL_PROGRESS
 
 MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
+#: the scale of each score in metrics.json: fractions (0-1), as the official DAVIS 2017 scorer writes them
+UNITS = {**{m: "fraction" for m in MEASURES}, "per_object": "fraction", "per_sequence": "fraction"}
 
 
 # -- per frame --------------------------------------------------------------------------------

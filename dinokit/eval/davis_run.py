@@ -43,6 +43,7 @@ from ..errors import DataError, DinokitError
 from ..io import atomic_open, atomic_write_text, prepare_output_dir, to_json, write_json, write_metrics
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import RuntimeOptions, inference_model, loader_workers, precision_name
+from .davis_metrics import UNITS as DAVIS_UNITS
 from .davis_metrics import DavisScores, boundary_map, score_sequence_folders
 from .propagation import LabelPropagator, PropagationConfig, config_dict, patch_features, soft_labels_to_mask
 
@@ -382,7 +383,7 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
     """
     cfg.propagation.validate()
     if cfg.short_side < 16:
-        raise DinokitError("--short-side must be at least 16 pixels.")
+        raise DinokitError("--image-size must be at least 16 pixels.")
     sequences = _run_sequences(cfg)
     for seq in sequences:  # a mask without objects is refused before any folder or model is made
         read_first_mask(seq.first_mask, cfg.binary_mask)
@@ -451,4 +452,4 @@ def _write_run_metrics(out: Path, videos: list[VideoResult], scores: DavisScores
         metrics["scored"] = False
         metrics["note"] = "no ground truth beyond the first frame: masks written, nothing scored"
     metrics["videos"] = timing
-    return write_metrics(out, metrics, config=config)
+    return write_metrics(out, metrics, config=config, units=DAVIS_UNITS if scores.per_object else None)

@@ -207,7 +207,9 @@ class DescriptorEmbedder:
         checkpoint_key: str = "teacher",
         seed: int | None = None,
         progress: Progress = NULL_PROGRESS,
+        strict: bool = False,
     ):
+        self.strict = strict  #: stop at the first unreadable image instead of skipping it
         self.transform = transform
         self.feature_fn = feature_fn
         self.device = device
@@ -245,7 +247,7 @@ class DescriptorEmbedder:
                 self.progress.log(f"reusing cached descriptors of {name} ({len(paths)} images)")
                 return Embedded(cached["features"].float(), cached["kept"].bool(), reused=True)
         if dataset is None:
-            dataset = ImageDataset(list(paths), transform=self.transform, skip_unreadable=True)
+            dataset = ImageDataset(list(paths), transform=self.transform, skip_unreadable=not self.strict)
         feats, kept = extract_features(
             self.model,
             dataset,

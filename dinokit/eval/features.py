@@ -291,6 +291,7 @@ def compute_features(
     progress: Progress = NULL_PROGRESS,
     description: str = "features",
     fingerprint: dict[str, Any] | None = None,
+    strict: bool = False,
 ) -> FeatureSet:
     """Embed a folder of images (labelled or not) with ``model``; the library form of ``dinokit features``.
 
@@ -303,7 +304,7 @@ def compute_features(
 
     transform = transform if transform is not None else eval_transform()
     images = data if isinstance(data, ImageList) else scan_images(data, classes=classes)
-    dataset = ImageDataset(images.paths, images.labels, transform=transform, skip_unreadable=True)
+    dataset = ImageDataset(images.paths, images.labels, transform=transform, skip_unreadable=not strict)
     fn = cls_feature_fn(n_last_blocks, avgpool_patch_tokens)
     feats, kept = extract_features(
         model, dataset, batch_size, num_workers, device, dtype, fn, progress, description=description
@@ -311,7 +312,8 @@ def compute_features(
     if not bool(kept.any()):
         raise DataError(f"None of the {len(images.paths)} images in {images.root} could be read.")
     if not bool(kept.all()):
-        log.warning("%d unreadable images were left out", int((~kept).sum()))
+        n_bad = int((~kept).sum())
+        log.warning("%d unreadable %s left out", n_bad, "image was" if n_bad == 1 else "images were")
     paths = [str(p) for p, k in zip(images.paths, kept.tolist()) if k]
     labels = None
     if images.labels is not None:
@@ -603,6 +605,7 @@ class Embedder:
             dtype=self.dtype,
             weights=self.spec.weights,
             checkpoint_key=self.spec.checkpoint_key,
+            strict=self.spec.strict,
             seed=self.spec.seed,
             progress=progress,
             description=description,

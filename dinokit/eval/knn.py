@@ -44,6 +44,8 @@ from .metrics import percent, ranked_hits, require_finite
 log = logging.getLogger("dinokit")
 
 DEFAULT_KS = (10, 20, 100, 200)
+#: the scale of each score in metrics.json: accuracies in percent, as the paper reports them
+UNITS = {"top1": "percent", "top5": "percent", "per_class_top1": "percent"}
 DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of working memory for one chunk of queries
 
 
@@ -267,6 +269,7 @@ def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
         device=cfg.device,
         precision=cfg.precision,
         seed=cfg.seed,
+        strict=cfg.strict,
     )
     if all(given):
         train = load_features(cfg.train_features)

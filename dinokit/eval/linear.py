@@ -71,6 +71,8 @@ from .metrics import percent, require_finite, topk_correct
 
 log = logging.getLogger("dinokit")
 
+#: the scale of each score in metrics.json: accuracies in percent, as the paper reports them
+UNITS = {"top1": "percent", "top5": "percent"}
 CHECKPOINT_NAME = "checkpoint.pth"
 #: the files a probe run writes: a fresh run in the same folder removes an earlier run's first (the
 #: feature caches stay: they are reused when their fingerprint matches)
@@ -163,6 +165,7 @@ def _feature_spec(cfg: LinearConfig, n_last_blocks: int, avgpool: bool, batch_si
         device=cfg.device,
         precision=cfg.precision,
         seed=cfg.seed,
+        strict=cfg.strict,
     )
 
 
@@ -425,9 +428,9 @@ class _ImageLoaders:
     def __init__(self, cfg: LinearConfig, train_images, val_images, val_transform, device: torch.device):
         self.train_set = ImageDataset(
             train_images.paths, train_images.labels, probe_train_transform(cfg.crop, cfg.min_scale),
-            skip_unreadable=True,
+            skip_unreadable=not cfg.strict,
         )  # fmt: skip
-        self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, skip_unreadable=True)
+        self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, skip_unreadable=not cfg.strict)
         self.sampler = torch.utils.data.DistributedSampler(self.train_set, seed=cfg.seed) if is_dist() else None
         env = dist_env()
         world = env.world_size if is_dist() else 1

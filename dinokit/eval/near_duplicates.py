@@ -48,6 +48,8 @@ log = logging.getLogger("dinokit")
 #: and distinct photographs below; with --whitening scores spread out and a lower threshold fits
 #: (see WHITENED_THRESHOLD and docs/copy-detection.md).
 DEFAULT_THRESHOLD = 0.9
+#: the scale of each score in metrics.json: cosine similarities (-1 to 1)
+UNITS = {"threshold": "cosine similarity", "nearest_neighbour_quantiles": "cosine similarity"}
 WHITENED_THRESHOLD = 0.5
 INDEX_FORMAT = 1
 
@@ -289,7 +291,7 @@ def embed_into_store(
     shared = _SharedTaskProgress(progress, task)
     for s in range(0, len(todo), chunk_size):
         part = todo[s : s + chunk_size]
-        dataset = ImageDataset(part, transform=embedder.transform, skip_unreadable=True)
+        dataset = ImageDataset(part, transform=embedder.transform, skip_unreadable=not embedder.strict)
         feats, kept = extract_features(
             embedder.model, dataset, embedder.batch_size, embedder.num_workers, embedder.device,
             embedder.dtype, embedder.feature_fn, shared,
@@ -483,7 +485,7 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
     if threshold is None:
         threshold = WHITENED_THRESHOLD if cfg.whitening is not None else DEFAULT_THRESHOLD
     if not -1.0 <= threshold <= 1.0:
-        raise DinokitError(f"--threshold is a cosine similarity between -1 and 1, got {threshold}.")
+        raise DinokitError(f"--min-similarity is a cosine similarity between -1 and 1, got {threshold}.")
 
     backbone = prepare_backbone(cfg)
     init_distributed(backbone.device)
@@ -491,6 +493,7 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
     embedder = DescriptorEmbedder(
         backbone.model, cfg.weights, copy_transform(cfg.image_size), copy_feature_fn(), f"cls+gem(p={GEM_P:g})",
         backbone.device, backbone.dtype, cfg.batch_size, cfg.num_workers, out / "cache", cfg.checkpoint_key, cfg.seed, progress,
+        strict=cfg.strict,
     )
     store = EmbeddingStore(out / "index", embedder.fingerprint)
     everything = list(dict.fromkeys([*paths_a, *(paths_b or [])]))
@@ -511,7 +514,7 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
     ok_b = [p for p, r in zip(paths_b, store.readable(paths_b)) if r] if paths_b is not None else None
     unreadable = len(everything) - len({*ok_a, *(ok_b or [])})
     if unreadable:
-        log.warning("%d unreadable images were skipped", unreadable)
+        log.warning("%d unreadable %s skipped", unreadable, "image was" if unreadable == 1 else "images were")
     if not ok_a:
         raise DataError(f"None of the images in {cfg.folder} could be read.")
     if ok_b is not None and not ok_b:

@@ -102,10 +102,11 @@ def predict_images(
     device: str = "auto",
     precision: str = "fp32",
     progress: Progress = NULL_PROGRESS,
+    strict: bool = False,
 ) -> PredictResult:
     """Class probabilities (softmax of the head) of images, folders or globs, the ``top`` best each."""
     if top < 1:
-        raise DinokitError("--top must be at least 1.")
+        raise DinokitError("--k must be at least 1.")
     model, meta = load_finetuned(model_path)
     paths = expand_image_inputs(inputs)
     dev = resolve_device(device)
@@ -113,7 +114,7 @@ def predict_images(
     classes = list(meta["classes"])
     k = min(top, len(classes))
     crop = int(meta.get("image_size", 224))
-    ds = ImageDataset(paths, transform=eval_transform(resize_for(crop), crop), skip_unreadable=True)
+    ds = ImageDataset(paths, transform=eval_transform(resize_for(crop), crop), skip_unreadable=not strict)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_none
     )

@@ -56,7 +56,7 @@ class PropagationConfig:
         if self.neighborhood < 0:
             raise DinokitError("--neighborhood must be 0 (whole frame) or a positive radius in patches.")
         if self.topk < 1:
-            raise DinokitError("--topk must be at least 1.")
+            raise DinokitError("--k must be at least 1.")
         if not self.temperature > 0:
             raise DinokitError("--temperature must be positive.")
         if isinstance(self.tile, int):

@@ -38,6 +38,8 @@ log = logging.getLogger("dinokit")
 DATASETS = ("roxford5k", "rparis6k")
 SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 KAPPAS = (1, 5, 10)
+#: the scale of each score in metrics.json: percent, as the revisited Oxford/Paris papers report them
+UNITS = {"mAP": "percent", "mP@k": "percent"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +262,8 @@ class RetrievalImages(torch.utils.data.Dataset):
     """Images (queries cropped to their box when boxes are given), thumbnailed to ``imsize``, ImageNet-normalised;
     yields (x, -1, index), or None for an unreadable file."""
 
-    def __init__(self, paths: Sequence[Path], imsize: int, boxes: Sequence[Any] | None = None):
+    def __init__(self, paths: Sequence[Path], imsize: int, boxes: Sequence[Any] | None = None, strict: bool = False):
+        self.strict = strict  #: an unreadable file stops the run instead of being skipped
         self.paths = list(paths)
         self.imsize = imsize
         self.boxes = list(boxes) if boxes is not None else None
@@ -273,6 +276,8 @@ class RetrievalImages(torch.utils.data.Dataset):
         try:
             img = open_rgb(self.paths[i])
         except DinokitError:
+            if self.strict:
+                raise
             log.warning("skipping unreadable image %s", self.paths[i])
             return None
         if self.boxes is not None and self.boxes[i] is not None:
@@ -378,20 +383,21 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
     embedder = DescriptorEmbedder(
         backbone.model, cfg.weights, transform_name, retrieval_feature_fn(cfg.multiscale), descriptor,
         backbone.device, backbone.dtype, batch_size=cfg.batch_size, num_workers=cfg.num_workers, cache_dir=Path(cfg.output) / "cache",
-        checkpoint_key=cfg.checkpoint_key, seed=cfg.seed, progress=progress,
+        checkpoint_key=cfg.checkpoint_key, seed=cfg.seed, progress=progress, strict=cfg.strict,
     )
     db = embedder.embed(db_paths, f"{cfg.dataset}-database", "database",
-                        dataset=RetrievalImages(db_paths, cfg.image_size))
+                        dataset=RetrievalImages(db_paths, cfg.image_size, strict=cfg.strict))
     boxes = gt.bbx if cfg.crop_queries else None
     qs = embedder.embed(q_paths, f"{cfg.dataset}-queries", "queries",
-                        dataset=RetrievalImages(q_paths, cfg.image_size, boxes), extra_key=repr(boxes))
+                        dataset=RetrievalImages(q_paths, cfg.image_size, boxes, cfg.strict), extra_key=repr(boxes))
     unreadable = {"database": db.n_unreadable, "queries": qs.n_unreadable}
     if not bool(qs.kept.any()):
         raise DataError(f"None of the {gt.n_queries} query images in {jpg} could be read.")
     if not bool(db.kept.any()):
         raise DataError(f"None of the {len(db_paths)} database images in {jpg} could be read.")
     if sum(unreadable.values()):
-        log.warning("%d unreadable images were skipped", sum(unreadable.values()))
+        n_bad = sum(unreadable.values())
+        log.warning("%d unreadable %s skipped", n_bad, "image was" if n_bad == 1 else "images were")
 
     db_ids = torch.nonzero(db.kept).flatten()
     q_ids = torch.nonzero(qs.kept).flatten()

@@ -141,7 +141,7 @@ class FinetuneConfig(BackboneOptions, RuntimeOptions):
 #: options a resumed run may change; every other option is the run's recipe and stays as saved
 RUN_CONTROL = frozenset(
     {"train", "val", "output", "epochs", "stop_after", "num_workers", "device", "resume", "overwrite",
-     "checkpoint_minutes"}
+     "checkpoint_minutes", "strict"}
 )
 
 
@@ -498,7 +498,8 @@ def _write_outputs(out: Path, cfg: FinetuneConfig, result: FinetuneResult, ev: d
         "peak_lr": result.peak_lr,
         "confusion_png": drawn,
     }
-    write_metrics(out, metrics, config=cfg.to_dict())
+    units = {k: "percent" for k in ("final_top1", "final_top5", "best_top1", "best_top5", "per_class_top1")}
+    write_metrics(out, metrics, config=cfg.to_dict(), units=units)
 
 
 def _validate(cfg: FinetuneConfig) -> None:

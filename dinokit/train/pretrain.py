@@ -413,6 +413,9 @@ class PretrainRun:
         unreadable: set[int] = set()  # each bad file counts once, however many items tried it
         for it, (crops, skipped) in enumerate(start_loader(loader), start=first_step):
             tally.skipped += count_new_unreadable(skipped, unreadable)
+            if cfg.strict and unreadable:
+                raise DataError(f"{loader.dataset.paths[min(unreadable)]} is not a readable image (--strict stops "
+                                "at the first; without it unreadable images are skipped and counted).")
             if crops is None:
                 raise DataError(f"No readable image was found in {cfg.data}; every image failed to decode.")
             values = self.schedules.at(epoch * iters + it, epoch)

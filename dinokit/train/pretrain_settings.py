@@ -22,7 +22,7 @@ log = logging.getLogger("dinokit")
 #: config fields a resumed run takes from the command line rather than from the saved config
 RUNTIME_FIELDS = (
     "resume", "overwrite", "stop_after", "num_workers", "threads", "device", "compile", "output", "data",
-    "checkpoint_minutes",
+    "checkpoint_minutes", "strict",
 )
 #: settings chosen from the data when left unset
 AUTO_FIELDS = ("out_dim", "momentum_teacher", "warmup_epochs", "global_scale")

@@ -149,7 +149,7 @@ def test_eval_form_on_coins_photograph(tmp_path, tiny2_weights):
 def test_eval_form_on_synth_classify_masks(tmp_path, tiny2_weights):
     data = tmp_path / "synth"
     r = run_cli(["synth", "classify", "--output", str(data), "--classes", "2", "--per-class", "5",
-                            "--size", "32", "--quiet"])
+                            "--image-size", "32", "--quiet"])
     assert r.exit_code == 0, r.output
     out = tmp_path / "eval"
     r = run("--images", data / "val", "--masks", data / "masks" / "val", "-w", tiny2_weights, "--image-size", 32,
@@ -249,7 +249,7 @@ def test_bad_inputs_are_one_sentence(tmp_path, tiny2_weights):
     assert_one_sentence(run("-w", tiny2_weights, "-o", o), "Give images")
     assert_one_sentence(run(tmp_path / "img", "--video", tmp_path / "img", "-w", tiny2_weights, "-o", o), "one form")
     assert_one_sentence(run("--images", tmp_path / "img", "-w", tiny2_weights, "-o", o), "exactly one of --masks")
-    assert_one_sentence(run(tmp_path / "img", "--threshold", 1.5, "-w", tiny2_weights, "-o", o), "--threshold")
+    assert_one_sentence(run(tmp_path / "img", "--attention-mass", 1.5, "-w", tiny2_weights, "-o", o), "--attention-mass")
     assert_one_sentence(run("--video", tmp_path / "nothing", "-w", tiny2_weights, "-o", o), "does not exist")
     # nothing was created by the refused runs
     assert not o.exists()
@@ -281,3 +281,24 @@ def test_random_weights_are_reproducible_with_seed(tmp_path):
     model = dinokit.load_backbone("random", arch="vit_tiny")
     x, _ = preprocess(Image.open(tmp_path / "a.png").convert("RGB"), 32, 16)
     np.testing.assert_allclose(got, cls_attention_maps(model, x[None])[0].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_unreadable_images_are_skipped_and_counted_or_stop_with_strict(tmp_path, tiny2_weights):
+    """The rule of every command: a truncated JPEG among good images is skipped and counted; --strict
+    stops at it with a sentence naming it, and writes nothing."""
+    _image(tmp_path / "in" / "a.png", seed=1)
+    _image(tmp_path / "in" / "b.jpg", seed=2)
+    good = (tmp_path / "in" / "b.jpg").read_bytes()
+    (tmp_path / "in" / "broken.jpg").write_bytes(good[: len(good) // 3])  # a truncated JPEG
+    out = tmp_path / "out"
+    r = run(tmp_path / "in", "--weights", tiny2_weights, "--image-size", 64, "--output", out)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["a", "b"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 2 and metrics["skipped_images"] == 1
+    assert metrics["unreadable"] == [str(tmp_path / "in" / "broken.jpg")]
+    assert "1 unreadable image skipped" in r.text
+    strict = tmp_path / "strict"
+    r = run(tmp_path / "in", "--weights", tiny2_weights, "--image-size", 64, "--output", strict, "--strict")
+    assert_one_sentence(r, "broken.jpg", "is not a readable image")
+    assert not strict.exists()

@@ -85,7 +85,7 @@ def test_copydetect_with_whitening_and_distractors(copydays, tiny2_weights, tmp_
         smooth_photo(200 + i).save(distr / f"d{i}.jpg")
     out = tmp_path / "run"
     res = run_cli(["copydetect", "--data", str(copydays), "--weights", str(tiny2_weights), "--image-size", "32",
-                "--whitening", str(white), "--distractors", str(distr), "--top", "0",
+                "--whitening", str(white), "--distractors", str(distr), "--k", "0",
                 "--output", str(out), "--device", "cpu", "--quiet"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -144,7 +144,7 @@ def test_unreadable_images_are_skipped_and_counted(copydays, tiny2_weights, tmp_
     assert metrics["unreadable"]["strong"] == 1
     assert metrics["queries"]["jpegqual/50"] == 3
     assert metrics["queries"]["strong"] == 4
-    assert "2 unreadable images were skipped" in _flat(res.output)
+    assert "2 unreadable images skipped." in _flat(res.output)
 
 
 def test_all_queries_unreadable_is_an_error(copydays, tiny2_weights, tmp_path):

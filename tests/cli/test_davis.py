@@ -61,7 +61,7 @@ def one_sentence_error(result, *fragments):
 def test_davis_end_to_end_rerun_and_score(tmp_path, tiny2_weights):
     root = make_davis(tmp_path / "DAVIS")
     out = tmp_path / "out"
-    args = ["davis", "--data", root, "--weights", tiny2_weights, "--output", out, "--short-side", "64",
+    args = ["davis", "--data", root, "--weights", tiny2_weights, "--output", out, "--image-size", "64",
             "--num-workers", "0", "--batch-size", "3", "--visualize", "--quiet"]  # fmt: skip
     r = run(*args)
     assert r.exit_code == 0, r.output
@@ -91,7 +91,7 @@ def test_davis_end_to_end_rerun_and_score(tmp_path, tiny2_weights):
     assert r.exit_code == 0 and "2 already done" in " ".join(r.output.split()), r.output
     assert (out / "squares" / "00003.png").stat().st_mtime_ns == stamp
     # other settings in the same folder need --overwrite
-    r = run(*args, "--topk", "3")
+    r = run(*args, "--k", "3")
     one_sentence_error(r, "other weights or settings", "--overwrite")
 
 
@@ -101,7 +101,7 @@ def test_own_video_folder_and_file(tmp_path, tiny2_weights):
     mask = root / "Annotations" / "480p" / "clip" / "00000.png"
     out = tmp_path / "mine"
     r = run("davis", "--frames", frames, "--first-mask", mask, "--weights", tiny2_weights, "--output", out,
-            "--short-side", "64", "--num-workers", "0", "--quiet")  # fmt: skip
+            "--image-size", "64", "--num-workers", "0", "--quiet")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert len(list((out / "clip").glob("*.png"))) == 4
     metrics = json.loads((out / "metrics.json").read_text())
@@ -117,13 +117,13 @@ def test_own_video_folder_and_file(tmp_path, tiny2_weights):
         for packet in stream.encode():
             container.mux(packet)
     r = run("davis", "--frames", video, "--first-mask", mask, "--weights", tiny2_weights, "--output",
-            tmp_path / "vid", "--short-side", "64", "--num-workers", "0", "--quiet")  # fmt: skip
+            tmp_path / "vid", "--image-size", "64", "--num-workers", "0", "--quiet")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "vid" / "clip").glob("*.png"))) == 4
 
 
 def test_bad_davis_input(tmp_path, tiny2_weights):
-    common = ["--weights", tiny2_weights, "--short-side", "64", "--num-workers", "0", "--quiet"]
+    common = ["--weights", tiny2_weights, "--image-size", "64", "--num-workers", "0", "--quiet"]
     root = make_davis(tmp_path / "DAVIS", n_frames=3, seqs=("a",))
     first = root / "Annotations" / "480p" / "a" / "00000.png"
     # an RGB (not indexed) first-frame mask

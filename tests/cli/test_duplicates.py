@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import dinokit
-from tests.helpers import run_cli, smooth_photo
+from tests.helpers import make_image, run_cli, smooth_photo
 
 
 def _flat(text: str) -> str:
@@ -59,7 +59,7 @@ def _pairs(out: Path) -> list[tuple[float, str, str]]:
 
 def run_duplicates(folder, out, weights, *extra):
     return run_cli(["duplicates", str(folder), "--output", str(out), "--weights", str(weights), "--image-size", "64",
-                 "--threshold", "0.95", "--device", "cpu", "--quiet", *extra])
+                 "--min-similarity", "0.95", "--device", "cpu", "--quiet", *extra])
 
 
 def test_finds_planted_copies_and_second_run_embeds_nothing(planted, tiny2_weights, tmp_path):
@@ -86,7 +86,7 @@ def test_finds_planted_copies_and_second_run_embeds_nothing(planted, tiny2_weigh
     assert res2.exit_code == 0, res2.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["embedded"] == 0 and metrics["reused"] == 13
-    assert "embedded 0 new images" in _flat(res2.output)
+    assert "0 files read now, 13 from the index" in _flat(res2.output)
     assert [p.stat().st_mtime_ns for p in chunks] == stamps
     assert _pairs(out) == pairs
 
@@ -126,7 +126,7 @@ def test_faiss_backend_agrees_with_exact(planted, tiny2_weights, tmp_path):
     pytest.importorskip("faiss")
     folder, truth = planted
     out = tmp_path / "dups"
-    res = run_duplicates(folder, out, tiny2_weights, "--backend", "faiss", "--neighbours", "3")
+    res = run_duplicates(folder, out, tiny2_weights, "--backend", "faiss", "--k", "3")
     assert res.exit_code == 0, res.output
     assert {frozenset((a, b)) for _, a, b in _pairs(out)} == truth
 
@@ -138,7 +138,7 @@ def test_unreadable_images_are_skipped_and_counted(planted, tiny2_weights, tmp_p
     res = run_duplicates(folder, out, tiny2_weights)
     assert res.exit_code == 0, res.output
     assert json.loads((out / "metrics.json").read_text())["unreadable"] == 1
-    assert "skipped 1 unreadable" in _flat(res.output)
+    assert "(1 unreadable image skipped)" in _flat(res.output)
     assert {frozenset((a, b)) for _, a, b in _pairs(out)} == truth
 
 
@@ -150,7 +150,7 @@ def test_bad_input_is_one_sentence(tmp_path, tiny2_weights):
     res = run_duplicates(tmp_path / "nowhere", tmp_path / "o2", tiny2_weights)
     assert res.exit_code == 2 and "does not exist" in _flat(res.output)
     smooth_photo(0).save(empty / "x.png")
-    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o3"), "--threshold", "3", "--quiet"])
+    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o3"), "--min-similarity", "3", "--quiet"])
     assert res.exit_code == 2 and "between -1 and 1" in _flat(res.output)
     res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o4"), "--backend", "annoy", "--quiet"])
     assert res.exit_code == 2 and "Unknown backend" in _flat(res.output)
@@ -182,3 +182,20 @@ def test_an_image_and_three_copies_are_one_cluster_of_four(tmp_path, tiny2_weigh
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_clusters"] == 1 and metrics["images_in_clusters"] == 4
     assert "in 1 cluster (4 images)" in _flat(r.output)
+
+
+def test_unreadable_image_counts_agree_and_strict_stops(tmp_path, tiny2_weights):
+    folder = tmp_path / "imgs"
+    for i in range(3):
+        make_image(folder / f"{i}.png", size=(48, 40), seed=i)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not the rest of a jpeg")
+    out = tmp_path / "dups"
+    res = run_duplicates(folder, out, tiny2_weights)
+    assert res.exit_code == 0, res.output
+    # 3 readable images searched, 1 skipped, 4 files read: the counts add up and say what they count
+    assert "among 3 images (1 unreadable image skipped); 4 files read now, 0 from the index." in res.text
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["n_images"] == 3 and summary["unreadable"] == 1
+    strict = tmp_path / "strict"
+    res = run_duplicates(folder, strict, tiny2_weights, "--strict")
+    assert res.exit_code == 2 and res.text.startswith("Error:") and "broken.jpg" in res.text

@@ -19,9 +19,9 @@ from dinokit.eval.features import (
     FeatureSpec,
     load_features,
 )
-from tests.helpers import run_cli
+from tests.helpers import make_image, run_cli
 
-SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "4", "--quiet"]
+SMALL = ["--resize", "32", "--image-size", "32", "--batch-size", "4", "--quiet"]
 
 
 def test_cli_features_pt_and_npy(labelled_folder, tiny4_weights, tmp_path):
@@ -150,3 +150,17 @@ def test_features_csv_reads_back_as_the_pt_file(labelled_folder, tiny4_weights, 
     with open(tmp_path / "out" / "features.csv", newline="") as f:
         header = next(csv.reader(f))
     assert header[:2] == ["path", "f0"]
+
+
+def test_unreadable_images_skipped_by_default_strict_stops(tmp_path, tiny2_weights):
+    for i in range(3):
+        make_image(tmp_path / "imgs" / f"{i}.png", seed=i)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    r = run_cli(["features", "--data", tmp_path / "imgs", "--weights", tiny2_weights, "--output",
+                 tmp_path / "f.pt", *SMALL])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert len(load_features(tmp_path / "f.pt")) == 3
+    r = run_cli(["features", "--data", tmp_path / "imgs", "--weights", tiny2_weights, "--output",
+                 tmp_path / "g.pt", "--strict", *SMALL])  # fmt: skip
+    assert r.exit_code == 2 and r.output.startswith("Error:") and "broken.png is not a readable image" in r.text
+    assert not (tmp_path / "g.pt").exists()

@@ -21,7 +21,7 @@ from PIL import Image
 from dinokit.eval.features import load_features
 from tests.helpers import make_image, memory_headroom, run_cli, save_tiny_vit, write_bomb_png
 
-SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "4", "--device", "cpu", "--quiet"]
+SMALL = ["--resize", "32", "--image-size", "32", "--batch-size", "4", "--device", "cpu", "--quiet"]
 
 
 def assert_refused(result, *needles: str) -> None:
@@ -206,7 +206,7 @@ def test_features_into_a_read_only_folder_is_refused_before_the_work(tmp_path, t
 def test_synth_overwrite_leaves_a_users_folder_alone(tmp_path):
     out = tmp_path / "photos"
     make_image(out / "train" / "myclass" / "photo.png", size=(16, 16))
-    r = run_cli(["synth", "classify", "--output", out, "--classes", "1", "--per-class", "2", "--size", "16",
+    r = run_cli(["synth", "classify", "--output", out, "--classes", "1", "--per-class", "2", "--image-size", "16",
                  "--overwrite", "--quiet"])
     assert_refused(r, "did not write")
     assert (out / "train" / "myclass" / "photo.png").is_file()

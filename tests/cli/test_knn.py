@@ -13,7 +13,7 @@ from tests.helpers import run_cli
 # ---------------------------------------------------------------------------------------------
 # `dinokit knn` end to end
 # ---------------------------------------------------------------------------------------------
-SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "8", "--quiet"]
+SMALL = ["--resize", "32", "--image-size", "32", "--batch-size", "8", "--quiet"]
 
 
 def test_cli_knn_writes_metrics_and_reuses_cached_features(labelled_folder, tiny4_weights, tmp_path):
@@ -85,3 +85,16 @@ def test_cli_knn_bad_input(labelled_folder, tiny4_weights, tmp_path):
     (nothing / "red").mkdir()
     r = run_cli([*base, "--train", str(nothing), "--val", str(labelled_folder / "val"), "--output", str(tmp_path / "c")])
     assert r.exit_code == 2 and "holds no images" in r.text and "Traceback" not in r.text
+
+
+def test_cli_knn_table_shows_the_k_used(feature_files, tmp_path):
+    """80 training features: k = 100 and 200 are both cut to 80; the table shows one 80-NN row that
+    says so, not two rows that claim 100 and 200 neighbours."""
+    train, val = feature_files
+    r = run_cli(["knn", "--train-features", train, "--val-features", val, "--k", "10,100,200",
+                 "--output", tmp_path / "knn", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "80-NN (asked 100, 200)" in r.text and "k cut to the 80 train images" in r.text
+    assert "200-NN" not in r.text and "10-NN" in r.text
+    m = json.loads((tmp_path / "knn" / "metrics.json").read_text())
+    assert set(m["knn"]) == {"10", "100", "200"} and m["config"]["k_used"] == {"10": 10, "100": 80, "200": 80}

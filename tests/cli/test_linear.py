@@ -12,7 +12,7 @@ import torch
 from dinokit.eval.features import load_features, save_features
 from tests.helpers import feature_clusters, run_cli
 
-SMALL = ["--resize", "32", "--crop", "32", "--batch-size", "6", "--quiet"]
+SMALL = ["--resize", "32", "--image-size", "32", "--batch-size", "6", "--quiet"]
 
 
 def test_cli_images_path_checkpoint_and_evaluate(labelled_folder, tiny4_weights, tmp_path):
@@ -91,3 +91,17 @@ def test_cli_bad_input(labelled_folder, tiny4_weights, tmp_path, feature_files):
     r = run_cli(["linear", "--train-features", str(train), "--val-features", str(tmp_path / "val32.pt"),
                  "--output", str(tmp_path / "c"), "--quiet"])
     assert r.exit_code == 2 and "are 16-d but those of" in r.text and "Traceback" not in r.text
+
+
+def test_cli_short_run_says_which_option_to_raise(feature_files, tmp_path):
+    """80 training features, batch 128, 3 epochs: 3 SGD steps at the paper's lr, far below the
+    1000-step mark, so one line names --lr; a chosen --lr is taken as meant."""
+    train, val = feature_files
+    args = ["linear", "--train-features", train, "--val-features", val, "--epochs", "3", "--quiet"]
+    r = run_cli([*args, "--output", tmp_path / "a"])
+    assert r.exit_code == 0, r.output
+    assert "made 3 optimisation steps" in r.text and "raise --lr" in r.text
+    assert "0.001 x global batch / 256 = 0.0005" in r.text
+    r = run_cli([*args, "--lr", "0.5", "--output", tmp_path / "b"])
+    assert r.exit_code == 0, r.output
+    assert "raise --lr" not in r.text

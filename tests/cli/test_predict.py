@@ -56,7 +56,7 @@ def reference_probs(model_file: Path, paths: list[Path]) -> torch.Tensor:
 def test_csv_matches_an_independent_forward_pass(trained, tmp_path):
     model_file, data = trained
     out = tmp_path / "preds.csv"
-    r = run_cli(["predict", "--model", str(model_file), str(data / "val"), "--top", "3",
+    r = run_cli(["predict", "--model", str(model_file), str(data / "val"), "--k", "3",
                             "--output", str(out), "--batch-size", "3", "--device", "cpu"])  # fmt: skip
     assert r.exit_code == 0, r.output
     rows = list(csv.reader(out.open()))
@@ -77,21 +77,21 @@ def test_json_files_folders_and_globs(trained, tmp_path):
     out = tmp_path / "preds.json"
     one = data / "val" / "red" / "val0.png"
     r = run_cli(["predict", "--model", str(model_file), str(one), str(data / "val" / "green"),
-                            str(data / "train" / "*" / "train0.png"), str(one), "--top", "10",
+                            str(data / "train" / "*" / "train0.png"), str(one), "--k", "10",
                             "--output", str(out)])  # fmt: skip
     assert r.exit_code == 0, r.output
     got = json.loads(out.read_text())
     paths = [p["path"] for p in got["predictions"]]
     assert paths[0] == str(one) and len(paths) == 1 + 2 + 4  # the repeated file counted once
     for p in got["predictions"]:
-        assert len(p["top"]) == 4  # --top 10 is clamped to the 4 classes
+        assert len(p["top"]) == 4  # --k 10 is clamped to the 4 classes
         assert sum(t["probability"] for t in p["top"]) == pytest.approx(1.0, abs=1e-5)
     assert got["classes"] == ["blue", "green", "red", "white"]
 
 
 def test_table_when_no_output(trained):
     model_file, data = trained
-    r = run_cli(["predict", "--model", str(model_file.parent), str(data / "val" / "white"), "--top", "2"])
+    r = run_cli(["predict", "--model", str(model_file.parent), str(data / "val" / "white"), "--k", "2"])
     assert r.exit_code == 0, r.output
     assert "val0.png" in r.output and "val1.png" in r.output and "%" in r.output
 
@@ -105,7 +105,7 @@ def test_unreadable_image_is_skipped_with_a_warning(trained, tmp_path):
     out = tmp_path / "p.csv"
     r = run_cli(["predict", "--model", str(model_file), str(tmp_path / "imgs"), "--output", str(out)])
     assert r.exit_code == 0, r.output
-    assert "1 unreadable images were skipped" in " ".join(r.output.split())
+    assert "1 unreadable image skipped" in " ".join(r.output.split())
     assert [row[0] for row in csv.reader(out.open())][1:] == [str(tmp_path / "imgs" / "ok.png")]
 
 

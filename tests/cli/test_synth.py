@@ -20,7 +20,7 @@ def invoke(*args: str):
 def test_classify_cli_layout_and_masks(tmp_path):
     out = tmp_path / "shapes"
     r = invoke("synth", "classify", "--output", str(out), "--classes", "3", "--per-class", "4",
-             "--val-fraction", "0.25", "--size", "32", "--seed", "5", "-q")
+             "--val-fraction", "0.25", "--image-size", "32", "--seed", "5", "-q")
     assert r.exit_code == 0, r.output
     assert "circle" in r.output and "train" in r.output
     classes = ["circle", "square", "triangle"]
@@ -51,18 +51,18 @@ def test_classify_refuses_nonempty_output_and_bad_options(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    r = invoke("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "1", "--size", "16")
+    r = invoke("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "1", "--image-size", "16")
     assert r.exit_code == 2 and "--overwrite" in r.output
     # a folder synth did not write is refused even with --overwrite: nothing of the user's is deleted
-    r = invoke("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--size", "16",
+    r = invoke("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--image-size", "16",
              "--overwrite", "-q")
     assert r.exit_code == 2 and "did not write" in r.output
     assert (out / "keep.txt").exists()
     (out / "keep.txt").unlink()
-    r = invoke("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--size", "16", "-q")
+    r = invoke("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--image-size", "16", "-q")
     assert r.exit_code == 0, r.output
     (out / "keep.txt").write_text("x")
-    r = invoke("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--size", "16",
+    r = invoke("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--image-size", "16",
              "--overwrite", "-q")
     assert r.exit_code == 0, r.output
     assert (out / "keep.txt").exists()  # only the generator's own folders are replaced
@@ -73,7 +73,7 @@ def test_classify_refuses_nonempty_output_and_bad_options(tmp_path):
 def test_classify_simple_style_files_and_exact_masks(tmp_path):
     out = tmp_path / "simple"
     r = invoke("synth", "classify", "--output", str(out), "--classes", "3", "--per-class", "2",
-             "--val-fraction", "0.5", "--size", "32", "--seed", "4", "--style", "simple", "-q")
+             "--val-fraction", "0.5", "--image-size", "32", "--seed", "4", "--style", "simple", "-q")
     assert r.exit_code == 0, r.output
     for ci, c in enumerate(["circle", "square", "triangle"]):
         for split, i in (("train", 0), ("val", 1)):
@@ -162,7 +162,7 @@ def _thumb(path_or_img, side: int = 24) -> np.ndarray:
 def copydays_root(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cd") / "set"
     r = invoke("synth", "copydays", "--output", str(out), "--originals", "6", "--distractors", "3",
-             "--whitening", "2", "--size", "64", "--seed", "4", "-q")
+             "--whitening", "2", "--image-size", "64", "--seed", "4", "-q")
     assert r.exit_code == 0, r.output
     return out
 
