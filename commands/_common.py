@@ -81,7 +81,11 @@ class DinokitGroup(typer.core.TyperGroup):
 # -- shared options (same names and meaning in every command) ------------------------------------
 Arch = Annotated[
     str | None,
-    typer.Option("--arch", help="Backbone: vit_tiny, vit_small, vit_base or resnet50 (inferred from --weights)."),
+    typer.Option(
+        "--arch",
+        help="Backbone: vit_tiny, vit_small, vit_base, resnet50, or a DINOv2/DINOv3 hub name such as dinov2_vits14, "
+        "dinov2_vits14_reg, dinov3_vits16 (inferred from --weights).",
+    ),
 ]
 PatchSize = Annotated[
     int | None, typer.Option("--patch-size", help="ViT patch size in pixels (inferred from --weights).")
@@ -91,7 +95,8 @@ Weights = Annotated[
     typer.Option(
         "--weights",
         "-w",
-        help="A checkpoint path, a preset (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, dino_resnet50) "
+        help="A checkpoint path, a preset (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, dino_resnet50; "
+        "DINOv2 dinov2_vits14 ... dinov2_vitg14_reg; DINOv3 dinov3_vits16 ... dinov3_vith16plus once in the cache) "
         "or 'random'.",
     ),
 ]
@@ -116,7 +121,8 @@ OptionalWeights = Annotated[
     typer.Option(
         "--weights",
         "-w",
-        help="A checkpoint path, a preset (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, dino_resnet50) or "
+        help="A checkpoint path, a preset (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, dino_resnet50; "
+        "DINOv2 dinov2_vits14 ... dinov2_vitg14_reg; DINOv3 dinov3_vits16 ... dinov3_vith16plus once in the cache) or "
         "'random' (a randomly initialised baseline); needed wherever images are embedded.",
     ),
 ]

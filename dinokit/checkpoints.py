@@ -448,19 +448,22 @@ def _infer_dino_variant(sd: dict[str, torch.Tensor], patch: int, dim: int, depth
     if "blocks.0.ls1.gamma" not in sd:
         extra["layerscale"] = None
     family = "dinov3_" if rope else "dinov2_"
+    near = []  # same family, registers, width and feed-forward kind: a cut-down or custom model
     for name, spec in DINO_VARIANTS.items():
-        if not name.startswith(family) or spec["patch_size"] != patch:
+        if not name.startswith(family):
             continue
         if rope and spec["num_register_tokens"] != regs or not rope and bool(regs) != name.endswith("_reg"):
             continue
-        if (spec["embed_dim"], spec["depth"], spec["num_heads"]) != (dim, depth, heads):
+        if spec["embed_dim"] != dim or (spec.get("ffn") == "swiglu") != swiglu:
             continue
-        if (spec.get("ffn") == "swiglu") != swiglu:
+        near.append(name)
+        if (spec["depth"], spec["num_heads"], spec["patch_size"]) != (depth, heads, patch):
             continue
         if hidden is not None and hidden != _variant_hidden(spec):
             continue
         return name, patch, extra
-    base = ("dinov3_vits16" if rope else "dinov2_vits14_reg" if regs else "dinov2_vits14")
+    base = "dinov3_vits16" if rope else "dinov2_vits14_reg" if regs else "dinov2_vits14"
+    base = near[0] if near else base
     extra.update(embed_dim=dim, depth=depth, num_heads=heads, ffn="swiglu" if swiglu else "mlp",
                  num_register_tokens=regs)  # fmt: skip
     if hidden is not None:
