@@ -75,3 +75,38 @@ def test_pretrain_refuses_a_v2_or_v3_architecture_in_one_sentence(tmp_path, pret
     assert "Traceback" not in r.output and r.text.count(". ") == 0
     assert f"{arch} is a DINOv{arch[5]} architecture" in r.text and "vit_small" in r.text
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["dinov2_vits14_reg", "dinov3_vits16"])
+def test_every_other_protocol_takes_the_backbone(tmp_path, labelled_folder, copydays, arch):
+    """features (bf16), linear (DINOv2's input), finetune -> predict, copydetect and duplicates."""
+    from dinokit.train.finetune import FinetuneConfig, finetune
+
+    torch.manual_seed(0)
+    model = dinokit.build_backbone(arch, embed_dim=64, depth=2, num_heads=1)
+    weights = tmp_path / "tiny.pth"
+    dinokit.save_backbone(model, weights)
+    s = 2 * model.patch_size
+    r = run_cli(["features", "--weights", weights, "--data", labelled_folder / "train", "--output", tmp_path / "f.pt",
+                 "--resize", s, "--crop", s, "--precision", "bf16", "--device", "cpu", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert load_features(tmp_path / "f.pt").features.shape == (18, 64)
+    r = run_cli(["linear", "--weights", weights, "--train", labelled_folder / "train", "--val", labelled_folder / "val",
+                 "--features-only", "--epochs", 2, "--resize", s, "--crop", s, "--output", tmp_path / "lin", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "192-d features (last 2 CLS + patch average)" in r.text  # 2 blocks: 2 CLS tokens and the average
+    cfg = FinetuneConfig(train=labelled_folder / "train", val=labelled_folder / "val", output=tmp_path / "ft",
+                         weights=str(weights), epochs=1, batch_size=6, image_size=s, num_workers=0, precision="fp32",
+                         device="cpu", lr=0.05, warmup_epochs=0)  # fmt: skip
+    assert finetune(cfg).finished
+    again = dinokit.load_backbone(tmp_path / "ft" / "model.pth")
+    assert again.arch == arch and again.num_register_tokens == 4
+    r = run_cli(["predict", "--model", tmp_path / "ft" / "model.pth", labelled_folder / "val", "--top", "2"])
+    assert r.exit_code == 0, r.output
+    r = run_cli(["copydetect", "--data", copydays, "--weights", weights, "--image-size", s, "--output",
+                 tmp_path / "cd", "--device", "cpu", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = run_cli(["duplicates", labelled_folder, "--output", tmp_path / "dup", "--weights", weights, "--image-size", s,
+                 "--threshold", "0.95", "--device", "cpu", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
