@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import dinokit
-from dinokit import presets
 from dinokit.checkpoints import load_backbone
 from dinokit.errors import CheckpointError
 
