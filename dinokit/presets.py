@@ -72,7 +72,11 @@ LINEAR_PRESETS: dict[str, str] = {
     "dino_vitb16": "dino_vitbase16_pretrain/dino_vitbase16_linearweights.pth",
     "dino_vitb8": "dino_vitbase8_pretrain/dino_vitbase8_linearweights.pth",
     "dino_resnet50": "dino_resnet50_pretrain/dino_resnet50_linearweights.pth",
-}
+    # DINOv2's 4-layer heads: the CLS tokens of the last 4 blocks followed by the average patch token
+    **{f"dinov2_vit{s}14{'_reg' if reg else ''}":
+       f"{DINOV2_BASE_URL}dinov2_vit{s}14/dinov2_vit{s}14{'_reg4' if reg else ''}_linear4_head.pth"
+       for reg in (False, True) for s in "sblg"},
+}  # fmt: skip
 
 PRESET_ALIASES = {
     "dino_deitsmall16_pretrain": "dino_vits16",

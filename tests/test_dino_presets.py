@@ -34,8 +34,14 @@ def _no_network(monkeypatch):
     "name,url",
     [
         ("dinov2_vits14", "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"),
-        ("dinov2_vitg14_reg", "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth"),
-        ("dinov2_vitb14_reg4_pretrain", "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"),
+        (
+            "dinov2_vitg14_reg",
+            "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth",
+        ),
+        (
+            "dinov2_vitb14_reg4_pretrain",
+            "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth",
+        ),
     ],
 )
 def test_dinov2_presets_name_the_official_address_offline(monkeypatch, name, url):
@@ -58,7 +64,9 @@ def test_a_cached_dinov2_hub_file_is_the_preset(monkeypatch):
     x = torch.randn(1, 3, 56, 70)
     with torch.no_grad():
         assert torch.equal(m.forward_features(x), small.eval().forward_features(x))
-    with pytest.raises(CheckpointError, match="is dinov2_vits14_reg with patch size 14, but --arch vit_small"):
+    with pytest.raises(
+        CheckpointError, match="is dinov2_vits14_reg with patch size 14, but --arch vit_small"
+    ):
         load_backbone("dinov2_vits14_reg", arch="vit_small")
 
 
@@ -83,3 +91,23 @@ def test_a_dinov3_release_file_in_the_cache_is_the_preset(monkeypatch):
     torch.save(sd, _cache() / "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth")
     m = load_backbone("dinov3_vits16plus")
     assert m.arch == "dinov3_vits16plus" and type(m.blocks[0].mlp).__name__ == "SwiGLU"
+
+
+def test_dinov2_released_linear_heads_are_presets_of_the_four_layer_input(monkeypatch):
+    from dinokit.checkpoints import load_linear_head
+    from dinokit.eval.linear import default_feature_options
+
+    tried = _no_network(monkeypatch)
+    url = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_linear4_head.pth"
+    with pytest.raises(CheckpointError, match="DINOKIT_OFFLINE") as e:
+        load_linear_head("dinov2_vitb14_reg")
+    assert url in str(e.value) and tried == []
+    # the hub's head is a plain Linear((1 + 4) * dim, 1000) state dict, fed 4 CLS tokens + the average
+    _cache().mkdir(parents=True)
+    torch.save(
+        {"weight": torch.zeros(1000, 5 * 768), "bias": torch.zeros(1000)}, _cache() / url.rsplit("/", 1)[1]
+    )
+    head = load_linear_head("dinov2_vitb14_reg")
+    assert head["linear.weight"].shape == (1000, 5 * 768) and default_feature_options(
+        "dinov2_vitb14_reg"
+    ) == (4, True)

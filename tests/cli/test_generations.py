@@ -70,7 +70,9 @@ def test_knn_runs_on_the_family_s_features(tmp_path, labelled_folder, family_wei
 
 @pytest.mark.parametrize("arch", ["dinov2_vits14_reg", "dinov3_vits16"])
 def test_pretrain_refuses_a_v2_or_v3_architecture_in_one_sentence(tmp_path, pretrain_images, arch):
-    r = run_cli(["pretrain", "--data", pretrain_images, "--arch", arch, "--output", tmp_path / "run", "--epochs", 1])
+    r = run_cli(
+        ["pretrain", "--data", pretrain_images, "--arch", arch, "--output", tmp_path / "run", "--epochs", 1]
+    )
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output and r.text.count(". ") == 0
     assert f"{arch} is a DINOv{arch[5]} architecture" in r.text and "vit_small" in r.text

@@ -22,7 +22,9 @@ def _block_outputs(model, x):
     return outs
 
 
-@pytest.mark.parametrize("arch,n_prefix", [("dinov2_vits14_reg", 5), ("dinov3_vits16", 5), ("dinov2_vits14", 1)])
+@pytest.mark.parametrize(
+    "arch,n_prefix", [("dinov2_vits14_reg", 5), ("dinov3_vits16", 5), ("dinov2_vits14", 1)]
+)
 @pytest.mark.parametrize("n,avg", [(1, True), (4, True), (4, False)])
 def test_dinov2_linear_input_layout(arch, n_prefix, n, avg):
     torch.manual_seed(0)
@@ -43,4 +45,7 @@ def test_dinov2_and_v3_default_to_the_released_four_layer_heads_input():
     assert default_feature_options("dinov3_vitb16") == (4, True)
     m = dinokit.build_backbone("dinov2_vits14_reg", embed_dim=64, depth=2, num_heads=1)
     assert _resolve_options(LinearConfig(output="x"), m) == (2, True)  # a 2-block model has 2 to give
-    assert _resolve_options(LinearConfig(output="x", n_last_blocks=1, avgpool_patch_tokens=False), m) == (1, False)
+    assert _resolve_options(LinearConfig(output="x", n_last_blocks=1, avgpool_patch_tokens=False), m) == (
+        1,
+        False,
+    )

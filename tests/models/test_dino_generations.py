@@ -95,7 +95,9 @@ def test_dinov2_matches_timm_blocks_with_the_official_position_table(tmp_path, s
     h, w = size
     h0, w0 = h // 14, w // 14
     # timm at a fixed input size with the table resized by the official rule
-    fixed = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=(h, w), **shape)
+    fixed = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=(h, w), **shape
+    )
     table = _official_v2_table(sd["pos_embed"], h0, w0, offset=0.1, antialias=False)
     fixed.load_state_dict({**ref.state_dict(), "pos_embed": table}, strict=True)
     x = _image(h, w)
@@ -140,7 +142,9 @@ def test_dinov2_giant_swiglu_in_timm_and_hub_layouts(tmp_path):
         theirs = ref.forward_features(x)
     _assert_same_tokens(ours, theirs, x, 0)
     # the hub file names its packed SwiGLU w12 / w3
-    hub = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v for k, v in ref.state_dict().items()}
+    hub = {
+        k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v for k, v in ref.state_dict().items()
+    }
     _assert_same_tokens(_load(hub, tmp_path, "hub.pth"), theirs, x, 0)
 
 
@@ -152,7 +156,11 @@ def _official_v3_layout(timm_sd: dict, head_dim: int = 64, k_bias_seed: int = 5)
     out = {}
     g = torch.Generator().manual_seed(k_bias_seed)
     for k, v in timm_sd.items():
-        k = k.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        k = (
+            k.replace("reg_token", "storage_tokens")
+            .replace("gamma_1", "ls1.gamma")
+            .replace("gamma_2", "ls2.gamma")
+        )
         k = k.replace("mlp.fc1_g", "mlp.w1").replace("mlp.fc1_x", "mlp.w2")
         if ".mlp.w1." in k or ".mlp.w2." in k:
             pass
@@ -162,7 +170,9 @@ def _official_v3_layout(timm_sd: dict, head_dim: int = 64, k_bias_seed: int = 5)
             q, v_ = v, timm_sd[k.replace("q_bias", "v_bias")]
             base = k.removesuffix("q_bias")
             out[base + "qkv.bias"] = torch.cat((q, torch.randn(q.shape, generator=g), v_))
-            out[base + "qkv.bias_mask"] = torch.cat((torch.ones_like(q), torch.zeros_like(q), torch.ones_like(q)))
+            out[base + "qkv.bias_mask"] = torch.cat(
+                (torch.ones_like(q), torch.zeros_like(q), torch.ones_like(q))
+            )
             continue
         if k.endswith("attn.v_bias"):
             continue
@@ -227,13 +237,17 @@ def _to_hf_dinov2(sd: dict) -> dict:
                 for name, t in zip(("query", "key", "value"), v.chunk(3)):
                     out[pre + f"attention.attention.{name}.{parts[-1]}"] = t
                 continue
-            rest = rest.replace("attn.proj", "attention.output.dense").replace("ls1.gamma", "layer_scale1.lambda1")
+            rest = rest.replace("attn.proj", "attention.output.dense").replace(
+                "ls1.gamma", "layer_scale1.lambda1"
+            )
             rest = rest.replace("ls2.gamma", "layer_scale2.lambda1").replace("mlp.w12", "mlp.weights_in")
             out[pre + rest.replace("mlp.w3", "mlp.weights_out")] = v
             continue
         k = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
              "register_tokens": "embeddings.register_tokens"}.get(k, k)  # fmt: skip
-        k = k.replace("patch_embed.proj", "embeddings.patch_embeddings.projection").replace("norm.", "layernorm.")
+        k = k.replace("patch_embed.proj", "embeddings.patch_embeddings.projection").replace(
+            "norm.", "layernorm."
+        )
         out[k] = v
     out["embeddings.mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
     return out
