@@ -30,7 +30,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight") or "gamma" in name or "ls" in name:
+            if "norm" in name and name.endswith("weight") or "gamma" in name:
                 p.copy_(1.0 + 0.2 * noise)
             else:
                 p.copy_(0.05 * noise if p.ndim > 1 else 0.1 * noise)
