@@ -1,6 +1,9 @@
-"""Inference throughput of ViT-S/16 at 224 px: dinokit against timm's ``vit_small_patch16_224``.
+"""Inference throughput at 224 px of ViT-S/16 (DINO), ViT-S/14 (DINOv2) and ViT-S/16 (DINOv3):
+dinokit against timm's ``vit_small_patch16_224``, ``vit_small_patch14_dinov2`` and
+``vit_small_patch16_dinov3_qkvb``.
 
-Both models hold the same weights (checked: same features to 1e-4). Each is timed in fp32, in bf16
+Each pair holds the same weights (checked: same features to 1e-4; timm's ViT-S/14 is built for
+224 px with the position table dinokit resizes to that grid, timm's fastest configuration). Each is timed in fp32, in bf16
 under autocast (fp32 weights, the usual mixed-precision recipe) and in bf16 with the weights cast
 once (``dinokit.runtime.cast_for_inference``), all under ``torch.inference_mode``. The machine's
 matrix-multiply peak is measured in the same run with large fp32 and bf16 matmuls, and each
@@ -11,8 +14,8 @@ kept, so that a busy machine disturbs all of them alike; the load average is pri
 results, and each rate is also given per second of this process's own CPU time, which other
 programs on a shared machine disturb less.
 
-    python benchmarks/vit_throughput.py                    # batch 32, 4 rounds
-    python benchmarks/vit_throughput.py --rounds 5 --json out.json
+    python benchmarks/vit_throughput.py                    # the three models, batch 32, 4 rounds
+    python benchmarks/vit_throughput.py --models dinov2_vits14 --rounds 5 --json out.json
 
 Goals on a CPU with bf16 units (avx512_bf16 / AMX): dinokit fp32 >= timm fp32, and dinokit bf16
 >= 1.6x dinokit fp32.
@@ -34,11 +37,12 @@ import dinokit
 from dinokit.runtime import cast_for_inference, has_native_bf16
 
 
-def vit_macs_per_image(image: int = 224, patch: int = 16, dim: int = 384, depth: int = 12) -> float:
+def vit_macs_per_image(image: int = 224, patch: int = 16, dim: int = 384, depth: int = 12, prefix: int = 1) -> float:
     """Multiply-accumulates of one ViT forward: patch embedding, then per block qkv, attention
-    (q k^T and attn v), projection and the 4x MLP: 12 N D^2 + 2 N^2 D."""
+    (q k^T and attn v), projection and the 4x MLP: 12 N D^2 + 2 N^2 D (N counts the CLS token and
+    any register tokens, ``prefix`` in all)."""
     n_patch = (image // patch) ** 2
-    n = n_patch + 1
+    n = n_patch + prefix
     return n_patch * dim * 3 * patch * patch + depth * (12 * n * dim * dim + 2 * n * n * dim)
 
 
@@ -55,23 +59,54 @@ def matmul_peak(dtype: torch.dtype, n: int, reps: int) -> float:
     return 2 * n**3 / best
 
 
-def build_pair(seed: int):
+#: benchmark name -> (dinokit arch, timm model, patch size, prefix tokens)
+MODELS = {
+    "vit_small": ("vit_small", "vit_small_patch16_224", 16, 1),
+    "dinov2_vits14": ("dinov2_vits14", "vit_small_patch14_dinov2", 14, 1),
+    "dinov3_vits16": ("dinov3_vits16", "vit_small_patch16_dinov3_qkvb", 16, 5),
+}
+
+
+def build_pair(seed: int, name: str = "vit_small"):
+    """dinokit's model and timm's on the same weights, both for 224 px inputs."""
     import timm
 
+    from dinokit.checkpoints import extract_backbone_state_dict, infer_arch
+
+    arch, timm_name, patch, _ = MODELS[name]
     torch.manual_seed(seed)
-    ours = dinokit.build_backbone("vit_small", 16).eval()
-    theirs = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    if name == "vit_small":
+        ours = dinokit.build_backbone("vit_small", 16).eval()
+        theirs = timm.create_model(timm_name, pretrained=False, num_classes=0).eval()
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+    else:
+        source = timm.create_model(timm_name, pretrained=False, num_classes=0).eval()
+        with torch.no_grad():  # LayerScales at 1 (not timm's 1e-5), so that every block counts in the check
+            for n, p in source.named_parameters():
+                if "gamma" in n:
+                    p.fill_(1.0)
+        sd = extract_backbone_state_dict(source.state_dict())
+        found, found_patch, extra = infer_arch(sd)
+        ours = dinokit.build_backbone(found, found_patch, **extra).eval()
+        ours.load_state_dict(sd, strict=True)
+        if ours.pos_embed is not None:  # timm built for 224 px with the table resized by DINOv2's rule
+            theirs = timm.create_model(timm_name, pretrained=False, num_classes=0, img_size=224).eval()
+            with torch.no_grad():
+                table = ours.interpolate_pos_encoding(224 // patch, 224 // patch, square_input=False)
+            theirs.load_state_dict({**source.state_dict(), "pos_embed": table.clone()}, strict=True)
+        else:
+            theirs = source
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
-        diff = (ours(x) - theirs(x)).abs().max().item()
+        diff = (ours(x) - theirs.forward_features(x)[:, 0]).abs().max().item()
     if diff > 1e-4:
-        raise SystemExit(f"dinokit and timm disagree by {diff:.2e} on the same weights")
+        raise SystemExit(f"{name}: dinokit and timm disagree by {diff:.2e} on the same weights")
     return ours, theirs, diff
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--iters", type=int, default=2, help="batches timed per configuration and round")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds; the best one is kept")
@@ -81,9 +116,27 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+    with torch.inference_mode():
+        peak = {
+            "fp32": max(matmul_peak(torch.float32, args.matmul_size, 3) for _ in range(2)),
+            "bf16": max(matmul_peak(torch.bfloat16, args.matmul_size, 3) for _ in range(2)),
+        }
+    results = {name: run_model(args, name, peak) for name in names}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"batch_size": args.batch_size, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "matmul_peak_flops": peak, "models": results}, f, indent=2)  # fmt: skip
 
+
+def run_model(args, name: str, peak: dict[str, float]) -> dict:
+    """Time one dinokit/timm pair in fp32, bf16 autocast and bf16 weights; print and return the figures."""
+    arch, timm_name, patch, prefix = MODELS[name]
     load_start = os.getloadavg()
-    ours, theirs, diff = build_pair(seed=0)
+    ours, theirs, diff = build_pair(seed=0, name=name)
     x32 = torch.randn(args.batch_size, 3, 224, 224)
     xbf = x32.to(torch.bfloat16)
     ours_bf = cast_for_inference(copy.deepcopy(ours), torch.bfloat16)
@@ -121,16 +174,12 @@ def main() -> None:
                 cpu_rates[key].append(args.batch_size * args.iters / (dc / torch.get_num_threads()))
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k[0]} {k[1]} {v[-1]:.1f}" for k, v in rates.items()),
                   flush=True)
-        peak = {
-            "fp32": max(matmul_peak(torch.float32, args.matmul_size, 3) for _ in range(2)),
-            "bf16": max(matmul_peak(torch.bfloat16, args.matmul_size, 3) for _ in range(2)),
-        }
     load_end = os.getloadavg()
 
-    flops = 2 * vit_macs_per_image()
+    flops = 2 * vit_macs_per_image(224, patch, prefix=prefix)
     best = {k: max(v) for k, v in rates.items()}
     print()
-    print(f"ViT-S/16, 224 px, batch {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"{name} ({arch} vs timm {timm_name}), 224 px, batch {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{platform.machine()}, native bf16: {has_native_bf16('cpu')}")
     print(f"dinokit vs timm on the same weights: max |diff| {diff:.1e}")
     print(f"matmul peak ({args.matmul_size}^3): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
@@ -163,23 +212,16 @@ def main() -> None:
           f"(best bf16 path x{goal_bf16:.2f}, wall-clock)")
     print(f"load average at start {load_start[0]:.1f}, at end {load_end[0]:.1f} on {os.cpu_count()} CPUs "
           "(a busy machine lowers every figure; compare the ratios)")
-    if args.json:
-        out = {
-            "batch_size": args.batch_size,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "images_per_s": {f"{m} {p}": v for (m, p), v in rates.items()},
-            "best_images_per_s": {f"{m} {p}": v for (m, p), v in best.items()},
-            "images_per_cpu_s": {f"{m} {p}": v for (m, p), v in cpu_rates.items()},
-            "cpu_time_ratios": cpu_ratios,
-            "matmul_peak_flops": peak,
-            "flops_per_image": flops,
-            "ratios": ratios,
-            "load_average": [load_start[0], load_end[0]],
-        }
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-
+    return {
+        "images_per_s": {f"{m} {p}": v for (m, p), v in rates.items()},
+        "best_images_per_s": {f"{m} {p}": v for (m, p), v in best.items()},
+        "images_per_cpu_s": {f"{m} {p}": v for (m, p), v in cpu_rates.items()},
+        "cpu_time_ratios": cpu_ratios,
+        "flops_per_image": flops,
+        "ratios": ratios,
+        "max_abs_diff": diff,
+        "load_average": [load_start[0], load_end[0]],
+    }
 
 if __name__ == "__main__":
     main()

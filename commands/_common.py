@@ -436,13 +436,25 @@ BACKBONE_PANEL = "Backbone"
 RUNTIME_PANEL = "Runtime"
 RUN_PANEL = "Run folder and output"
 
-#: every released preset, from the preset table (so that the help stays true when one is added)
-PRESET_NAMES = ", ".join(PRESETS)
+def _preset_names() -> str:
+    """Every released preset, from the preset table (so that the help stays true when one is added):
+    DINO's by name, DINOv2's and DINOv3's as their first and last (``dinokit models`` lists all)."""
+    groups: dict[str, list[str]] = {}
+    for name in PRESETS:
+        groups.setdefault(name.split("_", 1)[0], []).append(name)
+    parts = [", ".join(groups.pop("dino", []))]
+    parts += [f"{names[0]} ... {names[-1]}" if len(names) > 2 else ", ".join(names) for names in groups.values()]
+    return "; ".join(p for p in parts if p)
+
+
+PRESET_NAMES = _preset_names()
 
 Arch = Annotated[
     str | None,
     typer.Option("--arch", rich_help_panel=BACKBONE_PANEL,
-                 help="vit_tiny, vit_small, vit_base or resnet50 (default: read from --weights)."),
+                 help="vit_tiny, vit_small, vit_base, resnet50, or a DINOv2/DINOv3 hub name such as "
+                 "dinov2_vits14, dinov2_vits14_reg, dinov3_vits16 (default: read from --weights; "
+                 "dinokit models lists them all)."),
 ]
 PatchSize = Annotated[
     int | None,
@@ -453,7 +465,7 @@ Weights = Annotated[
     str,
     typer.Option(
         "--weights", "-w", rich_help_panel=BACKBONE_PANEL,
-        help=f"A checkpoint file, a preset ({PRESET_NAMES}) or 'random'.",
+        help=f"A checkpoint file, a Hugging Face repo id, a preset ({PRESET_NAMES}) or 'random'.",
     ),
 ]
 CheckpointKey = Annotated[
@@ -484,8 +496,8 @@ OptionalWeights = Annotated[
     str | None,
     typer.Option(
         "--weights", "-w", rich_help_panel=BACKBONE_PANEL,
-        help=f"A checkpoint file, a preset ({PRESET_NAMES}) or 'random' (a randomly initialised baseline); "
-        "needed wherever images are embedded.",
+        help=f"A checkpoint file, a Hugging Face repo id, a preset ({PRESET_NAMES}) or 'random' "
+        "(a randomly initialised baseline); needed wherever images are embedded.",
     ),
 ]
 Train = Annotated[Path | None, typer.Option("--train", help="Labelled training images (ROOT/<class>/<image>).")]

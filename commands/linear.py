@@ -49,13 +49,13 @@ def linear(
     checkpoint_key: CheckpointKey = "teacher",
     n_last_blocks: Annotated[
         Optional[int],
-        typer.Option("--n-last-blocks", min=1, help="CLS tokens of the last n blocks (default: 4 for ViT-S/T, 1 for ViT-B)."),
+        typer.Option("--n-last-blocks", min=1, help="CLS tokens of the last n blocks (default: 4 for ViT-S/T and DINOv2/v3, 1 for ViT-B)."),
     ] = None,
     avgpool_patch_tokens: Annotated[
         Optional[bool],
         typer.Option(
             "--avgpool-patch-tokens/--no-avgpool-patch-tokens",
-            help="Append the patch-token average (default: on for ViT-B, off otherwise).",
+            help="Append the patch-token average (default: on for ViT-B and DINOv2/v3, off otherwise).",
             show_default=False,
         ),
     ] = None,

@@ -47,6 +47,7 @@ from ..data.transforms import describe_transform, eval_transform
 from ..errors import DataError, DinokitError
 from ..io import atomic_open, atomic_write_text, check_output_file, torch_save_atomic, write_json
 from ..models.registry import backbone_arch, is_vit
+from ..models.vit import variant_generation
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import (
     RuntimeOptions,
@@ -69,8 +70,10 @@ FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 def cls_feature_fn(n_last_blocks: int = 1, avgpool_patch_tokens: bool = False) -> FeatureFn:
     """The frozen-evaluation feature (spec frozen-eval): the CLS token after the final norm, or the CLS
     tokens of the last ``n`` blocks concatenated, optionally with the average of the last block's patch
-    tokens. With both and n=1 the reference's element order is kept: [CLS_0, avg_0, CLS_1, avg_1, ...].
-    ResNet backbones give their 2048-d average pool.
+    tokens (register and storage tokens are never among them). With both and n=1 the DINO reference's
+    element order is kept for DINO's ViTs: [CLS_0, avg_0, CLS_1, avg_1, ...]; DINOv2/DINOv3 backbones
+    take DINOv2's linear protocol order, the average appended after the CLS tokens, which its released
+    heads need. ResNet backbones give their 2048-d average pool.
     """
 
     def fn(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -82,7 +85,8 @@ def cls_feature_fn(n_last_blocks: int = 1, avgpool_patch_tokens: bool = False) -
         out = torch.cat([x[:, 0] for x in layers], dim=-1)
         if avgpool_patch_tokens:
             avg = layers[-1][:, 1:].mean(dim=1)
-            if n_last_blocks == 1:  # the reference's element-interleaved order, which its linear heads need
+            v1 = variant_generation(getattr(model, "arch", None) or "") == 1
+            if n_last_blocks == 1 and v1:  # the reference's element-interleaved order, which its linear heads need
                 out = torch.cat((out.unsqueeze(-1), avg.unsqueeze(-1)), dim=-1).reshape(out.shape[0], -1)
             else:  # the reference cannot combine the two; dinokit appends the average
                 out = torch.cat((out, avg), dim=-1)

@@ -7,6 +7,9 @@ validates with Resize(256) + CenterCrop(224); the fast path (``features_only``) 
 cached centre-crop features instead (no augmentation, much faster, usually a little lower).
 Defaults per architecture follow the paper: ViT-S uses the CLS tokens of the last 4 blocks, ViT-B
 the last CLS token with the average of the patch tokens (interleaved, as the released heads need).
+DINOv2 and DINOv3 backbones follow DINOv2's linear protocol: the CLS tokens of the last 1 or 4
+blocks, optionally followed by the average patch token (appended, not interleaved; 4 blocks with the
+average by default, the input of DINOv2's released 4-layer heads).
 
 A checkpoint is written after every epoch (atomically) and ``resume`` continues from it. The
 released heads (``*_linearweights.pth``) are validated with ``evaluate``. The appendix's
@@ -42,6 +45,7 @@ from ..errors import CheckpointError, DataError, DinokitError
 from ..io import append_jsonl, check_run_identity, remove_run_files
 from ..models.head import LinearClassifier
 from ..models.registry import backbone_arch, is_vit
+from ..models.vit import variant_generation
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import (
     RuntimeOptions,
@@ -81,7 +85,12 @@ MISSING_WEIGHTS = weights_needed("for the backbone to probe")
 
 
 def default_feature_options(arch: str) -> tuple[int, bool]:
-    """(n_last_blocks, avgpool_patch_tokens) of the paper's linear probe for ``arch``."""
+    """(n_last_blocks, avgpool_patch_tokens) of the paper's linear probe for ``arch``; for DINOv2 and
+    DINOv3 backbones the input of DINOv2's released 4-layer heads: the CLS tokens of the last 4 blocks
+    followed by the average patch token (DINOv2's protocol searches 1 or 4 blocks, with or without
+    the average; ``--n-last-blocks`` and ``--avgpool-patch-tokens`` choose)."""
+    if variant_generation(arch) > 1:
+        return 4, True
     if arch == "vit_base":
         return 1, True
     if arch in ("vit_small", "vit_tiny"):

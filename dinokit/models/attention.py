@@ -77,8 +77,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(a, b) -> (-b, a) over the two halves of the last axis (RoPE's rotation by 90 degrees)."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def apply_rope(t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate the last ``HW`` tokens of ``t`` (..., N, d) by the angles whose (sin, cos) are (HW, d);
+    the first ``N - HW`` tokens (CLS, storage) keep their values. Computed in the angles' dtype (fp32)
+    and cast back, as DINOv3 does."""
+    sin, cos = rope
+    n_prefix = t.shape[-2] - sin.shape[-2]
+    if n_prefix < 0:
+        raise RuntimeError(f"{sin.shape[-2]} RoPE positions for {t.shape[-2]} tokens")
+    prefix, patches = t[..., :n_prefix, :], t[..., n_prefix:, :].to(sin.dtype)
+    rotated = patches * cos + rotate_half(patches) * sin
+    return torch.cat((prefix, rotated.to(t.dtype)), dim=-2)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused (SDPA) path and an explicit path that returns weights."""
+    """Multi-head self-attention with a fused (SDPA) path and an explicit path that returns weights.
+
+    ``rope``, where given, is the (sin, cos) of the patch tokens' rotary position angles, applied
+    to queries and keys of the patch tokens (DINOv3); without it the block is the plain ViT's.
+    """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -97,9 +120,11 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]  # each (B, heads, N, head_dim)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, rope=None):
         B, N, C = x.shape
         q, k, v = self._qkv(x)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if return_attention or not self.fused_attn:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = attn.softmax(dim=-1)
@@ -110,8 +135,9 @@ class Attention(nn.Module):
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
         return (out, attn) if return_attention else out
 
-    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """The CLS query's post-softmax attention over all tokens, (B, heads, N): O(N) memory."""
+    def cls_attention(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        """The CLS query's post-softmax attention over all tokens, (B, heads, N): O(N) memory.
+        (The CLS token is never rotated by ``rope``; the keys of the patch tokens are.)"""
         B, N, C = x.shape
         w, b = self.qkv.weight, self.qkv.bias
         # project the CLS token to a query and all tokens to keys only (the values are not needed)
@@ -119,5 +145,7 @@ class Attention(nn.Module):
         k = F.linear(x, w[C : 2 * C], None if b is None else b[C : 2 * C])
         q = q.reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            k = apply_rope(k, rope)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         return attn[:, :, 0]

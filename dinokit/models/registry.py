@@ -9,9 +9,9 @@ from torch import nn
 from ..errors import DinokitError
 from .init import check_int
 from .resnet import resnet50_backbone
-from .vit import VIT_SHAPES, VisionTransformer, vit
+from .vit import DINO_VARIANTS, VIT_SHAPES, VisionTransformer, variant_generation, vit
 
-ARCHS = ("vit_tiny", "vit_small", "vit_base", "resnet50")
+ARCHS = ("vit_tiny", "vit_small", "vit_base", "resnet50", *DINO_VARIANTS)
 
 #: the feature width of the backbones that are not ViTs (a ViT's is in VIT_SHAPES)
 FEATURE_DIMS = {"resnet50": 2048}
@@ -26,7 +26,15 @@ ARCH_ALIASES = {
     "deit_base": "vit_base",
     "resnet_50": "resnet50",
     "rn50": "resnet50",
-}
+    # timm's names of the DINOv2 / DINOv3 models
+    **{f"vit_{size}_patch14_dinov2": f"dinov2_vit{s}14" for size, s in
+       (("small", "s"), ("base", "b"), ("large", "l"), ("giant", "g"))},
+    **{f"vit_{size}_patch14_reg4_dinov2": f"dinov2_vit{s}14_reg" for size, s in
+       (("small", "s"), ("base", "b"), ("large", "l"), ("giant", "g"))},
+    **{f"vit_{size}_patch16_dinov3{qkvb}": f"dinov3_vit{s}16{plus}" for size, s, plus in
+       (("small", "s", ""), ("small_plus", "s", "plus"), ("base", "b", ""), ("large", "l", ""),
+        ("huge_plus", "h", "plus")) for qkvb in ("", "_qkvb")},
+}  # fmt: skip
 
 
 def canonical_arch(arch: str) -> str:
@@ -35,6 +43,11 @@ def canonical_arch(arch: str) -> str:
     if a not in ARCHS:
         raise DinokitError(f"Unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}.")
     return a
+
+
+def arch_generation(arch: str) -> int:
+    """Which DINO an architecture name belongs to: 1 (DINO's ViTs and the ResNet-50), 2 or 3."""
+    return variant_generation(canonical_arch(arch))
 
 
 def arch_for_embed_dim(dim: int) -> str | None:
@@ -53,8 +66,10 @@ def is_vit_arch(arch: str) -> bool:
 def build_backbone(arch: str = "vit_small", patch_size: int | None = None, **kwargs) -> nn.Module:
     """A randomly initialised backbone.
 
-    ``arch`` is vit_tiny, vit_small, vit_base or resnet50 (or an alias). ``patch_size`` applies to
-    ViTs: any integer of at least 1 (8 and 16 in the paper); None means 16. Extra keyword arguments
+    ``arch`` is vit_tiny, vit_small, vit_base, resnet50, a DINOv2/DINOv3 hub name such as
+    dinov2_vits14, dinov2_vits14_reg or dinov3_vits16 (or an alias such as timm's names).
+    ``patch_size`` applies to ViTs: any integer of at least 1 (8 and 16 in the paper); None means
+    16, or the variant's own (14 for DINOv2). Extra keyword arguments
     go to the ViT constructor (``drop_path_rate``, ``pos_embed_resize``, ``img_size``, and
     ``embed_dim``/``depth``/``num_heads`` for small test models); a name it does not take is a
     TypeError. The ResNet-50 takes none (see :func:`is_vit_arch`).
@@ -64,9 +79,11 @@ def build_backbone(arch: str = "vit_small", patch_size: int | None = None, **kwa
         if kwargs:
             raise TypeError(f"The ResNet-50 backbone takes no model options; got {', '.join(sorted(kwargs))}.")
         return resnet50_backbone()
-    if patch_size is None:
+    if patch_size is None and arch not in DINO_VARIANTS:
         patch_size = 16
-    model = vit(arch, patch_size=check_int("The patch size", patch_size, 1), **kwargs)
+    if patch_size is not None:
+        patch_size = check_int("The patch size", patch_size, 1)
+    model = vit(arch, patch_size=patch_size, **kwargs)
     model.arch = arch
     return model
 
@@ -86,19 +103,42 @@ def backbone_spec(backbone: nn.Module, drop_path: float) -> dict:
     constructor arguments (the image size from the position embedding)."""
     if not is_vit(backbone):
         return {"arch": "resnet50", "patch_size": None, "kwargs": {}}
-    n = backbone.pos_embed.shape[1] - 1
-    side = int(round(math.sqrt(n)))
-    return {
+    if backbone.pos_embed is not None:
+        side = int(round(math.sqrt(backbone.pos_embed.shape[1] - 1)))
+        img_size = side * int(backbone.patch_size)
+    else:
+        img_size = int(backbone.img_size)
+    spec = {
         "arch": backbone_arch(backbone),
         "patch_size": int(backbone.patch_size),
         "kwargs": {
             "embed_dim": int(backbone.embed_dim),
             "depth": len(backbone.blocks),
             "num_heads": int(backbone.num_heads),
-            "img_size": side * int(backbone.patch_size),
+            "img_size": img_size,
             "drop_path_rate": float(drop_path),
         },
     }
+    if spec["arch"] in DINO_VARIANTS:
+        spec["kwargs"].update(variant_options(backbone))
+    return spec
+
+
+def variant_options(backbone: VisionTransformer) -> dict:
+    """The constructor arguments that shape a DINOv2/v3 backbone beyond its arch name's table: the
+    feed-forward kind and width, the qkv bias, the registers and LayerScale (tiny and timm-built
+    variants)."""
+    blk = backbone.blocks[0]
+    swiglu = hasattr(blk.mlp, "w3")
+    options = {
+        "ffn": "swiglu" if swiglu else "mlp",
+        "ffn_hidden_dim": int(blk.mlp.w3.in_features if swiglu else blk.mlp.fc1.out_features),
+        "qkv_bias": blk.attn.qkv.bias is not None,
+        "num_register_tokens": int(backbone.num_register_tokens),
+    }
+    if not hasattr(blk.ls1, "gamma"):
+        options["layerscale"] = None
+    return options
 
 
 def arch_catalogue() -> list[dict]:
@@ -121,4 +161,5 @@ def arch_catalogue() -> list[dict]:
 
 def arch_shape(arch: str) -> dict:
     """The width, depth and heads of a named ViT from its shape table (empty for other backbones)."""
-    return dict(VIT_SHAPES.get(arch, {}))
+    shape = VIT_SHAPES.get(arch) or DINO_VARIANTS.get(arch, {})
+    return {k: shape[k] for k in ("embed_dim", "depth", "num_heads") if k in shape}

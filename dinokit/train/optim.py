@@ -34,9 +34,10 @@ def get_params_groups(model: nn.Module) -> list[dict]:
 
 
 def layer_id(name: str, depth: int) -> int:
-    """0 for patch_embed / cls_token / pos_embed, i + 1 for block i, depth + 1 for the rest (norm, head)."""
+    """0 for patch_embed / cls_token / pos_embed / register tokens, i + 1 for block i, depth + 1 for the
+    rest (norm, head)."""
     name = name.removeprefix("backbone.")
-    if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed."):
+    if name in ("cls_token", "pos_embed", "mask_token", "register_tokens") or name.startswith("patch_embed."):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1

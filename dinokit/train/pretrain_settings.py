@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DinokitError
-from ..models.registry import canonical_arch
+from ..models.registry import arch_generation, canonical_arch
 from ..runtime import RuntimeOptions, check_numbers
 from .optim import OPTIMIZERS
 
@@ -146,7 +146,11 @@ def resolve_auto_settings(cfg: PretrainConfig, n_images: int, world_size: int) -
 
 
 def validate_config(cfg: PretrainConfig) -> None:
-    canonical_arch(cfg.arch)
+    if arch_generation(cfg.arch) != 1:
+        raise DinokitError(
+            f"{canonical_arch(cfg.arch)} is a DINOv{arch_generation(cfg.arch)} architecture; dinokit pretrain "
+            "trains DINO (v1) ViTs and the ResNet-50 only, so choose vit_tiny, vit_small, vit_base or resnet50."
+        )
     check_numbers(cfg, positive=("lr", "teacher_temp", "warmup_teacher_temp"),
                   non_negative=("min_lr", "weight_decay", "weight_decay_end", "clip_grad", "checkpoint_minutes",
                                 "drop_path"),
