@@ -54,6 +54,7 @@ class DemoPlan:
     copydays_size: int = 160
     copy_image_size: int = 128
     attn_picture_size: int = 192
+    pretrain_photos: bool = True
     seed: int = 0
     epochs: int | None = None
     threads: int = DEMO_THREADS
@@ -154,6 +155,21 @@ def _pretrain_recipe(plan: DemoPlan) -> list[str]:
     ]  # fmt: skip
 
 
+def _pretraining_images(plan: DemoPlan, data: Path) -> Path:
+    """The unlabelled images DINO pretrains on: the shape set's training images and, with
+    ``plan.pretrain_photos``, the photographs generated to learn a whitening for copy detection
+    (never a query or part of the database). DINO learns what it is shown; photographs teach it the
+    textures and edits the copy-detection and video steps then meet."""
+    if not plan.pretrain_photos:
+        return data / "classify" / "train"
+    folder = data / "pretrain-images"
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(data / "classify" / "train", folder / "shapes")
+    shutil.copytree(data / "copydays" / "whitening", folder / "photos")
+    return folder
+
+
 def run_demo(plan: DemoPlan) -> dict:
     out = plan.output
     data = out / "data"
@@ -176,7 +192,8 @@ def run_demo(plan: DemoPlan) -> dict:
               "--distractors", plan.copydays_distractors, "--whitening", plan.copydays_distractors,
               "--image-size", plan.copydays_size, "--seed", plan.seed, *common], "synth copydays")  # fmt: skip
 
-    n_train = sum(1 for _ in (data / "classify" / "train").rglob("*.png"))
+    pretrain_data = _pretraining_images(plan, data)
+    n_train = sum(1 for p in pretrain_data.rglob("*") if p.is_file())
     if plan.minutes is None:
         epochs = plan.epochs or DEMO_EPOCHS
     else:
@@ -190,7 +207,7 @@ def run_demo(plan: DemoPlan) -> dict:
 
     trained = out / "pretrain"
     with stage(f"dinokit pretrain: {plan.arch}/{plan.patch_size}, {epochs} epochs of {n_train} images"):
-        _run(["pretrain", "--data", data / "classify" / "train", "--output", trained,
+        _run(["pretrain", "--data", pretrain_data, "--output", trained,
               *_pretrain_recipe(plan), "--epochs", epochs, *common], "pretrain")  # fmt: skip
     weights = {
         "trained": ["--weights", trained / "backbone.pth"],

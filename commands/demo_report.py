@@ -22,8 +22,8 @@ PAPER = {
 
 #: why a metric can fail to separate trained from random weights on the built-in data
 WHY_NOT = {
-    "knn": "the pretraining budget is minutes on a CPU instead of days on GPUs; raise --minutes",
-    "linear": "a linear probe on few images can fit random features almost as well; raise --minutes",
+    "knn": "the pretraining is a dozen epochs on a CPU instead of hundreds on GPUs; raise --epochs",
+    "linear": "a linear probe on few images can fit random features almost as well; raise --epochs",
     "jaccard": "after minutes of DINO the heads of a tiny ViT specialise on the classes' colour and pattern "
     "cues rather than on whole objects; the paper's gain (0.22 at random init to 0.46) comes from 100+ epochs on "
     "ImageNet",

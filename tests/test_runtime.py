@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
 
 import numpy as np
@@ -182,3 +183,42 @@ def test_loader_workers_leave_the_compute_threads_their_cores(monkeypatch):
         assert runtime.loader_workers(0, cuda) == 0
     finally:
         torch.set_num_threads(threads)
+
+
+_PINNED_PROBE = """
+import json, os, sys
+import torch
+from dinokit.runtime import pin_cpu_numerics
+record = pin_cpu_numerics(threads=int(sys.argv[1]))
+torch.manual_seed(0)
+x = torch.randn(257, 384)
+y = torch.nn.functional.gelu(x @ torch.randn(384, 1536)).softmax(-1).sum(0)
+print(json.dumps({"record": record, "sum": float(y.double().sum()), "head": y[:4].tolist(),
+                  "aten": os.environ.get("ATEN_CPU_CAPABILITY")}))
+"""
+
+
+@pytest.mark.slow
+def test_pinned_numerics_take_effect_in_a_fresh_process_and_keep_the_users_choice():
+    """pin_cpu_numerics before the first operation of a process selects the AVX2-level kernels (what
+    an AVX2-only machine computes with) and the thread count; a variable the user set stays."""
+    import json
+    import subprocess
+    import sys
+
+    def probe(threads, **env):
+        base = {k: v for k, v in os.environ.items() if k not in runtime.PINNED_CPU_KERNELS}
+        out = subprocess.run([sys.executable, "-c", _PINNED_PROBE, str(threads)], env={**base, **env},
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    pinned = probe(1)
+    assert pinned["record"]["threads"] == 1
+    assert pinned["aten"] == "avx2"
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert pinned["record"]["cpu_capability"] == "AVX2"
+    # the same computation with the variables set by hand before torch starts: the same bits
+    by_hand = probe(1, **runtime.PINNED_CPU_KERNELS)
+    assert by_hand["head"] == pinned["head"] and by_hand["sum"] == pinned["sum"]
+    # a user's own choice is kept
+    assert probe(2, ATEN_CPU_CAPABILITY="default")["record"]["cpu_capability"] == "DEFAULT"
