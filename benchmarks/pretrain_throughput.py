@@ -260,6 +260,8 @@ def dinokit_run(data: Path, out: Path, workers: int, batch: int, out_dim: int, e
         warmup_epochs=10,
     )  # fmt: skip
     pretrain(cfg)
+    used = json.loads((out / "config.json").read_text())
+    print(f"  dinokit ran with {used['threads_used']} thread(s) and {used['num_workers_used']} data worker(s)")
     return [json.loads(line)["images_per_second"] for line in (out / "log.jsonl").read_text().splitlines()]
 
 
