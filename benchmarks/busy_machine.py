@@ -72,7 +72,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     threads = ["--threads", str(args.threads)] if args.threads else []
-    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, threads: {args.threads or 'dinokit chooses'}")
+    print(
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, threads: {args.threads or 'dinokit chooses'}"
+    )
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -80,13 +82,17 @@ def main() -> None:
         make_images(tmp / "large", args.feature_images, 256)
         jobs = {
             "pretrain (demo recipe)": lambda: pretrain_rate(tmp / "small", tmp / "run", threads),
-            "features fp32": lambda: features_rate(tmp / "large", tmp / "f.pt", args.feature_images, "fp32", threads),
-            "features bf16": lambda: features_rate(tmp / "large", tmp / "f.pt", args.feature_images, "bf16", threads),
+            "features fp32": lambda: features_rate(
+                tmp / "large", tmp / "f.pt", args.feature_images, "fp32", threads
+            ),
+            "features bf16": lambda: features_rate(
+                tmp / "large", tmp / "f.pt", args.feature_images, "bf16", threads
+            ),
         }
         for rep in range(args.repeats):
             for name, job in jobs.items():
                 pair = {}
-                for busy in ((False, True) if rep % 2 == 0 else (True, False)):
+                for busy in (False, True) if rep % 2 == 0 else (True, False):
                     hog = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
                     try:
                         time.sleep(1.0 if busy else 0.0)  # let the busy loop take its core

@@ -69,11 +69,17 @@ def vit_inference(device: torch.device, smoke: bool) -> dict:
         if dtype is torch.float16 and device.type != "cuda":
             continue
         for who, model in (("dinokit", ours), ("timm", theirs)):
+
             def call(model=model, dtype=dtype):
-                with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+                ):
                     model(x)
 
-            out[f"{who}_{name}_autocast" if dtype else f"{who}_fp32"] = rate(call, batch, warmup, iters, device)
+            out[f"{who}_{name}_autocast" if dtype else f"{who}_fp32"] = rate(
+                call, batch, warmup, iters, device
+            )
     cast = cast_for_inference(copy.deepcopy(ours), torch.bfloat16)
 
     def call_cast():
@@ -101,8 +107,17 @@ def pretrain_steps(device: torch.device, smoke: bool, compile_model: bool) -> di
     for name, comp in (("dinokit", False), ("dinokit_compile", True)):
         if comp and not compile_model:
             continue
-        cfg = PretrainConfig(arch=arch, out_dim=out_dim, local_crops=local, global_size=224, local_size=96,
-                             global_scale=(0.4, 1.0), warmup_epochs=0, epochs=100, compile=comp)
+        cfg = PretrainConfig(
+            arch=arch,
+            out_dim=out_dim,
+            local_crops=local,
+            global_size=224,
+            local_size=96,
+            global_scale=(0.4, 1.0),
+            warmup_epochs=0,
+            epochs=100,
+            compile=comp,
+        )
         state = build_training_state(cfg, device, dtype)
         t = time.perf_counter()
         dino_step(state, crops, 1, values)
@@ -155,7 +170,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--smoke", action="store_true", help="toy sizes: check that every part runs")
-    ap.add_argument("--compile", action="store_true", help="also time the pretraining step under torch.compile")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time the pretraining step under torch.compile"
+    )
     args = ap.parse_args()
     device = resolve_device(args.device)
     figures: dict = {"device": str(device), "smoke": args.smoke, "torch": torch.__version__}

@@ -89,11 +89,21 @@ class PlainDINO:
     every step; ``precision`` fp32, bf16 (autocast) or fp16 (autocast and a gradient scaler, as the
     reference trains on GPUs)."""
 
-    def __init__(self, arch: str, out_dim: int, ncrops: int, niter_per_epoch: int, batch: int,
-                 device: torch.device, precision: str):
+    def __init__(
+        self,
+        arch: str,
+        out_dim: int,
+        ncrops: int,
+        niter_per_epoch: int,
+        batch: int,
+        device: torch.device,
+        precision: str,
+    ):
         torch.manual_seed(0)
         dim = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}[arch]
-        self.student = MultiCropWrapper(dinokit.build_backbone(arch, 16, drop_path_rate=0.1), DINOHead(dim, out_dim))
+        self.student = MultiCropWrapper(
+            dinokit.build_backbone(arch, 16, drop_path_rate=0.1), DINOHead(dim, out_dim)
+        )
         self.teacher = MultiCropWrapper(dinokit.build_backbone(arch, 16), DINOHead(dim, out_dim))
         self.teacher.load_state_dict(self.student.state_dict())
         self.student.to(device)
@@ -103,13 +113,15 @@ class PlainDINO:
         named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
         decay = [p for n, p in named if not (n.endswith(".bias") or p.ndim == 1)]
         no_decay = [p for n, p in named if n.endswith(".bias") or p.ndim == 1]
-        self.opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=0.0,
-                                     foreach=False)
+        self.opt = torch.optim.AdamW(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=0.0, foreach=False
+        )
         self.ncrops, self.device, self.precision = ncrops, device, precision
         self.center = torch.zeros(1, out_dim, device=device)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        self.sched = build_schedules(epochs=EPOCHS_OF_SCHEDULE, niter_per_epoch=niter_per_epoch, global_batch=batch,
-                                     warmup_epochs=10)
+        self.sched = build_schedules(
+            epochs=EPOCHS_OF_SCHEDULE, niter_per_epoch=niter_per_epoch, global_batch=batch, warmup_epochs=10
+        )
 
     def autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -165,14 +177,23 @@ class PlainDINO:
         return len(crops[0])
 
 
-def plain_loop(data: Path, workers: int, batch: int, out_dim: int, epochs: int, precision: str) -> list[float]:
+def plain_loop(
+    data: Path, workers: int, batch: int, out_dim: int, epochs: int, precision: str
+) -> list[float]:
     """The reference-style step over dinokit's multi-crop pipeline, on the CPU."""
     paths = find_images(data)
     model = PlainDINO("vit_tiny", out_dim, 4, len(paths) // batch, batch, torch.device("cpu"), precision)
     ds = MultiCropDataset(paths, MultiCropAugmentation((0.4, 1.0), (0.05, 0.4), 2, 224, 96), seed=0)
     sampler = torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(0))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
-                                         collate_fn=collate_multicrop, persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        collate_fn=collate_multicrop,
+        persistent_workers=workers > 0,
+    )
     return timed_epochs(loader, epochs, lambda it, epoch, b: model.step(it, epoch, b[0]))
 
 
@@ -191,7 +212,9 @@ class _FolderDataset(torch.utils.data.Dataset):
             return self.transform(img.convert("RGB"))
 
 
-def lightly_loop(data: Path, workers: int, batch: int, out_dim: int, epochs: int, precision: str) -> list[float]:
+def lightly_loop(
+    data: Path, workers: int, batch: int, out_dim: int, epochs: int, precision: str
+) -> list[float]:
     import timm
     from lightly.loss import DINOLoss
     from lightly.models.modules import DINOProjectionHead
@@ -203,8 +226,9 @@ def lightly_loop(data: Path, workers: int, batch: int, out_dim: int, epochs: int
     class DINO(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.student_backbone = timm.create_model("vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True,
-                                                      drop_path_rate=0.1)
+            self.student_backbone = timm.create_model(
+                "vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True, drop_path_rate=0.1
+            )
             self.student_head = DINOProjectionHead(192, 2048, 256, out_dim, freeze_last_layer=1)
             self.teacher_backbone = copy.deepcopy(self.student_backbone)
             self.teacher_head = DINOProjectionHead(192, 2048, 256, out_dim)
@@ -221,13 +245,20 @@ def lightly_loop(data: Path, workers: int, batch: int, out_dim: int, epochs: int
     model = DINO()
     transform = DINOTransform(global_crop_size=224, local_crop_size=96, n_local_views=2)
     paths = find_images(data)
-    loader = torch.utils.data.DataLoader(_FolderDataset(paths, transform), batch_size=batch, shuffle=True,
-                                         drop_last=True, num_workers=workers, persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        _FolderDataset(paths, transform),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
     criterion = DINOLoss(output_dim=out_dim, warmup_teacher_temp_epochs=0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.04)
-    sched = build_schedules(epochs=EPOCHS_OF_SCHEDULE, niter_per_epoch=len(paths) // batch, global_batch=batch,
-                            warmup_epochs=10)
+    sched = build_schedules(
+        epochs=EPOCHS_OF_SCHEDULE, niter_per_epoch=len(paths) // batch, global_batch=batch, warmup_epochs=10
+    )
 
     def step(it: int, epoch: int, views) -> int:
         for pg in optimizer.param_groups:
@@ -251,8 +282,16 @@ def lightly_loop(data: Path, workers: int, batch: int, out_dim: int, epochs: int
 # ---------------------------------------------------------------------------------------------
 # dinokit
 # ---------------------------------------------------------------------------------------------
-def dinokit_run(data: Path, out: Path, workers: int, batch: int, out_dim: int, epochs: int, precision: str,
-                compile_model: bool = False) -> list[float]:
+def dinokit_run(
+    data: Path,
+    out: Path,
+    workers: int,
+    batch: int,
+    out_dim: int,
+    epochs: int,
+    precision: str,
+    compile_model: bool = False,
+) -> list[float]:
     cfg = PretrainConfig(
         data=str(data), output=str(out), arch="vit_tiny", patch_size=16, epochs=EPOCHS_OF_SCHEDULE,
         stop_after=epochs, batch_size=batch, out_dim=out_dim, local_crops=2, global_size=224, local_size=96,
@@ -261,7 +300,9 @@ def dinokit_run(data: Path, out: Path, workers: int, batch: int, out_dim: int, e
     )  # fmt: skip
     pretrain(cfg)
     used = json.loads((out / "config.json").read_text())
-    print(f"  dinokit ran with {used['threads_used']} thread(s) and {used['num_workers_used']} data worker(s)")
+    print(
+        f"  dinokit ran with {used['threads_used']} thread(s) and {used['num_workers_used']} data worker(s)"
+    )
     return [json.loads(line)["images_per_second"] for line in (out / "log.jsonl").read_text().splitlines()]
 
 
@@ -277,8 +318,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs per loop: the first, then the steady state")
     ap.add_argument("--repeats", type=int, default=1, help="alternate the loops this many times")
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="dinokit's --num-workers")
-    ap.add_argument("--peer-workers", default="0,2", help="data workers tried for the peers (the faster counts)")
+    ap.add_argument(
+        "--workers", type=int, default=min(2, os.cpu_count() or 1), help="dinokit's --num-workers"
+    )
+    ap.add_argument(
+        "--peer-workers", default="0,2", help="data workers tried for the peers (the faster counts)"
+    )
     ap.add_argument("--no-lightly", action="store_true", help="leave lightly out (not installed)")
     ap.add_argument("--compile", action="store_true", help="also time dinokit pretrain --compile")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for every loop")
@@ -304,31 +349,63 @@ def main() -> None:
                     best = None
                     for w in peer_workers:
                         s = summary(loop(data, w, args.batch_size, args.out_dim, args.epochs, prec))
-                        print(f"[{rep}] {name:8s} {prec} {w} workers: first {s['first']:6.2f}  steady {s['steady']:6.2f} images/s")
+                        print(
+                            f"[{rep}] {name:8s} {prec} {w} workers: first {s['first']:6.2f}  steady {s['steady']:6.2f} images/s"
+                        )
                         best = s if best is None else {k: max(best[k], s[k]) for k in s}
                     run[f"{name}_{prec}"] = best
-                s = summary(dinokit_run(data, Path(tmp) / "run", args.workers, args.batch_size, args.out_dim, args.epochs, prec))
-                print(f"[{rep}] dinokit  {prec}          : first {s['first']:6.2f}  steady {s['steady']:6.2f} images/s")
+                s = summary(
+                    dinokit_run(
+                        data,
+                        Path(tmp) / "run",
+                        args.workers,
+                        args.batch_size,
+                        args.out_dim,
+                        args.epochs,
+                        prec,
+                    )
+                )
+                print(
+                    f"[{rep}] dinokit  {prec}          : first {s['first']:6.2f}  steady {s['steady']:6.2f} images/s"
+                )
                 run[f"dinokit_{prec}"] = s
                 if args.compile:
-                    s = summary(dinokit_run(data, Path(tmp) / "run_c", args.workers, args.batch_size, args.out_dim,
-                                            args.epochs, prec, compile_model=True))
-                    print(f"[{rep}] dinokit --compile {prec}: first {s['first']:6.2f}  steady {s['steady']:6.2f} images/s")
+                    s = summary(
+                        dinokit_run(
+                            data,
+                            Path(tmp) / "run_c",
+                            args.workers,
+                            args.batch_size,
+                            args.out_dim,
+                            args.epochs,
+                            prec,
+                            compile_model=True,
+                        )
+                    )
+                    print(
+                        f"[{rep}] dinokit --compile {prec}: first {s['first']:6.2f}  steady {s['steady']:6.2f} images/s"
+                    )
                     run[f"dinokit_compile_{prec}"] = s
             ratios = {}
             for prec in precisions:  # the same precision on both sides
                 for peer in loops:
                     for part in ("first", "steady"):
-                        ratios[f"{prec}_vs_{peer}_{prec}_{part}"] = run[f"dinokit_{prec}"][part] / run[f"{peer}_{prec}"][part]
+                        ratios[f"{prec}_vs_{peer}_{prec}_{part}"] = (
+                            run[f"dinokit_{prec}"][part] / run[f"{peer}_{prec}"][part]
+                        )
             if auto in precisions:  # what a user gets (--precision auto) against the goals' peers
                 for peer, prec in (("plain", "fp32"), ("lightly", "bf16")):
                     if peer in loops and prec in precisions:
                         for part in ("first", "steady"):
-                            ratios[f"auto_vs_{peer}_{prec}_{part}"] = run[f"dinokit_{auto}"][part] / run[f"{peer}_{prec}"][part]
+                            ratios[f"auto_vs_{peer}_{prec}_{part}"] = (
+                                run[f"dinokit_{auto}"][part] / run[f"{peer}_{prec}"][part]
+                            )
             run["ratios"] = ratios
             figures["runs"].append(run)
-            print(f"[{rep}] ratios, dinokit / peer (auto = dinokit's default, {auto} here; goals: auto_vs_plain_fp32 "
-                  ">= 2.2x, auto_vs_lightly_bf16 >= 1.6x):")
+            print(
+                f"[{rep}] ratios, dinokit / peer (auto = dinokit's default, {auto} here; goals: auto_vs_plain_fp32 "
+                ">= 2.2x, auto_vs_lightly_bf16 >= 1.6x):"
+            )
             for k, v in ratios.items():
                 print(f"[{rep}]   {k:34s} {v:5.2f}x")
     if args.json:

@@ -56,13 +56,24 @@ def main() -> None:
     plan = plan_cpu(args.threads, 0, torch.device("cpu"))
     torch.set_num_threads(plan.threads)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
-    cfg = PretrainConfig(arch="vit_tiny", out_dim=4096, local_crops=2, global_size=224, local_size=96,
-                         global_scale=(0.4, 1.0), momentum_teacher=0.996, warmup_epochs=0, epochs=2)
+    cfg = PretrainConfig(
+        arch="vit_tiny",
+        out_dim=4096,
+        local_crops=2,
+        global_size=224,
+        local_size=96,
+        global_scale=(0.4, 1.0),
+        momentum_teacher=0.996,
+        warmup_epochs=0,
+        epochs=2,
+    )
     state = build_training_state(cfg, torch.device("cpu"), dtype)
     B = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         make_images(Path(tmp), B)
-        ds = MultiCropDataset(find_images(Path(tmp)), MultiCropAugmentation((0.4, 1.0), (0.05, 0.4), 2, 224, 96))
+        ds = MultiCropDataset(
+            find_images(Path(tmp)), MultiCropAugmentation((0.4, 1.0), (0.05, 0.4), 2, 224, 96)
+        )
         clock = Clock()
         for step in range(args.steps + 1):
             if step == 1:
@@ -92,11 +103,15 @@ def main() -> None:
             clock.lap("EMA")
     n = args.steps
     wall, cpu = sum(clock.wall.values()), sum(clock.cpu.values())
-    print(f"{plan.describe()}; {args.precision}; {n} steps of {B} images: {wall / n:.2f} s per step "
-          f"({B * n / wall:.1f} images/s), {cpu / n:.2f} CPU s per step")
+    print(
+        f"{plan.describe()}; {args.precision}; {n} steps of {B} images: {wall / n:.2f} s per step "
+        f"({B * n / wall:.1f} images/s), {cpu / n:.2f} CPU s per step"
+    )
     print(f"{'part':16s}{'wall ms':>10s}{'share':>8s}{'CPU ms':>10s}")
     for k in clock.wall:
-        print(f"{k:16s}{1000 * clock.wall[k] / n:10.1f}{100 * clock.wall[k] / wall:7.1f}%{1000 * clock.cpu[k] / n:10.1f}")
+        print(
+            f"{k:16s}{1000 * clock.wall[k] / n:10.1f}{100 * clock.wall[k] / wall:7.1f}%{1000 * clock.cpu[k] / n:10.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,19 @@ VALUES = {"lr": 1e-3, "wd": 0.04, "momentum": 0.9}
 
 
 def tiny_state(device, dtype):
-    cfg = PretrainConfig(arch="vit_tiny", depth=2, out_dim=64, local_crops=2, global_size=32, local_size=16,
-                         global_scale=(0.4, 1.0), momentum_teacher=0.9, warmup_epochs=0, epochs=2,
-                         drop_path=0.0)  # no random drop: the same numbers on both devices
+    cfg = PretrainConfig(
+        arch="vit_tiny",
+        depth=2,
+        out_dim=64,
+        local_crops=2,
+        global_size=32,
+        local_size=16,
+        global_scale=(0.4, 1.0),
+        momentum_teacher=0.9,
+        warmup_epochs=0,
+        epochs=2,
+        drop_path=0.0,
+    )  # no random drop: the same numbers on both devices
     return build_training_state(cfg, device, dtype)
 
 
@@ -75,13 +85,50 @@ def test_torchrun_nccl_one_process_per_gpu(tmp_path):
     script.write_text(RANK_DUMP)
     out, dumps = tmp_path / "run", tmp_path / "dumps"
     dumps.mkdir()
-    args = ["pretrain", "--data", str(data), "--output", str(out), "--arch", "vit_tiny", "--depth", "2",
-            "--epochs", "1", "--batch-size", "8", "--out-dim", "128", "--local-crops", "2", "--global-size", "32",
-            "--local-size", "16", "--precision", "bf16", "--device", "cuda", "--num-workers", "0", "--quiet"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-           str(script), str(dumps), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "DINOKIT_OFFLINE": "1"})
+    args = [
+        "pretrain",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--arch",
+        "vit_tiny",
+        "--depth",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--out-dim",
+        "128",
+        "--local-crops",
+        "2",
+        "--global-size",
+        "32",
+        "--local-size",
+        "16",
+        "--precision",
+        "bf16",
+        "--device",
+        "cuda",
+        "--num-workers",
+        "0",
+        "--quiet",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(n),
+        str(script),
+        str(dumps),
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "DINOKIT_OFFLINE": "1"}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == n and config["device_used"].startswith("cuda")
@@ -98,10 +145,30 @@ def test_davis_on_the_gpu_agrees_with_the_cpu(tmp_path, tiny2_weights):
     masks = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / device
-        r = run_cli(["davis", "--data", str(root), "--weights", str(tiny2_weights), "--output", str(out),
-                     "--short-side", "64", "--num-workers", "0", "--device", device, "--precision", "fp32", "--quiet"])
+        r = run_cli(
+            [
+                "davis",
+                "--data",
+                str(root),
+                "--weights",
+                str(tiny2_weights),
+                "--output",
+                str(out),
+                "--short-side",
+                "64",
+                "--num-workers",
+                "0",
+                "--device",
+                device,
+                "--precision",
+                "fp32",
+                "--quiet",
+            ]
+        )
         assert r.exit_code == 0, r.output
-        masks[device] = [np.array(Image.open(p)) for s in ("squares", "bars") for p in sorted((out / s).glob("*.png"))]
+        masks[device] = [
+            np.array(Image.open(p)) for s in ("squares", "bars") for p in sorted((out / s).glob("*.png"))
+        ]
         assert json.loads((out / "metrics.json").read_text())["J&F-Mean"] >= 0
     same = np.mean([np.mean(a == b) for a, b in zip(masks["cpu"], masks["cuda"])])
     assert same > 0.99, same  # TF32 / kernel order may flip a few boundary pixels, no more
