@@ -57,7 +57,7 @@ def pretrain_rate(data: Path, out: Path, threads: list[str]) -> tuple[float, str
 
 def features_rate(data: Path, out: Path, n: int, precision: str, threads: list[str]) -> tuple[float, str]:
     t = time.perf_counter()
-    log = dinokit("features", "--data", str(data), "--output", str(out), "--overwrite", "--arch", "vit_small",
+    log = dinokit("features", "--data", str(data), "--output", str(out), "--overwrite", "--weights", "random", "--arch", "vit_small",
                   "--batch-size", "16", "--precision", precision, *threads)  # fmt: skip
     choice = next((x.strip() for x in log.splitlines() if "compute thread" in x), "")
     return n / (time.perf_counter() - t), " ".join(choice.split())
