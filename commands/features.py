@@ -4,7 +4,7 @@ other tools)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -64,6 +64,10 @@ def features(
     num_workers: NumWorkers = 0,
     device: Device = "auto",
     precision: Precision = "auto",
+    threads: Annotated[
+        Optional[int],
+        typer.Option("--threads", min=1, help="CPU threads for the compute (default: the cores other programs leave free)."),
+    ] = None,
     seed: Seed = 0,
     strict: Strict = False,
     overwrite: Overwrite = False,
@@ -98,6 +102,7 @@ def features(
         num_workers=num_workers,
         device=device,
         precision=precision,
+        threads=threads,
         seed=seed,
         strict=strict,
     )

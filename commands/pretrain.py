@@ -116,7 +116,7 @@ def pretrain_command(
     num_workers: NumWorkers = 4,
     threads: Annotated[
         Optional[int],
-        typer.Option("--threads", rich_help_panel=RUNTIME_PANEL, min=1, help="CPU threads for the compute (default: torch's choice, one per core)."),
+        typer.Option("--threads", rich_help_panel=RUNTIME_PANEL, min=1, help="CPU threads for the compute (default: the cores other programs leave free)."),
     ] = None,
     seed: Seed = 0,
     strict: Strict = False,

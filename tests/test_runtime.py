@@ -222,3 +222,65 @@ def test_pinned_numerics_take_effect_in_a_fresh_process_and_keep_the_users_choic
     assert by_hand["head"] == pinned["head"] and by_hand["sum"] == pinned["sum"]
     # a user's own choice is kept
     assert probe(2, ATEN_CPU_CAPABILITY="default")["record"]["cpu_capability"] == "DEFAULT"
+
+
+def test_free_cores_sums_each_cores_idle_share(monkeypatch):
+    from dinokit import runtime
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    snapshots = iter([
+        {0: (100, 1000), 1: (500, 1000), 2: (0, 1000)},
+        # cpu0 idle for all 100 ticks, cpu1 for 25 of 100, cpu2 never (another program keeps it busy)
+        {0: (200, 1100), 1: (525, 1100), 2: (0, 1100)},
+    ])  # fmt: skip
+    monkeypatch.setattr(runtime, "_cpu_times", lambda cpus: next(snapshots))
+    assert runtime.free_cores(probe_seconds=0) == pytest.approx(1.25)
+
+
+def test_free_cores_reads_proc_stat_of_the_allowed_cores():
+    from dinokit import runtime
+
+    free = runtime.free_cores(probe_seconds=0.05)
+    assert 0.0 <= free <= runtime.available_cores()
+
+
+def test_cpu_plan_takes_the_free_cores_and_leaves_workers_the_rest(monkeypatch):
+    from dinokit import runtime
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(runtime, "free_cores", lambda probe_seconds=0.2: 1.02)  # one busy program beside
+        plan = runtime.plan_cpu(None, 4, cpu, world_size=1)
+        assert (plan.threads, plan.workers, plan.chosen_by) == (1, 0, "free cores")
+        assert "1 compute thread(s), 0 data worker(s) (1.0 of 2 cores free; --threads overrides)" == plan.describe()
+        monkeypatch.setattr(runtime, "free_cores", lambda probe_seconds=0.2: 1.97)  # idle
+        assert (runtime.plan_cpu(None, 4, cpu, world_size=1).threads, runtime.plan_cpu(None, 4, cpu, 1).workers) == (2, 0)
+        monkeypatch.setattr(runtime, "free_cores", lambda probe_seconds=0.2: 0.1)  # busier than its cores
+        assert runtime.plan_cpu(None, 4, cpu, world_size=1).threads == 1
+        # --threads wins whatever is free; workers get what the threads leave
+        plan = runtime.plan_cpu(2, 4, cpu, world_size=1)
+        assert (plan.threads, plan.workers, plan.chosen_by) == (2, 0, "--threads") and "set by --threads" in plan.describe()
+        assert runtime.plan_cpu(1, 4, cpu, world_size=1).workers == 1
+        # a GPU computes: the threads stay, the workers take the process's cores
+        assert (runtime.plan_cpu(None, 4, cuda, world_size=1).threads, runtime.plan_cpu(None, 4, cuda, 1).workers) == (2, 2)
+        # more cores: the threads never exceed torch's setting, the free rest goes to the workers
+        monkeypatch.setattr(runtime, "available_cores", lambda: 8)
+        monkeypatch.setattr(runtime, "free_cores", lambda probe_seconds=0.2: 7.0)
+        plan = runtime.plan_cpu(None, 4, cpu, world_size=1)
+        assert (plan.threads, plan.workers) == (2, 4)
+        assert runtime.plan_cpu(None, 4, cpu, world_size=2).threads == 2  # 3.5 free cores each
+        assert runtime.plan_cpu(None, 4, cpu, world_size=2).workers == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_threads_sets_and_restores():
+    from dinokit.runtime import cpu_threads
+
+    before = torch.get_num_threads()
+    with cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

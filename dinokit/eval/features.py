@@ -52,9 +52,11 @@ from ..progress import NULL_PROGRESS, Progress
 from ..runtime import (
     RuntimeOptions,
     autocast,
+    cpu_threads,
     dist_env,
     inference_model,
     is_dist,
+    plan_cpu,
     precision_name,
     resolve_device,
     resolve_precision,
@@ -536,6 +538,7 @@ class FeatureSpec(BackboneOptions, RuntimeOptions):
     avgpool_patch_tokens: bool = False
     resize: int = 256
     crop: int = 224
+    threads: int | None = None  #: CPU compute threads (None: the cores other programs leave free)
 
 
 class Embedder:
@@ -597,14 +600,25 @@ class Embedder:
                 progress.log(f"reusing cached features {cache}")
                 return cached
             progress.log(f"recomputing {cache}: its fingerprint does not match")
-        fs = compute_features(
+        plan = plan_cpu(self.spec.threads, self.spec.num_workers, self.device)
+        if plan.chosen_by != "default":
+            log.info("%s: %s", self.device, plan.describe())
+        with cpu_threads(plan.threads):
+            fs = self._compute(images, transform, progress, description, expected, plan.workers)
+        if cached_file is not None:
+            cached_file.save(fs.to_dict())
+        return fs
+
+    def _compute(self, images: ImageList, transform: Any, progress: Progress, description: str,
+                 expected: dict, workers: int) -> FeatureSet:
+        return compute_features(
             self.model,
             images,
             transform=transform or self.transform,
             n_last_blocks=self.spec.n_last_blocks,
             avgpool_patch_tokens=self.spec.avgpool_patch_tokens,
             batch_size=self.spec.batch_size,
-            num_workers=self.spec.num_workers,
+            num_workers=workers,
             device=self.device,
             dtype=self.dtype,
             weights=self.spec.weights,
@@ -615,6 +629,3 @@ class Embedder:
             description=description,
             fingerprint=expected,
         )
-        if cached_file is not None:
-            cached_file.save(fs.to_dict())
-        return fs

@@ -92,8 +92,11 @@ class DINOTrainingState:
     teacher_forward: nn.Module | None = None
 
     def __post_init__(self) -> None:
-        self.student_forward = self.student_forward or self.student
-        self.teacher_forward = self.teacher_forward or self.teacher
+        # "is None", not "or": a torch.compile wrapper has no truth value (it raises on len())
+        if self.student_forward is None:
+            self.student_forward = self.student
+        if self.teacher_forward is None:
+            self.teacher_forward = self.teacher
         self.last_layer_params = [p for n, p in self.student.named_parameters() if "last_layer" in n]
         self.trained_params = [p for p in self.student.parameters() if p.requires_grad]
         self.student_params = list(self.student.parameters())

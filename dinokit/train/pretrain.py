@@ -40,16 +40,18 @@ from ..io import (
 from ..models.registry import canonical_arch
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import (
+    CpuPlan,
     GracefulStop,
     agreed_stop_signal,
     barrier,
     cleanup_distributed,
+    cpu_threads,
     ensure_finite_loss,
     get_rng_state,
     init_distributed,
     is_dist,
-    loader_workers,
     max_over_ranks,
+    plan_cpu,
     precision_name,
     resolve_device,
     resolve_precision,
@@ -179,12 +181,13 @@ def pretrain(cfg: PretrainConfig, progress: Progress = NULL_PROGRESS) -> Pretrai
     checkpoint is kept).
     """
     validate_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
     env = init_distributed(device)
+    # threads and workers from the cores that are free now (other programs count), or --threads
+    plan = plan_cpu(cfg.threads, cfg.num_workers, device)
     try:
-        return PretrainRun(cfg, device, env, progress if env.is_main else NULL_PROGRESS).run()
+        with cpu_threads(plan.threads):
+            return PretrainRun(cfg, device, env, progress if env.is_main else NULL_PROGRESS, plan).run()
     except RuntimeError as e:
         if "DataLoader worker" not in str(e):
             raise
@@ -216,8 +219,9 @@ class PretrainRun:
     """One pretraining run in its folder: set-up (data, settings, state, resume), the epoch loop,
     and the checkpoints. :func:`pretrain` is the way to start one."""
 
-    def __init__(self, cfg: PretrainConfig, device: torch.device, env, progress: Progress):
+    def __init__(self, cfg: PretrainConfig, device: torch.device, env, progress: Progress, plan: CpuPlan):
         self.cfg = cfg
+        self.plan = plan
         self.device = device
         self.env = env
         self.progress = progress
@@ -260,8 +264,6 @@ class PretrainRun:
         if ckpt is not None:
             check_run_identity(self.out / "checkpoint.pth", ckpt.get("run_identity") or run_identity(saved, NOT_IDENTITY),
                                self.identity, what="the run asked for (its config.json and this command line)")
-        if device.type == "cpu" and not cfg.threads:
-            _warn_if_cpu_busy()
         self.dtype = resolve_precision(cfg.precision, device, training=True)
         self.n_images = len(paths)
         self.global_batch = cfg.batch_size * env.world_size
@@ -292,19 +294,16 @@ class PretrainRun:
                 "iterations_per_epoch": self.iters,
                 "precision_used": precision_name(self.dtype),
                 "device_used": str(device),
+                "threads_used": self.plan.threads,
+                "num_workers_used": self.plan.workers,
             })  # fmt: skip
         transform = MultiCropAugmentation(
             cfg.global_scale, cfg.local_scale, cfg.local_crops, cfg.global_size, cfg.local_size
         )
         self.dataset = MultiCropDataset(paths, transform, seed=cfg.seed)
         self.sampler = EpochSampler(self.dataset, env.world_size, env.rank, cfg.seed, cfg.batch_size)
-        self.num_workers = loader_workers(cfg.num_workers, device, env.world_size)
-        if self.num_workers < cfg.num_workers:
-            log.info(
-                "%d data-loader worker(s) instead of %d: %s",
-                self.num_workers, cfg.num_workers,
-                "the compute threads use every core" if self.num_workers == 0 else "no more cores are free",
-            )  # fmt: skip
+        self.num_workers = self.plan.workers
+        log.info("%s: %s", device, self.plan.describe())
         return start
 
     def _restore(self, ckpt: dict) -> tuple[EpochTally, int, int]:
@@ -380,7 +379,8 @@ class PretrainRun:
             world_size=self.env.world_size,
             precision=precision_name(self.dtype),
             device=str(self.device),
-            settings={k: getattr(cfg, k) for k in ("out_dim", "momentum_teacher", "warmup_epochs", "batch_size")},
+            settings={**{k: getattr(cfg, k) for k in ("out_dim", "momentum_teacher", "warmup_epochs", "batch_size")},
+                      "threads": self.plan.threads, "num_workers": self.plan.workers},
             collapsed_epochs=collapsed,
             history=history,
             state=self.state,
@@ -530,20 +530,6 @@ class PretrainRun:
         save_checkpoint(ckpt, self.out / "checkpoint.pth")
         save_backbone(self.state.teacher.backbone, self.out / "backbone.pth")
         self.newest_checkpoint = ckpt
-
-
-def _warn_if_cpu_busy() -> None:
-    """Several threads per process on a machine already busier than its cores wait on each other
-    far more than they compute; one thread is then much faster."""
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return
-    cores = os.cpu_count() or 1
-    if torch.get_num_threads() > 1 and load > 1.5 * cores:
-        log.warning(
-            "the machine is busy (load %.1f on %d cores); --threads 1 is likely to train faster here", load, cores
-        )
 
 
 def resume_hint(output: str | os.PathLike) -> str:

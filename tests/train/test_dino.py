@@ -57,3 +57,10 @@ def test_collapse_is_a_whole_epoch_at_ln_out_dim():
     assert is_collapsed(torch.tensor([ln + 0.04, ln - 0.04]), 256)  # within 0.05
     assert not is_collapsed(torch.tensor([ln, ln - 0.5]), 256)
     assert not is_collapsed(torch.tensor([]), 256)
+
+
+def test_compiled_models_make_a_training_state():
+    # a torch.compile wrapper raises on truth-value tests; the state must take it as it is
+    state = tiny_state(compile=True)
+    assert state.student_forward is not state.student and state.teacher_forward is not state.teacher
+    assert state.student_forward._orig_mod is state.student

@@ -1,0 +1,118 @@
+"""Where a DINO pretraining step spends its time: data (decode + multi-crop), teacher forward,
+student forward, loss, backward, clipping, optimiser, EMA.
+
+The recipe of `pretrain_throughput.py` (vit_tiny/16, 2x224 + 2x96 crops, batch 16, out_dim 4096).
+Each part is timed in wall-clock seconds and in this process's CPU seconds (which other programs on
+a shared machine disturb less); the first step is left out. `--threads` sets torch's threads (by
+default what dinokit would choose now, as `dinokit pretrain` does).
+
+    python benchmarks/profile_step.py [--threads N] [--precision bf16] [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dinokit.data.images import find_images
+from dinokit.data.multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
+from dinokit.runtime import autocast, plan_cpu
+from dinokit.train.dino import build_training_state
+from dinokit.train.optim import cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update
+from dinokit.train.pretrain_settings import PretrainConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pretrain_throughput import make_images  # noqa: E402
+
+
+class Clock:
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.mark()
+
+    def mark(self):
+        self.t, self.c = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str):
+        t, c = time.perf_counter(), time.process_time()
+        self.wall[name] = self.wall.get(name, 0.0) + t - self.t
+        self.cpu[name] = self.cpu.get(name, 0.0) + c - self.c
+        self.t, self.c = t, c
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+    plan = plan_cpu(args.threads, 0, torch.device("cpu"))
+    torch.set_num_threads(plan.threads)
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    cfg = PretrainConfig(
+        arch="vit_tiny",
+        out_dim=4096,
+        local_crops=2,
+        global_size=224,
+        local_size=96,
+        global_scale=(0.4, 1.0),
+        momentum_teacher=0.996,
+        warmup_epochs=0,
+        epochs=2,
+    )
+    state = build_training_state(cfg, torch.device("cpu"), dtype)
+    B = args.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        make_images(Path(tmp), B)
+        ds = MultiCropDataset(
+            find_images(Path(tmp)), MultiCropAugmentation((0.4, 1.0), (0.05, 0.4), 2, 224, 96)
+        )
+        clock = Clock()
+        for step in range(args.steps + 1):
+            if step == 1:
+                clock = Clock()
+            clock.mark()
+            crops, _ = collate_multicrop([ds[i] for i in range(B)])
+            clock.lap("data")
+            for group in state.optimizer.param_groups:
+                group["lr"] = 1e-4
+            with autocast(state.device, dtype):
+                with torch.no_grad():
+                    t_out = state.teacher_forward(crops[:2])
+                clock.lap("teacher forward")
+                s_out = state.student_forward(crops)
+                clock.lap("student forward")
+            loss = state.dino_loss(s_out, t_out, 1)
+            clock.lap("loss")
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clock.lap("backward")
+            clip_gradients_per_parameter(state.trained_params, 3.0)
+            clock.lap("clipping")
+            cancel_last_layer_gradients(state.last_layer_params, 1, 1)
+            state.optimizer.step()
+            clock.lap("optimiser")
+            ema_update(state.teacher_params, state.student_params, 0.996)
+            clock.lap("EMA")
+    n = args.steps
+    wall, cpu = sum(clock.wall.values()), sum(clock.cpu.values())
+    print(
+        f"{plan.describe()}; {args.precision}; {n} steps of {B} images: {wall / n:.2f} s per step "
+        f"({B * n / wall:.1f} images/s), {cpu / n:.2f} CPU s per step"
+    )
+    print(f"{'part':16s}{'wall ms':>10s}{'share':>8s}{'CPU ms':>10s}")
+    for k in clock.wall:
+        print(
+            f"{k:16s}{1000 * clock.wall[k] / n:10.1f}{100 * clock.wall[k] / wall:7.1f}%{1000 * clock.cpu[k] / n:10.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
