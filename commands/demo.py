@@ -314,10 +314,10 @@ def demo(
 
     if epochs is not None and minutes is not None:
         raise DinokitError("Give --epochs or --minutes, not both: --minutes fits the number of epochs to a time budget.")
-    # before anything computes: the kernels are chosen at the first tensor operation of the process
-    numerics = pin_cpu_numerics(threads=DEMO_THREADS)
     setup_logging(quiet)
     out = prepare_output_dir(output, overwrite=overwrite)
+    # before anything computes: the kernels are chosen at the first tensor operation of the process
+    numerics = pin_cpu_numerics(threads=DEMO_THREADS)
     plan = DemoPlan(
         output=out, minutes=minutes, arch=arch, per_class=per_class, epochs=epochs, seed=seed, quiet=quiet,
         overwrite=overwrite, threads=DEMO_THREADS, numerics=numerics,
