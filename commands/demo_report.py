@@ -34,6 +34,10 @@ WHY_NOT = {
 }
 
 
+#: how the two rows of each picture are captioned
+_WHO = {"random": "random init", "trained": "DINO, pretrained by this demo"}
+
+
 # -- pictures -----------------------------------------------------------------------------------
 def _caption_font(size: int = 22) -> ImageFont.ImageFont:
     """A scalable font for captions (Pillow's bundled one); the 11-pixel bitmap font where Pillow
@@ -90,7 +94,7 @@ def compose_pictures(out: Path, evals: Path) -> dict[str, str]:
                     t = Image.open(d / fname).convert("RGB")
                     tiles.append(t.resize((168 * t.width // t.height, 168)))
         if tiles:
-            rows.append(_label(_stack(tiles, vertical=False), f"{name} init: head masks and the heads' mean over the image"))
+            rows.append(_label(_stack(tiles, vertical=False), f"{_WHO[name]}: head masks and the heads' mean over the image"))
     if rows:
         _stack(rows, vertical=True).save(fig / "attention.png")
         pics["attention"] = "figures/attention.png"
@@ -106,7 +110,7 @@ def compose_pictures(out: Path, evals: Path) -> dict[str, str]:
         picks = [frames[i] for i in sorted({0, len(frames) // 3, 2 * len(frames) // 3, len(frames) - 1})]
         tiles = [Image.open(f).convert("RGB") for f in picks]
         tiles = [t.resize((240 * t.width // t.height, 240)) for t in tiles]
-        rows.append(_label(_stack(tiles, vertical=False), f"{name} init: propagated masks, frames {seqs[0].name}"))
+        rows.append(_label(_stack(tiles, vertical=False), f"{_WHO[name]}: propagated masks, frames {seqs[0].name}"))
     if rows:
         _stack(rows, vertical=True).save(fig / "video.png")
         pics["video"] = "figures/video.png"
