@@ -2,7 +2,8 @@
 # The README's performance figures in one go: the processor first (`dinokit info`), then each
 # benchmark, every output kept in one folder. Run it twice on an idle machine and compare the two
 # folders; a figure goes into the README only when both runs agree within 15%.
-#   bash benchmarks/figures.sh [OUT]        (about 10 minutes on a 2-core CPU)
+#   bash benchmarks/figures.sh [OUT]        (about 7 minutes on a 2-core CPU; lightly, a peer of the
+#   pretraining benchmark, comes with `pip install -e ".[bench]"`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/figures-$(date +%Y%m%d-%H%M%S)}
@@ -17,8 +18,8 @@ run() {  # name, command...
 dinokit info --json > "$OUT/info.json"
 dinokit info
 uptime | tee "$OUT/load.txt"
-run vit_throughput python benchmarks/vit_throughput.py --json "$OUT/vit_throughput.json"
-run pretrain_throughput python benchmarks/pretrain_throughput.py --json "$OUT/pretrain_throughput.json"
+run vit_throughput python benchmarks/vit_throughput.py --rounds 2 --json "$OUT/vit_throughput.json"
+run pretrain_throughput python benchmarks/pretrain_throughput.py --images 64 --epochs 2 --json "$OUT/pretrain_throughput.json"
 run knn_speed python benchmarks/knn_speed.py
 run davis_speed python benchmarks/davis_speed.py --frames 12
 uptime | tee -a "$OUT/load.txt"

@@ -31,6 +31,8 @@ DEMO_EPOCHS = 12
 #: compute threads of every step: fixed, because reductions split over threads sum in another order;
 #: two, the cores of the small machines the demo is sized for (a bigger machine gives the same numbers)
 DEMO_THREADS = 2
+#: the projection head's output dimensions in the demo's recipe
+DEMO_OUT_DIM = 256
 
 
 @dataclass
@@ -55,6 +57,7 @@ class DemoPlan:
     copy_image_size: int = 128
     attn_picture_size: int = 192
     seed: int = 0
+    data_seed: int = 0
     epochs: int | None = None
     threads: int = DEMO_THREADS
     numerics: dict = field(default_factory=dict)
@@ -70,6 +73,15 @@ def _run(args: list[str], what: str) -> None:
     code = app(args=[str(a) for a in args], prog_name="dinokit", standalone_mode=False)
     if code not in (None, 0):
         raise DinokitError(f"The demo step '{what}' failed (dinokit {' '.join(map(str, args[:1]))} exited {code}).")
+
+
+def _pretrain_losses(run: Path) -> list[float]:
+    """The mean loss of each pretraining epoch, from the run's log.jsonl."""
+    try:
+        lines = (run / "log.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    return [round(float(json.loads(line)["loss"]), 4) for line in lines if line.strip()]
 
 
 def _read_json(path: Path) -> dict:
@@ -150,7 +162,7 @@ def _pretrain_recipe(plan: DemoPlan) -> list[str]:
         # hundred steps), a high lr and a small head; the teacher temperature stays at the paper's
         # starting 0.04 (0.02, sharper, collapsed to one dimension and then to uniform outputs within
         # 12 epochs)
-        "--lr", 5e-3, "--out-dim", 256, "--momentum-teacher", 0.9, "--weight-decay-end", 0.04,
+        "--lr", 5e-3, "--out-dim", DEMO_OUT_DIM, "--momentum-teacher", 0.9, "--weight-decay-end", 0.04,
         "--teacher-temp", 0.04, "--warmup-teacher-temp", 0.04,
         "--num-workers", 1, "--seed", plan.seed, "--precision", "fp32", "--threads", plan.threads,
     ]  # fmt: skip
@@ -168,15 +180,15 @@ def run_demo(plan: DemoPlan) -> dict:
         # flat shapes with class-correlated (noisy) colours and surface patterns, as real classes have:
         # minutes of DINO on a CPU can learn from these, not from the fully cluttered default set
         _run(["synth", "classify", "--output", data / "classify", "--classes", plan.classes,
-              "--per-class", plan.per_class, "--image-size", plan.image_size, "--seed", plan.seed,
+              "--per-class", plan.per_class, "--image-size", plan.image_size, "--seed", plan.data_seed,
               "--style", "simple", "--class-colour", 0.7, "--class-texture", 1.0, *common],
              "synth classify")  # fmt: skip
         _run(["synth", "video", "--output", data / "video", "--sequences", plan.video_sequences,
               "--frames", plan.video_frames, "--height", plan.video_size[0], "--width", plan.video_size[1],
-              "--seed", plan.seed, *common], "synth video")  # fmt: skip
+              "--seed", plan.data_seed, *common], "synth video")  # fmt: skip
         _run(["synth", "copydays", "--output", data / "copydays", "--originals", plan.copydays_originals,
               "--distractors", plan.copydays_distractors, "--whitening", plan.copydays_distractors,
-              "--image-size", plan.copydays_size, "--seed", plan.seed, *common], "synth copydays")  # fmt: skip
+              "--image-size", plan.copydays_size, "--seed", plan.data_seed, *common], "synth copydays")  # fmt: skip
 
     pretrain_data = data / "classify" / "train"
     n_train = sum(1 for _ in pretrain_data.rglob("*.png"))
@@ -197,7 +209,8 @@ def run_demo(plan: DemoPlan) -> dict:
               *_pretrain_recipe(plan), "--epochs", epochs, *common], "pretrain")  # fmt: skip
     weights = {
         "trained": ["--weights", trained / "backbone.pth"],
-        "random": ["--weights", "random", "--arch", plan.arch, "--patch-size", plan.patch_size],
+        # the network the pretraining started from
+        "random": ["--weights", "random", "--arch", plan.arch, "--patch-size", plan.patch_size, "--seed", plan.seed],
     }
     results: dict[str, dict] = {"trained": {}, "random": {}}
     evals = out / "eval"
@@ -259,6 +272,8 @@ def run_demo(plan: DemoPlan) -> dict:
             "units": {"knn": "percent", "linear": "percent", "jaccard": "fraction", "davis": "fraction",
                       "copydays": "fraction"},
             "pretrain_epochs": epochs,
+            "pretrain_losses": _pretrain_losses(trained),
+            "out_dim": DEMO_OUT_DIM,
             "numerics": plan.numerics,
             "seconds": round(time.monotonic() - t_start, 1),
             "timings": plan.timings,
@@ -288,7 +303,12 @@ def demo(
     per_class: Annotated[
         int, typer.Option("--per-class", min=4, help="Images per class in the built-in classification set.")
     ] = 100,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="The training seed: the initialisation and the augmentations.")
+    ] = 0,
+    data_seed: Annotated[
+        int, typer.Option("--data-seed", help="The seed of the built-in data (part of the fixed recipe).")
+    ] = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -306,7 +326,7 @@ def demo(
     # before anything computes: the kernels are chosen at the first tensor operation of the process
     numerics = pin_cpu_numerics(threads=DEMO_THREADS)
     plan = DemoPlan(
-        output=out, minutes=minutes, arch=arch, per_class=per_class, epochs=epochs, seed=seed, quiet=quiet,
+        output=out, minutes=minutes, arch=arch, per_class=per_class, epochs=epochs, seed=seed, data_seed=data_seed, quiet=quiet,
         overwrite=overwrite, threads=DEMO_THREADS, numerics=numerics,
     )
     summary = run_demo(plan)

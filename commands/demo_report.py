@@ -4,6 +4,7 @@ pictures composed from the steps' run folders (``dinokit demo`` runs the steps).
 from __future__ import annotations
 
 import html
+import math
 import shutil
 from pathlib import Path
 
@@ -145,6 +146,25 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def collapse_note(summary: dict) -> str:
+    """A sentence when this run's pretraining ended collapsed: its last epoch's loss at (or above) the
+    entropy of a uniform output, ln(out_dim), where the teacher's targets carry no information."""
+    losses, out_dim = summary.get("pretrain_losses") or [], summary.get("out_dim")
+    if not losses or not out_dim:
+        return ""
+    uniform = math.log(out_dim)
+    if losses[-1] < 0.95 * uniform:
+        return ""
+    first = next(i for i, v in enumerate(losses) if v >= 0.9 * uniform) + 1
+    return (
+        f"Measured in this run: the pretraining loss reached {losses[-1]:.2f} in its last epoch, the "
+        f"entropy of a uniform output over the head's {out_dim} dimensions (ln {out_dim} = {uniform:.2f}), "
+        f"from epoch {first} of {len(losses)} on: the head's outputs collapsed late in this short, "
+        "fast-moving recipe, and the features kept only part of what the earlier epochs learnt. Longer "
+        "runs and other seeds land elsewhere (README, the demo's three seeds)."
+    )
+
+
 def write_reports(out: Path, results: dict, pictures: dict[str, str], summary: dict) -> None:
     """``report.md`` and ``report.html``: the table, why each miss is expected here, the pictures."""
     rows = table_rows(results)
@@ -162,11 +182,14 @@ def write_reports(out: Path, results: dict, pictures: dict[str, str], summary: d
         *[f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows],
         "",
     ]
+    collapse = collapse_note(summary)
     if misses:
         md.append("Where the trained model does not beat random init here, and why:")
         md.append("")
         md.extend(f"- **{title}**: {WHY_NOT[key]}." for key, title in misses)
         md.append("")
+        if collapse:
+            md += [collapse, ""]
     md.append(
         "The paper's figures come from ImageNet-scale pretraining (days on GPUs) and real data sets; they "
         "are shown for context only. Each step's run folder (with its own metrics.json) is under `pretrain/` "
@@ -204,6 +227,8 @@ def write_reports(out: Path, results: dict, pictures: dict[str, str], summary: d
         body.append("<p>Where the trained model does not beat random init here, and why:</p><ul>")
         body.extend(f"<li><b>{esc(t)}</b>: {esc(WHY_NOT[k])}.</li>" for k, t in misses)
         body.append("</ul>")
+        if collapse:
+            body.append(f"<p>{esc(collapse)}</p>")
     for key, path in pictures.items():
         body.append(f"<h2>{esc(key.capitalize())}</h2><p>{esc(captions[key])}</p><img src='{esc(path)}'>")
     body.append("</body></html>")

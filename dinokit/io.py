@@ -174,13 +174,16 @@ def check_output_file(path: str | os.PathLike, overwrite: bool = False) -> Path:
         raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it.")
     if path.is_dir():
         raise OutputExistsError(f"{path} is a folder; give a file path.")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DinokitError(f"The folder {path.parent} cannot be created ({e.strerror or e}).") from e
-    # checked before the work, not found out when the result is to be written
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise DinokitError(f"The folder {path.parent} is not writable; choose another output path.")
+    # checked before the work, not found out when the result is to be written; nothing is created
+    # here, so that a run that fails leaves no empty folder behind (the writer makes the folders)
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DinokitError(f"The folder {path.parent} cannot be created: {existing} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is" if existing == path.parent else f"cannot be created in {existing}, which is"
+        raise DinokitError(f"The folder {path.parent} {what} not writable; choose another output path.")
     return path
 
 

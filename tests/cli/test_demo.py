@@ -88,3 +88,14 @@ def test_epochs_and_minutes_together_are_refused(tmp_path):
     assert r.exit_code != 0
     assert "--epochs or --minutes" in r.output
     assert not (tmp_path / "d").exists()
+
+
+def test_the_report_names_a_late_collapse_measured_from_the_losses():
+    """ln(256) = 5.545: a last epoch at 5.60 is a collapsed head (uniform outputs), first reached at
+    epoch 2 (5.30 >= 0.9 x 5.545 = 4.99); a run that ends at 2.0 gets no such sentence."""
+    from dinokit.commands.demo_report import collapse_note
+
+    note = collapse_note({"pretrain_losses": [2.0, 5.3, 5.6], "out_dim": 256})
+    assert "5.60" in note and "ln 256 = 5.55" in note and "from epoch 2 of 3" in note
+    assert collapse_note({"pretrain_losses": [5.6, 4.0, 2.0], "out_dim": 256}) == ""
+    assert collapse_note({"pretrain_losses": [], "out_dim": 256}) == ""

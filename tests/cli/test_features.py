@@ -164,3 +164,14 @@ def test_unreadable_images_skipped_by_default_strict_stops(tmp_path, tiny2_weigh
                  tmp_path / "g.pt", "--strict", *SMALL])  # fmt: skip
     assert r.exit_code == 2 and r.output.startswith("Error:") and "broken.png is not a readable image" in r.text
     assert not (tmp_path / "g.pt").exists()
+
+
+def test_a_failed_run_leaves_no_folder_behind(tmp_path, tiny2_weights):
+    """The output check creates nothing: a run that fails (here: a folder with no images) leaves
+    neither the file nor the folders of its --output path."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "new" / "deeper" / "feats.pt"
+    r = run_cli(["features", "--weights", str(tiny2_weights), "--data", str(empty), "--output", str(out)])
+    assert r.exit_code != 0
+    assert not (tmp_path / "new").exists()
