@@ -58,8 +58,10 @@ def davis_score(
 
     setup_logging(quiet)
     names = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
-    out = Path(output)
-    beside = out.resolve() == Path(pred).resolve()  # into the prediction folder, as the official evaluator
+    # into the prediction folder, as the official evaluator does: the --pred path itself, however
+    # --output spells it, so the checks below look at the files that would be replaced
+    beside = Path(output).resolve() == Path(pred).resolve()
+    out = Path(pred) if beside else Path(output)
     if not beside:
         _check_destination(out, split, overwrite, beside=False)
     with RichProgress(quiet=quiet) as progress:
