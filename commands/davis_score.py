@@ -27,14 +27,13 @@ def davis_score(
     ],
     pred: Annotated[Path, typer.Option("--pred", help="Results: a folder of <seq>/ folders of indexed PNGs.")],
     output: Annotated[
-        Optional[Path],
+        Path,
         typer.Option(
             "--output", "-o",
-            help="Where metrics.json and the CSVs go (default: the --pred folder). Existing results there are "
-            "kept unless --overwrite; a `dinokit davis` run's own metrics.json is its record, so score such a "
-            "run with sequences of your choice into another --output.",
+            help="The folder for metrics.json and the CSVs, or the --pred folder itself to write beside the "
+            "predictions.",
         ),
-    ] = None,
+    ],
     split: Annotated[
         str, typer.Option("--split", help="The split list of a DAVIS root, also used in the CSV names.")
     ] = "val",
@@ -48,23 +47,27 @@ def davis_score(
 
     Objects are the labels of the first ground-truth frame; the first and the last frame are not
     scored. Writes metrics.json (fractions, with per_object), global_results-<split>.csv and
-    per-sequence_results-<split>.csv into --output (default: the --pred folder). Like every command it
-    never replaces existing results without --overwrite: scoring a folder twice, or scoring a
-    `dinokit davis` run (whose metrics.json records its weights and videos) into its own folder, is
-    refused with a sentence that says to pass --output or --overwrite.
+    per-sequence_results-<split>.csv into --output; --output set to the --pred folder writes them beside
+    the predictions, as the official DAVIS evaluator does. Like every command it never replaces existing
+    results without --overwrite: scoring a folder twice, or scoring a `dinokit davis` run (whose
+    metrics.json records its weights and videos) into its own folder, is refused with a sentence that
+    says to pass another --output or --overwrite.
     """
     from dinokit.eval.davis_metrics import UNITS, evaluate_davis
     from dinokit.io import write_metrics
 
     setup_logging(quiet)
     names = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
-    out = Path(output) if output is not None else Path(pred)
-    if output is not None:
-        _check_destination(out, split, overwrite, default=False)
+    # into the prediction folder, as the official evaluator does: the --pred path itself, however
+    # --output spells it, so the checks below look at the files that would be replaced
+    beside = Path(output).resolve() == Path(pred).resolve()
+    out = Path(pred) if beside else Path(output)
+    if not beside:
+        _check_destination(out, split, overwrite, beside=False)
     with RichProgress(quiet=quiet) as progress:
         scores = evaluate_davis(gt, pred, split=split, sequences=names, progress=progress)
-    if output is None:  # the prediction folder: checked once it is known to hold predictions
-        _check_destination(out, split, overwrite, default=True)
+    if beside:  # the prediction folder: checked once it is known to hold predictions
+        _check_destination(out, split, overwrite, beside=True)
     out.mkdir(parents=True, exist_ok=True)
     config = {"gt": gt, "pred": pred, "split": split, "sequences": scores.sequences}
     path = write_metrics(out, scores.metrics(), config=config, units=UNITS)
@@ -80,8 +83,9 @@ def davis_score(
     console.print(f"Wrote {path}, {g.name} and {s.name}.", highlight=False)
 
 
-def _check_destination(out: Path, split: str, overwrite: bool, default: bool) -> None:
-    """Refuse to replace the results already in ``out`` without --overwrite (before anything is written)."""
+def _check_destination(out: Path, split: str, overwrite: bool, beside: bool) -> None:
+    """Refuse to replace the results already in ``out`` without --overwrite (before anything is written);
+    ``beside``: ``out`` is the prediction folder, whose metrics.json may be a `dinokit davis` run's record."""
     import json
 
     from dinokit.errors import OutputExistsError
@@ -96,12 +100,12 @@ def _check_destination(out: Path, split: str, overwrite: bool, default: bool) ->
         record = json.loads(results[0].read_text(encoding="utf-8")) if results[0].is_file() else {}
     except (OSError, ValueError):
         record = {}
-    if default and isinstance(record, dict) and "videos" in record:
+    if beside and isinstance(record, dict) and "videos" in record:
         raise OutputExistsError(
             f"{out} is a `dinokit davis` run whose metrics.json records its weights and videos; pass --output "
             "with another folder for these scores (or --overwrite to replace that record)."
         )
-    hint = "pass --output with another folder, or --overwrite to replace it" if default else "pass --overwrite to replace it"
+    hint = "pass --output with another folder, or --overwrite to replace it" if beside else "pass --overwrite to replace it"
     raise OutputExistsError(f"{existing[0]} already exists; {hint}.")
 
 

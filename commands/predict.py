@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,11 +29,10 @@ def predict(
     model: Annotated[
         Path, typer.Option("--model", "-m", help="A fine-tuned model: RUN/model.pth or RUN/best.pth.")
     ],
-    top: Annotated[int, typer.Option("--k", min=1, help="How many classes to report per image (the top k).")] = 5,
     output: Annotated[
-        Optional[Path],
-        typer.Option("--output", "-o", help="Write predictions to this .csv or .json file (else print a table)."),
-    ] = None,
+        Path, typer.Option("--output", "-o", help="A .csv or .json file, or - to print a table.")
+    ],
+    top: Annotated[int, typer.Option("--k", min=1, help="How many classes to report per image (the top k).")] = 5,
     batch_size: BatchSize = 64,
     num_workers: NumWorkers = 0,
     device: Device = "auto",
@@ -42,15 +41,20 @@ def predict(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Predict the classes of images with a fine-tuned model, batched."""
+    """Predict the classes of images with a fine-tuned model, batched.
+
+    --output preds.csv or preds.json writes the predictions to that file; --output - prints them as a
+    table instead, one row per image with its top classes and their probabilities.
+    """
     from dinokit.errors import DinokitError
     from dinokit.eval.predict import predict_images
     from dinokit.io import atomic_write_text, check_output_file, to_json
 
     setup_logging(quiet)
-    if output is not None:
+    to_table = str(output) == "-"
+    if not to_table:
         if output.suffix.lower() not in (".csv", ".json"):
-            raise DinokitError(f"--output {output} must end in .csv or .json.")
+            raise DinokitError(f"--output {output} must end in .csv or .json (or be - to print a table).")
         check_output_file(output, overwrite)
     with RichProgress(quiet=quiet) as progress:
         res = predict_images(
@@ -64,7 +68,7 @@ def predict(
         logging.getLogger("dinokit").warning(
             "%s skipped (first: %s).", plural(len(res.skipped), "unreadable image"), res.skipped[0]
         )
-    if output is None:
+    if to_table:
         import os
 
         from rich.table import Table

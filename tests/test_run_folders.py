@@ -293,13 +293,15 @@ def test_davis_score_does_not_replace_results_without_overwrite(tmp_path):
     gt = DATA / "davis-ellipses" / "gt"
     pred = tmp_path / "pred"
     _copy_tree(DATA / "davis-ellipses" / "pred", pred)
-    r = run_cli(["davis-score", "--gt", gt, "--pred", pred, "--quiet"])
+    r = run_cli(["davis-score", "--gt", gt, "--pred", pred, "--output", pred, "--quiet"])
     assert r.exit_code == 0, r.text
     first = (pred / "metrics.json").read_text()
-    r = run_cli(["davis-score", "--gt", gt, "--pred", pred, "--sequences", "ellipses-drift", "--quiet"])
+    r = run_cli(["davis-score", "--gt", gt, "--pred", pred, "--output", pred, "--sequences", "ellipses-drift",
+                 "--quiet"])  # fmt: skip
     assert r.exit_code == 2 and "already exists" in r.text and "--overwrite" in r.text, r.text
     assert (pred / "metrics.json").read_text() == first
-    r = run_cli(["davis-score", "--gt", gt, "--pred", pred, "--sequences", "ellipses-drift", "--overwrite", "--quiet"])
+    r = run_cli(["davis-score", "--gt", gt, "--pred", pred, "--output", pred, "--sequences", "ellipses-drift",
+                 "--overwrite", "--quiet"])  # fmt: skip
     assert r.exit_code == 0 and json.loads((pred / "metrics.json").read_text())["config"]["sequences"] == [
         "ellipses-drift"
     ]
@@ -311,9 +313,12 @@ def test_davis_score_keeps_the_record_of_a_davis_run(tmp_path):
     _copy_tree(DATA / "davis-ellipses" / "pred", run)
     record = {"J&F-Mean": 0.84, "videos": {"ellipses-drift": {"frames": 6}}, "config": {"weights": "dino_vits16"}}
     (run / "metrics.json").write_text(json.dumps(record))
-    r = run_cli(["davis-score", "--gt", gt, "--pred", run, "--sequences", "ellipses-drift", "--quiet"])
-    assert r.exit_code == 2 and "dinokit davis" in r.text and "--output" in r.text, r.text
-    assert json.loads((run / "metrics.json").read_text()) == record
+    # --output naming the --pred folder, however spelt, is the folder beside the predictions
+    for beside in (run, run / "sub" / ".."):
+        r = run_cli(["davis-score", "--gt", gt, "--pred", run, "--output", beside, "--sequences", "ellipses-drift",
+                     "--quiet"])  # fmt: skip
+        assert r.exit_code == 2 and "dinokit davis" in r.text and "--output" in r.text, r.text
+        assert json.loads((run / "metrics.json").read_text()) == record
     r = run_cli(["davis-score", "--gt", gt, "--pred", run, "--sequences", "ellipses-drift",
                  "--output", tmp_path / "scores", "--quiet"])
     assert r.exit_code == 0 and (tmp_path / "scores" / "metrics.json").is_file()

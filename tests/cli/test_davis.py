@@ -159,11 +159,23 @@ def _copy_tree(src: Path, dst: Path) -> None:
             (dst / f.relative_to(src)).write_bytes(f.read_bytes())
 
 
+def test_davis_score_needs_output(tmp_path):
+    pred = tmp_path / "pred"
+    _copy_tree(DATA / "davis-ellipses" / "pred", pred)
+    r = run("davis-score", "--gt", DATA / "davis-ellipses" / "gt", "--pred", pred, "--quiet")
+    assert r.exit_code == 2
+    assert [line for line in r.output.splitlines() if line.strip()] == [
+        "Error: dinokit davis-score needs --output (the folder for metrics.json and the CSVs, or the --pred "
+        "folder itself to write beside the predictions). See dinokit davis-score --help."
+    ]
+    assert not (pred / "metrics.json").exists()
+
+
 def test_davis_score_cli(tmp_path):
     gt = DATA / "davis-ellipses" / "gt"
     pred = tmp_path / "pred"
     _copy_tree(DATA / "davis-ellipses" / "pred", pred)
-    r = run("davis-score", "--gt", gt, "--pred", pred, "--quiet")
+    r = run("davis-score", "--gt", gt, "--pred", pred, "--output", pred, "--quiet")
     assert r.exit_code == 0, r.output
     metrics = json.loads((pred / "metrics.json").read_text())
     assert list(metrics)[:7] == KEYS
@@ -172,7 +184,7 @@ def test_davis_score_cli(tmp_path):
     assert (pred / "global_results-val.csv").is_file()
     # a prediction folder missing frames
     (pred / "ellipses-drift" / "00005.png").unlink()
-    r = run("davis-score", "--gt", gt, "--pred", pred, "--quiet")
+    r = run("davis-score", "--gt", gt, "--pred", pred, "--output", pred, "--quiet")
     one_sentence_error(r, str(pred / "ellipses-drift" / "00005.png"), "missing")
     _copy_tree(DATA / "davis-ellipses" / "pred", pred)
     # more predicted objects than the ground truth has
@@ -180,7 +192,8 @@ def test_davis_score_cli(tmp_path):
     lab = np.array(Image.open(target))
     lab[:5, :5] = 7
     save_mask(lab, target)
-    r = run("davis-score", "--gt", gt, "--pred", pred, "--quiet")
+    r = run("davis-score", "--gt", gt, "--pred", pred, "--output", pred, "--quiet")
     one_sentence_error(r, str(target), "object 7", "only 2 object")
-    r = run("davis-score", "--gt", gt, "--pred", tmp_path / "nowhere", "--quiet")
+    nowhere = tmp_path / "nowhere"
+    r = run("davis-score", "--gt", gt, "--pred", nowhere, "--output", nowhere, "--quiet")
     one_sentence_error(r, "does not exist")

@@ -104,7 +104,8 @@ def test_every_other_protocol_takes_the_backbone(tmp_path, labelled_folder, copy
     assert finetune(cfg).finished
     again = dinokit.load_backbone(tmp_path / "ft" / "model.pth")
     assert again.arch == arch and again.num_register_tokens == 4
-    r = run_cli(["predict", "--model", tmp_path / "ft" / "model.pth", labelled_folder / "val", "--top", "2"])
+    r = run_cli(["predict", "--model", tmp_path / "ft" / "model.pth", labelled_folder / "val", "--top", "2",
+                 "--output", "-"])  # fmt: skip
     assert r.exit_code == 0, r.output
     r = run_cli(["copydetect", "--data", copydays, "--weights", weights, "--image-size", s, "--output",
                  tmp_path / "cd", "--device", "cpu", "--quiet"])  # fmt: skip

@@ -1,4 +1,5 @@
-"""dinokit predict: probabilities of a fine-tuned model for images, folders and globs, as CSV/JSON/table."""
+"""dinokit predict: probabilities of a fine-tuned model for images, folders and globs, as CSV, JSON or a
+table (``--output -``)."""
 
 from __future__ import annotations
 
@@ -89,11 +90,25 @@ def test_json_files_folders_and_globs(trained, tmp_path):
     assert got["classes"] == ["blue", "green", "red", "white"]
 
 
-def test_table_when_no_output(trained):
+def test_output_dash_prints_a_table_and_writes_no_file(trained, tmp_path, monkeypatch):
     model_file, data = trained
-    r = run_cli(["predict", "--model", str(model_file.parent), str(data / "val" / "white"), "--k", "2"])
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p for p in data.parent.rglob("*"))
+    r = run_cli(["predict", "--model", str(model_file.parent), str(data / "val" / "white"), "--k", "2",
+                 "--output", "-"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "val0.png" in r.output and "val1.png" in r.output and "%" in r.output
+    assert "written" not in r.output
+    assert list(tmp_path.iterdir()) == [] and sorted(p for p in data.parent.rglob("*")) == before
+
+
+def test_output_is_required():
+    r = run_cli(["predict", "--model", "model.pth", "photos"])
+    assert r.exit_code == 2
+    assert [line for line in r.output.splitlines() if line.strip()] == [
+        "Error: dinokit predict needs --output (a .csv or .json file, or - to print a table). "
+        "See dinokit predict --help."
+    ]
 
 
 def test_unreadable_image_is_skipped_with_a_warning(trained, tmp_path):
@@ -120,13 +135,14 @@ def test_model_that_is_not_a_dinokit_model(tmp_path, trained):
     _, data = trained
     backbone_only = tmp_path / "backbone.pth"
     dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=1), backbone_only)
-    r = run_cli(["predict", "--model", str(backbone_only), str(data / "val")])
+    r = run_cli(["predict", "--model", str(backbone_only), str(data / "val"), "--output", "-"])
     assert "is not a dinokit fine-tuned model" in error_sentence(r)
     text = tmp_path / "notes.pth"
     text.write_text("hello")
-    r = run_cli(["predict", "--model", str(text), str(data / "val")])
+    r = run_cli(["predict", "--model", str(text), str(data / "val"), "--output", "-"])
     assert "is not a readable PyTorch checkpoint" in error_sentence(r)
-    r = run_cli(["predict", "--model", str(trained[0].parent / "checkpoint.pth"), str(data / "val")])
+    resume = trained[0].parent / "checkpoint.pth"
+    r = run_cli(["predict", "--model", str(resume), str(data / "val"), "--output", "-"])
     assert "fine-tuning checkpoint for resuming" in error_sentence(r)
 
 
@@ -138,5 +154,5 @@ def test_output_rules(trained, tmp_path):
     existing.write_text("keep")
     r = run_cli(["predict", "--model", str(model_file), str(data / "val"), "--output", str(existing)])
     assert "already exists" in error_sentence(r) and existing.read_text() == "keep"
-    r = run_cli(["predict", "--model", str(model_file), str(tmp_path / "nothing*.png")])
+    r = run_cli(["predict", "--model", str(model_file), str(tmp_path / "nothing*.png"), "--output", "-"])
     assert "matches no file" in error_sentence(r)

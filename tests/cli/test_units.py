@@ -32,7 +32,7 @@ def test_davis_score_units_are_fractions_on_screen_too(tmp_path):
     gt = DATA / "davis-ellipses" / "gt"
     pred = tmp_path / "pred"
     shutil.copytree(DATA / "davis-ellipses" / "pred", pred)
-    r = run_cli(["davis-score", "--gt", gt, "--pred", pred, "--quiet"])
+    r = run_cli(["davis-score", "--gt", gt, "--pred", pred, "--output", pred, "--quiet"])
     assert r.exit_code == 0, r.output
     m = json.loads((pred / "metrics.json").read_text())
     assert m["units"]["J&F-Mean"] == "fraction"
