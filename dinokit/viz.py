@@ -475,6 +475,17 @@ class Mp4Writer:
 # ---------------------------------------------------------------------------------------------
 # Near-duplicate contact sheets
 # ---------------------------------------------------------------------------------------------
+def _thumbnail(path: str, size: int) -> Image.Image:
+    """An image shrunk to fit ``size`` x ``size`` for a contact sheet; a grey square for one that
+    cannot be read."""
+    try:
+        im = open_rgb(path)
+    except DinokitError:
+        return Image.new("RGB", (size, size), (200, 200, 200))
+    im.thumbnail((size, size))
+    return im
+
+
 def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
                   thumb: int = 160) -> Path | None:
     """A PNG of the best ``max_pairs`` near-duplicate pairs (``image_a``, ``image_b``, ``score``; see
@@ -491,12 +502,7 @@ def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
     draw = ImageDraw.Draw(sheet)
 
     def tile(p: str) -> Image.Image:
-        try:
-            im = open_rgb(p)
-        except DinokitError:
-            return Image.new("RGB", (thumb, thumb), (200, 200, 200))
-        im.thumbnail((thumb, thumb))
-        return im
+        return _thumbnail(p, thumb)
 
     for r, pair in enumerate(pairs):
         y = pad + r * row_h
@@ -533,12 +539,7 @@ def similar_sheet(rows: Sequence, path: str | os.PathLike, max_rows: int = 24, t
     draw = ImageDraw.Draw(sheet)
 
     def tile(p: str) -> Image.Image:
-        try:
-            im = open_rgb(p)
-        except DinokitError:
-            return Image.new("RGB", (thumb, thumb), (200, 200, 200))
-        im.thumbnail((thumb, thumb))
-        return im
+        return _thumbnail(p, thumb)
 
     def put(p: str, x: int, y: int, first: str, second: str, bold: bool = False) -> None:
         im = tile(p)
