@@ -23,6 +23,6 @@ torchrun --nproc-per-node "$GPUS" -m dinokit linear --weights "$MODEL" --train "
 # attention maps and their Jaccard on VOC12 (480 px is cropped to 476, a 34 x 34 grid), without and with registers
 for m in "$MODEL" "$MODEL_REG"; do
   dinokit attn --images "$VOC/JPEGImages" --masks "$VOC/SegmentationObject" \
-    --image-list "$VOC/ImageSets/Segmentation/val.txt" --weights "$m" --threshold 0.6 --image-size 480 \
+    --image-list "$VOC/ImageSets/Segmentation/val.txt" --weights "$m" --attention-mass 0.6 --image-size 480 \
     --objects instance --output "runs/voc12-attention-$m"
 done
