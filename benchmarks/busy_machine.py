@@ -48,8 +48,8 @@ def pretrain_rate(data: Path, out: Path, threads: list[str]) -> tuple[float, str
     log = dinokit("pretrain", "--data", str(data), "--output", str(out), "--overwrite", "--epochs", "2",
                   "--arch", "vit_tiny", "--patch-size", "16", "--batch-size", "32", "--global-size", "64",
                   "--local-size", "32", "--local-crops", "4", "--out-dim", "256", "--lr", "5e-3",
-                  "--momentum-teacher", "0.9", "--weight-decay-end", "0.04", "--teacher-temp", "0.02",
-                  "--warmup-teacher-temp", "0.02", "--num-workers", "1", "--save-every", "0", *threads)  # fmt: skip
+                  "--momentum-teacher", "0.99", "--weight-decay-end", "0.04", "--teacher-temp", "0.04",
+                  "--warmup-teacher-temp", "0.04", "--num-workers", "1", "--save-every", "0", *threads)  # fmt: skip
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     choice = next((x.strip() for x in log.splitlines() if "compute thread" in x), "")
     return lines[-1]["images_per_second"], " ".join(choice.split())

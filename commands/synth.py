@@ -45,6 +45,14 @@ def classify(
             help="With --style simple: fraction of images whose object carries its class's surface pattern.",
         ),
     ] = 0.0,
+    background: Annotated[
+        str,
+        typer.Option(
+            "--background",
+            help="With --style simple: random (a colour per image) or grey (one colour for all, so that "
+            "the object is what tells images apart).",
+        ),
+    ] = "random",
     seed: Seed0 = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -70,6 +78,7 @@ def classify(
             style=style,
             class_colour=class_colour,
             class_texture=class_texture,
+            background=background,
         )
     print_table(
         "dinokit synth classify",

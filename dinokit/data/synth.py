@@ -357,6 +357,12 @@ def write_png(path: Path, array: np.ndarray) -> None:
 
 
 STYLES = ("cluttered", "simple")
+#: backgrounds of the ``simple`` style. ``random``: a random colour per image, which is then the
+#: cheapest thing that tells one image from another: DINO, asked to recognise an image across its
+#: crops, learns the background colour and attends to the background. ``grey``: one shared colour, so
+#: that the object is what sets an image apart (a few hundred steps then learn shape, colour and
+#: texture and attend to the object; measured in docs/demo.md)
+BACKGROUNDS = ("random", "grey")
 
 
 def _hsv_colour(h: float, s: float, v: float) -> np.ndarray:
@@ -411,6 +417,7 @@ def draw_simple_image(
     object_colour: Sequence[int] | None = None,
     hue: float | None = None,
     pattern: tuple[str, float] | None = None,
+    background: str = "random",
 ) -> tuple[np.ndarray, np.ndarray]:
     """One picture of ``shape`` in the ``simple`` style: (RGB uint8, foreground mask bool).
 
@@ -420,8 +427,12 @@ def draw_simple_image(
     (plus a little noise) instead of a random one, for class-correlated palettes. ``pattern``
     ((kind, period as a fraction of ``size``), see :func:`class_pattern`) paints the object with that
     two-tone pattern (its colour and a darker or lighter one) instead of flat, for class-correlated surfaces.
+    ``background``: ``"random"`` (one random colour per image) or ``"grey"`` (the same mid grey for
+    every image; the gradient and noise stay the image's own): see :data:`BACKGROUNDS`.
     """
-    bg = random_colour(rng)
+    bg = random_colour(rng)  # drawn either way, so that both settings place the same objects
+    if background == "grey":
+        bg = np.full(3, 118.0, dtype=bg.dtype)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     a = rng.uniform(0, 2 * np.pi)
     grad = (xx * np.cos(a) + yy * np.sin(a) - 0.5) * rng.uniform(0, 40)
@@ -518,6 +529,7 @@ def make_classify_dataset(
     style: str = "cluttered",
     class_colour: float = 0.0,
     class_texture: float = 0.0,
+    background: str = "random",
 ) -> ClassifySummary:
     """Write the synthetic shape-classification set.
 
@@ -529,6 +541,7 @@ def make_classify_dataset(
     ``class_texture`` (simple style only): the fraction of images whose object carries its class's
     surface pattern (stripes, checks or dots at a class-specific period, see :func:`class_pattern`),
     the others being flat: a noisy appearance cue that colour augmentations do not remove.
+    ``background`` (simple style only): ``"random"`` or ``"grey"``, see :data:`BACKGROUNDS`.
 
     Layout: ``out/train/<class>/<NNNNN>.png`` and ``out/val/<class>/<NNNNN>.png`` (ImageFolder
     roots), each image's foreground mask at ``out/masks/<split>/<class>/<NNNNN>.png`` (8-bit,
@@ -549,6 +562,11 @@ def make_classify_dataset(
     if (class_colour > 0 or class_texture > 0) and style != "simple":
         raise DinokitError("--class-colour and --class-texture need --style simple (the cluttered style keeps "
                            "colours and textures random).")
+    if background not in BACKGROUNDS:
+        raise DinokitError(f"--background must be one of {', '.join(BACKGROUNDS)}, not {background!r}.")
+    if background != "random" and style != "simple":
+        raise DinokitError("--background needs --style simple (the cluttered style's backgrounds are photographs "
+                           "and clutter).")
     names = class_names(classes)
     n_val = int(round(per_class * val_fraction))
     n_train = per_class - n_val
@@ -566,7 +584,7 @@ def make_classify_dataset(
             if style == "simple":
                 hue = class_hue(ci, classes) if rng.random() < class_colour else None
                 pattern = class_pattern(ci) if class_texture > 0 and rng.random() < class_texture else None
-                image, mask = draw_simple_image(rng, name, size, hue=hue, pattern=pattern)
+                image, mask = draw_simple_image(rng, name, size, hue=hue, pattern=pattern, background=background)
             else:
                 image, mask = draw_classify_image(rng, name, size)
             fname = f"{i:05d}.png"
@@ -589,6 +607,7 @@ def make_classify_dataset(
             "style": style,
             "class_colour": class_colour,
             "class_texture": class_texture,
+            "background": background,
             "layout": {
                 "train": "train/<class>/<name>.png",
                 "val": "val/<class>/<name>.png",

@@ -41,6 +41,8 @@ def test_reports_explain_every_miss_and_only_misses(tmp_path, results):
     assert "<img src='figures/video.png'>" in html
     assert "7 epochs" in md and "5.0 min" in md
     assert html.count("<tr>") == 6  # header + five metrics
+    # the recipe's measured Copydays limit is stated in every report, won or not
+    assert "24 originals" in md and "24 originals" in html
 
 
 def test_demo_refuses_a_non_empty_output(tmp_path):
@@ -90,8 +92,8 @@ def test_epochs_and_minutes_together_are_refused(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_the_report_names_a_late_collapse_measured_from_the_losses():
-    """ln(256) = 5.545: a last epoch at 5.60 is a collapsed head (uniform outputs), first reached at
+def test_the_report_names_near_uniform_targets_measured_from_the_losses():
+    """ln(256) = 5.545: a last epoch at 5.60 means near-uniform teacher targets, first reached at
     epoch 2 (5.30 >= 0.9 x 5.545 = 4.99); a run that ends at 2.0 gets no such sentence."""
     from dinokit.commands.demo_report import collapse_note
 

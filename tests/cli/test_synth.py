@@ -102,6 +102,34 @@ def test_classify_style_options_are_checked(tmp_path):
     assert r.exit_code == 2 and "--style simple" in r.output
     r = invoke("synth", "classify", "--output", str(tmp_path / "e"), "--style", "simple", "--class-texture", "-1")
     assert r.exit_code == 2 and "--class-texture" in r.output
+    r = invoke("synth", "classify", "--output", str(tmp_path / "f"), "--background", "grey", "--per-class", "1")
+    assert r.exit_code == 2 and "--style simple" in r.output
+    r = invoke("synth", "classify", "--output", str(tmp_path / "g"), "--style", "simple", "--background", "blue")
+    assert r.exit_code == 2 and "--background" in r.output and "random, grey" in r.output
+    assert not any((tmp_path / n).exists() for n in "abcdefg")
+
+
+def test_grey_background_shares_one_colour_and_keeps_the_objects(tmp_path):
+    """--background grey: every background pixel (mask 0) is grey (R = G = B: the gradient and noise
+    move the three channels together), where random backgrounds are coloured; objects are placed
+    exactly where the random-background set places them (same masks)."""
+    sets = {}
+    for bg in ("random", "grey"):
+        out = tmp_path / bg
+        r = invoke("synth", "classify", "--output", str(out), "--classes", "3", "--per-class", "6", "--image-size", "48",
+                   "--style", "simple", "--class-texture", "1.0", "--background", bg, "--seed", "3", "-q")
+        assert r.exit_code == 0, r.output
+        spreads, masks = [], []
+        for img in sorted((out / "train").rglob("*.png")):
+            rel = img.relative_to(out / "train")
+            mask = np.asarray(Image.open(out / "masks" / "train" / rel)) > 0
+            pixels = np.asarray(Image.open(img).convert("RGB"), dtype=np.float64)[~mask]
+            spreads.append((pixels.max(axis=1) - pixels.min(axis=1)).mean())  # channel spread per pixel
+            masks.append(mask)
+        sets[bg] = (np.array(spreads), masks)
+    assert sets["grey"][0].max() == 0
+    assert sets["random"][0].mean() > 20
+    assert all((a == b).all() for a, b in zip(sets["grey"][1], sets["random"][1]))
 
 
 def test_video_cli_davis_layout(tmp_path):
