@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from dinokit.commands.demo import DEMO_RECIPE, recipe_args
 from PIL import Image
 
 BUSY = "while True: pass"
@@ -47,9 +48,8 @@ def pretrain_rate(data: Path, out: Path, threads: list[str]) -> tuple[float, str
     """images/s of the last of two epochs of the demo's recipe, and the compute choice it logged."""
     log = dinokit("pretrain", "--data", str(data), "--output", str(out), "--overwrite", "--epochs", "2",
                   "--arch", "vit_tiny", "--patch-size", "16", "--batch-size", "32", "--global-size", "64",
-                  "--local-size", "32", "--local-crops", "4", "--out-dim", "256", "--lr", "5e-3",
-                  "--momentum-teacher", "0.99", "--weight-decay-end", "0.04", "--teacher-temp", "0.04",
-                  "--warmup-teacher-temp", "0.04", "--num-workers", "1", "--save-every", "0", *threads)  # fmt: skip
+                  "--local-size", "32", "--local-crops", "4", *recipe_args(DEMO_RECIPE),
+                  "--num-workers", "1", "--save-every", "0", *threads)  # fmt: skip
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     choice = next((x.strip() for x in log.splitlines() if "compute thread" in x), "")
     return lines[-1]["images_per_second"], " ".join(choice.split())

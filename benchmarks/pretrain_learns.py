@@ -5,9 +5,9 @@ Two set-ups (``--recipe``):
 
 - ``short`` (default), what `dinokit demo` runs: the learnable built-in set (`dinokit synth classify
   --style simple --class-colour 0.7 --class-texture 1.0 --background grey`: flat shapes whose
-  colours and patterns correlate with the class, as real classes' do, on one shared grey) and a
-  recipe for a few hundred steps (lr 5e-3, out_dim 256, teacher momentum 0.99, teacher temperature
-  0.04, weight decay 0.04);
+  colours and patterns correlate with the class, as real classes' do, on one shared grey) and the
+  demo's recipe for a few hundred steps (`DEMO_RECIPE`: lr 5e-3, out_dim 256, teacher momentum 0.99,
+  teacher temperature 0.04, weight decay 0.04);
 - ``paper``: the fully cluttered default set (class = shape only) and the paper's recipe scaled by
   dinokit's small-folder rules. Minutes of DINO on a CPU stay near chance there.
 
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from dinokit.commands.demo import DEMO_RECIPE
 
 import dinokit
 from dinokit.data.images import ImageDataset, scan_labelled_folder
@@ -106,12 +107,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "dinokit", "synth", "classify", "--output", str(data), "--classes", "10",
                "--per-class", "100", "--image-size", "96", "--seed", str(args.seed), *style]  # fmt: skip
         subprocess.run(cmd, check=True)
-    recipe = (
-        dict(lr=5e-3, out_dim=256, momentum_teacher=0.99, weight_decay_end=0.04, teacher_temp=0.04,
-             warmup_teacher_temp=0.04)  # fmt: skip
-        if short
-        else dict(lr=5e-4)
-    )
+    recipe = dict(DEMO_RECIPE) if short else dict(lr=5e-4)
     if args.lr is not None:
         recipe["lr"] = args.lr
 

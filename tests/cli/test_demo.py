@@ -101,3 +101,17 @@ def test_the_report_names_near_uniform_targets_measured_from_the_losses():
     assert "5.60" in note and "ln 256 = 5.55" in note and "from epoch 2 of 3" in note
     assert collapse_note({"pretrain_losses": [5.6, 4.0, 2.0], "out_dim": 256}) == ""
     assert collapse_note({"pretrain_losses": [], "out_dim": 256}) == ""
+
+
+def test_the_demo_recipe_is_pretrain_options_and_config_fields():
+    """The one recipe the demo and the benchmarks share: written as `dinokit pretrain` options by
+    name (worked by hand below), and every key a PretrainConfig field (pretrain_learns.py passes it
+    as keyword arguments)."""
+    import dataclasses
+
+    from dinokit.commands.demo import DEMO_RECIPE, recipe_args
+    from dinokit.train.pretrain_settings import PretrainConfig
+
+    assert recipe_args({"out_dim": 256, "momentum_teacher": 0.99}) == ["--out-dim", "256", "--momentum-teacher", "0.99"]
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    assert set(DEMO_RECIPE) <= fields
