@@ -110,6 +110,7 @@ def test_the_demo_recipe_is_pretrain_options_and_config_fields():
     import dataclasses
 
     from dinokit.commands.demo import DEMO_RECIPE, recipe_args
+
     from dinokit.train.pretrain_settings import PretrainConfig
 
     assert recipe_args({"out_dim": 256, "momentum_teacher": 0.99}) == ["--out-dim", "256", "--momentum-teacher", "0.99"]
