@@ -3,9 +3,11 @@
 All three train vit_tiny/16 on the same generated images with 2x224 + 2x96 crops, batch 16,
 out_dim 4096 (bottleneck 256, hidden 2048), lr and weight decay on the same schedule:
 
-- plain: the DINO reference's training loop as a first implementation writes it, eager: per-parameter
-  Python loops for clipping and the teacher EMA, a log-softmax per (teacher, student) pair, a
-  `.item()` every step, dinokit's multi-crop pipeline;
+- plain: the DINO reference's training loop as a first implementation writes it, eager: the
+  reference's ViT, which forms attention explicitly (softmax of q k^T, then times v: dinokit's ViT
+  with its fused attention switched off), per-parameter Python loops for clipping and the teacher
+  EMA, a log-softmax per (teacher, student) pair, a `.item()` every step, dinokit's multi-crop
+  pipeline (the reference's augmentations);
 - lightly: lightly's DINO as its users write it (`DINOTransform`, `DINOProjectionHead`, `DINOLoss`,
   `update_momentum`, a timm ViT with `dynamic_img_size`, one forward per view, AdamW);
 - dinokit: `dinokit.train.pretrain.pretrain` (its own choice of threads and data workers).
@@ -85,7 +87,7 @@ def timed_epochs(loader, epochs: int, step) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 class PlainDINO:
     """The DINO reference's training step as a first implementation writes it, eager, on ``device``:
-    per-parameter clipping and EMA loops, a log-softmax per (teacher, student) pair, a ``.item()``
+    explicit attention as in the reference's ViT, per-parameter clipping and EMA loops, a log-softmax per (teacher, student) pair, a ``.item()``
     every step; ``precision`` fp32, bf16 (autocast) or fp16 (autocast and a gradient scaler, as the
     reference trains on GPUs)."""
 
@@ -106,6 +108,8 @@ class PlainDINO:
         )
         self.teacher = MultiCropWrapper(dinokit.build_backbone(arch, 16), DINOHead(dim, out_dim))
         self.teacher.load_state_dict(self.student.state_dict())
+        for net in (self.student, self.teacher):  # the reference's ViT: attention formed explicitly
+            net.backbone.set_fused_attention(False)
         self.student.to(device)
         self.teacher.to(device)
         for p in self.teacher.parameters():

@@ -3,7 +3,10 @@ student forward, loss, backward, clipping, optimiser, EMA.
 
 The recipe of `pretrain_throughput.py` (vit_tiny/16, 2x224 + 2x96 crops, batch 16, out_dim 4096).
 Each part is timed in wall-clock seconds and in this process's CPU seconds (which other programs on
-a shared machine disturb less); the first step is left out. `--threads` sets torch's threads (by
+a shared machine disturb less); the first step is left out. Then the ceiling: the floating-point
+work of the step's matrix products and convolutions (counted by torch's FlopCounterMode, forward and
+backward), the rate of this machine's matrix products at the step's precision (measured on the
+MLP's shape), and how close the step comes to doing nothing but those products at that rate. `--threads` sets torch's threads (by
 default what dinokit would choose now, as `dinokit pretrain` does).
 
     python benchmarks/profile_step.py [--threads N] [--precision bf16] [--steps 4]
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dinokit.data.images import find_images
 from dinokit.data.multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
@@ -75,6 +79,14 @@ def main() -> None:
             find_images(Path(tmp)), MultiCropAugmentation((0.4, 1.0), (0.05, 0.4), 2, 224, 96)
         )
         clock = Clock()
+
+        def forward_backward(crops):
+            with autocast(state.device, dtype):
+                with torch.no_grad():
+                    t_out = state.teacher_forward(crops[:2])
+                s_out = state.student_forward(crops)
+            state.dino_loss(s_out, t_out, 1).backward()
+
         for step in range(args.steps + 1):
             if step == 1:
                 clock = Clock()
@@ -101,6 +113,9 @@ def main() -> None:
             clock.lap("optimiser")
             ema_update(state.teacher_params, state.student_params, 0.996)
             clock.lap("EMA")
+        with FlopCounterMode(display=False) as counter:
+            forward_backward(crops)
+        state.optimizer.zero_grad(set_to_none=True)
     n = args.steps
     wall, cpu = sum(clock.wall.values()), sum(clock.cpu.values())
     print(
@@ -112,6 +127,25 @@ def main() -> None:
         print(
             f"{k:16s}{1000 * clock.wall[k] / n:10.1f}{100 * clock.wall[k] / wall:7.1f}%{1000 * clock.cpu[k] / n:10.1f}"
         )
+    flops = counter.get_total_flops()
+    rate = matmul_rate(B * 197, 192, 768, dtype or torch.float32)
+    compute = sum(v for k, v in clock.wall.items() if k != "data") / n
+    print(
+        f"ceiling: the step's matrix products and convolutions are {flops / 1e9:.0f} GFLOP; this machine's "
+        f"{args.precision} matrix products run at {rate / 1e9:.0f} GFLOP/s ({B * 197}x192 @ 192x768), so they "
+        f"alone would take {flops / rate:.2f} s; the step's compute (all but data) takes {compute:.2f} s: "
+        f"{100 * flops / rate / compute:.0f}% of the time is those products at that rate"
+    )
+
+
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 20) -> float:
+    """FLOP/s of an (m, k) @ (k, n) matrix product in ``dtype`` on this machine's current threads."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * m * k * n * repeats / (time.perf_counter() - t)
 
 
 if __name__ == "__main__":
