@@ -9,7 +9,10 @@ backward), the rate of this machine's matrix products at the step's precision (m
 MLP's shape), and how close the step comes to doing nothing but those products at that rate. `--threads` sets torch's threads (by
 default what dinokit would choose now, as `dinokit pretrain` does).
 
-    python benchmarks/profile_step.py [--threads N] [--precision bf16] [--steps 4]
+`--ops N` profiles one more step by operator: the share of matrix products (and the rate they
+reach, against the bare rate), of copies and casts, and of the rest, and the N slowest operators.
+
+    python benchmarks/profile_step.py [--threads N] [--precision bf16] [--steps 4] [--ops 12]
 """
 
 from __future__ import annotations
@@ -56,6 +59,13 @@ def main() -> None:
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--ops",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile one step by operator: the groups' shares and the N slowest operators",
+    )
     args = ap.parse_args()
     plan = plan_cpu(args.threads, 0, torch.device("cpu"))
     torch.set_num_threads(plan.threads)
@@ -72,6 +82,7 @@ def main() -> None:
         epochs=2,
     )
     state = build_training_state(cfg, torch.device("cpu"), dtype)
+    rate_before = matmul_rate(2 * args.batch_size * 197, 192, 768, dtype or torch.float32)
     B = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         make_images(Path(tmp), B)
@@ -116,6 +127,15 @@ def main() -> None:
         with FlopCounterMode(display=False) as counter:
             forward_backward(crops)
         state.optimizer.zero_grad(set_to_none=True)
+        ops = None
+        if args.ops:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                forward_backward(crops)
+                clip_gradients_per_parameter(state.trained_params, 3.0)
+                state.optimizer.step()
+                ema_update(state.teacher_params, state.student_params, 0.996)
+            state.optimizer.zero_grad(set_to_none=True)
+            ops = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()]
     n = args.steps
     wall, cpu = sum(clock.wall.values()), sum(clock.cpu.values())
     print(
@@ -128,24 +148,64 @@ def main() -> None:
             f"{k:16s}{1000 * clock.wall[k] / n:10.1f}{100 * clock.wall[k] / wall:7.1f}%{1000 * clock.cpu[k] / n:10.1f}"
         )
     flops = counter.get_total_flops()
-    rate = matmul_rate(B * 197, 192, 768, dtype or torch.float32)
+    # the global crops' tokens through the MLP's first layer; measured before and after the steps, the best
+    rate = max(rate_before, matmul_rate(2 * B * 197, 192, 768, dtype or torch.float32))
     compute = sum(v for k, v in clock.wall.items() if k != "data") / n
     print(
         f"ceiling: the step's matrix products and convolutions are {flops / 1e9:.0f} GFLOP; this machine's "
-        f"{args.precision} matrix products run at {rate / 1e9:.0f} GFLOP/s ({B * 197}x192 @ 192x768), so they "
+        f"{args.precision} matrix products run at {rate / 1e9:.0f} GFLOP/s ({2 * B * 197}x192 @ 192x768, best of 20 rounds), so they "
         f"alone would take {flops / rate:.2f} s; the step's compute (all but data) takes {compute:.2f} s: "
         f"{100 * flops / rate / compute:.0f}% of the time is those products at that rate"
     )
+    if ops:
+        print_operator_groups(ops, flops, rate, args.ops)
 
 
-def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 20) -> float:
-    """FLOP/s of an (m, k) @ (k, n) matrix product in ``dtype`` on this machine's current threads."""
+#: the operators that are matrix products or convolutions (what FlopCounterMode counts)
+PRODUCT_OPS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::mkldnn_convolution",
+    "aten::convolution_backward",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+}
+#: copies, most of them autocast's casts and the layout changes around attention
+COPY_OPS = {"aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous"}
+
+
+def print_operator_groups(ops: list[tuple[str, float, int]], flops: float, rate: float, top: int) -> None:
+    """One profiled step by operator (self CPU seconds summed over threads' wall, as torch's profiler
+    counts them): matrix products, copies, the rest; the products' achieved rate against the
+    machine's bare matrix-product rate; the ``top`` slowest operators."""
+    total = sum(t for _, t, _ in ops)
+    products = sum(t for k, t, _ in ops if k in PRODUCT_OPS)
+    copies = sum(t for k, t, _ in ops if k in COPY_OPS)
+    print(
+        f"by operator (one step, {total:.2f} s of operator time): matrix products and convolutions "
+        f"{100 * products / total:.0f}% (running at {flops / products / 1e9:.0f} GFLOP/s, "
+        f"{100 * flops / products / rate:.0f}% of the bare rate above), copies and casts {100 * copies / total:.0f}%, "
+        f"everything else (normalisation, activations, softmax, element-wise, optimiser) {100 * (total - products - copies) / total:.0f}%"
+    )
+    print(f"{'operator':40s}{'ms':>9s}{'share':>8s}{'calls':>7s}")
+    for key, t, count in sorted(ops, key=lambda o: -o[1])[:top]:
+        print(f"{key[:40]:40s}{1000 * t:9.1f}{100 * t / total:7.1f}%{count:7d}")
+
+
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 5, rounds: int = 10) -> float:
+    """FLOP/s of an (m, k) @ (k, n) matrix product in ``dtype`` on this machine's current threads: the
+    best of ``rounds`` rounds (a ceiling; a busy moment of the machine only lowers a round)."""
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
     a @ b
-    t = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * m * k * n * repeats / (time.perf_counter() - t)
+    best = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - t))
+    return best
 
 
 if __name__ == "__main__":
