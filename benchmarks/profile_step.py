@@ -177,9 +177,10 @@ COPY_OPS = {"aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous"}
 
 
 def print_operator_groups(ops: list[tuple[str, float, int]], flops: float, rate: float, top: int) -> None:
-    """One profiled step by operator (self CPU seconds summed over threads' wall, as torch's profiler
-    counts them): matrix products, copies, the rest; the products' achieved rate against the
-    machine's bare matrix-product rate; the ``top`` slowest operators."""
+    """One profiled step by operator (each operator's self time: the wall time the calling thread
+    spent in it, its own threads' parallel work included, nested operators excluded): matrix
+    products, copies, the rest; the products' achieved rate against the machine's bare
+    matrix-product rate; the ``top`` slowest operators."""
     total = sum(t for _, t, _ in ops)
     products = sum(t for k, t, _ in ops if k in PRODUCT_OPS)
     copies = sum(t for k, t, _ in ops if k in COPY_OPS)
