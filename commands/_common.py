@@ -272,14 +272,19 @@ class DinokitCommand(typer.core.TyperCommand):
         return super().parse_args(ctx, rewrite_option_names(self, args))
 
     def invoke(self, ctx):
+        from dinokit.io import release_run_folders
+
         output = ctx.params.get("output")
         fresh = output is not None and not Path(output).exists()
         try:
             return super().invoke(ctx)
         except BaseException:
+            release_run_folders()  # the lock file first: a folder holding only it is left empty
             if fresh:
                 remove_empty_folders(Path(output))
             raise
+        finally:
+            release_run_folders()  # the command's run folders are free for the next command
 
 
 def remove_empty_folders(root: Path) -> None:

@@ -26,5 +26,9 @@ class OutputExistsError(DinokitError):
     """An output that already holds results and would be overwritten."""
 
 
+class FolderInUseError(OutputExistsError):
+    """A run folder that another process is writing (it holds the folder's lock)."""
+
+
 class ModelConfigError(DinokitError, ValueError):
     """A model option without a valid meaning, such as a patch size below 1 or an unknown mode."""

@@ -6,19 +6,33 @@ so a run stopped at any moment leaves either the old file or the new one, never 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import dataclasses
+import errno
 import json
+import logging
 import os
 import platform
 import signal
+import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import DinokitError, OutputExistsError
+from .errors import DinokitError, FolderInUseError, OutputExistsError
+
+try:
+    import fcntl
+except ImportError:  # Windows: takeovers of a stale lock are not serialised
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("dinokit")
 
 
 @contextlib.contextmanager
@@ -75,8 +89,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
     if hasattr(obj, "__dataclass_fields__"):
-        import dataclasses
-
         return dataclasses.asdict(obj)
     return str(obj)
 
@@ -150,21 +162,303 @@ def versions() -> dict[str, str]:
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create the run folder ``path``; refuse one that already holds files unless asked.
+    """Create the run folder ``path`` and take its lock; refuse one that already holds files unless asked.
 
     ``overwrite`` allows writing into a non-empty folder (files are replaced one by one, caches that
-    still match are reused); ``resume`` continues a run in its own folder.
+    still match are reused); ``resume`` continues a run in its own folder. The folder is owned by
+    this process from here on (:func:`lock_run_folder`): a second run into it is refused until this
+    one ends (:func:`release_run_folders`, called when a command ends and when the process exits).
+    Whether the folder holds results is checked again once the lock is held, so that of two runs
+    started together into one new folder the second is refused, never written over the first.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"The output {path} is a file, not a folder; choose a folder path.")
-    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+    _refuse_results(path, overwrite or resume)  # before anything is created
+    created = make_output_folder(path)
+    try:
+        lock_run_folder(path)
+        _refuse_results(path, overwrite or resume)
+    except BaseException:
+        if created and not any(path.iterdir()):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+    return path
+
+
+def _refuse_results(path: Path, allowed: bool) -> None:
+    if not allowed and path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
         raise OutputExistsError(
             f"The output folder {path} already holds results; pass --overwrite to write into it "
             "or choose another folder."
         )
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+
+
+def make_output_folder(path: Path) -> bool:
+    """``mkdir -p`` with a failure told in one sentence (a read-only file system, no permission, a
+    path too long); returns whether the folder was made here."""
+    if path.is_dir():
+        return False
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        if not path.is_dir():
+            raise OutputExistsError(f"The output {path} is a file, not a folder; choose a folder path.") from None
+        return False
+    except OSError as e:
+        raise DinokitError(f"The output folder {path} cannot be created ({_reason(e)}); choose another --output.") from e
+    return True
+
+
+def _reason(e: OSError) -> str:
+    return (e.strerror or str(e)).rstrip(".").lower() if e.strerror else str(e)
+
+
+# -- the lock of a run folder --------------------------------------------------------------------------
+#: the lock file a run keeps in its folder while it writes there
+LOCK_NAME = ".dinokit.lock"
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a run folder: the process, its machine and when it started (the lock file's content)."""
+
+    pid: int
+    host: str
+    started: str  #: local time the run took the folder, for the message
+    command: str = ""
+    boot_id: str = ""  #: the machine's boot (a pid of an earlier boot is no process of this one)
+    process_start: str = ""  #: the pid's start time in clock ticks since boot (tells a reused pid)
+
+    @classmethod
+    def this_process(cls) -> LockHolder:
+        command = next((a for a in sys.argv[1:2] if not a.startswith("-")), "")
+        return cls(os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S"),
+                   f"dinokit {command}".strip(), _boot_id(), _process_start(os.getpid()))  # fmt: skip
+
+    def describe(self) -> str:
+        what = f"{self.command}, " if self.command else ""
+        return f"{what}pid {self.pid} on {self.host}, started {self.started}"
+
+    def is_gone(self) -> bool:
+        """True when the holder is known to have ended: a process of this machine that no longer runs
+        (or whose pid now belongs to another process, or to an earlier boot). A holder on another
+        machine cannot be seen from here and is never taken for gone."""
+        if self.host != socket.gethostname():
+            return False
+        if self.boot_id and _boot_id() and self.boot_id != _boot_id():
+            return True
+        if self.pid == os.getpid():
+            return not _held_by_this_process(self)  # a lock of this pid that this process does not hold
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            pass
+        now = _process_start(self.pid)
+        return bool(self.process_start and now and now != self.process_start)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str:
+    """Field 22 of /proc/PID/stat (the start time in clock ticks since boot); '' where there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat[stat.rfind(")") + 2 :].split()  # the name in parentheses may hold spaces
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _read_holder(lock: Path) -> LockHolder | None:
+    """The lock file's holder; None when there is no lock file. A file that cannot be parsed is an
+    empty holder (pid 0), which a reader treats as held by someone unknown."""
+    try:
+        text = lock.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        text = ""
+    try:
+        d = json.loads(text)
+        return LockHolder(int(d["pid"]), str(d["host"]), str(d.get("started", "")), str(d.get("command", "")),
+                          str(d.get("boot_id", "")), str(d.get("process_start", "")))  # fmt: skip
+    except (ValueError, KeyError, TypeError):
+        return LockHolder(0, "", "")
+
+
+#: the folders this process holds: resolved path -> [holder written, times taken]
+_HELD: dict[Path, list] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _held_by_this_process(holder: LockHolder) -> bool:
+    return any(entry[0] == holder for entry in _HELD.values())
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 of a torchrun job, or a process without a launcher (read from RANK, as runtime does)."""
+    try:
+        return int(os.environ.get("RANK", 0)) == 0
+    except ValueError:
+        return True
+
+
+def lock_run_folder(folder: str | os.PathLike) -> Path | None:
+    """Take the lock of the run folder ``folder`` for this process (under torchrun: for rank 0 only;
+    the other ranks write into the folder their rank 0 holds). Returns the lock file, or None on
+    the ranks that take none.
+
+    The lock is a file created exclusively in the folder, naming this process, its machine and its
+    start; a second process is refused in one sentence naming the first. A lock left by a process
+    that has ended without removing it (SIGKILL, a crash, a lost machine that was rebooted) is taken
+    over when its process is on this machine and no longer runs. Taking the same folder again in
+    one process counts up; :func:`release_run_folder` counts down and removes the file at zero.
+    A folder that cannot be written (read-only, no permission) is refused here, before any work."""
+    if not _is_main_rank():
+        return None
+    folder = Path(folder)
+    key = folder.resolve()
+    with _HELD_GUARD:
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return key / LOCK_NAME
+        me = LockHolder.this_process()
+        _create_lock(folder, me)
+        _HELD[key] = [me, 1]
+    return key / LOCK_NAME
+
+
+def _create_lock(folder: Path, me: LockHolder) -> None:
+    lock = folder / LOCK_NAME
+    payload = json.dumps(dataclasses.asdict(me)).encode("utf-8")
+    for _ in range(8):  # a stale lock taken over, then a new try; another process may be quicker
+        try:
+            _write_exclusively(lock, payload)
+            return
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise DinokitError(
+                f"The output folder {folder} is not writable ({_reason(e)}); choose another --output."
+            ) from e
+        holder = _read_holder(lock)
+        if holder is None:
+            continue  # released meanwhile
+        if not holder.is_gone():
+            raise FolderInUseError(_in_use_sentence(folder, holder))
+        _take_over(lock, holder)
+    raise FolderInUseError(f"The output folder {folder} is being taken by other runs at the same time; try again.")
+
+
+def _write_exclusively(lock: Path, payload: bytes) -> None:
+    """Create ``lock`` holding ``payload``, failing with FileExistsError when it exists. The content is
+    written to a temporary file first and hard-linked into place (an exclusive creation, as O_EXCL, that
+    no reader can see half-written); where the file system has no hard links, O_EXCL itself."""
+    fd, tmp = tempfile.mkstemp(prefix=LOCK_NAME + ".", dir=lock.parent)
+    try:
+        os.fchmod(fd, 0o644 & ~_UMASK)  # readable by the other users who may try the folder
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, lock)
+            return
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _take_over(lock: Path, stale: LockHolder) -> None:
+    """Remove a lock whose holder has ended, unless it changed since it was read: takeovers of one
+    folder are serialised by an advisory lock on the folder, so of two processes that found the same
+    stale lock only one removes it (the other then finds the new holder's lock)."""
+    try:
+        fd = os.open(lock.parent, os.O_RDONLY)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None and fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        if _read_holder(lock) == stale:
+            log.warning("taking over %s from %s, which no longer runs", lock, stale.describe())
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing releases the advisory lock
+
+
+def _in_use_sentence(folder: Path, holder: LockHolder) -> str:
+    if not holder.pid:
+        return (f"The output folder {folder} is locked by {folder / LOCK_NAME}, which names no process; if no "
+                "run writes there, delete that file, or choose another --output.")
+    if holder.host != socket.gethostname():
+        return (f"The output folder {folder} is in use by another dinokit run ({holder.describe()}); wait for it "
+                f"to end, or, if that run has ended, delete {folder / LOCK_NAME}, or choose another --output.")
+    return (f"The output folder {folder} is in use by another dinokit run ({holder.describe()}); wait for it to "
+            "end or choose another --output.")
+
+
+def release_run_folder(folder: str | os.PathLike) -> None:
+    """Give up one hold of ``folder``'s lock (see :func:`lock_run_folder`); the last removes the file."""
+    key = Path(folder).resolve()
+    with _HELD_GUARD:
+        entry = _HELD.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _HELD[key]
+        _remove_own_lock(key / LOCK_NAME, entry[0])
+
+
+def release_run_folders() -> None:
+    """Release every run folder this process holds (when a command ends, and at exit)."""
+    with _HELD_GUARD:
+        held = list(_HELD.items())
+        _HELD.clear()
+    for key, (holder, _) in held:
+        _remove_own_lock(key / LOCK_NAME, holder)
+
+
+def _remove_own_lock(lock: Path, holder: LockHolder) -> None:
+    if _read_holder(lock) == holder:  # never another process's lock
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+atexit.register(release_run_folders)
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: str | os.PathLike) -> Iterator[Path | None]:
+    """The lock of ``folder`` held for the block (see :func:`lock_run_folder`)."""
+    lock = lock_run_folder(folder)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            release_run_folder(folder)
 
 
 def check_output_file(path: str | os.PathLike, overwrite: bool = False) -> Path:
