@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Annotated, Optional
 
@@ -19,10 +20,8 @@ from ._common import (
     PatchSize,
     Precision,
     Quiet,
-    Resume,
     RichProgress,
     Seed,
-    StopAfter,
     Strict,
     Train,
     Val,
@@ -34,6 +33,7 @@ from ._common import (
     setup_logging,
     short_run_note,
 )
+from ._runs import Resume, StopAfter, Threads, report_stop, typed_options
 
 
 def finetune(
@@ -89,6 +89,7 @@ def finetune(
         float, typer.Option("--min-crop-scale", help="Smallest random-resized-crop area fraction.")
     ] = 0.08,
     num_workers: NumWorkers = 4,
+    threads: Threads = None,
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
@@ -110,9 +111,7 @@ def finetune(
     from dinokit.train.finetune import finetune as run_finetune
 
     setup_logging(quiet or not is_main_process())
-    explicit = {
-        name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
-    }
+    explicit = typed_options(ctx)
     if train is None and not resume:
         raise typer.BadParameter("give the training images with --train DIR.", param_hint="--train")
     cfg = FinetuneConfig(
@@ -141,6 +140,7 @@ def finetune(
         image_size=image_size,
         min_crop_scale=min_crop_scale,
         num_workers=num_workers,
+        threads=threads,
         device=device,
         precision=precision,
         seed=seed,
@@ -167,33 +167,15 @@ def finetune(
             rows,
         )
     if result.best_top1 is not None:
-        console.print(
-            f"final top-1 {result.final_top1:.2f}%  top-5 {result.final_top5:.2f}%   "
-            f"best top-1 {result.best_top1:.2f}% (epoch {result.best_epoch})",
-            highlight=False,
-        )
+        last = "final" if result.finished else f"after epoch {result.epochs_done}:"
+        now = f"{last} top-1 {result.final_top1:.2f}%  top-5 {result.final_top5:.2f}%   " if result.final_top1 is not None else ""
+        console.print(f"{now}best top-1 {result.best_top1:.2f}% (epoch {result.best_epoch})", highlight=False)
+    stopped_by = signal.Signals(result.signal).name if result.signal else (None if result.finished else "stop-after")
+    where = f"in epoch {result.stopped_at[0]} after step {result.stopped_at[1]}" if result.stopped_at else None
+    report_stop("finetune", result.output, "epoch", result.epochs_done, result.epochs, stopped_by, where)
     if result.signal:
-        import signal as _signal
-
-        name = _signal.Signals(result.signal).name
-        where = (
-            f"in epoch {result.stopped_at[0]} after step {result.stopped_at[1]}"
-            if result.stopped_at
-            else f"after epoch {result.epochs_done}"
-        )
-        console_err.print(
-            f"Stopped by {name} {where}; the checkpoint is saved. "
-            f"Resume with: dinokit finetune --output {result.output} --resume",
-            highlight=False,
-        )
         sys.exit(signal_exit_code(result.signal))
-    if not result.finished:
-        console.print(
-            f"Stopped after epoch {result.epochs_done} of {result.epochs} (--stop-after); resume with: "
-            f"dinokit finetune --output {result.output} --resume",
-            highlight=False,
-        )
-    else:
+    if result.finished:
         console.print(f"Model written to {result.output / 'model.pth'}.", highlight=False)
     steps = result.epochs_done * -(-result.num_train // max(1, result.batch_size))
     note = short_run_note("finetune", steps, "lr" in explicit,

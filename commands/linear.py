@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,6 +30,7 @@ from ._common import (
     setup_logging,
     short_run_note,
 )
+from ._runs import Resume, StopAfter, Threads, report_stop, typed_options
 from .features import Crop, Resize
 
 
@@ -76,12 +78,14 @@ def linear(
         Optional[str],
         typer.Option("--linear-weights", help="A linear head (*_linearweights.pth, a preset name such as dino_vits16, or a checkpoint.pth of this command)."),
     ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last epoch.")] = False,
+    resume: Resume = False,
+    stop_after: StopAfter = None,
     val_every: Annotated[int, typer.Option("--val-every", min=1, help="Validate every n epochs (and after the last).")] = 1,
     resize: Resize = 256,
     crop: Crop = 224,
     min_scale: Annotated[float, typer.Option("--min-scale", min=0.01, max=1.0, help="RandomResizedCrop's smallest area fraction.")] = 0.08,
     num_workers: NumWorkers = 0,
+    threads: Threads = None,
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
@@ -91,14 +95,12 @@ def linear(
 ) -> None:
     """Linear probe on a frozen backbone (paper Sec. 4.1): SGD, cosine lr, a checkpoint each epoch;
     final and best top-1/top-5 in metrics.json. Also --evaluate for released heads and --logistic."""
-    from dinokit.eval.linear import UNITS, LinearConfig, linear_eval
-    from dinokit.io import prepare_output_dir, write_metrics
+    from dinokit.eval.linear import LinearConfig, linear_eval
     from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
     setup_logging(quiet)
-    out = prepare_output_dir(output, overwrite=overwrite, resume=resume)
     cfg = LinearConfig(
-        output=out,
+        output=output,
         train=train,
         val=val,
         train_features=train_features,
@@ -118,60 +120,67 @@ def linear(
         evaluate=evaluate,
         linear_weights=linear_weights,
         resume=resume,
+        stop_after=stop_after,
         val_every=val_every,
         resize=resize,
         crop=crop,
         min_scale=min_scale,
         num_workers=num_workers,
+        threads=threads,
         device=device,
         precision=precision,
         seed=seed,
         strict=strict,
+        overwrite=overwrite,
     )
     init_distributed(resolve_device(device))
     try:
         with RichProgress(quiet=quiet or not dist_env().is_main) as progress:
-            result = linear_eval(cfg, progress)
+            result = linear_eval(cfg, progress, explicit=typed_options(ctx))
         if not dist_env().is_main:
+            if result.exit_code:
+                sys.exit(result.exit_code)
             return
-        config = {
-            **cfg.to_dict(),
-            "n_last_blocks": result.n_last_blocks,
-            "avgpool_patch_tokens": result.avgpool_patch_tokens,
-            "mode": result.mode,
-            "num_classes": result.num_classes,
-            "feature_dim": result.feature_dim,
-            "n_train": result.n_train,
-            "n_val": result.n_val,
-            "epochs_run": result.epochs_run,
-            "fingerprint": result.fingerprint,
-        }
-        path = write_metrics(out, result.metrics(), config, units=UNITS)
-        if result.mode in ("evaluate", "logistic"):
-            rows = [[result.mode, result.final["top1"], result.final["top5"]]]
-        else:
-            rows = [  # the best epoch first: the reference reports it, and the paper's table quotes it
-                [f"best (epoch {result.best['epoch']})", result.best["top1"], result.best["top5"]],
-                [f"final (epoch {result.epochs_run})", result.final["top1"], result.final["top5"]],
-            ]
-        title = {"images": "Linear probe", "features": "Linear probe (cached features)",
-                 "evaluate": "Linear head", "logistic": "Logistic regression"}[result.mode]
-        print_table(title, ["", "top-1 %", "top-5 %"], rows)
-        if result.mode in ("images", "features"):
-            world = dist_env().world_size
-            steps = result.epochs_run * -(-result.n_train // (batch_size * world))
-            note = short_run_note("linear probe", steps, _typed(ctx, "lr"),
-                                  f"{lr:g} x global batch / 256 = {lr * batch_size * world / 256:.3g}")
-            if note:
-                console_err.print(note, highlight=False)
-        console.print(
-            f"{result.feature_dim}-d features (last {result.n_last_blocks} CLS"
-            f"{' + patch average' if result.avgpool_patch_tokens else ''}), {plural(result.num_classes, 'class')}",
-            highlight=False,
-        )
-        console.print(f"metrics: {path}", highlight=False)
+        _report(ctx, result, lr, batch_size)
     finally:
         cleanup_distributed()
+    if result.exit_code:
+        sys.exit(result.exit_code)
+
+
+def _report(ctx: typer.Context, result, lr: float, batch_size: int) -> None:
+    """The table, the notes and how to go on; the library wrote metrics.json."""
+    from dinokit.runtime import dist_env
+
+    if result.mode in ("evaluate", "logistic"):
+        rows = [[result.mode, result.final["top1"], result.final["top5"]]]
+    else:
+        rows = []  # the best epoch first: the reference reports it, and the paper's table quotes it
+        if result.best:
+            rows.append([f"best (epoch {result.best['epoch']})", result.best["top1"], result.best["top5"]])
+        if result.final:
+            last = "final" if result.stopped_by is None else "last validated"
+            rows.append([f"{last} (epoch {result.epochs_done})", result.final["top1"], result.final["top5"]])
+    title = {"images": "Linear probe", "features": "Linear probe (cached features)",
+             "evaluate": "Linear head", "logistic": "Logistic regression"}[result.mode]
+    if rows:
+        print_table(title, ["", "top-1 %", "top-5 %"], rows)
+    if result.mode in ("images", "features"):
+        world = dist_env().world_size
+        steps = result.epochs_run * -(-result.n_train // (batch_size * world))
+        note = short_run_note("linear probe", steps, _typed(ctx, "lr"),
+                              f"{lr:g} x global batch / 256 = {lr * batch_size * world / 256:.3g}")
+        if note and result.stopped_by is None:
+            console_err.print(note, highlight=False)
+    console.print(
+        f"{result.feature_dim}-d features (last {result.n_last_blocks} CLS"
+        f"{' + patch average' if result.avgpool_patch_tokens else ''}), {plural(result.num_classes, 'class')}",
+        highlight=False,
+    )
+    console.print(f"metrics: {result.metrics_path}", highlight=False)
+    if result.mode in ("images", "features"):
+        report_stop("linear", result.metrics_path.parent if result.metrics_path else "", "epoch", result.epochs_done,
+                    result.epochs, result.stopped_by)  # fmt: skip
 
 
 def _typed(ctx: typer.Context, name: str) -> bool:

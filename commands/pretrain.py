@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -25,9 +24,11 @@ from ._common import (
     console,
     console_err,
     is_main_process,
+    plural,
     print_table,
     setup_logging,
 )
+from ._runs import Resume, StopAfter, Threads, report_stop, typed_options
 
 MODEL_PANEL = "Model"
 OPTIM_PANEL = "Optimisation"
@@ -42,16 +43,6 @@ HELP = "\n\n".join(
         'The run folder gets config.json, log.jsonl (one line per epoch), checkpoint.pth (every epoch; --resume continues from it), checkpoint{epoch:04d}.pth every --save-every epochs, backbone.pth (the teacher backbone in the released-weights format, usable as --weights anywhere) and metrics.json. Ctrl-C or SIGTERM finishes the step, saves, and exits 130/143.',
     ]
 )
-
-def _given(ctx: typer.Context) -> set[str]:
-    """Parameters the user typed (not defaults), so that --resume keeps the saved run's settings."""
-    out = set()
-    for name in ctx.params:
-        src = ctx.get_parameter_source(name)
-        if src is not None and src.name in ("COMMANDLINE", "ENVIRONMENT"):
-            out.add(name)
-    return out
-
 
 def pretrain_command(
     ctx: typer.Context,
@@ -114,21 +105,15 @@ def pretrain_command(
     device: Device = "auto",
     compile_model: Annotated[bool, typer.Option("--compile", rich_help_panel=RUNTIME_PANEL, help="torch.compile the student and teacher.")] = False,
     num_workers: NumWorkers = 4,
-    threads: Annotated[
-        Optional[int],
-        typer.Option("--threads", rich_help_panel=RUNTIME_PANEL, min=1, help="CPU threads for the compute (default: the cores other programs leave free)."),
-    ] = None,
+    threads: Threads = None,
     seed: Seed = 0,
     strict: Strict = False,
     save_every: Annotated[
         int, typer.Option("--save-every", rich_help_panel=RUN_PANEL, min=0, help="Keep checkpoint{epoch:04d}.pth every N epochs (0 = never).")
     ] = 20,
     checkpoint_minutes: CheckpointMinutes = 10.0,
-    stop_after: Annotated[
-        Optional[int],
-        typer.Option("--stop-after", rich_help_panel=RUN_PANEL, min=1, help="End cleanly after N epochs of the schedule (resumable)."),
-    ] = None,
-    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=RUN_PANEL, help="Continue the run in --output from its checkpoint.pth.")] = False,
+    stop_after: StopAfter = None,
+    resume: Resume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -179,70 +164,24 @@ def pretrain_command(
         resume=resume,
         overwrite=overwrite,
     )
-    if resume:
-        cfg = _resumed_config(ctx, output, values)
-    else:
-        if data is None:
-            raise DinokitError("Give the image folder with --data (or --resume to continue a run).")
-        cfg = PretrainConfig.from_dict(values)
+    if data is None and not resume:
+        raise DinokitError("Give the image folder with --data (or --resume to continue a run).")
+    explicit = {"compile" if name == "compile_model" else name for name in typed_options(ctx)}
+    cfg = PretrainConfig.from_dict(values)
 
     with RichProgress(quiet=quiet or not is_main_process()) as progress:
-        result = pretrain(cfg, progress)
+        result = pretrain(cfg, progress, explicit=explicit)
 
     if not is_main_process():
         if result.exit_code:
             sys.exit(result.exit_code)
         return
-    _report(result, cfg)
+    _report(result)
 
 
-def _resumed_config(ctx: typer.Context, output: Path, values: dict):
-    """The saved run's settings, with whatever was typed on this command line on top."""
-    from dinokit.errors import DinokitError
-    from dinokit.io import merge_resume_config
-    from dinokit.train.pretrain import RUNTIME_FIELDS, PretrainConfig
-
-    saved_path = output / "config.json"
-    if not saved_path.is_file():
-        raise DinokitError(f"{output} holds no run to resume (no config.json); start it without --resume.")
-    try:
-        saved = json.loads(saved_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DinokitError(f"{saved_path} is not readable JSON ({e}).") from e
-    given = {"compile" if name == "compile_model" else name for name in _given(ctx)}
-    # where the run is and how it runs now come from this command line; typed options win
-    merged = merge_resume_config(
-        PretrainConfig.from_dict(saved).to_dict(), {**values, "resume": True},
-        explicit=given, always={*RUNTIME_FIELDS, "stop_after", "resume"} - {"data"},
-    )  # fmt: skip
-    return PretrainConfig.from_dict(merged)
-
-
-def _report(result, cfg) -> None:
-    """metrics.json, the last epochs' table, and how to go on (exits 128 + signal when stopped by one)."""
-    from dinokit.io import write_metrics
-    from dinokit.train.pretrain import resume_hint
-
-    metrics = {
-        "finished": result.finished,
-        "epochs": result.epochs,
-        "epochs_done": result.epochs_done,
-        "stopped_by": result.stopped_by,
-        "loss": result.loss,
-        "images_per_second": result.images_per_second,
-        "seconds": result.seconds,
-        "n_images": result.n_images,
-        "skipped_images": result.skipped_images,
-        "world_size": result.world_size,
-        "precision": result.precision,
-        "device": result.device,
-        "settings": result.settings,
-        "collapsed_epochs": result.collapsed_epochs,
-        "checkpoint": str(result.checkpoint),
-        "backbone": str(result.backbone),
-    }
-    write_metrics(result.output, metrics, config=cfg.to_dict(),
-                  units={"loss": "nats (cross-entropy)", "images_per_second": "images/s", "seconds": "s"})
+def _report(result) -> None:
+    """The last epochs' table and how to go on (exits 128 + signal when stopped by one); the library
+    wrote metrics.json."""
     rows = [[h["epoch"], h["loss"], f"{h['lr']:.3g}", f"{h['momentum']:.5f}", f"{h['images_per_second']:.1f}"]
             for h in result.history[-5:]]
     if rows:
@@ -250,23 +189,16 @@ def _report(result, cfg) -> None:
     if result.finished and not result.history:
         console.print(f"The run in {result.output} had already finished its {result.epochs} epochs.", highlight=False)
     console.print(f"backbone: {result.backbone}  (use it as --weights)", highlight=False)
+    if result.skipped_images:
+        console.print(f"{plural(result.skipped_images, 'unreadable image')} skipped, each counted once "
+                      "(--strict stops at the first).", highlight=False)
     if result.collapsed_epochs:
         console_err.print(
             f"[yellow]Warning:[/] the loss sat at ln(out_dim) in epochs {result.collapsed_epochs}: collapse."
         )
+    report_stop("pretrain", result.output, "epoch", result.epochs_done, result.epochs, result.stopped_by)
     if result.exit_code:
-        console_err.print(
-            f"Stopped by {result.stopped_by} after {result.epochs_done} full epochs; the checkpoint is saved. "
-            f"Resume with: {resume_hint(result.output)}",
-            highlight=False,
-        )
         sys.exit(result.exit_code)
-    if not result.finished:
-        console.print(
-            f"Stopped after epoch {result.epochs_done} of {result.epochs} (--stop-after). "
-            f"Resume with: {resume_hint(result.output)}",
-            highlight=False,
-        )
 
 
 

@@ -145,6 +145,24 @@ def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, f)
 
 
+#: how a cell that a spreadsheet would run as a formula begins (=, +, -, @, a tab, a carriage return);
+#: an apostrophe is escaped too, so that reading back is exact
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def inert_cell(text: Any) -> str:
+    """A text cell (a file name, a class, a sequence) for a CSV file that a spreadsheet shows and never
+    runs: one that begins as a formula would gets the usual leading apostrophe (OWASP's advice against
+    CSV injection); :func:`cell_text` reads it back as the text it was."""
+    text = str(text)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def cell_text(cell: str) -> str:
+    """The text an :func:`inert_cell` was made from."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(_FORMULA_STARTS) else cell
+
+
 def versions() -> dict[str, str]:
     """Versions of dinokit and what it runs on, recorded in every ``metrics.json``."""
     import torch
@@ -432,12 +450,26 @@ def release_run_folder(folder: str | os.PathLike) -> None:
         _remove_own_lock(key / LOCK_NAME, entry[0])
 
 
-def release_run_folders() -> None:
-    """Release every run folder this process holds (when a command ends, and at exit)."""
+def held_run_folders() -> dict[Path, int]:
+    """The run folders this process holds, with how many times each was taken (for
+    :func:`release_run_folders`)."""
     with _HELD_GUARD:
-        held = list(_HELD.items())
-        _HELD.clear()
-    for key, (holder, _) in held:
+        return {key: entry[1] for key, entry in _HELD.items()}
+
+
+def release_run_folders(keep: dict[Path, int] | None = None) -> None:
+    """Release the holds taken since ``keep`` (a :func:`held_run_folders` snapshot: a command run
+    inside another, as the demo runs its steps, gives back its own folders and not the outer one's),
+    or every hold without it (at exit)."""
+    keep = keep or {}
+    with _HELD_GUARD:
+        gone = []
+        for key, entry in list(_HELD.items()):
+            entry[1] = min(entry[1], keep.get(key, 0))
+            if entry[1] <= 0:
+                gone.append((key, entry[0]))
+                del _HELD[key]
+    for key, holder in gone:
         _remove_own_lock(key / LOCK_NAME, holder)
 
 
@@ -563,30 +595,35 @@ def merge_resume_config(
     run_control: Iterable[str] = (),
     keep_recipe: bool = False,
     fields: Iterable[str] | None = None,
+    where: str = "the resumed run",
 ) -> dict[str, Any]:
     """The settings of a resumed run: the saved run's config with this command line on top.
 
     ``given`` is this invocation's config (every field, defaults included) and ``explicit`` the
-    fields the user typed (None: unknown, as from the library). Fields in ``always`` come from
-    ``given`` whatever was typed (where the run is, how it runs now); fields in ``run_control`` come
-    from ``given`` when typed (or when ``explicit`` is None); any other typed field is the recipe:
-    with ``keep_recipe`` a value that differs from the saved one is refused, else it replaces it.
-    ``fields`` (default: every saved key) are the saved keys kept: a key the config no longer has
-    is left out, and one the saved config lacks gets the config's default.
+    fields the user typed (None: as from the library, every field of ``given`` that is not None
+    counts as asked for). Fields in ``always`` come from ``given`` whatever was typed (where the run
+    is, how it runs now); fields in ``run_control`` come from ``given`` when typed; any other typed
+    field is the recipe: with ``keep_recipe`` a value that differs from the saved one is refused
+    (one sentence naming each such field), else it replaces it. ``fields`` (default: every saved
+    key) are the saved keys kept: a key the config no longer has is left out, and one the saved
+    config lacks gets the config's default.
     """
     always, run_control = set(always), set(run_control)
     merged = {k: v for k, v in saved.items() if fields is None or k in set(fields)}
+    changed = []
     for k, value in given.items():
-        typed = explicit is None or k in explicit
-        if k in always or (k in run_control and typed):
+        typed = (value is not None) if explicit is None else k in explicit
+        if k in always or (k in run_control and typed) or k not in merged:
             merged[k] = value
-        elif explicit is not None and k in explicit and k not in run_control:
+        elif typed and value != merged[k]:
             if not keep_recipe:
                 merged[k] = value
-            elif value != merged.get(k):
-                opt = "--" + k.replace("_", "-")
-                raise DinokitError(
-                    f"{opt} {value} differs from the resumed run's {merged.get(k)}; a resumed run keeps its "
-                    "recipe (leave the option out, or start a new run)."
-                )
+            else:
+                changed.append(f"--{k.replace('_', '-')} {merged[k]} -> {value}")
+    if changed:
+        raise DinokitError(
+            f"--resume continues {where} with its own recipe, which this command line changes "
+            f"({'; '.join(changed)}); leave those options out, or start a new run with --overwrite or another "
+            "--output."
+        )
     return merged

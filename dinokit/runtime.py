@@ -131,11 +131,12 @@ class CpuPlan:
     workers: int
     cores: int  #: this process's share of its affinity mask
     free: float | None  #: of those, the cores measured idle (None: not measured)
-    chosen_by: str  #: "--threads", "free cores" or "default"
+    chosen_by: str  #: "--threads", "free cores", "default", "pinned" or "the run's plan" (a resumed run's)
 
     def describe(self) -> str:
         seen = f"{self.free:.1f} of {self.cores} cores free" if self.free is not None else f"{self.cores} cores"
-        how = "set by --threads" if self.chosen_by == "--threads" else f"{seen}; --threads overrides"
+        how = {"--threads": "set by --threads", "the run's plan": "the run's plan, kept by --resume"}.get(
+            self.chosen_by, f"{seen}; --threads overrides")
         return f"{self.threads} compute thread(s), {self.workers} data worker(s) ({how})"
 
 

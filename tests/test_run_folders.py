@@ -140,7 +140,7 @@ def test_linear_overwrite_and_resume_belong_to_one_run(tmp_path):
     linear._ProbeRun.maybe_resume = killed
     try:
         with pytest.raises(Killed):
-            linear_eval(LinearConfig(output=out, seed=3, **kw))
+            linear_eval(LinearConfig(output=out, seed=3, overwrite=True, **kw))
     finally:
         linear._ProbeRun.maybe_resume = original
     assert not (out / "checkpoint.pth").exists() and not (out / "log.jsonl").exists()

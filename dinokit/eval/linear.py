@@ -18,6 +18,7 @@ logistic-regression probe on frozen features is :func:`logistic_probe` (scikit-l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -35,18 +36,17 @@ from ..checkpoints import (
     BackboneOptions,
     load_linear_head,
     prepare_backbone,
-    read_checkpoint,
-    save_checkpoint,
     weights_needed,
 )
 from ..data.images import ImageDataset, collate_skip_none, readable_batches
 from ..data.transforms import normalize
 from ..errors import CheckpointError, DataError, DinokitError
-from ..io import append_jsonl, check_run_identity, remove_run_files
+from ..io import append_jsonl, prepare_output_dir, write_metrics
 from ..models.head import LinearClassifier
 from ..models.registry import backbone_arch, is_vit
 from ..models.vit import variant_generation
 from ..progress import NULL_PROGRESS, Progress
+from ..run import RunKind, RunOptions, TrainingRun
 from ..runtime import (
     RuntimeOptions,
     autocast,
@@ -82,6 +82,15 @@ CHECKPOINT_NAME = "checkpoint.pth"
 #: feature caches stay: they are reused when their fingerprint matches)
 RUN_FILES = ("log.jsonl", CHECKPOINT_NAME, "metrics.json")
 MISSING_WEIGHTS = weights_needed("for the backbone to probe")
+CHECKPOINT_FORMAT = "dinokit-linear-1"
+#: a probe run's folder, to the run skeleton: a resumed run may change where its data is and how it
+#: runs; its epochs are its recipe (the cosine schedule depends on them)
+LINEAR_RUN = RunKind(
+    command="linear", noun="linear probe run", files=RUN_FILES, formats=(CHECKPOINT_FORMAT,),
+    keys=("state_dict", "optimizer", "epoch"), unit="epoch",
+    may_change=frozenset({"train", "val", "train_features", "val_features", "num_workers", "device", "precision",
+                          "strict"}),
+)  # fmt: skip
 
 
 def default_feature_options(arch: str) -> tuple[int, bool]:
@@ -99,9 +108,10 @@ def default_feature_options(arch: str) -> tuple[int, bool]:
 
 
 @dataclass
-class LinearConfig(BackboneOptions, RuntimeOptions):
+class LinearConfig(BackboneOptions, RuntimeOptions, RunOptions):
     """What ``dinokit linear`` needs. ``weights`` None: no backbone (and no check of given feature
-    files); the backbone and runtime fields come from the two option mixins."""
+    files); the backbone, runtime and run fields come from the option mixins (the probe writes its
+    checkpoint at the end of each epoch: ``checkpoint_minutes`` does not apply)."""
 
     output: Path
     train: Path | None = None
@@ -121,7 +131,6 @@ class LinearConfig(BackboneOptions, RuntimeOptions):
     logistic_max_iter: int = 1000
     evaluate: bool = False
     linear_weights: str | None = None
-    resume: bool = False
     val_every: int = 1
     resize: int = 256
     crop: int = 224
@@ -144,7 +153,12 @@ class LinearResult:
     n_last_blocks: int = 1
     avgpool_patch_tokens: bool = False
     fingerprint: dict[str, Any] = field(default_factory=dict)
-    stopped_early: bool = False
+    epochs: int = 0  #: of the schedule (training modes)
+    epochs_done: int = 0  #: of the schedule, when this invocation ended
+    signal: int = 0  #: the signal that stopped it (0: none)
+    stopped_by: str | None = None  #: a signal's name, "stop-after", or None when the schedule ended
+    exit_code: int = 0
+    metrics_path: Path | None = None
 
     def metrics(self) -> dict[str, Any]:
         if self.mode == "logistic":
@@ -213,10 +227,13 @@ def _head_state(probe: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class _ProbeRun:
-    """Optimiser, schedule, checkpointing and the epoch bookkeeping shared by both training paths."""
+    """Optimiser, schedule, checkpointing and the epoch bookkeeping shared by both training paths,
+    inside the run skeleton ``run`` (folder, lock, resume, stop)."""
 
-    def __init__(self, cfg: LinearConfig, dim: int, num_classes: int, identity: dict, world: int, device):
+    def __init__(self, cfg: LinearConfig, dim: int, num_classes: int, identity: dict, world: int, device,
+                 run: TrainingRun):
         self.cfg = cfg
+        self.run = run
         self.out = Path(cfg.output)
         self.identity = identity
         seed_everything(cfg.seed)
@@ -230,16 +247,15 @@ class _ProbeRun:
         self.best: dict[str, float] = {}
         self.last: dict[str, float] = {}
         self.history: list[dict] = []
+        self.signum = 0
 
     def maybe_resume(self, progress: Progress) -> None:
-        path = self.out / CHECKPOINT_NAME
-        if not (self.cfg.resume and path.is_file()):
-            if self.cfg.resume:
-                progress.log(f"no {CHECKPOINT_NAME} in {self.out}: starting from the first epoch")
-                remove_run_files(self.out, RUN_FILES, main=dist_env().is_main)  # a fresh run, a fresh log
+        """Continue from the checkpoint the run resumes (its identity checked), or start afresh."""
+        self.run.check_identity(self.identity)
+        ck = self.run.checkpoint
+        if ck is None:
             return
-        ck = read_checkpoint(path)
-        check_run_identity(path, ck.get("identity", {}), self.identity, what="this probe run")
+        path = self.out / CHECKPOINT_NAME
         if int(ck.get("epochs", self.cfg.epochs)) != self.cfg.epochs:
             raise CheckpointError(
                 f"{path} was made for {ck.get('epochs')} epochs, not {self.cfg.epochs}; the cosine schedule "
@@ -257,6 +273,16 @@ class _ProbeRun:
             set_rng_state(ck["rng"])
         progress.log(f"resuming from epoch {self.start_epoch} of {self.cfg.epochs}")
 
+    def epochs(self) -> range:
+        """The epochs of this invocation: from the resumed one to the schedule's end or --stop-after."""
+        return range(self.start_epoch, self.run.end(self.cfg.epochs))
+
+    def stopping(self) -> bool:
+        """Between steps: whether a signal asked every rank to stop (the step in flight is done; the
+        checkpoint of the last whole epoch is the state to resume, exactly)."""
+        self.signum = self.signum or self.run.poll()[0]
+        return bool(self.signum)
+
     def end_epoch(self, epoch: int, loss: float, scores: dict | None, is_main: bool) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
@@ -267,11 +293,11 @@ class _ProbeRun:
             if not self.best or scores["top1"] > self.best["top1"]:
                 self.best = {**scores, "epoch": epoch + 1}
         self.history.append(row)
-        if not is_main:
-            return
-        append_jsonl(self.out / "log.jsonl", row)
-        save_checkpoint(
-            {
+        with self.run.saving():
+            if is_main:
+                append_jsonl(self.out / "log.jsonl", row)
+            self.run.write_checkpoint({
+                "format": CHECKPOINT_FORMAT,
                 "epoch": epoch + 1,
                 "epochs": self.cfg.epochs,
                 "state_dict": _head_state(self.probe),
@@ -281,13 +307,17 @@ class _ProbeRun:
                 "last": self.last,
                 "history": self.history,
                 "identity": self.identity,
+                "config": self.cfg.to_dict(),
                 "rng": get_rng_state(),
-            },
-            self.out / CHECKPOINT_NAME,
-        )
+            })  # fmt: skip
+        self.signum = self.signum or self.run.agreed_signal()
 
     def result(self, mode: str, **kw) -> LinearResult:
-        return LinearResult(mode=mode, final=dict(self.last), best=dict(self.best), epochs_run=len(self.history), **kw)
+        epochs_done = self.history[-1]["epoch"] if self.history else self.start_epoch
+        outcome = self.run.outcome(epochs_done, self.cfg.epochs, self.signum)
+        return LinearResult(mode=mode, final=dict(self.last), best=dict(self.best), epochs_run=len(self.history),
+                            epochs=self.cfg.epochs, epochs_done=epochs_done, signal=self.signum,
+                            stopped_by=outcome.stopped_by, exit_code=outcome.exit_code, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,8 +353,8 @@ def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, a
     return train, val, n, avg
 
 
-def train_on_features(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
-    """The fast path: the probe trained on cached (centre-crop) features."""
+def train_on_features(cfg: LinearConfig, run: TrainingRun, progress: Progress = NULL_PROGRESS) -> LinearResult:
+    """The fast path: the probe trained on cached (centre-crop) features, inside ``run``."""
     train, val, n, avg = _feature_sets(cfg, progress)
     require_finite(train.features, "The training features")
     require_finite(val.features, "The validation features")
@@ -339,33 +369,39 @@ def train_on_features(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> 
         "classes": list(train.classes),
         **_recipe(cfg),
     }
-    run = _ProbeRun(cfg, train.dim, C, identity, world=1, device=device)
-    run.maybe_resume(progress)
+    probe = _ProbeRun(cfg, train.dim, C, identity, world=1, device=device, run=run)
+    probe.maybe_resume(progress)
     xs, ys = train.features.to(device), train.labels.to(device)
     xv, yv = val.features.to(device), val_labels.to(device)
     n_train = len(train)
     steps = math.ceil(n_train / cfg.batch_size)
-    task = progress.task("linear probe (features)", total=(cfg.epochs - run.start_epoch) * steps)
-    for epoch in range(run.start_epoch, cfg.epochs):
+    task = progress.task("linear probe (features)", total=len(probe.epochs()) * steps)
+    for epoch in probe.epochs():
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         order = torch.randperm(n_train, generator=g).to(device)
-        run.probe.train()
+        probe.probe.train()
         total = 0.0
         for s in range(steps):
             idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            loss = F.cross_entropy(run.probe(xs[idx]), ys[idx])
-            run.optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(probe.probe(xs[idx]), ys[idx])
+            probe.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            run.optimizer.step()
+            probe.optimizer.step()
             total += loss.item() * len(idx)
             task.advance(1, epoch=epoch + 1, loss=loss.item())
+            if probe.stopping():
+                break
+        if probe.signum:
+            break
         _check_finite(total, epoch)
         scores = None
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            scores = _score_logits(run.probe, xv, yv, cfg.batch_size * 8)
-        run.end_epoch(epoch, total / n_train, scores, dist_env().is_main)
+            scores = _score_logits(probe.probe, xv, yv, cfg.batch_size * 8)
+        probe.end_epoch(epoch, total / n_train, scores, dist_env().is_main)
+        if probe.signum:
+            break
     task.close()
-    return run.result(
+    return probe.result(
         "features", num_classes=C, feature_dim=train.dim, n_train=n_train, n_val=len(val),
         n_last_blocks=n, avgpool_patch_tokens=avg, fingerprint=dict(train.fingerprint),
     )
@@ -388,7 +424,7 @@ def _score_logits(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int
 # ---------------------------------------------------------------------------------------------
 # The paper's path: images with augmentation
 # ---------------------------------------------------------------------------------------------
-def train_on_images(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
+def train_on_images(cfg: LinearConfig, run: TrainingRun, progress: Progress = NULL_PROGRESS) -> LinearResult:
     """The paper's probe: frozen backbone, RandomResizedCrop + flip on the training images; under
     torchrun each process takes a shard of every epoch and the probe is wrapped in DDP."""
     if cfg.train is None or cfg.val is None:
@@ -415,16 +451,16 @@ def train_on_images(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Li
         "classes": list(train_images.classes),
         **_recipe(cfg),
     }
-    run = _ProbeRun(cfg, dim, C, identity, world=world, device=device)
-    run.maybe_resume(progress)
+    probe = _ProbeRun(cfg, dim, C, identity, world=world, device=device, run=run)
+    probe.maybe_resume(progress)
     if is_dist():
-        run.probe = nn.parallel.DistributedDataParallel(
-            run.probe, device_ids=[device.index] if device.type == "cuda" else None
+        probe.probe = nn.parallel.DistributedDataParallel(
+            probe.probe, device_ids=[device.index] if device.type == "cuda" else None
         )
     loaders = _ImageLoaders(cfg, train_images, val_images, emb.transform, device)
     run_model, run_dtype = inference_model(model, backbone.dtype)  # the frozen backbone: bf16 is cast once
-    _train_image_epochs(run, loaders, run_model, run_dtype, feature_fn, device, progress)
-    return run.result(
+    _train_image_epochs(probe, loaders, run_model, run_dtype, feature_fn, device, progress)
+    return probe.result(
         "images", num_classes=C, feature_dim=dim, n_train=len(loaders.train_set), n_val=len(loaders.val_set),
         n_last_blocks=n, avgpool_patch_tokens=avg, fingerprint=dict(emb.fingerprint),
     )
@@ -466,8 +502,8 @@ def _train_image_epochs(run: _ProbeRun, loaders: _ImageLoaders, model, dtype, fe
     """The epochs of the probe on images: train on augmented crops, validate every ``val_every``."""
     cfg = run.cfg
     steps = len(loaders.train)
-    task = progress.task("linear probe (images)", total=(cfg.epochs - run.start_epoch) * steps)
-    for epoch in range(run.start_epoch, cfg.epochs):
+    task = progress.task("linear probe (images)", total=len(run.epochs()) * steps)
+    for epoch in run.epochs():
         loaders.set_epoch(cfg.seed, epoch)
         run.probe.train()
         total = torch.zeros(2, dtype=torch.float64)
@@ -481,6 +517,10 @@ def _train_image_epochs(run: _ProbeRun, loaders: _ImageLoaders, model, dtype, fe
             run.optimizer.step()
             total += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64)
             task.advance(1, epoch=epoch + 1, loss=loss.item())
+            if run.stopping():
+                break
+        if run.signum:
+            break
         if is_dist():
             torch.distributed.all_reduce(total)
         mean_loss = float(total[0] / max(total[1], 1))
@@ -489,6 +529,8 @@ def _train_image_epochs(run: _ProbeRun, loaders: _ImageLoaders, model, dtype, fe
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             scores = _validate_images(model, run.probe, feature_fn, loaders.val, device, dtype)
         run.end_epoch(epoch, mean_loss, scores, dist_env().is_main)
+        if run.signum:
+            break
     task.close()
 
 
@@ -593,23 +635,70 @@ def logistic_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Line
     )
 
 
-def linear_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> LinearResult:
-    """``dinokit linear``: the probe on images (default), on cached features, a released head, or logistic."""
+def linear_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS, explicit: set[str] | None = None) -> LinearResult:
+    """``dinokit linear``: the probe on images (default), on cached features, a released head, or
+    logistic regression; writes the run folder, ``metrics.json`` included. The probe runs inside the
+    run skeleton (:mod:`dinokit.run`): ``explicit`` names the options typed, as for the other training
+    commands."""
     if cfg.epochs < 1:
         raise DinokitError("--epochs must be at least 1.")
     check_numbers(cfg, positive=("lr", *(("logistic_c",) if cfg.logistic else ())), non_negative=("weight_decay",),
                   fractions=("momentum",))
     if sum([cfg.evaluate, cfg.logistic]) > 1:
         raise DinokitError("Choose one of --evaluate and --logistic.")
-    if cfg.evaluate:
-        return evaluate_head(cfg, progress)
-    if cfg.logistic:
-        return logistic_eval(cfg, progress)
-    if not cfg.resume:  # a fresh run: the earlier run's checkpoint and log go before anything is written
-        remove_run_files(cfg.output, RUN_FILES, main=dist_env().is_main)
-    if cfg.features_only or cfg.train_features is not None:
-        return train_on_features(cfg, progress)
-    return train_on_images(cfg, progress)
+    if (cfg.evaluate or cfg.logistic) and (cfg.resume or cfg.stop_after):
+        raise DinokitError(f"--{'evaluate' if cfg.evaluate else 'logistic'} trains no probe to resume or stop; leave "
+                           "out --resume and --stop-after.")  # fmt: skip
+    if cfg.evaluate or cfg.logistic:
+        prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
+        result = evaluate_head(cfg, progress) if cfg.evaluate else logistic_eval(cfg, progress)
+        if dist_env().is_main:
+            result.metrics_path = write_metrics(cfg.output, result.metrics(), _record(cfg, result), units=UNITS)
+        return result
+    device = resolve_device(cfg.device)
+    with TrainingRun(LINEAR_RUN, cfg.output, cfg, device) as run:
+        cfg = _resumed(cfg, run, explicit)
+        run.plan_threads(cfg.threads, cfg.num_workers)
+        if cfg.features_only or cfg.train_features is not None:
+            result = train_on_features(cfg, run, progress)
+        else:
+            result = train_on_images(cfg, run, progress)
+        result.metrics_path = run.write_metrics(run.outcome(result.epochs_done, cfg.epochs, result.signal),
+                                                result.metrics(), _record(cfg, result), units=UNITS)  # fmt: skip
+        return result
+
+
+def _resumed(cfg: LinearConfig, run: TrainingRun, explicit: set[str] | None) -> LinearConfig:
+    """The probe's settings: ``cfg`` for a fresh run; for a resumed one the saved recipe with this
+    command line's run control on top (a checkpoint of an older dinokit, without its config, is
+    compared through its identity only)."""
+    if run.checkpoint is None:
+        return cfg
+    saved = run.checkpoint.get("config")
+    if not isinstance(saved, dict):
+        return cfg
+    run.saved_config = saved  # the probe keeps no config.json: its checkpoint is the record
+    merged = run.resumed_config(cfg.to_dict(), explicit, [f.name for f in dataclasses.fields(LinearConfig)])
+    for k in ("output", "train", "val", "train_features", "val_features"):
+        if merged.get(k) is not None:
+            merged[k] = Path(merged[k])
+    return LinearConfig(**merged)
+
+
+def _record(cfg: LinearConfig, result: LinearResult) -> dict[str, Any]:
+    """The config as metrics.json records it: the options and what they resolved to."""
+    return {
+        **cfg.to_dict(),
+        "n_last_blocks": result.n_last_blocks,
+        "avgpool_patch_tokens": result.avgpool_patch_tokens,
+        "mode": result.mode,
+        "num_classes": result.num_classes,
+        "feature_dim": result.feature_dim,
+        "n_train": result.n_train,
+        "n_val": result.n_val,
+        "epochs_run": result.epochs_run,
+        "fingerprint": result.fingerprint,
+    }
 
 
 __all__: Sequence[str] = [

@@ -37,39 +37,26 @@ from ..checkpoints import (
     FINETUNE_CHECKPOINT_FORMAT,
     BackboneOptions,
     export_finetuned,
-    read_checkpoint,
     save_checkpoint,
 )
-from ..data.images import collate_skip_none
+from ..data.images import collate_skip_none, data_fingerprint
 from ..data.splits import Splits, epoch_indices, load_splits
-from ..errors import CheckpointError, DataError, DinokitError
+from ..errors import DataError, DinokitError
 from ..eval.predict import evaluate_classifier
-from ..io import (
-    append_jsonl,
-    atomic_write_text,
-    merge_resume_config,
-    prepare_output_dir,
-    remove_run_files,
-    to_json,
-    write_json,
-    write_metrics,
-)
+from ..io import append_jsonl, atomic_write_text, run_identity, to_json, write_json, write_metrics
 from ..models.head import FinetuneModel
 from ..progress import NULL_PROGRESS, Progress
+from ..run import RunKind, RunOptions, TrainingRun
 from ..runtime import (
     DistEnv,
-    GracefulStop,
     RuntimeOptions,
-    agreed_stop_signal,
     all_reduce_mean,
     autocast,
     barrier,
     check_numbers,
     derive_seed,
     ensure_finite_loss,
-    init_distributed,
     is_dist,
-    max_over_ranks,
     precision_name,
     resolve_device,
     resolve_precision,
@@ -84,7 +71,7 @@ from .finetune_state import (
     build_model,
     plan_batches,
 )
-from .loop import CheckpointCadence, leave_signals_to_main, loss_failure_message, start_loader
+from .loop import leave_signals_to_main, loss_failure_message, start_loader
 from .optim import apply_lr
 from .schedules import finetune_lr_schedule
 
@@ -100,9 +87,9 @@ RUN_FILES = (
 # The recipe: configuration and result
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class FinetuneConfig(BackboneOptions, RuntimeOptions):
-    """Everything a fine-tuning run needs; saved in its checkpoint and ``metrics.json`` (the backbone
-    and runtime fields, ``batch_size`` per process, come from the shared option sets)."""
+class FinetuneConfig(BackboneOptions, RuntimeOptions, RunOptions):
+    """Everything a fine-tuning run needs; saved in its checkpoint and ``metrics.json`` (the backbone,
+    runtime and run fields, ``batch_size`` per process, come from the shared option sets)."""
 
     train: Path | None
     output: Path
@@ -125,10 +112,6 @@ class FinetuneConfig(BackboneOptions, RuntimeOptions):
     image_size: int = 224
     min_crop_scale: float = 0.08
     num_workers: int = field(default=4, kw_only=True)
-    resume: bool = False
-    stop_after: int | None = None  # end cleanly after this many epochs of the schedule
-    checkpoint_minutes: float = 10.0  # checkpoint.pth also every this many minutes within an epoch (0: off)
-    overwrite: bool = False
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -138,11 +121,15 @@ class FinetuneConfig(BackboneOptions, RuntimeOptions):
         return d
 
 
-#: options a resumed run may change; every other option is the run's recipe and stays as saved
+#: options a resumed run may change when typed; every other option is the run's recipe and stays as saved
 RUN_CONTROL = frozenset(
-    {"train", "val", "output", "epochs", "stop_after", "num_workers", "device", "resume", "overwrite",
-     "checkpoint_minutes", "strict"}
+    {"train", "val", "epochs", "num_workers", "device", "precision", "checkpoint_minutes", "strict", "threads"}
 )
+#: config fields that do not make a run another run (where its data is, how long and how it runs)
+NOT_IDENTITY = (*RUN_CONTROL, "output", "resume", "overwrite", "stop_after")
+#: a fine-tuning run's folder, to the run skeleton
+FINETUNE_RUN = RunKind(command="finetune", noun="fine-tuning run", files=RUN_FILES, formats=(FINETUNE_CHECKPOINT_FORMAT,),
+                       unit="epoch", may_change=RUN_CONTROL)  # fmt: skip
 
 
 @dataclass
@@ -173,12 +160,14 @@ def build_schedule(cfg: FinetuneConfig, niter_per_epoch: int, peak_lr: float) ->
                                 warmup_epochs=cfg.warmup_epochs, head_warmup_epochs=cfg.head_warmup_epochs)
 
 
-def set_up(cfg: FinetuneConfig, resume_state: dict | None, env: DistEnv, device: torch.device,
-           dtype: torch.dtype | None) -> tuple[FinetuneSetup, FinetuneState, Splits, int, int]:
-    """Data, model, optimiser and schedule of a run (restored from ``resume_state`` when resuming);
+def set_up(cfg: FinetuneConfig, run: TrainingRun, dtype: torch.dtype | None
+           ) -> tuple[FinetuneSetup, FinetuneState, Splits, int, int]:
+    """Data, model, optimiser and schedule of a run (restored from the checkpoint ``run`` resumes);
     returns them with the (epoch, step) to start from."""
-    out = Path(cfg.output)
+    out, env, device, resume_state = Path(cfg.output), run.env, run.device, run.checkpoint
     splits = load_splits(cfg.train, cfg.val, cfg.val_split, cfg.seed)
+    run.check_identity({**run_identity(cfg.to_dict(), NOT_IDENTITY), "classes": list(splits.classes),
+                        "data_files": _split_fingerprint(splits, cfg)})  # fmt: skip
     if resume_state is not None and list(resume_state["classes"]) != splits.classes:
         raise DataError(f"The classes in {cfg.train} are not those of the run being resumed.")
     num_classes = len(splits.classes)
@@ -199,8 +188,17 @@ def set_up(cfg: FinetuneConfig, resume_state: dict | None, env: DistEnv, device:
                 f"{resume_state['niter']}; resume with the same images, batch size and number of processes."
             )
     train_ds, val_ds = build_datasets(cfg, splits)
-    setup = FinetuneSetup(cfg, out, env, device, dtype, splits.classes, spec, plan, schedule, mixer, train_ds, val_ds)
+    setup = FinetuneSetup(cfg, out, env, device, dtype, splits.classes, spec, plan, schedule, mixer, train_ds, val_ds,
+                          run)  # fmt: skip
     return setup, state, splits, start_epoch, start_step
+
+
+def _split_fingerprint(splits: Splits, cfg: FinetuneConfig) -> str:
+    """The images of both splits (their names within their folders and their sizes, not the folders'
+    paths): the same data moved elsewhere is the same run, other data is another."""
+    train = data_fingerprint([p for p, _ in splits.train], Path(cfg.train))
+    val = data_fingerprint([p for p, _ in splits.val], Path(cfg.val if cfg.val is not None else cfg.train))
+    return f"{train}:{val}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +251,7 @@ def train_step(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, ba
 
 
 def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, epoch: int, first_step: int,
-                head_only: bool, stop: GracefulStop, progress: Progress) -> tuple[int, int]:
+                head_only: bool, progress: Progress) -> tuple[int, int]:
     """Train ``epoch`` from ``first_step`` to its end, or until the ranks agree to stop; returns the
     steps done and the stop signal (0 for none)."""
     cfg, env, plan = setup.cfg, setup.env, setup.plan
@@ -276,7 +274,6 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
     )
     task.advance(first_step)
     t0 = time.monotonic()
-    cadence = CheckpointCadence(cfg.checkpoint_minutes)  # a killed run loses at most this much
     step = first_step
     signum = 0
     for batch, _skipped in start_loader(loader):
@@ -298,13 +295,11 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
         step += 1
         task.advance(1, loss=loss_value, lr=lr)
         # one collective a step: the stop and the checkpoint cadence are agreed across ranks together
-        agreed_signal, due = max_over_ranks([stop.signum or 0, cadence.due()], setup.device)
-        signum = int(agreed_signal)
+        signum, due, _ = setup.run.poll()
         if signum and step < plan.niter:
             break
-        if step < plan.niter and due:
+        if step < plan.niter and due:  # the time cadence: a run killed without warning loses at most that much
             save_training_checkpoint(setup, state, epoch, step)
-            cadence.saved()
     task.close()
     state.totals.seconds += time.monotonic() - t0
     return step, signum
@@ -347,13 +342,13 @@ def end_epoch(setup: FinetuneSetup, state: FinetuneState, epoch: int, head_only:
     result.epochs_done = epoch + 1
     _fill_result(result, ev, state.best, setup.classes)
     if env.is_main:
-        _write_outputs(out, cfg, result, ev, setup.classes, final=False)
+        _write_outputs(out, cfg, result, ev, setup.classes, final=False, cpu_plan=setup.run.record()["cpu_plan"])
     return ev
 
 
 def save_training_checkpoint(setup: FinetuneSetup, state: FinetuneState, epoch: int, step: int) -> None:
-    if setup.env.is_main:
-        save_checkpoint(state.checkpoint(setup, epoch, step), setup.out / "checkpoint.pth")
+    with setup.run.saving():
+        setup.run.write_checkpoint(state.checkpoint(setup, epoch, step))
     barrier()
 
 
@@ -380,54 +375,50 @@ def enter_phase(model: FinetuneModel, head_only: bool, ddp_model: nn.Module | No
 def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: set[str] | None = None) -> FinetuneResult:
     """Fine-tune a backbone with a new linear head; writes the run folder (see docs/finetune.md).
 
-    ``explicit`` names the options the user gave (the CLI passes them) so that a resumed run can
-    refuse a changed recipe; ``None`` keeps the saved recipe and takes the run-control options
-    (epochs, stop_after, num_workers, device) from ``cfg``.
+    ``explicit`` names the options the user typed (the CLI passes them): a resumed run takes the rest
+    from its checkpoint and refuses a typed recipe option that differs; ``None`` (a library call)
+    means every field of ``cfg`` that is not None is asked for.
     """
-    cfg, resume_state = _resume_config(cfg, explicit)
     _validate(cfg)
     device = resolve_device(cfg.device)
-    env = init_distributed(device)
-    dtype = resolve_precision(cfg.precision, device, training=True)
-    out = Path(cfg.output)
-    if env.is_main:
-        prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
-    # --overwrite: nothing of an earlier run may pass for this one's
-    remove_run_files(out, RUN_FILES, main=env.is_main and not cfg.resume)
-    barrier()
+    with TrainingRun(FINETUNE_RUN, cfg.output, cfg, device) as run:
+        cfg = _resumed(cfg, run, explicit)
+        run.plan_threads(cfg.threads, cfg.num_workers)
+        dtype = resolve_precision(cfg.precision, device, training=True)
+        return _train(cfg, run, dtype, progress if run.env.is_main else NULL_PROGRESS)
 
-    setup, state, splits, start_epoch, start_step = set_up(cfg, resume_state, env, device, dtype)
+
+def _train(cfg: FinetuneConfig, run: TrainingRun, dtype: torch.dtype | None, progress: Progress) -> FinetuneResult:
+    """The epochs of a run inside its skeleton, from set-up to the final outputs."""
+    setup, state, splits, start_epoch, start_step = set_up(cfg, run, dtype)
     _write_run_config(setup, splits)
     result = FinetuneResult(
-        output=out, classes=setup.classes, epochs_done=start_epoch, epochs=cfg.epochs, finished=False,
+        output=setup.out, classes=setup.classes, epochs_done=start_epoch, epochs=cfg.epochs, finished=False,
         batch_size=setup.plan.global_batch, peak_lr=setup.plan.peak_lr, num_train=len(splits.train),
         num_val=len(splits.val), best_top1=state.best["top1"], best_top5=state.best["top5"],
         best_epoch=state.best["epoch"], history=state.history,
     )  # fmt: skip
-
     ddp_model: nn.Module | None = None
     last_eval: dict | None = None
-    end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
-    with GracefulStop() as stop:
-        for epoch in range(start_epoch, end):
-            head_only = epoch < cfg.head_warmup_epochs
-            runner, ddp_model = enter_phase(state.model, head_only, ddp_model, device)
-            first_step = start_step if epoch == start_epoch else 0
-            step, signum = train_epoch(setup, state, runner, epoch, first_step, head_only, stop, progress)
-            if signum and step < setup.plan.niter:  # stopped mid-epoch: save where it stands
-                save_training_checkpoint(setup, state, epoch, step)
-                result.signal = signum
-                result.stopped_at = (epoch + 1, step)
-                break
-            last_eval = end_epoch(setup, state, epoch, head_only, result, progress)
-            signum = agreed_stop_signal(stop)
-            if signum:
-                result.signal = signum
-                break
-
+    for epoch in range(start_epoch, run.end(cfg.epochs)):
+        head_only = epoch < cfg.head_warmup_epochs
+        runner, ddp_model = enter_phase(state.model, head_only, ddp_model, run.device)
+        first_step = start_step if epoch == start_epoch else 0
+        step, signum = train_epoch(setup, state, runner, epoch, first_step, head_only, progress)
+        if signum and step < setup.plan.niter:  # stopped mid-epoch: save where it stands
+            save_training_checkpoint(setup, state, epoch, step)
+            result.signal = signum
+            result.stopped_at = (epoch + 1, step)
+            break
+        last_eval = end_epoch(setup, state, epoch, head_only, result, progress)
+        signum = run.agreed_signal()
+        if signum:
+            result.signal = signum
+            break
     result.history = state.history
-    result.finished = result.epochs_done >= cfg.epochs and result.signal is None
-    if result.finished and env.is_main:
+    outcome = run.outcome(result.epochs_done, cfg.epochs, result.signal or 0)
+    result.finished = outcome.finished
+    if result.finished and run.env.is_main:
         _write_final_outputs(setup, state, result, last_eval)
     barrier()
     return result
@@ -436,7 +427,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
 def _write_run_config(setup: FinetuneSetup, splits: Splits) -> None:
     cfg, out = setup.cfg, setup.out
     if setup.env.is_main:
-        write_json(out / "config.json", {**cfg.to_dict(), "classes": setup.classes})
+        setup.run.write_config({**cfg.to_dict(), "classes": setup.classes})
         if cfg.val is None:
             write_json(
                 out / "split.json",
@@ -460,7 +451,8 @@ def _write_final_outputs(setup: FinetuneSetup, state: FinetuneState, result: Fin
     save_checkpoint(export_finetuned(state.model, setup.classes, setup.spec, setup.cfg.image_size, extra),
                     out / "model.pth")  # fmt: skip
     if last_eval is not None:
-        _write_outputs(out, setup.cfg, result, last_eval, setup.classes, final=True)
+        _write_outputs(out, setup.cfg, result, last_eval, setup.classes, final=True,
+                       cpu_plan=setup.run.record()["cpu_plan"])
     elif (out / "metrics.json").is_file():
         # resumed after the last epoch had already been validated: mark the metrics final
         m = json.loads((out / "metrics.json").read_text())
@@ -474,7 +466,8 @@ def _fill_result(result: FinetuneResult, ev: dict, best: dict, classes: list[str
     result.per_class_top1 = {classes[i]: v for i, v in ev["per_class"].items()}
 
 
-def _write_outputs(out: Path, cfg: FinetuneConfig, result: FinetuneResult, ev: dict, classes, final: bool) -> None:
+def _write_outputs(out: Path, cfg: FinetuneConfig, result: FinetuneResult, ev: dict, classes, final: bool,
+                   cpu_plan: dict | None = None) -> None:
     drawn = draw_confusion(
         ev["confusion"],
         classes,
@@ -497,6 +490,7 @@ def _write_outputs(out: Path, cfg: FinetuneConfig, result: FinetuneResult, ev: d
         "global_batch_size": result.batch_size,
         "peak_lr": result.peak_lr,
         "confusion_png": drawn,
+        "cpu_plan": cpu_plan,
     }
     units = {k: "percent" for k in ("final_top1", "final_top5", "best_top1", "best_top5", "per_class_top1")}
     write_metrics(out, metrics, config=cfg.to_dict(), units=units)
@@ -528,34 +522,22 @@ def _validate(cfg: FinetuneConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 # Resume: the run's checkpoint, its recipe, and its log up to the resumed epoch
 # ---------------------------------------------------------------------------------------------
-def _resume_config(cfg: FinetuneConfig, explicit: set[str] | None) -> tuple[FinetuneConfig, dict | None]:
-    """With ``cfg.resume``: the run's checkpoint and its recipe merged with ``cfg``'s run control
-    (see :func:`dinokit.io.merge_resume_config`: a typed recipe option that differs is refused)."""
-    if not cfg.resume:
-        return cfg, None
-    out = Path(cfg.output)
-    ckpt_path = out / "checkpoint.pth"
-    if not ckpt_path.is_file():
-        raise DinokitError(f"--resume: {out} holds no checkpoint.pth to resume from.")
-    resume_state = read_checkpoint(ckpt_path)
-    if not (isinstance(resume_state, dict) and resume_state.get("format") == FINETUNE_CHECKPOINT_FORMAT):
-        raise CheckpointError(f"{ckpt_path} is not a dinokit fine-tuning checkpoint.")
-    merged = merge_resume_config(
-        resume_state["config"], cfg.to_dict(), explicit=explicit, run_control=RUN_CONTROL,
-        always=("resume", "stop_after", "output"), keep_recipe=True,
-        fields=[f.name for f in dataclasses.fields(FinetuneConfig)],
-    )  # fmt: skip
+def _resumed(cfg: FinetuneConfig, run: TrainingRun, explicit: set[str] | None) -> FinetuneConfig:
+    """The run's settings: ``cfg`` for a fresh run; for a resumed one its recipe with this command
+    line's run control on top (see :meth:`dinokit.run.TrainingRun.resumed_config`)."""
+    if run.checkpoint is None:
+        return cfg
+    merged = run.resumed_config(cfg.to_dict(), explicit, [f.name for f in dataclasses.fields(FinetuneConfig)])
     for k in ("train", "val", "output"):
         if merged.get(k) is not None:
             merged[k] = Path(merged[k])
+    saved_epochs = (run.saved_config or {}).get("epochs")
     cfg = FinetuneConfig(**merged)
-    if cfg.epochs != resume_state["config"]["epochs"]:
-        log.warning(
-            "resuming a %d-epoch run for %d epochs: the lr schedule is recomputed for the new length.",
-            resume_state["config"]["epochs"],
-            cfg.epochs,
-        )
-    return cfg, resume_state
+    _validate(cfg)
+    if saved_epochs is not None and cfg.epochs != saved_epochs:
+        log.warning("resuming a %d-epoch run for %d epochs: the lr schedule is recomputed for the new length.",
+                    saved_epochs, cfg.epochs)  # fmt: skip
+    return cfg
 
 
 def _truncate_log(out: Path, epoch: int, env: DistEnv) -> list[dict]:
@@ -578,4 +560,4 @@ def _read_log(path: Path) -> list[dict]:
     return lines
 
 
-__all__ = ["RUN_CONTROL", "FinetuneConfig", "FinetuneResult", "build_schedule", "finetune", "train_epoch", "train_step"]
+__all__ = ["FINETUNE_RUN", "RUN_CONTROL", "FinetuneConfig", "FinetuneResult", "build_schedule", "finetune", "train_epoch", "train_step"]

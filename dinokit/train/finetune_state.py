@@ -25,6 +25,7 @@ from .augment import BatchMixer, finetune_train_transform
 from .optim import layer_decay_param_groups
 
 if TYPE_CHECKING:  # the recipe imports this module
+    from ..run import TrainingRun
     from .finetune import FinetuneConfig
 
 log = logging.getLogger("dinokit")
@@ -78,6 +79,7 @@ class FinetuneSetup:
     mixer: BatchMixer
     train_ds: SeededImages
     val_ds: ImageDataset
+    run: TrainingRun  #: the run skeleton: stop, checkpoint cadence, checkpoint writing
 
 
 @dataclass

@@ -1,21 +1,20 @@
 """The epoch-loop machinery that training runs share: the data order of an epoch, data-loader
 workers that leave signals to the main process, the per-epoch tally a mid-epoch checkpoint keeps,
-the checkpoint cadences (numbered copies every few epochs, checkpoint.pth every few minutes) and
-the sentence for a loss that is no longer finite.
+numbered checkpoint copies every few epochs and the sentence for a loss that is no longer finite.
 
-The pieces that evaluation shares too (the graceful stop, the stop agreed across ranks, exit codes,
-the finite-loss check) live in :mod:`dinokit.runtime`; run folders and resume-config merging in
-:mod:`dinokit.io`.
+The run itself (folder, lock, resume policy, thread plan, agreed stop, the time cadence of
+checkpoints, the finish) is the skeleton every training command shares, :mod:`dinokit.run`.
 """
 
 from __future__ import annotations
 
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..run import CheckpointCadence
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -77,24 +76,6 @@ def numbered_checkpoint(output: Path, epochs_done: int, save_every: int) -> Path
     return None
 
 
-class CheckpointCadence:
-    """When a run writes a checkpoint in the middle of an epoch: every ``minutes`` of training (0: only
-    at the ends of epochs), so that a run killed without warning (SIGKILL, a lost machine) loses at
-    most that much. The checkpoint is the one a signal writes (the step it stopped at, the RNG states
-    and the epoch's tally), so the resumed run continues exactly as the uninterrupted one."""
-
-    def __init__(self, minutes: float):
-        self.seconds = 60.0 * float(minutes)
-        self.last = time.monotonic()
-
-    def due(self) -> bool:
-        return self.seconds > 0 and time.monotonic() - self.last >= self.seconds
-
-    def saved(self) -> None:
-        """A checkpoint was just written (at the cadence, at an epoch's end, or for a signal)."""
-        self.last = time.monotonic()
-
-
 def loss_failure_message(where: str, checkpoint: Path, advice: str) -> str:
     """The sentence for a loss that became non-finite ``where`` (``{loss}`` is left for the value):
     what of the run is kept is said truly, whether a checkpoint was saved before or not."""
@@ -126,3 +107,7 @@ def leave_signals_to_main(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # started blocked by start_loader; pending ones are dropped
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+__all__ = ["CheckpointCadence", "EpochSampler", "EpochTally", "leave_signals_to_main", "loss_failure_message",
+           "numbered_checkpoint", "start_loader"]

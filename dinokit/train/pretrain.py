@@ -12,10 +12,10 @@ as a flat state dict, the released-weights format); ``log.jsonl`` (one line per 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,44 +24,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoints import read_checkpoint, save_backbone, save_checkpoint
+from ..checkpoints import save_backbone, save_checkpoint
 from ..data.images import IMAGE_EXTENSIONS, data_fingerprint, find_images
 from ..data.multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop, count_new_unreadable
 from ..errors import DataError, DinokitError
-from ..io import (
-    append_jsonl,
-    check_run_identity,
-    prepare_output_dir,
-    remove_run_files,
-    run_identity,
-    signals_deferred,
-    write_json,
-)
+from ..io import append_jsonl, run_identity
 from ..models.registry import canonical_arch
 from ..progress import NULL_PROGRESS, Progress
+from ..run import RunKind, RunOutcome, TrainingRun
 from ..runtime import (
-    CpuPlan,
     GracefulStop,
-    agreed_stop_signal,
     barrier,
-    cleanup_distributed,
-    cpu_threads,
     ensure_finite_loss,
     get_rng_state,
-    init_distributed,
     is_dist,
-    max_over_ranks,
-    plan_cpu,
     precision_name,
     resolve_device,
     resolve_precision,
     seed_everything,
     set_rng_state,
-    signal_exit_code,
 )
 from .dino import DINOTrainingState, build_student_teacher, build_training_state, dino_step
 from .loop import (
-    CheckpointCadence,
     EpochSampler,
     EpochTally,
     leave_signals_to_main,
@@ -84,7 +68,7 @@ from .pretrain_settings import (
 from .schedules import build_schedules
 
 __all__ = [
-    "AUTO_FIELDS", "AUTO_RULE", "RUNTIME_FIELDS", "DINOTrainingState", "EpochSampler", "PretrainConfig",
+    "AUTO_FIELDS", "AUTO_RULE", "PRETRAIN_RUN", "RUNTIME_FIELDS", "DINOTrainingState", "EpochSampler", "PretrainConfig",
     "PretrainResult", "PretrainRun", "auto_momentum_teacher", "auto_out_dim", "auto_warmup_epochs",
     "build_student_teacher", "build_training_state", "dino_step", "epoch_summary", "is_collapsed", "pretrain",
     "resolve_auto_settings", "resume_hint", "settings_for_run", "validate_config",
@@ -99,6 +83,13 @@ RUN_FILES = (
 )
 #: config fields that do not make a run another run: where and how it runs now, and how long it goes on
 NOT_IDENTITY = (*RUNTIME_FIELDS, "epochs", "save_every", "checkpoint_minutes", "precision")
+#: a pretraining run's folder, to the run skeleton
+PRETRAIN_RUN = RunKind(
+    command="pretrain", noun="pretraining run", files=RUN_FILES, formats=("dinokit-pretrain-1",),
+    keys=("config", "epoch"), unit="epoch",
+    per_invocation=frozenset({"output", "device", "num_workers", "compile", "strict"}),
+    may_change=frozenset({"data", "epochs", "save_every", "precision"}),
+)  # fmt: skip
 
 
 @dataclass
@@ -118,6 +109,7 @@ class PretrainResult:
     precision: str
     device: str
     settings: dict[str, Any] = field(default_factory=dict)
+    cpu_plan: dict[str, Any] | None = None
     collapsed_epochs: list[int] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     #: the trained student, teacher, optimiser and loss (not written anywhere; for callers and tests)
@@ -172,31 +164,26 @@ def epoch_summary(epoch: int, epoch_losses: torch.Tensor, end_values: dict[str, 
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-def pretrain(cfg: PretrainConfig, progress: Progress = NULL_PROGRESS) -> PretrainResult:
+def pretrain(cfg: PretrainConfig, progress: Progress = NULL_PROGRESS, explicit: set[str] | None = None) -> PretrainResult:
     """Run (or resume) DINO pretraining as ``cfg`` says; returns when the schedule ends, when
-    ``stop_after`` epochs are done, or when SIGINT/SIGTERM arrives (after writing a checkpoint).
-    The result's ``state`` is the trained :class:`DINOTrainingState`.
+    ``stop_after`` epochs of it are done, or when SIGINT/SIGTERM arrives (after writing a checkpoint).
+    Writes the run folder, ``metrics.json`` included. The result's ``state`` is the trained
+    :class:`DINOTrainingState`.
 
-    Raises :class:`DinokitError` for bad input and for a non-finite loss (the last good
-    checkpoint is kept).
+    ``explicit`` names the options the user typed (the CLI passes them): a resumed run takes the rest
+    from its saved config; ``None`` (a library call) means every field of ``cfg`` that is not None
+    is asked for. Raises :class:`DinokitError` for bad input, a changed recipe on resume, and a
+    non-finite loss (the last good checkpoint is kept).
     """
     validate_config(cfg)
     device = resolve_device(cfg.device)
-    env = init_distributed(device)
-    # threads and workers from the cores that are free now (other programs count), or --threads
-    plan = plan_cpu(cfg.threads, cfg.num_workers, device)
-    try:
-        with cpu_threads(plan.threads):
-            return PretrainRun(cfg, device, env, progress if env.is_main else NULL_PROGRESS, plan).run()
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
-            raise
-        raise DinokitError(
-            f"A data-loading worker died ({str(e).strip().splitlines()[0]}); {Path(cfg.output) / 'checkpoint.pth'} "
-            "keeps the last saved state: continue with --resume (with --num-workers 0 if it happens again)."
-        ) from e
-    finally:
-        cleanup_distributed()
+    with TrainingRun(PRETRAIN_RUN, cfg.output, cfg, device) as run:
+        fields = [f.name for f in dataclasses.fields(PretrainConfig)]
+        cfg = PretrainConfig.from_dict(run.resumed_config(cfg.to_dict(), explicit, fields))
+        if cfg.data is None:
+            raise DataError("Give the image folder with --data (or --resume to continue a run).")
+        run.plan_threads(cfg.threads, cfg.num_workers)
+        return PretrainRun(cfg, run, progress if run.env.is_main else NULL_PROGRESS).run()
 
 
 def _image_paths(cfg: PretrainConfig, world_size: int) -> list[Path]:
@@ -216,54 +203,34 @@ def _image_paths(cfg: PretrainConfig, world_size: int) -> list[Path]:
 
 
 class PretrainRun:
-    """One pretraining run in its folder: set-up (data, settings, state, resume), the epoch loop,
-    and the checkpoints. :func:`pretrain` is the way to start one."""
+    """One pretraining run inside its :class:`~dinokit.run.TrainingRun`: set-up (data, settings,
+    state, resume), the epoch loop, and the checkpoints. :func:`pretrain` is the way to start one."""
 
-    def __init__(self, cfg: PretrainConfig, device: torch.device, env, progress: Progress, plan: CpuPlan):
+    def __init__(self, cfg: PretrainConfig, run: TrainingRun, progress: Progress):
         self.cfg = cfg
-        self.plan = plan
-        self.device = device
-        self.env = env
+        self.run_ = run
+        self.plan = run.plan
+        self.device = run.device
+        self.env = run.env
         self.progress = progress
         self.out = Path(cfg.output)
         self.newest_checkpoint: dict | None = None
-        self.cadence = CheckpointCadence(cfg.checkpoint_minutes)
+        self.cadence = run.cadence
+        #: every image found unreadable in this run (on any rank, in any epoch): each counts once
+        self.unreadable_run: set[int] = set()
 
     # -- set-up ---------------------------------------------------------------------------------
-    def _open_run_folder(self) -> dict | None:
-        """The checkpoint to resume from (None for a fresh run, whose folder is made ready)."""
-        ckpt_path = self.out / "checkpoint.pth"
-        if self.cfg.resume:
-            if not ckpt_path.is_file():
-                raise DinokitError(f"There is no {ckpt_path} to resume from; start the run without --resume.")
-            ckpt = read_checkpoint(ckpt_path)
-            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
-                raise DinokitError(f"{ckpt_path} is not a dinokit pretraining checkpoint.")
-            return ckpt
-        if ckpt_path.is_file() and not self.cfg.overwrite:
-            raise DinokitError(
-                f"{self.out} already holds a pretraining run; pass --resume to continue it or --overwrite "
-                "to start again."
-            )
-        prepare_output_dir(self.out, overwrite=self.cfg.overwrite)
-        remove_run_files(self.out, RUN_FILES, main=self.env.is_main)
-        return None
-
     def _set_up(self) -> tuple[EpochTally, int, int]:
         """Everything before the first step; returns the tally and (epoch, iteration) to start at."""
-        env, device = self.env, self.device
+        env, device, run = self.env, self.device, self.run_
         paths = _image_paths(self.cfg, env.world_size)
-        ckpt = self._open_run_folder()
-        barrier()
-        saved = None
-        if ckpt is not None:
-            saved = ckpt.get("config", {}) if isinstance(ckpt.get("config"), dict) else {}
+        ckpt = run.checkpoint
+        saved = run.saved_config if ckpt is not None else None
         self.cfg = cfg = settings_for_run(self.cfg, saved, len(paths), env.world_size)
         # the images, not the folder's path: a data set that moved is the same run, one that changed is not
-        self.identity = {**run_identity(cfg.to_dict(), NOT_IDENTITY), "data_files": data_fingerprint(paths, Path(cfg.data).expanduser())}
-        if ckpt is not None:
-            check_run_identity(self.out / "checkpoint.pth", ckpt.get("run_identity") or run_identity(saved, NOT_IDENTITY),
-                               self.identity, what="the run asked for (its config.json and this command line)")
+        identity = {**run_identity(cfg.to_dict(), NOT_IDENTITY), "data_files": data_fingerprint(paths, Path(cfg.data).expanduser())}
+        run.check_identity(identity, saved=run_identity(saved, NOT_IDENTITY) if saved else None)
+        self.identity = identity
         self.dtype = resolve_precision(cfg.precision, device, training=True)
         self.n_images = len(paths)
         self.global_batch = cfg.batch_size * env.world_size
@@ -284,26 +251,23 @@ class PretrainRun:
             warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
         )
         start = (EpochTally(), 0, 0) if ckpt is None else self._restore(ckpt)
-        if env.is_main:
-            write_json(self.out / "config.json", {
-                **cfg.to_dict(),
-                "run_identity": self.identity,
-                "n_images": self.n_images,
-                "world_size": env.world_size,
-                "global_batch": self.global_batch,
-                "iterations_per_epoch": self.iters,
-                "precision_used": precision_name(self.dtype),
-                "device_used": str(device),
-                "threads_used": self.plan.threads,
-                "num_workers_used": self.plan.workers,
-            })  # fmt: skip
+        run.write_config({
+            **cfg.to_dict(),
+            "n_images": self.n_images,
+            "world_size": env.world_size,
+            "global_batch": self.global_batch,
+            "iterations_per_epoch": self.iters,
+            "precision_used": precision_name(self.dtype),
+            "device_used": str(device),
+            "threads_used": self.plan.threads,
+            "num_workers_used": self.plan.workers,
+        })  # fmt: skip
         transform = MultiCropAugmentation(
             cfg.global_scale, cfg.local_scale, cfg.local_crops, cfg.global_size, cfg.local_size
         )
         self.dataset = MultiCropDataset(paths, transform, seed=cfg.seed)
         self.sampler = EpochSampler(self.dataset, env.world_size, env.rank, cfg.seed, cfg.batch_size)
         self.num_workers = self.plan.workers
-        log.info("%s: %s", device, self.plan.describe())
         return start
 
     def _restore(self, ckpt: dict) -> tuple[EpochTally, int, int]:
@@ -321,6 +285,7 @@ class PretrainRun:
                 int(saved_iters), self.iters,
             )  # fmt: skip
         epoch, iteration = int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
+        self.unreadable_run = {int(i) for i in ckpt.get("unreadable") or []}
         rng = ckpt.get("rng")
         if isinstance(rng, list) and len(rng) == self.env.world_size:
             set_rng_state(rng[self.env.rank])
@@ -333,58 +298,56 @@ class PretrainRun:
     def run(self) -> PretrainResult:
         resumed_tally, start_epoch, start_iteration = self._set_up()
         self.cadence.saved()  # the clock starts with the training, not with the set-up
-        cfg, iters = self.cfg, self.iters
+        cfg, iters, run = self.cfg, self.iters, self.run_
         history: list[dict] = []
         collapsed: list[int] = []
-        total_skipped = 0
         t_run = time.perf_counter()
         signum = 0
-        end_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
         epochs_done = start_epoch
-        with GracefulStop() as stop:
-            for epoch in range(start_epoch, end_epoch):
-                first = epoch == start_epoch
-                tally = resumed_tally if first else EpochTally()
-                done_steps, signum = self._train_epoch(epoch, start_iteration if first else 0, tally, stop)
-                skipped = self._sum_over_ranks(tally.skipped)
-                if signum and done_steps < iters:  # stopped mid-epoch: keep what it counted
-                    self._save(epoch, done_steps, tally)
-                    break
-                total_skipped += skipped
-                line = epoch_summary(epoch, self._mean_over_ranks(torch.as_tensor(tally.losses)),
-                                     self.schedules.at(epoch * iters + iters - 1, epoch), tally, skipped, cfg.out_dim)
-                if line.get("collapsed"):
-                    collapsed.append(epoch + 1)
-                history.append(line)
-                self._end_epoch(epoch, line)
-                epochs_done = epoch + 1
-                signum = signum or agreed_stop_signal(stop, self.device)
-                if signum:
-                    break
+        for epoch in range(start_epoch, run.end(cfg.epochs)):
+            first = epoch == start_epoch
+            tally = resumed_tally if first else EpochTally()
+            done_steps, signum = self._train_epoch(epoch, start_iteration if first else 0, tally, run.stop)
+            skipped = self._sum_over_ranks(tally.skipped)
+            if signum and done_steps < iters:  # stopped mid-epoch: keep what it counted
+                self._save(epoch, done_steps, tally)
+                break
+            line = epoch_summary(epoch, self._mean_over_ranks(torch.as_tensor(tally.losses)),
+                                 self.schedules.at(epoch * iters + iters - 1, epoch), tally, skipped, cfg.out_dim)
+            if line.get("collapsed"):
+                collapsed.append(epoch + 1)
+            history.append(line)
+            self._end_epoch(epoch, line)
+            epochs_done = epoch + 1
+            signum = signum or run.agreed_signal()
+            if signum:
+                break
         barrier()
-        finished = epochs_done >= cfg.epochs
-        stopped_by = signal.Signals(signum).name if signum else (None if finished else "stop-after")
-        return PretrainResult(
+        outcome = run.outcome(epochs_done, cfg.epochs, signum)
+        result = PretrainResult(
             output=self.out,
             epochs=cfg.epochs,
             epochs_done=epochs_done,
-            finished=finished,
-            stopped_by=stopped_by,
-            exit_code=signal_exit_code(signum),
+            finished=outcome.finished,
+            stopped_by=outcome.stopped_by,
+            exit_code=outcome.exit_code,
             loss=history[-1]["loss"] if history else None,
             images_per_second=(float(np.mean([h["images_per_second"] for h in history])) if history else None),
             seconds=time.perf_counter() - t_run,
             n_images=self.n_images,
-            skipped_images=total_skipped,
+            skipped_images=len(self.unreadable_run),
             world_size=self.env.world_size,
             precision=precision_name(self.dtype),
             device=str(self.device),
             settings={**{k: getattr(cfg, k) for k in ("out_dim", "momentum_teacher", "warmup_epochs", "batch_size")},
                       "threads": self.plan.threads, "num_workers": self.plan.workers},
+            cpu_plan=run.record()["cpu_plan"],
             collapsed_epochs=collapsed,
             history=history,
             state=self.state,
         )
+        _write_metrics(run, outcome, result, cfg)
+        return result
 
     def _train_epoch(self, epoch: int, first_step: int, tally: EpochTally, stop: GracefulStop) -> tuple[int, int]:
         """Steps ``first_step`` .. the end of ``epoch`` (or until a signal); counts into ``tally``.
@@ -423,9 +386,7 @@ class PretrainRun:
             losses[it] = loss
             due = False
             if (it - first_step) % check_every == 0 or it == iters - 1:
-                nonfinite, agreed, due = max_over_ranks(
-                    [not torch.isfinite(loss), stop.signum or 0, self.cadence.due()], device
-                )
+                agreed, due, (nonfinite,) = self.run_.poll(not torch.isfinite(loss))
                 if nonfinite:  # on any rank: all stop together
                     ensure_finite_loss(
                         loss.item(),
@@ -438,6 +399,7 @@ class PretrainRun:
             done_steps = it + 1
             stopping = signum or (stop.requested and not is_dist())
             if due and not stopping and done_steps < iters:  # the time cadence: a kill loses at most that much
+                self.unreadable_run |= self._union_over_ranks(unreadable)
                 self._save(epoch, done_steps, self._tally_so_far(tally, losses, first_step, done_steps,
                                                                  seconds_before + time.perf_counter() - t_epoch))
             now = time.perf_counter()
@@ -452,6 +414,7 @@ class PretrainRun:
                 signum = signum or stop.signum
                 break
         task.close()
+        self.unreadable_run |= self._union_over_ranks(unreadable)
         tally.seconds = seconds_before + time.perf_counter() - t_epoch
         tally.losses = tally.losses[:first_step] + losses[first_step:done_steps].float().cpu().tolist()
         return done_steps, signum
@@ -471,6 +434,13 @@ class PretrainRun:
             f"momentum {line['momentum']:.5f}  teacher temp {line['teacher_temp']:.3g}  "
             f"{line['images_per_second']:.1f} images/s  {line['seconds']:.1f} s"
         )
+
+    def _union_over_ranks(self, indices: set[int]) -> set[int]:
+        if not is_dist():
+            return set(indices)
+        sets: list = [None] * self.env.world_size
+        torch.distributed.all_gather_object(sets, sorted(indices))
+        return {int(i) for s in sets for i in s}
 
     def _sum_over_ranks(self, count: int) -> int:
         if not is_dist():
@@ -498,9 +468,8 @@ class PretrainRun:
         """Write checkpoint.pth (and backbone.pth) atomically on rank 0; every rank's RNG state goes in.
         ``tally`` is the epoch so far when the checkpoint is written mid-epoch. Ctrl-C and SIGTERM
         wait until both files are written."""
-        with signals_deferred():
+        with self.run_.saving():
             self._write_checkpoint(epoch, iteration, tally)
-        self.cadence.saved()
 
     def _write_checkpoint(self, epoch: int, iteration: int, tally: EpochTally | None) -> None:
         rng = get_rng_state()
@@ -520,17 +489,37 @@ class PretrainRun:
             "iterations_per_epoch": int(self.iters),
             "world_size": int(self.env.world_size),
             "partial": tally.to_dict() if tally is not None else None,
+            "unreadable": sorted(self.unreadable_run),
             "config": self.cfg.to_dict(),
-            "run_identity": self.identity,
             "rng": states,
             "arch": canonical_arch(self.cfg.arch),
             "patch_size": int(self.cfg.patch_size),
             "format": "dinokit-pretrain-1",
         }
-        save_checkpoint(ckpt, self.out / "checkpoint.pth")
+        self.run_.write_checkpoint(ckpt)
         save_backbone(self.state.teacher.backbone, self.out / "backbone.pth")
-        self.newest_checkpoint = ckpt
+        self.newest_checkpoint = {**ckpt, **self.run_.record()}
+
+
+def _write_metrics(run: TrainingRun, outcome: RunOutcome, result: PretrainResult, cfg: PretrainConfig) -> None:
+    """The run's metrics.json: the outcome and its figures (on rank 0)."""
+    metrics = {
+        "loss": result.loss,
+        "images_per_second": result.images_per_second,
+        "seconds": result.seconds,
+        "n_images": result.n_images,
+        "skipped_images": result.skipped_images,
+        "world_size": result.world_size,
+        "precision": result.precision,
+        "device": result.device,
+        "settings": result.settings,
+        "collapsed_epochs": result.collapsed_epochs,
+        "checkpoint": str(result.checkpoint),
+        "backbone": str(result.backbone),
+    }
+    run.write_metrics(outcome, metrics, config=cfg.to_dict(),
+                      units={"loss": "nats (cross-entropy)", "images_per_second": "images/s", "seconds": "s"})
 
 
 def resume_hint(output: str | os.PathLike) -> str:
-    return f"dinokit pretrain --output {output} --resume"
+    return PRETRAIN_RUN.resume_hint(output)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import DinokitError
 from ..models.registry import arch_generation, canonical_arch
+from ..run import RunOptions
 from ..runtime import RuntimeOptions, check_numbers
 from .optim import OPTIMIZERS
 
@@ -29,14 +30,16 @@ AUTO_FIELDS = ("out_dim", "momentum_teacher", "warmup_epochs", "global_scale")
 
 
 @dataclass
-class PretrainConfig(RuntimeOptions):
+class PretrainConfig(RuntimeOptions, RunOptions):
     """Everything a DINO run needs; defaults are the reference code's (``main_dino.py``), the paper's ViT
     recipe except its teacher-temperature warm-up 0.04 -> 0.07 over 30 epochs (spec "Schedules").
 
     ``out_dim``, ``momentum_teacher`` and ``warmup_epochs`` left as None are chosen from the data
     (see :func:`resolve_auto_settings`). The runtime fields (device, precision, batch_size,
     num_workers, seed) come from :class:`~dinokit.runtime.RuntimeOptions`; a pretraining run builds
-    its own student and teacher, so it has arch and patch size but no weights.
+    its own student and teacher, so it has arch and patch size but no weights. How the run is driven
+    (resume, overwrite, stop_after, checkpoint_minutes, threads) comes from
+    :class:`~dinokit.run.RunOptions`.
     """
 
     data: str | None = None
@@ -70,12 +73,7 @@ class PretrainConfig(RuntimeOptions):
     center_momentum: float = 0.9
     compile: bool = False
     num_workers: int = field(default=4, kw_only=True)  #: RuntimeOptions says 0; DINO decodes many crops per image
-    threads: int | None = None
     save_every: int = 20
-    checkpoint_minutes: float = 10.0  #: checkpoint.pth also every this many minutes (0: only each epoch)
-    stop_after: int | None = None
-    resume: bool = False
-    overwrite: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -38,9 +38,13 @@ def test_resume_is_bitwise_exact(labelled_folder, tiny2_weights, tmp_path):
     r = invoke(base_args(tiny2_weights, labelled_folder, split, epochs=3) + extra + ["--stop-after", "1"])
     assert r.exit_code == 0, r.output
     assert "resume" in r.output and not (split / "model.pth").exists()
-    # resume with only the run-control options; the recipe comes from the checkpoint
+    # resume with only the run-control options; the recipe comes from the checkpoint. --stop-after
+    # counts epochs of the schedule from the run's start: 1 is done already, 2 trains one more
     r = invoke(["finetune", "--output", str(split), "--resume", "--stop-after", "1", "--num-workers", "0", "--quiet"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and "Stopped after epoch 1 of 3" in r.output, r.output
+    r = invoke(["finetune", "--output", str(split), "--resume", "--stop-after", "2", "--num-workers", "0", "--quiet"])
+    assert r.exit_code == 0 and "Stopped after epoch 2 of 3" in r.output, r.output
+    assert load_state(split / "checkpoint.pth")["epoch"] == 2
     r = invoke(["finetune", "--output", str(split), "--resume", "--num-workers", "1", "--quiet"])
     assert r.exit_code == 0, r.output
     assert_same_weights(straight / "model.pth", split / "model.pth")
@@ -160,7 +164,7 @@ def test_changed_recipe_on_resume_is_refused(labelled_folder, tiny2_weights, tmp
     out = tmp_path / "run"
     assert invoke(base_args(tiny2_weights, labelled_folder, out) + ["--stop-after", "1"]).exit_code == 0
     r = invoke(["finetune", "--output", str(out), "--resume", "--lr", "0.1"])
-    assert "--lr 0.1 differs from the resumed run's 0.02" in one_error_sentence(r)
+    assert "changes (--lr 0.02 -> 0.1)" in one_error_sentence(r)
 
 
 def test_resume_without_checkpoint_and_existing_output(labelled_folder, tiny2_weights, tmp_path):
@@ -170,7 +174,7 @@ def test_resume_without_checkpoint_and_existing_output(labelled_folder, tiny2_we
     r = invoke(base_args(tiny2_weights, labelled_folder, out))
     assert "already holds results" in one_error_sentence(r)
     r = invoke(["finetune", "--output", str(out), "--resume"])
-    assert "holds no checkpoint.pth" in one_error_sentence(r)
+    assert "There is no fine-tuning run in" in one_error_sentence(r) and "(no checkpoint.pth)" in r.output
 
 
 def test_val_and_val_split_together(labelled_folder, tiny2_weights, tmp_path):

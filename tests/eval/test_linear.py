@@ -10,6 +10,7 @@ import torch
 
 import dinokit
 from dinokit.eval.linear import (
+    LINEAR_RUN,
     LinearConfig,
     _ProbeRun,
     _resolve_options,
@@ -17,6 +18,7 @@ from dinokit.eval.linear import (
     linear_eval,
     logistic_probe,
 )
+from dinokit.run import TrainingRun
 from tests.helpers import feature_clusters
 
 
@@ -29,7 +31,9 @@ def test_paper_defaults_per_arch():
     assert _resolve_options(cfg, s) == (4, False)
     assert _resolve_options(cfg, b) == (1, True)
     assert _resolve_options(LinearConfig(output="x", n_last_blocks=2, avgpool_patch_tokens=True), s) == (2, True)
-    run = _ProbeRun(LinearConfig(output="x", batch_size=512), 1536, 1000, {}, world=2, device="cpu")
+    cfg = LinearConfig(output="x", batch_size=512)
+    skeleton = TrainingRun(LINEAR_RUN, "x", cfg, torch.device("cpu"))  # not entered: nothing is written
+    run = _ProbeRun(cfg, 1536, 1000, {}, world=2, device="cpu", run=skeleton)
     w, bias = run.probe.linear.weight, run.probe.linear.bias
     assert abs(w.std().item() - 0.01) < 5e-4 and abs(w.mean().item()) < 5e-4 and torch.all(bias == 0)
     group = run.optimizer.param_groups[0]
@@ -79,7 +83,7 @@ def test_resume_gives_the_same_probe_as_an_uninterrupted_run(feature_files, tmp_
         assert torch.equal(a["state_dict"][k], b["state_dict"][k])
     assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
     # a resume with another schedule is refused
-    with pytest.raises(dinokit.errors.CheckpointError, match="same --epochs"):
+    with pytest.raises(dinokit.errors.DinokitError, match="--epochs 5 -> 9"):
         linear_eval(LinearConfig(output=tmp_path / "b", resume=True, **{**kw, "epochs": 9}))
 
 

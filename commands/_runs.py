@@ -1,0 +1,53 @@
+"""What the training commands (pretrain, finetune, linear, ...) share on the command line: the run
+options with one meaning each (docs/guarantees.md), the options a user typed, and the closing
+sentence of a run that stopped before the end of its schedule."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ._common import RUN_PANEL, RUNTIME_PANEL, console, console_err
+
+Resume = Annotated[
+    bool,
+    typer.Option("--resume", rich_help_panel=RUN_PANEL,
+                 help="Continue the run in --output from its checkpoint.pth, with its own recipe (refused "
+                 "where there is no run)."),
+]
+StopAfter = Annotated[
+    int | None,
+    typer.Option("--stop-after", min=1, rich_help_panel=RUN_PANEL,
+                 help="End cleanly when N epochs of the schedule are done, counted from the run's start "
+                 "(resumable; a resumed run already past N ends at once)."),
+]
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, rich_help_panel=RUNTIME_PANEL,
+                 help="CPU threads for the compute (default: the cores other programs leave free when the "
+                 "run starts; --resume keeps the run's count)."),
+]
+
+
+def typed_options(ctx: typer.Context) -> set[str]:
+    """The parameters the user typed (not defaults): a resumed run takes the others from its record."""
+    out = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            out.add(name)
+    return out
+
+
+def report_stop(command: str, output, unit: str, done: int, total: int, stopped_by: str | None,
+                where: str | None = None) -> None:
+    """The one sentence for a run that ended before its schedule did: by a signal (on stderr; ``where``
+    says where in a unit it stopped) or by --stop-after, with the command that continues it."""
+    hint = f"dinokit {command} --output {output} --resume"
+    if stopped_by and stopped_by != "stop-after":
+        where = where or f"after {done} full {unit}s of {total}"
+        console_err.print(f"Stopped by {stopped_by} {where}; the checkpoint is saved. Resume with: {hint}",
+                          highlight=False)  # fmt: skip
+    elif stopped_by == "stop-after":
+        console.print(f"Stopped after {unit} {done} of {total} (--stop-after). Resume with: {hint}", highlight=False)
