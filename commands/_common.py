@@ -269,22 +269,30 @@ class DinokitCommand(typer.core.TyperCommand):
                 formatter.write_text(text)
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
+        from ._option_checks import refuse_repeated_options
+
+        refuse_repeated_options(self, args, {**RENAMED_OPTIONS["*"], **RENAMED_OPTIONS.get(self.name or "", {})},
+                                REFERENCE_OPTIONS)  # fmt: skip
         return super().parse_args(ctx, rewrite_option_names(self, args))
 
     def invoke(self, ctx):
-        from dinokit.io import release_run_folders
+        from dinokit.io import held_run_folders, release_run_folders
 
+        from ._option_checks import refuse_overlong_values
+
+        refuse_overlong_values(ctx)  # before anything touches the disk
         output = ctx.params.get("output")
         fresh = output is not None and not Path(output).exists()
+        held = held_run_folders()  # a command run inside another (the demo's steps) keeps the outer one's
         try:
             return super().invoke(ctx)
         except BaseException:
-            release_run_folders()  # the lock file first: a folder holding only it is left empty
+            release_run_folders(held)  # the lock file first: a folder holding only it is left empty
             if fresh:
                 remove_empty_folders(Path(output))
             raise
         finally:
-            release_run_folders()  # the command's run folders are free for the next command
+            release_run_folders(held)  # the command's run folders are free for the next command
 
 
 def remove_empty_folders(root: Path) -> None:
@@ -432,6 +440,14 @@ class DinokitGroup(typer.core.TyperGroup):
             console_err.print(
                 f"[bold red]Error:[/] cannot use {escape(str(name))}: {e.strerror}.", highlight=False, soft_wrap=True
             )
+            raise typer.Exit(code=2) from None
+        except OSError as e:  # what the file system refuses (read-only, full, a name too long): one sentence
+            from ._option_checks import file_system_refusal
+
+            sentence = file_system_refusal(e)
+            if sentence is None:
+                raise
+            console_err.print(f"[bold red]Error:[/] {escape(sentence)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
 
