@@ -55,6 +55,13 @@ def attn(
     threshold: Annotated[
         float, typer.Option("--attention-mass", help="Fraction of each head's attention mass its mask keeps (0-1].")
     ] = 0.6,
+    max_tokens: Annotated[
+        int,
+        typer.Option("--max-tokens", min=1,
+                     help="The most patch tokens an image may become at the asked size; an image beyond it is "
+                     "refused before the work, with the size that fits (attention's cost grows with the square "
+                     "of the count)."),
+    ] = 100_000,
     images_dir: Annotated[
         Optional[Path],
         typer.Option("--images", help="Evaluation form: the folder of images to score against ground truth."),
@@ -127,6 +134,7 @@ def attn(
         image_size=image_size or None,
         keep_aspect=keep_aspect,
         threshold=threshold,
+        max_tokens=max_tokens,
         batch_size=batch_size,
         num_workers=num_workers,
         device=device,

@@ -29,6 +29,7 @@ from ..data.images import collate_skip_none, find_images, open_rgb
 from ..data.masks import VOID, GroundTruth
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import DataError, DinokitError
+from ..models.vit import MAX_TOKENS, too_many_tokens
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import RuntimeOptions, autocast, resolve_device, resolve_precision
 
@@ -153,6 +154,42 @@ def crop_to_patches(arr: np.ndarray, patch_size: int) -> np.ndarray:
     return arr[: h - h % patch_size, : w - w % patch_size]
 
 
+def largest_image_size(width: int, height: int, keep_aspect: bool, patch_size: int, limit: int) -> int | None:
+    """The largest ``--image-size`` at which an image of ``width`` x ``height`` stays within ``limit``
+    tokens (None when not even one patch's size does)."""
+
+    def tokens(size: int) -> int:
+        w, h = resized_size(width, height, size, keep_aspect)
+        return (w // patch_size) * (h // patch_size)
+
+    lo, hi = patch_size, patch_size * (math.isqrt(max(limit, 1)) + 1)
+    if tokens(lo) > limit:
+        return None
+    while lo < hi:  # tokens grow with the size: the last size within the limit
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if tokens(mid) <= limit else (lo, mid - 1)
+    return lo
+
+
+def check_token_count(width: int, height: int, image_size: int | None, keep_aspect: bool, patch_size: int,
+                      limit: int, name) -> None:
+    """Refuse, before any work, an image that the asked size would make more than ``limit`` tokens,
+    saying the size that would fit (a 16x2000 strip at --image-size 480 with --keep-aspect is 480x60000
+    pixels, 112,500 tokens, and would run for minutes)."""
+    w, h = resized_size(width, height, image_size, keep_aspect)
+    n = (w // patch_size) * (h // patch_size)
+    if n <= limit:
+        return
+    if image_size:
+        how = f"--image-size {image_size}" + (" with --keep-aspect" if keep_aspect else "")
+        what = f"The image {name} ({width}x{height} pixels) at {how} becomes {w}x{h} pixels, which"
+    else:
+        what = f"The image {name} at its own size of {width}x{height} pixels"
+    fit = largest_image_size(width, height, keep_aspect, patch_size, limit)
+    advice = f"use --image-size {fit} or less for it" if fit else "it cannot be made that small"
+    raise DataError(too_many_tokens(what, n, patch_size, limit, advice))
+
+
 def check_image_size(img: Image.Image, patch_size: int, name) -> None:
     if img.width < patch_size or img.height < patch_size:
         raise DataError(
@@ -161,12 +198,14 @@ def check_image_size(img: Image.Image, patch_size: int, name) -> None:
 
 
 def preprocess(img: Image.Image, image_size: int | None, patch_size: int, name="",
-               keep_aspect: bool = False) -> tuple[torch.Tensor, np.ndarray]:
-    """The maps' preprocessing: resize, normalise, crop to a multiple of the patch size.
+               keep_aspect: bool = False, max_tokens: int = MAX_TOKENS) -> tuple[torch.Tensor, np.ndarray]:
+    """The maps' preprocessing: resize, normalise, crop to a multiple of the patch size (an image that
+    would become more than ``max_tokens`` tokens is refused first).
 
     Returns the network input (3, H, W) and the same picture as uint8 (H, W, 3) for drawing.
     """
     check_image_size(img, patch_size, name)
+    check_token_count(img.width, img.height, image_size, keep_aspect, patch_size, max_tokens, name)
     resized = resize_image(img, image_size, keep_aspect)
     if resized.width < patch_size or resized.height < patch_size:
         raise DataError(f"--image-size {image_size} is smaller than one {patch_size}x{patch_size} patch.")
@@ -224,6 +263,7 @@ class AttentionConfig(RuntimeOptions):
     image_size: int | None = 480  #: resize to (S, S) (video frames: shorter side S); None keeps the size
     keep_aspect: bool = False  #: resize the shorter side to S instead (the aspect ratio kept)
     threshold: float = 0.6  #: fraction of each head's attention mass its mask keeps (the paper's 60%)
+    max_tokens: int = MAX_TOKENS  #: the most patch tokens an image may become (checked before the work)
     batch_size: int = 8
     device: str = "cpu"  #: the functions here run where they are told; the command passes --device
 
@@ -293,7 +333,7 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
                 name, img = item
             else:
                 name, img = item, open_rgb(item)
-            x, rgb = preprocess(img, cfg.image_size, p, name, keep_aspect)
+            x, rgb = preprocess(img, cfg.image_size, p, name, keep_aspect, cfg.max_tokens)
             pending.append((name, x, rgb, img.size))
             if len(pending) >= cfg.batch_size:
                 yield from flush()
@@ -306,8 +346,9 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
 # -- the Jaccard evaluation -------------------------------------------------------------------------
 class _GroundTruthDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[GroundTruth], image_size: int | None, patch_size: int,
-                 keep_aspect: bool = False, strict: bool = False):
-        self.strict = strict  #: an unreadable image stops the run; else the item is None (skipped, counted)
+                 keep_aspect: bool = False, strict: bool = False, max_tokens: int = MAX_TOKENS):
+        self.strict = strict
+        self.max_tokens = max_tokens  #: an unreadable image stops the run; else the item is None (skipped, counted)
         self.items = list(items)
         self.image_size = image_size
         self.patch_size = patch_size
@@ -326,7 +367,7 @@ class _GroundTruthDataset(torch.utils.data.Dataset):
             log.warning("skipping unreadable image %s", gt.image)
             return None
         labels = gt.load(img.size)
-        x, _ = preprocess(img, self.image_size, self.patch_size, gt.image, self.keep_aspect)
+        x, _ = preprocess(img, self.image_size, self.patch_size, gt.image, self.keep_aspect, self.max_tokens)
         labels = resize_labels(labels, self.image_size, self.patch_size, self.keep_aspect)
         return x, torch.from_numpy(labels), i
 
@@ -378,7 +419,7 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
         raise DataError("There are no images to evaluate.")
     p = check_attention_model(model)
     model, device, dtype = _placed(model, cfg)
-    ds = _GroundTruthDataset(items, cfg.image_size, p, cfg.keep_aspect, strict=cfg.strict)
+    ds = _GroundTruthDataset(items, cfg.image_size, p, cfg.keep_aspect, strict=cfg.strict, max_tokens=cfg.max_tokens)
     loader = torch.utils.data.DataLoader(
         ds,
         collate_fn=collate_skip_none,
@@ -464,7 +505,7 @@ def evaluation_picture(item: GroundTruth, head_masks: np.ndarray, cfg: Attention
 
     img = open_rgb(item.image)
     labels = resize_labels(item.load(img.size), cfg.image_size, patch_size, cfg.keep_aspect)
-    _, rgb = preprocess(img, cfg.image_size, patch_size, item.image, cfg.keep_aspect)
+    _, rgb = preprocess(img, cfg.image_size, patch_size, item.image, cfg.keep_aspect, cfg.max_tokens)
     ids = object_ids(labels)
     gt_masks = np.stack([labels == i for i in ids]) if ids else np.zeros((0, *labels.shape), bool)
     gt_colors = viz.distinct_colors(len(gt_masks) + 3)[3:]  # red, purple, ... : apart from the heads' first colours

@@ -29,7 +29,7 @@ from ..checkpoints import BackboneOptions, prepare_backbone
 from ..data.images import expand_image_inputs, open_rgb
 from ..data.masks import GroundTruth, ground_truth_from_coco, ground_truth_from_masks, read_image_list
 from ..errors import DataError, DinokitError
-from ..io import atomic_write_bytes, atomic_write_text, prepare_output_dir
+from ..io import atomic_write_bytes, atomic_write_text, inert_cell, prepare_output_dir
 from ..models.registry import backbone_arch
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import precision_name
@@ -39,6 +39,7 @@ from .attention import (
     JaccardResult,
     attention_maps,
     check_attention_model,
+    check_token_count,
     evaluate_jaccard,
     evaluation_picture,
     frame_pictures,
@@ -177,6 +178,9 @@ def run_attention(cfg: AttentionRunConfig, progress: Progress = NULL_PROGRESS) -
     prepared = prepare_backbone(cfg)  # seeds first: --weights random is the same network on every run
     model = prepared.model
     check_attention_model(model)
+    model.max_tokens = cfg.max_tokens
+    if paths is not None:  # every image's size is checked before any map is computed or written
+        _check_token_counts(paths, cfg, int(model.patch_size))
     record = {
         "weights": str(cfg.weights),
         "arch": backbone_arch(model),
@@ -194,6 +198,20 @@ def run_attention(cfg: AttentionRunConfig, progress: Progress = NULL_PROGRESS) -
         if form == "evaluation":
             return _run_evaluation(items, model, cfg, out, record, progress)
         return _run_maps(paths, model, cfg, out, record, progress)
+
+
+def _check_token_counts(paths: list[Path], cfg: AttentionRunConfig, patch_size: int) -> None:
+    """Refuse an image that ``--image-size`` would make more than ``--max-tokens`` tokens, from the
+    image headers alone (an unreadable one is left to the run, which skips it)."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except Exception:  # noqa: BLE001 - unreadable images are the run's to count
+            continue
+        check_token_count(width, height, cfg.image_size, cfg.keep_aspect, patch_size, cfg.max_tokens, path)
 
 
 def _run_maps(paths: list[Path], model, cfg: AttentionRunConfig, out: Path, record: dict,
@@ -330,7 +348,7 @@ def write_evaluation_files(out: Path, result: JaccardResult, items: list[GroundT
     w = csv.writer(buf)
     w.writerow(["image", "jaccard", "objects", *[f"head{h}" for h in range(len(result.jaccard_per_head))]])
     for s in result.per_image:
-        w.writerow([s.name, f"{s.jaccard:.6f}", s.objects, *[f"{v:.6f}" for v in s.per_head]])
+        w.writerow([inert_cell(s.name), f"{s.jaccard:.6f}", s.objects, *[f"{v:.6f}" for v in s.per_head]])
     atomic_write_text(out / "per_image.csv", buf.getvalue())
     for kind, entries in (("best", result.best), ("worst", result.worst)):
         for rank, (score, index, grid) in enumerate(entries, 1):

@@ -177,6 +177,19 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+#: the most patch tokens an image may become by default: attention's time and memory grow with the
+#: square of the count (a 16x2000 photo resized to a shorter side of 480 is 112,500 tokens and runs for
+#: minutes); 8K photos at full size (129,600 at patch 16) need a higher limit on purpose
+MAX_TOKENS = 100_000
+
+
+def too_many_tokens(what: str, tokens: int, patch_size: int, limit: int, advice: str = "") -> str:
+    """The sentence for an input of more than ``limit`` tokens (``advice``: what would fit)."""
+    return (f"{what} is {tokens} tokens of {patch_size}x{patch_size} pixels, more than the limit of {limit} (the "
+            f"attention's cost grows with the square of the count); {advice or 'use a smaller input size'}, or raise "
+            "the limit with --max-tokens.")
+
+
 class VisionTransformer(nn.Module):
     """ViT backbone returning the CLS token after the final LayerNorm.
 
@@ -203,6 +216,9 @@ class VisionTransformer(nn.Module):
     [0, 1) or an unknown mode is a :class:`~dinokit.errors.ModelConfigError` (a ValueError).
     """
 
+    #: the most patch tokens an input may have (:data:`MAX_TOKENS`); set it on a model for larger inputs
+    max_tokens: int = MAX_TOKENS
+
     def __init__(
         self,
         img_size: int = 224,
@@ -226,7 +242,12 @@ class VisionTransformer(nn.Module):
     ):
         super().__init__()
         patch_size = check_int("patch_size", patch_size, 1)
-        img_size = check_int("img_size", img_size, patch_size)
+        img_size = check_int("img_size", img_size, 1)
+        if patch_size > img_size:
+            raise ModelConfigError(
+                f"--patch-size {patch_size} is larger than the model's {img_size}-pixel input; choose a patch size "
+                f"of at most {img_size} (the released models use 8, 14 or 16)."
+            )
         in_chans = check_int("in_chans", in_chans, 1)
         embed_dim = check_int("embed_dim", embed_dim, 1)
         depth = check_int("depth", depth, 1)
@@ -346,6 +367,8 @@ class VisionTransformer(nn.Module):
         if H < p or W < p:
             raise DinokitError(f"The input is {H}x{W} pixels, smaller than one {p}x{p} patch.")
         h0, w0 = H // p, W // p
+        if h0 * w0 > self.max_tokens:
+            raise ModelConfigError(too_many_tokens(f"An input of {W}x{H} pixels", h0 * w0, p, self.max_tokens))
         weight = self.patch_embed.proj.weight
         if x.dtype != weight.dtype and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
             x = x.to(weight.dtype)  # a model cast to bf16 for inference takes fp32 images as they come
