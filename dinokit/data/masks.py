@@ -114,6 +114,13 @@ class GroundTruth:
             where = f"The mask {self.mask}"
         else:
             h, w = self.coco_size
+            if image_size is not None and (w, h) != tuple(image_size):
+                # checked before the masks are drawn: they are allocated at the file's size, and a file
+                # claiming 100000x100000 for a small image would ask for tens of GiB
+                raise DataError(
+                    f"The COCO annotation file gives the image {self.image} a size of {w}x{h} pixels, but it is "
+                    f"{image_size[0]}x{image_size[1]}; the annotations belong to another image or another size."
+                )
             labels = coco_label_map(self.coco_annotations, h, w, self.objects)
             where = f"The COCO annotations of {self.name}"
         if image_size is not None and (labels.shape[1], labels.shape[0]) != tuple(image_size):
