@@ -44,8 +44,8 @@ def features(
     data: Annotated[Path, typer.Option("--data", "-d", help="A labelled ImageFolder root or any folder of images.")],
     output: Annotated[
         Path,
-        typer.Option("--output", "-o", help="The features file (.pt, or .csv with --format csv), or a folder "
-                     "with --format npy."),
+        typer.Option("--output", "-o", help="The features file: its ending says the format (.pt, .csv or "
+                     ".npy); a path without one is a folder that gets features.pt (or .csv, .npy with --format)."),
     ],
     weights: OptionalWeights = None,
     arch: Arch = None,
@@ -54,10 +54,11 @@ def features(
     n_last_blocks: NLastBlocks = 1,
     avgpool_patch_tokens: AvgPool = False,
     fmt: Annotated[
-        str,
+        Optional[str],
         typer.Option("--format", help="pt (one file for dinokit), npy (features.npy + paths.txt) or csv (one "
-                     "row per image: path, label, then the dimensions; for spreadsheets and pandas)."),
-    ] = "pt",
+                     "row per image: path, label, then the dimensions; for spreadsheets and pandas). Default: "
+                     "from --output's ending; one that disagrees with it is refused.", show_default=False),
+    ] = None,
     resize: Resize = 256,
     crop: Crop = 224,
     batch_size: BatchSize = 64,
@@ -75,19 +76,12 @@ def features(
 ) -> None:
     """Embed every image of a folder (recursively) with the evaluation transform; under torchrun each
     process embeds a shard and the first writes the file."""
-    from dinokit.errors import DinokitError
-    from dinokit.eval.features import Embedder, FeatureSpec, save_features
+    from dinokit.eval.features import Embedder, FeatureSpec, features_output, save_features
     from dinokit.io import check_output_file
     from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
     setup_logging(quiet)
-    if fmt not in ("pt", "npy", "csv"):
-        raise DinokitError(f"Unknown --format {fmt!r}; use pt, npy or csv.")
-    target = output
-    if fmt == "npy" and output.suffix != ".npy":
-        target = output / "features.npy"
-    elif fmt == "csv" and output.suffix != ".csv":
-        target = output / "features.csv"
+    fmt, target = features_output(output, fmt)
     check_output_file(target, overwrite)
     spec = FeatureSpec(
         weights=weights,

@@ -48,7 +48,7 @@ def predict(
     """
     from dinokit.errors import DinokitError
     from dinokit.eval.predict import predict_images
-    from dinokit.io import atomic_write_text, check_output_file, to_json
+    from dinokit.io import atomic_write_text, check_output_file, inert_cell, to_json
 
     setup_logging(quiet)
     to_table = str(output) == "-"
@@ -90,9 +90,9 @@ def predict(
             header += [f"class_{i}", f"prob_{i}"]
         writer.writerow(header)
         for p, cs, ps in zip(res.paths, res.top_classes, res.top_probs):
-            row: list = [str(p)]
+            row: list = [inert_cell(p)]  # a name a spreadsheet would run as a formula is written inert
             for c, q in zip(cs, ps):
-                row += [c, f"{q:.6f}"]
+                row += [inert_cell(c), f"{q:.6f}"]
             writer.writerow(row)
         atomic_write_text(output, buf.getvalue())
     else:

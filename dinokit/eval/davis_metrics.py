@@ -32,7 +32,7 @@ from scipy import ndimage
 from ..data.davis import split_sequences
 from ..data.palette import VOID_LABEL, read_label_png
 from ..errors import DataError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, inert_cell
 from ..progress import NULL_PROGRESS
 
 MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
@@ -268,7 +268,7 @@ class DavisScores:
         glob = ",".join(MEASURES) + "\n" + ",".join(f"{g[k]:.3f}" for k in MEASURES) + "\n"
         lines = ["Sequence,J-Mean,F-Mean"]
         for name, r in self.per_object.items():
-            lines.append(f"{name},{r['J-Mean']:.3f},{r['F-Mean']:.3f}")
+            lines.append(f"{inert_cell(name)},{r['J-Mean']:.3f},{r['F-Mean']:.3f}")
         p1 = folder / f"global_results-{split}.csv"
         p2 = folder / f"per-sequence_results-{split}.csv"
         atomic_write_text(p1, glob)

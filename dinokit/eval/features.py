@@ -45,7 +45,15 @@ from ..data.images import (
 )
 from ..data.transforms import describe_transform, eval_transform
 from ..errors import DataError, DinokitError
-from ..io import atomic_open, atomic_write_text, check_output_file, torch_save_atomic, write_json
+from ..io import (
+    atomic_open,
+    atomic_write_text,
+    cell_text,
+    check_output_file,
+    inert_cell,
+    torch_save_atomic,
+    write_json,
+)
 from ..models.registry import backbone_arch, is_vit
 from ..models.vit import variant_generation
 from ..progress import NULL_PROGRESS, Progress
@@ -343,35 +351,66 @@ def compute_features(
     return FeatureSet(feats[kept].contiguous(), labels, list(images.classes), paths, fp)
 
 
-def save_features(fs: FeatureSet, path: str | os.PathLike, format: str = "pt", overwrite: bool = False) -> list[Path]:
+#: the features formats by the file name's ending
+FEATURE_SUFFIXES = {".pt": "pt", ".pth": "pt", ".csv": "csv", ".npy": "npy"}
+FEATURE_FORMATS = ("pt", "npy", "csv")
+
+
+def features_output(path: str | os.PathLike, format: str | None = None) -> tuple[str, Path]:
+    """The format and the features file for an ``--output`` and a ``--format``, which must agree.
+
+    A path ending in ``.pt`` (or ``.pth``), ``.csv`` or ``.npy`` is that format's file (``.npy``: with
+    paths.txt and the rest beside it); ``format`` left None follows the ending, and a ``format`` of
+    another kind is refused. A path without one of those endings is a folder, which gets
+    ``features.pt``, ``features.csv`` or ``features.npy`` (``format``, default pt); any other ending
+    is refused unless the folder exists."""
+    path = Path(path)
+    if format is not None and format not in FEATURE_FORMATS:
+        raise DinokitError(f"Unknown --format {format!r}; use pt, npy or csv.")
+    by_suffix = FEATURE_SUFFIXES.get(path.suffix.lower())
+    if by_suffix is not None:
+        if format is not None and format != by_suffix:
+            raise DinokitError(
+                f"--output {path} ends in {path.suffix}, a {by_suffix} file, but --format {format} was asked for; name "
+                f"the file {path.with_suffix('.' + format).name}, or leave out --format."
+            )
+        return by_suffix, path
+    if path.suffix and not path.is_dir():
+        raise DinokitError(
+            f"--output {path} ends in {path.suffix}: a features file ends in .pt, .csv or .npy, and a path without "
+            "an ending is a folder (create it first if its name has a dot)."
+        )
+    format = format or "pt"
+    return format, path / f"features.{format}"
+
+
+def save_features(fs: FeatureSet, path: str | os.PathLike, format: str | None = None,
+                  overwrite: bool = False) -> list[Path]:
     """Write a feature set atomically; returns the files written.
 
-    ``pt``: one file holding features, labels, class names, paths and fingerprint (read back with
-    :func:`load_features`). ``npy``: ``features.npy`` and ``paths.txt`` (plus ``labels.npy``,
-    ``classes.txt`` and ``fingerprint.json``) in the folder ``path`` (or beside ``path`` when it
-    ends in ``.npy``), for use in other tools. ``csv``: one row per image (``path``, ``label`` when
-    the folder is labelled, then ``f0`` ... ``f<D-1>``, each float32 written with the digits that
-    read back to the same value) in ``path`` (or ``path/features.csv`` when it does not end in
-    ``.csv``), for spreadsheets and pandas. Non-finite features are refused before anything is
-    written.
+    The format follows ``path`` and ``format`` (:func:`features_output`): ``pt``: one file holding
+    features, labels, class names, paths and fingerprint (read back with :func:`load_features`).
+    ``npy``: ``features.npy`` and ``paths.txt`` (plus ``labels.npy``, ``classes.txt`` and
+    ``fingerprint.json``), for use in other tools. ``csv``: one row per image (``path``, ``label``
+    when the folder is labelled, then ``f0`` ... ``f<D-1>``, each float32 written with the digits that
+    read back to the same value), for spreadsheets and pandas; a path or label that a spreadsheet
+    would run as a formula is written inert (:func:`dinokit.io.inert_cell`). Non-finite features
+    are refused before anything is written.
     """
 
     # a file of NaN features (fp16 overflow, broken weights) would give any later tool a wrong number
     require_finite(fs.features, "The computed features")
-    path = Path(path)
+    format, target = features_output(path, format)
     if format == "pt":
-        check_output_file(path, overwrite)
-        torch_save_atomic(fs.to_dict(), path)
-        return [path]
+        check_output_file(target, overwrite)
+        torch_save_atomic(fs.to_dict(), target)
+        return [target]
     if format == "csv":
-        target = path if path.suffix == ".csv" else path / "features.csv"
         check_output_file(target, overwrite)
         write_features_csv(fs, target)
         return [target]
-    if format != "npy":
-        raise DinokitError(f"Unknown features format {format!r}; use pt, npy or csv.")
 
-    folder, feat_path = (path.parent, path) if path.suffix == ".npy" else (path, path / "features.npy")
+    folder, feat_path = target.parent, target
     if folder.exists() and not folder.is_dir():
         raise DinokitError(f"{folder} is a file; --format npy writes into a folder.")
     check_output_file(feat_path, overwrite)
@@ -399,10 +438,24 @@ def write_features_csv(fs: FeatureSet, path: str | os.PathLike) -> Path:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(header)
         for i, row in enumerate(feats):
-            label = [fs.classes[int(fs.labels[i])]] if labelled else []
+            label = [inert_cell(fs.classes[int(fs.labels[i])])] if labelled else []
             # numpy prints a float32 with the fewest digits that read back to the same float32
-            w.writerow([fs.paths[i], *label, *(str(v) for v in row)])
+            w.writerow([inert_cell(fs.paths[i]), *label, *(str(v) for v in row)])
     return path
+
+
+def read_features_csv(path: str | os.PathLike) -> tuple[list[str], list[str] | None, torch.Tensor]:
+    """The paths, labels (None without a label column) and features of a CSV written by
+    :func:`write_features_csv`, with the cells made inert read back as the names they were."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    labelled = len(header) > 1 and header[1] == "label"
+    first = 2 if labelled else 1
+    paths = [cell_text(r[0]) for r in body]
+    labels = [cell_text(r[1]) for r in body] if labelled else None
+    feats = torch.tensor([[float(v) for v in r[first:]] for r in body], dtype=torch.float32)
+    return paths, labels, feats
 
 
 def load_features(path: str | os.PathLike) -> FeatureSet:
@@ -410,6 +463,11 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"The features file {path} does not exist.")
+    if path.suffix.lower() == ".csv":
+        raise DataError(
+            f"{path} is a CSV file, which dinokit writes for spreadsheets and pandas but does not read back (it "
+            "keeps no fingerprint of the model); give the .pt file of dinokit features --output FILE.pt."
+        )
     if path.is_dir() or path.suffix == ".npy":
         return _load_npy(path)
     try:

@@ -24,7 +24,7 @@ import torch
 from ..checkpoints import BackboneOptions, prepare_backbone
 from ..data.images import ImageDataset, expand_image_inputs
 from ..errors import DataError, DinokitError
-from ..io import atomic_open, atomic_write_text, write_json
+from ..io import atomic_open, atomic_write_text, inert_cell, write_json
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import RuntimeOptions, barrier, dist_env, init_distributed
 from .cache import as_json, file_stamp
@@ -563,7 +563,7 @@ def write_pairs(result: DuplicatesResult, output: str | os.PathLike) -> list[Pat
     w = csv.writer(buf)
     w.writerow(["score", "image_a", "image_b"])
     for p in result.pairs:
-        w.writerow([f"{p.score:.6f}", p.image_a, p.image_b])
+        w.writerow([f"{p.score:.6f}", inert_cell(p.image_a), inert_cell(p.image_b)])
     atomic_write_text(output / "pairs.csv", buf.getvalue())
     write_json(output / "pairs.json", {**result.summary(), "pairs": [asdict(p) for p in result.pairs]})
     return [output / "pairs.csv", output / "pairs.json"]
@@ -577,7 +577,7 @@ def write_clusters(result: DuplicatesResult, output: str | os.PathLike) -> list[
     w.writerow(["cluster", "size", "image"])
     for i, c in enumerate(result.clusters, 1):
         for image in c.images:
-            w.writerow([i, len(c.images), image])
+            w.writerow([i, len(c.images), inert_cell(image)])
     atomic_write_text(output / "clusters.csv", buf.getvalue())
     clusters = [{"cluster": i, "size": len(c.images), **asdict(c)} for i, c in enumerate(result.clusters, 1)]
     write_json(output / "clusters.json", {"threshold": result.threshold, "n_clusters": len(clusters),
@@ -690,7 +690,7 @@ def find_similar(cfg: SimilarConfig, progress: Progress = NULL_PROGRESS) -> Simi
     embedder = DescriptorEmbedder(
         backbone.model, cfg.weights, copy_transform(cfg.image_size), copy_feature_fn(), f"cls+gem(p={GEM_P:g})",
         backbone.device, backbone.dtype, cfg.batch_size, cfg.num_workers, out / "cache", cfg.checkpoint_key,
-        cfg.seed, progress,
+        cfg.seed, progress, strict=cfg.strict,
     )
     store = EmbeddingStore(out / "index", embedder.fingerprint)
     everything = list(dict.fromkeys([*paths_q, *paths_d]))
@@ -736,7 +736,7 @@ def write_similar(result: SimilarResult, output: str | os.PathLike) -> list[Path
     w.writerow(["query", "rank", "image", "score"])
     for q in result.queries:
         for m in q.matches:
-            w.writerow([q.query, m.rank, m.image, f"{m.score:.6f}"])
+            w.writerow([inert_cell(q.query), m.rank, inert_cell(m.image), f"{m.score:.6f}"])
     atomic_write_text(output / "similar.csv", buf.getvalue())
     write_json(output / "similar.json", {**result.summary(), "queries": [asdict(q) for q in result.queries]})
     return [output / "similar.csv", output / "similar.json"]
