@@ -22,6 +22,7 @@ from ._common import (
     Quiet,
     RichProgress,
     Seed,
+    Strict,
     Whitening,
     console,
     is_main_process,
@@ -56,6 +57,7 @@ def similar(
     device: Device = "auto",
     precision: Precision = "auto",
     seed: Seed = 0,
+    strict: Strict = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -84,6 +86,7 @@ def similar(
         device=device,
         precision=precision,
         seed=seed,
+        strict=strict,
     )
     with RichProgress(quiet=quiet) as progress:
         result = find_similar(cfg, progress)

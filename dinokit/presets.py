@@ -273,6 +273,16 @@ def fetch_hf_weights(repo_id: str) -> Path:
     except ImportError:
         names.remove("model.safetensors")
     reasons = []
+    if not offline:
+        cached = _hf_cached(huggingface_hub, repo_id, names)
+        if cached is not None:
+            return cached
+        unreachable = _hf_unreachable()
+        if unreachable:  # say so at once, not after the client's retries (about a minute)
+            raise CheckpointError(
+                f"The Hugging Face repository {repo_id} is not in the Hugging Face cache and {unreachable}: "
+                f"{_hf_where(repo_id)}."
+            )
     for name in names:
         try:
             path = huggingface_hub.hf_hub_download(repo_id, name, local_files_only=offline)
@@ -291,6 +301,36 @@ def fetch_hf_weights(repo_id: str) -> Path:
     raise CheckpointError(
         f"The Hugging Face repository {repo_id} {state} ({'; '.join(dict.fromkeys(reasons))}): {_hf_where(repo_id)}."
     )
+
+
+def _hf_cached(huggingface_hub, repo_id: str, names: list[str]) -> Path | None:
+    """A weight file of ``repo_id`` already in the Hugging Face cache, found without the network."""
+    for name in names:
+        try:
+            return Path(huggingface_hub.hf_hub_download(repo_id, name, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached (the client's exception types vary by version)
+            continue
+    return None
+
+
+def _hf_unreachable(timeout: float = 5.0) -> str:
+    """Why the Hugging Face hub cannot be reached from here ('' when a connection opens, or when a proxy
+    stands between, which only the client can try). One quick connection instead of the client's
+    retries: offline, ``hf_hub_download`` answers after about a minute."""
+    import socket
+    import urllib.parse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return ""
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urllib.parse.urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        reason = " ".join(str(getattr(e, "strerror", None) or e).split()) or type(e).__name__
+        return f"{host} cannot be reached ({reason})"
+    return ""
 
 
 def _short_reason(e: BaseException) -> str:

@@ -16,6 +16,7 @@ PIL's NEAREST (torch's ``nearest`` picks other cells).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,7 +62,17 @@ def propagation_size(height: int, width: int, short_side: int = 480, multiple: i
         th = short_side
         tw = int(((th * width) / height) // multiple * multiple)
     if th < 1 or tw < 1:
-        raise DataError(f"A {width}x{height} frame is too narrow to resize to a short side of {short_side}.")
+        # the long side is rounded down to a multiple of ``multiple``: a short side whose long side falls
+        # below one multiple leaves nothing of the frame
+        ratio = max(height, width) / min(height, width)
+        need = math.ceil(multiple / ratio)
+        while int((need * ratio) // multiple * multiple) < 1:
+            need += 1
+        raise DataError(
+            f"At --image-size {short_side} the long side of a {width}x{height} frame is {short_side * ratio:.0f} "
+            f"pixels, which the reference's rounding down to a multiple of {multiple} makes 0; use --image-size "
+            f"{need} or more."
+        )
     return th, tw
 
 

@@ -58,6 +58,8 @@ def test_two_epochs_on_32_images_write_the_run_folder(straight):
     assert all(x["images_per_second"] > 0 and x["seconds"] > 0 for x in lines)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finished"] and metrics["epochs_done"] == 2 and metrics["n_images"] == 33
+    # the run's total is of images, not of epochs' counts: one broken file, seen in both epochs
+    assert metrics["skipped_images"] == 1 and "1 unreadable image skipped" in " ".join(res.output.split())
     assert metrics["config"]["arch"] == "vit_tiny" and "versions" in metrics
     config = json.loads((out / "config.json").read_text())
     assert config["iterations_per_epoch"] == 4 and config["global_batch"] == 8
