@@ -54,7 +54,7 @@ def davis_score(
     says to pass another --output or --overwrite.
     """
     from dinokit.eval.davis_metrics import UNITS, evaluate_davis
-    from dinokit.io import write_metrics
+    from dinokit.io import lock_run_folder, make_output_folder, write_metrics
 
     setup_logging(quiet)
     names = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
@@ -64,6 +64,10 @@ def davis_score(
     out = Path(pred) if beside else Path(output)
     if not beside:
         _check_destination(out, split, overwrite, beside=False)
+    make_output_folder(out)
+    lock_run_folder(out)  # one writer at a time (a davis run into the prediction folder too); freed at the end
+    if not beside:
+        _check_destination(out, split, overwrite, beside=False)  # again, now that no one else writes there
     with RichProgress(quiet=quiet) as progress:
         scores = evaluate_davis(gt, pred, split=split, sequences=names, progress=progress)
     if beside:  # the prediction folder: checked once it is known to hold predictions

@@ -198,3 +198,17 @@ def test_of_two_processes_finding_one_stale_lock_one_takes_it(tmp_path):
         p.stdin.close()
         p.wait(30)
     assert answers == ["refused", "refused", "took"], answers
+
+
+def test_a_command_run_inside_another_gives_back_only_its_own_folders(tmp_path, feature_files):
+    """The demo runs its steps as commands in its own process while it holds its folder."""
+    outer = tmp_path / "demo"
+    prepare_output_dir(outer)
+    try:
+        r = run_cli(["knn", "--train-features", feature_files[0], "--val-features", feature_files[1], "--output",
+                     outer / "knn", "--k", "3", "--quiet"])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert (outer / LOCK_NAME).exists() and not (outer / "knn" / LOCK_NAME).exists()
+    finally:
+        release_run_folder(outer)
+    assert not (outer / LOCK_NAME).exists()
