@@ -22,6 +22,13 @@ StopAfter = Annotated[
                  help="End cleanly when N epochs of the schedule are done, counted from the run's start "
                  "(resumable; a resumed run already past N ends at once)."),
 ]
+#: the same for a loop counted in iterations (the dense probes)
+StopAfterIterations = Annotated[
+    int | None,
+    typer.Option("--stop-after", min=1, rich_help_panel=RUN_PANEL,
+                 help="End cleanly when N iterations of the schedule are done, counted from the run's "
+                 "start (resumable; a resumed run already past N ends at once)."),
+]
 Threads = Annotated[
     int | None,
     typer.Option("--threads", min=1, rich_help_panel=RUNTIME_PANEL,

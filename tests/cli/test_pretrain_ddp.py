@@ -21,8 +21,8 @@ RANK_DUMP = textwrap.dedent(
 
     pretrain = mod.pretrain
 
-    def pretrain_and_dump(cfg, progress):
-        result = pretrain(cfg, progress)
+    def pretrain_and_dump(cfg, progress, **kwargs):
+        result = pretrain(cfg, progress, **kwargs)
         state, rank = result.state, int(os.environ["RANK"])
         torch.save({"teacher": state.teacher.state_dict(), "center": state.dino_loss.center.cpu(),
                     "student": state.student.state_dict()}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
