@@ -108,7 +108,8 @@ class RunKind:
     keys: tuple[str, ...] = ()  #: or, for checkpoints without a format, the keys they must hold
     unit: str = "epoch"  #: what --stop-after and the outcome count: "epoch" or "iteration"
     checkpoint: str = "checkpoint.pth"
-    #: config fields always taken from this command line on --resume (where and how it runs now)
+    #: config fields always taken from this command line on --resume, typed or not (besides output,
+    #: resume, overwrite and stop_after)
     per_invocation: frozenset[str] = frozenset()
     #: config fields a resumed run takes from this command line when typed (else the saved value)
     may_change: frozenset[str] = frozenset()
@@ -255,10 +256,11 @@ class TrainingRun:
         field of ``given`` that is not None counts as asked for, as a library caller means it)."""
         if self.checkpoint is None or self.saved_config is None:
             return dict(given)
-        always = set(self.kind.per_invocation) | {"resume", "overwrite", "stop_after", "checkpoint_minutes"}
+        always = set(self.kind.per_invocation) | {"output", "resume", "overwrite", "stop_after"}
         return merge_resume_config(
             self.saved_config, given, explicit=explicit, always=always,
-            run_control=set(self.kind.may_change) | {"threads"}, keep_recipe=True, fields=list(fields),
+            run_control=set(self.kind.may_change) | {"threads", "checkpoint_minutes"}, keep_recipe=True,
+            fields=list(fields),
             where=f"the {self.kind.noun} in {self.out}",
         )  # fmt: skip
 

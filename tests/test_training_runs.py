@@ -131,8 +131,8 @@ def test_linear_stopped_and_resumed_is_the_uninterrupted_probe(tmp_path, feature
     straight, split = tmp_path / "a", tmp_path / "b"
     assert run_cli(_linear(feature_files, straight)).exit_code == 0
     assert run_cli(_linear(feature_files, split, "--stop-after", "1")).exit_code == 0
-    # the recipe comes from the run: only --output and --resume are needed
-    r = run_cli(["linear", "--output", split, "--resume", "--quiet"])
+    # the recipe comes from the run: only --output (in any spelling) and --resume are needed
+    r = run_cli(["linear", "--output", f"{split}/../{split.name}/", "--resume", "--quiet"])
     assert r.exit_code == 0, r.output
     a, b = load_state(straight / "checkpoint.pth"), load_state(split / "checkpoint.pth")
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
