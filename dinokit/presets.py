@@ -273,16 +273,16 @@ def fetch_hf_weights(repo_id: str) -> Path:
     except ImportError:
         names.remove("model.safetensors")
     reasons = []
-    if not offline:
+    unreachable = "" if offline else _hf_unreachable()
+    if unreachable:  # the cache, or say so at once: not after the client's retries (about a minute)
         cached = _hf_cached(huggingface_hub, repo_id, names)
         if cached is not None:
+            log.info("%s: the cached weights of %s", unreachable, repo_id)
             return cached
-        unreachable = _hf_unreachable()
-        if unreachable:  # say so at once, not after the client's retries (about a minute)
-            raise CheckpointError(
-                f"The Hugging Face repository {repo_id} is not in the Hugging Face cache and {unreachable}: "
-                f"{_hf_where(repo_id)}."
-            )
+        raise CheckpointError(
+            f"The Hugging Face repository {repo_id} is not in the Hugging Face cache and {unreachable}: "
+            f"{_hf_where(repo_id)}."
+        )
     for name in names:
         try:
             path = huggingface_hub.hf_hub_download(repo_id, name, local_files_only=offline)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dinokit
+import dinokit.presets as presets
 from dinokit.checkpoints import load_backbone, to_hf_state_dict
 from dinokit.errors import CheckpointError
 from dinokit.presets import (
@@ -78,10 +79,15 @@ def test_repo_id_is_fetched_through_the_hub_client(tmp_path, monkeypatch):
     _fake_hub(monkeypatch, {("facebook/dino-tiny", "pytorch_model.bin"): tmp_path / "hub-cache" / "snap" /
                             "pytorch_model.bin"}, calls)
     monkeypatch.delenv("DINOKIT_OFFLINE", raising=False)
+    monkeypatch.setattr(presets, "_hf_unreachable", lambda: "")  # the hub answers
     loaded = load_backbone("facebook/dino-tiny")
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert calls[-1] == ("facebook/dino-tiny", "pytorch_model.bin", False)
+    # online, but the hub cannot be reached: the cache, at once
+    monkeypatch.setattr(presets, "_hf_unreachable", lambda: "huggingface.co cannot be reached (no network)")
+    load_backbone("facebook/dino-tiny")
+    assert calls[-1] == ("facebook/dino-tiny", "pytorch_model.bin", True)
     # offline: only the cache is asked
     monkeypatch.setenv("DINOKIT_OFFLINE", "1")
     load_backbone("facebook/dino-tiny")

@@ -158,7 +158,7 @@ def test_coco_ground_truth_and_bad_files(tmp_path):
     path, _, hand = coco_file(tmp_path)
     (item,) = ground_truth_from_coco(tmp_path / "images", path)
     assert item.name == "a" and item.load((W, H)).shape == (H, W)
-    with pytest.raises(DataError, match="are 18x20 pixels but the image"):
+    with pytest.raises(DataError, match="a size of 18x20 pixels, but it is"):
         item.load((W + 1, H))
     black_image(tmp_path / "images" / "extra.jpg")
     with pytest.raises(DataError, match="1 images under .* have no entry"):

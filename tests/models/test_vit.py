@@ -220,7 +220,7 @@ def test_unknown_model_options_are_type_errors_not_swallowed():
     [
         (dict(depth=0), "depth must be at least 1, got 0"),
         (dict(num_heads=0), "num_heads must be at least 1"),
-        (dict(img_size=8), "img_size must be at least 16, got 8"),
+        (dict(img_size=8), "--patch-size 16 is larger than the model's 8-pixel input"),
         (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\)"),
         (dict(embed_dim=100, num_heads=3), "not divisible by 3 heads"),
     ],
