@@ -187,7 +187,7 @@ def check_token_count(width: int, height: int, image_size: int | None, keep_aspe
         what = f"The image {name} at its own size of {width}x{height} pixels"
     fit = largest_image_size(width, height, keep_aspect, patch_size, limit)
     advice = f"use --image-size {fit} or less for it" if fit else "it cannot be made that small"
-    raise DataError(too_many_tokens(what, n, patch_size, limit, advice))
+    raise DataError(too_many_tokens(what, n, patch_size, limit, advice, override="--max-tokens"))
 
 
 def check_image_size(img: Image.Image, patch_size: int, name) -> None:

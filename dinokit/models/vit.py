@@ -183,11 +183,14 @@ class PatchEmbed(nn.Module):
 MAX_TOKENS = 100_000
 
 
-def too_many_tokens(what: str, tokens: int, patch_size: int, limit: int, advice: str = "") -> str:
-    """The sentence for an input of more than ``limit`` tokens (``advice``: what would fit)."""
+def too_many_tokens(what: str, tokens: int, patch_size: int, limit: int, advice: str = "",
+                    override: str = "") -> str:
+    """The sentence for an input of more than ``limit`` tokens (``advice``: what would fit; ``override``:
+    the option that raises the limit, where the command has one)."""
+    raise_it = f", or raise the limit with {override}" if override else ""
     return (f"{what} is {tokens} tokens of {patch_size}x{patch_size} pixels, more than the limit of {limit} (the "
-            f"attention's cost grows with the square of the count); {advice or 'use a smaller input size'}, or raise "
-            "the limit with --max-tokens.")
+            f"attention's cost grows with the square of the count); {advice or 'use a smaller --image-size'}"
+            f"{raise_it}.")
 
 
 class VisionTransformer(nn.Module):
@@ -216,7 +219,8 @@ class VisionTransformer(nn.Module):
     [0, 1) or an unknown mode is a :class:`~dinokit.errors.ModelConfigError` (a ValueError).
     """
 
-    #: the most patch tokens an input may have (:data:`MAX_TOKENS`); set it on a model for larger inputs
+    #: the most patch tokens an input may have (:data:`MAX_TOKENS`): more is a ModelConfigError, at once;
+    #: set it on a model for larger inputs (attn's --max-tokens does)
     max_tokens: int = MAX_TOKENS
 
     def __init__(

@@ -268,3 +268,15 @@ def test_head_and_vit_share_one_weight_init():
         norm.bias.fill_(1.0)
     dinokit.models.init.trunc_normal_init(norm)
     assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
+
+
+def test_an_input_of_more_tokens_than_the_limit_is_refused_before_the_blocks():
+    from dinokit.errors import ModelConfigError
+    from dinokit.models.vit import MAX_TOKENS
+
+    model = dinokit.build_backbone("vit_tiny", 16, depth=1)
+    assert model.max_tokens == MAX_TOKENS == 100_000
+    model.max_tokens = 15
+    with pytest.raises(ModelConfigError, match="An input of 64x64 pixels is 16 tokens of 16x16 pixels, more than"):
+        model(torch.zeros(1, 3, 64, 64))
+    assert model(torch.zeros(1, 3, 48, 80)).shape == (1, 192)  # 15 tokens: within
