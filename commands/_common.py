@@ -559,6 +559,15 @@ Strict = Annotated[
         help="Stop at the first unreadable image (by default unreadable images are skipped and counted).",
     ),
 ]
+ExactDecode = Annotated[
+    bool,
+    typer.Option(
+        "--exact-decode", rich_help_panel=RUNTIME_PANEL,
+        help="Decode every JPEG at full size. By default a large JPEG is decoded at the reduced scale "
+        "(1/2, 1/4 or 1/8) that still covers the resize, several times faster; images already small "
+        "are decoded in full either way.",
+    ),
+]
 class PlainLogHandler(logging.Handler):
     """Log records for a pipe or a file: ``LEVEL message`` on one line, no padding, no wrapping."""
 

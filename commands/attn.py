@@ -13,6 +13,7 @@ from ._common import (
     BatchSize,
     CheckpointKey,
     Device,
+    ExactDecode,
     NumWorkers,
     Output,
     Overwrite,
@@ -102,6 +103,7 @@ def attn(
     precision: Precision = "auto",
     seed: Seed = 0,
     strict: Strict = False,
+    exact_decode: ExactDecode = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -141,6 +143,7 @@ def attn(
         precision=precision,
         seed=seed,
         strict=strict,
+        exact_decode=exact_decode,
     )
     with RichProgress(quiet=quiet) as progress:
         result = run_attention(cfg, progress)

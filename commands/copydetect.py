@@ -13,6 +13,7 @@ from ._common import (
     BatchSize,
     CheckpointKey,
     Device,
+    ExactDecode,
     NumWorkers,
     OptionalWeights,
     Output,
@@ -62,6 +63,7 @@ def copydetect(
     precision: Precision = "auto",
     seed: Seed = 0,
     strict: Strict = False,
+    exact_decode: ExactDecode = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -89,6 +91,7 @@ def copydetect(
         precision=precision,
         seed=seed,
         strict=strict,
+        exact_decode=exact_decode,
     )
     with RichProgress(quiet=quiet) as progress:
         result = copy_detection(cfg, progress)

@@ -13,6 +13,7 @@ from ._common import (
     BatchSize,
     CheckpointKey,
     Device,
+    ExactDecode,
     NumWorkers,
     OptionalWeights,
     Output,
@@ -78,6 +79,7 @@ def duplicates(
     precision: Precision = "auto",
     seed: Seed = 0,
     strict: Strict = False,
+    exact_decode: ExactDecode = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -117,6 +119,7 @@ def duplicates(
         precision=precision,
         seed=seed,
         strict=strict,
+        exact_decode=exact_decode,
     )
     with RichProgress(quiet=quiet) as progress:
         result = find_duplicates(cfg, progress)

@@ -13,6 +13,7 @@ from ._common import (
     BatchSize,
     CheckpointKey,
     Device,
+    ExactDecode,
     NumWorkers,
     OptionalWeights,
     Overwrite,
@@ -71,6 +72,7 @@ def features(
     ] = None,
     seed: Seed = 0,
     strict: Strict = False,
+    exact_decode: ExactDecode = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -99,6 +101,7 @@ def features(
         threads=threads,
         seed=seed,
         strict=strict,
+        exact_decode=exact_decode,
     )
     init_distributed(resolve_device(device))
     try:

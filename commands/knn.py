@@ -11,6 +11,7 @@ from ._common import (
     BatchSize,
     CheckpointKey,
     Device,
+    ExactDecode,
     NumWorkers,
     OptionalWeights,
     Output,
@@ -85,6 +86,7 @@ def knn(
     precision: Precision = "auto",
     seed: Seed = 0,
     strict: Strict = False,
+    exact_decode: ExactDecode = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -122,6 +124,7 @@ def knn(
         precision=precision,
         seed=seed,
         strict=strict,
+        exact_decode=exact_decode,
     )
     if train_features is None:
         init_distributed(resolve_device(device))

@@ -13,6 +13,7 @@ from ._common import (
     BatchSize,
     CheckpointKey,
     Device,
+    ExactDecode,
     NumWorkers,
     OptionalWeights,
     Output,
@@ -90,6 +91,7 @@ def linear(
     precision: Precision = "auto",
     seed: Seed = 0,
     strict: Strict = False,
+    exact_decode: ExactDecode = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -132,6 +134,7 @@ def linear(
         seed=seed,
         strict=strict,
         overwrite=overwrite,
+        exact_decode=exact_decode,
     )
     init_distributed(resolve_device(device))
     try:

@@ -12,6 +12,7 @@ import typer
 from ._common import (
     BatchSize,
     Device,
+    ExactDecode,
     NumWorkers,
     Overwrite,
     Precision,
@@ -38,6 +39,7 @@ def predict(
     device: Device = "auto",
     precision: Precision = "auto",
     strict: Strict = False,
+    exact_decode: ExactDecode = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -59,7 +61,7 @@ def predict(
     with RichProgress(quiet=quiet) as progress:
         res = predict_images(
             model, images, top=top, batch_size=batch_size, num_workers=num_workers, device=device,
-            precision=precision, progress=progress, strict=strict,
+            precision=precision, progress=progress, strict=strict, exact_decode=exact_decode,
         )
     k = len(res.top_classes[0]) if res.top_classes else min(top, len(res.classes))
     if res.skipped:

@@ -13,6 +13,7 @@ from ._common import (
     RUNTIME_PANEL,
     CheckpointMinutes,
     Device,
+    ExactDecode,
     NumWorkers,
     Output,
     Overwrite,
@@ -108,6 +109,7 @@ def pretrain_command(
     threads: Threads = None,
     seed: Seed = 0,
     strict: Strict = False,
+    exact_decode: ExactDecode = False,
     save_every: Annotated[
         int, typer.Option("--save-every", rich_help_panel=RUN_PANEL, min=0, help="Keep checkpoint{epoch:04d}.pth every N epochs (0 = never).")
     ] = 20,
@@ -158,6 +160,7 @@ def pretrain_command(
         threads=threads,
         seed=seed,
         strict=strict,
+        exact_decode=exact_decode,
         save_every=save_every,
         checkpoint_minutes=checkpoint_minutes,
         stop_after=stop_after,

@@ -12,6 +12,7 @@ from ._common import (
     Arch,
     CheckpointKey,
     Device,
+    ExactDecode,
     NumWorkers,
     OptionalWeights,
     Output,
@@ -63,6 +64,7 @@ def retrieval(
     precision: Precision = "auto",
     seed: Seed = 0,
     strict: Strict = False,
+    exact_decode: ExactDecode = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -89,6 +91,7 @@ def retrieval(
         precision=precision,
         seed=seed,
         strict=strict,
+        exact_decode=exact_decode,
     )
     with RichProgress(quiet=quiet) as progress:
         result = image_retrieval(cfg, progress)

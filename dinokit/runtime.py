@@ -41,6 +41,9 @@ class RuntimeOptions:
     #: unreadable images: skipped and counted (False, every command's default) or the first one stops
     #: the run with a sentence naming it (True, ``--strict``)
     strict: bool = False
+    #: decode every JPEG at full size (True, ``--exact-decode``), or a large one at the reduced DCT
+    #: scale that still covers the transform's need (False, every command's default)
+    exact_decode: bool = False
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -170,19 +171,129 @@ def expand_image_inputs(items: Iterable[str | os.PathLike]) -> list[Path]:
 #: modes of 16-bit (and wider integer) grey images; ``convert("RGB")`` would clip them at 255 (white)
 _WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
+#: the EXIF tag that says how a camera held the picture (1 upright ... 8), and the transposition that
+#: turns the stored pixels upright for each value (EXIF 2.3, "Orientation"; the same table as
+#: Pillow's ``ImageOps.exif_transpose``); values 5 to 8 swap width and height
+EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image as RGB, fully decoded; a :class:`DataError` naming the file when it cannot be read.
+#: the reductions libjpeg's DCT scaling decodes at (Pillow's ``Image.draft``), largest first
+JPEG_REDUCTIONS = (8, 4, 2)
+_JPEG_FORMATS = ("JPEG", "MPO")  # MPO: the multi-picture JPEG of many phones; its first picture is a JPEG
 
+
+@dataclass(frozen=True)
+class DecodeNeed:
+    """What a transform needs of a decoded picture (upright, as the transform sees it), so that a JPEG
+    can be decoded at a reduced DCT scale that the transform still only shrinks, never enlarges.
+
+    ``short_side``: the shorter side at least this (a Resize to a short side); ``width``/``height``:
+    at least this box (a Resize to a fixed size); ``long_side``: the longer side at least this (a
+    thumbnail); ``crops``: for each random resized crop ``(size, min_area, min_aspect)``, the smallest
+    crop it can draw (``min_area`` of the picture at the most elongated aspect ``min_aspect`` <= 1)
+    at least ``size`` pixels on its shorter side. An empty need is met by any size.
+    """
+
+    short_side: int = 0
+    width: int = 0
+    height: int = 0
+    long_side: int = 0
+    crops: tuple[tuple[int, float, float], ...] = ()
+
+    def met_by(self, width: int, height: int) -> bool:
+        """Whether a picture of ``width`` x ``height`` pixels still covers the need."""
+        if min(width, height) < self.short_side or max(width, height) < self.long_side:
+            return False
+        if width < self.width or height < self.height:
+            return False
+        return all(math.sqrt(area * aspect * width * height) >= size for size, area, aspect in self.crops)
+
+    def merge(self, other: DecodeNeed | None) -> DecodeNeed | None:
+        """The need of two transforms applied to the same picture (None, "the full picture", wins)."""
+        if other is None:
+            return None
+        return DecodeNeed(
+            max(self.short_side, other.short_side), max(self.width, other.width), max(self.height, other.height),
+            max(self.long_side, other.long_side), tuple(sorted(set(self.crops + other.crops))),
+        )
+
+
+@dataclass
+class DecodedImage:
+    """A picture as :func:`read_image` gives it: upright RGB, with the upright size of the full picture
+    and the DCT reduction it was decoded at (1: full size)."""
+
+    image: Image.Image
+    full_size: tuple[int, int]  #: (width, height) of the full-size picture, upright
+    reduction: int = 1
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation of an opened image (1, upright, where there is none or it is broken)."""
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block must not make the picture unreadable
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """The (width, height) of stored pixels of ``size`` once turned upright."""
+    return (size[1], size[0]) if orientation >= 5 else (size[0], size[1])
+
+
+def jpeg_reduction(stored_size: tuple[int, int], orientation: int, need: DecodeNeed | None) -> int:
+    """The largest DCT reduction (8, 4, 2, else 1) at which a JPEG of ``stored_size`` (its pixels as
+    stored, before EXIF orientation) still meets ``need`` once upright; the reduced decode is
+    ``ceil(size / reduction)`` on each side, as libjpeg gives it."""
+    if need is None:
+        return 1
+    w, h = stored_size
+    for r in JPEG_REDUCTIONS:
+        if need.met_by(*upright_size((-(-w // r), -(-h // r)), orientation)):
+            return r
+    return 1
+
+
+def read_image(path: str | os.PathLike, need: DecodeNeed | None = None) -> DecodedImage:
+    """The one image reader: a file as upright RGB (its EXIF orientation applied), a
+    :class:`DataError` naming the file when it cannot be read.
+
+    With ``need`` a JPEG large enough is decoded at the DCT scale 1/2, 1/4 or 1/8 that still meets
+    it (:func:`jpeg_reduction`); anything else, and every JPEG without a need, is decoded in full.
     16-bit grey images are scaled to 8 bits (value >> 8). An image larger than Pillow's
-    decompression-bomb limit is refused like any unreadable one, before it is decoded."""
+    decompression-bomb limit is refused like any unreadable one, before it is decoded. (Masks and
+    label maps are read by :mod:`dinokit.data.masks`, as stored: no orientation, no reduction.)"""
     try:
         with Image.open(path) as im:
+            reduction, orientation = 1, 1
+            if im.format in _JPEG_FORMATS:
+                orientation = exif_orientation(im)  # a JPEG's EXIF comes with its header
+                reduction = jpeg_reduction(im.size, orientation, need)
+            full = upright_size(im.size, orientation)
+            if reduction > 1:
+                im.draft(None, (im.size[0] // reduction, im.size[1] // reduction))
+                if need is None or not need.met_by(*upright_size(im.size, orientation)):
+                    raise _NotReduced  # the decoder scaled otherwise than asked: never decode too small
             im.load()
+            if im.format not in _JPEG_FORMATS:
+                orientation = exif_orientation(im)  # PNG and WebP may keep theirs after the pixels
+                full = upright_size(im.size, orientation)
             if im.mode in _WIDE_GREY_MODES:
                 grey = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
-                return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
-            return im.convert("RGB")
+                rgb = Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+            else:
+                rgb = im.convert("RGB")
+    except _NotReduced:
+        return read_image(path, None)
     except FileNotFoundError as e:
         raise DataError(f"The image {path} does not exist.") from e
     except Image.DecompressionBombError as e:
@@ -191,6 +302,19 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         ) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path} is not a readable image ({e.__class__.__name__}).") from e
+    if orientation in _UPRIGHT:
+        rgb = rgb.transpose(_UPRIGHT[orientation])
+    return DecodedImage(rgb, full, reduction)
+
+
+class _NotReduced(Exception):
+    pass
+
+
+def open_rgb(path: str | os.PathLike, need: DecodeNeed | None = None) -> Image.Image:
+    """:func:`read_image`'s picture: upright RGB, decoded at a reduced JPEG scale only where ``need``
+    allows it."""
+    return read_image(path, need).image
 
 
 @dataclass
@@ -259,8 +383,11 @@ def looks_labelled(root: str | os.PathLike) -> bool:
 class ImageDataset(torch.utils.data.Dataset):
     """Images from a list of paths (with optional labels) through a transform.
 
-    With ``skip_unreadable`` an image that cannot be decoded yields ``None`` (dropped by
-    :func:`collate_skip_none` and counted) instead of crashing a data-loader worker.
+    Each image is read upright (EXIF orientation) and, unless ``exact_decode``, a large JPEG at the
+    reduced DCT scale that still covers what ``transform`` needs (:func:`read_image`,
+    :func:`dinokit.data.transforms.decode_need`). With ``skip_unreadable`` an image that cannot be
+    decoded yields ``None`` (dropped by :func:`collate_skip_none` and counted) instead of crashing a
+    data-loader worker.
     """
 
     def __init__(
@@ -269,18 +396,22 @@ class ImageDataset(torch.utils.data.Dataset):
         labels: Sequence[int] | None = None,
         transform: Callable | None = None,
         skip_unreadable: bool = False,
+        exact_decode: bool = False,
     ):
+        from .transforms import decode_need
+
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else None
         self.transform = transform
         self.skip_unreadable = skip_unreadable
+        self.need = None if exact_decode or transform is None else decode_need(transform)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            img = open_rgb(self.paths[i])
+            img = open_rgb(self.paths[i], self.need)
         except DataError:
             if self.skip_unreadable:
                 log.warning("skipping unreadable image %s", self.paths[i])
@@ -289,6 +420,12 @@ class ImageDataset(torch.utils.data.Dataset):
         x = self.transform(img) if self.transform is not None else img
         label = self.labels[i] if self.labels is not None else -1
         return x, label, i
+
+
+def decode_name(exact_decode: bool) -> str:
+    """How a run decoded its images, as its records and cache fingerprints name it: ``exact`` (every
+    JPEG in full) or ``reduced`` (a large JPEG at the DCT scale that covers the transform's need)."""
+    return "exact" if exact_decode else "reduced"
 
 
 def collate_skip_none(batch):

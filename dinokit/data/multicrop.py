@@ -18,8 +18,8 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 from ..errors import DataError
-from .images import open_rgb
-from .transforms import normalize
+from .images import DecodeNeed, open_rgb
+from .transforms import decode_need, normalize
 
 log = logging.getLogger("dinokit")
 
@@ -97,6 +97,16 @@ class MultiCropAugmentation:
     def ncrops(self) -> int:
         return 2 + self.local_crops_number
 
+    def decode_need(self) -> DecodeNeed | None:
+        """What the smallest crop of each kind needs (see :func:`dinokit.data.transforms.decode_need`)."""
+        needs = [decode_need(t) for t in (self.global_transfo1, self.global_transfo2)]
+        if self.local_crops_number:
+            needs.append(decode_need(self.local_transfo))
+        merged: DecodeNeed | None = DecodeNeed()
+        for need in needs:
+            merged = merged.merge(need) if merged is not None else None
+        return merged
+
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
         crops.extend(self.local_transfo(image) for _ in range(self.local_crops_number))
@@ -118,13 +128,16 @@ class MultiCropDataset(torch.utils.data.Dataset):
     distinct indices (see :func:`count_new_unreadable`), not the number of tries.
     """
 
-    def __init__(self, paths: Sequence[Path], transform: MultiCropAugmentation, seed: int = 0):
+    def __init__(self, paths: Sequence[Path], transform: MultiCropAugmentation, seed: int = 0,
+                 exact_decode: bool = False):
         if not paths:
             raise DataError("The data set holds no images.")
         self.paths = list(paths)
         self.transform = transform
         self.seed = int(seed)
         self.epoch = 0
+        #: a large JPEG is decoded at the reduced scale that still covers the smallest crop
+        self.need = None if exact_decode else decode_need(transform)
 
     def set_epoch(self, epoch: int) -> None:
         """Set before each epoch's loader is created (workers get a copy of the data set)."""
@@ -139,7 +152,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
         for k in range(min(n, 64)):
             j = (i + k) % n
             try:
-                img = open_rgb(self.paths[j])
+                img = open_rgb(self.paths[j], self.need)
             except DataError:
                 skipped.append(j)
                 log.debug("skipping unreadable image %s", self.paths[j])

@@ -25,7 +25,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .. import viz
-from ..data.images import collate_skip_none, find_images, open_rgb
+from ..data.images import DecodeNeed, find_images, open_rgb, read_image
+from ..data.loader import image_loader
 from ..data.masks import VOID, GroundTruth
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import DataError, DinokitError
@@ -134,6 +135,14 @@ def resize_image(img: Image.Image, image_size: int | None, keep_aspect: bool = F
     if not image_size:
         return img
     return T.Resize(image_size if keep_aspect else (image_size, image_size))(img)
+
+
+def attention_need(image_size: int | None, keep_aspect: bool = False, exact_decode: bool = False) -> DecodeNeed | None:
+    """What :func:`resize_image` needs of a decoded picture (None: the full picture, as without a size
+    or with ``exact_decode``)."""
+    if not image_size or exact_decode:
+        return None
+    return DecodeNeed(short_side=image_size) if keep_aspect else DecodeNeed(width=image_size, height=image_size)
 
 
 def resized_size(width: int, height: int, image_size: int | None, keep_aspect: bool = False) -> tuple[int, int]:
@@ -332,7 +341,7 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
             if isinstance(item, tuple):
                 name, img = item
             else:
-                name, img = item, open_rgb(item)
+                name, img = item, open_rgb(item, attention_need(cfg.image_size, keep_aspect, cfg.exact_decode))
             x, rgb = preprocess(img, cfg.image_size, p, name, keep_aspect, cfg.max_tokens)
             pending.append((name, x, rgb, img.size))
             if len(pending) >= cfg.batch_size:
@@ -346,9 +355,11 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
 # -- the Jaccard evaluation -------------------------------------------------------------------------
 class _GroundTruthDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[GroundTruth], image_size: int | None, patch_size: int,
-                 keep_aspect: bool = False, strict: bool = False, max_tokens: int = MAX_TOKENS):
-        self.strict = strict
-        self.max_tokens = max_tokens  #: an unreadable image stops the run; else the item is None (skipped, counted)
+                 keep_aspect: bool = False, strict: bool = False, max_tokens: int = MAX_TOKENS,
+                 exact_decode: bool = False):
+        self.strict = strict  #: an unreadable image stops the run; else the item is None (skipped, counted)
+        self.max_tokens = max_tokens
+        self.need = attention_need(image_size, keep_aspect, exact_decode)
         self.items = list(items)
         self.image_size = image_size
         self.patch_size = patch_size
@@ -360,13 +371,14 @@ class _GroundTruthDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         gt = self.items[i]
         try:
-            img = open_rgb(gt.image)
+            decoded = read_image(gt.image, self.need)
         except DataError:
             if self.strict:
                 raise
             log.warning("skipping unreadable image %s", gt.image)
             return None
-        labels = gt.load(img.size)
+        img = decoded.image
+        labels = gt.load(decoded.full_size)  # masks are read as stored, at the full size
         x, _ = preprocess(img, self.image_size, self.patch_size, gt.image, self.keep_aspect, self.max_tokens)
         labels = resize_labels(labels, self.image_size, self.patch_size, self.keep_aspect)
         return x, torch.from_numpy(labels), i
@@ -419,16 +431,10 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
         raise DataError("There are no images to evaluate.")
     p = check_attention_model(model)
     model, device, dtype = _placed(model, cfg)
-    ds = _GroundTruthDataset(items, cfg.image_size, p, cfg.keep_aspect, strict=cfg.strict, max_tokens=cfg.max_tokens)
-    loader = torch.utils.data.DataLoader(
-        ds,
-        collate_fn=collate_skip_none,
-        batch_size=cfg.batch_size if cfg.image_size and not cfg.keep_aspect else 1,  # batches of one size
-        num_workers=cfg.num_workers,
-        shuffle=False,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
+    ds = _GroundTruthDataset(items, cfg.image_size, p, cfg.keep_aspect, strict=cfg.strict, max_tokens=cfg.max_tokens,
+                             exact_decode=cfg.exact_decode)
+    batch_size = cfg.batch_size if cfg.image_size and not cfg.keep_aspect else 1  # batches of one size
+    loader = image_loader(ds, batch_size, cfg.num_workers, device=device)
     void = VOID if ignore_void else None
     per_image: list[ImageScore] = []
     best_heap: list = []  # min-heap of the k best (score, index, masks)
@@ -503,8 +509,9 @@ def evaluation_picture(item: GroundTruth, head_masks: np.ndarray, cfg: Attention
     """A picture of one evaluated image: the ground truth, and every head's mask with the ground-truth
     contours drawn in white."""
 
-    img = open_rgb(item.image)
-    labels = resize_labels(item.load(img.size), cfg.image_size, patch_size, cfg.keep_aspect)
+    decoded = read_image(item.image, attention_need(cfg.image_size, cfg.keep_aspect, cfg.exact_decode))
+    img = decoded.image
+    labels = resize_labels(item.load(decoded.full_size), cfg.image_size, patch_size, cfg.keep_aspect)
     _, rgb = preprocess(img, cfg.image_size, patch_size, item.image, cfg.keep_aspect, cfg.max_tokens)
     ids = object_ids(labels)
     gt_masks = np.stack([labels == i for i in ids]) if ids else np.zeros((0, *labels.shape), bool)

@@ -23,10 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 from .. import viz
 from ..checkpoints import BackboneOptions, prepare_backbone
-from ..data.images import expand_image_inputs, open_rgb
+from ..data.images import DecodeNeed, expand_image_inputs, open_rgb
+from ..data.loader import prefetch_map, prefetch_threads
 from ..data.masks import GroundTruth, ground_truth_from_coco, ground_truth_from_masks, read_image_list
 from ..errors import DataError, DinokitError
 from ..io import atomic_write_bytes, atomic_write_text, inert_cell, prepare_output_dir
@@ -38,6 +41,7 @@ from .attention import (
     ImageAttention,
     JaccardResult,
     attention_maps,
+    attention_need,
     check_attention_model,
     check_token_count,
     evaluate_jaccard,
@@ -219,7 +223,8 @@ def _run_maps(paths: list[Path], model, cfg: AttentionRunConfig, out: Path, reco
     names = dict(zip(paths, unique_names(paths)))
     per_image = {}
     unreadable: list[tuple[Path, str]] = []
-    readable = readable_images(paths, cfg.strict, unreadable)
+    need = attention_need(cfg.image_size, cfg.keep_aspect, cfg.exact_decode)
+    readable = readable_images(paths, cfg.strict, unreadable, need)
     for res in attention_maps(model, readable, cfg, progress, total=len(paths)):
         name = names[res.path]
         write_image_maps(out / name, res, cfg.threshold, photo_aspect=bool(cfg.image_size) and not cfg.keep_aspect)
@@ -237,17 +242,26 @@ def _run_maps(paths: list[Path], model, cfg: AttentionRunConfig, out: Path, reco
                               skipped=len(unreadable))
 
 
-def readable_images(paths: list[Path], strict: bool, unreadable: list[tuple[Path, str]]):
-    """(path, image) of each readable image; an unreadable one is skipped and added to ``unreadable``
-    with the reader's sentence (the rule of every command), or with ``strict`` stops the run."""
-    for path in paths:
+def readable_images(paths: list[Path], strict: bool, unreadable: list[tuple[Path, str]],
+                    need: DecodeNeed | None = None, threads: int | None = None):
+    """(path, image) of each readable image, in order, decoded a few images ahead in ``threads``
+    threads (None: as many as the thread plan leaves) at the reduced scale ``need`` allows; an
+    unreadable one is skipped and added to ``unreadable`` with the reader's sentence (the rule of
+    every command), or with ``strict`` stops the run."""
+
+    def read(path: Path) -> tuple[Path, Image.Image | DataError]:
         try:
-            image = open_rgb(path)
+            return path, open_rgb(path, need)
         except DataError as e:
+            return path, e
+
+    threads = prefetch_threads(torch.device("cpu")) if threads is None else threads
+    for path, image in prefetch_map(read, paths, threads, ahead=2 * threads):
+        if isinstance(image, DataError):
             if strict:
-                raise
+                raise image
             log.warning("skipping unreadable image %s", path)
-            unreadable.append((path, str(e)))
+            unreadable.append((path, str(image)))
             continue
         yield path, image
 

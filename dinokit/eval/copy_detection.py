@@ -178,6 +178,7 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
         cfg.seed,
         progress,
         strict=cfg.strict,
+        exact_decode=cfg.exact_decode,
     )
 
     unreadable: dict[str, int] = {}

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from ..data.images import ImageDataset, find_images
+from ..data.images import ImageDataset, decode_name, find_images
 from ..data.transforms import describe_transform, normalize
 from ..errors import DataError
 from ..models.registry import is_vit
@@ -208,8 +208,10 @@ class DescriptorEmbedder:
         seed: int | None = None,
         progress: Progress = NULL_PROGRESS,
         strict: bool = False,
+        exact_decode: bool = False,
     ):
         self.strict = strict  #: stop at the first unreadable image instead of skipping it
+        self.exact_decode = exact_decode  #: every JPEG in full, not at the reduced scale the transform allows
         self.transform = transform
         self.feature_fn = feature_fn
         self.device = device
@@ -223,6 +225,7 @@ class DescriptorEmbedder:
         fp.pop("avgpool_patch_tokens", None)
         fp["descriptor"] = descriptor
         fp["transform"] = describe_transform(transform)
+        fp["decode"] = decode_name(exact_decode)
         self.fingerprint = fp
         # bf16: cast one copy here (after the fingerprint, which hashes the fp32 weights), not per call
         self.model, _ = inference_model(model.to(device).eval(), dtype)
@@ -247,7 +250,8 @@ class DescriptorEmbedder:
                 self.progress.log(f"reusing cached descriptors of {name} ({len(paths)} images)")
                 return Embedded(cached["features"].float(), cached["kept"].bool(), reused=True)
         if dataset is None:
-            dataset = ImageDataset(list(paths), transform=self.transform, skip_unreadable=not self.strict)
+            dataset = ImageDataset(list(paths), transform=self.transform, skip_unreadable=not self.strict,
+                                   exact_decode=self.exact_decode)
         feats, kept = extract_features(
             self.model,
             dataset,

@@ -36,13 +36,14 @@ from ..checkpoints import (
 )
 from ..data.images import (
     ImageDataset,
-    collate_skip_none,
     data_fingerprint,
+    decode_name,
     find_images,
     looks_labelled,
     readable_batches,
     scan_labelled_folder,
 )
+from ..data.loader import image_loader
 from ..data.transforms import describe_transform, eval_transform
 from ..errors import DataError, DinokitError
 from ..io import (
@@ -116,11 +117,14 @@ def extract_features(
     feature_fn: FeatureFn | None = None,
     progress: Progress = NULL_PROGRESS,
     description: str = "features",
+    decode_threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every item of ``dataset``; returns (features (N, D) float32 on the CPU, kept (N,) bool).
 
     Items the dataset returns as ``None`` (unreadable images, with ``skip_unreadable``) get a zero row
-    and ``kept = False``.
+    and ``kept = False``. Without ``num_workers`` the items are made ahead of the model in
+    ``decode_threads`` threads (:func:`dinokit.data.loader.image_loader`; None: as many as the
+    thread plan leaves, 0: none, in this thread).
     """
     device = torch.device(device)
     feature_fn = feature_fn or (lambda m, x: m(x))
@@ -128,14 +132,8 @@ def extract_features(
     n = len(dataset)
     indices = list(range(env.rank, n, env.world_size)) if is_dist() else list(range(n))
     shard = torch.utils.data.Subset(dataset, indices)
-    loader = torch.utils.data.DataLoader(
-        shard,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_skip_none,
-        pin_memory=device.type == "cuda",
-    )
+    # without workers, a few threads decode the next batch while the model embeds this one
+    loader = image_loader(shard, batch_size, num_workers, decode_threads, device=device)
     model = model.to(device).eval()
     model, dtype = inference_model(model, dtype)
     feats: torch.Tensor | None = None
@@ -306,6 +304,7 @@ def compute_features(
     description: str = "features",
     fingerprint: dict[str, Any] | None = None,
     strict: bool = False,
+    exact_decode: bool = False,
 ) -> FeatureSet:
     """Embed a folder of images (labelled or not) with ``model``; the library form of ``dinokit features``.
 
@@ -313,12 +312,14 @@ def compute_features(
     normalise). Unreadable images are skipped with a warning. Under torchrun each rank embeds a
     shard and every rank gets all rows. ``weights`` (what ``model`` was loaded from) goes into the
     fingerprint; without it the fingerprint hashes the model's state dict. ``fingerprint``: one the
-    caller made already (as :class:`Embedder` does), used as it is.
+    caller made already (as :class:`Embedder` does), used as it is. A large JPEG is decoded at the
+    reduced scale that still covers the transform's resize, unless ``exact_decode``.
     """
 
     transform = transform if transform is not None else eval_transform()
     images = data if isinstance(data, ImageList) else scan_images(data, classes=classes)
-    dataset = ImageDataset(images.paths, images.labels, transform=transform, skip_unreadable=not strict)
+    dataset = ImageDataset(images.paths, images.labels, transform=transform, skip_unreadable=not strict,
+                           exact_decode=exact_decode)
     fn = cls_feature_fn(n_last_blocks, avgpool_patch_tokens)
     feats, kept = extract_features(
         model, dataset, batch_size, num_workers, device, dtype, fn, progress, description=description
@@ -348,6 +349,7 @@ def compute_features(
 
         fp["weights"] = "state:" + state_dict_fingerprint(model.state_dict())
     fp["data"] = data_fingerprint(images.paths, images.root)
+    fp["decode"] = decode_name(exact_decode)
     return FeatureSet(feats[kept].contiguous(), labels, list(images.classes), paths, fp)
 
 
@@ -527,7 +529,7 @@ def describe_difference(a: dict, b: dict, keys: Sequence[str]) -> str | None:
 def same_fingerprint(a: dict, b: dict) -> bool:
     """Whether two fingerprints describe the same features of the same images (the names the
     weights were given, ``weights_source`` and ``checkpoint_key``, do not matter)."""
-    return all(a.get(k) == b.get(k) for k in (*MODEL_KEYS, *OPTION_KEYS, "data"))
+    return all(a.get(k) == b.get(k) for k in (*MODEL_KEYS, *OPTION_KEYS, "data", "decode"))
 
 
 def check_same_model(a: FeatureSet, b: FeatureSet, name_a: str, name_b: str) -> None:
@@ -629,6 +631,7 @@ class Embedder:
             spec.seed,
             self.dtype,
         )
+        self.fingerprint["decode"] = decode_name(spec.exact_decode)
         # bf16: cast one copy here (after the fingerprint, which hashes the fp32 weights), not per call
         self.model, _ = backbone.for_inference()
 
@@ -682,6 +685,7 @@ class Embedder:
             weights=self.spec.weights,
             checkpoint_key=self.spec.checkpoint_key,
             strict=self.spec.strict,
+            exact_decode=self.spec.exact_decode,
             seed=self.spec.seed,
             progress=progress,
             description=description,

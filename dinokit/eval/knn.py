@@ -270,6 +270,7 @@ def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
         precision=cfg.precision,
         seed=cfg.seed,
         strict=cfg.strict,
+        exact_decode=cfg.exact_decode,
     )
     if all(given):
         train = load_features(cfg.train_features)

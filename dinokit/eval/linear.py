@@ -189,6 +189,7 @@ def _feature_spec(cfg: LinearConfig, n_last_blocks: int, avgpool: bool, batch_si
         precision=cfg.precision,
         seed=cfg.seed,
         strict=cfg.strict,
+        exact_decode=cfg.exact_decode,
     )
 
 
@@ -473,9 +474,10 @@ class _ImageLoaders:
     def __init__(self, cfg: LinearConfig, train_images, val_images, val_transform, device: torch.device):
         self.train_set = ImageDataset(
             train_images.paths, train_images.labels, probe_train_transform(cfg.crop, cfg.min_scale),
-            skip_unreadable=not cfg.strict,
+            skip_unreadable=not cfg.strict, exact_decode=cfg.exact_decode,
         )  # fmt: skip
-        self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, skip_unreadable=not cfg.strict)
+        self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, skip_unreadable=not cfg.strict,
+                                    exact_decode=cfg.exact_decode)
         self.sampler = torch.utils.data.DistributedSampler(self.train_set, seed=cfg.seed) if is_dist() else None
         env = dist_env()
         world = env.world_size if is_dist() else 1

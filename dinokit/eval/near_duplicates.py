@@ -291,7 +291,8 @@ def embed_into_store(
     shared = _SharedTaskProgress(progress, task)
     for s in range(0, len(todo), chunk_size):
         part = todo[s : s + chunk_size]
-        dataset = ImageDataset(part, transform=embedder.transform, skip_unreadable=not embedder.strict)
+        dataset = ImageDataset(part, transform=embedder.transform, skip_unreadable=not embedder.strict,
+                               exact_decode=embedder.exact_decode)
         feats, kept = extract_features(
             embedder.model, dataset, embedder.batch_size, embedder.num_workers, embedder.device,
             embedder.dtype, embedder.feature_fn, shared,
@@ -493,7 +494,7 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
     embedder = DescriptorEmbedder(
         backbone.model, cfg.weights, copy_transform(cfg.image_size), copy_feature_fn(), f"cls+gem(p={GEM_P:g})",
         backbone.device, backbone.dtype, cfg.batch_size, cfg.num_workers, out / "cache", cfg.checkpoint_key, cfg.seed, progress,
-        strict=cfg.strict,
+        strict=cfg.strict, exact_decode=cfg.exact_decode,
     )
     store = EmbeddingStore(out / "index", embedder.fingerprint)
     everything = list(dict.fromkeys([*paths_a, *(paths_b or [])]))
@@ -690,7 +691,7 @@ def find_similar(cfg: SimilarConfig, progress: Progress = NULL_PROGRESS) -> Simi
     embedder = DescriptorEmbedder(
         backbone.model, cfg.weights, copy_transform(cfg.image_size), copy_feature_fn(), f"cls+gem(p={GEM_P:g})",
         backbone.device, backbone.dtype, cfg.batch_size, cfg.num_workers, out / "cache", cfg.checkpoint_key,
-        cfg.seed, progress, strict=cfg.strict,
+        cfg.seed, progress, strict=cfg.strict, exact_decode=cfg.exact_decode,
     )
     store = EmbeddingStore(out / "index", embedder.fingerprint)
     everything = list(dict.fromkeys([*paths_q, *paths_d]))

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints import load_finetuned
-from ..data.images import ImageDataset, collate_skip_none, expand_image_inputs, readable_batches
+from ..data.images import ImageDataset, expand_image_inputs, readable_batches
+from ..data.loader import image_loader
 from ..data.transforms import eval_transform, resize_for
 from ..errors import DinokitError
 from ..progress import NULL_PROGRESS, Progress
@@ -42,14 +43,7 @@ def evaluate_classifier(
     env = dist_env()
     n = len(dataset)
     indices = list(range(env.rank, n, env.world_size)) if is_dist() else list(range(n))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_skip_none,
-        pin_memory=device.type == "cuda",
-    )
+    loader = image_loader(torch.utils.data.Subset(dataset, indices), batch_size, num_workers, device=device)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.float64, device=device)
     was_training = model.training
@@ -103,8 +97,10 @@ def predict_images(
     precision: str = "fp32",
     progress: Progress = NULL_PROGRESS,
     strict: bool = False,
+    exact_decode: bool = False,
 ) -> PredictResult:
-    """Class probabilities (softmax of the head) of images, folders or globs, the ``top`` best each."""
+    """Class probabilities (softmax of the head) of images, folders or globs, the ``top`` best each
+    (a large JPEG decoded at the reduced scale that covers the resize, unless ``exact_decode``)."""
     if top < 1:
         raise DinokitError("--k must be at least 1.")
     model, meta = load_finetuned(model_path)
@@ -114,10 +110,9 @@ def predict_images(
     classes = list(meta["classes"])
     k = min(top, len(classes))
     crop = int(meta.get("image_size", 224))
-    ds = ImageDataset(paths, transform=eval_transform(resize_for(crop), crop), skip_unreadable=not strict)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_none
-    )
+    ds = ImageDataset(paths, transform=eval_transform(resize_for(crop), crop), skip_unreadable=not strict,
+                      exact_decode=exact_decode)
+    loader = image_loader(ds, batch_size, num_workers, device=dev)
     model = model.to(dev)
     kept: list[Path] = []
     top_classes: list[list[str]] = []

@@ -25,7 +25,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..checkpoints import BackboneOptions, prepare_backbone
-from ..data.images import is_image_file, open_rgb
+from ..data.images import DecodeNeed, is_image_file, open_rgb
 from ..data.transforms import normalize
 from ..errors import DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
@@ -262,8 +262,12 @@ class RetrievalImages(torch.utils.data.Dataset):
     """Images (queries cropped to their box when boxes are given), thumbnailed to ``imsize``, ImageNet-normalised;
     yields (x, -1, index), or None for an unreadable file."""
 
-    def __init__(self, paths: Sequence[Path], imsize: int, boxes: Sequence[Any] | None = None, strict: bool = False):
+    def __init__(self, paths: Sequence[Path], imsize: int, boxes: Sequence[Any] | None = None, strict: bool = False,
+                 exact_decode: bool = False):
         self.strict = strict  #: an unreadable file stops the run instead of being skipped
+        # a large JPEG is decoded at the reduced scale whose long side still covers the thumbnail;
+        # a query cropped to its box (in full-size pixels) is decoded in full
+        self.need = None if exact_decode or boxes is not None else DecodeNeed(long_side=imsize)
         self.paths = list(paths)
         self.imsize = imsize
         self.boxes = list(boxes) if boxes is not None else None
@@ -274,7 +278,7 @@ class RetrievalImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = open_rgb(self.paths[i])
+            img = open_rgb(self.paths[i], self.need)
         except DinokitError:
             if self.strict:
                 raise
@@ -384,9 +388,11 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
         backbone.model, cfg.weights, transform_name, retrieval_feature_fn(cfg.multiscale), descriptor,
         backbone.device, backbone.dtype, batch_size=cfg.batch_size, num_workers=cfg.num_workers, cache_dir=Path(cfg.output) / "cache",
         checkpoint_key=cfg.checkpoint_key, seed=cfg.seed, progress=progress, strict=cfg.strict,
+        exact_decode=cfg.exact_decode,
     )
     db = embedder.embed(db_paths, f"{cfg.dataset}-database", "database",
-                        dataset=RetrievalImages(db_paths, cfg.image_size, strict=cfg.strict))
+                        dataset=RetrievalImages(db_paths, cfg.image_size, strict=cfg.strict,
+                                                exact_decode=cfg.exact_decode))
     boxes = gt.bbx if cfg.crop_queries else None
     qs = embedder.embed(q_paths, f"{cfg.dataset}-queries", "queries",
                         dataset=RetrievalImages(q_paths, cfg.image_size, boxes, cfg.strict), extra_key=repr(boxes))

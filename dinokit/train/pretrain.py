@@ -264,7 +264,7 @@ class PretrainRun:
         transform = MultiCropAugmentation(
             cfg.global_scale, cfg.local_scale, cfg.local_crops, cfg.global_size, cfg.local_size
         )
-        self.dataset = MultiCropDataset(paths, transform, seed=cfg.seed)
+        self.dataset = MultiCropDataset(paths, transform, seed=cfg.seed, exact_decode=cfg.exact_decode)
         self.sampler = EpochSampler(self.dataset, env.world_size, env.rank, cfg.seed, cfg.batch_size)
         self.num_workers = self.plan.workers
         return start
