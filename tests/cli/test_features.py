@@ -175,3 +175,38 @@ def test_a_failed_run_leaves_no_folder_behind(tmp_path, tiny2_weights):
     r = run_cli(["features", "--weights", str(tiny2_weights), "--data", str(empty), "--output", str(out)])
     assert r.exit_code != 0
     assert not (tmp_path / "new").exists()
+
+
+def _jpeg(path, size, seed):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float32)
+    arr = np.stack([128 + 90 * np.sin(x / (11 + 5 * c + seed) + y / (17 + c)) for c in range(3)], axis=-1)
+    arr += rng.normal(0, 3, arr.shape)
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def test_features_exact_decode_same_numbers_on_small_images_close_on_large_ones(tiny4_weights, tmp_path):
+    """ImageNet-size files give the same features either way; a large JPEG decoded at a reduced
+    scale stays within cosine 0.999 of its full decode; the fingerprint names the decode, so a cached
+    feature file of one is not taken for the other."""
+    for i in range(3):
+        _jpeg(tmp_path / "small" / f"{i}.jpg", (500, 375), i)
+        _jpeg(tmp_path / "large" / f"{i}.jpg", (1400, 1050), i)
+    common = ["--weights", str(tiny4_weights), "--batch-size", "2", "--quiet"]
+    sets = {}
+    for folder in ("small", "large"):
+        for how in ("reduced", "exact"):
+            out = tmp_path / f"{folder}-{how}.pt"
+            extra = ["--exact-decode"] if how == "exact" else []
+            r = run_cli(["features", "--data", str(tmp_path / folder), "--output", str(out), *common, *extra])
+            assert r.exit_code == 0, r.output
+            sets[folder, how] = load_features(out)
+            assert sets[folder, how].fingerprint["decode"] == how
+    torch.testing.assert_close(sets["small", "reduced"].features, sets["small", "exact"].features, rtol=0, atol=0)
+    cos = torch.nn.functional.cosine_similarity(sets["large", "reduced"].features, sets["large", "exact"].features)
+    assert bool((cos > 0.999).all()), cos
+    assert not torch.equal(sets["large", "reduced"].features, sets["large", "exact"].features)
