@@ -1,12 +1,15 @@
-"""Where a DINO pretraining step spends its time: data (decode + multi-crop), teacher forward,
-student forward, loss, backward, clipping, optimiser, EMA.
+"""Where a DINO pretraining step spends its time: teacher forward, student forward, loss, backward,
+clipping, optimiser, EMA; and its model-FLOP utilisation, before and after the cast-once path.
 
 The recipe of `pretrain_throughput.py` (vit_tiny/16, 2x224 + 2x96 crops, batch 16, out_dim 4096).
-Each part is timed in wall-clock seconds and in this process's CPU seconds (which other programs on
-a shared machine disturb less); the first step is left out. Then the ceiling: the floating-point
-work of the step's matrix products and convolutions (counted by torch's FlopCounterMode, forward and
-backward), the rate of this machine's matrix products at the step's precision (measured on the
-MLP's shape), and how close the step comes to doing nothing but those products at that rate. `--threads` sets torch's threads (by
+In bf16 two training states step side by side on the same crops, interleaved: "before", autocast
+casting the weights at each call, and "after", the backbones' bf16 weights cast once per step
+(`dinokit.train.reduced_weights`, the numbers bitwise the same). Each part is timed in wall-clock
+seconds and in this process's CPU seconds (which other programs on a shared machine disturb less);
+the first step is left out. Then the model-FLOP utilisation: the floating-point work of the step's
+matrix products and convolutions (counted by torch's FlopCounterMode, forward and backward) over
+the step's compute time, against the bare rate of this machine's matrix products at the step's
+precision measured in the same run (on the MLP's shape). `--threads` sets torch's threads (by
 default what dinokit would choose now, as `dinokit pretrain` does).
 
 `--ops N` profiles one more step by operator: the share of matrix products (and the rate they
@@ -30,7 +33,7 @@ from dinokit.data.images import find_images
 from dinokit.data.multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
 from dinokit.runtime import autocast, plan_cpu
 from dinokit.train.dino import build_training_state
-from dinokit.train.optim import cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update
+from dinokit.train.optim import cancel_last_layer_gradients, clip_gradients_per_parameter
 from dinokit.train.pretrain_settings import PretrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -81,7 +84,9 @@ def main() -> None:
         warmup_epochs=0,
         epochs=2,
     )
-    state = build_training_state(cfg, torch.device("cpu"), dtype)
+    # before: autocast casts the weights at each call; after: the bf16 weights cast once per step
+    paths = {"autocast casts": False} if dtype is None else {"autocast casts (before)": False, "cast once (after)": True}
+    states = {name: build_training_state(cfg, torch.device("cpu"), dtype, cast_once=once) for name, once in paths.items()}
     rate_before = matmul_rate(2 * args.batch_size * 197, 192, 768, dtype or torch.float32)
     B = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,76 +94,79 @@ def main() -> None:
         ds = MultiCropDataset(
             find_images(Path(tmp)), MultiCropAugmentation((0.4, 1.0), (0.05, 0.4), 2, 224, 96)
         )
-        clock = Clock()
-
-        def forward_backward(crops):
-            with autocast(state.device, dtype):
-                with torch.no_grad():
-                    t_out = state.teacher_forward(crops[:2])
-                s_out = state.student_forward(crops)
-            state.dino_loss(s_out, t_out, 1).backward()
-
+        clocks = {name: Clock() for name in states}
         for step in range(args.steps + 1):
-            if step == 1:
-                clock = Clock()
-            clock.mark()
             crops, _ = collate_multicrop([ds[i] for i in range(B)])
-            clock.lap("data")
-            for group in state.optimizer.param_groups:
-                group["lr"] = 1e-4
-            with autocast(state.device, dtype):
-                with torch.no_grad():
-                    t_out = state.teacher_forward(crops[:2])
-                clock.lap("teacher forward")
-                s_out = state.student_forward(crops)
-                clock.lap("student forward")
-            loss = state.dino_loss(s_out, t_out, 1)
-            clock.lap("loss")
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clock.lap("backward")
-            clip_gradients_per_parameter(state.trained_params, 3.0)
-            clock.lap("clipping")
-            cancel_last_layer_gradients(state.last_layer_params, 1, 1)
-            state.optimizer.step()
-            clock.lap("optimiser")
-            ema_update(state.teacher_params, state.student_params, 0.996)
-            clock.lap("EMA")
-        with FlopCounterMode(display=False) as counter:
-            forward_backward(crops)
-        state.optimizer.zero_grad(set_to_none=True)
-        ops = None
+            for name in list(states)[:: 1 if step % 2 else -1]:  # interleaved, the order alternating
+                if step == 1:
+                    clocks[name] = Clock()
+                timed_step(states[name], crops, dtype, clocks[name])
+        counter = FlopCounterMode(display=False)
+        with counter:
+            forward_backward(next(iter(states.values())), crops, dtype)
+        ops = {}
         if args.ops:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                forward_backward(crops)
-                clip_gradients_per_parameter(state.trained_params, 3.0)
-                state.optimizer.step()
-                ema_update(state.teacher_params, state.student_params, 0.996)
-            state.optimizer.zero_grad(set_to_none=True)
-            ops = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()]
+            for name, state in states.items():
+                state.optimizer.zero_grad(set_to_none=True)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    forward_backward(state, crops, dtype)
+                    clip_gradients_per_parameter(state.trained_params, 3.0)
+                    state.optimizer.step()
+                    state.update_teacher(0.996)
+                state.optimizer.zero_grad(set_to_none=True)
+                ops[name] = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()]
     n = args.steps
-    wall, cpu = sum(clock.wall.values()), sum(clock.cpu.values())
-    print(
-        f"{plan.describe()}; {args.precision}; {n} steps of {B} images: {wall / n:.2f} s per step "
-        f"({B * n / wall:.1f} images/s), {cpu / n:.2f} CPU s per step"
-    )
-    print(f"{'part':16s}{'wall ms':>10s}{'share':>8s}{'CPU ms':>10s}")
-    for k in clock.wall:
-        print(
-            f"{k:16s}{1000 * clock.wall[k] / n:10.1f}{100 * clock.wall[k] / wall:7.1f}%{1000 * clock.cpu[k] / n:10.1f}"
-        )
     flops = counter.get_total_flops()
     # the global crops' tokens through the MLP's first layer; measured before and after the steps, the best
     rate = max(rate_before, matmul_rate(2 * B * 197, 192, 768, dtype or torch.float32))
-    compute = sum(v for k, v in clock.wall.items() if k != "data") / n
-    print(
-        f"ceiling: the step's matrix products and convolutions are {flops / 1e9:.0f} GFLOP; this machine's "
-        f"{args.precision} matrix products run at {rate / 1e9:.0f} GFLOP/s ({2 * B * 197}x192 @ 192x768, best of 20 rounds), so they "
-        f"alone would take {flops / rate:.2f} s; the step's compute (all but data) takes {compute:.2f} s: "
-        f"{100 * flops / rate / compute:.0f}% of the time is those products at that rate"
-    )
-    if ops:
-        print_operator_groups(ops, flops, rate, args.ops)
+    print(f"{plan.describe()}; {args.precision}; {n} steps of {B} images each way, interleaved")
+    print(f"the step's matrix products and convolutions: {flops / 1e9:.0f} GFLOP (FlopCounterMode, forward and "
+          f"backward); this machine's bare {args.precision} matrix-product rate, measured in this run: "
+          f"{rate / 1e9:.0f} GFLOP/s ({2 * B * 197}x192 @ 192x768, best of 10 rounds before and after)")
+    for name, clock in clocks.items():
+        wall, cpu = sum(clock.wall.values()), sum(clock.cpu.values())
+        compute = sum(v for k, v in clock.wall.items() if k != "data") / n
+        print(f"\n{name}: {wall / n:.2f} s per step ({B * n / wall:.1f} images/s), {cpu / n:.2f} CPU s per step; "
+              f"model-FLOP utilisation {100 * flops / compute / rate:.1f}% (the step's compute, all but data, "
+              f"{compute:.2f} s, against {flops / rate:.2f} s for its products at the bare rate)")
+        print(f"{'part':16s}{'wall ms':>10s}{'share':>8s}{'CPU ms':>10s}")
+        for k in clock.wall:
+            print(f"{k:16s}{1000 * clock.wall[k] / n:10.1f}{100 * clock.wall[k] / wall:7.1f}%{1000 * clock.cpu[k] / n:10.1f}")
+        if name in ops:
+            print_operator_groups(ops[name], flops, rate, args.ops)
+
+
+def forward_backward(state, crops, dtype):
+    with autocast(state.device, dtype):
+        with torch.no_grad():
+            t_out = state.forward_teacher(crops[:2])
+        s_out = state.forward_student(crops)
+    state.dino_loss(s_out, t_out, 1).backward()
+
+
+def timed_step(state, crops, dtype, clock: Clock) -> None:
+    """One DINO step as :func:`dinokit.train.dino.dino_step` makes it, each part timed."""
+    clock.mark()
+    for group in state.optimizer.param_groups:
+        group["lr"] = 1e-4
+    with autocast(state.device, dtype):
+        with torch.no_grad():
+            t_out = state.forward_teacher(crops[:2])
+        clock.lap("teacher forward")
+        s_out = state.forward_student(crops)
+        clock.lap("student forward")
+    loss = state.dino_loss(s_out, t_out, 1)
+    clock.lap("loss")
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clock.lap("backward")
+    clip_gradients_per_parameter(state.trained_params, 3.0)
+    clock.lap("clipping")
+    cancel_last_layer_gradients(state.last_layer_params, 1, 1)
+    state.optimizer.step()
+    clock.lap("optimiser")
+    state.update_teacher(0.996)
+    clock.lap("EMA")
 
 
 #: the operators that are matrix products or convolutions (what FlopCounterMode counts)

@@ -27,6 +27,7 @@ from .optim import (
     get_params_groups,
 )
 from .pretrain_settings import PretrainConfig
+from .reduced_weights import ReducedWeights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +91,9 @@ class DINOTrainingState:
     freeze_last_layer: int = 1
     student_forward: nn.Module | None = None
     teacher_forward: nn.Module | None = None
+    #: bf16 backbone weights cast once per step (the teacher's once per EMA update) instead of by
+    #: autocast at every call: bitwise the same numbers (:mod:`dinokit.train.reduced_weights`)
+    cast_once: bool = False
 
     def __post_init__(self) -> None:
         # "is None", not "or": a torch.compile wrapper has no truth value (it raises on len())
@@ -101,6 +105,28 @@ class DINOTrainingState:
         self.trained_params = [p for p in self.student.parameters() if p.requires_grad]
         self.student_params = list(self.student.parameters())
         self.teacher_params = list(self.teacher.parameters())
+        self.student_weights = self.teacher_weights = None
+        if self.cast_once and self.dtype is not None:
+            self.student_weights = ReducedWeights(self.student, self.dtype)
+            self.teacher_weights = ReducedWeights(self.teacher, self.dtype, keep=True)
+
+    def forward_teacher(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """The teacher's output for ``crops`` (call inside the step's autocast region, without grad)."""
+        if self.teacher_weights is not None:
+            return self.teacher_weights(self.teacher, crops)
+        return self.teacher_forward(crops)
+
+    def forward_student(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """The student's output for ``crops`` (call inside the step's autocast region)."""
+        if self.student_weights is not None:
+            return self.student_weights(self.student, crops)
+        return self.student_forward(crops)
+
+    def update_teacher(self, momentum: float) -> None:
+        """The teacher follows the student by EMA; its bf16 copy is made again at its next forward."""
+        ema_update(self.teacher_params, self.student_params, momentum)
+        if self.teacher_weights is not None:
+            self.teacher_weights.invalidate()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -123,9 +149,13 @@ class DINOTrainingState:
 
 
 def build_training_state(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype | None,
-                         rank: int = 0) -> DINOTrainingState:
+                         rank: int = 0, cast_once: bool | None = None) -> DINOTrainingState:
     """Student, teacher, optimiser, scaler and loss for ``cfg`` (with its data-chosen settings
-    filled in). The weights are the same on every rank; then each rank gets its own random stream."""
+    filled in). The weights are the same on every rank; then each rank gets its own random stream.
+
+    ``cast_once`` (default: in bf16, in one process without ``torch.compile``): the backbones' bf16
+    weights are cast once per step instead of by autocast at each call (the same numbers); under DDP
+    or compile autocast casts them as before."""
     seed_everything(cfg.seed, 0)
     student, teacher = build_student_teacher(cfg)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
@@ -147,6 +177,8 @@ def build_training_state(cfg: PretrainConfig, device: torch.device, dtype: torch
     if cfg.compile:
         student_forward = torch.compile(student_ddp)
         teacher_forward = torch.compile(teacher)
+    if cast_once is None:
+        cast_once = dtype == torch.bfloat16 and not is_dist() and not cfg.compile
     optimizer = build_optimizer(cfg.optimizer, get_params_groups(student))
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     dino_loss = DINOLoss(
@@ -161,7 +193,7 @@ def build_training_state(cfg: PretrainConfig, device: torch.device, dtype: torch
     return DINOTrainingState(
         student, teacher, optimizer, scaler, dino_loss, device, dtype,
         clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode, freeze_last_layer=cfg.freeze_last_layer,
-        student_forward=student_forward, teacher_forward=teacher_forward,
+        student_forward=student_forward, teacher_forward=teacher_forward, cast_once=bool(cast_once),
     )  # fmt: skip
 
 
@@ -181,8 +213,8 @@ def dino_step(state: DINOTrainingState, crops: list[torch.Tensor], epoch: int, v
     crops = [c.to(state.device, non_blocking=True) for c in crops]
     with autocast(state.device, state.dtype):
         with torch.no_grad():
-            teacher_output = state.teacher_forward(crops[:2])
-        student_output = state.student_forward(crops)
+            teacher_output = state.forward_teacher(crops[:2])
+        student_output = state.forward_student(crops)
     loss = state.dino_loss(student_output, teacher_output, epoch)
 
     optimizer.zero_grad(set_to_none=True)
@@ -202,5 +234,5 @@ def dino_step(state: DINOTrainingState, crops: list[torch.Tensor], epoch: int, v
         scaler.update()
     else:
         optimizer.step()
-    ema_update(state.teacher_params, state.student_params, values["momentum"])
+    state.update_teacher(values["momentum"])
     return loss.detach()

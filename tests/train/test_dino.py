@@ -64,3 +64,53 @@ def test_compiled_models_make_a_training_state():
     state = tiny_state(compile=True)
     assert state.student_forward is not state.student and state.teacher_forward is not state.teacher
     assert state.student_forward._orig_mod is state.student
+
+
+def test_bf16_weights_cast_once_per_step_are_bitwise_the_autocast_path():
+    """The cast-once path (one operator for the backbones' bf16 weights, the teacher's once per EMA
+    update) gives exactly autocast's losses and weights, step after step; drop path and the head's
+    frozen last layer included."""
+
+    def run(cast_once):
+        cfg = PretrainConfig(arch="vit_tiny", depth=2, out_dim=32, local_crops=2, global_size=32, local_size=16,
+                             global_scale=(0.4, 1.0), momentum_teacher=0.9, warmup_epochs=0, epochs=3,
+                             drop_path=0.1)
+        state = build_training_state(cfg, torch.device("cpu"), torch.bfloat16, cast_once=cast_once)
+        assert (state.student_weights is not None) == cast_once
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for step in range(4):
+            batch = [torch.randn(3, 3, 32, 32, generator=g) for _ in range(2)]
+            batch += [torch.randn(3, 3, 16, 16, generator=g) for _ in range(2)]
+            losses.append(dino_step(state, batch, epoch=step // 2, values={"lr": 1e-3, "wd": 0.04, "momentum": 0.9}))
+        return torch.stack(losses), state
+
+    losses_a, a = run(False)
+    losses_b, b = run(True)
+    assert torch.equal(losses_a, losses_b), (losses_a, losses_b)
+    for name, ref in a.student.state_dict().items():
+        assert torch.equal(ref, b.student.state_dict()[name]), name
+    for name, ref in a.teacher.state_dict().items():
+        assert torch.equal(ref, b.teacher.state_dict()[name]), name
+    ref_state, got_state = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    for k in ref_state:
+        assert torch.equal(ref_state[k]["exp_avg_sq"], got_state[k]["exp_avg_sq"])
+
+
+def test_the_cast_once_path_really_hands_bf16_weights_to_the_layers():
+    """No per-layer weight cast is left for autocast to make (else the test above would compare the
+    autocast path with itself)."""
+    cfg = PretrainConfig(arch="vit_tiny", depth=2, out_dim=32, local_crops=1, global_size=32, local_size=16,
+                         global_scale=(0.4, 1.0), warmup_epochs=0, epochs=2)
+    batch = crops()
+    for cast_once in (False, True):
+        state = build_training_state(cfg, torch.device("cpu"), torch.bfloat16, cast_once=cast_once)
+        qkv = tuple(state.student.backbone.blocks[0].attn.qkv.weight.shape)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.no_grad():
+                    state.forward_teacher(batch[:2])
+                state.forward_student(batch)
+        casts = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                    if e.key == "aten::_to_copy" and e.input_shapes and tuple(e.input_shapes[0]) == qkv)
+        assert casts == (0 if cast_once else 4), casts  # autocast: teacher 2 blocks + student 2 blocks
