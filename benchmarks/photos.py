@@ -175,7 +175,9 @@ def main() -> int:
     ap.add_argument("--phone", type=int, default=48, help="phone-size JPEGs (0: none)")
     ap.add_argument("--small", type=int, default=96, help="500x375 JPEGs (0: none)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="images per batch, both sides (16: a 48-photo folder makes three batches, so "
+                    "decoding the next overlaps the model)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dinokit-photos-bench",
                     help="where the pictures are made (kept for a rerun) and the features written")
     ap.add_argument("--json", type=Path, default=None)

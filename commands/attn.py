@@ -113,6 +113,7 @@ def attn(
     from dinokit.eval.attention import UNITS
     from dinokit.eval.attention_run import AttentionRunConfig, run_attention
     from dinokit.io import write_metrics
+    from dinokit.runtime import embedding_precision
 
     setup_logging(quiet)
     cfg = AttentionRunConfig(
@@ -140,7 +141,8 @@ def attn(
         batch_size=batch_size,
         num_workers=num_workers,
         device=device,
-        precision=precision,
+        # the maps of images and videos are embeddings; the Jaccard evaluation keeps the reference's fp32
+        precision=precision if images_dir is not None else embedding_precision(precision, device),
         seed=seed,
         strict=strict,
         exact_decode=exact_decode,

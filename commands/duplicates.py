@@ -95,6 +95,7 @@ def duplicates(
         write_pairs,
     )
     from dinokit.io import prepare_output_dir, write_metrics
+    from dinokit.runtime import embedding_precision
     from dinokit.viz import contact_sheet
 
     setup_logging(quiet)
@@ -116,7 +117,7 @@ def duplicates(
         batch_size=batch_size,
         num_workers=num_workers,
         device=device,
-        precision=precision,
+        precision=embedding_precision(precision, device),
         seed=seed,
         strict=strict,
         exact_decode=exact_decode,

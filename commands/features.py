@@ -80,7 +80,13 @@ def features(
     process embeds a shard and the first writes the file."""
     from dinokit.eval.features import Embedder, FeatureSpec, features_output, save_features
     from dinokit.io import check_output_file
-    from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
+    from dinokit.runtime import (
+        cleanup_distributed,
+        dist_env,
+        embedding_precision,
+        init_distributed,
+        resolve_device,
+    )
 
     setup_logging(quiet)
     fmt, target = features_output(output, fmt)
@@ -97,7 +103,7 @@ def features(
         batch_size=batch_size,
         num_workers=num_workers,
         device=device,
-        precision=precision,
+        precision=embedding_precision(precision, device),
         threads=threads,
         seed=seed,
         strict=strict,

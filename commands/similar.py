@@ -68,6 +68,7 @@ def similar(
     contact sheet of each query with its matches (similar.png). A query's own file is never its match."""
     from dinokit.eval.near_duplicates import SimilarConfig, find_similar, write_similar
     from dinokit.io import prepare_output_dir, write_metrics
+    from dinokit.runtime import embedding_precision
     from dinokit.viz import similar_sheet
 
     setup_logging(quiet)
@@ -86,7 +87,7 @@ def similar(
         batch_size=batch_size,
         num_workers=num_workers,
         device=device,
-        precision=precision,
+        precision=embedding_precision(precision, device),
         seed=seed,
         strict=strict,
         exact_decode=exact_decode,

@@ -13,8 +13,8 @@ GPUS=${GPUS:-1}
 need "$IMAGENET/val" "ImageNet (train/ and val/ as ImageFolder roots)"
 need "$VOC/SegmentationObject" "PASCAL VOC 2012 (JPEGImages, SegmentationObject, ImageSets/Segmentation)"
 # k-NN on the CLS token (224 px centre crops of 256: a 16 x 16 grid of 14-pixel patches)
-torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$MODEL" --data "$IMAGENET/train" --output "$OUT/train.pt"
-torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$MODEL" --data "$IMAGENET/val" --output "$OUT/val.pt"
+torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$MODEL" --data "$IMAGENET/train" --output "$OUT/train.pt" --precision fp32
+torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$MODEL" --data "$IMAGENET/val" --output "$OUT/val.pt" --precision fp32
 dinokit knn --train-features "$OUT/train.pt" --val-features "$OUT/val.pt" --k 10,20 --temperature 0.07 --output "$OUT/knn"
 # DINOv2's linear protocol: CLS of the last 4 blocks followed by the average patch token (the default
 # for DINOv2/v3); --n-last-blocks 1 and --no-avgpool-patch-tokens give the other three settings it searches

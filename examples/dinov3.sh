@@ -14,8 +14,8 @@ GPUS=${GPUS:-1}
 need "$WEIGHTS" "the DINOv3 ViT-S/16 weights (see the licence note at the top of this script)"
 need "$IMAGENET/val" "ImageNet (train/ and val/ as ImageFolder roots)"
 need "$DAVIS/JPEGImages/480p" "the DAVIS 2017 trainval folder (JPEGImages/480p, Annotations/480p, ImageSets/2017)"
-torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$WEIGHTS" --data "$IMAGENET/train" --output "$OUT/train.pt"
-torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$WEIGHTS" --data "$IMAGENET/val" --output "$OUT/val.pt"
+torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$WEIGHTS" --data "$IMAGENET/train" --output "$OUT/train.pt" --precision fp32
+torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$WEIGHTS" --data "$IMAGENET/val" --output "$OUT/val.pt" --precision fp32
 dinokit knn --train-features "$OUT/train.pt" --val-features "$OUT/val.pt" --k 10,20 --temperature 0.07 --output "$OUT/knn"
 torchrun --nproc-per-node "$GPUS" -m dinokit linear --weights "$WEIGHTS" --train "$IMAGENET/train" --val "$IMAGENET/val" \
   --epochs 10 --output "$OUT/linear"

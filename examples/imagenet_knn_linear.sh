@@ -8,8 +8,8 @@ MODEL=${MODEL:-dino_vits16}
 OUT=${OUT:-runs/imagenet-$MODEL}
 GPUS=${GPUS:-1}
 need "$IMAGENET/val" "ImageNet (train/ and val/ as ImageFolder roots)"
-torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$MODEL" --data "$IMAGENET/train" --output "$OUT/train.pt"
-torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$MODEL" --data "$IMAGENET/val" --output "$OUT/val.pt"
+torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$MODEL" --data "$IMAGENET/train" --output "$OUT/train.pt" --precision fp32
+torchrun --nproc-per-node "$GPUS" -m dinokit features --weights "$MODEL" --data "$IMAGENET/val" --output "$OUT/val.pt" --precision fp32
 dinokit knn --train-features "$OUT/train.pt" --val-features "$OUT/val.pt" --k 10,20,100,200 --temperature 0.07 --output "$OUT/knn"
 # the released linear heads, validated without training
 dinokit linear --weights "$MODEL" --evaluate --linear-weights "$MODEL" --train "$IMAGENET/train" --val "$IMAGENET/val" --output "$OUT/linear-released"

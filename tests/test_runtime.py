@@ -284,3 +284,30 @@ def test_cpu_threads_sets_and_restores():
     with cpu_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_auto_precision_of_the_embedding_commands_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
+    monkeypatch.setattr(runtime, "has_native_bf16", lambda device="cpu": True)
+    assert runtime.embedding_precision("auto", "cpu") == "bf16"
+    assert runtime.embedding_precision("fp32", "cpu") == "fp32"
+    assert runtime.embedding_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(runtime, "has_native_bf16", lambda device="cpu": False)
+    assert runtime.embedding_precision("auto", "cpu") == "fp32"
+    # the protocols' evaluations keep fp32 under auto either way
+    monkeypatch.setattr(runtime, "has_native_bf16", lambda device="cpu": True)
+    assert runtime.resolve_precision("auto", torch.device("cpu"), training=False) is None
+
+
+def test_features_at_auto_precision_record_what_ran(monkeypatch, tiny4_weights, tmp_path):
+    from dinokit.eval.features import load_features
+    from tests.helpers import make_image, run_cli
+
+    for i in range(2):
+        make_image(tmp_path / "imgs" / f"{i}.png", (40, 40), seed=i)
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(runtime, "has_native_bf16", lambda device="cpu", native=native: native)
+        out = tmp_path / f"{expected}.pt"
+        r = run_cli(["features", "--weights", tiny4_weights, "--data", tmp_path / "imgs", "--output", out,
+                     "--resize", "32", "--image-size", "32", "--quiet"])
+        assert r.exit_code == 0, r.output
+        assert load_features(out).fingerprint["precision"] == expected
