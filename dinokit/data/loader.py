@@ -79,6 +79,40 @@ class PrefetchLoader:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+class DecodeAheadLoader:
+    """Batches of a training set whose items are a thread-safe ``read(i)`` (the decoding) and a
+    ``finish(i, read)`` that draws from the global random generators (the augmentation): the reads
+    of the next batch run in ``threads`` threads while the model trains on this one, the finishing
+    stays in this thread, in order, so every item is exactly what ``dataset[i]`` gives. The indices
+    come from ``sampler``, ``batch_size`` at a time (a last partial batch dropped with ``drop_last``);
+    at most one batch is read ahead."""
+
+    num_workers = 0  # for the training loops' signal handling: no worker process to start
+
+    def __init__(self, dataset, sampler: Iterable[int], batch_size: int, threads: int,
+                 collate_fn: Callable[[list], Any], drop_last: bool = True):
+        self.dataset, self.sampler, self.batch_size = dataset, sampler, max(1, int(batch_size))
+        self.threads, self.collate_fn, self.drop_last = max(1, int(threads)), collate_fn, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        indices = list(self.sampler)
+        if self.drop_last:
+            indices = indices[: len(indices) // self.batch_size * self.batch_size]
+        reads = prefetch_map(self.dataset.read, indices, self.threads, ahead=self.batch_size)
+        batch = []
+        for i, read in zip(indices, reads):
+            batch.append(self.dataset.finish(i, read))
+            if len(batch) == self.batch_size:
+                yield self.collate_fn(batch)
+                batch = []
+        if batch:
+            yield self.collate_fn(batch)
+
+
 def prefetch_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int, ahead: int = 8) -> Iterator[Any]:
     """``fn(item)`` for each of ``items`` in order, computed in ``threads`` threads up to ``ahead``
     items before the one asked for; an item's exception is raised where its result would be."""

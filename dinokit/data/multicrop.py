@@ -147,28 +147,39 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        return self.finish(i, self.read(i))
+
+    def read(self, i: int) -> tuple[Image.Image | None, tuple[int, ...]]:
+        """The decoded picture item ``i`` uses (the first readable one from ``i`` on, None when none of
+        the next 64 is) and the indices it skipped. Draws no random number: safe in a thread."""
         n = len(self.paths)
         skipped: list[int] = []
         for k in range(min(n, 64)):
             j = (i + k) % n
             try:
-                img = open_rgb(self.paths[j], self.need)
+                return open_rgb(self.paths[j], self.need), tuple(skipped)
             except DataError:
                 skipped.append(j)
                 log.debug("skipping unreadable image %s", self.paths[j])
-                continue
-            s = sample_seed(self.seed, self.epoch, i)
-            py_state = random.getstate()
-            with torch.random.fork_rng(devices=[]):
-                # the CPU generator only: torch.manual_seed would also reseed (and queue calls for) CUDA
-                torch.random.default_generator.manual_seed(s)
-                random.seed(s)
-                try:
-                    crops = self.transform(img)
-                finally:
-                    random.setstate(py_state)
-            return crops, tuple(skipped)
         return None, tuple(skipped)
+
+    def finish(self, i: int, read: tuple[Image.Image | None, tuple[int, ...]]):
+        """Item ``i`` from what :meth:`read` gave: the crops drawn from its seeded random state (the
+        global generators, forked: call it from one thread only)."""
+        img, skipped = read
+        if img is None:
+            return None, skipped
+        s = sample_seed(self.seed, self.epoch, i)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            # the CPU generator only: torch.manual_seed would also reseed (and queue calls for) CUDA
+            torch.random.default_generator.manual_seed(s)
+            random.seed(s)
+            try:
+                crops = self.transform(img)
+            finally:
+                random.setstate(py_state)
+        return crops, skipped
 
 
 def collate_multicrop(batch):

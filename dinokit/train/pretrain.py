@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoints import save_backbone, save_checkpoint
 from ..data.images import IMAGE_EXTENSIONS, data_fingerprint, find_images
+from ..data.loader import DecodeAheadLoader, prefetch_threads
 from ..data.multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop, count_new_unreadable
 from ..errors import DataError, DinokitError
 from ..io import append_jsonl, run_identity
@@ -356,17 +357,21 @@ class PretrainRun:
         self.sampler.set_epoch(epoch, first_step)
         t_epoch = time.perf_counter()
         seconds_before = tally.seconds
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_size=cfg.batch_size,
-            sampler=self.sampler,
-            num_workers=self.num_workers,
-            pin_memory=device.type == "cuda",
-            drop_last=True,
-            collate_fn=collate_multicrop,
-            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
-            worker_init_fn=leave_signals_to_main if self.num_workers > 0 else None,
-        )
+        if self.num_workers == 0:  # the next batch's pictures decoded in threads while this one trains
+            loader = DecodeAheadLoader(self.dataset, self.sampler, cfg.batch_size, prefetch_threads(device),
+                                       collate_multicrop)
+        else:
+            loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_size=cfg.batch_size,
+                sampler=self.sampler,
+                num_workers=self.num_workers,
+                pin_memory=device.type == "cuda",
+                drop_last=True,
+                collate_fn=collate_multicrop,
+                generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
+                worker_init_fn=leave_signals_to_main,
+            )
         losses = torch.zeros(iters, device=device)  # on the device: no sync per step
         check_every = 1 if device.type == "cpu" else 10
         task = self.progress.task(f"epoch {epoch + 1}/{cfg.epochs}", total=iters - first_step)

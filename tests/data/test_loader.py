@@ -122,3 +122,36 @@ def test_a_jpeg_with_exif_orientation_6_embeds_like_the_same_image_rotated(tmp_p
     torch.testing.assert_close(phone.features, plain.features)
     as_stored = torch.stack([t(stored.convert("RGB"))])  # what ignoring the orientation would embed
     assert not torch.allclose(model(as_stored), phone.features, atol=1e-3)
+
+
+def test_decode_ahead_gives_the_pretraining_batches_of_the_dataloader_bit_for_bit(tmp_path):
+    """The multi-crop set read in threads and augmented in this thread: the same crops, skips and
+    order as torch's DataLoader, with a random draw of the main thread in between (drop path's)
+    neither disturbing nor disturbed."""
+    from dinokit.data.loader import DecodeAheadLoader
+    from dinokit.data.multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
+
+    paths = [make_image(tmp_path / f"{i:02d}.png", (48 + i, 40), seed=i) for i in range(9)]
+    (tmp_path / "03.png").write_bytes(b"broken")
+    ds = MultiCropDataset(paths, MultiCropAugmentation(local_crops_number=2, global_size=32, local_size=16), seed=5)
+    ds.set_epoch(2)
+    order = [4, 3, 0, 8, 1, 7, 2, 6]
+
+    def batches(loader):
+        torch.manual_seed(0)
+        out = []
+        for crops, skipped in loader:
+            out.append(([c.clone() for c in crops], skipped, torch.rand(3)))  # the step's own draw
+        return out
+
+    ref = batches(torch.utils.data.DataLoader(ds, batch_size=3, sampler=order, drop_last=True,
+                                              collate_fn=collate_multicrop,
+                                              generator=torch.Generator().manual_seed(1)))  # as pretrain does
+    got = batches(DecodeAheadLoader(ds, order, 3, threads=3, collate_fn=collate_multicrop))
+    assert len(got) == len(ref) == 2
+    for (c, s, r), (c0, s0, r0) in zip(got, ref):
+        assert s == s0
+        assert torch.equal(r, r0)
+        for a, b in zip(c, c0):
+            assert torch.equal(a, b)
+    assert ref[0][1] == (3,)  # the broken file was skipped (and reported) in the first batch
