@@ -1,6 +1,8 @@
 """`dinokit features` on phone photos and on small images, against the timm + PIL script a user writes.
 
-Whole processes, interleaved rounds (the order alternating), the median of the rounds kept:
+Whole processes, interleaved rounds (the order alternating), the median of the rounds kept, in
+wall-clock seconds and in the process's CPU seconds (all its threads; less disturbed by other
+programs on a shared machine):
 `dinokit features` (at its defaults, at --precision fp32 and bf16, and with --exact-decode) against
 a ten-line script with timm's ``vit_small_patch16_224``, PIL and torchvision's evaluation transform
 (fp32, and bf16 under autocast). Every model is a random ViT-S/16: the work per image is what counts
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -136,10 +139,15 @@ def configs(folder: Path, work: Path, batch: int) -> dict[str, list[str]]:
     }
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of a whole process; the CPU time (user + system, all its threads)
+    is what other programs on a shared machine disturb less."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def features_of(path: Path) -> torch.Tensor:
@@ -149,24 +157,31 @@ def features_of(path: Path) -> torch.Tensor:
 def bench(name: str, folder: Path, work: Path, rounds: int, batch: int, n: int) -> dict:
     cmds = configs(folder, work, batch)
     times: dict[str, list[float]] = {k: [] for k in cmds}
+    cpu: dict[str, list[float]] = {k: [] for k in cmds}
     names = list(cmds)
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]  # alternate the order, so drift hits all alike
         for k in order:
-            times[k].append(timed(cmds[k]))
-            print(f"  {name} round {r + 1}: {k:30s} {times[k][-1]:7.1f} s", flush=True)
+            wall, used = timed(cmds[k])
+            times[k].append(wall)
+            cpu[k].append(used)
+            print(f"  {name} round {r + 1}: {k:30s} {wall:7.1f} s, {used:7.1f} CPU s, load {os.getloadavg()[0]:.1f}",
+                  flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     cos = torch.nn.functional.cosine_similarity(features_of(work / "dk32.pt"), features_of(work / "dk32x.pt"))
     cos_default = torch.nn.functional.cosine_similarity(features_of(work / "dk.pt"), features_of(work / "dk32x.pt"))
     print(f"\n{name}: {n} images, batch {batch}, median of {rounds} rounds (whole processes)")
+    t32, t16 = "timm+PIL fp32", "timm+PIL bf16 (autocast)"
     for k in names:
-        print(f"  {k:30s} {med[k]:7.1f} s  {1000 * med[k] / n:7.1f} ms/image  "
-              f"{med['timm+PIL fp32'] / med[k]:5.2f}x timm fp32  {med['timm+PIL bf16 (autocast)'] / med[k]:5.2f}x timm bf16")
+        print(f"  {k:30s} {med[k]:7.1f} s  {1000 * med[k] / n:7.1f} ms/image  {med[t32] / med[k]:5.2f}x timm fp32  "
+              f"{med[t16] / med[k]:5.2f}x timm bf16 | CPU {med_cpu[k]:7.1f} s  {med_cpu[t32] / med_cpu[k]:5.2f}x  "
+              f"{med_cpu[t16] / med_cpu[k]:5.2f}x")
     print(f"  cosine of dinokit fp32 (reduced decode) to its --exact-decode features: min {cos.min():.6f} "
           f"mean {cos.mean():.6f}")
     print(f"  cosine of dinokit at its defaults to fp32 --exact-decode: min {cos_default.min():.6f} "
           f"mean {cos_default.mean():.6f}")
-    return {"images": n, "times": times, "median": med, "cosine_reduced_vs_exact_min": float(cos.min()),
+    return {"images": n, "times": times, "cpu_times": cpu, "median": med, "median_cpu": med_cpu, "cosine_reduced_vs_exact_min": float(cos.min()),
             "cosine_default_vs_exact_fp32_min": float(cos_default.min())}
 
 
