@@ -263,6 +263,10 @@ def jpeg_reduction(stored_size: tuple[int, int], orientation: int, need: DecodeN
     return 1
 
 
+class _NotReduced(Exception):
+    """The decoder scaled otherwise than asked (never seen; then the picture is decoded in full)."""
+
+
 def read_image(path: str | os.PathLike, need: DecodeNeed | None = None) -> DecodedImage:
     """The one image reader: a file as upright RGB (its EXIF orientation applied), a
     :class:`DataError` naming the file when it cannot be read.
@@ -305,10 +309,6 @@ def read_image(path: str | os.PathLike, need: DecodeNeed | None = None) -> Decod
     if orientation in _UPRIGHT:
         rgb = rgb.transpose(_UPRIGHT[orientation])
     return DecodedImage(rgb, full, reduction)
-
-
-class _NotReduced(Exception):
-    pass
 
 
 def open_rgb(path: str | os.PathLike, need: DecodeNeed | None = None) -> Image.Image:

@@ -144,6 +144,8 @@ class DINOTrainingState:
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.dino_loss.load_state_dict(state["dino_loss"])
+        if self.teacher_weights is not None:  # the teacher's weights were replaced in place
+            self.teacher_weights.invalidate()
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
