@@ -508,9 +508,9 @@ Precision = Annotated[
     str,
     typer.Option(
         "--precision", rich_help_panel=RUNTIME_PANEL,
-        help="auto, fp32, bf16 or fp16. auto = bf16 where the hardware has native bf16 for training "
-        "and for embeddings (features, similar, duplicates, attention maps), fp32 for the protocols' "
-        "evaluations.",
+        help="auto, fp32, bf16 or fp16. auto = bf16 for training where the hardware has native bf16, "
+        "and for embeddings (features, similar, duplicates, attention maps) on a CPU with it; fp32 for "
+        "the protocols' evaluations.",
     ),
 ]
 Seed = Annotated[int, typer.Option("--seed", rich_help_panel=RUNTIME_PANEL, help="Random seed.")]
