@@ -199,3 +199,17 @@ def test_unreadable_image_counts_agree_and_strict_stops(tmp_path, tiny2_weights)
     strict = tmp_path / "strict"
     res = run_duplicates(folder, strict, tiny2_weights, "--strict")
     assert res.exit_code == 2 and res.text.startswith("Error:") and "broken.jpg" in res.text
+
+
+def test_the_decode_is_recorded_and_a_store_of_the_other_decode_is_not_reused(planted, tiny2_weights, tmp_path):
+    folder, _ = planted
+    out = tmp_path / "dups"
+    assert run_duplicates(folder, out, tiny2_weights).exit_code == 0
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["exact_decode"] is False
+    res = run_duplicates(folder, out, tiny2_weights, "--exact-decode", "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "metrics.json").read_text())["config"]["exact_decode"] is True
+    assert json.loads((out / "pairs.json").read_text())["embedded"] == 13  # embedded again, not reused
+    assert run_duplicates(folder, out, tiny2_weights, "--exact-decode", "--overwrite").exit_code == 0
+    assert json.loads((out / "pairs.json").read_text())["embedded"] == 0  # the same decode: reused
