@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .data.images import open_rgb
+from .data.images import DecodeNeed, open_rgb
 from .errors import DinokitError
 from .io import atomic_open
 
@@ -479,7 +479,7 @@ def _thumbnail(path: str, size: int) -> Image.Image:
     """An image shrunk to fit ``size`` x ``size`` for a contact sheet; a grey square for one that
     cannot be read."""
     try:
-        im = open_rgb(path)
+        im = open_rgb(path, DecodeNeed(long_side=size))  # a phone photo decoded at 1/8, not in full
     except DinokitError:
         return Image.new("RGB", (size, size), (200, 200, 200))
     im.thumbnail((size, size))
