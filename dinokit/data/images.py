@@ -284,9 +284,12 @@ def read_image(path: str | os.PathLike, need: DecodeNeed | None = None) -> Decod
                 reduction = jpeg_reduction(im.size, orientation, need)
             full = upright_size(im.size, orientation)
             if reduction > 1:
-                im.draft(None, (im.size[0] // reduction, im.size[1] // reduction))
+                stored = im.size
+                im.draft(None, (stored[0] // reduction, stored[1] // reduction))
                 if need is None or not need.met_by(*upright_size(im.size, orientation)):
                     raise _NotReduced  # the decoder scaled otherwise than asked: never decode too small
+                if im.size == stored:  # a JPEG the decoder cannot scale (several tiles): in full
+                    reduction = 1
             im.load()
             if im.format not in _JPEG_FORMATS:
                 orientation = exif_orientation(im)  # PNG and WebP may keep theirs after the pixels
