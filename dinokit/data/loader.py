@@ -9,9 +9,10 @@ memory does not grow with the folder. An unreadable image is whatever the datase
 ``None`` that :func:`dinokit.data.images.collate_skip_none` drops and counts, or its error, which
 stops the iteration with the first unreadable image in order).
 
-Only datasets whose items are a pure function of the index belong here: a training set whose
-augmentation seeds the global random generators per item would race in threads, and keeps the
-``DataLoader``.
+Only datasets whose items are a pure function of the index belong there: a training set whose
+augmentation seeds the global random generators per item would race in threads. Such a set (the
+pretraining's multi-crop set) goes through :class:`DecodeAheadLoader` instead: only its decoding runs
+in threads, its augmentation stays in the calling thread, in order.
 """
 
 from __future__ import annotations
