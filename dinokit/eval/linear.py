@@ -89,7 +89,7 @@ LINEAR_RUN = RunKind(
     command="linear", noun="linear probe run", files=RUN_FILES, formats=(CHECKPOINT_FORMAT,),
     keys=("state_dict", "optimizer", "epoch"), unit="epoch",
     may_change=frozenset({"train", "val", "train_features", "val_features", "num_workers", "device", "precision",
-                          "strict"}),
+                          "strict", "exact_decode"}),
 )  # fmt: skip
 
 

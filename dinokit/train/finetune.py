@@ -123,7 +123,8 @@ class FinetuneConfig(BackboneOptions, RuntimeOptions, RunOptions):
 
 #: options a resumed run may change when typed; every other option is the run's recipe and stays as saved
 RUN_CONTROL = frozenset(
-    {"train", "val", "epochs", "num_workers", "device", "precision", "checkpoint_minutes", "strict", "threads"}
+    {"train", "val", "epochs", "num_workers", "device", "precision", "checkpoint_minutes", "strict", "threads",
+     "exact_decode"}
 )
 #: config fields that do not make a run another run (where its data is, how long and how it runs)
 NOT_IDENTITY = (*RUN_CONTROL, "output", "resume", "overwrite", "stop_after")

@@ -88,7 +88,8 @@ NOT_IDENTITY = (*RUNTIME_FIELDS, "epochs", "save_every", "checkpoint_minutes", "
 PRETRAIN_RUN = RunKind(
     command="pretrain", noun="pretraining run", files=RUN_FILES, formats=("dinokit-pretrain-1",),
     keys=("config", "epoch"), unit="epoch",
-    may_change=frozenset({"data", "epochs", "save_every", "precision", "device", "num_workers", "compile", "strict"}),
+    may_change=frozenset({"data", "epochs", "save_every", "precision", "device", "num_workers", "compile", "strict",
+                          "exact_decode"}),
 )  # fmt: skip
 
 
