@@ -18,9 +18,10 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io import torch_save_atomic
+from ..models.inference import inference_model
 from ..models.registry import build_backbone, canonical_arch, is_vit_arch
 from ..presets import PRESETS, fetch_hf_weights, fetch_preset_file, is_hf_repo_id, resolve_preset
-from ..runtime import RuntimeOptions, inference_model, resolve_device, resolve_precision, seed_everything
+from ..runtime import RuntimeOptions, resolve_device, resolve_precision, seed_everything
 from .conversion import extract_backbone_state_dict, infer_arch, map_weight_norm_keys
 from .reading import error_line, read_checkpoint
 
@@ -56,7 +57,7 @@ class PreparedBackbone:
 
     def for_inference(self) -> tuple[nn.Module, torch.dtype | None]:
         """The model to run frozen: a copy cast once to bf16/fp16 where asked (see
-        :func:`dinokit.runtime.inference_model`), else the fp32 model."""
+        :func:`dinokit.models.inference.inference_model`), else the fp32 model."""
         return inference_model(self.model, self.dtype)
 
 

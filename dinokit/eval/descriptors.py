@@ -25,9 +25,9 @@ from torchvision import transforms as T
 from ..data.images import ImageDataset, find_images
 from ..data.transforms import describe_transform, normalize
 from ..errors import DataError
+from ..models.inference import inference_model
 from ..models.registry import is_vit
 from ..progress import NULL_PROGRESS, Progress
-from ..runtime import inference_model
 from .cache import CachedTensors, files_key
 from .features import extract_features, feature_fingerprint
 from .metrics import require_finite

@@ -46,6 +46,7 @@ from ..data.images import (
 from ..data.transforms import describe_transform, eval_transform
 from ..errors import DataError, DinokitError
 from ..io import atomic_open, atomic_write_text, check_output_file, torch_save_atomic, write_json
+from ..models.inference import inference_model
 from ..models.registry import backbone_arch, is_vit
 from ..models.vit import variant_generation
 from ..progress import NULL_PROGRESS, Progress
@@ -54,7 +55,6 @@ from ..runtime import (
     autocast,
     cpu_threads,
     dist_env,
-    inference_model,
     is_dist,
     plan_cpu,
     precision_name,

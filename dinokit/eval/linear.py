@@ -44,6 +44,7 @@ from ..data.transforms import normalize
 from ..errors import CheckpointError, DataError, DinokitError
 from ..io import append_jsonl, check_run_identity, remove_run_files
 from ..models.head import LinearClassifier
+from ..models.inference import inference_model
 from ..models.registry import backbone_arch, is_vit
 from ..models.vit import variant_generation
 from ..progress import NULL_PROGRESS, Progress
@@ -54,7 +55,6 @@ from ..runtime import (
     dist_env,
     ensure_finite_loss,
     get_rng_state,
-    inference_model,
     is_dist,
     resolve_device,
     seed_everything,
