@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import (
+from ._console import console, console_err, is_main_process, print_table, setup_logging, short_run_note
+from ._options import (
     Arch,
     BatchSize,
     CheckpointKey,
@@ -20,20 +21,14 @@ from ._common import (
     Precision,
     Quiet,
     Resume,
-    RichProgress,
     Seed,
     StopAfter,
     Strict,
     Train,
     Val,
     Weights,
-    console,
-    console_err,
-    is_main_process,
-    print_table,
-    setup_logging,
-    short_run_note,
 )
+from ._progress import RichProgress
 
 
 def finetune(

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import (
+from ._console import console, console_err, is_main_process, print_table, setup_logging
+from ._options import (
     RUN_PANEL,
     RUNTIME_PANEL,
     CheckpointMinutes,
@@ -19,15 +20,10 @@ from ._common import (
     Overwrite,
     Precision,
     Quiet,
-    RichProgress,
     Seed,
     Strict,
-    console,
-    console_err,
-    is_main_process,
-    print_table,
-    setup_logging,
 )
+from ._progress import RichProgress
 
 MODEL_PANEL = "Model"
 OPTIM_PANEL = "Optimisation"

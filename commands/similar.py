@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ._common import (
+from ._console import console, is_main_process, print_table, setup_logging
+from ._options import (
     Arch,
     BatchSize,
     CheckpointKey,
@@ -20,14 +21,10 @@ from ._common import (
     PatchSize,
     Precision,
     Quiet,
-    RichProgress,
     Seed,
     Whitening,
-    console,
-    is_main_process,
-    print_table,
-    setup_logging,
 )
+from ._progress import RichProgress
 
 
 def similar(

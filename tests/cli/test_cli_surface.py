@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from dinokit.commands import _common, app
+from dinokit.commands import _options, app
 from typer.main import get_command
 
 SNAPSHOT = Path(__file__).resolve().parents[1] / "assets" / "cli_surface.json"
@@ -76,8 +76,8 @@ def cli_surface() -> dict:
     """Every command of the live CLI with its options, and the option names rewritten to dinokit's."""
     return {
         "dinokit": _command(get_command(app)),
-        "renamed_options": _common.RENAMED_OPTIONS,
-        "reference_options": _common.REFERENCE_OPTIONS,
+        "renamed_options": _options.RENAMED_OPTIONS,
+        "reference_options": _options.REFERENCE_OPTIONS,
     }
 
 
