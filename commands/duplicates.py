@@ -81,7 +81,7 @@ def duplicates(
     they join (clusters.csv, clusters.json: an image and its copies are one cluster) and a contact
     sheet of the closest pairs (pairs.png). Descriptors are stored in OUT/index and reused when the
     command is run again with --overwrite: only new or changed images are embedded."""
-    from dinokit.eval.near_duplicates import (
+    from dinokit.eval.duplicates import (
         UNITS,
         DuplicatesConfig,
         find_duplicates,

@@ -59,7 +59,7 @@ def similar(
     """Rank the images of a folder by similarity to query images (the copy-detection descriptor of
     duplicates, cosine similarity): the top --k per query in similar.csv and similar.json, and a
     contact sheet of each query with its matches (similar.png). A query's own file is never its match."""
-    from dinokit.eval.near_duplicates import SimilarConfig, find_similar, write_similar
+    from dinokit.eval.similar import SimilarConfig, find_similar, write_similar
     from dinokit.io import prepare_output_dir, write_metrics
     from dinokit.viz import similar_sheet
 

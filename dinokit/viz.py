@@ -489,7 +489,7 @@ def _thumbnail(path: str, size: int) -> Image.Image:
 def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
                   thumb: int = 160) -> Path | None:
     """A PNG of the best ``max_pairs`` near-duplicate pairs (``image_a``, ``image_b``, ``score``; see
-    :class:`dinokit.eval.near_duplicates.DuplicatePair`), one row each: the two images side by side
+    :class:`dinokit.eval.duplicates.DuplicatePair`), one row each: the two images side by side
     and the score."""
     # here, not at the top: the image reader brings torch, which the other pictures do not need
 
@@ -525,7 +525,7 @@ def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
 
 def similar_sheet(rows: Sequence, path: str | os.PathLike, max_rows: int = 24, thumb: int = 128) -> Path | None:
     """A PNG with one row per query: the query image, then its matches in rank order, each captioned
-    with its rank, similarity and name (``rows``: :class:`dinokit.eval.near_duplicates.SimilarQuery`)."""
+    with its rank, similarity and name (``rows``: :class:`dinokit.eval.similar.SimilarQuery`)."""
     rows = [r for r in rows if r.matches][:max_rows]
     if not rows:
         return None

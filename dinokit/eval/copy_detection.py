@@ -4,7 +4,7 @@ and each block scores the mean of the Holidays trapezoid AP over its queries.
 
 The descriptor and its whitening are in :mod:`dinokit.eval.descriptors`, the folder layout in
 :mod:`dinokit.data.copydays`, the everyday form (near-duplicate pairs in a folder) in
-:mod:`dinokit.eval.near_duplicates`. Nothing here prints (progress and logging only).
+:mod:`dinokit.eval.duplicates`. Nothing here prints (progress and logging only).
 """
 
 from __future__ import annotations
