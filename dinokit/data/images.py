@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
+from ..errors import DataError, DinokitError
 
 log = logging.getLogger("dinokit")
 
@@ -256,11 +256,24 @@ def looks_labelled(root: str | os.PathLike) -> bool:
     return bool(dirs) and not loose
 
 
+def open_rgb_or_skip(path: str | os.PathLike, strict: bool = False) -> Image.Image | None:
+    """The image at ``path`` (:func:`open_rgb`), or ``None`` when it cannot be read: the item every
+    dataset yields for an unreadable image, dropped by :func:`collate_skip_none` and counted. With
+    ``strict`` (``--strict``) the error naming the file stops the run instead."""
+    try:
+        return open_rgb(path)
+    except DinokitError:
+        if strict:
+            raise
+        log.warning("skipping unreadable image %s", path)
+        return None
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Images from a list of paths (with optional labels) through a transform.
 
-    With ``skip_unreadable`` an image that cannot be decoded yields ``None`` (dropped by
-    :func:`collate_skip_none` and counted) instead of crashing a data-loader worker.
+    An image that cannot be decoded yields ``None`` (dropped by :func:`collate_skip_none` and
+    counted) instead of crashing a data-loader worker; with ``strict`` it stops the run.
     """
 
     def __init__(
@@ -268,24 +281,20 @@ class ImageDataset(torch.utils.data.Dataset):
         paths: Sequence[Path],
         labels: Sequence[int] | None = None,
         transform: Callable | None = None,
-        skip_unreadable: bool = False,
+        strict: bool = False,
     ):
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else None
         self.transform = transform
-        self.skip_unreadable = skip_unreadable
+        self.strict = strict  #: an unreadable image stops the run; else the item is None (skipped, counted)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            img = open_rgb(self.paths[i])
-        except DataError:
-            if self.skip_unreadable:
-                log.warning("skipping unreadable image %s", self.paths[i])
-                return None
-            raise
+        img = open_rgb_or_skip(self.paths[i], self.strict)
+        if img is None:
+            return None
         x = self.transform(img) if self.transform is not None else img
         label = self.labels[i] if self.labels is not None else -1
         return x, label, i

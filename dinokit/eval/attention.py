@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .. import viz
-from ..data.images import collate_skip_none, find_images, open_rgb
+from ..data.images import collate_skip_none, find_images, open_rgb, open_rgb_or_skip
 from ..data.masks import VOID, GroundTruth
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import DataError, DinokitError
@@ -318,12 +318,8 @@ class _GroundTruthDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         gt = self.items[i]
-        try:
-            img = open_rgb(gt.image)
-        except DataError:
-            if self.strict:
-                raise
-            log.warning("skipping unreadable image %s", gt.image)
+        img = open_rgb_or_skip(gt.image, self.strict)
+        if img is None:
             return None
         labels = gt.load(img.size)
         x, _ = preprocess(img, self.image_size, self.patch_size, gt.image, self.keep_aspect)

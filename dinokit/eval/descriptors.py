@@ -247,7 +247,7 @@ class DescriptorEmbedder:
                 self.progress.log(f"reusing cached descriptors of {name} ({len(paths)} images)")
                 return Embedded(cached["features"].float(), cached["kept"].bool(), reused=True)
         if dataset is None:
-            dataset = ImageDataset(list(paths), transform=self.transform, skip_unreadable=not self.strict)
+            dataset = ImageDataset(list(paths), transform=self.transform, strict=self.strict)
         feats, kept = extract_features(
             self.model,
             dataset,

@@ -111,7 +111,7 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every item of ``dataset``; returns (features (N, D) float32 on the CPU, kept (N,) bool).
 
-    Items the dataset returns as ``None`` (unreadable images, with ``skip_unreadable``) get a zero row
+    Items the dataset returns as ``None`` (unreadable images, unless ``strict``) get a zero row
     and ``kept = False``.
     """
     device = torch.device(device)
@@ -310,7 +310,7 @@ def compute_features(
 
     transform = transform if transform is not None else eval_transform()
     images = data if isinstance(data, ImageList) else scan_images(data, classes=classes)
-    dataset = ImageDataset(images.paths, images.labels, transform=transform, skip_unreadable=not strict)
+    dataset = ImageDataset(images.paths, images.labels, transform=transform, strict=strict)
     fn = cls_feature_fn(n_last_blocks, avgpool_patch_tokens)
     feats, kept = extract_features(
         model, dataset, batch_size, num_workers, device, dtype, fn, progress, description=description

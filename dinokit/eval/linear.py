@@ -437,9 +437,9 @@ class _ImageLoaders:
     def __init__(self, cfg: LinearConfig, train_images, val_images, val_transform, device: torch.device):
         self.train_set = ImageDataset(
             train_images.paths, train_images.labels, probe_train_transform(cfg.crop, cfg.min_scale),
-            skip_unreadable=not cfg.strict,
+            strict=cfg.strict,
         )  # fmt: skip
-        self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, skip_unreadable=not cfg.strict)
+        self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, strict=cfg.strict)
         self.sampler = torch.utils.data.DistributedSampler(self.train_set, seed=cfg.seed) if is_dist() else None
         env = dist_env()
         world = env.world_size if is_dist() else 1

@@ -114,7 +114,7 @@ def predict_images(
     classes = list(meta["classes"])
     k = min(top, len(classes))
     crop = int(meta.get("image_size", 224))
-    ds = ImageDataset(paths, transform=eval_transform(resize_for(crop), crop), skip_unreadable=not strict)
+    ds = ImageDataset(paths, transform=eval_transform(resize_for(crop), crop), strict=strict)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_none
     )

@@ -25,7 +25,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..checkpoints import BackboneOptions, prepare_backbone
-from ..data.images import is_image_file, open_rgb
+from ..data.images import is_image_file, open_rgb_or_skip
 from ..data.transforms import normalize
 from ..errors import DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
@@ -273,12 +273,8 @@ class RetrievalImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            img = open_rgb(self.paths[i])
-        except DinokitError:
-            if self.strict:
-                raise
-            log.warning("skipping unreadable image %s", self.paths[i])
+        img = open_rgb_or_skip(self.paths[i], self.strict)
+        if img is None:
             return None
         if self.boxes is not None and self.boxes[i] is not None:
             img = img.crop(tuple(int(round(v)) for v in self.boxes[i]))

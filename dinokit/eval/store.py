@@ -174,7 +174,7 @@ def embed_into_store(
     shared = _SharedTaskProgress(progress, task)
     for s in range(0, len(todo), chunk_size):
         part = todo[s : s + chunk_size]
-        dataset = ImageDataset(part, transform=embedder.transform, skip_unreadable=not embedder.strict)
+        dataset = ImageDataset(part, transform=embedder.transform, strict=embedder.strict)
         feats, kept = extract_features(
             embedder.model, dataset, embedder.batch_size, embedder.num_workers, embedder.device,
             embedder.dtype, embedder.feature_fn, shared,
