@@ -97,6 +97,31 @@ def cls_feature_fn(n_last_blocks: int = 1, avgpool_patch_tokens: bool = False) -
     return fn
 
 
+def rank_shard_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    persistent_workers: bool = False,
+) -> tuple[torch.utils.data.DataLoader, list[int]]:
+    """This rank's share of ``dataset`` for an evaluation: every world-size-th item from the rank's
+    own under torchrun (all of them in one process), in order, in batches without the unreadable
+    images (:func:`~dinokit.data.images.collate_skip_none`). Returns the loader and its indices."""
+    env = dist_env()
+    n = len(dataset)
+    indices = list(range(env.rank, n, env.world_size)) if is_dist() else list(range(n))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=device.type == "cuda",
+        persistent_workers=persistent_workers,
+    )
+    return loader, indices
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -116,18 +141,8 @@ def extract_features(
     """
     device = torch.device(device)
     feature_fn = feature_fn or (lambda m, x: m(x))
-    env = dist_env()
     n = len(dataset)
-    indices = list(range(env.rank, n, env.world_size)) if is_dist() else list(range(n))
-    shard = torch.utils.data.Subset(dataset, indices)
-    loader = torch.utils.data.DataLoader(
-        shard,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_skip_none,
-        pin_memory=device.type == "cuda",
-    )
+    loader, indices = rank_shard_loader(dataset, batch_size, num_workers, device)
     model = model.to(device).eval()
     model, dtype = inference_model(model, dtype)
     feats: torch.Tensor | None = None

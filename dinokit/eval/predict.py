@@ -18,7 +18,8 @@ from ..data.images import ImageDataset, collate_skip_none, expand_image_inputs, 
 from ..data.transforms import eval_transform, resize_for
 from ..errors import DinokitError
 from ..progress import NULL_PROGRESS, Progress
-from ..runtime import autocast, dist_env, is_dist, resolve_device, resolve_precision
+from ..runtime import autocast, is_dist, resolve_device, resolve_precision
+from .features import rank_shard_loader
 from .metrics import percent, topk_correct
 
 
@@ -39,17 +40,7 @@ def evaluate_classifier(
     Top-1 and the per-class scores are read off the confusion matrix (argmax predictions), so the
     picture and the numbers agree; top-5 counts with :func:`dinokit.eval.metrics.topk_correct`.
     """
-    env = dist_env()
-    n = len(dataset)
-    indices = list(range(env.rank, n, env.world_size)) if is_dist() else list(range(n))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_skip_none,
-        pin_memory=device.type == "cuda",
-    )
+    loader, indices = rank_shard_loader(dataset, batch_size, num_workers, device)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.float64, device=device)
     was_training = model.training
