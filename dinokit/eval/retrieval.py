@@ -187,7 +187,8 @@ def parse_ground_truth(obj: Any, source: str = "the ground-truth file") -> Revis
     return RevisitedGroundTruth(list(imlist), list(qimlist), easy, hard, junk, bbx)
 
 
-def load_ground_truth(path: str | os.PathLike) -> RevisitedGroundTruth:
+def load_revisited_ground_truth(path: str | os.PathLike) -> RevisitedGroundTruth:
+    """A Revisited Oxford / Paris ground-truth file (gnd_*.pkl), read without unpickling objects."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"The ground-truth file {path} does not exist.")
@@ -359,7 +360,7 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
     if cfg.image_size < 1:
         raise DinokitError(f"--image-size must be positive, got {cfg.image_size}.")
     gnd_path, jpg = find_dataset(cfg.data, cfg.dataset)
-    gt = load_ground_truth(gnd_path)
+    gt = load_revisited_ground_truth(gnd_path)
     if gt.n_queries == 0:
         raise DataError(f"{gnd_path} lists no query images, so there is nothing to evaluate.")
     if not gt.imlist:
