@@ -106,10 +106,10 @@ class Whitening:
     eigenvalues: torch.Tensor
     n_clamped: int = 0
 
-    def apply(self, x: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         y = (x.double() - self.mean.double()) @ self.projection.double().T
         y = y.float()
-        return nn.functional.normalize(y, dim=1, p=2) if normalise else y
+        return nn.functional.normalize(y, dim=1, p=2) if normalize else y
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -152,7 +152,7 @@ def learn_whitening(features: torch.Tensor, eps: float = WHITENING_EPS, power: f
     return Whitening(mean.float(), projection.float(), eig.float(), n_clamped)
 
 
-def normalise_descriptors(x: torch.Tensor, whitening: Whitening | None = None) -> torch.Tensor:
+def normalize_descriptors(x: torch.Tensor, whitening: Whitening | None = None) -> torch.Tensor:
     """Whiten (when given) and L2-normalise rows."""
     if whitening is not None:
         return whitening.apply(x)

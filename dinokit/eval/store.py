@@ -19,7 +19,7 @@ from ..io import atomic_open, write_json
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import dist_env
 from .cache import as_json, file_stamp
-from .descriptors import DescriptorEmbedder, Whitening, normalise_descriptors
+from .descriptors import DescriptorEmbedder, Whitening, normalize_descriptors
 from .features import extract_features
 from .metrics import require_finite
 
@@ -194,6 +194,6 @@ def write_search_matrix(
     mm = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=(len(paths), int(dim or 0)))
     for s in range(0, len(paths), block):
         x = torch.from_numpy(store.read(paths[s : s + block]))
-        mm[s : s + block] = normalise_descriptors(x, whitening).numpy()
+        mm[s : s + block] = normalize_descriptors(x, whitening).numpy()
     mm.flush()
     return np.load(target, mmap_mode="r")
