@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 import dinokit
-from dinokit.runtime import cast_for_inference, precision_name, resolve_device, resolve_precision
+from dinokit.models.inference import cast_for_inference
+from dinokit.runtime import precision_name, resolve_device, resolve_precision
 from dinokit.train.dino import build_training_state, dino_step
 from dinokit.train.pretrain_settings import PretrainConfig
 

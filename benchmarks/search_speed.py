@@ -85,7 +85,7 @@ def _search(args, folder: Path, kind: str, q):
     import torch
 
     from dinokit.eval.copy_detection import rank_database
-    from dinokit.eval.near_duplicates import search_pairs_exact, search_pairs_faiss
+    from dinokit.eval.duplicates import search_pairs_exact, search_pairs_faiss
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     base = _current_rss_mb()

@@ -5,7 +5,7 @@ dinokit against timm's ``vit_small_patch16_224``, ``vit_small_patch14_dinov2`` a
 Each pair holds the same weights (checked: same features to 1e-4; timm's ViT-S/14 is built for
 224 px with the position table dinokit resizes to that grid, timm's fastest configuration). Each is timed in fp32, in bf16
 under autocast (fp32 weights, the usual mixed-precision recipe) and in bf16 with the weights cast
-once (``dinokit.runtime.cast_for_inference``), all under ``torch.inference_mode``. The machine's
+once (``dinokit.models.inference.cast_for_inference``), all under ``torch.inference_mode``. The machine's
 matrix-multiply peak is measured in the same run with large fp32 and bf16 matmuls, and each
 throughput is also given as a fraction of that peak (ViT-S/16 at 224 is 4.6 GMACs per image).
 
@@ -34,7 +34,8 @@ import time
 import torch
 
 import dinokit
-from dinokit.runtime import cast_for_inference, has_native_bf16
+from dinokit.models.inference import cast_for_inference
+from dinokit.runtime import has_native_bf16
 
 
 def vit_macs_per_image(image: int = 224, patch: int = 16, dim: int = 384, depth: int = 12, prefix: int = 1) -> float:

@@ -12,7 +12,8 @@ import sys
 
 import typer
 
-from ._common import DinokitCommand, DinokitGroup, console_err, version_callback
+from ._console import console_err
+from ._help import DinokitCommand, DinokitGroup, version_callback
 
 COMMAND_MODULES = (
     "info",

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ._common import RUN_PANEL, RUNTIME_PANEL, console, console_err
+from ._console import console, console_err
+from ._options import RUN_PANEL, RUNTIME_PANEL
 
 Resume = Annotated[
     bool,

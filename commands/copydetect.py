@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import (
+from ._console import console, is_main_process, plural, print_table, setup_logging
+from ._options import (
     Arch,
     BatchSize,
     CheckpointKey,
@@ -21,16 +22,11 @@ from ._common import (
     PatchSize,
     Precision,
     Quiet,
-    RichProgress,
     Seed,
     Strict,
     Whitening,
-    console,
-    is_main_process,
-    plural,
-    print_table,
-    setup_logging,
 )
+from ._progress import RichProgress
 
 
 def copydetect(

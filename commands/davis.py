@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import (
+from ._console import console, plural, setup_logging
+from ._options import (
     BACKBONE_PANEL,
     PRESET_NAMES,
     Arch,
@@ -19,12 +20,9 @@ from ._common import (
     PatchSize,
     Precision,
     Quiet,
-    RichProgress,
     Seed,
-    console,
-    plural,
-    setup_logging,
 )
+from ._progress import RichProgress
 from .davis_score import print_davis_table
 
 

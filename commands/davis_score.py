@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import Overwrite, Quiet, RichProgress, console, print_table, setup_logging
+from ._console import console, print_table, setup_logging
+from ._options import Overwrite, Quiet
+from ._progress import RichProgress
 
 
 def print_davis_table(scores) -> None:

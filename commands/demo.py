@@ -22,7 +22,8 @@ import typer
 from dinokit.errors import DinokitError
 from dinokit.io import prepare_output_dir, versions, write_json
 
-from ._common import RUN_PANEL, Overwrite, Quiet, console, console_err
+from ._console import console, console_err
+from ._options import RUN_PANEL, Overwrite, Quiet
 from .demo_report import compose_pictures, table_rows, write_reports
 
 #: the default demo's pretraining length: a fixed recipe, so that its numbers do not depend on the
@@ -329,7 +330,7 @@ def demo(
     computes on two threads with pinned CPU kernels, so its numbers are the same on every run."""
     from dinokit.runtime import pin_cpu_numerics
 
-    from ._common import setup_logging
+    from ._console import setup_logging
 
     if epochs is not None and minutes is not None:
         raise DinokitError("Give --epochs or --minutes, not both: --minutes fits the number of epochs to a time budget.")

@@ -8,7 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from dinokit.io import atomic_write_text
 
@@ -51,21 +51,14 @@ _WHO = {"random": "random init", "trained": "DINO, pretrained by this demo"}
 
 
 # -- pictures -----------------------------------------------------------------------------------
-def _caption_font(size: int = 22) -> ImageFont.ImageFont:
-    """A scalable font for captions (Pillow's bundled one); the 11-pixel bitmap font where Pillow
-    has no FreeType."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):
-        return ImageFont.load_default()
-
-
 def _label(im: Image.Image, text: str) -> Image.Image:
     """The picture under a caption line. The report shows pictures at most 960 pixels wide, so the
     text is 22 pixels high at that width whatever the picture's own width: it reads like the page's
     text."""
+    from dinokit.viz import load_font  # loaded when a report is drawn, not at every start-up
+
     size = max(22, round(22 * im.width / 960))
-    font = _caption_font(size)
+    font = load_font(size)
     box = ImageDraw.Draw(im).textbbox((0, 0), text, font=font)
     pad = size // 3
     line = box[3] - box[1] + 2 * pad

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import (
+from ._console import console, is_main_process, plural, print_table, setup_logging
+from ._options import (
     Arch,
     BatchSize,
     CheckpointKey,
@@ -21,16 +22,11 @@ from ._common import (
     PatchSize,
     Precision,
     Quiet,
-    RichProgress,
     Seed,
     Strict,
     Whitening,
-    console,
-    is_main_process,
-    plural,
-    print_table,
-    setup_logging,
 )
+from ._progress import RichProgress
 
 
 def duplicates(
@@ -87,7 +83,7 @@ def duplicates(
     they join (clusters.csv, clusters.json: an image and its copies are one cluster) and a contact
     sheet of the closest pairs (pairs.png). Descriptors are stored in OUT/index and reused when the
     command is run again with --overwrite: only new or changed images are embedded."""
-    from dinokit.eval.near_duplicates import (
+    from dinokit.eval.duplicates import (
         UNITS,
         DuplicatesConfig,
         find_duplicates,

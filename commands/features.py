@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import (
+from ._console import console, plural, setup_logging
+from ._options import (
     Arch,
     BatchSize,
     CheckpointKey,
@@ -20,13 +21,10 @@ from ._common import (
     PatchSize,
     Precision,
     Quiet,
-    RichProgress,
     Seed,
     Strict,
-    console,
-    plural,
-    setup_logging,
 )
+from ._progress import RichProgress
 
 NLastBlocks = Annotated[
     int, typer.Option("--n-last-blocks", min=1, help="Concatenate the CLS tokens of the last n blocks.")

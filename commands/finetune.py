@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import (
+from ._console import console, console_err, is_main_process, print_table, setup_logging, short_run_note
+from ._options import (
     Arch,
     BatchSize,
     CheckpointKey,
@@ -21,19 +22,13 @@ from ._common import (
     PatchSize,
     Precision,
     Quiet,
-    RichProgress,
     Seed,
     Strict,
     Train,
     Val,
     Weights,
-    console,
-    console_err,
-    is_main_process,
-    print_table,
-    setup_logging,
-    short_run_note,
 )
+from ._progress import RichProgress
 from ._runs import Resume, StopAfter, Threads, report_stop, typed_options
 
 

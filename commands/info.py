@@ -7,7 +7,7 @@ import json
 
 import typer
 
-from ._common import console
+from ._console import console
 
 
 def info(

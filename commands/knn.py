@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from ._common import (
+from ._console import console, plural, print_table, setup_logging
+from ._options import (
     Arch,
     BatchSize,
     CheckpointKey,
@@ -19,18 +20,14 @@ from ._common import (
     PatchSize,
     Precision,
     Quiet,
-    RichProgress,
     Seed,
     Strict,
     Train,
     TrainFeatures,
     Val,
     ValFeatures,
-    console,
-    plural,
-    print_table,
-    setup_logging,
 )
+from ._progress import RichProgress
 from .features import AvgPool, Crop, NLastBlocks, Resize
 
 

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import typer
 
-from ._common import console
+from ._console import console
 
 
 def _table(title: str, columns: list[str], rows: list[list]) -> None:

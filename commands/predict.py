@@ -9,20 +9,9 @@ from typing import Annotated
 
 import typer
 
-from ._common import (
-    BatchSize,
-    Device,
-    ExactDecode,
-    NumWorkers,
-    Overwrite,
-    Precision,
-    Quiet,
-    RichProgress,
-    Strict,
-    console,
-    plural,
-    setup_logging,
-)
+from ._console import console, plural, setup_logging
+from ._options import BatchSize, Device, ExactDecode, NumWorkers, Overwrite, Precision, Quiet, Strict
+from ._progress import RichProgress
 
 
 def predict(

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import (
+from ._console import console, console_err, is_main_process, plural, print_table, setup_logging
+from ._options import (
     RUN_PANEL,
     RUNTIME_PANEL,
     CheckpointMinutes,
@@ -19,16 +20,10 @@ from ._common import (
     Overwrite,
     Precision,
     Quiet,
-    RichProgress,
     Seed,
     Strict,
-    console,
-    console_err,
-    is_main_process,
-    plural,
-    print_table,
-    setup_logging,
 )
+from ._progress import RichProgress
 from ._runs import Resume, StopAfter, Threads, report_stop, typed_options
 
 MODEL_PANEL = "Model"

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ._common import (
+from ._console import console, is_main_process, plural, print_table, setup_logging
+from ._options import (
     Arch,
     CheckpointKey,
     Device,
@@ -20,15 +21,10 @@ from ._common import (
     PatchSize,
     Precision,
     Quiet,
-    RichProgress,
     Seed,
     Strict,
-    console,
-    is_main_process,
-    plural,
-    print_table,
-    setup_logging,
 )
+from ._progress import RichProgress
 
 
 def retrieval(

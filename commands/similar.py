@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ._common import (
+from ._console import console, is_main_process, print_table, setup_logging
+from ._options import (
     Arch,
     BatchSize,
     CheckpointKey,
@@ -21,15 +22,11 @@ from ._common import (
     PatchSize,
     Precision,
     Quiet,
-    RichProgress,
     Seed,
     Strict,
     Whitening,
-    console,
-    is_main_process,
-    print_table,
-    setup_logging,
 )
+from ._progress import RichProgress
 
 
 def similar(
@@ -66,7 +63,7 @@ def similar(
     """Rank the images of a folder by similarity to query images (the copy-detection descriptor of
     duplicates, cosine similarity): the top --k per query in similar.csv and similar.json, and a
     contact sheet of each query with its matches (similar.png). A query's own file is never its match."""
-    from dinokit.eval.near_duplicates import SimilarConfig, find_similar, write_similar
+    from dinokit.eval.similar import SimilarConfig, find_similar, write_similar
     from dinokit.io import prepare_output_dir, write_metrics
     from dinokit.runtime import embedding_precision
     from dinokit.viz import similar_sheet

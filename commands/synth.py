@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ._common import RUN_PANEL, Overwrite, Quiet, RichProgress, console, plural, print_table, setup_logging
+from ._console import console, plural, print_table, setup_logging
+from ._options import RUN_PANEL, Overwrite, Quiet
+from ._progress import RichProgress
 
 Output = Annotated[
     Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The folder the data set is written to.")

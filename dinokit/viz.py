@@ -160,10 +160,12 @@ def draw_contours(image: np.ndarray, labels: np.ndarray, color=(255, 255, 255), 
     return out
 
 
-def _font(size: int = 12):
+def load_font(size: int = 12) -> ImageFont.ImageFont:
+    """Pillow's bundled scalable font at ``size`` pixels; its small bitmap font where Pillow is older
+    than 10.1 or has no FreeType."""
     try:
         return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
+    except (TypeError, OSError, ImportError):
         return ImageFont.load_default()
 
 
@@ -238,7 +240,7 @@ def caption_size(width: int) -> int:
 def legend(colors: np.ndarray, labels: Sequence[str], width: int, font_size: int = 13) -> np.ndarray:
     """A white strip ``width`` pixels wide with a colour swatch and its label per entry, in as many rows
     as the width needs (the key of a mask picture drawn in :func:`distinct_colors`)."""
-    font = _font(font_size)
+    font = load_font(font_size)
     sw, gap, pad, sep = font_size, max(6, font_size), 4, max(4, font_size // 3)
     items = [(tuple(int(v) for v in c), str(t)) for c, t in zip(np.asarray(colors), labels)]
     widths = [sw + sep + int(font.getlength(t)) + gap for _, t in items]
@@ -301,7 +303,7 @@ def make_grid(tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, 
     lh = (label_height or font_size + 6) if labels else 0
     canvas = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + lh + pad) + pad), background)
     draw = ImageDraw.Draw(canvas)
-    font = _font(font_size)
+    font = load_font(font_size)
     for i, t in enumerate(tiles):
         pic = Image.fromarray(np.asarray(t, dtype=np.uint8))
         if pic.size != (w, h):
@@ -489,7 +491,7 @@ def _thumbnail(path: str, size: int) -> Image.Image:
 def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
                   thumb: int = 160) -> Path | None:
     """A PNG of the best ``max_pairs`` near-duplicate pairs (``image_a``, ``image_b``, ``score``; see
-    :class:`dinokit.eval.near_duplicates.DuplicatePair`), one row each: the two images side by side
+    :class:`dinokit.eval.duplicates.DuplicatePair`), one row each: the two images side by side
     and the score."""
     # here, not at the top: the image reader brings torch, which the other pictures do not need
 
@@ -525,13 +527,13 @@ def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
 
 def similar_sheet(rows: Sequence, path: str | os.PathLike, max_rows: int = 24, thumb: int = 128) -> Path | None:
     """A PNG with one row per query: the query image, then its matches in rank order, each captioned
-    with its rank, similarity and name (``rows``: :class:`dinokit.eval.near_duplicates.SimilarQuery`)."""
+    with its rank, similarity and name (``rows``: :class:`dinokit.eval.similar.SimilarQuery`)."""
     rows = [r for r in rows if r.matches][:max_rows]
     if not rows:
         return None
     k = max(len(r.matches) for r in rows)
     pad, gap = 8, 12  # gap: the space between the query and its matches
-    font = _font(12)
+    font = load_font(12)
     line = 15
     row_h = thumb + 2 * line + pad
     width = pad + thumb + gap + k * (thumb + pad)

@@ -1,19 +1,19 @@
-"""Device and precision choice, the torchrun environment, seeding, and bf16 inference."""
+"""Device and precision choice, the torchrun environment, seeding, CPU planning and pinned numerics."""
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dinokit
 from dinokit import runtime
 from dinokit.errors import DinokitError
+from dinokit.runtime import cpu as runtime_cpu
+from dinokit.runtime import devices as runtime_devices
 
 
 @pytest.fixture(autouse=True)
@@ -35,11 +35,11 @@ def test_resolve_device():
 
 
 def test_native_bf16_follows_the_cpu_flags(monkeypatch):
-    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(runtime_devices, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     assert runtime.has_native_bf16("cpu")
-    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    monkeypatch.setattr(runtime_devices, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
     assert runtime.has_native_bf16("cpu")
-    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(runtime_devices, "cpu_flags", lambda: frozenset({"avx2"}))
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     assert not runtime.has_native_bf16("cpu")
     assert not runtime.has_native_bf16("meta")
@@ -47,7 +47,7 @@ def test_native_bf16_follows_the_cpu_flags(monkeypatch):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_resolve_precision(monkeypatch, native):
-    monkeypatch.setattr(runtime, "has_native_bf16", lambda device: native)
+    monkeypatch.setattr(runtime_devices, "has_native_bf16", lambda device: native)
     cpu = torch.device("cpu")
     assert runtime.resolve_precision("auto", cpu, training=True) == (torch.bfloat16 if native else None)
     assert runtime.resolve_precision("auto", cpu, training=False) is None  # evaluation matches the reference
@@ -116,62 +116,8 @@ def test_describe_runtime_lists_versions_devices_threads_and_bf16():
         assert key in info
 
 
-# -- bf16 inference -------------------------------------------------------------------------------------
-def test_cast_for_inference_runs_a_vit_in_bf16_on_fp32_images():
-    torch.manual_seed(0)
-    ref = dinokit.build_backbone("vit_tiny", 16, depth=2)
-    model = runtime.cast_for_inference(copy.deepcopy(ref), torch.bfloat16)
-    assert not model.training and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
-    x = torch.randn(3, 3, 48, 64)
-    with torch.inference_mode():
-        out = model(x)
-        expected = ref.eval()(x)
-        attn = model.get_cls_attention(x)
-    assert out.dtype == torch.bfloat16
-    assert F.cosine_similarity(out.float(), expected, dim=1).min() > 0.99
-    assert attn.shape == (3, 3, 12)
-    assert runtime.cast_for_inference(ref, None) is ref and ref.pos_embed.dtype == torch.float32
-
-
-def test_cast_for_inference_casts_the_inputs_of_other_models():
-    torch.manual_seed(0)  # a ResNet-like stack (the hook does not depend on the depth)
-    ref = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-    ).eval()
-    model = runtime.cast_for_inference(copy.deepcopy(ref), torch.bfloat16)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.inference_mode():
-        out, expected = model(x), ref(x)
-    assert out.dtype == torch.bfloat16 and out.shape == (2, 16)
-    assert torch.allclose(out.float(), expected, atol=0.05, rtol=0.05)
-    runtime.cast_for_inference(model, torch.bfloat16)  # a second cast adds no second hook
-    assert len(model._forward_pre_hooks) == 1
-
-
-def test_inference_model_casts_a_copy_for_bf16_and_keeps_autocast_for_fp16():
-    import dinokit
-    from dinokit.runtime import inference_model
-
-    torch.manual_seed(0)
-    m = dinokit.build_backbone("vit_tiny", 16, depth=2).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref = m(x)
-        cast, ac = inference_model(m, torch.bfloat16)
-        assert ac is None and cast is not m
-        assert next(cast.parameters()).dtype == torch.bfloat16
-        assert next(m.parameters()).dtype == torch.float32  # the caller's model is untouched
-        assert torch.allclose(cast(x).float(), ref, atol=0.1)
-    assert inference_model(cast, torch.bfloat16) == (cast, None)  # already cast: used as it is
-    assert inference_model(m, None) == (m, None)
-    assert inference_model(m, torch.float16) == (m, torch.float16)
-
-
 def test_loader_workers_leave_the_compute_threads_their_cores(monkeypatch):
-    from dinokit import runtime
-
-    monkeypatch.setattr(runtime, "available_cores", lambda: 8)
+    monkeypatch.setattr(runtime_cpu, "available_cores", lambda: 8)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -225,40 +171,34 @@ def test_pinned_numerics_take_effect_in_a_fresh_process_and_keep_the_users_choic
 
 
 def test_free_cores_sums_each_cores_idle_share(monkeypatch):
-    from dinokit import runtime
-
-    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(runtime_cpu.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     snapshots = iter([
         {0: (100, 1000), 1: (500, 1000), 2: (0, 1000)},
         # cpu0 idle for all 100 ticks, cpu1 for 25 of 100, cpu2 never (another program keeps it busy)
         {0: (200, 1100), 1: (525, 1100), 2: (0, 1100)},
     ])  # fmt: skip
-    monkeypatch.setattr(runtime, "_cpu_times", lambda cpus: next(snapshots))
+    monkeypatch.setattr(runtime_cpu, "_cpu_times", lambda cpus: next(snapshots))
     assert runtime.free_cores(probe_seconds=0) == pytest.approx(1.25)
 
 
 def test_free_cores_reads_proc_stat_of_the_allowed_cores():
-    from dinokit import runtime
-
     free = runtime.free_cores(probe_seconds=0.05)
     assert 0.0 <= free <= runtime.available_cores()
 
 
 def test_cpu_plan_takes_the_free_cores_and_leaves_workers_the_rest(monkeypatch):
-    from dinokit import runtime
-
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    monkeypatch.setattr(runtime_cpu, "available_cores", lambda: 2)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        monkeypatch.setattr(runtime, "free_cores", lambda probe_seconds=0.2: 1.02)  # one busy program beside
+        monkeypatch.setattr(runtime_cpu, "free_cores", lambda probe_seconds=0.2: 1.02)  # one busy program beside
         plan = runtime.plan_cpu(None, 4, cpu, world_size=1)
         assert (plan.threads, plan.workers, plan.chosen_by) == (1, 0, "free cores")
         assert "1 compute thread(s), 0 data worker(s) (1.0 of 2 cores free; --threads overrides)" == plan.describe()
-        monkeypatch.setattr(runtime, "free_cores", lambda probe_seconds=0.2: 1.97)  # idle
+        monkeypatch.setattr(runtime_cpu, "free_cores", lambda probe_seconds=0.2: 1.97)  # idle
         assert (runtime.plan_cpu(None, 4, cpu, world_size=1).threads, runtime.plan_cpu(None, 4, cpu, 1).workers) == (2, 0)
-        monkeypatch.setattr(runtime, "free_cores", lambda probe_seconds=0.2: 0.1)  # busier than its cores
+        monkeypatch.setattr(runtime_cpu, "free_cores", lambda probe_seconds=0.2: 0.1)  # busier than its cores
         assert runtime.plan_cpu(None, 4, cpu, world_size=1).threads == 1
         # --threads wins whatever is free; workers get what the threads leave
         plan = runtime.plan_cpu(2, 4, cpu, world_size=1)
@@ -267,8 +207,8 @@ def test_cpu_plan_takes_the_free_cores_and_leaves_workers_the_rest(monkeypatch):
         # a GPU computes: the threads stay, the workers take the process's cores
         assert (runtime.plan_cpu(None, 4, cuda, world_size=1).threads, runtime.plan_cpu(None, 4, cuda, 1).workers) == (2, 2)
         # more cores: the threads never exceed torch's setting, the free rest goes to the workers
-        monkeypatch.setattr(runtime, "available_cores", lambda: 8)
-        monkeypatch.setattr(runtime, "free_cores", lambda probe_seconds=0.2: 7.0)
+        monkeypatch.setattr(runtime_cpu, "available_cores", lambda: 8)
+        monkeypatch.setattr(runtime_cpu, "free_cores", lambda probe_seconds=0.2: 7.0)
         plan = runtime.plan_cpu(None, 4, cpu, world_size=1)
         assert (plan.threads, plan.workers) == (2, 4)
         assert runtime.plan_cpu(None, 4, cpu, world_size=2).threads == 2  # 3.5 free cores each
@@ -287,14 +227,14 @@ def test_cpu_threads_sets_and_restores():
 
 
 def test_auto_precision_of_the_embedding_commands_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
-    monkeypatch.setattr(runtime, "has_native_bf16", lambda device="cpu": True)
+    monkeypatch.setattr(runtime_devices, "has_native_bf16", lambda device="cpu": True)
     assert runtime.embedding_precision("auto", "cpu") == "bf16"
     assert runtime.embedding_precision("fp32", "cpu") == "fp32"
     assert runtime.embedding_precision("bf16", "cpu") == "bf16"
-    monkeypatch.setattr(runtime, "has_native_bf16", lambda device="cpu": False)
+    monkeypatch.setattr(runtime_devices, "has_native_bf16", lambda device="cpu": False)
     assert runtime.embedding_precision("auto", "cpu") == "fp32"
     # the protocols' evaluations keep fp32 under auto either way
-    monkeypatch.setattr(runtime, "has_native_bf16", lambda device="cpu": True)
+    monkeypatch.setattr(runtime_devices, "has_native_bf16", lambda device="cpu": True)
     assert runtime.resolve_precision("auto", torch.device("cpu"), training=False) is None
 
 
@@ -305,7 +245,7 @@ def test_features_at_auto_precision_record_what_ran(monkeypatch, tiny4_weights, 
     for i in range(2):
         make_image(tmp_path / "imgs" / f"{i}.png", (40, 40), seed=i)
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(runtime, "has_native_bf16", lambda device="cpu", native=native: native)
+        monkeypatch.setattr(runtime_devices, "has_native_bf16", lambda device="cpu", native=native: native)
         out = tmp_path / f"{expected}.pt"
         r = run_cli(["features", "--weights", tiny4_weights, "--data", tmp_path / "imgs", "--output", out,
                      "--resize", "32", "--image-size", "32", "--quiet"])

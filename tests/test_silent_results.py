@@ -144,8 +144,8 @@ def test_the_library_default_is_no_weights():
     from dinokit.checkpoints import prepare_backbone
     from dinokit.errors import DinokitError
     from dinokit.eval.copy_detection import CopyDetectionConfig
+    from dinokit.eval.duplicates import DuplicatesConfig
     from dinokit.eval.features import FeatureSpec
-    from dinokit.eval.near_duplicates import DuplicatesConfig
     from dinokit.eval.retrieval import RetrievalConfig
 
     configs = [FeatureSpec(), CopyDetectionConfig(data=Path("x"), output=Path("y")),

@@ -39,8 +39,8 @@ def two_threads():
 
 def _free_cores(monkeypatch, n: float) -> None:
     """The machine as the thread plan sees it: ``n`` cores left idle by other programs."""
-    monkeypatch.setattr(dinokit.runtime, "available_cores", lambda: 2)
-    monkeypatch.setattr(dinokit.runtime, "free_cores", lambda probe_seconds=0.2: n)
+    monkeypatch.setattr(dinokit.runtime.cpu, "available_cores", lambda: 2)
+    monkeypatch.setattr(dinokit.runtime.cpu, "free_cores", lambda probe_seconds=0.2: n)
 
 
 def _same(a: Path, b: Path) -> None:

@@ -40,7 +40,7 @@ def test_captions_are_cut_to_their_tile_and_never_reach_the_next():
 
 
 def test_fit_text_keeps_short_text_and_cuts_long_text():
-    font = viz._font(12)
+    font = viz.load_font(12)
     assert viz.fit_text("head 3", font, 200) == "head 3"
     cut = viz.fit_text("x" * 200, font, 60)
     assert cut.endswith("...") and font.getlength(cut) <= 60

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
+from ..errors import DataError, DinokitError
 
 log = logging.getLogger("dinokit")
 
@@ -383,14 +383,35 @@ def looks_labelled(root: str | os.PathLike) -> bool:
     return bool(dirs) and not loose
 
 
+def read_image_or_skip(path: str | os.PathLike, need: DecodeNeed | None = None,
+                       strict: bool = False) -> DecodedImage | None:
+    """The image at ``path`` (:func:`read_image`), or ``None`` when it cannot be read: the item every
+    dataset yields for an unreadable image, dropped by :func:`collate_skip_none` and counted. With
+    ``strict`` (``--strict``) the error naming the file stops the run instead."""
+    try:
+        return read_image(path, need)
+    except DinokitError:
+        if strict:
+            raise
+        log.warning("skipping unreadable image %s", path)
+        return None
+
+
+def open_rgb_or_skip(path: str | os.PathLike, strict: bool = False,
+                     need: DecodeNeed | None = None) -> Image.Image | None:
+    """:func:`read_image_or_skip`'s picture (upright RGB), or ``None`` for an unreadable image."""
+    decoded = read_image_or_skip(path, need, strict)
+    return None if decoded is None else decoded.image
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Images from a list of paths (with optional labels) through a transform.
 
     Each image is read upright (EXIF orientation) and, unless ``exact_decode``, a large JPEG at the
     reduced DCT scale that still covers what ``transform`` needs (:func:`read_image`,
-    :func:`dinokit.data.transforms.decode_need`). With ``skip_unreadable`` an image that cannot be
-    decoded yields ``None`` (dropped by :func:`collate_skip_none` and counted) instead of crashing a
-    data-loader worker.
+    :func:`dinokit.data.transforms.decode_need`). An image that cannot be decoded yields ``None``
+    (dropped by :func:`collate_skip_none` and counted) instead of crashing a data-loader worker; with
+    ``strict`` it stops the run.
     """
 
     def __init__(
@@ -398,7 +419,7 @@ class ImageDataset(torch.utils.data.Dataset):
         paths: Sequence[Path],
         labels: Sequence[int] | None = None,
         transform: Callable | None = None,
-        skip_unreadable: bool = False,
+        strict: bool = False,
         exact_decode: bool = False,
     ):
         from .transforms import decode_need
@@ -406,20 +427,16 @@ class ImageDataset(torch.utils.data.Dataset):
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else None
         self.transform = transform
-        self.skip_unreadable = skip_unreadable
+        self.strict = strict  #: an unreadable image stops the run; else the item is None (skipped, counted)
         self.need = None if exact_decode or transform is None else decode_need(transform)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            img = open_rgb(self.paths[i], self.need)
-        except DataError:
-            if self.skip_unreadable:
-                log.warning("skipping unreadable image %s", self.paths[i])
-                return None
-            raise
+        img = open_rgb_or_skip(self.paths[i], self.strict, self.need)
+        if img is None:
+            return None
         x = self.transform(img) if self.transform is not None else img
         label = self.labels[i] if self.labels is not None else -1
         return x, label, i

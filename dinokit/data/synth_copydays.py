@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from ..errors import DinokitError
 from ..io import write_json
 from ..progress import NULL_PROGRESS, Progress
+from ..viz import load_font
 from .synth import (
     SHAPE_NAMES,
     item_rng,
@@ -155,13 +156,6 @@ def central_crop(img: Image.Image, percent_removed: float) -> Image.Image:
     return img.crop((x0, y0, x0 + cw, y0 + ch))
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the small bitmap font
-        return ImageFont.load_default()
-
-
 def _edit_colour(rng, img: Image.Image, size: int) -> Image.Image:
     kind = int(rng.integers(5))
     if kind == 0:  # hue rotation
@@ -189,7 +183,7 @@ def _edit_text(rng, img: Image.Image, size: int) -> Image.Image:
     draw = ImageDraw.Draw(img)
     w, h = img.size
     for _ in range(int(rng.integers(1, 4))):
-        font = _font(max(8, int(h * rng.uniform(0.08, 0.18))))
+        font = load_font(max(8, int(h * rng.uniform(0.08, 0.18))))
         words = " ".join(_WORDS[i] for i in rng.choice(len(_WORDS), size=int(rng.integers(1, 3)), replace=False))
         xy = (float(rng.uniform(0, w * 0.6)), float(rng.uniform(0, h * 0.85)))
         fill = tuple(int(c) for c in random_colour(rng))

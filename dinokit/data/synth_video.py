@@ -123,7 +123,7 @@ def _draw_object(obj: _Object, i: int, height: int, width: int) -> tuple[np.ndar
 
 
 @dataclass
-class VideoSequence:
+class DrawnVideo:
     """One generated sequence, in memory: frames (T, H, W, 3) uint8 and labels (T, H, W) uint8."""
 
     name: str
@@ -132,7 +132,7 @@ class VideoSequence:
     n_objects: int
 
 
-def draw_sequence(seed: int, index: int, frames: int, height: int, width: int, objects: tuple[int, int]) -> VideoSequence:
+def draw_sequence(seed: int, index: int, frames: int, height: int, width: int, objects: tuple[int, int]) -> DrawnVideo:
     """Draw sequence ``index`` of a set: the frames and the exact label map of every frame."""
     rng = item_rng(seed, "video", index)
     n_obj = int(rng.integers(objects[0], objects[1] + 1))
@@ -174,7 +174,7 @@ def draw_sequence(seed: int, index: int, frames: int, height: int, width: int, o
             labels[m] = k
         out_frames[i] = canvas
     name = f"{photo_name.replace('_', '-')}-{index:02d}"
-    return VideoSequence(name, out_frames, out_labels, n_obj)
+    return DrawnVideo(name, out_frames, out_labels, n_obj)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .. import viz
-from ..data.images import DecodeNeed, find_images, open_rgb, read_image
+from ..data.images import DecodeNeed, find_images, open_rgb, read_image, read_image_or_skip
 from ..data.loader import image_loader
 from ..data.masks import VOID, GroundTruth
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -370,12 +370,8 @@ class _GroundTruthDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         gt = self.items[i]
-        try:
-            decoded = read_image(gt.image, self.need)
-        except DataError:
-            if self.strict:
-                raise
-            log.warning("skipping unreadable image %s", gt.image)
+        decoded = read_image_or_skip(gt.image, self.need, self.strict)
+        if decoded is None:
             return None
         img = decoded.image
         labels = gt.load(decoded.full_size)  # masks are read as stored, at the full size

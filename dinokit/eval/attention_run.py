@@ -123,7 +123,7 @@ def check_run_config(cfg: AttentionRunConfig) -> str:
     return "video" if cfg.video is not None else "evaluation" if cfg.images_dir is not None else "maps"
 
 
-def load_ground_truth(cfg: AttentionRunConfig) -> list[GroundTruth]:
+def load_attention_ground_truth(cfg: AttentionRunConfig) -> list[GroundTruth]:
     """The evaluation form's images with their objects, from label PNGs or a COCO file."""
     ids = read_image_list(cfg.image_list) if cfg.image_list is not None else None
     if cfg.coco is not None:
@@ -178,7 +178,7 @@ def run_attention(cfg: AttentionRunConfig, progress: Progress = NULL_PROGRESS) -
     load the backbone, then compute and write the form's maps or scores into ``cfg.output``."""
     form = check_run_config(cfg)
     paths = expand_image_inputs(cfg.images) if form == "maps" else None
-    items = load_ground_truth(cfg) if form == "evaluation" else None
+    items = load_attention_ground_truth(cfg) if form == "evaluation" else None
     prepared = prepare_backbone(cfg)  # seeds first: --weights random is the same network on every run
     model = prepared.model
     check_attention_model(model)

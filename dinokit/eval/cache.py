@@ -4,7 +4,7 @@ when it does not (DESIGN "caches ... live in the output folder").
 One mechanism serves every cache of frozen embeddings: the feature files of ``features``/``knn``/
 ``linear`` (:class:`dinokit.eval.features.Embedder`), the copy-detection and retrieval descriptors
 (:class:`dinokit.eval.descriptors.DescriptorEmbedder`) and the near-duplicate store
-(:class:`dinokit.eval.near_duplicates.EmbeddingStore`). A cache file is a dict of tensors holding
+(:class:`dinokit.eval.store.EmbeddingStore`). A cache file is a dict of tensors holding
 the ``fingerprint`` it was made with; files are identified by :func:`file_stamp`.
 """
 

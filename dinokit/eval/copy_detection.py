@@ -4,7 +4,7 @@ and each block scores the mean of the Holidays trapezoid AP over its queries.
 
 The descriptor and its whitening are in :mod:`dinokit.eval.descriptors`, the folder layout in
 :mod:`dinokit.data.copydays`, the everyday form (near-duplicate pairs in a folder) in
-:mod:`dinokit.eval.near_duplicates`. Nothing here prints (progress and logging only).
+:mod:`dinokit.eval.duplicates`. Nothing here prints (progress and logging only).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .descriptors import (
     copy_feature_fn,
     copy_transform,
     find_folder_images,
-    normalise_descriptors,
+    normalize_descriptors,
     whitening_from,
 )
 from .metrics import trapezoid_ap
@@ -197,7 +197,7 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
     db_parts = [originals.features[orig_ids]]
     if distr is not None:
         db_parts.append(distr.features[distr.kept])
-    database = normalise_descriptors(torch.cat(db_parts), whitening)
+    database = normalize_descriptors(torch.cat(db_parts), whitening)
     position = {int(o): i for i, o in enumerate(orig_ids.tolist())}
 
     maps: dict[str, float] = {}
@@ -216,7 +216,7 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
             skipped[block] = queries.skipped
         if not queries.rows:
             raise DataError(f"No query of the block {layout.root / block} has a matching original, so it cannot be scored.")
-        q = normalise_descriptors(emb.features[torch.tensor(queries.rows)], whitening)
+        q = normalize_descriptors(emb.features[torch.tensor(queries.rows)], whitening)
         ranked, _ = rank_database(q, database, top)
         maps[block], _ = mean_average_precision(ranked, queries.positives)
         counts[block] = len(queries.rows)

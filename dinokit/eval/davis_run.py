@@ -41,8 +41,9 @@ from ..data.davis import (
 from ..data.palette import VOID_LABEL, save_indexed_png, voc_colormap
 from ..errors import DataError, DinokitError
 from ..io import atomic_open, atomic_write_text, prepare_output_dir, to_json, write_json, write_metrics
+from ..models.inference import inference_model
 from ..progress import NULL_PROGRESS, Progress
-from ..runtime import RuntimeOptions, inference_model, loader_workers, precision_name
+from ..runtime import RuntimeOptions, loader_workers, precision_name
 from .davis_metrics import UNITS as DAVIS_UNITS
 from .davis_metrics import DavisScores, boundary_map, score_sequence_folders
 from .propagation import LabelPropagator, PropagationConfig, config_dict, patch_features, soft_labels_to_mask

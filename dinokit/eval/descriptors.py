@@ -25,9 +25,9 @@ from torchvision import transforms as T
 from ..data.images import ImageDataset, decode_name, find_images
 from ..data.transforms import describe_transform, normalize
 from ..errors import DataError
+from ..models.inference import inference_model
 from ..models.registry import is_vit
 from ..progress import NULL_PROGRESS, Progress
-from ..runtime import inference_model
 from .cache import CachedTensors, files_key
 from .features import extract_features, feature_fingerprint
 from .metrics import require_finite
@@ -106,10 +106,10 @@ class Whitening:
     eigenvalues: torch.Tensor
     n_clamped: int = 0
 
-    def apply(self, x: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         y = (x.double() - self.mean.double()) @ self.projection.double().T
         y = y.float()
-        return nn.functional.normalize(y, dim=1, p=2) if normalise else y
+        return nn.functional.normalize(y, dim=1, p=2) if normalize else y
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -152,7 +152,7 @@ def learn_whitening(features: torch.Tensor, eps: float = WHITENING_EPS, power: f
     return Whitening(mean.float(), projection.float(), eig.float(), n_clamped)
 
 
-def normalise_descriptors(x: torch.Tensor, whitening: Whitening | None = None) -> torch.Tensor:
+def normalize_descriptors(x: torch.Tensor, whitening: Whitening | None = None) -> torch.Tensor:
     """Whiten (when given) and L2-normalise rows."""
     if whitening is not None:
         return whitening.apply(x)
@@ -250,7 +250,7 @@ class DescriptorEmbedder:
                 self.progress.log(f"reusing cached descriptors of {name} ({len(paths)} images)")
                 return Embedded(cached["features"].float(), cached["kept"].bool(), reused=True)
         if dataset is None:
-            dataset = ImageDataset(list(paths), transform=self.transform, skip_unreadable=not self.strict,
+            dataset = ImageDataset(list(paths), transform=self.transform, strict=self.strict,
                                    exact_decode=self.exact_decode)
         feats, kept = extract_features(
             self.model,

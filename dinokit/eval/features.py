@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from ..checkpoints import (
 )
 from ..data.images import (
     ImageDataset,
+    collate_skip_none,
     data_fingerprint,
     decode_name,
     find_images,
@@ -55,6 +56,7 @@ from ..io import (
     torch_save_atomic,
     write_json,
 )
+from ..models.inference import inference_model
 from ..models.registry import backbone_arch, is_vit
 from ..models.vit import variant_generation
 from ..progress import NULL_PROGRESS, Progress
@@ -63,7 +65,6 @@ from ..runtime import (
     autocast,
     cpu_threads,
     dist_env,
-    inference_model,
     is_dist,
     plan_cpu,
     precision_name,
@@ -106,6 +107,37 @@ def cls_feature_fn(n_last_blocks: int = 1, avgpool_patch_tokens: bool = False) -
     return fn
 
 
+def rank_shard_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    persistent_workers: bool = False,
+    decode_threads: int | None = None,
+) -> tuple[Iterable, list[int]]:
+    """This rank's share of ``dataset`` for an evaluation: every world-size-th item from the rank's
+    own under torchrun (all of them in one process), in order, in batches without the unreadable
+    images (:func:`~dinokit.data.images.collate_skip_none`). Returns the loader and its indices.
+    Without ``num_workers`` the items are made ahead of the model in ``decode_threads`` threads
+    (:func:`dinokit.data.loader.image_loader`; None: as many as the thread plan leaves, 0: none)."""
+    env = dist_env()
+    n = len(dataset)
+    indices = list(range(env.rank, n, env.world_size)) if is_dist() else list(range(n))
+    shard = torch.utils.data.Subset(dataset, indices)
+    if num_workers > 0:
+        loader = torch.utils.data.DataLoader(
+            shard,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=collate_skip_none,
+            pin_memory=device.type == "cuda",
+            persistent_workers=persistent_workers,
+        )
+        return loader, indices
+    return image_loader(shard, batch_size, 0, decode_threads, device=device), indices
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -121,19 +153,15 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every item of ``dataset``; returns (features (N, D) float32 on the CPU, kept (N,) bool).
 
-    Items the dataset returns as ``None`` (unreadable images, with ``skip_unreadable``) get a zero row
+    Items the dataset returns as ``None`` (unreadable images, unless ``strict``) get a zero row
     and ``kept = False``. Without ``num_workers`` the items are made ahead of the model in
     ``decode_threads`` threads (:func:`dinokit.data.loader.image_loader`; None: as many as the
     thread plan leaves, 0: none, in this thread).
     """
     device = torch.device(device)
     feature_fn = feature_fn or (lambda m, x: m(x))
-    env = dist_env()
     n = len(dataset)
-    indices = list(range(env.rank, n, env.world_size)) if is_dist() else list(range(n))
-    shard = torch.utils.data.Subset(dataset, indices)
-    # without workers, a few threads decode the next batch while the model embeds this one
-    loader = image_loader(shard, batch_size, num_workers, decode_threads, device=device)
+    loader, indices = rank_shard_loader(dataset, batch_size, num_workers, device, decode_threads=decode_threads)
     model = model.to(device).eval()
     model, dtype = inference_model(model, dtype)
     feats: torch.Tensor | None = None
@@ -318,7 +346,7 @@ def compute_features(
 
     transform = transform if transform is not None else eval_transform()
     images = data if isinstance(data, ImageList) else scan_images(data, classes=classes)
-    dataset = ImageDataset(images.paths, images.labels, transform=transform, skip_unreadable=not strict,
+    dataset = ImageDataset(images.paths, images.labels, transform=transform, strict=strict,
                            exact_decode=exact_decode)
     fn = cls_feature_fn(n_last_blocks, avgpool_patch_tokens)
     feats, kept = extract_features(

@@ -43,6 +43,7 @@ from ..data.transforms import normalize
 from ..errors import CheckpointError, DataError, DinokitError
 from ..io import append_jsonl, prepare_output_dir, write_metrics
 from ..models.head import LinearClassifier
+from ..models.inference import inference_model
 from ..models.registry import backbone_arch, is_vit
 from ..models.vit import variant_generation
 from ..progress import NULL_PROGRESS, Progress
@@ -54,7 +55,6 @@ from ..runtime import (
     dist_env,
     ensure_finite_loss,
     get_rng_state,
-    inference_model,
     is_dist,
     resolve_device,
     seed_everything,
@@ -69,6 +69,7 @@ from .features import (
     check_same_model,
     cls_feature_fn,
     load_features,
+    rank_shard_loader,
     scan_images,
 )
 from .metrics import percent, require_finite, topk_correct
@@ -474,14 +475,11 @@ class _ImageLoaders:
     def __init__(self, cfg: LinearConfig, train_images, val_images, val_transform, device: torch.device):
         self.train_set = ImageDataset(
             train_images.paths, train_images.labels, probe_train_transform(cfg.crop, cfg.min_scale),
-            skip_unreadable=not cfg.strict, exact_decode=cfg.exact_decode,
+            strict=cfg.strict, exact_decode=cfg.exact_decode,
         )  # fmt: skip
-        self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, skip_unreadable=not cfg.strict,
+        self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, strict=cfg.strict,
                                     exact_decode=cfg.exact_decode)
         self.sampler = torch.utils.data.DistributedSampler(self.train_set, seed=cfg.seed) if is_dist() else None
-        env = dist_env()
-        world = env.world_size if is_dist() else 1
-        val_idx = list(range(env.rank, len(self.val_set), world)) if is_dist() else list(range(len(self.val_set)))
         loader_kw = dict(num_workers=cfg.num_workers, collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
                          persistent_workers=cfg.num_workers > 0)  # fmt: skip
         self.generator = torch.Generator()
@@ -489,8 +487,8 @@ class _ImageLoaders:
             self.train_set, batch_size=cfg.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
             drop_last=False, generator=self.generator, **loader_kw,
         )  # fmt: skip
-        self.val = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(self.val_set, val_idx), batch_size=cfg.batch_size, shuffle=False, **loader_kw
+        self.val, _ = rank_shard_loader(
+            self.val_set, cfg.batch_size, cfg.num_workers, device, persistent_workers=cfg.num_workers > 0
         )
 
     def set_epoch(self, seed: int, epoch: int) -> None:

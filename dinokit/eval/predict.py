@@ -19,7 +19,8 @@ from ..data.loader import image_loader
 from ..data.transforms import eval_transform, resize_for
 from ..errors import DinokitError
 from ..progress import NULL_PROGRESS, Progress
-from ..runtime import autocast, dist_env, is_dist, resolve_device, resolve_precision
+from ..runtime import autocast, is_dist, resolve_device, resolve_precision
+from .features import rank_shard_loader
 from .metrics import percent, topk_correct
 
 
@@ -40,10 +41,7 @@ def evaluate_classifier(
     Top-1 and the per-class scores are read off the confusion matrix (argmax predictions), so the
     picture and the numbers agree; top-5 counts with :func:`dinokit.eval.metrics.topk_correct`.
     """
-    env = dist_env()
-    n = len(dataset)
-    indices = list(range(env.rank, n, env.world_size)) if is_dist() else list(range(n))
-    loader = image_loader(torch.utils.data.Subset(dataset, indices), batch_size, num_workers, device=device)
+    loader, indices = rank_shard_loader(dataset, batch_size, num_workers, device)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.float64, device=device)
     was_training = model.training
@@ -110,7 +108,7 @@ def predict_images(
     classes = list(meta["classes"])
     k = min(top, len(classes))
     crop = int(meta.get("image_size", 224))
-    ds = ImageDataset(paths, transform=eval_transform(resize_for(crop), crop), skip_unreadable=not strict,
+    ds = ImageDataset(paths, transform=eval_transform(resize_for(crop), crop), strict=strict,
                       exact_decode=exact_decode)
     loader = image_loader(ds, batch_size, num_workers, device=dev)
     model = model.to(dev)

@@ -25,7 +25,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..checkpoints import BackboneOptions, prepare_backbone
-from ..data.images import DecodeNeed, is_image_file, open_rgb
+from ..data.images import DecodeNeed, is_image_file, open_rgb_or_skip
 from ..data.transforms import normalize
 from ..errors import DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
@@ -187,7 +187,8 @@ def parse_ground_truth(obj: Any, source: str = "the ground-truth file") -> Revis
     return RevisitedGroundTruth(list(imlist), list(qimlist), easy, hard, junk, bbx)
 
 
-def load_ground_truth(path: str | os.PathLike) -> RevisitedGroundTruth:
+def load_revisited_ground_truth(path: str | os.PathLike) -> RevisitedGroundTruth:
+    """A Revisited Oxford / Paris ground-truth file (gnd_*.pkl), read without unpickling objects."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"The ground-truth file {path} does not exist.")
@@ -277,12 +278,8 @@ class RetrievalImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            img = open_rgb(self.paths[i], self.need)
-        except DinokitError:
-            if self.strict:
-                raise
-            log.warning("skipping unreadable image %s", self.paths[i])
+        img = open_rgb_or_skip(self.paths[i], self.strict, self.need)
+        if img is None:
             return None
         if self.boxes is not None and self.boxes[i] is not None:
             img = img.crop(tuple(int(round(v)) for v in self.boxes[i]))
@@ -367,7 +364,7 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
     if cfg.image_size < 1:
         raise DinokitError(f"--image-size must be positive, got {cfg.image_size}.")
     gnd_path, jpg = find_dataset(cfg.data, cfg.dataset)
-    gt = load_ground_truth(gnd_path)
+    gt = load_revisited_ground_truth(gnd_path)
     if gt.n_queries == 0:
         raise DataError(f"{gnd_path} lists no query images, so there is nothing to evaluate.")
     if not gt.imlist:

@@ -15,7 +15,7 @@ global step) for drop path / mixup, so a run stopped at any step and resumed con
 the uninterrupted run would (same precision, same device, same number of processes).
 
 Here: the recipe (config, result), the step and the loop; what a run is built from is in
-finetune_state.py, the model in models/head.py, the layer decay in optim.py, ``model.pth`` in checkpoints.py.
+finetune_state.py, the model in models/head.py, the layer decay in optim.py, ``model.pth`` in checkpoints/finetuned.py.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ def build_datasets(cfg: FinetuneConfig, splits: Splits) -> tuple[SeededImages, I
             [p for p, _ in splits.train],
             [t for _, t in splits.train],
             transform=finetune_train_transform(cfg.image_size, cfg.randaugment, cfg.min_crop_scale),
-            skip_unreadable=not cfg.strict,
+            strict=cfg.strict,
             exact_decode=cfg.exact_decode,
         ),
         cfg.seed,
@@ -180,7 +180,7 @@ def build_datasets(cfg: FinetuneConfig, splits: Splits) -> tuple[SeededImages, I
         [p for p, _ in splits.val],
         [t for _, t in splits.val],
         transform=eval_transform(resize_for(cfg.image_size), cfg.image_size),
-        skip_unreadable=not cfg.strict,
+        strict=cfg.strict,
         exact_decode=cfg.exact_decode,
     )
     return train_ds, val_ds

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from dinokit.commands import _common, app
+from dinokit.commands import _options, _progress, app
 from typer.main import get_command
 from typer.testing import CliRunner
 
@@ -128,7 +128,7 @@ def test_old_names_and_reference_names_still_work(tmp_path, tiny2_weights):
 
 def test_renamed_options_map_per_command():
     cmd = get_command(app)
-    rewrite = _common.rewrite_option_names
+    rewrite = _options.rewrite_option_names
     assert rewrite(cmd.commands["davis"], ["--short-side", "64", "--topk", "3"]) == [
         "--image-size",
         "64",
@@ -167,8 +167,8 @@ def test_piped_output_keeps_long_paths_on_one_line(tmp_path):
 
 
 def test_heartbeat_without_a_terminal(monkeypatch, capsys):
-    monkeypatch.setattr(_common, "HEARTBEAT_MIN_SECONDS", 0.0)
-    with _common.RichProgress() as progress:
+    monkeypatch.setattr(_progress, "HEARTBEAT_MIN_SECONDS", 0.0)
+    with _progress.RichProgress() as progress:
         assert progress.bar is None and progress.log_lines
         task = progress.task("embedding", total=20)
         for _ in range(20):
@@ -183,7 +183,7 @@ def test_heartbeat_without_a_terminal(monkeypatch, capsys):
 
 
 def test_heartbeat_plural(capsys):
-    with _common.RichProgress() as progress:
+    with _progress.RichProgress() as progress:
         progress.task("one", total=1).close()
     assert capsys.readouterr().err.splitlines()[0] == "one (1 step)"
 

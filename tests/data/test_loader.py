@@ -28,7 +28,7 @@ def folder_with_a_bad_file(tmp_path):
 
 
 def test_prefetch_gives_the_batches_of_the_dataloader_in_order(folder_with_a_bad_file):
-    ds = ImageDataset(folder_with_a_bad_file, transform=eval_transform(32, 32), skip_unreadable=True)
+    ds = ImageDataset(folder_with_a_bad_file, transform=eval_transform(32, 32), strict=False)
     plain = list(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_skip_none))
     for threads in (1, 3):
         got = list(PrefetchLoader(ds, 4, threads))
@@ -50,7 +50,7 @@ def test_prefetch_gives_the_batches_of_the_dataloader_in_order(folder_with_a_bad
 
 
 def test_strict_stops_at_the_first_unreadable_image(folder_with_a_bad_file):
-    ds = ImageDataset(folder_with_a_bad_file, transform=eval_transform(32, 32), skip_unreadable=False)
+    ds = ImageDataset(folder_with_a_bad_file, transform=eval_transform(32, 32), strict=True)
     batches = []
     with pytest.raises(DataError, match="05.png"):
         for batch in PrefetchLoader(ds, 4, 2):
@@ -97,7 +97,7 @@ def test_prefetch_map_keeps_order_and_raises_an_items_error_in_its_place():
 
 
 def test_image_loader_uses_workers_when_given_and_threads_otherwise(folder_with_a_bad_file):
-    ds = ImageDataset(folder_with_a_bad_file, transform=eval_transform(32, 32), skip_unreadable=True)
+    ds = ImageDataset(folder_with_a_bad_file, transform=eval_transform(32, 32), strict=False)
     assert isinstance(image_loader(ds, 4, num_workers=0, threads=2), PrefetchLoader)
     assert isinstance(image_loader(ds, 4, num_workers=1), torch.utils.data.DataLoader)
     assert isinstance(image_loader(ds, 4, num_workers=0, threads=0), torch.utils.data.DataLoader)

@@ -13,7 +13,7 @@ from PIL import Image
 from dinokit.errors import DataError
 from dinokit.eval.metrics import trapezoid_ap
 from dinokit.eval.retrieval import (
-    load_ground_truth,
+    load_revisited_ground_truth,
     parse_ground_truth,
     query_scores,
     revisited_map,
@@ -83,11 +83,11 @@ def test_pickle_is_read_safely(tmp_path):
     bad = tmp_path / "gnd_roxford5k.pkl"
     bad.write_bytes(pickle.dumps({"imlist": [], "qimlist": [], "gnd": [_Evil()]}))
     with pytest.raises(DataError, match="refuses to unpickle"):
-        load_ground_truth(bad)
+        load_revisited_ground_truth(bad)
     assert not marker.exists()
     bad.write_bytes(b"\x80\x04garbage")
     with pytest.raises(DataError, match="not a readable"):
-        load_ground_truth(bad)
+        load_revisited_ground_truth(bad)
 
 
 @pytest.mark.parametrize(

@@ -377,6 +377,6 @@ def test_bf16_cpu_inference_stays_close_to_fp32(arch):
     x = _image(112, 112)
     with torch.no_grad():
         ref = m.forward_features(x)
-        fast = dinokit.runtime.inference_model(m, torch.bfloat16)[0].forward_features(x).float()
+        fast = dinokit.models.inference.inference_model(m, torch.bfloat16)[0].forward_features(x).float()
     rel = (fast - ref).norm() / ref.norm()
     assert rel < 0.02, rel

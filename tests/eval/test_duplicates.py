@@ -1,20 +1,12 @@
-"""Near-duplicate search: block-wise search equals brute force, faiss finds close pairs, the embedding
-store round-trips in chunks."""
+"""Near-duplicate search: block-wise search equals brute force, faiss finds close pairs, clusters are
+the connected components of the pairs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-import dinokit
-from dinokit.eval.near_duplicates import (
-    EmbeddingStore,
-    search_pairs_exact,
-    search_pairs_faiss,
-)
-from tests.helpers import smooth_photo
+from dinokit.eval.duplicates import DuplicatePair, duplicate_clusters, search_pairs_exact, search_pairs_faiss
 
 
 def _brute_pairs(q, d, t, self_search):
@@ -63,40 +55,6 @@ def test_faiss_search_finds_close_pairs():
     assert set(zip(a.tolist(), b.tolist())) == _brute_pairs(q, q, 0.9, True)
 
 
-def test_store_round_trip_in_chunks(tmp_path):
-    from dinokit.eval.descriptors import (
-        DescriptorEmbedder,
-        copy_feature_fn,
-        copy_transform,
-    )
-    from dinokit.eval.near_duplicates import embed_into_store
-
-    paths = []
-    for i in range(5):
-        p = tmp_path / "imgs" / f"{i}.png"
-        p.parent.mkdir(exist_ok=True)
-        smooth_photo(i, 32).save(p)
-        paths.append(p)
-    (tmp_path / "imgs" / "bad.png").write_bytes(b"nope")
-    paths.append(tmp_path / "imgs" / "bad.png")
-    torch.manual_seed(0)
-    model = dinokit.build_backbone("vit_tiny", 16, depth=1).eval()
-    emb = DescriptorEmbedder(model, "random", copy_transform(32), copy_feature_fn(), "cls+gem", torch.device("cpu"))
-    store = EmbeddingStore(tmp_path / "index", emb.fingerprint)
-    assert embed_into_store(store, paths, emb, chunk_size=2) == 6
-    assert len(list((tmp_path / "index").glob("emb-*.npy"))) == 3
-    assert store.readable(paths) == [True] * 5 + [False]
-    again = EmbeddingStore(tmp_path / "index", emb.fingerprint)
-    assert again.missing(paths) == []
-    got = again.read(paths[:5][::-1])
-    from dinokit.eval.descriptors import copy_descriptor
-
-    with torch.no_grad():
-        x = torch.stack([copy_transform(32)(Image.open(p).convert("RGB")) for p in paths[:5][::-1]])
-        want = copy_descriptor(model, x).numpy()
-    assert np.allclose(got, want, atol=1e-5)
-
-
 def test_faiss_missing_is_one_sentence(monkeypatch):
     import sys
 
@@ -109,8 +67,6 @@ def test_faiss_missing_is_one_sentence(monkeypatch):
 
 
 def test_clusters_are_the_connected_components_of_the_pairs():
-    from dinokit.eval.near_duplicates import DuplicatePair, duplicate_clusters
-
     four = ["d", "a", "c", "b"]
     pairs = [DuplicatePair(x, y, 0.9 + 0.01 * k) for k, (x, y) in
              enumerate((x, y) for i, x in enumerate(four) for y in four[i + 1 :])]  # all six pairs
@@ -121,23 +77,3 @@ def test_clusters_are_the_connected_components_of_the_pairs():
     assert clusters[0].max_score == pytest.approx(0.95) and clusters[0].min_score == pytest.approx(0.90)
     assert clusters[1].min_score == pytest.approx(0.91)
     assert duplicate_clusters([]) == []
-
-
-def test_top_k_similar_matches_a_full_sort():
-    from dinokit.eval.near_duplicates import top_k_similar
-
-    g = torch.Generator().manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=1).numpy()
-    d = torch.nn.functional.normalize(torch.randn(23, 5, generator=g), dim=1).numpy()
-    d[4] = d[9]  # a tie: the earlier row ranks first
-    same = np.full(7, -1)
-    same[2] = 11  # query 2's own file is database row 11
-    s, i = top_k_similar(q, d, 4, block=5, same=same)
-    full = q.astype(np.float64) @ d.T.astype(np.float64)
-    full[2, 11] = -np.inf
-    for r in range(7):
-        want = sorted(range(23), key=lambda j: (-full[r, j], j))[:4]
-        assert i[r].tolist() == want
-        np.testing.assert_allclose(s[r], full[r, want], atol=1e-5)
-    s, i = top_k_similar(q[:1], d[:2], 5)
-    assert s.shape == (1, 2)
