@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "attn",
     "davis",
     "davis_score",
+    "segment",
     "copydetect",
     "duplicates",
     "similar",
