@@ -44,6 +44,7 @@ from ..runtime import (
     dist_env,
     ensure_finite_loss,
     is_dist,
+    resolve_device,
     resolve_precision,
 )
 from .seg_head import (
@@ -292,7 +293,7 @@ def evaluate(cfg: SegmentConfig, split: SegSplit, model, head: SegmentationHead,
 
 # -- the run ------------------------------------------------------------------------------------------------
 def _check(cfg: SegmentConfig) -> None:
-    if cfg.data is None:
+    if cfg.data is None and not cfg.resume:
         raise DinokitError("Give --data, the folder of the data set (see --dataset for the layouts).")
     if cfg.iterations < 1:
         raise DinokitError("--iterations must be at least 1.")
@@ -325,16 +326,14 @@ def run_segmentation(cfg: SegmentConfig, progress: Progress = NULL_PROGRESS,
     library's entry point of ``dinokit segment``; ``explicit`` names the options typed, for --resume).
     Every input is checked before the run folder is touched."""
     _check(cfg)
-    train_split, val_split = load_splits(cfg.data, cfg.dataset, cfg.ignore_index, cfg.strict, progress)
-    backbone = prepare_backbone(cfg, training=True, missing=weights_needed("for the backbone to probe"))
-    check_backbone(backbone.model)
-    if cfg.blocks > len(backbone.model.blocks):
-        raise DinokitError(f"--blocks {cfg.blocks} asks for more blocks than the backbone's {len(backbone.model.blocks)}.")
-    device = backbone.device
-    for p in backbone.model.parameters():
-        p.requires_grad_(False)
-    with TrainingRun(SEGMENT_RUN, cfg.output, cfg, device) as run:
+    if not cfg.resume:  # a fresh run: every input checked before the folder is made
+        train_split, val_split, backbone = _inputs(cfg, progress)
+    with TrainingRun(SEGMENT_RUN, cfg.output, cfg, resolve_device(cfg.device)) as run:
         cfg = _resumed(cfg, run, explicit)
+        if cfg.resume:  # the run's own data and backbone, from its config
+            _check(cfg)
+            train_split, val_split, backbone = _inputs(cfg, progress)
+        device = backbone.device
         run.plan_threads(cfg.threads, cfg.num_workers)
         fingerprint = backbone_fingerprint(backbone.model, cfg.weights)
         channels = cfg.blocks * backbone.model.embed_dim
@@ -361,6 +360,20 @@ def run_segmentation(cfg: SegmentConfig, progress: Progress = NULL_PROGRESS,
         result.skipped = train_split.skipped + val_split.skipped
         result.metrics_path = run.write_metrics(outcome, _metrics(cfg, result), cfg.to_dict(), units=SEG_UNITS)
         return result
+
+
+def _inputs(cfg: SegmentConfig, progress: Progress):
+    """The checked train and val splits and the frozen backbone."""
+    if cfg.data is None:
+        raise DinokitError("Give --data, the folder of the data set (see --dataset for the layouts).")
+    train_split, val_split = load_splits(cfg.data, cfg.dataset, cfg.ignore_index, cfg.strict, progress)
+    backbone = prepare_backbone(cfg, training=True, missing=weights_needed("for the backbone to probe"))
+    check_backbone(backbone.model)
+    if cfg.blocks > len(backbone.model.blocks):
+        raise DinokitError(f"--blocks {cfg.blocks} asks for more blocks than the backbone's {len(backbone.model.blocks)}.")
+    for p in backbone.model.parameters():
+        p.requires_grad_(False)
+    return train_split, val_split, backbone
 
 
 def _identity(cfg: SegmentConfig, fingerprint: dict, split: SegSplit, world: int) -> dict[str, Any]:
