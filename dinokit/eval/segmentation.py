@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,8 @@ class SegmentResult:
     stopped_by: str | None = None
     exit_code: int = 0
     signal: int = 0
-    seconds_per_iteration: float = math.nan
+    train_seconds: float = 0.0  #: this invocation's training iterations
+    eval_seconds: float = 0.0  #: the sliding-window evaluation of the val split
     metrics_path: Path | None = None
 
 
@@ -341,16 +343,21 @@ def run_segmentation(cfg: SegmentConfig, progress: Progress = NULL_PROGRESS,
         run.write_config(cfg.to_dict())
         model, dtype = backbone.for_inference()
         trainer = _Trainer(cfg, run, channels, len(train_split.classes), device)
+        start = time.perf_counter()
         done = trainer.train(train_split, model, dtype, progress)
+        train_seconds = time.perf_counter() - start
         outcome = run.outcome(done, cfg.iterations, trainer.signum)
         result = SegmentResult(classes=list(train_split.classes), iterations=cfg.iterations, iterations_done=done,
                                last_loss=trainer.last_loss, n_train=len(train_split.samples),
                                n_val=len(val_split.samples), feature_dim=channels, stopped_by=outcome.stopped_by,
-                               exit_code=outcome.exit_code, signal=trainer.signum)  # fmt: skip
+                               exit_code=outcome.exit_code, signal=trainer.signum,
+                               train_seconds=train_seconds)  # fmt: skip
         if outcome.finished:
             eval_dtype = resolve_precision(cfg.precision, device, training=False)
             eval_model = model if eval_dtype == dtype else backbone.model
+            start = time.perf_counter()
             scores = evaluate(cfg, val_split, eval_model, trainer.head, eval_dtype, device, progress)
+            result.eval_seconds = time.perf_counter() - start
             result.scores = scores.summary()
             iou, acc, pixels = scores.per_class()
             result.per_class = {"iou": iou, "accuracy": acc, "pixels": pixels}
@@ -398,7 +405,8 @@ def _metrics(cfg: SegmentConfig, r: SegmentResult) -> dict[str, Any]:
     }  # fmt: skip
     out: dict[str, Any] = {"segmentation": dict(r.scores), "protocol": protocol, "classes": r.classes,
                            "n_train": r.n_train, "n_val": r.n_val, "skipped_images": r.skipped,
-                           "last_loss": r.last_loss}  # fmt: skip
+                           "last_loss": r.last_loss,
+                           "seconds": {"training": r.train_seconds, "evaluation": r.eval_seconds}}  # fmt: skip
     return out
 
 
