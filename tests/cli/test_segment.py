@@ -179,3 +179,14 @@ def test_torchrun_two_processes_train_the_head_one_process_trains(setup, tmp_pat
     ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (one, two))
     assert mb["protocol"]["global_batch"] == 4 == ma["protocol"]["global_batch"]
     assert mb["segmentation"]["mIoU"] == pytest.approx(ma["segmentation"]["mIoU"], abs=0.5)
+
+
+def test_option_values_are_refused_before_anything_is_written(setup, tmp_path):
+    _, data, weights = setup
+    out = tmp_path / "run"
+    r = run_cli(_args(data, weights, out, "--blocks", "4"))  # the test backbone has 2 blocks
+    assert r.exit_code == 2 and "more blocks than the backbone's 2" in r.text and not out.exists()
+    r = run_cli(_args(data, weights, out, "--blocks", "3"))
+    assert r.exit_code == 2 and "--blocks takes 1" in r.text and not out.exists()
+    r = run_cli(["segment", "--head", weights, data / "val" / "images", "--output", out])
+    assert r.exit_code == 2 and "not a head.pth" in r.text and not out.exists()
