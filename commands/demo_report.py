@@ -68,6 +68,11 @@ def _label(im: Image.Image, text: str) -> Image.Image:
     return canvas
 
 
+def _gap(width: int) -> Image.Image:
+    """White space between pictures of a row."""
+    return Image.new("RGB", (max(1, width), 1), "white")
+
+
 def _stack(images: list[Image.Image], vertical: bool) -> Image.Image:
     """Pictures one after the other, top to bottom or left to right, on white."""
     if vertical:
@@ -89,17 +94,23 @@ def compose_pictures(out: Path, evals: Path) -> dict[str, str]:
     fig = out / "figures"
     fig.mkdir(exist_ok=True)
 
-    # attention: the masks overlay of each sample image, random above trained
+    # attention: one row per sample image, named, random init on the left and DINO on the right
+    # (each: the heads' mean over the image, then every head's mask with its key), at the masks
+    # picture's own size, so the head labels read as the page's text
+    samples = sorted(d.name for d in (evals / "trained" / "attn-maps").glob("*/") if (d / "masks.png").is_file())
     rows = []
-    for name in ("random", "trained"):
+    for stem in samples:
         tiles = []
-        for d in sorted((evals / name / "attn-maps").glob("*/")):
-            for fname in ("masks.png", "overlay-mean.png"):  # masks.png carries the key of head colours
-                if (d / fname).is_file():
-                    t = Image.open(d / fname).convert("RGB")
-                    tiles.append(t.resize((168 * t.width // t.height, 168)))
-        if tiles:
-            rows.append(_label(_stack(tiles, vertical=False), f"{_WHO[name]}: head masks and the heads' mean over the image"))
+        for name in ("random", "trained"):
+            d = evals / name / "attn-maps" / stem
+            if not (d / "masks.png").is_file() or not (d / "overlay-mean.png").is_file():
+                break
+            masks = Image.open(d / "masks.png").convert("RGB")
+            mean = Image.open(d / "overlay-mean.png").convert("RGB")
+            mean = mean.resize((masks.width, round(masks.width * mean.height / mean.width)))
+            tiles += [mean, _gap(8), masks, _gap(24 if name == "random" else 0)]
+        else:
+            rows.append(_label(_stack(tiles, vertical=False), f"{stem}: random init (left), DINO (right)"))
     if rows:
         _stack(rows, vertical=True).save(fig / "attention.png")
         pics["attention"] = "figures/attention.png"
@@ -253,8 +264,9 @@ def write_reports(out: Path, results: dict, pictures: dict[str, str], summary: d
     )
     md.append("")
     captions = {
-        "attention": "Attention of the last block's CLS query: each head's mask (60% of its mass) and the "
-        "head-mean map, random init above, DINO below.",
+        "attention": "Attention of the last block's CLS query on four validation images: for random init "
+        "(left) and DINO (right), the heads' mean attention over the image, then each head's mask (60% of "
+        "its mass) with the key of head colours.",
         "video": "Label propagation through a synthetic video: the first frame's mask carried forward, "
         "random init above, DINO below.",
         "duplicates": "The most similar (strong copy, original) pairs found by `dinokit duplicates`.",

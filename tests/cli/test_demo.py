@@ -233,3 +233,40 @@ def test_resume_without_a_stopped_demo_is_refused(tmp_path):
     r = run_cli(["demo", "--output", str(out), "--resume"])
     assert r.exit_code == 2
     assert "no stopped demo" in r.output and "dinokit demo --output" in r.output
+
+
+def test_the_report_pictures_read_at_page_scale(tmp_path):
+    """The attention figure is one named row per image, no wider than the report's 960-pixel column
+    (so the masks' key, drawn at 13 pixels or more, is not shrunk); the duplicates sheet's score is
+    drawn in letters at least 13 pixels high, ascenders to descenders (the bitmap font's were 10)."""
+    import numpy as np
+    from dinokit.commands.demo_report import compose_pictures
+    from PIL import Image
+
+    from dinokit.viz import contact_sheet
+
+    evals = tmp_path / "eval"
+    for name in ("random", "trained"):
+        for stem in ("img_a", "img_b"):
+            d = evals / name / "attn-maps" / stem
+            d.mkdir(parents=True)
+            Image.new("RGB", (220, 262), "gray").save(d / "masks.png")
+            Image.new("RGB", (192, 192), "white").save(d / "overlay-mean.png")
+    pics = compose_pictures(tmp_path, evals)
+    fig = Image.open(tmp_path / pics["attention"])
+    assert fig.width <= 960
+    assert fig.height > 2 * 262  # two rows, each under its caption
+
+    class Pair:
+        def __init__(self, a, b, score):
+            self.image_a, self.image_b, self.score = a, b, score
+
+    img = tmp_path / "x.png"
+    Image.new("RGB", (64, 64), "white").save(img)
+    sheet = contact_sheet([Pair(str(img), str(img), 0.999)], tmp_path / "sheet.png")
+    px = np.asarray(Image.open(sheet).convert("L"))
+    text = px[:, 2 * (160 + 8) + 16 :]  # the caption column
+    dark = (text < 128).any(axis=1)
+    top = int(np.argmax(dark))
+    height = int(np.argmin(dark[top:]))  # the first line's rows of ink, up to the first blank row
+    assert height >= 13
