@@ -175,6 +175,14 @@ CheckpointMinutes = Annotated[
 Whitening = Annotated[
     Path | None, typer.Option("--whitening", help="A folder of other images to learn the whitening on.")
 ]
+CacheDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir", rich_help_panel=RUN_PANEL, show_default=False,
+        help="Where image descriptors are stored, one store per weights and settings, shared by "
+        "duplicates and similar runs (default: $DINOKIT_CACHE_DIR, else ~/.cache/dinokit/embeddings).",
+    ),
+]
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", rich_help_panel=RUN_PANEL, help="Write into an output that already holds results.")
 ]
