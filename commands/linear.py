@@ -15,6 +15,7 @@ from ._options import (
     CheckpointKey,
     Device,
     ExactDecode,
+    Mean,
     NumWorkers,
     OptionalWeights,
     Output,
@@ -23,6 +24,7 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     Strict,
 )
 from ._progress import RichProgress
@@ -45,6 +47,8 @@ def linear(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     n_last_blocks: Annotated[
         Optional[int],
         typer.Option("--n-last-blocks", min=1, help="CLS tokens of the last n blocks (default: 4 for ViT-S/T and DINOv2/v3, 1 for ViT-B)."),
@@ -106,6 +110,8 @@ def linear(
         arch=arch,
         patch_size=patch_size,
         checkpoint_key=checkpoint_key,
+        mean=mean,
+        std=std,
         n_last_blocks=n_last_blocks,
         avgpool_patch_tokens=avgpool_patch_tokens,
         epochs=epochs,

@@ -39,6 +39,7 @@ from ..checkpoints import (
     weights_needed,
 )
 from ..data.images import ImageDataset, collate_skip_none, readable_batches
+from ..data.normalization import IMAGENET, Normalization
 from ..data.transforms import normalize
 from ..errors import CheckpointError, DataError, DinokitError
 from ..io import append_jsonl, prepare_output_dir, write_metrics
@@ -180,6 +181,9 @@ def _feature_spec(cfg: LinearConfig, n_last_blocks: int, avgpool: bool, batch_si
         arch=cfg.arch,
         patch_size=cfg.patch_size,
         checkpoint_key=cfg.checkpoint_key,
+        model_kwargs=dict(cfg.model_kwargs),
+        mean=cfg.mean,
+        std=cfg.std,
         n_last_blocks=n_last_blocks,
         avgpool_patch_tokens=avgpool,
         resize=cfg.resize,
@@ -204,15 +208,18 @@ def _resolve_options(cfg: LinearConfig, model: nn.Module | None) -> tuple[int, b
             cfg.avgpool_patch_tokens if cfg.avgpool_patch_tokens is not None else avg)
 
 
-def probe_train_transform(crop: int = 224, min_scale: float = 0.08) -> T.Compose:
-    """The paper's probe augmentation: RandomResizedCrop + horizontal flip + ImageNet normalisation
+def probe_train_transform(crop: int = 224, min_scale: float = 0.08, norm: Normalization = IMAGENET,
+                          bicubic: bool = False) -> T.Compose:
+    """The probe's augmentation: RandomResizedCrop + horizontal flip + the weights' normalisation;
+    bilinear as DINO's reference, bicubic as DINOv2's and DINOv3's official transforms
     (fine-tuning's stronger augmentation is :func:`dinokit.train.augment.train_transform`)."""
+    mode = T.InterpolationMode.BICUBIC if bicubic else T.InterpolationMode.BILINEAR
     return T.Compose(
         [
-            T.RandomResizedCrop(crop, scale=(min_scale, 1.0)),
+            T.RandomResizedCrop(crop, scale=(min_scale, 1.0), interpolation=mode),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
-            normalize(),
+            normalize(norm),
         ]
     )
 
@@ -459,7 +466,7 @@ def train_on_images(cfg: LinearConfig, run: TrainingRun, progress: Progress = NU
         probe.probe = nn.parallel.DistributedDataParallel(
             probe.probe, device_ids=[device.index] if device.type == "cuda" else None
         )
-    loaders = _ImageLoaders(cfg, train_images, val_images, emb.transform, device)
+    loaders = _ImageLoaders(cfg, train_images, val_images, emb.transform, device, emb.normalization)
     run_model, run_dtype = inference_model(model, backbone.dtype)  # the frozen backbone: bf16 is cast once
     _train_image_epochs(probe, loaders, run_model, run_dtype, feature_fn, device, progress)
     return probe.result(
@@ -472,9 +479,11 @@ class _ImageLoaders:
     """The probe's training loader (augmented, sharded and reshuffled per epoch under torchrun) and
     its validation loader (this rank's share of the val images, centre crops)."""
 
-    def __init__(self, cfg: LinearConfig, train_images, val_images, val_transform, device: torch.device):
+    def __init__(self, cfg: LinearConfig, train_images, val_images, val_transform, device: torch.device,
+                 normalization: Normalization = IMAGENET, bicubic: bool = False):
         self.train_set = ImageDataset(
-            train_images.paths, train_images.labels, probe_train_transform(cfg.crop, cfg.min_scale),
+            train_images.paths, train_images.labels,
+            probe_train_transform(cfg.crop, cfg.min_scale, normalization, bicubic=bicubic),
             strict=cfg.strict, exact_decode=cfg.exact_decode,
         )  # fmt: skip
         self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, strict=cfg.strict,
