@@ -181,7 +181,7 @@ class GridRun:
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> float:
         loss = self.grid.loss(tokens, labels)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)  # the grads stay allocated: the big grid is memory-bound
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
