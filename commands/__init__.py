@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "finetune",
     "predict",
     "attn",
+    "patches",
     "davis",
     "davis_score",
     "segment",

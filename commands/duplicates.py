@@ -12,6 +12,7 @@ from ._console import console, is_main_process, plural, print_table, setup_loggi
 from ._options import (
     Arch,
     BatchSize,
+    CacheDir,
     CheckpointKey,
     Device,
     ExactDecode,
@@ -76,13 +77,15 @@ def duplicates(
     seed: Seed = 0,
     strict: Strict = False,
     exact_decode: ExactDecode = False,
+    cache_dir: CacheDir = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Find near-duplicate images: pairs with their similarity (pairs.csv, pairs.json), the groups
     they join (clusters.csv, clusters.json: an image and its copies are one cluster) and a contact
-    sheet of the closest pairs (pairs.png). Descriptors are stored in OUT/index and reused when the
-    command is run again with --overwrite: only new or changed images are embedded."""
+    sheet of the closest pairs (pairs.png). Descriptors are stored once per weights and settings
+    (--cache-dir) and reused by later duplicates and similar runs: only new or changed images are
+    embedded. Warns when the result cannot mean much (random weights, nearly every pair similar)."""
     from dinokit.eval.duplicates import (
         UNITS,
         DuplicatesConfig,
@@ -117,6 +120,7 @@ def duplicates(
         seed=seed,
         strict=strict,
         exact_decode=exact_decode,
+        cache_dir=cache_dir,
     )
     with RichProgress(quiet=quiet) as progress:
         result = find_duplicates(cfg, progress)

@@ -12,6 +12,7 @@ from ._console import console, is_main_process, print_table, setup_logging
 from ._options import (
     Arch,
     BatchSize,
+    CacheDir,
     CheckpointKey,
     Device,
     ExactDecode,
@@ -57,12 +58,14 @@ def similar(
     seed: Seed = 0,
     strict: Strict = False,
     exact_decode: ExactDecode = False,
+    cache_dir: CacheDir = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Rank the images of a folder by similarity to query images (the copy-detection descriptor of
     duplicates, cosine similarity): the top --k per query in similar.csv and similar.json, and a
-    contact sheet of each query with its matches (similar.png). A query's own file is never its match."""
+    contact sheet of each query with its matches (similar.png). A query's own file is never its match.
+    Descriptors are shared with duplicates runs of the same weights and settings (--cache-dir)."""
     from dinokit.eval.similar import SimilarConfig, find_similar, write_similar
     from dinokit.io import prepare_output_dir, write_metrics
     from dinokit.runtime import embedding_precision
@@ -88,6 +91,7 @@ def similar(
         seed=seed,
         strict=strict,
         exact_decode=exact_decode,
+        cache_dir=cache_dir,
     )
     with RichProgress(quiet=quiet) as progress:
         result = find_similar(cfg, progress)
