@@ -104,6 +104,7 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 
 def is_main_process() -> bool:
-    from dinokit.runtime import dist_env
+    """Rank 0 of a torchrun job, or a process without a launcher (read from RANK, without torch)."""
+    from dinokit.io import is_main_rank
 
-    return dist_env().is_main
+    return is_main_rank()

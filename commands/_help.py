@@ -241,9 +241,10 @@ class DinokitCommand(typer.core.TyperCommand):
     def invoke(self, ctx):
         from dinokit.io import held_run_folders, release_run_folders
 
-        from ._option_checks import refuse_overlong_values
+        from ._option_checks import refuse_overlong_values, refuse_unknown_weights
 
         refuse_overlong_values(ctx)  # before anything touches the disk
+        refuse_unknown_weights(ctx)  # before the command's heavy imports
         output = ctx.params.get("output")
         fresh = output is not None and not Path(output).exists()
         held = held_run_folders()  # a command run inside another (the demo's steps) keeps the outer one's

@@ -59,3 +59,19 @@ def report_stop(command: str, output, unit: str, done: int, total: int, stopped_
                           highlight=False)  # fmt: skip
     elif stopped_by == "stop-after":
         console.print(f"Stopped after {unit} {done} of {total} (--stop-after). Resume with: {hint}", highlight=False)
+
+
+#: the training commands' runs as run.TrainingRun knows them (their RunKind's noun; every one keeps its
+#: state in checkpoint.pth), named here so that a command refuses its folder before its heavy imports
+RUN_NOUNS = {"pretrain": "pretraining run", "finetune": "fine-tuning run", "linear": "linear probe run"}
+RUN_CHECKPOINT = "checkpoint.pth"
+
+
+def check_run_output(command: str, output, *, resume: bool, overwrite: bool) -> None:
+    """The refusals of a training command's --output (see dinokit.io.check_training_folder), at once."""
+    from dinokit.io import check_training_folder
+
+    from ._console import is_main_process
+
+    check_training_folder(output, RUN_CHECKPOINT, RUN_NOUNS[command], resume=resume, overwrite=overwrite,
+                          main=is_main_process())  # fmt: skip

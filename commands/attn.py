@@ -107,12 +107,14 @@ def attn(
     """Self-attention maps of the last block's CLS token (DINO Fig. 1/3), masked at a fraction of the
     attention mass; with --images and --masks/--coco, the paper's attention-mask Jaccard; with --video,
     the maps of every frame as pictures and an animated GIF."""
-    from dinokit.eval.attention import UNITS
-    from dinokit.eval.attention_run import AttentionRunConfig, run_attention
-    from dinokit.io import write_metrics
-    from dinokit.runtime import embedding_precision
+    from dinokit.io import check_run_folder, write_metrics
 
     setup_logging(quiet)
+    check_run_folder(output, overwrite)  # the run takes the folder once the model is loaded
+    from dinokit.eval.attention import UNITS  # torch: once the checks above passed
+    from dinokit.eval.attention_run import AttentionRunConfig, run_attention
+    from dinokit.runtime import embedding_precision
+
     cfg = AttentionRunConfig(
         output=output,
         images=images,

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._console import console, is_main_process, plural, print_table, setup_logging
+from ._option_checks import require_weights
 from ._options import (
     Arch,
     BatchSize,
@@ -65,11 +66,13 @@ def copydetect(
 ) -> None:
     """Copy detection on Copydays: rank the originals (plus distractors) for every edited copy and
     report the mAP of each block (strong is the headline)."""
-    from dinokit.eval.copy_detection import UNITS, CopyDetectionConfig, copy_detection
     from dinokit.io import prepare_output_dir, write_metrics
 
     setup_logging(quiet)
+    require_weights(weights)
     prepare_output_dir(output, overwrite=overwrite)
+    from dinokit.eval.copy_detection import UNITS, CopyDetectionConfig, copy_detection  # torch: once checked
+
     cfg = CopyDetectionConfig(
         data=data,
         output=output,

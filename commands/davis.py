@@ -25,6 +25,9 @@ from ._options import (
 from ._progress import RichProgress
 from .davis_score import print_davis_table
 
+#: the file that marks a folder as a davis run's (dinokit.eval.davis_run.RUN_MARKER, named here without its imports)
+RUN_MARKER = "davis_run.json"
+
 
 def davis(
     output: Output,
@@ -103,10 +106,14 @@ def davis(
     OUT/global_results-<split>.csv and OUT/per-sequence_results-<split>.csv. A rerun skips the
     sequences already finished with the same weights and settings.
     """
-    from dinokit.eval.davis_run import DavisRunConfig, run_davis
-    from dinokit.eval.propagation import PropagationConfig
+    from dinokit.io import check_run_folder
 
     setup_logging(quiet)
+    # a folder holding an earlier run's marker is continued, as run_davis does once it takes the folder
+    check_run_folder(output, overwrite, resume=(Path(output) / RUN_MARKER).is_file())
+    from dinokit.eval.davis_run import DavisRunConfig, run_davis  # torch: once the checks above passed
+    from dinokit.eval.propagation import PropagationConfig
+
     names = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
     cfg = DavisRunConfig(
         output=output,

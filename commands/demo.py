@@ -24,7 +24,6 @@ from dinokit.io import prepare_output_dir, versions, write_json
 
 from ._console import console, console_err
 from ._options import RUN_PANEL, Overwrite, Quiet
-from .demo_report import compose_pictures, table_rows, write_reports
 
 #: the default demo's pretraining length: a fixed recipe, so that its numbers do not depend on the
 #: machine's speed or load (chosen so that the whole demo stays within 10 minutes on an idle 2-core CPU)
@@ -279,6 +278,8 @@ def run_demo(plan: DemoPlan) -> dict:
               "--output", evals / "trained" / "duplicates", *fp32, *common], "duplicates")  # fmt: skip
 
     with stage("report"):
+        from .demo_report import compose_pictures, write_reports
+
         pictures = compose_pictures(out, evals)
         summary = {
             "results": results,
@@ -328,14 +329,14 @@ def demo(
     """Generate built-in data, pretrain a small ViT with DINO, and compare it with random init on every
     protocol of the paper; writes OUT/report.md and OUT/report.html. The default recipe is fixed and
     computes on two threads with pinned CPU kernels, so its numbers are the same on every run."""
-    from dinokit.runtime import pin_cpu_numerics
-
     from ._console import setup_logging
 
     if epochs is not None and minutes is not None:
         raise DinokitError("Give --epochs or --minutes, not both: --minutes fits the number of epochs to a time budget.")
     setup_logging(quiet)
     out = prepare_output_dir(output, overwrite=overwrite)
+    from dinokit.runtime import pin_cpu_numerics  # torch: only once the folder is taken
+
     # before anything computes: the kernels are chosen at the first tensor operation of the process
     numerics = pin_cpu_numerics(threads=DEMO_THREADS)
     plan = DemoPlan(
@@ -344,6 +345,8 @@ def demo(
     )
     summary = run_demo(plan)
     from rich.table import Table
+
+    from .demo_report import table_rows
 
     table = Table(title=f"dinokit demo ({summary['seconds'] / 60:.1f} min)")
     for col in ("metric", "random init", "DINO (this run)", "trained beats random", "paper (context)"):

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._console import console, is_main_process, plural, print_table, setup_logging
+from ._option_checks import require_inputs, require_weights
 from ._options import (
     Arch,
     BatchSize,
@@ -83,19 +84,22 @@ def duplicates(
     they join (clusters.csv, clusters.json: an image and its copies are one cluster) and a contact
     sheet of the closest pairs (pairs.png). Descriptors are stored in OUT/index and reused when the
     command is run again with --overwrite: only new or changed images are embedded."""
-    from dinokit.eval.duplicates import (
+    from dinokit.io import prepare_output_dir, write_metrics
+
+    setup_logging(quiet)
+    require_weights(weights)
+    require_inputs(("folder", folder), ("folder given with --against", against), ("whitening folder", whitening))
+    prepare_output_dir(output, overwrite=overwrite)
+    from dinokit.eval.duplicates import (  # torch: once the checks above passed
         UNITS,
         DuplicatesConfig,
         find_duplicates,
         write_clusters,
         write_pairs,
     )
-    from dinokit.io import prepare_output_dir, write_metrics
     from dinokit.runtime import embedding_precision
     from dinokit.viz import contact_sheet
 
-    setup_logging(quiet)
-    prepare_output_dir(output, overwrite=overwrite)
     cfg = DuplicatesConfig(
         folder=folder,
         output=output,

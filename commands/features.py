@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._console import console, plural, setup_logging
+from ._option_checks import require_inputs, require_weights
 from ._options import (
     Arch,
     BatchSize,
@@ -76,8 +77,15 @@ def features(
 ) -> None:
     """Embed every image of a folder (recursively) with the evaluation transform; under torchrun each
     process embeds a shard and the first writes the file."""
-    from dinokit.eval.features import Embedder, FeatureSpec, features_output, save_features
+    from dinokit.eval.feature_files import features_output
     from dinokit.io import check_output_file
+
+    setup_logging(quiet)
+    require_inputs(("folder", data))
+    fmt, target = features_output(output, fmt)
+    check_output_file(target, overwrite)
+    require_weights(weights)
+    from dinokit.eval.features import Embedder, FeatureSpec, save_features  # torch: once checked
     from dinokit.runtime import (
         cleanup_distributed,
         dist_env,
@@ -86,9 +94,6 @@ def features(
         resolve_device,
     )
 
-    setup_logging(quiet)
-    fmt, target = features_output(output, fmt)
-    check_output_file(target, overwrite)
     spec = FeatureSpec(
         weights=weights,
         arch=arch,

@@ -29,7 +29,7 @@ from ._options import (
     Weights,
 )
 from ._progress import RichProgress
-from ._runs import Resume, StopAfter, Threads, report_stop, typed_options
+from ._runs import Resume, StopAfter, Threads, check_run_output, report_stop, typed_options
 
 
 def finetune(
@@ -103,14 +103,15 @@ def finetune(
 
     Use the result with: dinokit predict --model OUTPUT/model.pth IMAGES...
     """
-    from dinokit.runtime import signal_exit_code
-    from dinokit.train.finetune import FinetuneConfig
-    from dinokit.train.finetune import finetune as run_finetune
-
     setup_logging(quiet or not is_main_process())
     explicit = typed_options(ctx)
     if train is None and not resume:
         raise typer.BadParameter("give the training images with --train DIR.", param_hint="--train")
+    check_run_output("finetune", output, resume=resume, overwrite=overwrite)
+    from dinokit.runtime import signal_exit_code  # torch: once the checks above passed
+    from dinokit.train.finetune import FinetuneConfig
+    from dinokit.train.finetune import finetune as run_finetune
+
     cfg = FinetuneConfig(
         train=train,
         output=output,

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ._console import console, plural, print_table, setup_logging
+from ._option_checks import require_inputs
 from ._options import (
     Arch,
     BatchSize,
@@ -92,13 +93,16 @@ def knn(
     Features of --train/--val are cached in the output folder and reused while their fingerprint
     (weights, arch, transform, options, file list) matches.
     """
-    from dinokit.eval.knn import UNITS, KnnConfig, knn_eval
     from dinokit.io import prepare_output_dir, write_metrics
-    from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
     setup_logging(quiet)
     ks = parse_ks(k)
+    if train_features is None or val_features is None:  # images are read (both features files: none are)
+        require_inputs(("folder", train), ("folder", val))
     out = prepare_output_dir(output, overwrite=overwrite)
+    from dinokit.eval.knn import UNITS, KnnConfig, knn_eval  # torch: once the checks above passed
+    from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
+
     cfg = KnnConfig(
         output=out,
         train=train,

@@ -26,7 +26,7 @@ from ._options import (
     Strict,
 )
 from ._progress import RichProgress
-from ._runs import Resume, StopAfter, Threads, report_stop, typed_options
+from ._runs import Resume, StopAfter, Threads, check_run_output, report_stop, typed_options
 from .features import Crop, Resize
 
 
@@ -92,10 +92,16 @@ def linear(
 ) -> None:
     """Linear probe on a frozen backbone (paper Sec. 4.1): SGD, cosine lr, a checkpoint each epoch;
     final and best top-1/top-5 in metrics.json. Also --evaluate for released heads and --logistic."""
-    from dinokit.eval.linear import LinearConfig, linear_eval
+    setup_logging(quiet)
+    if evaluate or logistic:  # one evaluation, no training run: the folder as every evaluation takes it
+        from dinokit.io import check_run_folder
+
+        check_run_folder(output, overwrite)
+    else:
+        check_run_output("linear", output, resume=resume, overwrite=overwrite)
+    from dinokit.eval.linear import LinearConfig, linear_eval  # torch: once the checks above passed
     from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
-    setup_logging(quiet)
     cfg = LinearConfig(
         output=output,
         train=train,

@@ -38,7 +38,6 @@ def predict(
     table instead, one row per image with its top classes and their probabilities.
     """
     from dinokit.errors import DinokitError
-    from dinokit.eval.predict import predict_images
     from dinokit.io import atomic_write_text, check_output_file, inert_cell, to_json
 
     setup_logging(quiet)
@@ -47,6 +46,8 @@ def predict(
         if output.suffix.lower() not in (".csv", ".json"):
             raise DinokitError(f"--output {output} must end in .csv or .json (or be - to print a table).")
         check_output_file(output, overwrite)
+    from dinokit.eval.predict import predict_images  # torch: once the checks above passed
+
     with RichProgress(quiet=quiet) as progress:
         res = predict_images(
             model, images, top=top, batch_size=batch_size, num_workers=num_workers, device=device,

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._console import console, console_err, is_main_process, plural, print_table, setup_logging
+from ._option_checks import require_inputs
 from ._options import (
     RUN_PANEL,
     RUNTIME_PANEL,
@@ -24,7 +25,7 @@ from ._options import (
     Strict,
 )
 from ._progress import RichProgress
-from ._runs import Resume, StopAfter, Threads, report_stop, typed_options
+from ._runs import Resume, StopAfter, Threads, check_run_output, report_stop, typed_options
 
 MODEL_PANEL = "Model"
 OPTIM_PANEL = "Optimisation"
@@ -116,7 +117,6 @@ def pretrain_command(
 ) -> None:
     """Pretrain a backbone with DINO on a folder of unlabelled images."""
     from dinokit.errors import DinokitError
-    from dinokit.train.pretrain import PretrainConfig, pretrain
 
     setup_logging(quiet or not is_main_process())
     values = dict(
@@ -164,6 +164,10 @@ def pretrain_command(
     )
     if data is None and not resume:
         raise DinokitError("Give the image folder with --data (or --resume to continue a run).")
+    require_inputs(("data folder", data))
+    check_run_output("pretrain", output, resume=resume, overwrite=overwrite)
+    from dinokit.train.pretrain import PretrainConfig, pretrain  # torch: once the checks above passed
+
     explicit = {"compile" if name == "compile_model" else name for name in typed_options(ctx)}
     cfg = PretrainConfig.from_dict(values)
 

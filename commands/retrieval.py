@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ._console import console, is_main_process, plural, print_table, setup_logging
+from ._option_checks import require_weights
 from ._options import (
     Arch,
     CheckpointKey,
@@ -66,11 +67,13 @@ def retrieval(
 ) -> None:
     """Image retrieval on revisited Oxford or Paris: mAP and mP@1/5/10 (percent) under the Medium
     and Hard protocols."""
-    from dinokit.eval.retrieval import UNITS, RetrievalConfig, image_retrieval
     from dinokit.io import prepare_output_dir, write_metrics
 
     setup_logging(quiet)
+    require_weights(weights)
     prepare_output_dir(output, overwrite=overwrite)
+    from dinokit.eval.retrieval import UNITS, RetrievalConfig, image_retrieval  # torch: once checked
+
     cfg = RetrievalConfig(
         data=data,
         dataset=dataset,

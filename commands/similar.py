@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ._console import console, is_main_process, print_table, setup_logging
+from ._option_checks import require_inputs, require_weights
 from ._options import (
     Arch,
     BatchSize,
@@ -63,13 +64,16 @@ def similar(
     """Rank the images of a folder by similarity to query images (the copy-detection descriptor of
     duplicates, cosine similarity): the top --k per query in similar.csv and similar.json, and a
     contact sheet of each query with its matches (similar.png). A query's own file is never its match."""
-    from dinokit.eval.similar import SimilarConfig, find_similar, write_similar
     from dinokit.io import prepare_output_dir, write_metrics
+
+    setup_logging(quiet)
+    require_weights(weights)
+    require_inputs(("folder given with --against", against), ("whitening folder", whitening))
+    prepare_output_dir(output, overwrite=overwrite)
+    from dinokit.eval.similar import SimilarConfig, find_similar, write_similar  # torch: once checked
     from dinokit.runtime import embedding_precision
     from dinokit.viz import similar_sheet
 
-    setup_logging(quiet)
-    prepare_output_dir(output, overwrite=overwrite)
     cfg = SimilarConfig(
         queries=queries,
         against=against,

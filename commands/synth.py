@@ -64,9 +64,12 @@ def classify(
     Each image shows one textured shape (circle, square, triangle, star, ...) over a photograph or
     clutter; the class is the shape. Masks: DIR/masks/<split>/<class>/<name>.png (0 background, 1 object).
     """
-    from dinokit.data.synth import make_classify_dataset
+    from dinokit.data.synth_output import check_synth_output
 
     setup_logging(quiet)
+    check_synth_output(output, overwrite)  # refused at once, before numpy and PIL load
+    from dinokit.data.synth import make_classify_dataset
+
     with RichProgress(quiet=quiet) as progress:
         s = make_classify_dataset(
             output,
@@ -116,9 +119,12 @@ def video(
     DIR/JPEGImages/480p/<seq>/00000.jpg, DIR/Annotations/480p/<seq>/00000.png (indexed, DAVIS palette,
     every frame annotated), DIR/ImageSets/2017/val.txt.
     """
-    from dinokit.data.synth_video import make_video_dataset
+    from dinokit.data.synth_output import check_synth_output
 
     setup_logging(quiet)
+    check_synth_output(output, overwrite)  # refused at once, before numpy and PIL load
+    from dinokit.data.synth_video import make_video_dataset
+
     with RichProgress(quiet=quiet) as progress:
         s = make_video_dataset(
             output,
@@ -162,9 +168,12 @@ def copydays(
     original/ (200000.jpg, 200100.jpg, ...), strong/ (1-3 heavily edited copies per original: 200001.jpg, ...),
     jpegqual/<q>/ (JPEG quality 3 ... 75) and crops/<c>/ (c% of the area removed, 10 ... 80).
     """
-    from dinokit.data.synth_copydays import CROP_PERCENTS, JPEG_QUALITIES, make_copydays_dataset
+    from dinokit.data.synth_output import check_synth_output
 
     setup_logging(quiet)
+    check_synth_output(output, overwrite)  # refused at once, before numpy and PIL load
+    from dinokit.data.synth_copydays import CROP_PERCENTS, JPEG_QUALITIES, make_copydays_dataset
+
     with RichProgress(quiet=quiet) as progress:
         s = make_copydays_dataset(
             output,
