@@ -88,8 +88,12 @@ def short_run_note(command: str, steps: int, lr_option_given: bool, lr_text: str
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
-    """``1 class``, ``2 classes``: a count with its noun in the right number."""
-    return f"{n} {word if n == 1 else many or word + ('es' if word.endswith(('s', 'x', 'sh', 'ch')) else 's')}"
+    """``1 class``, ``2 classes``, ``1 query``, ``2 queries``: a count with its noun in the right number."""
+    if n == 1:
+        return f"{n} {word}"
+    if many is None and word.endswith("y") and word[-2:-1] not in tuple("aeiou"):
+        many = word[:-1] + "ies"
+    return f"{n} {many or word + ('es' if word.endswith(('s', 'x', 'sh', 'ch')) else 's')}"
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:

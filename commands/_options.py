@@ -38,6 +38,23 @@ REFERENCE_OPTIONS: dict[str, str] = {
 }
 REFERENCE_OPTIONS = {k: v for k, v in REFERENCE_OPTIONS.items() if v}
 
+#: reference names that a command without their one-to-one option takes as two: the reference's
+#: evaluations read DATA_PATH/train and DATA_PATH/val, which knn, linear and finetune take as two options
+REFERENCE_SPLITS: dict[str, tuple[str, ...]] = {"--data_path": ("--train", "--val")}
+
+
+def reference_instead(command, name: str) -> str | None:
+    """What to give instead of a reference option ``name`` that ``command`` has no one-to-one option for
+    (``--data_path`` in ``dinokit knn``: ``--train`` and ``--val``), or None."""
+    own = {o for p in command.params for o in getattr(p, "opts", ())}
+    split = REFERENCE_SPLITS.get(name)
+    if not split or REFERENCE_OPTIONS.get(name) in own or not set(split) <= own:
+        return None
+    value = name.lstrip("-").upper()
+    parts = [f"{opt} {value}/{opt.lstrip('-')}" for opt in split]
+    return (f"dinokit {command.name} has no {name}: give {' and '.join(parts)} (the reference's {value} holds "
+            f"{' and '.join(opt.lstrip('-') + '/' for opt in split)}).")  # fmt: skip
+
 
 def rewrite_option_names(command, args: list[str]) -> list[str]:
     """Old dinokit names and the reference's names (``--patch_size``) replaced by the command's own,

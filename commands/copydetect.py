@@ -101,7 +101,7 @@ def copydetect(
     rows = [[block, result.queries[block], 100.0 * value] for block, value in result.mAP.items()]
     # strong first: it is the headline number
     rows.sort(key=lambda r: r[0] != "strong")
-    title = f"Copydays mAP (%), database {result.database_size} images"
+    title = f"Copydays mAP (%), database {plural(result.database_size, 'image')}"
     if result.whitening:
         title += ", whitened"
     print_table(title, ["block", "queries", "mAP"], rows)

@@ -216,7 +216,7 @@ def run_demo(plan: DemoPlan) -> dict:
     plan.timings["pretrain_epochs"] = epochs
 
     trained = out / "pretrain"
-    with stage(f"dinokit pretrain: {plan.arch}/{plan.patch_size}, {epochs} epochs of {n_train} images"):
+    with stage(f"dinokit pretrain: {plan.arch}/{plan.patch_size}, {epochs} epoch{'s' if epochs != 1 else ''} of {n_train} images"):
         _run(["pretrain", "--data", pretrain_data, "--output", trained,
               *_pretrain_recipe(plan), "--epochs", epochs, *common], "pretrain")  # fmt: skip
     weights = {

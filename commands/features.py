@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._console import console, plural, setup_logging
+from ._console import console, console_err, plural, setup_logging
 from ._option_checks import require_inputs, require_weights
 from ._options import (
     Arch,
@@ -115,8 +115,13 @@ def features(
     init_distributed(resolve_device(device))
     try:
         embedder = Embedder(spec)
-        with RichProgress(quiet=quiet or not dist_env().is_main) as progress:
-            fs = embedder.embed(data, progress=progress)
+        try:
+            with RichProgress(quiet=quiet or not dist_env().is_main) as progress:
+                fs = embedder.embed(data, progress=progress)
+        except KeyboardInterrupt:
+            console_err.print(f"Stopped by Ctrl-C while embedding; nothing was written ({target} is written once "
+                              "every image is embedded).", highlight=False, soft_wrap=True)  # fmt: skip
+            raise typer.Exit(130) from None
         if dist_env().is_main:
             written = save_features(fs, output, format=fmt, overwrite=overwrite)
             labelled = f", {plural(len(fs.classes), 'class')}" if fs.labels is not None else ""

@@ -189,7 +189,8 @@ def _report(result) -> None:
     if rows:
         print_table("dinokit pretrain", ["epoch", "loss", "lr", "momentum", "images/s"], rows)
     if result.finished and not result.history:
-        console.print(f"The run in {result.output} had already finished its {result.epochs} epochs.", highlight=False)
+        console.print(f"The run in {result.output} had already finished its {plural(result.epochs, 'epoch')}.",
+                      highlight=False)
     console.print(f"backbone: {result.backbone}  (use it as --weights)", highlight=False)
     if result.skipped_images:
         console.print(f"{plural(result.skipped_images, 'unreadable image')} skipped, each counted once "

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ._console import console, is_main_process, print_table, setup_logging
+from ._console import console, is_main_process, plural, print_table, setup_logging
 from ._option_checks import require_inputs, require_weights
 from ._options import (
     Arch,
@@ -104,8 +104,9 @@ def similar(
     if rows:
         print_table("Most similar images (cosine similarity)", ["query", "rank", "similarity", "image"], rows)
     console.print(
-        f"{result.n_queries} queries against {result.n_against} images; embedded {result.embedded} new images, "
-        f"reused {result.reused}" + (f", skipped {result.unreadable} unreadable" if result.unreadable else "") + "."
+        f"{plural(result.n_queries, 'query')} against {plural(result.n_against, 'image')}; embedded "
+        f"{plural(result.embedded, 'new image')}, reused {result.reused}"
+        + (f", skipped {result.unreadable} unreadable" if result.unreadable else "") + "."
     )
     console.print(f"Results in {output / 'similar.csv'}" + (f" and {sheet}" if sheet else ""))
 

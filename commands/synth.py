@@ -143,7 +143,7 @@ def video(
         [[name, s.frames, s.n_objects[name]] for name in s.sequences],
     )
     console.print(
-        f"{len(s.sequences)} sequences of {s.width}x{s.height} in {s.root} (DAVIS 2017 layout, split val), "
+        f"{plural(len(s.sequences), 'sequence')} of {s.width}x{s.height} in {s.root} (DAVIS 2017 layout, split val), "
         f"seed {s.seed}, {s.seconds:.1f} s.",
         highlight=False,
     )

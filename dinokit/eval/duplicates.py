@@ -326,7 +326,7 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
         # under torchrun every rank embedded a shard; the search itself runs on the main rank
         return DuplicatesResult([], float(threshold), 0, 0, n_new, reused, 0, cfg.backend)
     if reused:
-        progress.log(f"reused the stored descriptors of {reused} images")
+        progress.log(f"reused the stored descriptors of {reused} image{'s' if reused != 1 else ''}")
 
     whitening = None
     if white_paths:
