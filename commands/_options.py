@@ -3,8 +3,9 @@ earlier and the DINO reference scripts' option names rewritten to dinokit's."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -91,6 +92,19 @@ def rewrite_option_names(command, args: list[str]) -> list[str]:
             console_err.print(f"Note: {name} is {new} in dinokit {command.name}.", highlight=False, soft_wrap=True)
         out.append(new + eq + value)
     return out
+
+
+# -- from options to a config ----------------------------------------------------------------------
+def config_from(cls, options: dict[str, Any], /, **values: Any):
+    """The config ``cls`` (a dataclass) of a command's parsed options, matched by name: every field the
+    config declares takes the option of the same name from ``options`` (the command's ``locals()`` taken
+    at its first line); ``values`` give the fields whose value is converted or comes from elsewhere.
+    Options the config has no field for (--quiet, the report's) are left out."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
+    return cls(**{**{k: v for k, v in options.items() if k in names}, **values})
 
 
 # -- shared options (same names and meaning in every command) ------------------------------------

@@ -39,7 +39,10 @@ Threads = Annotated[
 
 
 def typed_options(ctx: typer.Context) -> set[str]:
-    """The parameters the user typed (not defaults): a resumed run takes the others from its record."""
+    """The options the user gave (not defaults): a resumed run takes the others from its record, and the
+    notes on a short run name the values the user chose. Given means on the command line or through an
+    option's environment variable (a value set on purpose either way); a default, or a value from the
+    context's default map, is not given. The one answer to "which options did the user type"."""
     out = set()
     for name in ctx.params:
         source = ctx.get_parameter_source(name)

@@ -26,6 +26,7 @@ from ._options import (
     Seed,
     Strict,
     Whitening,
+    config_from,
 )
 from ._progress import RichProgress
 
@@ -66,6 +67,7 @@ def copydetect(
 ) -> None:
     """Copy detection on Copydays: rank the originals (plus distractors) for every edited copy and
     report the mAP of each block (strong is the headline)."""
+    options = dict(locals())  # the parsed options by name, before any other local
     from dinokit.io import prepare_output_dir, write_metrics
 
     setup_logging(quiet)
@@ -73,25 +75,7 @@ def copydetect(
     prepare_output_dir(output, overwrite=overwrite)
     from dinokit.eval.copy_detection import UNITS, CopyDetectionConfig, copy_detection  # torch: once checked
 
-    cfg = CopyDetectionConfig(
-        data=data,
-        output=output,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        image_size=image_size,
-        distractors=distractors,
-        whitening=whitening,
-        top=top,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        precision=precision,
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-    )
+    cfg = config_from(CopyDetectionConfig, options)
     with RichProgress(quiet=quiet) as progress:
         result = copy_detection(cfg, progress)
     if not is_main_process():

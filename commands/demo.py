@@ -23,7 +23,7 @@ from dinokit.errors import DinokitError
 from dinokit.io import prepare_output_dir, versions, write_json
 
 from ._console import console, console_err
-from ._options import RUN_PANEL, Overwrite, Quiet
+from ._options import RUN_PANEL, Overwrite, Quiet, config_from
 
 #: the default demo's pretraining length: a fixed recipe, so that its numbers do not depend on the
 #: machine's speed or load (chosen so that the whole demo stays within 10 minutes on an idle 2-core CPU)
@@ -329,6 +329,7 @@ def demo(
     """Generate built-in data, pretrain a small ViT with DINO, and compare it with random init on every
     protocol of the paper; writes OUT/report.md and OUT/report.html. The default recipe is fixed and
     computes on two threads with pinned CPU kernels, so its numbers are the same on every run."""
+    options = dict(locals())  # the parsed options by name, before any other local
     from ._console import setup_logging
 
     if epochs is not None and minutes is not None:
@@ -339,10 +340,7 @@ def demo(
 
     # before anything computes: the kernels are chosen at the first tensor operation of the process
     numerics = pin_cpu_numerics(threads=DEMO_THREADS)
-    plan = DemoPlan(
-        output=out, minutes=minutes, arch=arch, per_class=per_class, epochs=epochs, seed=seed, data_seed=data_seed, quiet=quiet,
-        overwrite=overwrite, threads=DEMO_THREADS, numerics=numerics,
-    )
+    plan = config_from(DemoPlan, options, output=out, threads=DEMO_THREADS, numerics=numerics)
     summary = run_demo(plan)
     from rich.table import Table
 

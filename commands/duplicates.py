@@ -26,6 +26,7 @@ from ._options import (
     Seed,
     Strict,
     Whitening,
+    config_from,
 )
 from ._progress import RichProgress
 
@@ -84,6 +85,7 @@ def duplicates(
     they join (clusters.csv, clusters.json: an image and its copies are one cluster) and a contact
     sheet of the closest pairs (pairs.png). Descriptors are stored in OUT/index and reused when the
     command is run again with --overwrite: only new or changed images are embedded."""
+    options = dict(locals())  # the parsed options by name, before any other local
     from dinokit.io import prepare_output_dir, write_metrics
 
     setup_logging(quiet)
@@ -100,28 +102,7 @@ def duplicates(
     from dinokit.runtime import embedding_precision
     from dinokit.viz import contact_sheet
 
-    cfg = DuplicatesConfig(
-        folder=folder,
-        output=output,
-        against=against,
-        threshold=threshold,
-        whitening=whitening,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        image_size=image_size,
-        backend=backend,
-        neighbours=neighbours,
-        max_pairs=max_pairs,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        precision=embedding_precision(precision, device),
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-    )
+    cfg = config_from(DuplicatesConfig, options, precision=embedding_precision(precision, device))
     with RichProgress(quiet=quiet) as progress:
         result = find_duplicates(cfg, progress)
     if not is_main_process():

@@ -24,6 +24,7 @@ from ._options import (
     Quiet,
     Seed,
     Strict,
+    config_from,
 )
 from ._progress import RichProgress
 
@@ -77,6 +78,7 @@ def features(
 ) -> None:
     """Embed every image of a folder (recursively) with the evaluation transform; under torchrun each
     process embeds a shard and the first writes the file."""
+    options = dict(locals())  # the parsed options by name, before any other local
     from dinokit.eval.feature_files import features_output
     from dinokit.io import check_output_file
 
@@ -94,24 +96,7 @@ def features(
         resolve_device,
     )
 
-    spec = FeatureSpec(
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        n_last_blocks=n_last_blocks,
-        avgpool_patch_tokens=avgpool_patch_tokens,
-        resize=resize,
-        crop=crop,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        precision=embedding_precision(precision, device),
-        threads=threads,
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-    )
+    spec = config_from(FeatureSpec, options, precision=embedding_precision(precision, device))
     init_distributed(resolve_device(device))
     try:
         embedder = Embedder(spec)

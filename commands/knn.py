@@ -27,6 +27,7 @@ from ._options import (
     TrainFeatures,
     Val,
     ValFeatures,
+    config_from,
 )
 from ._progress import RichProgress
 from .features import AvgPool, Crop, NLastBlocks, Resize
@@ -93,6 +94,7 @@ def knn(
     Features of --train/--val are cached in the output folder and reused while their fingerprint
     (weights, arch, transform, options, file list) matches.
     """
+    options = dict(locals())  # the parsed options by name, before any other local
     from dinokit.io import prepare_output_dir, write_metrics
 
     setup_logging(quiet)
@@ -103,30 +105,7 @@ def knn(
     from dinokit.eval.knn import UNITS, KnnConfig, knn_eval  # torch: once the checks above passed
     from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
-    cfg = KnnConfig(
-        output=out,
-        train=train,
-        val=val,
-        train_features=train_features,
-        val_features=val_features,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        n_last_blocks=n_last_blocks,
-        avgpool_patch_tokens=avgpool_patch_tokens,
-        ks=ks,
-        temperature=temperature,
-        resize=resize,
-        crop=crop,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        precision=precision,
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-    )
+    cfg = config_from(KnnConfig, options, output=out, ks=ks)
     if train_features is None:
         init_distributed(resolve_device(device))
     try:

@@ -24,6 +24,7 @@ from ._options import (
     Quiet,
     Seed,
     Strict,
+    config_from,
 )
 from ._progress import RichProgress
 from ._runs import Resume, StopAfter, Threads, check_run_output, report_stop, typed_options
@@ -92,6 +93,7 @@ def linear(
 ) -> None:
     """Linear probe on a frozen backbone (paper Sec. 4.1): SGD, cosine lr, a checkpoint each epoch;
     final and best top-1/top-5 in metrics.json. Also --evaluate for released heads and --logistic."""
+    options = dict(locals())  # the parsed options by name, before any other local
     setup_logging(quiet)
     if evaluate or logistic:  # one evaluation, no training run: the folder as every evaluation takes it
         from dinokit.io import check_run_folder
@@ -102,41 +104,7 @@ def linear(
     from dinokit.eval.linear import LinearConfig, linear_eval  # torch: once the checks above passed
     from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
-    cfg = LinearConfig(
-        output=output,
-        train=train,
-        val=val,
-        train_features=train_features,
-        val_features=val_features,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        n_last_blocks=n_last_blocks,
-        avgpool_patch_tokens=avgpool_patch_tokens,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        features_only=features_only,
-        logistic=logistic,
-        logistic_c=logistic_c,
-        evaluate=evaluate,
-        linear_weights=linear_weights,
-        resume=resume,
-        stop_after=stop_after,
-        val_every=val_every,
-        resize=resize,
-        crop=crop,
-        min_scale=min_scale,
-        num_workers=num_workers,
-        threads=threads,
-        device=device,
-        precision=precision,
-        seed=seed,
-        strict=strict,
-        overwrite=overwrite,
-        exact_decode=exact_decode,
-    )
+    cfg = config_from(LinearConfig, options)
     init_distributed(resolve_device(device))
     try:
         with RichProgress(quiet=quiet or not dist_env().is_main) as progress:
@@ -172,7 +140,7 @@ def _report(ctx: typer.Context, result, lr: float, batch_size: int) -> None:
     if result.mode in ("images", "features"):
         world = dist_env().world_size
         steps = result.epochs_run * -(-result.n_train // (batch_size * world))
-        note = short_run_note("linear probe", steps, _typed(ctx, "lr"),
+        note = short_run_note("linear probe", steps, "lr" in typed_options(ctx),
                               f"{lr:g} x global batch / 256 = {lr * batch_size * world / 256:.3g}")
         if note and result.stopped_by is None:
             console_err.print(note, highlight=False)
@@ -185,11 +153,6 @@ def _report(ctx: typer.Context, result, lr: float, batch_size: int) -> None:
     if result.mode in ("images", "features"):
         report_stop("linear", result.metrics_path.parent if result.metrics_path else "", "epoch", result.epochs_done,
                     result.epochs, result.stopped_by)  # fmt: skip
-
-
-def _typed(ctx: typer.Context, name: str) -> bool:
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -26,6 +26,7 @@ from ._options import (
     Seed,
     Strict,
     Whitening,
+    config_from,
 )
 from ._progress import RichProgress
 
@@ -64,6 +65,7 @@ def similar(
     """Rank the images of a folder by similarity to query images (the copy-detection descriptor of
     duplicates, cosine similarity): the top --k per query in similar.csv and similar.json, and a
     contact sheet of each query with its matches (similar.png). A query's own file is never its match."""
+    options = dict(locals())  # the parsed options by name, before any other local
     from dinokit.io import prepare_output_dir, write_metrics
 
     setup_logging(quiet)
@@ -74,25 +76,7 @@ def similar(
     from dinokit.runtime import embedding_precision
     from dinokit.viz import similar_sheet
 
-    cfg = SimilarConfig(
-        queries=queries,
-        against=against,
-        output=output,
-        k=k,
-        whitening=whitening,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        image_size=image_size,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        precision=embedding_precision(precision, device),
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-    )
+    cfg = config_from(SimilarConfig, options, precision=embedding_precision(precision, device))
     with RichProgress(quiet=quiet) as progress:
         result = find_similar(cfg, progress)
     if not is_main_process():
