@@ -13,6 +13,7 @@ from ._option_checks import require_inputs, require_weights
 from ._options import (
     Arch,
     BatchSize,
+    CacheDir,
     CheckpointKey,
     Device,
     ExactDecode,
@@ -78,13 +79,15 @@ def duplicates(
     seed: Seed = 0,
     strict: Strict = False,
     exact_decode: ExactDecode = False,
+    cache_dir: CacheDir = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Find near-duplicate images: pairs with their similarity (pairs.csv, pairs.json), the groups
     they join (clusters.csv, clusters.json: an image and its copies are one cluster) and a contact
-    sheet of the closest pairs (pairs.png). Descriptors are stored in OUT/index and reused when the
-    command is run again with --overwrite: only new or changed images are embedded."""
+    sheet of the closest pairs (pairs.png). Descriptors are stored once per weights and settings
+    (--cache-dir) and reused by later duplicates and similar runs: only new or changed images are
+    embedded. Warns when the result cannot mean much (random weights, nearly every pair similar)."""
     options = dict(locals())  # the parsed options by name, before any other local
     from dinokit.io import prepare_output_dir, write_metrics
 

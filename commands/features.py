@@ -16,6 +16,7 @@ from ._options import (
     CheckpointKey,
     Device,
     ExactDecode,
+    Mean,
     NumWorkers,
     OptionalWeights,
     Overwrite,
@@ -23,6 +24,7 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     Strict,
     config_from,
 )
@@ -52,6 +54,8 @@ def features(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     n_last_blocks: NLastBlocks = 1,
     avgpool_patch_tokens: AvgPool = False,
     fmt: Annotated[

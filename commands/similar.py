@@ -13,6 +13,7 @@ from ._option_checks import require_inputs, require_weights
 from ._options import (
     Arch,
     BatchSize,
+    CacheDir,
     CheckpointKey,
     Device,
     ExactDecode,
@@ -59,12 +60,14 @@ def similar(
     seed: Seed = 0,
     strict: Strict = False,
     exact_decode: ExactDecode = False,
+    cache_dir: CacheDir = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Rank the images of a folder by similarity to query images (the copy-detection descriptor of
     duplicates, cosine similarity): the top --k per query in similar.csv and similar.json, and a
-    contact sheet of each query with its matches (similar.png). A query's own file is never its match."""
+    contact sheet of each query with its matches (similar.png). A query's own file is never its match.
+    Descriptors are shared with duplicates runs of the same weights and settings (--cache-dir)."""
     options = dict(locals())  # the parsed options by name, before any other local
     from dinokit.io import prepare_output_dir, write_metrics
 

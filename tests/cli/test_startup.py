@@ -8,10 +8,12 @@ Each case runs in a fresh interpreter and reads ``sys.modules`` after the comman
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,11 @@ _VALUES = {"weights": "random", "dataset": "roxford5k"}
 _INPUTS = {"data", "train", "val"}
 
 
+def _takes_a_path(command, name: str) -> bool:
+    hints = typing.get_type_hints(inspect.unwrap(command.callback), include_extras=True)
+    return "Path" in str(hints.get(name, ""))
+
+
 def _args_with_output(path, command, output: Path, inputs: Path) -> list[str]:
     args = [*path]
     for p in command.params:
@@ -89,7 +96,7 @@ def _args_with_output(path, command, output: Path, inputs: Path) -> list[str]:
             args += ["--output", str(output)]
         elif p.name == "weights":
             args += ["--weights", "random"]
-        elif p.required or (p.name in _INPUTS and p.param_type_name == "option"):
+        elif p.required or (p.name in _INPUTS and p.param_type_name == "option" and _takes_a_path(command, p.name)):
             value = _VALUES.get(p.name, str(inputs))
             args += [max(p.opts, key=len), value] if p.param_type_name == "option" else [value]
     return args
@@ -175,14 +182,15 @@ def test_davis_run_marker_is_the_library_s():
 
 
 def test_training_commands_name_their_runs_as_the_recipes_do():
-    """The early refusals of pretrain, finetune and linear speak of the run as run.TrainingRun does."""
+    """The early refusals of the training commands speak of the run as run.TrainingRun does."""
     from dinokit.commands._runs import RUN_CHECKPOINT, RUN_NOUNS
 
     from dinokit.eval.linear import LINEAR_RUN
+    from dinokit.eval.segmentation import SEGMENT_RUN
     from dinokit.train.finetune import FINETUNE_RUN
     from dinokit.train.pretrain import PRETRAIN_RUN
 
-    for kind in (PRETRAIN_RUN, FINETUNE_RUN, LINEAR_RUN):
+    for kind in (PRETRAIN_RUN, FINETUNE_RUN, LINEAR_RUN, SEGMENT_RUN):
         assert RUN_NOUNS[kind.command] == kind.noun
         assert kind.checkpoint == RUN_CHECKPOINT
 
