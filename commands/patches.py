@@ -98,9 +98,10 @@ def patches(
     with RichProgress(quiet=quiet) as progress:
         result = run_patches(cfg, progress)
     write_metrics(result.output, result.metrics, result.config)
+    share = result.foreground_fraction
     console.print(f"Wrote the PCA colours, foreground and {plural(parts, 'part')} of "
                   f"{plural(result.images, 'image')} to {result.output} (overview.png; "
-                  f"foreground {result.foreground_fraction:.0%} of the patches).")
+                  + (f"foreground {share:.0%} of the patches)." if share is not None else "every patch coloured)."))
     if result.skipped:
         console.print(f"{plural(result.skipped, 'unreadable image')} skipped (--strict stops at the first).")
 

@@ -53,7 +53,7 @@ class PatchesRunResult:
     config: dict
     images: int
     skipped: int
-    foreground_fraction: float
+    foreground_fraction: float | None  #: None where every patch was coloured
 
 
 def check_patches_config(cfg: PatchesRunConfig) -> None:
@@ -106,7 +106,7 @@ def _run(paths: list[Path], model, dtype, patch: int, fp32_model, cfg: PatchesRu
     for i, (f, name) in enumerate(zip(found, names)):
         pics = patch_pictures(f.image, result.colours[i], result.first[i], result.foreground[i],
                               result.parts[i], f.patch_size, cfg.parts)
-        pic = panel(f.image, pics, name)
+        pic = panel(f.image, pics, name, result.foreground_used)
         if i < OVERVIEW_IMAGES:
             panels.append(pic)
         _write_image(out / name, pics, pic, result, i)
@@ -124,7 +124,7 @@ def _run(paths: list[Path], model, dtype, patch: int, fp32_model, cfg: PatchesRu
     metrics = {"images": len(found), "skipped_images": len(unreadable), "unreadable": [str(p) for p, _ in unreadable],
                **result.record, "overview_images": min(len(found), OVERVIEW_IMAGES), "per_image": per_image}
     return PatchesRunResult(out, metrics, config, len(found), len(unreadable),
-                            result.record["foreground_fraction"])
+                            result.record["foreground_fraction"] if result.foreground_used else None)
 
 
 def _check_size(path: Path, cfg: PatchesRunConfig, patch: int) -> None:
