@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "patches",
     "davis",
     "davis_score",
+    "segment",
     "copydetect",
     "duplicates",
     "similar",

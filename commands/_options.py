@@ -203,3 +203,35 @@ ExactDecode = Annotated[
         "are decoded in full either way.",
     ),
 ]
+
+
+def _channels(name: str, text: str | None) -> tuple[float, float, float] | None:
+    """Three comma-separated numbers, one per channel, checked: a std above 0, a mean in [0, 1]."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise typer.BadParameter(f"takes three comma-separated numbers such as 0.485,0.456,0.406, not {text!r}",
+                                 param_hint=name) from None  # fmt: skip
+    if len(values) != 3:
+        raise typer.BadParameter(f"takes three values, one per channel (R,G,B), not {len(values)}", param_hint=name)
+    if name == "--std" and min(values) <= 0:
+        raise typer.BadParameter(f"takes three positive values, not {text}", param_hint=name)
+    if name == "--mean" and not all(0.0 <= v <= 1.0 for v in values):
+        raise typer.BadParameter(f"takes three values in [0, 1] (of pixel values scaled to [0, 1]), not {text}",
+                                 param_hint=name)  # fmt: skip
+    return values  # type: ignore[return-value]
+
+
+Mean = Annotated[
+    str | None,
+    typer.Option("--mean", rich_help_panel=BACKBONE_PANEL, callback=lambda v: _channels("--mean", v),
+                 help="The per-channel mean the images are normalised with, R,G,B (default: the weights' own: "
+                 "ImageNet's 0.485,0.456,0.406, or DINOv3's satellite values for its SAT-493M weights)."),
+]
+Std = Annotated[
+    str | None,
+    typer.Option("--std", rich_help_panel=BACKBONE_PANEL, callback=lambda v: _channels("--std", v),
+                 help="The per-channel standard deviation, R,G,B (default: the weights' own, as --mean)."),
+]

@@ -4,6 +4,8 @@ sentence of a run that stopped before the end of its schedule."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import typer
@@ -48,10 +50,29 @@ def typed_options(ctx: typer.Context) -> set[str]:
     return out
 
 
+#: who says how a stopped run goes on, when a training command runs as one step of a larger
+#: command (``dinokit demo``): that command's own resume line, not the step's
+_stop_reporters: list[Callable[[str | None], None]] = []
+
+
+@contextlib.contextmanager
+def stop_reported_by(reporter: Callable[[str | None], None]) -> Iterator[None]:
+    """Within the block, a training run that stops early calls ``reporter(stopped_by)`` instead of
+    printing its own resume command."""
+    _stop_reporters.append(reporter)
+    try:
+        yield
+    finally:
+        _stop_reporters.remove(reporter)
+
+
 def report_stop(command: str, output, unit: str, done: int, total: int, stopped_by: str | None,
                 where: str | None = None) -> None:
     """The one sentence for a run that ended before its schedule did: by a signal (on stderr; ``where``
     says where in a unit it stopped) or by --stop-after, with the command that continues it."""
+    if stopped_by and _stop_reporters:
+        _stop_reporters[-1](stopped_by)
+        return
     hint = f"dinokit {command} --output {output} --resume"
     if stopped_by and stopped_by != "stop-after":
         where = where or f"after {done} full {unit}s of {total}"

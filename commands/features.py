@@ -15,6 +15,7 @@ from ._options import (
     CheckpointKey,
     Device,
     ExactDecode,
+    Mean,
     NumWorkers,
     OptionalWeights,
     Overwrite,
@@ -22,6 +23,7 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     Strict,
 )
 from ._progress import RichProgress
@@ -50,6 +52,8 @@ def features(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     n_last_blocks: NLastBlocks = 1,
     avgpool_patch_tokens: AvgPool = False,
     fmt: Annotated[
@@ -94,6 +98,8 @@ def features(
         arch=arch,
         patch_size=patch_size,
         checkpoint_key=checkpoint_key,
+        mean=mean,
+        std=std,
         n_last_blocks=n_last_blocks,
         avgpool_patch_tokens=avgpool_patch_tokens,
         resize=resize,

@@ -15,6 +15,7 @@ from ._options import (
     CheckpointKey,
     Device,
     ExactDecode,
+    Mean,
     NumWorkers,
     OptionalWeights,
     Output,
@@ -23,6 +24,7 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     Strict,
 )
 from ._progress import RichProgress
@@ -45,6 +47,8 @@ def linear(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     n_last_blocks: Annotated[
         Optional[int],
         typer.Option("--n-last-blocks", min=1, help="CLS tokens of the last n blocks (default: 4 for ViT-S/T and DINOv2/v3, 1 for ViT-B)."),
@@ -57,9 +61,29 @@ def linear(
             show_default=False,
         ),
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs (cosine schedule to 0).")] = 100,
+    protocol: Annotated[
+        Optional[str],
+        typer.Option("--protocol", help="Whose linear protocol: dino (one head, 100 epochs), dinov2 (a grid of 13 "
+                     "learning rates x the last 1 or 4 blocks x with/without the patch mean, trained together, "
+                     "best on --val) or dinov3 (13 learning rates, last block + patch mean). Default: the "
+                     "weights' generation.", show_default=False),
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs (cosine schedule to 0); DINOv2/v3: "
+                                        "epochs of --epoch-length iterations, 10 by default.")] = 100,
+    epoch_length: Annotated[
+        Optional[int],
+        typer.Option("--epoch-length", min=1, help="DINOv2/v3: iterations per epoch (default 1250, the official; "
+                     "on a CPU try --augment none, or --epochs 10 --epoch-length 100).", show_default=False),
+    ] = None,
+    augment: Annotated[
+        str,
+        typer.Option("--augment", help="official (RandomResizedCrop + flip on every step) or none: features of the "
+                     "centre crops computed once and every head trained on them (fast; what --features-only does)."),
+    ] = "official",
     batch_size: BatchSize = 128,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Base learning rate, scaled by batch size x processes / 256.")] = 0.001,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Base learning rate, scaled by batch size x processes / "
+                                      "256. Typed without --protocol, it (or --epochs) pins one head trained as DINO's probe; with "
+                                      "--protocol dinov2/dinov3 it pins the grid to that one learning rate.")] = 0.001,
     features_only: Annotated[
         bool, typer.Option("--features-only", help="Train on cached centre-crop features (fast; no augmentation).")
     ] = False,
@@ -106,11 +130,16 @@ def linear(
         arch=arch,
         patch_size=patch_size,
         checkpoint_key=checkpoint_key,
+        mean=mean,
+        std=std,
         n_last_blocks=n_last_blocks,
         avgpool_patch_tokens=avgpool_patch_tokens,
-        epochs=epochs,
+        epochs=epochs if _typed(ctx, "epochs") else None,
         batch_size=batch_size,
-        lr=lr,
+        lr=lr if _typed(ctx, "lr") else None,
+        protocol=protocol,
+        epoch_length=epoch_length,
+        augment=augment,
         features_only=features_only,
         logistic=logistic,
         logistic_c=logistic_c,
@@ -150,6 +179,9 @@ def _report(ctx: typer.Context, result, lr: float, batch_size: int) -> None:
     """The table, the notes and how to go on; the library wrote metrics.json."""
     from dinokit.runtime import dist_env
 
+    if result.mode.startswith("grid"):
+        _report_grid(result)
+        return
     if result.mode in ("evaluate", "logistic"):
         rows = [[result.mode, result.final["top1"], result.final["top5"]]]
     else:
@@ -179,6 +211,24 @@ def _report(ctx: typer.Context, result, lr: float, batch_size: int) -> None:
     if result.mode in ("images", "features"):
         report_stop("linear", result.metrics_path.parent if result.metrics_path else "", "epoch", result.epochs_done,
                     result.epochs, result.stopped_by)  # fmt: skip
+
+
+def _report_grid(result) -> None:
+    """Every head of the grid with its validation accuracy, the chosen one marked, and the run's end."""
+    name = {"dinov2": "DINOv2", "dinov3": "DINOv3"}.get(result.protocol, result.protocol)
+    rows = [[("* " if h is result.chosen or h == result.chosen else "") + f"{h['lr']:g}", h["n_last_blocks"],
+             "yes" if h["avgpool_patch_tokens"] else "no", h.get("top1", "-"), h.get("top5", "-")]
+            for h in result.heads]  # fmt: skip
+    print_table(f"Linear heads ({name} protocol, {'cached features' if result.mode == 'grid-features' else 'images'})",
+                ["lr", "blocks", "patch mean", "top-1 %", "top-5 %"], rows)
+    if result.chosen is not None and "top1" in result.chosen:
+        c = result.chosen
+        console.print(f"chosen on validation: {c['name']} (lr {c['lr']:g}, last {c['n_last_blocks']} block(s)"
+                      f"{', with the patch mean' if c['avgpool_patch_tokens'] else ''}): top-1 {c['top1']:.2f}%",
+                      highlight=False)  # fmt: skip
+    console.print(f"metrics: {result.metrics_path}", highlight=False)
+    report_stop("linear", result.metrics_path.parent if result.metrics_path else "", "epoch", result.epochs_done,
+                result.epochs, result.stopped_by)  # fmt: skip
 
 
 def _typed(ctx: typer.Context, name: str) -> bool:

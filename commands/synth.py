@@ -1,4 +1,4 @@
-"""``dinokit synth classify|video|copydays``: the built-in data sets, generated offline."""
+"""``dinokit synth classify|video|copydays|segment``: the built-in data sets, generated offline."""
 
 from __future__ import annotations
 
@@ -191,8 +191,40 @@ def copydays(
                   highlight=False)
 
 
+def segment(
+    output: Output,
+    layout: Annotated[str, typer.Option("--layout", help="voc2012 (JPEGImages, SegmentationClass, ImageSets) or "
+                                        "folder ({train,val}/{images,masks}, classes.txt).")] = "folder",
+    classes: Annotated[int, typer.Option("--classes", min=1, max=8, help="Shape classes besides the background.")] = 3,
+    train: Annotated[int, typer.Option("--train", min=1, help="Training scenes.")] = 48,
+    val: Annotated[int, typer.Option("--val", min=1, help="Validation scenes.")] = 16,
+    size: Annotated[int, typer.Option("--image-size", min=32, help="Longer side of a scene in pixels.")] = 160,
+    seed: Seed0 = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write a semantic segmentation set: scenes of several textured shapes (the class is the shape) over
+    photographs or clutter, with exact label maps and 2-pixel void (255) borders, in the VOC 2012 or the
+    folder layout that dinokit segment reads.
+    """
+    from dinokit.data.synth_segment import make_segment_dataset
+
+    setup_logging(quiet)
+    with RichProgress(quiet=quiet) as progress:
+        s = make_segment_dataset(output, layout=layout, classes=classes, train=train, val=val, size=size, seed=seed,
+                                 overwrite=overwrite, progress=progress)
+    print_table("dinokit synth segment", ["split", "scenes"], [["train", s.n_train], ["val", s.n_val]])
+    console.print(
+        f"{s.layout} layout in {s.root}, {plural(len(s.classes), 'class')} ({', '.join(s.classes)}), "
+        f"longer side {size} px, seed {s.seed}, {s.seconds:.1f} s. Train a probe: dinokit segment --data "
+        f"{s.root} --dataset {s.layout} --weights W --output RUN",
+        highlight=False,
+    )
+
+
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:
     synth_app.command("classify")(classify)
     synth_app.command("video")(video)
     synth_app.command("copydays")(copydays)
+    synth_app.command("segment")(segment)
 

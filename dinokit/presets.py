@@ -46,6 +46,8 @@ DINOV3_FILES: dict[str, str] = {
     "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth": "facebook/dinov3-vitb16-pretrain-lvd1689m",
     "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth": "facebook/dinov3-vitl16-pretrain-lvd1689m",
     "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth": "facebook/dinov3-vith16plus-pretrain-lvd1689m",
+    # the satellite model (SAT-493M): its own normalisation (mean 0.430, 0.411, 0.296; std 0.213, 0.156, 0.143)
+    "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth": "facebook/dinov3-vitl16-pretrain-sat493m",
 }
 
 #: preset name -> (path under BASE_URL, arch, patch size)
@@ -69,7 +71,8 @@ PRESETS: dict[str, tuple[str, str, int | None]] = {
     **{f"dinov2_vit{s}14{'_reg' if reg else ''}": (_dinov2(f"vit{s}14", reg), f"dinov2_vit{s}14{'_reg' if reg else ''}", 14)
        for reg in (False, True) for s in "sblg"},
     # DINOv3 (Simeoni et al. 2025): gated, a file name only
-    **{f.split("_pretrain")[0]: (f, f.split("_pretrain")[0], 16) for f in DINOV3_FILES},
+    **{f.split("_pretrain")[0] + ("_sat493m" if "sat493m" in f else ""): (f, f.split("_pretrain")[0], 16)
+       for f in DINOV3_FILES},
 }  # fmt: skip
 
 #: released linear-probe heads, for ``dinokit linear --evaluate``

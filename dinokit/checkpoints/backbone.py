@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.normalization import IMAGENET, SAT493M, Normalization, check_normalization
 from ..errors import CheckpointError
 from ..io import torch_save_atomic
 from ..models.inference import inference_model
@@ -45,6 +46,9 @@ class BackboneOptions:
     patch_size: int | None = None
     checkpoint_key: str = "teacher"  #: which weights of a training checkpoint: teacher or student
     model_kwargs: dict = field(default_factory=dict)  #: extra constructor arguments (tiny test models)
+    #: the input normalisation, overriding the one that belongs to the weights (None: the weights')
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -83,9 +87,53 @@ def prepare_backbone(cfg: BackboneOptions, runtime: RuntimeOptions | None = None
         raise CheckpointError(missing or weights_needed())
     device = resolve_device(runtime.device)
     dtype = resolve_precision(runtime.precision, device, training=training)
+    check_normalization(getattr(cfg, "mean", None), getattr(cfg, "std", None))
     seed_everything(runtime.seed)
     model = load_backbone(cfg.weights, cfg.arch, cfg.patch_size, cfg.checkpoint_key, **cfg.model_kwargs)
+    model.normalization = given_normalization(model.normalization, getattr(cfg, "mean", None),
+                                              getattr(cfg, "std", None))
     return PreparedBackbone(model.to(device).eval(), device, dtype)
+
+
+def given_normalization(own: Normalization, mean, std) -> Normalization:
+    """The weights' normalisation ``own`` with ``--mean`` / ``--std`` on top where given."""
+    if mean is None and std is None:
+        return own
+    return Normalization(tuple(float(v) for v in (mean if mean is not None else own.mean)),
+                         tuple(float(v) for v in (std if std is not None else own.std)),
+                         "--mean/--std" if mean is not None and std is not None
+                         else f"{'--mean' if mean is not None else '--std'} with {own.source} "
+                         f"{'std' if mean is not None else 'mean'}")
+
+
+#: files already said to have an unknown normalisation (said once per file and process)
+_ASSUMED: set[str] = set()
+
+
+def weights_normalization(weights: str, ckpt: Any = None, path: Path | None = None) -> Normalization:
+    """The normalisation that belongs to ``weights``: the file's own ``mean``/``std`` where it keeps
+    them (dinokit's fine-tuned models, a ``normalization`` entry); DINOv3's SAT-493M values for its
+    satellite weights (a preset, file or repository whose name says sat493m); ImageNet's for the
+    released DINO/DINOv2/DINOv3 web-image weights, random weights and training checkpoints (DINO's
+    recipe normalises with ImageNet's). Any other file: ImageNet's is assumed, and said once."""
+    names = f"{weights} {path.name if path is not None else ''}".lower()
+    if isinstance(ckpt, dict):
+        own = ckpt.get("normalization") if isinstance(ckpt.get("normalization"), dict) else ckpt
+        mean, std = own.get("mean"), own.get("std")
+        if mean is not None and std is not None and len(mean) == 3 and len(std) == 3:
+            return Normalization(tuple(float(v) for v in mean), tuple(float(v) for v in std), "the file's own")
+    if "sat493m" in names:
+        return SAT493M
+    if weights == "random" or ckpt is None:
+        return IMAGENET
+    if isinstance(ckpt, dict) and any(k in ckpt for k in ("teacher", "student", "model", "format")):
+        return Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (a DINO training checkpoint)")
+    key = str(path or weights)
+    if key not in _ASSUMED:
+        _ASSUMED.add(key)
+        log.warning("%s does not say how its images were normalised; ImageNet's mean and std are assumed "
+                    "(--mean and --std set others).", key)
+    return Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (assumed)")
 
 
 def load_backbone(
@@ -108,6 +156,7 @@ def load_backbone(
         arch = arch or "vit_small"
         model = build_backbone(arch, patch_size, **_with_vit_options(arch, vit_options, model_kwargs))
         model.weights_source = "random"
+        model.normalization = IMAGENET
         return model.eval()
     preset = resolve_preset(weights)
     if preset is not None and not Path(weights).exists():
@@ -139,6 +188,8 @@ def load_backbone(
                 ) from e2
         model = _model_from_checkpoint(ckpt, path, arch, patch_size, checkpoint_key, vit_options, model_kwargs)
         model.weights_source = weights
+        model.normalization = (SAT493M if "sat493m" in f"{weights} {url_path}".lower()
+                               else Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (the preset's)"))
         return model
     path = Path(weights).expanduser()
     if not path.exists() and is_hf_repo_id(weights):  # a local path of that name wins
@@ -148,9 +199,10 @@ def load_backbone(
         if os.sep in weights or "." in weights:
             raise CheckpointError(f"The weights file {path} does not exist.")
         raise CheckpointError(f"Unknown weights {weights!r}: not a file and not a preset ({known}).")
-    model = _model_from_checkpoint(read_checkpoint(path), path, arch, patch_size, checkpoint_key, vit_options,
-                                   model_kwargs)  # fmt: skip
+    ckpt = read_checkpoint(path)
+    model = _model_from_checkpoint(ckpt, path, arch, patch_size, checkpoint_key, vit_options, model_kwargs)
     model.weights_source = str(path)
+    model.normalization = weights_normalization(weights, ckpt, path)
     return model
 
 

@@ -15,6 +15,7 @@ SYNTH_LAYOUTS = {
     "classify": ("train", "val", "masks"),
     "video": ("JPEGImages", "Annotations", "ImageSets"),
     "copydays": ("copydays", "distractors", "whitening"),
+    "segment": ("JPEGImages", "SegmentationClass", "ImageSets", "train", "val", "classes.txt"),
 }
 MARKER = "synth.json"
 

@@ -1,4 +1,4 @@
-"""Image transforms shared by the commands (ImageNet normalisation, the evaluation transform)."""
+"""Image transforms shared by the commands (the normalisation of the weights, the evaluation transform)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ from typing import Any
 from torchvision import transforms as T
 
 from .images import DecodeNeed
+from .normalization import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, Normalization  # noqa: F401 (the transforms' users)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: the evaluation crop is this fraction of the resize (224 of 256, as in DeiT and DINO)
 CROP_FRACTION = 0.875
 
 
-def normalize() -> T.Normalize:
-    return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+def normalize(norm: Normalization = IMAGENET) -> T.Normalize:
+    return T.Normalize(norm.mean, norm.std)
 
 
 def resize_for(crop: int) -> int:
@@ -23,7 +22,7 @@ def resize_for(crop: int) -> int:
     return int(round(crop / CROP_FRACTION))
 
 
-def eval_transform(resize: int = 256, crop: int = 224) -> T.Compose:
+def eval_transform(resize: int = 256, crop: int = 224, norm: Normalization = IMAGENET) -> T.Compose:
     """The evaluation transform: Resize(256, bicubic) -> CenterCrop(224) -> normalise; at another
     crop size ``eval_transform(resize_for(crop), crop)`` keeps the 0.875 ratio."""
     return T.Compose(
@@ -31,7 +30,7 @@ def eval_transform(resize: int = 256, crop: int = 224) -> T.Compose:
             T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(crop),
             T.ToTensor(),
-            normalize(),
+            normalize(norm),
         ]
     )
 

@@ -45,6 +45,7 @@ from ..data.images import (
     scan_labelled_folder,
 )
 from ..data.loader import image_loader
+from ..data.normalization import IMAGENET
 from ..data.transforms import describe_transform, eval_transform
 from ..errors import DataError, DinokitError
 from ..io import (
@@ -266,6 +267,7 @@ def feature_fingerprint(
     """The fingerprint of features made by ``model`` (loaded from ``weights``) through ``transform``."""
 
     vit = is_vit(model)
+    norm = getattr(model, "normalization", None) or IMAGENET
     return {
         "weights": weights_id(weights, model, seed),
         "weights_source": str(weights),
@@ -277,8 +279,23 @@ def feature_fingerprint(
         "transform": describe_transform(transform),
         "n_last_blocks": int(n_last_blocks) if vit else 1,
         "avgpool_patch_tokens": bool(avgpool_patch_tokens) if vit else False,
+        "tokens": describe_tokens(model, n_last_blocks, avgpool_patch_tokens),
+        "normalization": norm.record(),
         "precision": precision_name(dtype),
     }
+
+
+def describe_tokens(model: nn.Module, n_last_blocks: int = 1, avgpool_patch_tokens: bool = False) -> str:
+    """Which tokens a feature is made of, in words (what metrics.json records), as
+    :func:`cls_feature_fn` makes it."""
+    if not is_vit(model):
+        return "the global average pool"
+    cls = "the CLS token of the last block" if n_last_blocks == 1 else f"the CLS tokens of the last {n_last_blocks} blocks"
+    if not avgpool_patch_tokens:
+        return cls + " (after the final norm)"
+    v1 = variant_generation(getattr(model, "arch", None) or "") == 1
+    order = "interleaved with" if n_last_blocks == 1 and v1 else "followed by"
+    return f"{cls} {order} the mean of the last block's patch tokens (after the final norm)"
 
 
 @dataclass
@@ -344,7 +361,8 @@ def compute_features(
     reduced scale that still covers the transform's resize, unless ``exact_decode``.
     """
 
-    transform = transform if transform is not None else eval_transform()
+    if transform is None:
+        transform = eval_transform(norm=getattr(model, "normalization", None) or IMAGENET)
     images = data if isinstance(data, ImageList) else scan_images(data, classes=classes)
     dataset = ImageDataset(images.paths, images.labels, transform=transform, strict=strict,
                            exact_decode=exact_decode)
@@ -648,7 +666,9 @@ class Embedder:
         depth = getattr(model, "depth", None)
         if depth is not None and spec.n_last_blocks > depth:
             raise DataError(f"--n-last-blocks {spec.n_last_blocks} asks for more blocks than the model's {depth}.")
-        self.transform = eval_transform(spec.resize, spec.crop)
+        #: the weights' normalisation (with --mean/--std on top, applied where the backbone was prepared)
+        self.normalization = getattr(model, "normalization", None) or IMAGENET
+        self.transform = eval_transform(spec.resize, spec.crop, self.normalization)
         self.fingerprint = feature_fingerprint(
             model,
             spec.weights,

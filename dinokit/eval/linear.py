@@ -34,18 +34,24 @@ from torchvision import transforms as T
 from ..checkpoints import (
     LINEAR_PRESETS,
     BackboneOptions,
+    extract_backbone_state_dict,
+    infer_arch,
     load_linear_head,
+    map_weight_norm_keys,
     prepare_backbone,
+    read_checkpoint,
     weights_needed,
 )
 from ..data.images import ImageDataset, collate_skip_none, readable_batches
+from ..data.normalization import IMAGENET, Normalization
 from ..data.transforms import normalize
 from ..errors import CheckpointError, DataError, DinokitError
 from ..io import append_jsonl, prepare_output_dir, write_metrics
 from ..models.head import LinearClassifier
 from ..models.inference import inference_model
-from ..models.registry import backbone_arch, is_vit
+from ..models.registry import backbone_arch, canonical_arch, is_vit
 from ..models.vit import variant_generation
+from ..presets import fetch_hf_weights, is_hf_repo_id, resolve_preset
 from ..progress import NULL_PROGRESS, Progress
 from ..run import RunKind, RunOptions, TrainingRun
 from ..runtime import (
@@ -72,6 +78,9 @@ from .features import (
     rank_shard_loader,
     scan_images,
 )
+from .linear_grid import EPOCHS as GRID_EPOCHS
+from .linear_grid import PROTOCOLS, protocol_of
+from .linear_grid_run import GRID_FORMAT, train_grid
 from .metrics import percent, require_finite, topk_correct
 
 log = logging.getLogger("dinokit")
@@ -84,10 +93,12 @@ CHECKPOINT_NAME = "checkpoint.pth"
 RUN_FILES = ("log.jsonl", CHECKPOINT_NAME, "metrics.json")
 MISSING_WEIGHTS = weights_needed("for the backbone to probe")
 CHECKPOINT_FORMAT = "dinokit-linear-1"
+#: DINO's probe (the paper's): 100 epochs at a base lr of 0.001
+DINO_EPOCHS, DINO_LR = 100, 0.001
 #: a probe run's folder, to the run skeleton: a resumed run may change where its data is and how it
 #: runs; its epochs are its recipe (the cosine schedule depends on them)
 LINEAR_RUN = RunKind(
-    command="linear", noun="linear probe run", files=RUN_FILES, formats=(CHECKPOINT_FORMAT,),
+    command="linear", noun="linear probe run", files=RUN_FILES, formats=(CHECKPOINT_FORMAT, GRID_FORMAT),
     keys=("state_dict", "optimizer", "epoch"), unit="epoch",
     may_change=frozenset({"train", "val", "train_features", "val_features", "num_workers", "device", "precision",
                           "strict", "exact_decode"}),
@@ -95,11 +106,14 @@ LINEAR_RUN = RunKind(
 
 
 def default_feature_options(arch: str) -> tuple[int, bool]:
-    """(n_last_blocks, avgpool_patch_tokens) of the paper's linear probe for ``arch``; for DINOv2 and
-    DINOv3 backbones the input of DINOv2's released 4-layer heads: the CLS tokens of the last 4 blocks
-    followed by the average patch token (DINOv2's protocol searches 1 or 4 blocks, with or without
-    the average; ``--n-last-blocks`` and ``--avgpool-patch-tokens`` choose)."""
-    if variant_generation(arch) > 1:
+    """(n_last_blocks, avgpool_patch_tokens) of one probe for ``arch``: the DINO paper's for DINO's
+    ViTs; for DINOv2 backbones the input of DINOv2's released 4-layer heads (the CLS tokens of the last
+    4 blocks followed by the average patch token); for DINOv3 backbones DINOv3's (the last block's CLS
+    token followed by the average patch token). The DINOv2/DINOv3 protocols search a grid of them
+    (:mod:`dinokit.eval.linear_grid`)."""
+    if variant_generation(arch) == 3:
+        return 1, True
+    if variant_generation(arch) == 2:
         return 4, True
     if arch == "vit_base":
         return 1, True
@@ -121,12 +135,15 @@ class LinearConfig(BackboneOptions, RuntimeOptions, RunOptions):
     val_features: Path | None = None
     n_last_blocks: int | None = None  # None: the paper's default for the arch
     avgpool_patch_tokens: bool | None = None
-    epochs: int = 100
+    epochs: int | None = None  # None: the protocol's (DINO: 100 epochs; DINOv2/v3: 10 of epoch_length iterations)
     batch_size: int = field(default=128, kw_only=True)
-    lr: float = 0.001  # scaled by batch * world / 256
+    lr: float | None = None  # scaled by batch * world / 256; None: DINO's 0.001, or DINOv2/v3's grid
+    protocol: str | None = None  # dino, dinov2 or dinov3; None: the weights' generation
+    epoch_length: int | None = None  # DINOv2/v3: iterations per epoch (None: 1250)
     momentum: float = 0.9
     weight_decay: float = 0.0
-    features_only: bool = False
+    features_only: bool = False  # = augment "none"
+    augment: str = "official"  # "none": features computed once (centre crops), the probe trains on them
     logistic: bool = False
     logistic_c: float = 1.0
     logistic_max_iter: int = 1000
@@ -160,8 +177,15 @@ class LinearResult:
     stopped_by: str | None = None  #: a signal's name, "stop-after", or None when the schedule ended
     exit_code: int = 0
     metrics_path: Path | None = None
+    protocol: str = "dino"  #: whose recipe trained it: dino, dinov2 or dinov3
+    heads: list[dict] = field(default_factory=list)  #: DINOv2/v3: every head with its val accuracy
+    chosen: dict | None = None  #: DINOv2/v3: the head chosen on the validation split
+    epoch_length: int = 0  #: DINOv2/v3: iterations per epoch
 
     def metrics(self) -> dict[str, Any]:
+        if self.mode.startswith("grid"):
+            headline = {k: self.chosen[k] for k in ("top1", "top5")} if self.chosen and "top1" in self.chosen else {}
+            return {"linear": {**headline, "protocol": self.protocol, "chosen": self.chosen, "heads": self.heads}}
         if self.mode == "logistic":
             return {"logistic": self.final}
         if self.mode == "evaluate":
@@ -180,6 +204,9 @@ def _feature_spec(cfg: LinearConfig, n_last_blocks: int, avgpool: bool, batch_si
         arch=cfg.arch,
         patch_size=cfg.patch_size,
         checkpoint_key=cfg.checkpoint_key,
+        model_kwargs=dict(cfg.model_kwargs),
+        mean=cfg.mean,
+        std=cfg.std,
         n_last_blocks=n_last_blocks,
         avgpool_patch_tokens=avgpool,
         resize=cfg.resize,
@@ -204,17 +231,26 @@ def _resolve_options(cfg: LinearConfig, model: nn.Module | None) -> tuple[int, b
             cfg.avgpool_patch_tokens if cfg.avgpool_patch_tokens is not None else avg)
 
 
-def probe_train_transform(crop: int = 224, min_scale: float = 0.08) -> T.Compose:
-    """The paper's probe augmentation: RandomResizedCrop + horizontal flip + ImageNet normalisation
+def probe_train_transform(crop: int = 224, min_scale: float = 0.08, norm: Normalization = IMAGENET,
+                          bicubic: bool = False) -> T.Compose:
+    """The probe's augmentation: RandomResizedCrop + horizontal flip + the weights' normalisation;
+    bilinear as DINO's reference, bicubic as DINOv2's and DINOv3's official transforms
     (fine-tuning's stronger augmentation is :func:`dinokit.train.augment.train_transform`)."""
+    mode = T.InterpolationMode.BICUBIC if bicubic else T.InterpolationMode.BILINEAR
     return T.Compose(
         [
-            T.RandomResizedCrop(crop, scale=(min_scale, 1.0)),
+            T.RandomResizedCrop(crop, scale=(min_scale, 1.0), interpolation=mode),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
-            normalize(),
+            normalize(norm),
         ]
     )
+
+
+def dino_recipe(cfg: LinearConfig) -> LinearConfig:
+    """``cfg`` with DINO's probe length and learning rate where it leaves them to the protocol."""
+    return replace(cfg, epochs=cfg.epochs if cfg.epochs is not None else DINO_EPOCHS,
+                   lr=cfg.lr if cfg.lr is not None else DINO_LR)
 
 
 def _recipe(cfg: LinearConfig) -> dict[str, Any]:
@@ -234,6 +270,7 @@ class _ProbeRun:
 
     def __init__(self, cfg: LinearConfig, dim: int, num_classes: int, identity: dict, world: int, device,
                  run: TrainingRun):
+        cfg = dino_recipe(cfg)
         self.cfg = cfg
         self.run = run
         self.out = Path(cfg.output)
@@ -459,7 +496,7 @@ def train_on_images(cfg: LinearConfig, run: TrainingRun, progress: Progress = NU
         probe.probe = nn.parallel.DistributedDataParallel(
             probe.probe, device_ids=[device.index] if device.type == "cuda" else None
         )
-    loaders = _ImageLoaders(cfg, train_images, val_images, emb.transform, device)
+    loaders = _ImageLoaders(cfg, train_images, val_images, emb.transform, device, emb.normalization)
     run_model, run_dtype = inference_model(model, backbone.dtype)  # the frozen backbone: bf16 is cast once
     _train_image_epochs(probe, loaders, run_model, run_dtype, feature_fn, device, progress)
     return probe.result(
@@ -472,9 +509,11 @@ class _ImageLoaders:
     """The probe's training loader (augmented, sharded and reshuffled per epoch under torchrun) and
     its validation loader (this rank's share of the val images, centre crops)."""
 
-    def __init__(self, cfg: LinearConfig, train_images, val_images, val_transform, device: torch.device):
+    def __init__(self, cfg: LinearConfig, train_images, val_images, val_transform, device: torch.device,
+                 normalization: Normalization = IMAGENET, bicubic: bool = False):
         self.train_set = ImageDataset(
-            train_images.paths, train_images.labels, probe_train_transform(cfg.crop, cfg.min_scale),
+            train_images.paths, train_images.labels,
+            probe_train_transform(cfg.crop, cfg.min_scale, normalization, bicubic=bicubic),
             strict=cfg.strict, exact_decode=cfg.exact_decode,
         )  # fmt: skip
         self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, strict=cfg.strict,
@@ -636,12 +675,19 @@ def logistic_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Line
 
 
 def linear_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS, explicit: set[str] | None = None) -> LinearResult:
-    """``dinokit linear``: the probe on images (default), on cached features, a released head, or
-    logistic regression; writes the run folder, ``metrics.json`` included. The probe runs inside the
-    run skeleton (:mod:`dinokit.run`): ``explicit`` names the options typed, as for the other training
-    commands."""
-    if cfg.epochs < 1:
+    """``dinokit linear``: the probe of the weights' generation (``cfg.protocol`` overrides): DINO's
+    single head, or DINOv2's / DINOv3's grid of heads; on images (default) or on features computed
+    once (``augment="none"``), a released head, or logistic regression; writes the run folder,
+    ``metrics.json`` included. The probe runs inside the run skeleton (:mod:`dinokit.run`):
+    ``explicit`` names the options typed, as for the other training commands."""
+    if cfg.epochs is not None and cfg.epochs < 1:
         raise DinokitError("--epochs must be at least 1.")
+    if cfg.epoch_length is not None and cfg.epoch_length < 1:
+        raise DinokitError("--epoch-length must be at least 1.")
+    if cfg.protocol is not None and cfg.protocol not in PROTOCOLS:
+        raise DinokitError(f"--protocol takes {', '.join(PROTOCOLS)}, not {cfg.protocol!r}.")
+    if cfg.augment not in ("official", "none"):
+        raise DinokitError(f"--augment takes official or none, not {cfg.augment!r}.")
     check_numbers(cfg, positive=("lr", *(("logistic_c",) if cfg.logistic else ())), non_negative=("weight_decay",),
                   fractions=("momentum",))
     if sum([cfg.evaluate, cfg.logistic]) > 1:
@@ -659,13 +705,75 @@ def linear_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS, explicit:
     with TrainingRun(LINEAR_RUN, cfg.output, cfg, device) as run:
         cfg = _resumed(cfg, run, explicit)
         run.plan_threads(cfg.threads, cfg.num_workers)
-        if cfg.features_only or cfg.train_features is not None:
-            result = train_on_features(cfg, run, progress)
+        arch = weights_arch(cfg)
+        # --lr or --epochs without --protocol pin one head, trained as before (DINO's recipe, the tokens
+        # of the weights' generation); else the generation's protocol, or the one asked for
+        pinned = cfg.lr is not None or cfg.epochs is not None
+        protocol = cfg.protocol or ("dino" if pinned else protocol_of(variant_generation(arch)))
+        cached = cfg.features_only or cfg.augment == "none" or cfg.train_features is not None
+        if protocol == "dino":
+            cfg = dino_recipe(cfg)
+            result = train_on_features(cfg, run, progress) if cached else train_on_images(cfg, run, progress)
         else:
-            result = train_on_images(cfg, run, progress)
-        result.metrics_path = run.write_metrics(run.outcome(result.epochs_done, cfg.epochs, result.signal),
+            result = _train_grid(cfg, run, protocol, arch, cached, progress)
+        result.metrics_path = run.write_metrics(run.outcome(result.epochs_done, result.epochs, result.signal),
                                                 result.metrics(), _record(cfg, result), units=UNITS)  # fmt: skip
         return result
+
+
+def weights_arch(cfg: LinearConfig) -> str:
+    """The architecture the probe's backbone is (its generation picks the protocol): from the
+    features file, ``--arch``, the preset table, or the weights file's tensors."""
+    if cfg.train_features is not None:
+        return str(load_features(cfg.train_features).fingerprint.get("arch") or "")
+    if cfg.arch:
+        return canonical_arch(cfg.arch)
+    if cfg.weights is None:
+        raise CheckpointError(MISSING_WEIGHTS)
+    preset = resolve_preset(cfg.weights)
+    if cfg.weights == "random" or (preset is not None and not Path(cfg.weights).exists()):
+        return preset[1] if preset is not None else "vit_small"
+    path = Path(cfg.weights).expanduser()
+    if not path.exists() and is_hf_repo_id(cfg.weights):
+        path = fetch_hf_weights(cfg.weights)
+    if not path.exists():
+        raise CheckpointError(f"The weights file {path} does not exist.")
+    sd = extract_backbone_state_dict(read_checkpoint(path), cfg.checkpoint_key, source=str(path))
+    return infer_arch(map_weight_norm_keys(sd))[0]
+
+
+def _train_grid(cfg: LinearConfig, run: TrainingRun, protocol: str, arch: str, cached: bool,
+                progress: Progress) -> LinearResult:
+    """DINOv2's or DINOv3's grid (:mod:`dinokit.eval.linear_grid_run`); ``--lr`` pins one head (with
+    the generation's blocks and mean unless they are given too)."""
+    if variant_generation(arch) == 1:
+        log.warning("--protocol %s with DINO (v1) weights: %s's grid of heads is trained on a DINO backbone, "
+                    "as asked.", protocol, "DINOv2" if protocol == "dinov2" else "DINOv3")
+    if cfg.lr is not None:
+        n0, avg0 = default_feature_options(arch) if variant_generation(arch) > 1 else ((1, True) if protocol == "dinov3" else (4, True))
+        cfg = replace(cfg, n_last_blocks=cfg.n_last_blocks if cfg.n_last_blocks is not None else n0,
+                      avgpool_patch_tokens=cfg.avgpool_patch_tokens if cfg.avgpool_patch_tokens is not None else avg0)
+    cfg = replace(cfg, epochs=cfg.epochs if cfg.epochs is not None else GRID_EPOCHS)
+    out = train_grid(cfg, run, protocol, _feature_spec, _official_train_transform(cfg), progress, cached,
+                     missing=MISSING_WEIGHTS)
+    data, chosen = out["data"], out["chosen"]
+    outcome = run.outcome(out["epochs_done"], cfg.epochs, out["signal"])
+    return LinearResult(
+        f"grid-{'features' if cached else 'images'}", final={k: chosen[k] for k in ("top1", "top5")} if chosen else {},
+        best={}, epochs_run=out["epochs_run"], num_classes=len(data.classes),
+        feature_dim=(data.k + 1) * data.dim, n_train=data.n_train, n_val=data.n_val,
+        n_last_blocks=chosen["n_last_blocks"] if chosen else data.k,
+        avgpool_patch_tokens=chosen["avgpool_patch_tokens"] if chosen else True, fingerprint=data.fingerprint,
+        epochs=cfg.epochs, epochs_done=out["epochs_done"], signal=out["signal"], stopped_by=outcome.stopped_by,
+        exit_code=outcome.exit_code, protocol=protocol, heads=out["heads"], chosen=chosen,
+        epoch_length=out["epoch_length"],
+    )  # fmt: skip
+
+
+def _official_train_transform(cfg: LinearConfig):
+    """DINOv2's and DINOv3's training transform (RandomResizedCrop bicubic, flip, the weights'
+    normalisation), for the normalisation the backbone turns out to have."""
+    return lambda norm: probe_train_transform(cfg.crop, cfg.min_scale, norm, bicubic=True)
 
 
 def _resumed(cfg: LinearConfig, run: TrainingRun, explicit: set[str] | None) -> LinearConfig:
@@ -697,8 +805,21 @@ def _record(cfg: LinearConfig, result: LinearResult) -> dict[str, Any]:
         "n_train": result.n_train,
         "n_val": result.n_val,
         "epochs_run": result.epochs_run,
+        "protocol": result.protocol,
+        **({"epochs": result.epochs} if result.epochs else {}),
+        **({"epoch_length": result.epoch_length} if result.epoch_length else {}),
+        "tokens": _tokens_used(result),
         "fingerprint": result.fingerprint,
     }
+
+
+def _tokens_used(result: LinearResult) -> str:
+    """Which tokens the (chosen) head reads, in words."""
+    if result.chosen is None and not result.mode.startswith("grid"):
+        return str(result.fingerprint.get("tokens", ""))
+    n, avg = result.n_last_blocks, result.avgpool_patch_tokens
+    cls = "the CLS token of the last block" if n == 1 else f"the CLS tokens of the last {n} blocks"
+    return cls + (" followed by the mean of the last block's patch tokens" if avg else "") + " (after the final norm)"
 
 
 __all__: Sequence[str] = [

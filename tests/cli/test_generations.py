@@ -97,7 +97,10 @@ def test_every_other_protocol_takes_the_backbone(tmp_path, labelled_folder, copy
     r = run_cli(["linear", "--weights", weights, "--train", labelled_folder / "train", "--val", labelled_folder / "val",
                  "--features-only", "--epochs", 2, "--resize", s, "--crop", s, "--output", tmp_path / "lin", "--quiet"])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "192-d features (last 2 CLS + patch average)" in r.text  # 2 blocks: 2 CLS tokens and the average
+    # --epochs pins one head: DINOv2's input of its released heads (2 blocks: 2 CLS tokens and the average),
+    # DINOv3's own (the last CLS token and the average)
+    want = "192-d features (last 2 CLS + patch average)" if arch.startswith("dinov2") else "128-d features (last 1 CLS + patch average)"
+    assert want in r.text
     cfg = FinetuneConfig(train=labelled_folder / "train", val=labelled_folder / "val", output=tmp_path / "ft",
                          weights=str(weights), epochs=1, batch_size=6, image_size=s, num_workers=0, precision="fp32",
                          device="cpu", lr=0.05, warmup_epochs=0)  # fmt: skip

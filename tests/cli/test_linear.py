@@ -105,3 +105,35 @@ def test_cli_short_run_says_which_option_to_raise(feature_files, tmp_path):
     r = run_cli([*args, "--lr", "0.5", "--output", tmp_path / "b"])
     assert r.exit_code == 0, r.output
     assert "raise --lr" not in r.text
+
+
+def test_cli_dinov2_protocol_on_v1_weights_runs_the_grid_and_says_so_once(labelled_folder, tiny4_weights, tmp_path):
+    out = tmp_path / "grid"
+    args = ["linear", "--weights", tiny4_weights, "--train", labelled_folder / "train", "--val", labelled_folder / "val",
+            "--output", out, "--protocol", "dinov2", "--augment", "none", "--epoch-length", "3", *SMALL]
+    r = run_cli(args)
+    assert r.exit_code == 0, r.output
+    assert r.text.count("with DINO (v1) weights") == 1
+    m = json.loads((out / "metrics.json").read_text())
+    heads = m["linear"]["heads"]
+    assert len(heads) == 52 and all("top1" in h for h in heads) and m["config"]["mode"] == "grid-features"
+    assert m["linear"]["chosen"]["name"] in r.text and m["config"]["epochs"] == 10
+    assert len((out / "log.jsonl").read_text().splitlines()) == 10  # 10 epochs of 3 iterations
+    # --lr with --protocol pins the grid to one learning rate: DINOv2's released heads' input on one head
+    r = run_cli([*args, "--lr", "0.01", "--epochs", "1", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert [(h["lr"], h["n_last_blocks"], h["avgpool_patch_tokens"]) for h in m["linear"]["heads"]] == [(0.01, 4, True)]
+
+
+def test_cli_dinov3_protocol_on_images(labelled_folder, tiny4_weights, tmp_path):
+    out = tmp_path / "grid3"
+    r = run_cli(["linear", "--weights", tiny4_weights, "--train", labelled_folder / "train", "--val",
+                 labelled_folder / "val", "--output", out, "--protocol", "dinov3", "--epochs", "1",
+                 "--epoch-length", "2", *SMALL])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["mode"] == "grid-images" and len(m["linear"]["heads"]) == 13
+    assert "RandomResizedCrop" not in m["config"]["fingerprint"]["transform"]  # the val transform is recorded
+    r = run_cli(["linear", "--weights", tiny4_weights, "--output", tmp_path / "x", "--protocol", "dinov4", *SMALL])
+    assert r.exit_code == 2 and "--protocol takes dino, dinov2, dinov3" in r.text
