@@ -14,6 +14,7 @@ from ._options import (
     CheckpointKey,
     Device,
     ExactDecode,
+    Mean,
     NumWorkers,
     Output,
     Overwrite,
@@ -21,6 +22,7 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     Strict,
     Weights,
 )
@@ -38,6 +40,8 @@ def patches(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     parts: Annotated[
         int, typer.Option("--parts", min=1, help="k-means clusters of the patch features, shared by the images.")
     ] = 5,
@@ -90,7 +94,7 @@ def patches(
     setup_logging(quiet)
     cfg = PatchesRunConfig(
         images=images, output=output, overwrite=overwrite, weights=weights, arch=arch, patch_size=patch_size,
-        checkpoint_key=checkpoint_key, parts=parts, image_size=image_size or None, foreground=foreground,
+        checkpoint_key=checkpoint_key, mean=mean, std=std, parts=parts, image_size=image_size or None, foreground=foreground,
         threshold=threshold, fit_patches=fit_patches, max_tokens=max_tokens, batch_size=batch_size,
         num_workers=num_workers, device=device, precision=embedding_precision(precision, device), seed=seed,
         strict=strict, exact_decode=exact_decode,

@@ -31,6 +31,7 @@ from PIL import Image
 
 from .. import viz
 from ..data.images import open_rgb
+from ..data.normalization import IMAGENET, Normalization
 from ..errors import DataError, DinokitError
 from ..models.vit import MAX_TOKENS
 from ..progress import NULL_PROGRESS, Progress
@@ -88,12 +89,25 @@ def patch_tokens(model, x: torch.Tensor, dtype: torch.dtype | None = None) -> to
     return tokens[:, -h * w:].float().reshape(x.shape[0], h, w, -1)
 
 
+def renormalize(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """An ImageNet-normalised (3, H, W) input normalised with ``norm``'s mean and std instead."""
+    if (tuple(norm.mean), tuple(norm.std)) == (IMAGENET.mean, IMAGENET.std):
+        return x
+    def col(v):
+        return torch.tensor(v, dtype=x.dtype).view(3, 1, 1)
+
+    return (x * col(IMAGENET.std) + col(IMAGENET.mean) - col(norm.mean)) / col(norm.std)
+
+
 def patch_features(model, images: Iterable, cfg: PatchesConfig, dtype: torch.dtype | None = None,
-                   progress: Progress = NULL_PROGRESS, total: int | None = None) -> Iterator[ImagePatches]:
+                   progress: Progress = NULL_PROGRESS, total: int | None = None,
+                   normalization: Normalization | None = None) -> Iterator[ImagePatches]:
     """Each image's (path, PIL image pair, or path) patch features in input order, images of one size
     batched together (``cfg.batch_size``); the photo is resized to the shorter side
-    ``cfg.image_size`` with its aspect kept and cropped to a multiple of the patch size."""
+    ``cfg.image_size`` with its aspect kept, cropped to a multiple of the patch size and normalised
+    with ``normalization`` (default: the model's own, else ImageNet's)."""
     p = check_patch_model(model)
+    norm = normalization or getattr(model, "normalization", None) or IMAGENET
     device = resolve_device(str(cfg.device))
     model = model.to(device).eval()
     task = progress.task("patch features", total=total)
@@ -119,7 +133,7 @@ def patch_features(model, images: Iterable, cfg: PatchesConfig, dtype: torch.dty
             name, img = item if isinstance(item, tuple) else (item, open_rgb(item, attention_need(
                 cfg.image_size, True, cfg.exact_decode)))
             x, rgb = preprocess(img, cfg.image_size, p, name, keep_aspect=True, max_tokens=cfg.max_tokens)
-            pending.append((name, x, rgb, img.size))
+            pending.append((name, renormalize(x, norm), rgb, img.size))
             if len(pending) >= cfg.batch_size:
                 yield from flush()
         if pending:

@@ -72,6 +72,11 @@ def test_pictures_and_arrays_of_non_square_images(tmp_path, tiny2_weights):
     assert "every patch" in m["colours"] and np.load(out / "square" / "foreground.npy").all()
     assert m["foreground_fraction"] == 1.0 and 0 <= m["first_component_above_threshold"] <= 1
     assert "every patch coloured" in r.text
+    r = run(tmp_path / "square.png", "-w", tiny2_weights, "--image-size", 32, "--parts", 2, "--mean", "0.5,0.5,0.5",
+            "--std", "0.25,0.25,0.25", "-o", out, "-q", "--overwrite")
+    assert r.exit_code == 0, r.output
+    norm = json.loads((out / "metrics.json").read_text())["config"]["normalization"]
+    assert norm["mean"] == [0.5] * 3 and norm["std"] == [0.25] * 3
 
 
 def test_unreadable_images_are_skipped_and_counted_or_stop_with_strict(tmp_path, tiny2_weights):
