@@ -14,6 +14,7 @@ from ._options import (
     CheckpointKey,
     Device,
     ExactDecode,
+    Mean,
     NumWorkers,
     Output,
     Overwrite,
@@ -21,6 +22,7 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     Strict,
     Weights,
     config_from,
@@ -39,6 +41,8 @@ def patches(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     parts: Annotated[
         int, typer.Option("--parts", min=1, help="k-means clusters of the patch features, shared by the images.")
     ] = 5,
@@ -97,9 +101,10 @@ def patches(
     with RichProgress(quiet=quiet) as progress:
         result = run_patches(cfg, progress)
     write_metrics(result.output, result.metrics, result.config)
+    share = result.foreground_fraction
     console.print(f"Wrote the PCA colours, foreground and {plural(parts, 'part')} of "
                   f"{plural(result.images, 'image')} to {result.output} (overview.png; "
-                  f"foreground {result.foreground_fraction:.0%} of the patches).")
+                  + (f"foreground {share:.0%} of the patches)." if share is not None else "every patch coloured)."))
     if result.skipped:
         console.print(f"{plural(result.skipped, 'unreadable image')} skipped (--strict stops at the first).")
 
