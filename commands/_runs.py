@@ -4,6 +4,8 @@ sentence of a run that stopped before the end of its schedule."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import typer
@@ -39,7 +41,10 @@ Threads = Annotated[
 
 
 def typed_options(ctx: typer.Context) -> set[str]:
-    """The parameters the user typed (not defaults): a resumed run takes the others from its record."""
+    """The options the user gave (not defaults): a resumed run takes the others from its record, and the
+    notes on a short run name the values the user chose. Given means on the command line or through an
+    option's environment variable (a value set on purpose either way); a default, or a value from the
+    context's default map, is not given. The one answer to "which options did the user type"."""
     out = set()
     for name in ctx.params:
         source = ctx.get_parameter_source(name)
@@ -48,10 +53,29 @@ def typed_options(ctx: typer.Context) -> set[str]:
     return out
 
 
+#: who says how a stopped run goes on, when a training command runs as one step of a larger
+#: command (``dinokit demo``): that command's own resume line, not the step's
+_stop_reporters: list[Callable[[str | None], None]] = []
+
+
+@contextlib.contextmanager
+def stop_reported_by(reporter: Callable[[str | None], None]) -> Iterator[None]:
+    """Within the block, a training run that stops early calls ``reporter(stopped_by)`` instead of
+    printing its own resume command."""
+    _stop_reporters.append(reporter)
+    try:
+        yield
+    finally:
+        _stop_reporters.remove(reporter)
+
+
 def report_stop(command: str, output, unit: str, done: int, total: int, stopped_by: str | None,
                 where: str | None = None) -> None:
     """The one sentence for a run that ended before its schedule did: by a signal (on stderr; ``where``
     says where in a unit it stopped) or by --stop-after, with the command that continues it."""
+    if stopped_by and _stop_reporters:
+        _stop_reporters[-1](stopped_by)
+        return
     hint = f"dinokit {command} --output {output} --resume"
     if stopped_by and stopped_by != "stop-after":
         where = where or f"after {done} full {unit}s of {total}"
@@ -59,3 +83,20 @@ def report_stop(command: str, output, unit: str, done: int, total: int, stopped_
                           highlight=False)  # fmt: skip
     elif stopped_by == "stop-after":
         console.print(f"Stopped after {unit} {done} of {total} (--stop-after). Resume with: {hint}", highlight=False)
+
+
+#: the training commands' runs as run.TrainingRun knows them (their RunKind's noun; every one keeps its
+#: state in checkpoint.pth), named here so that a command refuses its folder before its heavy imports
+RUN_NOUNS = {"pretrain": "pretraining run", "finetune": "fine-tuning run", "linear": "linear probe run",
+             "segment": "segmentation probe run"}
+RUN_CHECKPOINT = "checkpoint.pth"
+
+
+def check_run_output(command: str, output, *, resume: bool, overwrite: bool) -> None:
+    """The refusals of a training command's --output (see dinokit.io.check_training_folder), at once."""
+    from dinokit.io import check_training_folder
+
+    from ._console import is_main_process
+
+    check_training_folder(output, RUN_CHECKPOINT, RUN_NOUNS[command], resume=resume, overwrite=overwrite,
+                          main=is_main_process())  # fmt: skip

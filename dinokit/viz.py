@@ -498,27 +498,32 @@ def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
     pairs = list(pairs)[:max_pairs]
     if not pairs:
         return None
-    pad, text_w = 8, 300
+    # captions read like the page's text when the sheet is shown at its own size (or shrunk to a page
+    # 960 pixels wide): the score at about a ninth of a thumbnail's height, the names a little smaller
+    big, small = load_font(max(15, thumb // 9)), load_font(max(13, thumb // 11))
+    labels = []
+    for pair in pairs:
+        names = []
+        for name in (pair.image_a, pair.image_b):
+            label = "/".join(Path(name).parts[-2:])  # the folder tells apart copies that share a file name
+            names.append(label if len(label) <= 44 else "..." + label[-41:])
+        labels.append(names)
+    pad = 8
+    text_w = int(max(big.getlength("00.  similarity 0.000"), *(small.getlength(n) for ns in labels for n in ns))) + 2 * pad
     row_h = thumb + pad
     sheet = Image.new("RGB", (2 * thumb + text_w + 4 * pad, pad + row_h * len(pairs)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-
-    def tile(p: str) -> Image.Image:
-        return _thumbnail(p, thumb)
-
     for r, pair in enumerate(pairs):
         y = pad + r * row_h
         for c, name in enumerate((pair.image_a, pair.image_b)):
-            im = tile(name)
+            im = _thumbnail(name, thumb)
             x = pad + c * (thumb + pad)
             sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
         tx = 2 * (thumb + pad) + 2 * pad
-        draw.text((tx, y + 4), f"{r + 1}.  similarity {pair.score:.3f}", fill=(0, 0, 0))
-        for k, name in enumerate((pair.image_a, pair.image_b)):
-            parts = Path(name).parts
-            label = "/".join(parts[-2:])  # the folder tells apart copies that share a file name
-            label = label if len(label) <= 44 else "..." + label[-41:]
-            draw.text((tx, y + 24 + 16 * k), label, fill=(60, 60, 60))
+        draw.text((tx, y + 4), f"{r + 1}.  similarity {pair.score:.3f}", fill=(0, 0, 0), font=big)
+        line = int(small.size) + 6 if hasattr(small, "size") else 18
+        for k, label in enumerate(labels[r]):
+            draw.text((tx, y + 12 + int(getattr(big, "size", 16)) + line * k), label, fill=(60, 60, 60), font=small)
     path = Path(path)
     with atomic_open(path, "wb") as f:
         sheet.save(f, format="PNG")

@@ -17,8 +17,10 @@ os.environ.setdefault("DINOKIT_OFFLINE", "1")
 
 @pytest.fixture(autouse=True)
 def _isolated_hub_cache(tmp_path_factory, monkeypatch):
-    """Presets never touch the user's torch.hub cache during tests."""
+    """Presets never touch the user's torch.hub cache during tests, nor searches the user's descriptor
+    stores: each test has its own."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    monkeypatch.setenv("DINOKIT_CACHE_DIR", str(tmp_path_factory.mktemp("dinokit_cache")))
     monkeypatch.setenv("DINOKIT_OFFLINE", "1")
 
 

@@ -39,7 +39,7 @@ log = logging.getLogger("dinokit")
 # Random generators
 # --------------------------------------------------------------------------------------------------
 
-_KIND_CODES = {"classify": 1, "video": 2, "copydays": 3}
+_KIND_CODES = {"classify": 1, "video": 2, "copydays": 3, "segment": 4}
 
 
 def item_rng(seed: int, kind: str, *keys: int) -> np.random.Generator:

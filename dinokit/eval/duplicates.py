@@ -20,20 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoints import BackboneOptions, prepare_backbone
+from ..checkpoints import BackboneOptions
 from ..errors import DataError, DinokitError
 from ..io import atomic_write_text, inert_cell, write_json
 from ..progress import NULL_PROGRESS, Progress
-from ..runtime import RuntimeOptions, barrier, dist_env, init_distributed
-from .descriptors import (
-    GEM_P,
-    DescriptorEmbedder,
-    copy_feature_fn,
-    copy_transform,
-    find_folder_images,
-    whitening_from,
-)
-from .store import EmbeddingStore, embed_into_store, write_search_matrix
+from ..runtime import RuntimeOptions, dist_env
+from .descriptors import find_folder_images, whitening_from
+from .store import embed_for_search, meaning_warnings, pair_fraction_above, write_search_matrix
 
 log = logging.getLogger("dinokit")
 
@@ -62,6 +55,7 @@ class DuplicatesConfig(BackboneOptions, RuntimeOptions):
     max_pairs: int = 100_000
     chunk_size: int = 4096
     search_block: int = 4096
+    cache_dir: Path | None = None  #: where descriptor stores live (None: store.default_store_root())
     _: KW_ONLY  # the option defaults this command changes
     batch_size: int = 32
 
@@ -127,6 +121,11 @@ class DuplicatesResult:
     truncated: bool = False
     nearest_neighbour_quantiles: dict[str, float] = field(default_factory=dict)
     clusters: list[DuplicateCluster] = field(default_factory=list)
+    #: the share of all image pairs at or above the threshold (measured on a sample of at most 2000 images)
+    pairs_above_threshold_fraction: float = 0.0
+    random_weights: bool = False
+    #: why the pairs and clusters cannot mean much (untrained weights, nearly every pair above the threshold)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -295,7 +294,9 @@ def search_pairs_faiss(
 def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -> DuplicatesResult:
     """Every near-duplicate pair in ``cfg.folder`` (or between it and ``cfg.against``), scored by the
     cosine similarity of the copy-detection descriptor (optionally whitened). Descriptors are kept in
-    ``OUT/index`` and reused by later runs; only new or changed images are embedded."""
+    the store of their settings under ``cfg.cache_dir`` (:func:`~dinokit.eval.store.store_for`), which
+    ``similar`` shares: only images that no run has embedded with these settings, or that changed,
+    are embedded. ``warnings`` says when the result cannot mean much."""
     if cfg.backend not in ("exact", "faiss"):
         raise DinokitError(f"Unknown backend {cfg.backend!r}; use exact or faiss.")
     if cfg.image_size < 1:
@@ -309,28 +310,18 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
     if not -1.0 <= threshold <= 1.0:
         raise DinokitError(f"--min-similarity is a cosine similarity between -1 and 1, got {threshold}.")
 
-    backbone = prepare_backbone(cfg)
-    init_distributed(backbone.device)
     out = Path(cfg.output)
-    embedder = DescriptorEmbedder(
-        backbone.model, cfg.weights, copy_transform(cfg.image_size), copy_feature_fn(), f"cls+gem(p={GEM_P:g})",
-        backbone.device, backbone.dtype, cfg.batch_size, cfg.num_workers, out / "cache", cfg.checkpoint_key, cfg.seed, progress,
-        strict=cfg.strict, exact_decode=cfg.exact_decode,
-    )
-    store = EmbeddingStore(out / "index", embedder.fingerprint)
+    stored = embed_for_search(cfg, [*paths_a, *(paths_b or [])], progress)
+    store, embedder, n_new, reused = stored.store, stored.embedder, stored.embedded, stored.reused
     everything = list(dict.fromkeys([*paths_a, *(paths_b or [])]))
-    n_new = embed_into_store(store, everything, embedder, cfg.chunk_size, progress)
-    reused = len(everything) - n_new
-    barrier()
     if not dist_env().is_main:
         # under torchrun every rank embedded a shard; the search itself runs on the main rank
         return DuplicatesResult([], float(threshold), 0, 0, n_new, reused, 0, cfg.backend)
-    if reused:
-        progress.log(f"reused the stored descriptors of {reused} images")
 
     whitening = None
     if white_paths:
         whitening = whitening_from(embedder.embed(white_paths, "whitening"), cfg.whitening)
+    (out / "index").mkdir(parents=True, exist_ok=True)  # this run's search matrices
 
     ok_a = [p for p, r in zip(paths_a, store.readable(paths_a)) if r]
     ok_b = [p for p, r in zip(paths_b, store.readable(paths_b)) if r] if paths_b is not None else None
@@ -363,6 +354,10 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
     quantiles = {}
     if len(finite):
         quantiles = {f"p{q}": float(np.percentile(finite, q)) for q in (1, 10, 50, 90, 99)}
+    fraction = pair_fraction_above(qa, qb, threshold, same, seed=cfg.seed)
+    warnings = meaning_warnings(cfg.weights, fraction, threshold, "these pairs and clusters")
+    for w in warnings:
+        log.warning(w)
     return DuplicatesResult(
         pairs=pairs,
         threshold=float(threshold),
@@ -375,6 +370,9 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
         truncated=truncated,
         nearest_neighbour_quantiles=quantiles,
         clusters=duplicate_clusters(pairs),
+        pairs_above_threshold_fraction=fraction,
+        random_weights=str(cfg.weights) == "random",
+        warnings=warnings,
     )
 
 

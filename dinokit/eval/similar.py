@@ -1,6 +1,6 @@
 """Similar images: a folder ranked by similarity to query images, with the copy-detection descriptor
-``duplicates`` uses (cosine similarity, optionally whitened); descriptors kept in an
-:class:`~dinokit.eval.store.EmbeddingStore` and reused by later runs."""
+``duplicates`` uses (cosine similarity, optionally whitened); descriptors kept in the
+:class:`~dinokit.eval.store.EmbeddingStore` ``duplicates`` shares and reused by later runs."""
 
 from __future__ import annotations
 
@@ -8,28 +8,28 @@ import csv
 import io
 import logging
 import os
-from dataclasses import KW_ONLY, asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..checkpoints import BackboneOptions, prepare_backbone
+from ..checkpoints import BackboneOptions
 from ..data.images import expand_image_inputs
 from ..errors import DataError, DinokitError
 from ..io import atomic_write_text, inert_cell, write_json
 from ..progress import NULL_PROGRESS, Progress
-from ..runtime import RuntimeOptions, barrier, dist_env, init_distributed
-from .descriptors import (
-    GEM_P,
-    DescriptorEmbedder,
-    copy_feature_fn,
-    copy_transform,
-    find_folder_images,
-    whitening_from,
+from ..runtime import RuntimeOptions, dist_env
+from .descriptors import find_folder_images, whitening_from
+from .duplicates import DEFAULT_THRESHOLD, WHITENED_THRESHOLD
+from .store import (
+    EmbeddingStore,
+    embed_for_search,
+    meaning_warnings,
+    pair_fraction_above,
+    write_search_matrix,
 )
-from .store import EmbeddingStore, embed_into_store, write_search_matrix
 
 log = logging.getLogger("dinokit")
 
@@ -46,6 +46,7 @@ class SimilarConfig(BackboneOptions, RuntimeOptions):
     image_size: int = 320
     chunk_size: int = 4096
     search_block: int = 4096
+    cache_dir: Path | None = None  #: where descriptor stores live (None: store.default_store_root())
     _: KW_ONLY  # the option defaults this command changes
     batch_size: int = 32
 
@@ -72,6 +73,12 @@ class SimilarResult:
     embedded: int
     reused: int
     unreadable: int
+    #: the share of (query, image) pairs at or above ``similarity_threshold`` (duplicates' default threshold)
+    pairs_above_threshold_fraction: float = 0.0
+    similarity_threshold: float = DEFAULT_THRESHOLD
+    random_weights: bool = False
+    #: why the ranking cannot mean much (untrained weights, nearly every pair above the threshold)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -119,7 +126,9 @@ def top_k_similar(
 def find_similar(cfg: SimilarConfig, progress: Progress = NULL_PROGRESS) -> SimilarResult:
     """The ``cfg.k`` images of ``cfg.against`` most similar to each query image (the copy-detection
     descriptor ``duplicates`` uses, cosine similarity, optionally whitened); a query's own file is
-    never its own match. Descriptors are kept in ``OUT/index`` and reused by later runs."""
+    never its own match. Descriptors are kept in the store ``duplicates`` shares
+    (:func:`~dinokit.eval.store.embed_for_search`) and reused by later runs; ``warnings`` says when the
+    ranking cannot mean much."""
     if cfg.k < 1:
         raise DinokitError(f"--k must be at least 1, got {cfg.k}.")
     if cfg.image_size < 1:
@@ -130,19 +139,9 @@ def find_similar(cfg: SimilarConfig, progress: Progress = NULL_PROGRESS) -> Simi
     paths_d = find_folder_images(cfg.against, "folder given with --against", allow_file=True)
     white_paths = find_folder_images(cfg.whitening, "whitening folder") if cfg.whitening is not None else []
 
-    backbone = prepare_backbone(cfg)
-    init_distributed(backbone.device)
-    out = Path(cfg.output)
-    embedder = DescriptorEmbedder(
-        backbone.model, cfg.weights, copy_transform(cfg.image_size), copy_feature_fn(), f"cls+gem(p={GEM_P:g})",
-        backbone.device, backbone.dtype, cfg.batch_size, cfg.num_workers, out / "cache", cfg.checkpoint_key,
-        cfg.seed, progress, strict=cfg.strict, exact_decode=cfg.exact_decode,
-    )
-    store = EmbeddingStore(out / "index", embedder.fingerprint)
+    stored = embed_for_search(cfg, [*paths_q, *paths_d], progress)
+    store, embedder, n_new, reused = stored.store, stored.embedder, stored.embedded, stored.reused
     everything = list(dict.fromkeys([*paths_q, *paths_d]))
-    n_new = embed_into_store(store, everything, embedder, cfg.chunk_size, progress)
-    reused = len(everything) - n_new
-    barrier()
     if not dist_env().is_main:
         return SimilarResult([], cfg.k, 0, 0, n_new, reused, 0)
     whitening = None
@@ -158,6 +157,8 @@ def find_similar(cfg: SimilarConfig, progress: Progress = NULL_PROGRESS) -> Simi
         raise DataError("None of the query images could be read.")
     if not ok_d:
         raise DataError(f"None of the images in {cfg.against} could be read.")
+    out = Path(cfg.output)
+    (out / "index").mkdir(parents=True, exist_ok=True)  # this run's search matrices
     qm = write_search_matrix(store, ok_q, out / "index" / "search-queries.npy", whitening, cfg.search_block)
     dm = write_search_matrix(store, ok_d, out / "index" / "search-against.npy", whitening, cfg.search_block)
     key_d = {EmbeddingStore.key(p): j for j, p in enumerate(ok_d)}
@@ -171,7 +172,13 @@ def find_similar(cfg: SimilarConfig, progress: Progress = NULL_PROGRESS) -> Simi
             if j >= 0
         ]
         queries.append(SimilarQuery(str(p), matches))
-    return SimilarResult(queries, cfg.k, len(ok_q), len(ok_d), n_new, reused, unreadable)
+    threshold = WHITENED_THRESHOLD if whitening is not None else DEFAULT_THRESHOLD
+    fraction = pair_fraction_above(qm, dm, threshold, same, seed=cfg.seed)
+    warnings = meaning_warnings(cfg.weights, fraction, threshold, "this ranking")
+    for w in warnings:
+        log.warning(w)
+    return SimilarResult(queries, cfg.k, len(ok_q), len(ok_d), n_new, reused, unreadable, fraction, threshold,
+                         str(cfg.weights) == "random", warnings)
 
 
 def write_similar(result: SimilarResult, output: str | os.PathLike) -> list[Path]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,11 @@ def _pairs(out: Path) -> list[tuple[float, str, str]]:
     return [(float(r["score"]), r["image_a"], r["image_b"]) for r in rows]
 
 
+def _store_chunks():
+    """The chunk files of every descriptor store of this test (conftest gives each test its own root)."""
+    return sorted(Path(os.environ["DINOKIT_CACHE_DIR"]).glob("*/emb-*.npy"))
+
+
 def run_duplicates(folder, out, weights, *extra):
     return run_cli(["duplicates", str(folder), "--output", str(out), "--weights", str(weights), "--image-size", "64",
                  "--min-similarity", "0.95", "--device", "cpu", "--quiet", *extra])
@@ -77,8 +83,8 @@ def test_finds_planted_copies_and_second_run_embeds_nothing(planted, tiny2_weigh
     assert metrics["embedded"] == 13 and metrics["reused"] == 0
     sheet = Image.open(out / "pairs.png")
     assert sheet.height > 3 * 160  # one row per pair
-    chunks = sorted((out / "index").glob("emb-*.npy"))
-    assert chunks
+    chunks = _store_chunks()
+    assert chunks and not list((out / "index").glob("emb-*"))  # the store is shared, not the run's
     stamps = [p.stat().st_mtime_ns for p in chunks]
 
     # a second run embeds nothing and finds the same pairs
@@ -96,7 +102,7 @@ def test_finds_planted_copies_and_second_run_embeds_nothing(planted, tiny2_weigh
     assert res3.exit_code == 0, res3.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["embedded"] == 1 and metrics["reused"] == 13
-    assert len(list((out / "index").glob("emb-*.npy"))) == len(chunks) + 1
+    assert len(_store_chunks()) == len(chunks) + 1
 
     # other weights: the store does not match and everything is embedded again
     torch.manual_seed(1)
@@ -150,9 +156,11 @@ def test_bad_input_is_one_sentence(tmp_path, tiny2_weights):
     res = run_duplicates(tmp_path / "nowhere", tmp_path / "o2", tiny2_weights)
     assert res.exit_code == 2 and "does not exist" in _flat(res.output)
     smooth_photo(0).save(empty / "x.png")
-    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o3"), "--min-similarity", "3", "--quiet"])
+    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o3"), "--min-similarity", "3", "--quiet",
+                   "--weights", "random"])  # (a missing --weights is refused first, before any import)
     assert res.exit_code == 2 and "between -1 and 1" in _flat(res.output)
-    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o4"), "--backend", "annoy", "--quiet"])
+    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o4"), "--backend", "annoy", "--quiet",
+                   "--weights", "random"])
     assert res.exit_code == 2 and "Unknown backend" in _flat(res.output)
 
 
