@@ -105,6 +105,8 @@ def given_normalization(own: Normalization, mean, std) -> Normalization:
 
 #: files already said to have an unknown normalisation (said once per file and process)
 _ASSUMED: set[str] = set()
+#: the released weights' file names (a preset's file used directly as --weights): ImageNet's
+_RELEASED_FILES = frozenset(Path(url_path).name for url_path, _, _ in PRESETS.values())
 
 
 def weights_normalization(weights: str, ckpt: Any = None, path: Path | None = None) -> Normalization:
@@ -125,11 +127,13 @@ def weights_normalization(weights: str, ckpt: Any = None, path: Path | None = No
         return IMAGENET
     if isinstance(ckpt, dict) and any(k in ckpt for k in ("teacher", "student", "model", "format")):
         return Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (a DINO training checkpoint)")
+    if path is not None and path.name in _RELEASED_FILES:
+        return Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (a released file)")
     key = str(path or weights)
-    if key not in _ASSUMED:
+    if key not in _ASSUMED:  # a note, not a warning: it is what nearly every such file wants
         _ASSUMED.add(key)
-        log.warning("%s does not say how its images were normalised; ImageNet's mean and std are assumed "
-                    "(--mean and --std set others).", key)
+        log.info("%s does not say how its images were normalised; ImageNet's mean and std are assumed "
+                 "(--mean and --std set others).", key)
     return Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (assumed)")
 
 
