@@ -236,7 +236,8 @@ class TrainingRun:
         except (OSError, ValueError):
             saved = None
         if not isinstance(saved, dict):
-            saved = self.checkpoint.get("config") if isinstance(self.checkpoint.get("config"), dict) else None
+            ckpt_config = self.checkpoint.get("config") if self.checkpoint is not None else None
+            saved = ckpt_config if isinstance(ckpt_config, dict) else None
         return saved
 
     # -- the resume policy ----------------------------------------------------------------------

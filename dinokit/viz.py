@@ -9,8 +9,10 @@ from __future__ import annotations
 import colorsys
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from fractions import Fraction
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -18,6 +20,10 @@ from PIL import Image, ImageDraw, ImageFont
 from .data.images import DecodeNeed, open_rgb
 from .errors import DinokitError
 from .io import atomic_open
+
+if TYPE_CHECKING:
+    from av.container import OutputContainer
+    from av.video.stream import VideoStream
 
 # Anchor colours sampled at 0, 1/8, ..., 1 of the perceptually uniform maps of van der Walt and
 # Smith (viridis, inferno); linear interpolation between 9 anchors stays within a few levels of them.
@@ -160,7 +166,7 @@ def draw_contours(image: np.ndarray, labels: np.ndarray, color=(255, 255, 255), 
     return out
 
 
-def load_font(size: int = 12) -> ImageFont.ImageFont:
+def load_font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's bundled scalable font at ``size`` pixels; its small bitmap font where Pillow is older
     than 10.1 or has no FreeType."""
     try:
@@ -207,7 +213,7 @@ def to_aspect(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     width = max(1, int(round(h * size[0] / max(1, size[1]))))
     if width == w:
         return arr
-    return np.asarray(Image.fromarray(arr).resize((width, h), Image.BILINEAR))
+    return np.asarray(Image.fromarray(arr).resize((width, h), Image.Resampling.BILINEAR))
 
 
 def enlarge(picture: np.ndarray, min_width: int) -> np.ndarray:
@@ -307,7 +313,7 @@ def make_grid(tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, 
     for i, t in enumerate(tiles):
         pic = Image.fromarray(np.asarray(t, dtype=np.uint8))
         if pic.size != (w, h):
-            pic = pic.resize((w, h), Image.NEAREST)
+            pic = pic.resize((w, h), Image.Resampling.NEAREST)
         r, c = divmod(i, cols)
         x, y = pad + c * (w + pad), pad + r * (h + lh + pad)
         if labels:
@@ -389,8 +395,8 @@ class GifWriter:
         self.duration_ms = max(20, int(round(1000.0 / fps)))
         self.loop = loop
         self.frames = 0
-        self._ctx = None
-        self._f = None
+        self._ctx: AbstractContextManager[IO] | None = None
+        self._f: IO | None = None
         self._size: tuple[int, int] | None = None
 
     def __enter__(self) -> GifWriter:
@@ -401,11 +407,12 @@ class GifWriter:
     def add(self, frame: np.ndarray) -> None:
         from PIL import GifImagePlugin
 
+        assert self._f is not None, "add() inside the with block"
         pic = Image.fromarray(np.asarray(frame, dtype=np.uint8)).convert("RGB")
         if self._size is None:
             self._size = pic.size
         elif pic.size != self._size:
-            pic = pic.resize(self._size, Image.BILINEAR)
+            pic = pic.resize(self._size, Image.Resampling.BILINEAR)
         q = pic.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
         if self.frames == 0:
             header, _ = GifImagePlugin.getheader(q.copy(), info={"loop": self.loop, "duration": self.duration_ms})
@@ -418,6 +425,7 @@ class GifWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None and self.frames == 0:
             exc_type, exc = ValueError, ValueError("no frames were written")
+        assert self._ctx is not None and self._f is not None, "__exit__ after __enter__"
         if exc_type is None:
             self._f.write(b";")
             self._ctx.__exit__(None, None, None)
@@ -432,8 +440,8 @@ class Mp4Writer:
         self.path = Path(path)
         self.fps = fps
         self.frames = 0
-        self._container = None
-        self._stream = None
+        self._container: OutputContainer | None = None
+        self._stream: VideoStream | None = None
         self._tmp = self.path.with_name(f".{self.path.name}.tmp.mp4")
 
     def __enter__(self) -> Mp4Writer:
@@ -451,6 +459,7 @@ class Mp4Writer:
     def add(self, frame: np.ndarray) -> None:
         import av
 
+        assert self._container is not None and self._stream is not None, "add() inside the with block"
         arr = np.asarray(frame, dtype=np.uint8)
         h, w = arr.shape[:2]
         if self.frames == 0:
@@ -462,6 +471,7 @@ class Mp4Writer:
         self.frames += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        assert self._container is not None and self._stream is not None, "__exit__ after __enter__"
         try:
             if exc_type is None:
                 for packet in self._stream.encode():

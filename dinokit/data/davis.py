@@ -193,7 +193,7 @@ def first_frame_labels(mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
     """
     h, w = grid
     m = np.where(mask == VOID_LABEL, 0, mask).astype(np.uint8)
-    small = np.asarray(Image.fromarray(m, mode="L").resize((w, h), Image.NEAREST)).astype(np.int64)
+    small = np.asarray(Image.fromarray(m, mode="L").resize((w, h), Image.Resampling.NEAREST)).astype(np.int64)
     n_channels = int(m.max()) + 1
     onehot = torch.zeros(n_channels, h * w)
     onehot.scatter_(0, torch.from_numpy(small.reshape(1, -1)), 1.0)
@@ -205,7 +205,7 @@ def resize_labels_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarr
     H, W = size
     if labels.shape == (H, W):
         return labels
-    return np.asarray(Image.fromarray(labels.astype(np.uint8), mode="L").resize((W, H), Image.NEAREST))
+    return np.asarray(Image.fromarray(labels.astype(np.uint8), mode="L").resize((W, H), Image.Resampling.NEAREST))
 
 
 # -- finding videos ---------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def scan_labelled_folder(root: str | os.PathLike, classes: Sequence[str] | None 
                 + "."
             )
     index = {c: i for i, c in enumerate(classes)}
-    samples = []
+    samples: list[tuple[Path, int]] = []
     walk = _ImageWalk()
     for folder in (root, *(root / c for c in found)):  # a link from one class folder to another
         walk.enter(folder)  # must not lend it the other's images

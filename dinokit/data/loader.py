@@ -20,8 +20,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from typing import Any, Protocol
 
 import torch
 
@@ -39,6 +39,21 @@ def decode_threads(compute_threads: int, cores: int) -> int:
     return max(1, min(MAX_DECODE_THREADS, int(cores) - int(compute_threads)))
 
 
+def dataset_length(dataset: torch.utils.data.Dataset) -> int:
+    """``len(dataset)``: a ``torch.utils.data.Dataset`` does not promise one."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"object of type '{type(dataset).__name__}' has no len()")
+    return len(dataset)
+
+
+class SizedSampler(Protocol):
+    """Indices that know how many they are (a ``torch.utils.data.Sampler`` with ``__len__``)."""
+
+    def __iter__(self) -> Iterator[int]: ...
+
+    def __len__(self) -> int: ...
+
+
 class PrefetchLoader:
     """Batches of ``dataset`` (in the order of ``indices``, all by default) collated by
     ``collate_fn``, each item made in a pool of ``threads`` threads while the model works on the
@@ -53,11 +68,11 @@ class PrefetchLoader:
         self.indices = list(indices) if indices is not None else None
 
     def __len__(self) -> int:
-        n = len(self.indices) if self.indices is not None else len(self.dataset)
+        n = len(self.indices) if self.indices is not None else dataset_length(self.dataset)
         return -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
-        order = iter(self.indices if self.indices is not None else range(len(self.dataset)))
+        order = iter(self.indices if self.indices is not None else range(dataset_length(self.dataset)))
         ahead = 2 * self.batch_size  # the batch the model waits for next, and the one after it
         pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="dinokit-decode")
         pending: collections.deque[concurrent.futures.Future] = collections.deque()
@@ -67,7 +82,7 @@ class PrefetchLoader:
                 if len(pending) >= ahead:
                     break
             while pending:
-                batch = []
+                batch: list[Any] = []
                 while pending and len(batch) < self.batch_size:
                     batch.append(pending.popleft().result())
                     nxt = next(order, None)
@@ -90,7 +105,7 @@ class DecodeAheadLoader:
 
     num_workers = 0  # for the training loops' signal handling: no worker process to start
 
-    def __init__(self, dataset, sampler: Iterable[int], batch_size: int, threads: int,
+    def __init__(self, dataset, sampler: SizedSampler, batch_size: int, threads: int,
                  collate_fn: Callable[[list], Any], drop_last: bool = True):
         self.dataset, self.sampler, self.batch_size = dataset, sampler, max(1, int(batch_size))
         self.threads, self.collate_fn, self.drop_last = max(1, int(threads)), collate_fn, drop_last

@@ -36,7 +36,8 @@ _VOC_VOID_RGB = (224, 224, 192)
 
 def _object_ids(n: int) -> list[int]:
     """n object ids 1, 2, ... skipping the void value."""
-    ids, v = [], 1
+    ids: list[int] = []
+    v = 1
     while len(ids) < n:
         if v != VOID:
             ids.append(v)
@@ -113,6 +114,7 @@ class GroundTruth:
             labels = read_label_mask(self.mask, binary=self.binary)
             where = f"The mask {self.mask}"
         else:
+            assert self.coco_size is not None, "a target without a mask file reads COCO annotations"
             h, w = self.coco_size
             if image_size is not None and (w, h) != tuple(image_size):
                 # checked before the masks are drawn: they are allocated at the file's size, and a file

@@ -51,7 +51,8 @@ def stratified_split(folder: LabelledFolder, fraction: float, seed: int) -> tupl
     by_class: dict[int, list] = {}
     for p, t in folder.samples:
         by_class.setdefault(t, []).append((p, t))
-    train, val = [], []
+    train: list = []
+    val: list = []
     for t in sorted(by_class):
         items = by_class[t]
         order = rng.permutation(len(items))

@@ -170,7 +170,7 @@ def smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int, 
     grid = (rng.random((ch, cw, channels)) * 255).astype(np.uint8)
     out = np.empty((height, width, channels), np.float32)
     for c in range(channels):
-        out[..., c] = np.asarray(Image.fromarray(grid[..., c]).resize((width, height), Image.BICUBIC), np.float32)
+        out[..., c] = np.asarray(Image.fromarray(grid[..., c]).resize((width, height), Image.Resampling.BICUBIC), np.float32)
     out /= 255.0
     return out if channels > 1 else out[..., 0]
 
@@ -264,7 +264,7 @@ def photographs() -> tuple[tuple[str, np.ndarray], ...]:
         pil = Image.fromarray(np.ascontiguousarray(img))
         if max(pil.size) > 640:
             r = 640 / max(pil.size)
-            pil = pil.resize((round(pil.width * r), round(pil.height * r)), Image.BILINEAR)
+            pil = pil.resize((round(pil.width * r), round(pil.height * r)), Image.Resampling.BILINEAR)
         out.append((name, np.asarray(pil)))
     return tuple(out)
 
@@ -287,7 +287,7 @@ def photo_crop(
     cw = ch * aspect
     y0 = rng.uniform(0, ph - ch)
     x0 = rng.uniform(0, pw - cw)
-    pil = Image.fromarray(img).resize((width, height), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+    pil = Image.fromarray(img).resize((width, height), Image.Resampling.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
     arr = np.asarray(pil)
     if rng.random() < 0.5:
         arr = arr[:, ::-1]

@@ -207,14 +207,14 @@ def _edit_logo(rng, img: Image.Image, size: int) -> Image.Image:
 def _edit_rotation(rng, img: Image.Image, size: int) -> Image.Image:
     angle = float(rng.uniform(8, 35) * rng.choice([-1, 1]))
     if rng.random() < 0.5:  # keep the black corners, as a rotated scan would
-        return img.rotate(angle, resample=Image.BILINEAR, expand=True)
+        return img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
     w, h = img.size
-    rotated = img.rotate(angle, resample=Image.BILINEAR)
+    rotated = img.rotate(angle, resample=Image.Resampling.BILINEAR)
     a = math.radians(abs(angle))
     s = 1 / (math.cos(a) + math.sin(a) * max(w, h) / min(w, h))  # the largest corner-free central part
     cw, ch = max(8, int(w * s)), max(8, int(h * s))
     x0, y0 = (w - cw) // 2, (h - ch) // 2
-    return rotated.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.BILINEAR)
+    return rotated.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.Resampling.BILINEAR)
 
 
 def _edit_collage(rng, img: Image.Image, size: int) -> Image.Image:
@@ -223,7 +223,7 @@ def _edit_collage(rng, img: Image.Image, size: int) -> Image.Image:
         bw, bh = int(w * rng.uniform(1.2, 1.6)), int(h * rng.uniform(1.2, 1.6))
         canvas = Image.fromarray(procedural_picture(rng, bh, bw))
         s = rng.uniform(0.6, 0.8)
-        small = img.resize((max(8, int(bw * s)), max(8, int(bh * s))), Image.BILINEAR)
+        small = img.resize((max(8, int(bw * s)), max(8, int(bh * s))), Image.Resampling.BILINEAR)
         canvas.paste(small, (int(rng.integers(0, bw - small.width + 1)), int(rng.integers(0, bh - small.height + 1))))
         return canvas
     # a piece of another picture pasted over a part of this one
@@ -246,7 +246,7 @@ def _edit_print_scan(rng, img: Image.Image, size: int) -> Image.Image:
            (pw + rng.uniform(-j, j), ph + rng.uniform(-j, j)), (rng.uniform(-j, j), ph + rng.uniform(-j, j))]
     dst = [(0, 0), (pw, 0), (pw, ph), (0, ph)]
     coeffs = _perspective_coeffs(dst, src)
-    warped = paper.transform((pw, ph), Image.PERSPECTIVE, coeffs, resample=Image.BILINEAR, fillcolor=(40, 40, 40))
+    warped = paper.transform((pw, ph), Image.Transform.PERSPECTIVE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=(40, 40, 40))
     warped = warped.filter(ImageFilter.GaussianBlur(radius=size * rng.uniform(0.002, 0.006)))
     arr = np.asarray(warped, np.float32)
     arr = 128 + (arr - 128) * rng.uniform(0.6, 0.85) + rng.uniform(-15, 25)
@@ -271,7 +271,7 @@ def _edit_reframe(rng, img: Image.Image, size: int) -> Image.Image:
     cw, ch = int(w * s), int(h * s)
     x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
     nh, nw = _picture_size(rng, size)
-    return img.crop((x0, y0, x0 + cw, y0 + ch)).resize((nw, nh), Image.BICUBIC)
+    return img.crop((x0, y0, x0 + cw, y0 + ch)).resize((nw, nh), Image.Resampling.BICUBIC)
 
 
 _EDITS = {

@@ -118,7 +118,7 @@ def _draw_object(obj: _Object, i: int, height: int, width: int) -> tuple[np.ndar
         k * co,
         half - k * (-si * cx + co * cy),
     )
-    colour = obj.sprite.transform((width, height), Image.AFFINE, coeffs, resample=Image.BILINEAR)
+    colour = obj.sprite.transform((width, height), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
     return mask, np.asarray(colour)
 
 

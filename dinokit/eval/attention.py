@@ -233,7 +233,7 @@ def resize_labels(labels: np.ndarray, image_size: int | None, patch_size: int,
         h, w = np.asarray(labels).shape[:2]
         pic = Image.fromarray(np.asarray(labels, dtype=np.int32), mode="I")
         size = resized_size(w, h, image_size, keep_aspect)
-        labels = np.asarray(pic.resize(size, Image.NEAREST), dtype=np.int32)
+        labels = np.asarray(pic.resize(size, Image.Resampling.NEAREST), dtype=np.int32)
     return np.array(crop_to_patches(labels, patch_size), dtype=np.int32, order="C")
 
 
@@ -483,6 +483,7 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
     if not per_image:
         raise DataError("No image has a ground-truth object (every mask is background or void).")
     n = len(per_image)
+    assert head_sums is not None  # summed with the first image that has objects
     per_head = [float(v) for v in head_sums / n]
     best = sorted(((s, -ni, g) for s, ni, g in best_heap), key=lambda e: (-e[0], e[1]))
     worst = sorted(((-s, i, g) for s, i, g in worst_heap), key=lambda e: (e[0], e[1]))

@@ -33,7 +33,7 @@ from ..data.loader import prefetch_map, prefetch_threads
 from ..data.masks import GroundTruth, ground_truth_from_coco, ground_truth_from_masks, read_image_list
 from ..errors import DataError, DinokitError
 from ..io import atomic_write_bytes, atomic_write_text, inert_cell, prepare_output_dir
-from ..models.registry import backbone_arch
+from ..models.registry import backbone_arch, is_vit
 from ..progress import NULL_PROGRESS, Progress
 from ..runtime import precision_name
 from .attention import (
@@ -126,8 +126,10 @@ def check_run_config(cfg: AttentionRunConfig) -> str:
 def load_attention_ground_truth(cfg: AttentionRunConfig) -> list[GroundTruth]:
     """The evaluation form's images with their objects, from label PNGs or a COCO file."""
     ids = read_image_list(cfg.image_list) if cfg.image_list is not None else None
+    assert cfg.images_dir is not None, "check_run_config: the evaluation form has --images"
     if cfg.coco is not None:
         return ground_truth_from_coco(cfg.images_dir, cfg.coco, objects=cfg.objects, image_list=ids)
+    assert cfg.masks is not None, "check_run_config: --masks or --coco"
     return ground_truth_from_masks(cfg.images_dir, cfg.masks, binary=cfg.binary_masks, image_list=ids)
 
 
@@ -177,18 +179,22 @@ def run_attention(cfg: AttentionRunConfig, progress: Progress = NULL_PROGRESS) -
     """Check the form, read its inputs (a bad path is reported before anything is loaded or created),
     load the backbone, then compute and write the form's maps or scores into ``cfg.output``."""
     form = check_run_config(cfg)
-    paths = expand_image_inputs(cfg.images) if form == "maps" else None
+    paths = None
+    if form == "maps":
+        assert cfg.images, "check_run_config: the maps form has images"
+        paths = expand_image_inputs(cfg.images)
     items = load_attention_ground_truth(cfg) if form == "evaluation" else None
     prepared = prepare_backbone(cfg)  # seeds first: --weights random is the same network on every run
     model = prepared.model
-    check_attention_model(model)
+    patch_size = check_attention_model(model)
+    assert is_vit(model), "prepare_backbone builds dinokit's ViT, the backbone with attention maps"
     model.max_tokens = cfg.max_tokens
     if paths is not None:  # every image's size is checked before any map is computed or written
-        _check_token_counts(paths, cfg, int(model.patch_size))
+        _check_token_counts(paths, cfg, patch_size)
     record = {
         "weights": str(cfg.weights),
         "arch": backbone_arch(model),
-        "patch_size": int(model.patch_size),
+        "patch_size": patch_size,
         "heads": int(model.num_heads),
         "checkpoint_key": cfg.checkpoint_key,
         "seed": cfg.seed,
@@ -200,7 +206,9 @@ def run_attention(cfg: AttentionRunConfig, progress: Progress = NULL_PROGRESS) -
         if form == "video":
             return _run_video(model, cfg, out, record, progress)
         if form == "evaluation":
+            assert items is not None
             return _run_evaluation(items, model, cfg, out, record, progress)
+        assert paths is not None
         return _run_maps(paths, model, cfg, out, record, progress)
 
 
@@ -383,6 +391,7 @@ def frame_name(source, index: int, from_folder: bool, used: set[str]) -> str:
 
 def _run_video(model, cfg: AttentionRunConfig, out: Path, record: dict, progress: Progress) -> AttentionRunResult:
     """Each frame's head-mean map and masks as PNGs, and both side by side as an animated GIF (and MP4)."""
+    assert cfg.video is not None, "check_run_config: the video form has --video"
     frames, total, file_fps = iter_video_frames(cfg.video)
     fps = cfg.fps or file_fps or 10.0
     from_folder = Path(cfg.video).is_dir()

@@ -139,10 +139,11 @@ def _scorable_queries(block: str, paths: Sequence[Path], emb: Embedded, original
     return _QueryBlock(rows, positives, skipped)
 
 
-def _learn_whitening(embedder: DescriptorEmbedder, paths: list[Path], folder: Path, unreadable: dict[str, int]
+def _learn_whitening(embedder: DescriptorEmbedder, paths: list[Path], folder: Path | None, unreadable: dict[str, int]
                      ) -> tuple[Whitening | None, dict[str, Any] | None]:
     if not paths:
         return None, None
+    assert folder is not None  # the images were found in it
     emb = embedder.embed(paths, "whitening")
     unreadable["whitening"] = emb.n_unreadable
     whitening = whitening_from(emb, folder)

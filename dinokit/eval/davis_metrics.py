@@ -109,7 +109,8 @@ def f_measure(gt: np.ndarray, pred: np.ndarray, bound_th: float = 0.008) -> floa
     pred = np.asarray(pred, dtype=bool)
     if gt.shape != pred.shape:
         raise ValueError(f"mask shapes differ: {gt.shape} vs {pred.shape}")
-    radius = boundary_tolerance(*pred.shape[:2], bound_th=bound_th)
+    height, width = pred.shape[:2]
+    radius = boundary_tolerance(height, width, bound_th=bound_th)
     pred_b = boundary_map(pred)
     gt_b = boundary_map(gt)
     n_pred = int(pred_b.sum())
@@ -210,7 +211,7 @@ def list_frames(folder: Path) -> list[Path]:
 
 
 def resolve_gt_root(
-    gt: str | os.PathLike, split: str = "val", sequences: Sequence[str] | None = None
+    gt: str | os.PathLike, split: str = "val", sequences: Iterable[str] | None = None
 ) -> tuple[Path, list[str]]:
     """``--gt``: a folder of ``<seq>/`` folders of PNGs, or a DAVIS root (Annotations/480p inside,
     and ImageSets/2017/<split>.txt naming the sequences unless ``sequences`` does; a missing list is

@@ -141,7 +141,9 @@ def segment_video(
             f"The first-frame mask {sequence.first_mask} is {mask.shape[1]}x{mask.shape[0]} pixels but "
             f"the frames of {sequence.name} are {W}x{H}."
         )
-    patch_size = model.patch_size
+    patch_size = getattr(model, "patch_size", None)
+    if not isinstance(patch_size, int):
+        raise DinokitError("Label propagation needs a ViT backbone (patch features); ResNet-50 has none.")
     grid = (dataset.size[0] // patch_size, dataset.size[1] // patch_size)
     first_labels = first_frame_labels(mask, grid).to(device)
     batch_size = batch_size if batch_size > 0 else auto_frame_batch(device, grid[0] * grid[1] + 1, dtype)
@@ -162,7 +164,7 @@ def segment_video(
     propagator = LabelPropagator(config)
     task = progress.task(f"{sequence.name}", total=len(dataset))
     try:
-        _segment_frames(model, dtype, loader, propagator, first_labels, writer, times, task)
+        _segment_frames(model, patch_size, dtype, loader, propagator, first_labels, writer, times, task)
     except DinokitError as e:
         raise _unwrap_worker_error(e) from None
     finally:
@@ -213,7 +215,7 @@ class _MaskWriter:
 
 @torch.no_grad()
 def _segment_frames(
-    model: nn.Module, dtype: torch.dtype | None, loader, propagator: LabelPropagator, first_labels: torch.Tensor,
+    model: nn.Module, patch_size: int, dtype: torch.dtype | None, loader, propagator: LabelPropagator, first_labels: torch.Tensor,
     writer: _MaskWriter, times: SegmentationTimes, task,
 ) -> None:
     """Embed the frames batch by batch, propagate the labels frame by frame, hand the masks to ``writer``."""
@@ -234,7 +236,7 @@ def _segment_frames(
                 propagator.start(feats[b], first_labels)
                 continue
             soft = propagator.step(feats[b])
-            masks.append((i, soft_labels_to_mask(soft, model.patch_size).to(torch.uint8)))
+            masks.append((i, soft_labels_to_mask(soft, patch_size).to(torch.uint8)))
         host = [(i, m.cpu().numpy()) for i, m in masks]
         t3 = time.perf_counter()
         times.propagation += t3 - t2
@@ -278,8 +280,8 @@ def write_visualization(
         with atomic_open(seq_dir / (f.stem + ".png"), "wb") as fh:
             img.save(fh, format="PNG")
         scale = min(1.0, gif_width / img.width)
-        small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
-        gif_frames.append(small.convert("P", palette=Image.ADAPTIVE, colors=255))
+        small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR)
+        gif_frames.append(small.convert("P", palette=Image.Palette.ADAPTIVE, colors=255))
     gif = vis_dir / f"{sequence.name}.gif"
     with atomic_open(gif, "wb") as fh:
         gif_frames[0].save(fh, format="GIF", save_all=True, append_images=gif_frames[1:], duration=100, loop=0)
@@ -398,6 +400,7 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
     _claim_output(out, fingerprint, cfg.overwrite)
     for seq in sequences:
         if not seq.frames:  # a video file
+            assert cfg.frames is not None  # the only source of a video
             seq.frames = decode_video(cfg.frames, out / ".frames" / seq.name)
 
     videos = []
@@ -414,7 +417,7 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
         videos.append(res)
         if cfg.visualize:
             write_visualization(seq, res_dir, out / "visualize")
-        if _has_ground_truth(seq):
+        if seq.gt_dir is not None and _has_ground_truth(seq):
             objs = score_sequence_folders(seq.gt_dir, res_dir, seq.name)
             scores.sequences.append(seq.name)
             for key, o in objs.items():

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from ..progress import NULL_PROGRESS, Progress
 from .cache import CachedTensors, files_key
 from .features import extract_features, feature_fingerprint
 from .metrics import require_finite
+
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
 
 log = logging.getLogger("dinokit")
 
@@ -52,7 +55,7 @@ def gem(tokens: torch.Tensor, p: float = GEM_P, eps: float = GEM_EPS) -> torch.T
     return x.pow(p).mean(dim=1).pow(1.0 / p)
 
 
-def _resnet_feature_map(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def _resnet_feature_map(model: ResNet, images: torch.Tensor) -> torch.Tensor:
     x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
     x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
     return x.flatten(2).transpose(1, 2)  # (B, h*w, 2048)
@@ -195,7 +198,7 @@ class DescriptorEmbedder:
     def __init__(
         self,
         model: nn.Module,
-        weights: str,
+        weights: str | None,
         transform: Any,
         feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
         descriptor: str,

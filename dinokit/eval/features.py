@@ -44,7 +44,7 @@ from ..data.images import (
     readable_batches,
     scan_labelled_folder,
 )
-from ..data.loader import image_loader
+from ..data.loader import dataset_length, image_loader
 from ..data.normalization import IMAGENET
 from ..data.transforms import describe_transform, eval_transform
 from ..errors import DataError, DinokitError
@@ -91,11 +91,12 @@ def cls_feature_fn(n_last_blocks: int = 1, avgpool_patch_tokens: bool = False) -
     """
 
     def fn(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        if not hasattr(model, "get_intermediate_layers"):
+        get_intermediate_layers = getattr(model, "get_intermediate_layers", None)
+        if get_intermediate_layers is None:
             return model(images)
         if n_last_blocks == 1 and not avgpool_patch_tokens:
             return model(images)
-        layers = model.get_intermediate_layers(images, n_last_blocks)
+        layers = get_intermediate_layers(images, n_last_blocks)
         out = torch.cat([x[:, 0] for x in layers], dim=-1)
         if avgpool_patch_tokens:
             avg = layers[-1][:, 1:].mean(dim=1)
@@ -123,7 +124,7 @@ def rank_shard_loader(
     Without ``num_workers`` the items are made ahead of the model in ``decode_threads`` threads
     (:func:`dinokit.data.loader.image_loader`; None: as many as the thread plan leaves, 0: none)."""
     env = dist_env()
-    n = len(dataset)
+    n = dataset_length(dataset)
     indices = list(range(env.rank, n, env.world_size)) if is_dist() else list(range(n))
     shard = torch.utils.data.Subset(dataset, indices)
     if num_workers > 0:
@@ -162,7 +163,7 @@ def extract_features(
     """
     device = torch.device(device)
     feature_fn = feature_fn or (lambda m, x: m(x))
-    n = len(dataset)
+    n = dataset_length(dataset)
     loader, indices = rank_shard_loader(dataset, batch_size, num_workers, device, decode_threads=decode_threads)
     model = model.to(device).eval()
     model, dtype = inference_model(model, dtype)
@@ -239,7 +240,7 @@ class FeatureSet:
         }
 
 
-def weights_id(weights: str, model: nn.Module | None = None, seed: int | None = None) -> str:
+def weights_id(weights: str | None, model: nn.Module | None = None, seed: int | None = None) -> str:
     """What identifies the weights in a fingerprint: ``random(seed=S)``, or the hash of the loaded
     backbone's state dict (so a training checkpoint's teacher and the backbone file exported from it
     agree, and a renamed or moved file still matches); without a model, the file's SHA-256."""
@@ -257,7 +258,7 @@ def weights_id(weights: str, model: nn.Module | None = None, seed: int | None = 
 
 def feature_fingerprint(
     model: nn.Module,
-    weights: str,
+    weights: str | None,
     transform: Any,
     n_last_blocks: int = 1,
     avgpool_patch_tokens: bool = False,
@@ -449,13 +450,14 @@ def write_features_csv(fs: FeatureSet, path: str | os.PathLike) -> Path:
     """The features as CSV, one row per image (see :func:`save_features`), written atomically."""
     path = Path(path)
     feats = fs.features.detach().to(torch.float32).cpu().numpy()
-    labelled = fs.labels is not None
+    labels = fs.labels
+    labelled = labels is not None
     header = ["path", *(["label"] if labelled else []), *(f"f{i}" for i in range(feats.shape[1]))]
     with atomic_open(path, "w") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(header)
         for i, row in enumerate(feats):
-            label = [inert_cell(fs.classes[int(fs.labels[i])])] if labelled else []
+            label = [inert_cell(fs.classes[int(labels[i])])] if labels is not None else []
             # numpy prints a float32 with the fewest digits that read back to the same float32
             w.writerow([inert_cell(fs.paths[i]), *label, *(str(v) for v in row)])
     return path
@@ -668,7 +670,7 @@ class Embedder:
             expected["transform"] = describe_transform(transform)
         expected["data"] = data_fingerprint(images.paths, images.root)
         cached_file = CachedTensors(cache, same_fingerprint) if cache is not None else None
-        if cached_file is not None and cached_file.exists():
+        if cache is not None and cached_file is not None and cached_file.exists():
             try:
                 stored = cached_file.load(expected)
                 cached = feature_set_from_dict(stored, cache) if stored is not None else None

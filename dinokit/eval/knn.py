@@ -274,7 +274,7 @@ def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
         strict=cfg.strict,
         exact_decode=cfg.exact_decode,
     )
-    if all(given):
+    if cfg.train_features is not None and cfg.val_features is not None:
         train = load_features(cfg.train_features)
         val = load_features(cfg.val_features)
         check_same_model(train, val, str(cfg.train_features), str(cfg.val_features))

@@ -35,7 +35,7 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]
     return ranked_hits(ranked, targets)
 
 
-def percent(count: int, total: int) -> float:
+def percent(count: float, total: float) -> float:
     """``count`` of ``total`` in percent; NaN for an empty set (no score rather than a made-up one)."""
     return count * 100.0 / total if total else float("nan")
 

@@ -290,6 +290,7 @@ class WindowWorkspace:
 
     def _block_views(self, keys: torch.Tensor) -> list:
         geom = self.geometry
+        assert geom is not None and self.key is not None, "prepare() made the workspace"
         dim, strip_width, tile_h = keys.shape[-1], geom.strip_width, geom.tile_h
         block_size = (tile_h + 2 * geom.radius) * strip_width
         if self.key.batched:  # the blocks of a strip as one strided batch of overlapping (dim, block) matrices
@@ -344,6 +345,7 @@ def _tiled_window_topk(
     """A tile at a time (CPUs): the scratch stays small enough for the caches. Returns the top
     values and indices (n_tiles_w, n_tiles_h, tile_cells, n_kept) in tile order and the full rows."""
     geom = ws.geometry
+    assert geom is not None and ws.windows is not None, "prepare() made the workspace"
     n_strips, n_tile_rows, tile_cells = targets.shape[:3]
     side, n_context = 2 * geom.radius + 1, len(blocks)
     n_entries = ws.windows.shape[-1]
@@ -374,6 +376,7 @@ def _batched_window_topk(
     """A strip at a time (GPUs): one strided batch of products per strip and context frame, one
     top-k at the end, no host synchronisation per tile. Returns what :func:`_tiled_window_topk` does."""
     geom = ws.geometry
+    assert geom is not None and ws.windows is not None and ws.products is not None, "prepare() made the workspace"
     n_strips, n_tile_rows = targets.shape[:2]
     side, n_context = 2 * geom.radius + 1, len(blocks)
     windows = ws.windows  # (n_strips, n_tile_rows, tile_cells, n_entries)
@@ -489,6 +492,7 @@ class LabelPropagator:
         return unit if dt is None else unit.to(dt)
 
     def _pad(self, features: torch.Tensor) -> torch.Tensor:
+        assert self.geom is not None, "start() sets the grid"
         keys = key_strips(self._unit(features, 1.0), self.geom)  # cast first: the strips repeat 2r columns
         if self._offset:
             keys[..., -1] = 1.0  # the padding too: its product is then 0 - offset, a cosine of 0
@@ -526,6 +530,7 @@ class LabelPropagator:
         w, flat = self.weights(features)
         labels = torch.cat([self._labels0] + [lab for _, lab in self._queue])  # (F*hw, C)
         soft = (labels[flat] * w.unsqueeze(-1)).sum(1)  # (hw, C)
+        assert self.geom is not None  # weights() refuses a propagator that was not started
         out = soft.t().reshape(-1, self.geom.h, self.geom.w).contiguous()
         self.remember(features, out)
         return out
@@ -559,12 +564,12 @@ def soft_labels_to_mask(soft: torch.Tensor, patch_size: int) -> torch.Tensor:
 def patch_features(model: nn.Module, frames: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """(B, 3, H, W) frames -> (B, H/p, W/p, D) float32: the last block's patch tokens after the final
     LayerNorm (no CLS token)."""
-    if not hasattr(model, "forward_features") or not hasattr(model, "patch_size"):
+    forward_features, p = getattr(model, "forward_features", None), getattr(model, "patch_size", None)
+    if forward_features is None or p is None:
         raise DinokitError("Label propagation needs a ViT backbone (patch features); ResNet-50 has none.")
-    p = model.patch_size
     B, _, H, W = frames.shape
     with autocast(frames.device, dtype):
-        tokens = model.forward_features(frames)[:, 1:]
+        tokens = forward_features(frames)[:, 1:]
     return tokens.float().reshape(B, H // p, W // p, -1)
 
 

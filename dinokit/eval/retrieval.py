@@ -156,7 +156,8 @@ def parse_ground_truth(obj: Any, source: str = "the ground-truth file") -> Revis
     if len(gnd) != len(qimlist):
         raise bad(f"gnd has {len(gnd)} entries for {len(qimlist)} queries")
     n = len(imlist)
-    easy, hard, junk, bbx = [], [], [], []
+    easy, hard, junk = [], [], []
+    bbx: list[tuple[float, float, float, float] | None] = []
     for i, g in enumerate(gnd):
         if not isinstance(g, dict):
             raise bad(f"gnd[{i}] is not a dict")
@@ -183,7 +184,7 @@ def parse_ground_truth(obj: Any, source: str = "the ground-truth file") -> Revis
                 b = ()
             if len(b) != 4:
                 raise bad(f"gnd[{i}]['bbx'] is not four numbers")
-            bbx.append(b)  # type: ignore[arg-type]
+            bbx.append((b[0], b[1], b[2], b[3]))
     return RevisitedGroundTruth(list(imlist), list(qimlist), easy, hard, junk, bbx)
 
 
@@ -255,7 +256,7 @@ def thumbnail(img, imsize: int):
     """The reference's resize: the long side becomes at most ``imsize`` (aspect kept, Lanczos; PIL's
     thumbnail never enlarges)."""
     img = img.copy()
-    img.thumbnail((imsize, imsize), Image.LANCZOS)
+    img.thumbnail((imsize, imsize), Image.Resampling.LANCZOS)
     return img
 
 
@@ -282,7 +283,8 @@ class RetrievalImages(torch.utils.data.Dataset):
         if img is None:
             return None
         if self.boxes is not None and self.boxes[i] is not None:
-            img = img.crop(tuple(int(round(v)) for v in self.boxes[i]))
+            x0, y0, x1, y1 = (int(round(v)) for v in self.boxes[i])
+            img = img.crop((x0, y0, x1, y1))
         img = thumbnail(img, self.imsize)
         return self.to_tensor(img), -1, i
 
@@ -299,6 +301,7 @@ def retrieval_feature_fn(multiscale: bool = False):
             x = images if s == 1.0 else nn.functional.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
             out = model(x).float()
             total = out if total is None else total + out
+        assert total is not None  # SCALES is not empty
         total = total / len(SCALES)
         return nn.functional.normalize(total, dim=1, p=2)
 

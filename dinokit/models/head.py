@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .init import check_int, trunc_normal_init
+from .init import check_int, feature_dim, trunc_normal_init
 
 
 class WeightNormLinear(nn.Module):
@@ -70,6 +70,7 @@ class DINOHead(nn.Module):
         nlayers = check_int("nlayers", nlayers, 1)
         hidden_dim = check_int("hidden_dim", hidden_dim, 1)
         bottleneck_dim = check_int("bottleneck_dim", bottleneck_dim, 1)
+        self.mlp: nn.Module
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
@@ -120,7 +121,7 @@ class FinetuneModel(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, head_init_std: float = 2e-5):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, num_classes)
+        self.head = nn.Linear(feature_dim(backbone), num_classes)
         nn.init.trunc_normal_(self.head.weight, std=head_init_std)
         nn.init.zeros_(self.head.bias)
 

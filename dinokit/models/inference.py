@@ -37,7 +37,9 @@ def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype | None) -> tor
     for p in model.parameters():
         p.requires_grad_(False)
     if not isinstance(model, VisionTransformer) and not getattr(model, "_dinokit_cast_hook", None):
-        model._dinokit_cast_hook = model.register_forward_pre_hook(_cast_floating_inputs(dtype), with_kwargs=True)
+        hook = model.register_forward_pre_hook(_cast_floating_inputs(dtype), with_kwargs=True)
+        # a plain attribute on the model: Module.__getattr__'s type knows only tensors and submodules
+        model._dinokit_cast_hook = hook  # type: ignore[assignment]
     return model
 
 

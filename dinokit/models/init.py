@@ -36,3 +36,12 @@ def check_int(name: str, value, minimum: int) -> int:
     if value < minimum:
         raise ModelConfigError(f"{name} must be at least {minimum}, got {value}.")
     return int(value)
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """The width of a backbone's output features, its ``num_features`` (a ViT's ``embed_dim``, the
+    ResNet-50's 2048)."""
+    width = getattr(backbone, "num_features", None)
+    if not isinstance(width, int):
+        raise ModelConfigError(f"{type(backbone).__name__} is not a dinokit backbone: it has no integer num_features.")
+    return width

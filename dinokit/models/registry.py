@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from ..errors import DinokitError
 from .init import check_int
 from .resnet import resnet50_backbone
-from .vit import DINO_VARIANTS, VIT_SHAPES, VisionTransformer, variant_generation, vit
+from .vit import DINO_VARIANTS, VIT_SHAPES, Block, Mlp, SwiGLU, VisionTransformer, variant_generation, vit
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "resnet50", *DINO_VARIANTS)
 
@@ -88,7 +92,7 @@ def build_backbone(arch: str = "vit_small", patch_size: int | None = None, **kwa
     return model
 
 
-def is_vit(model: nn.Module) -> bool:
+def is_vit(model: nn.Module) -> TypeIs[VisionTransformer]:
     return isinstance(model, VisionTransformer)
 
 
@@ -108,7 +112,7 @@ def backbone_spec(backbone: nn.Module, drop_path: float) -> dict:
         img_size = side * int(backbone.patch_size)
     else:
         img_size = int(backbone.img_size)
-    spec = {
+    spec: dict[str, Any] = {
         "arch": backbone_arch(backbone),
         "patch_size": int(backbone.patch_size),
         "kwargs": {
@@ -129,10 +133,17 @@ def variant_options(backbone: VisionTransformer) -> dict:
     feed-forward kind and width, the qkv bias, the registers and LayerScale (tiny and timm-built
     variants)."""
     blk = backbone.blocks[0]
-    swiglu = hasattr(blk.mlp, "w3")
-    options = {
+    assert isinstance(blk, Block)
+    mlp = blk.mlp
+    swiglu = isinstance(mlp, SwiGLU)
+    if isinstance(mlp, SwiGLU):
+        hidden = mlp.w3.in_features
+    else:
+        assert isinstance(mlp, Mlp)
+        hidden = mlp.fc1.out_features
+    options: dict[str, Any] = {
         "ffn": "swiglu" if swiglu else "mlp",
-        "ffn_hidden_dim": int(blk.mlp.w3.in_features if swiglu else blk.mlp.fc1.out_features),
+        "ffn_hidden_dim": int(hidden),
         "qkv_bias": blk.attn.qkv.bias is not None,
         "num_register_tokens": int(backbone.num_register_tokens),
     }

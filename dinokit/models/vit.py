@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
+        self.mlp: nn.Module
         if ffn == "swiglu":
             self.mlp = SwiGLU(dim, ffn_hidden_dim or swiglu_hidden(dim, mlp_ratio))
         else:
@@ -139,6 +141,8 @@ class RopeEmbedding(nn.Module):
     (``rope_embed.periods``, part of the released files) and stay float32 when the model is cast.
     """
 
+    periods: torch.Tensor
+
     def __init__(self, head_dim: int, base: float = 100.0):
         super().__init__()
         if head_dim % 4:
@@ -156,9 +160,8 @@ class RopeEmbedding(nn.Module):
     def forward(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sin, cos), each (h * w, head_dim), float32, for the patches in row-major order."""
         periods = self.periods
-        kw = dict(device=periods.device, dtype=torch.float32)
-        ys = torch.arange(0.5, h, **kw) / h
-        xs = torch.arange(0.5, w, **kw) / w
+        ys = torch.arange(0.5, h, device=periods.device, dtype=torch.float32) / h
+        xs = torch.arange(0.5, w, device=periods.device, dtype=torch.float32) / w
         coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
         angles = 2 * math.pi * coords[:, :, None] / periods[None, None, :]  # (hw, 2, head_dim / 4)
         angles = angles.flatten(1, 2).tile(2)  # (hw, head_dim): [y, x, y, x] quarters
@@ -222,6 +225,8 @@ class VisionTransformer(nn.Module):
     #: the most patch tokens an input may have (:data:`MAX_TOKENS`): more is a ModelConfigError, at once;
     #: set it on a model for larger inputs (attn's --max-tokens does)
     max_tokens: int = MAX_TOKENS
+    #: the registry name, set by :func:`dinokit.models.registry.build_backbone` (absent otherwise)
+    arch: str
 
     def __init__(
         self,
@@ -283,6 +288,7 @@ class VisionTransformer(nn.Module):
         grid = img_size // patch_size
         self.img_size = img_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed: nn.Parameter | None
         if pos_encoding == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
         else:
@@ -293,7 +299,7 @@ class VisionTransformer(nn.Module):
         # linearly spaced 0..drop_path_rate (plain Python, so a model can be built on the meta device)
         dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         norm_layer = (lambda d: nn.LayerNorm(d, eps=norm_eps)) if norm_eps != 1e-6 else None
-        extra = dict(layerscale=layerscale, ffn=ffn, ffn_hidden_dim=ffn_hidden_dim, norm_layer=norm_layer)
+        extra: dict[str, Any] = dict(layerscale=layerscale, ffn=ffn, ffn_hidden_dim=ffn_hidden_dim, norm_layer=norm_layer)
         self.blocks = nn.ModuleList(
             [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], **extra) for i in range(depth)]
         )
@@ -440,10 +446,12 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks[:-1]:
             x = blk(x, rope=rope)
         last = self.blocks[-1]
+        assert isinstance(last, Block)
         return last.attn.cls_attention(last.norm1(x), rope=rope)[:, :, self.num_prefix_tokens :]
 
     def set_fused_attention(self, enabled: bool) -> None:
         for blk in self.blocks:
+            assert isinstance(blk, Block)
             blk.attn.fused_attn = enabled
 
     def no_weight_decay(self) -> set[str]:
@@ -504,7 +512,7 @@ def vit(arch: str, patch_size: int | None = 16, **kwargs) -> VisionTransformer:
         return VisionTransformer(**spec)
     if arch not in VIT_SHAPES:
         raise ModelConfigError(f"Unknown ViT {arch!r}; choose one of {', '.join([*VIT_SHAPES, *DINO_VARIANTS])}.")
-    shape = dict(VIT_SHAPES[arch])
+    shape: dict[str, Any] = dict(VIT_SHAPES[arch])
     shape.update({k: v for k, v in kwargs.items() if k in _SHAPE_KEYS})
     rest = {k: v for k, v in kwargs.items() if k not in _SHAPE_KEYS}
     return VisionTransformer(patch_size=16 if patch_size is None else patch_size, mlp_ratio=4, qkv_bias=True,

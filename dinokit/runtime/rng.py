@@ -24,7 +24,8 @@ def derive_seed(*parts: int) -> int:
 
 def get_rng_state() -> dict:
     """Python, numpy and torch RNG states in a form ``torch.load(weights_only=True)`` reads back."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the legacy form of the global generator (always MT19937)
     state = {
         "python": random.getstate(),
         "numpy": {

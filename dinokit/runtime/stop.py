@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import math
 import signal
+from collections.abc import Callable
 from types import FrameType
+from typing import Any, Union
 
 import torch
 
 from ..errors import DinokitError
 from .distributed import max_over_ranks
+
+#: what signal.signal takes and returns
+_Handler = Union[Callable[[int, FrameType | None], Any], int, signal.Handlers, None]
 
 
 class GracefulStop:
@@ -23,7 +28,7 @@ class GracefulStop:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
         self.signals = signals
         self.signum: int | None = None
-        self._old: dict[int, object] = {}
+        self._old: dict[int, _Handler] = {}
 
     @property
     def requested(self) -> bool:

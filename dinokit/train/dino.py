@@ -8,6 +8,7 @@ is one update: crops in, loss out, update applied. The loop around it is :mod:`d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ..models.head import DINOHead, MultiCropWrapper
+from ..models.init import feature_dim
 from ..models.registry import build_backbone, is_vit_arch
 from ..runtime import autocast, is_dist, seed_everything
 from .loss import DINOLoss
@@ -47,11 +49,12 @@ def _fp32_head(head: nn.Module) -> None:
 
 def build_student_teacher(cfg: PretrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student (drop path) and teacher (same weights, no gradients), both backbone + DINO head."""
+    assert cfg.out_dim is not None, "settings_for_run chooses out_dim"
     kw = {} if cfg.depth is None else {"depth": int(cfg.depth)}
     stochastic_depth = {"drop_path_rate": cfg.drop_path} if is_vit_arch(cfg.arch) else {}  # a ViT option
     student_bb = build_backbone(cfg.arch, cfg.patch_size, **stochastic_depth, **kw)
     teacher_bb = build_backbone(cfg.arch, cfg.patch_size, **kw)
-    dim = student_bb.embed_dim
+    dim = feature_dim(student_bb)
     student = MultiCropWrapper(
         student_bb, DINOHead(dim, cfg.out_dim, use_bn=cfg.use_bn_in_head, norm_last_layer=cfg.norm_last_layer)
     )
@@ -89,8 +92,8 @@ class DINOTrainingState:
     clip_grad: float = 3.0
     clip_mode: str = "param"
     freeze_last_layer: int = 1
-    student_forward: nn.Module | None = None
-    teacher_forward: nn.Module | None = None
+    student_forward: Callable[..., Any] | None = None
+    teacher_forward: Callable[..., Any] | None = None
     #: bf16 backbone weights cast once per step (the teacher's once per EMA update) instead of by
     #: autocast at every call: bitwise the same numbers (:mod:`dinokit.train.reduced_weights`)
     cast_once: bool = False
@@ -114,12 +117,14 @@ class DINOTrainingState:
         """The teacher's output for ``crops`` (call inside the step's autocast region, without grad)."""
         if self.teacher_weights is not None:
             return self.teacher_weights(self.teacher, crops)
+        assert self.teacher_forward is not None  # set by __post_init__
         return self.teacher_forward(crops)
 
     def forward_student(self, crops: list[torch.Tensor]) -> torch.Tensor:
         """The student's output for ``crops`` (call inside the step's autocast region)."""
         if self.student_weights is not None:
             return self.student_weights(self.student, crops)
+        assert self.student_forward is not None  # set by __post_init__
         return self.student_forward(crops)
 
     def update_teacher(self, momentum: float) -> None:
@@ -175,13 +180,15 @@ def build_training_state(cfg: PretrainConfig, device: torch.device, dtype: torch
         student_ddp = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
-    student_forward, teacher_forward = student_ddp, teacher
+    student_forward: Callable[..., Any] = student_ddp
+    teacher_forward: Callable[..., Any] = teacher
     if cfg.compile:
         student_forward = torch.compile(student_ddp)
         teacher_forward = torch.compile(teacher)
     if cast_once is None:
         cast_once = dtype == torch.bfloat16 and not is_dist() and not cfg.compile
     optimizer = build_optimizer(cfg.optimizer, get_params_groups(student))
+    assert cfg.out_dim is not None, "settings_for_run chooses out_dim"
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     dino_loss = DINOLoss(
         cfg.out_dim,

@@ -197,6 +197,7 @@ def set_up(cfg: FinetuneConfig, run: TrainingRun, dtype: torch.dtype | None
 def _split_fingerprint(splits: Splits, cfg: FinetuneConfig) -> str:
     """The images of both splits (their names within their folders and their sizes, not the folders'
     paths): the same data moved elsewhere is the same run, other data is another."""
+    assert cfg.train is not None, "load_splits refuses a run without --train"
     train = data_fingerprint([p for p, _ in splits.train], Path(cfg.train))
     val = data_fingerprint([p for p, _ in splits.val], Path(cfg.val if cfg.val is not None else cfg.train))
     return f"{train}:{val}"

@@ -25,7 +25,7 @@ class EpochSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, dataset, world_size: int, rank: int, seed: int, batch_size: int):
-        self.inner = torch.utils.data.DistributedSampler(
+        self.inner: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
         self.batch_size = batch_size

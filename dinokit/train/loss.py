@@ -41,6 +41,8 @@ class DINOLoss(nn.Module):
     The arithmetic runs in float32 whatever the autocast dtype.
     """
 
+    center: torch.Tensor
+
     def __init__(
         self,
         out_dim: int,

@@ -57,11 +57,13 @@ def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay:
     names (cls_token, pos_embed), as in DeiT.
     """
     backbone = model.backbone
+    assert isinstance(backbone, nn.Module), "a fine-tuned model: a backbone and a head"
     vit = is_vit(backbone)
     if not vit and layer_decay != 1.0:
         raise DinokitError("--layer-decay applies to ViT backbones only; leave it at 1 for a ResNet.")
-    depth = len(backbone.blocks) if vit else 0
-    skip = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
+    depth = len(backbone.blocks) if is_vit(backbone) else 0
+    no_weight_decay = getattr(backbone, "no_weight_decay", None)
+    skip = set(no_weight_decay()) if no_weight_decay is not None else set()
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         bare = name.removeprefix("backbone.")
@@ -181,5 +183,6 @@ def cancel_last_layer_gradients(last_layer_params: Iterable[torch.Tensor], epoch
 @torch.no_grad()
 def ema_update(teacher_params: Sequence[torch.Tensor], student_params: Sequence[torch.Tensor], momentum: float) -> None:
     """teacher = m * teacher + (1 - m) * student, over all parameters in two fused calls."""
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+    teacher, student = list(teacher_params), list(student_params)  # the fused calls take lists
+    torch._foreach_mul_(teacher, momentum)
+    torch._foreach_add_(teacher, student, alpha=1.0 - momentum)

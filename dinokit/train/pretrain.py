@@ -210,6 +210,7 @@ class PretrainRun:
     def __init__(self, cfg: PretrainConfig, run: TrainingRun, progress: Progress):
         self.cfg = cfg
         self.run_ = run
+        assert run.plan is not None, "plan_threads runs before the run starts"
         self.plan = run.plan
         self.device = run.device
         self.env = run.env
@@ -228,6 +229,9 @@ class PretrainRun:
         ckpt = run.checkpoint
         saved = run.saved_config if ckpt is not None else None
         self.cfg = cfg = settings_for_run(self.cfg, saved, len(paths), env.world_size)
+        # _image_paths refuses a run without data; settings_for_run fills in what was left unset
+        assert cfg.data is not None and cfg.global_scale is not None
+        assert cfg.warmup_epochs is not None and cfg.momentum_teacher is not None
         # the images, not the folder's path: a data set that moved is the same run, one that changed is not
         identity = {**run_identity(cfg.to_dict(), NOT_IDENTITY), "data_files": data_fingerprint(paths, Path(cfg.data).expanduser())}
         run.check_identity(identity, saved=run_identity(saved, NOT_IDENTITY) if saved else None)
@@ -313,6 +317,7 @@ class PretrainRun:
             if signum and done_steps < iters:  # stopped mid-epoch: keep what it counted
                 self._save(epoch, done_steps, tally)
                 break
+            assert cfg.out_dim is not None, "settings_for_run chooses out_dim"
             line = epoch_summary(epoch, self._mean_over_ranks(torch.as_tensor(tally.losses)),
                                  self.schedules.at(epoch * iters + iters - 1, epoch), tally, skipped, cfg.out_dim)
             if line.get("collapsed"):
@@ -358,6 +363,7 @@ class PretrainRun:
         self.sampler.set_epoch(epoch, first_step)
         t_epoch = time.perf_counter()
         seconds_before = tally.seconds
+        loader: DecodeAheadLoader | torch.utils.data.DataLoader
         if self.num_workers == 0:  # the next batch's pictures decoded in threads while this one trains
             loader = DecodeAheadLoader(self.dataset, self.sampler, cfg.batch_size, prefetch_threads(device),
                                        collate_multicrop)
@@ -382,7 +388,7 @@ class PretrainRun:
         for it, (crops, skipped) in enumerate(start_loader(loader), start=first_step):
             tally.skipped += count_new_unreadable(skipped, unreadable)
             if cfg.strict and unreadable:
-                raise DataError(f"{loader.dataset.paths[min(unreadable)]} is not a readable image (--strict stops "
+                raise DataError(f"{self.dataset.paths[min(unreadable)]} is not a readable image (--strict stops "
                                 "at the first; without it unreadable images are skipped and counted).")
             if crops is None:
                 raise DataError(f"No readable image was found in {cfg.data}; every image failed to decode.")
@@ -416,7 +422,7 @@ class PretrainRun:
             else:
                 task.advance(1)
             if signum or (stop.requested and not is_dist()):
-                signum = signum or stop.signum
+                signum = signum or stop.signum or 0  # requested: signum is set
                 break
         task.close()
         self.unreadable_run |= self._union_over_ranks(unreadable)
