@@ -22,6 +22,7 @@ from ..io import torch_save_atomic
 from ..models.inference import inference_model
 from ..models.registry import build_backbone, canonical_arch, is_vit_arch
 from ..presets import (
+    PRESETS,
     fetch_hf_weights,
     fetch_preset_file,
     is_hf_repo_id,
