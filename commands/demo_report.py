@@ -19,6 +19,7 @@ PAPER = {
     "jaccard": ("0.459 (random 0.220)", "VOC12 val, ViT-S/16, 60% mass"),
     "davis": ("0.618", "DAVIS 2017 val, ViT-S/16"),
     "copydays": ("0.817", "Copydays strong, ViT-B/16 at 224"),
+    "segment": ("44.3", "ADE20K val, DINOv2 ViT-S/14, linear"),
 }
 
 #: why a metric can fail to separate trained from random weights on the built-in data
@@ -30,6 +31,8 @@ WHY_NOT = {
     "ImageNet",
     "davis": "the synthetic objects differ from their backgrounds in colour, so patch features of random "
     "weights already match them frame to frame; label propagation mostly needs local appearance here",
+    "segment": "the scenes put textured shapes on photographs, unlike the flat shapes on grey the demo pretrains "
+    "on, and at 128 pixels a grid of 16-pixel patches is 8 wide, so any linear head draws coarse masks",
     "copydays": "the pretraining images are flat shapes on grey, far from the photographs that the copies are "
     "made of, and a dozen epochs teach little that transfers to them (see the note below the table)",
 }
@@ -131,6 +134,16 @@ def compose_pictures(out: Path, evals: Path) -> dict[str, str]:
         _stack(rows, vertical=True).save(fig / "video.png")
         pics["video"] = "figures/video.png"
 
+    # dense features: the patches overview (PCA colours, foreground, parts), random above trained
+    rows = []
+    for name in ("random", "trained"):
+        overview = evals / name / "patches" / "overview.png"
+        if overview.is_file():
+            rows.append(_label(Image.open(overview).convert("RGB"), f"{_WHO[name]}: patch features of four scenes"))
+    if rows:
+        _stack(rows, vertical=True).save(fig / "patches.png")
+        pics["patches"] = "figures/patches.png"
+
     sheet = evals / "trained" / "duplicates" / "pairs.png"
     if sheet.is_file():
         shutil.copy(sheet, fig / "duplicates.png")
@@ -175,12 +188,13 @@ ROWS = [
     ("jaccard", "attention Jaccard", "{:.3f}"),
     ("davis", "DAVIS J&F-Mean", "{:.3f}"),
     ("copydays", "Copydays strong mAP", "{:.3f}"),
+    ("segment", "linear segmentation mIoU (%)", "{:.1f}"),
 ]
 
 
 #: how far random init alone moves each metric: the spread (max - min) of the random-init results
 #: over the README's three seeds of the fixed recipe. A gain no larger than this is within noise.
-RANDOM_SPREAD = {"knn": 2.0, "linear": 3.0, "jaccard": 0.023, "davis": 0.009, "copydays": 0.052}
+RANDOM_SPREAD = {"knn": 2.0, "linear": 3.0, "jaccard": 0.023, "davis": 0.009, "copydays": 0.052, "segment": 2.0}
 
 
 def verdict(key: str, random: float | None, trained: float | None) -> str:
@@ -270,6 +284,9 @@ def write_reports(out: Path, results: dict, pictures: dict[str, str], summary: d
         "video": "Label propagation through a synthetic video: the first frame's mask carried forward, "
         "random init above, DINO below.",
         "duplicates": "The most similar (strong copy, original) pairs found by `dinokit duplicates`.",
+        "patches": "`dinokit patches` on four validation scenes of the segmentation set: each patch's features "
+        "as PCA colours fitted jointly over the scenes (a part keeps its colour in every scene), the "
+        "foreground from the first component, and k-means parts; random init above, DINO below.",
     }
     for key, path in pictures.items():
         md += [f"## {key.capitalize()}", "", captions[key], "", f"![{key}]({path})", ""]
