@@ -80,8 +80,8 @@ class DemoPlan:
     copy_image_size: int = 128
     segment_train: int = 48
     segment_val: int = 16
-    segment_size: int = 128
-    segment_iterations: int = 200
+    segment_size: int = 96
+    segment_iterations: int = 300
     attn_picture_size: int = 192
     seed: int = 0
     data_seed: int = 0
@@ -433,7 +433,8 @@ def _make_data(plan: DemoPlan, data: Path, common: list[str]) -> None:
           "--distractors", plan.copydays_distractors, "--whitening", plan.copydays_distractors,
           "--image-size", plan.copydays_size, "--seed", plan.data_seed, *common], "synth copydays")  # fmt: skip
     _run(["synth", "segment", "--output", data / "segment", "--train", plan.segment_train, "--val", plan.segment_val,
-          "--image-size", plan.segment_size, "--seed", plan.data_seed, *common], "synth segment")  # fmt: skip
+          "--image-size", plan.segment_size, "--style", "simple", "--seed", plan.data_seed, *common],
+         "synth segment")  # fmt: skip
 
 
 def _eval_steps(plan: DemoPlan, data: Path, evals: Path, weights: dict, common: list[str], fp32: list[str]) -> dict:
@@ -486,7 +487,8 @@ def _eval_steps(plan: DemoPlan, data: Path, evals: Path, weights: dict, common: 
     def segment(name):
         run = evals / name / "segment"
         _run(["segment", "--data", data / "segment", "--dataset", "folder", *weights[name],
-              "--iterations", plan.segment_iterations, "--batch-size", 8, "--image-size", plan.segment_size,
+              # a few hundred iterations need a larger lr than the official 1e-3 made for 40,000
+              "--iterations", plan.segment_iterations, "--batch-size", 8, "--lr", 1e-2, "--image-size", plan.segment_size,
               "--pictures", 2, "--output", run, *fp32, *common], f"segment {name}")  # fmt: skip
         # the dense features themselves, fitted over a few validation scenes
         scenes = sorted((data / "segment" / "val" / "images").glob("*"))[:4]
