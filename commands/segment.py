@@ -29,7 +29,7 @@ from ._progress import RichProgress
 from ._runs import Resume, StopAfterIterations, Threads, report_stop, typed_options
 
 CPU_NOTE = (
-    "Defaults are scaled for a CPU (1000 iterations, batch 4, --image-size 224); the papers' setting is "
+    "the defaults are scaled for a CPU (1000 iterations, batch 4, --image-size 224); the papers' setting is "
     "--iterations 40000 --warmup 1500 --image-size 512 with a global batch of 16 (e.g. torchrun "
     "--nproc-per-node 8 ... --batch-size 2)."
 )
@@ -120,7 +120,9 @@ def _report(result, output: Path) -> None:
                       f"images, {result.feature_dim}-d patch features; per class: {output / 'per_class.csv'}",
                       highlight=False)  # fmt: skip
         if result.iterations < 40000:
-            console_err.print(f"Note: {result.iterations} iterations, a CPU-sized run; {CPU_NOTE}", highlight=False)
+            console_err.print(f"Note: {result.iterations} iterations, a CPU-sized run; {CPU_NOTE} A few hundred "
+                              "iterations learn little at the official --lr 1e-3; short runs need a larger one (1e-2 "
+                              "on the built-in set, docs/segmentation.md).", highlight=False)  # fmt: skip
     if result.skipped:
         console_err.print(f"{plural(result.skipped, 'unreadable image')} skipped.", highlight=False)
     console.print(f"metrics: {result.metrics_path}", highlight=False)

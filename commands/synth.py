@@ -199,6 +199,9 @@ def segment(
     train: Annotated[int, typer.Option("--train", min=1, help="Training scenes.")] = 48,
     val: Annotated[int, typer.Option("--val", min=1, help="Validation scenes.")] = 16,
     size: Annotated[int, typer.Option("--image-size", min=32, help="Longer side of a scene in pixels.")] = 160,
+    style: Annotated[str, typer.Option(
+        "--style", help="cluttered: textured shapes over photographs or clutter; simple: flat shapes with their "
+        "class's hue and pattern on a smooth grey background, as synth classify --style simple draws them.")] = "cluttered",
     seed: Seed0 = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -212,7 +215,7 @@ def segment(
     setup_logging(quiet)
     with RichProgress(quiet=quiet) as progress:
         s = make_segment_dataset(output, layout=layout, classes=classes, train=train, val=val, size=size, seed=seed,
-                                 overwrite=overwrite, progress=progress)
+                                 overwrite=overwrite, progress=progress, style=style)
     print_table("dinokit synth segment", ["split", "scenes"], [["train", s.n_train], ["val", s.n_val]])
     console.print(
         f"{s.layout} layout in {s.root}, {plural(len(s.classes), 'class')} ({', '.join(s.classes)}), "
