@@ -30,8 +30,7 @@ from dinokit.io import prepare_output_dir, versions, write_json
 
 from ._console import console, console_err
 from ._options import RUN_PANEL, Overwrite, Quiet
-from ._runs import stop_reported_by
-from .demo_report import compose_pictures, table_rows, write_reports
+from ._runs import stop_reported_by, typed_options
 
 #: the default demo's pretraining length: a fixed recipe, so that its numbers do not depend on the
 #: machine's speed or load (chosen so that the whole demo stays within 10 minutes on an idle 2-core CPU)
@@ -370,7 +369,7 @@ def run_demo(plan: DemoPlan, state: DemoState | None = None) -> dict:
     plan.timings["pretrain_epochs"] = epochs
 
     trained = out / "pretrain"
-    with stage(f"dinokit pretrain: {plan.arch}/{plan.patch_size}, {epochs} epochs of {n_train} images"):
+    with stage(f"dinokit pretrain: {plan.arch}/{plan.patch_size}, {epochs} epoch{'s' if epochs != 1 else ''} of {n_train} images"):
         epochs_done = _pretrain_step(plan, state, budget, pretrain_data, epochs)
     weights = {
         "trained": ["--weights", trained / "backbone.pth"],
@@ -393,6 +392,8 @@ def run_demo(plan: DemoPlan, state: DemoState | None = None) -> dict:
                 continue
             for name in results:
                 results[name][key] = got[name]
+        from .demo_report import compose_pictures, write_reports  # PIL: only when the report is drawn
+
         pictures = compose_pictures(out, evals)
         summary = {
             "results": results,
@@ -555,7 +556,7 @@ def demo(
     state = None
     if resume:
         state = DemoState.load(out)
-        typed = {k for k in options if typer.get_current_context().get_parameter_source(k).name == "COMMANDLINE"}
+        typed = typed_options(typer.get_current_context()) & set(options)
         differ = sorted(k for k in typed if state.options.get(k) != options[k])
         if differ:
             k = differ[0]
@@ -585,6 +586,8 @@ def demo(
     finally:
         signal.signal(signal.SIGTERM, previous_term)
     from rich.table import Table
+
+    from .demo_report import table_rows
 
     table = Table(title=f"dinokit demo ({summary['seconds'] / 60:.1f} min)")
     for col in ("metric", "random init", "DINO (this run)", "trained beats random", "paper (context)"):

@@ -23,6 +23,7 @@ from ._options import (
     Seed,
     Strict,
     Weights,
+    config_from,
 )
 from ._progress import RichProgress
 
@@ -83,18 +84,16 @@ def patches(
     """Pictures of the patch features of images, fitted jointly over all of them so that a part gets
     the same colour in every image: the PCA colours of the foreground (DINOv2 Fig. 1), the foreground
     mask, and k-means parts (co-segmentation); the arrays (.npy) beside the pictures."""
-    from dinokit.eval.patches_run import PatchesRunConfig, run_patches
-    from dinokit.io import write_metrics
-    from dinokit.runtime import embedding_precision
+    options = dict(locals())  # the parsed options by name, before any other local
+    from dinokit.io import check_run_folder, write_metrics
 
     setup_logging(quiet)
-    cfg = PatchesRunConfig(
-        images=images, output=output, overwrite=overwrite, weights=weights, arch=arch, patch_size=patch_size,
-        checkpoint_key=checkpoint_key, parts=parts, image_size=image_size or None, foreground=foreground,
-        threshold=threshold, fit_patches=fit_patches, max_tokens=max_tokens, batch_size=batch_size,
-        num_workers=num_workers, device=device, precision=embedding_precision(precision, device), seed=seed,
-        strict=strict, exact_decode=exact_decode,
-    )
+    check_run_folder(output, overwrite)  # the run takes the folder once the model is loaded
+    from dinokit.eval.patches_run import PatchesRunConfig, run_patches  # torch: once the checks above passed
+    from dinokit.runtime import embedding_precision
+
+    cfg = config_from(PatchesRunConfig, options, image_size=image_size or None,
+                      precision=embedding_precision(precision, device))  # fmt: skip
     with RichProgress(quiet=quiet) as progress:
         result = run_patches(cfg, progress)
     write_metrics(result.output, result.metrics, result.config)

@@ -21,7 +21,14 @@ from ..errors import CheckpointError
 from ..io import torch_save_atomic
 from ..models.inference import inference_model
 from ..models.registry import build_backbone, canonical_arch, is_vit_arch
-from ..presets import PRESETS, fetch_hf_weights, fetch_preset_file, is_hf_repo_id, resolve_preset
+from ..presets import (
+    fetch_hf_weights,
+    fetch_preset_file,
+    is_hf_repo_id,
+    resolve_preset,
+    unknown_weights,
+    weights_needed,
+)
 from ..runtime import RuntimeOptions, resolve_device, resolve_precision, seed_everything
 from .conversion import extract_backbone_state_dict, infer_arch, map_weight_norm_keys
 from .reading import error_line, read_checkpoint
@@ -63,16 +70,6 @@ class PreparedBackbone:
         """The model to run frozen: a copy cast once to bf16/fp16 where asked (see
         :func:`dinokit.models.inference.inference_model`), else the fp32 model."""
         return inference_model(self.model, self.dtype)
-
-
-def weights_needed(purpose: str = "") -> str:
-    """The sentence for a command run without ``--weights``: which weights to give. Random weights
-    are a baseline asked for by name, never what a forgotten option silently means."""
-    presets = ", ".join(list(PRESETS)[:5])
-    return (
-        f"Give --weights{' ' + purpose if purpose else ''}: a checkpoint file, a preset ({presets}) "
-        "or 'random' for a randomly initialised baseline."
-    )
 
 
 def prepare_backbone(cfg: BackboneOptions, runtime: RuntimeOptions | None = None, *, training: bool = False,
@@ -195,10 +192,7 @@ def load_backbone(
     if not path.exists() and is_hf_repo_id(weights):  # a local path of that name wins
         path = fetch_hf_weights(weights)
     if not path.exists():
-        known = ", ".join(["random", *PRESETS])
-        if os.sep in weights or "." in weights:
-            raise CheckpointError(f"The weights file {path} does not exist.")
-        raise CheckpointError(f"Unknown weights {weights!r}: not a file and not a preset ({known}).")
+        raise CheckpointError(unknown_weights(weights) or f"The weights file {path} does not exist.")
     ckpt = read_checkpoint(path)
     model = _model_from_checkpoint(ckpt, path, arch, patch_size, checkpoint_key, vit_options, model_kwargs)
     model.weights_source = str(path)
