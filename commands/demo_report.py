@@ -97,13 +97,13 @@ def compose_pictures(out: Path, evals: Path) -> dict[str, str]:
     fig = out / "figures"
     fig.mkdir(exist_ok=True)
 
-    # attention: one row per sample image, named, random init on the left and DINO on the right
-    # (each: the heads' mean over the image, then every head's mask with its key), at the masks
-    # picture's own size, so the head labels read as the page's text
+    # attention: per sample image, named, a row for random init above a row for DINO (each: the
+    # heads' mean over the image, then every head's mask with its key), at the masks picture's own
+    # size, so the head labels read as the page's text
     samples = sorted(d.name for d in (evals / "trained" / "attn-maps").glob("*/") if (d / "masks.png").is_file())
     rows = []
     for stem in samples:
-        tiles = []
+        pair = []
         for name in ("random", "trained"):
             d = evals / name / "attn-maps" / stem
             if not (d / "masks.png").is_file() or not (d / "overlay-mean.png").is_file():
@@ -111,9 +111,9 @@ def compose_pictures(out: Path, evals: Path) -> dict[str, str]:
             masks = Image.open(d / "masks.png").convert("RGB")
             mean = Image.open(d / "overlay-mean.png").convert("RGB")
             mean = mean.resize((masks.width, round(masks.width * mean.height / mean.width)))
-            tiles += [mean, _gap(8), masks, _gap(24 if name == "random" else 0)]
+            pair.append(_label(_stack([mean, _gap(8), masks], vertical=False), f"{stem}, {_WHO[name]}"))
         else:
-            rows.append(_label(_stack(tiles, vertical=False), f"{stem}: random init (left), DINO (right)"))
+            rows += [*pair, _gap(1).resize((1, 16))]
     if rows:
         _stack(rows, vertical=True).save(fig / "attention.png")
         pics["attention"] = "figures/attention.png"
@@ -278,9 +278,9 @@ def write_reports(out: Path, results: dict, pictures: dict[str, str], summary: d
     )
     md.append("")
     captions = {
-        "attention": "Attention of the last block's CLS query on four validation images: for random init "
-        "(left) and DINO (right), the heads' mean attention over the image, then each head's mask (60% of "
-        "its mass) with the key of head colours.",
+        "attention": "Attention of the last block's CLS query on four validation images, random init above "
+        "DINO: the heads' mean attention over the image, then each head's mask (60% of its mass) with the "
+        "key of head colours.",
         "video": "Label propagation through a synthetic video: the first frame's mask carried forward, "
         "random init above, DINO below.",
         "duplicates": "The most similar (strong copy, original) pairs found by `dinokit duplicates`.",

@@ -237,7 +237,7 @@ def test_resume_without_a_stopped_demo_is_refused(tmp_path):
 
 
 def test_the_report_pictures_read_at_page_scale(tmp_path):
-    """The attention figure is one named row per image, no wider than the report's 960-pixel column
+    """The attention figure is a named row per image and model, no wider than the report's 960-pixel column
     (so the masks' key, drawn at 13 pixels or more, is not shrunk); the duplicates sheet's score is
     drawn in letters at least 13 pixels high, ascenders to descenders (the bitmap font's were 10)."""
     import numpy as np
