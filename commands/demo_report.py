@@ -31,8 +31,10 @@ WHY_NOT = {
     "ImageNet",
     "davis": "the synthetic objects differ from their backgrounds in colour, so patch features of random "
     "weights already match them frame to frame; label propagation mostly needs local appearance here",
-    "segment": "the scenes put textured shapes on photographs, unlike the flat shapes on grey the demo pretrains "
-    "on, and at 128 pixels a grid of 16-pixel patches is 8 wide, so any linear head draws coarse masks",
+    "segment": "a random ViT's patch tokens keep the colour and surface pattern of their patch, which is what "
+    "tells these shapes apart, while minutes of DINO move the tokens towards what its CLS token needs (the "
+    "image across crops) and a linear probe of them loses that local detail; measured on the built-in sets "
+    "with the demo's pretraining, random init segments as well or better (docs/segmentation.md)",
     "copydays": "the pretraining images are flat shapes on grey, far from the photographs that the copies are "
     "made of, and a dozen epochs teach little that transfers to them (see the note below the table)",
 }
