@@ -54,7 +54,7 @@ def test_reports_explain_every_miss_and_only_misses(tmp_path, results):
     assert "![video](figures/video.png)" in md
     assert "<img src='figures/video.png'>" in html
     assert "7 epochs" in md and "5.0 min" in md
-    assert html.count("<tr>") == 6  # header + five metrics
+    assert html.count("<tr>") == 7  # header + six metrics
     # the recipe's measured Copydays limit is stated in every report of the fixed recipe, won or not
     assert "24 originals" in md and "24 originals" in html
     assert "within noise" in md  # the verdict column is explained
@@ -91,7 +91,8 @@ def _tiny_plan(out):
         output=out, epochs=1, arch="vit_tiny", image_size=32, global_size=32, local_size=16, local_crops=2,
         batch_size=8, classes=3, per_class=8, video_sequences=1, video_frames=3, video_size=(48, 64),
         copydays_originals=3, copydays_distractors=2, copydays_size=48, copy_image_size=32,
-        attn_picture_size=32, threads=1, quiet=True,
+        attn_picture_size=32, threads=1, quiet=True, segment_train=4, segment_val=2, segment_size=32,
+        segment_iterations=4,
     )
 
 
@@ -104,7 +105,7 @@ def test_the_fixed_recipe_gives_the_same_numbers_twice(tmp_path, one_thread):
     first = run_demo(_tiny_plan(tmp_path / "a"))
     second = run_demo(_tiny_plan(tmp_path / "b"))
     assert first["pretrain_epochs"] == second["pretrain_epochs"] == 1
-    assert set(first["results"]["trained"]) == {"knn", "linear", "jaccard", "davis", "copydays"}
+    assert set(first["results"]["trained"]) == {"knn", "linear", "jaccard", "davis", "copydays", "segment"}
     assert first["results"] == second["results"]
     on_disk = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert on_disk["results"] == first["results"]
@@ -221,7 +222,7 @@ def test_minutes_bounds_the_whole_demo(tmp_path, one_thread):
     t0 = time.monotonic()
     summary = run_demo(p)
     took = time.monotonic() - t0
-    assert set(summary["skipped"]) == {"knn", "linear", "jaccard", "davis", "copydays"}
+    assert set(summary["skipped"]) == {"knn", "linear", "jaccard", "davis", "copydays", "segment"}
     assert summary["results"] == {"random": {}, "trained": {}}
     assert "Not run" in (tmp_path / "d" / "report.md").read_text()
     assert took < 60  # the data, a calibration epoch and at most one pretraining epoch of 24 tiny images
@@ -236,7 +237,7 @@ def test_resume_without_a_stopped_demo_is_refused(tmp_path):
 
 
 def test_the_report_pictures_read_at_page_scale(tmp_path):
-    """The attention figure is one named row per image, no wider than the report's 960-pixel column
+    """The attention figure is a named row per image and model, no wider than the report's 960-pixel column
     (so the masks' key, drawn at 13 pixels or more, is not shrunk); the duplicates sheet's score is
     drawn in letters at least 13 pixels high, ascenders to descenders (the bitmap font's were 10)."""
     import numpy as np
