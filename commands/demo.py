@@ -509,6 +509,7 @@ def _eval_steps(plan: DemoPlan, data: Path, evals: Path, weights: dict, common: 
 
 
 def demo(
+    ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The demo's run folder.")],
     epochs: Annotated[
         int | None,
@@ -556,7 +557,7 @@ def demo(
     state = None
     if resume:
         state = DemoState.load(out)
-        typed = typed_options(typer.get_current_context()) & set(options)
+        typed = typed_options(ctx) & set(options)
         differ = sorted(k for k in typed if state.options.get(k) != options[k])
         if differ:
             k = differ[0]

@@ -271,3 +271,15 @@ def test_the_report_pictures_read_at_page_scale(tmp_path):
     top = int(np.argmax(dark))
     height = int(np.argmin(dark[top:]))  # the first line's rows of ink, up to the first blank row
     assert height >= 13
+
+
+def test_resume_with_other_options_is_refused(tmp_path):
+    """A stopped demo resumes with its own options: a different one typed is refused in one sentence."""
+    from dinokit.commands.demo import DemoPlan, DemoState
+
+    out = tmp_path / "d"
+    out.mkdir()
+    DemoState.begin(DemoPlan(output=out, seed=0)).save()
+    r = run_cli(["demo", "--output", str(out), "--resume", "--seed", "3"])
+    assert r.exit_code == 2
+    assert "started with --seed 0" in r.output
