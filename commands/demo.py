@@ -402,6 +402,7 @@ def run_demo(plan: DemoPlan, state: DemoState | None = None) -> dict:
             "pretrain_epochs": epochs,
             "pretrain_epochs_done": epochs_done,
             "pretrain_losses": _pretrain_losses(trained),
+            "collapsed_epochs": _read_json(trained / "metrics.json").get("collapsed_epochs", []),
             "out_dim": DEMO_OUT_DIM,
             "skipped": skipped,
             "fixed_recipe": plan.minutes is None and (plan.epochs or DEMO_EPOCHS) == DEMO_EPOCHS

@@ -133,6 +133,9 @@ def test_the_report_names_near_uniform_targets_measured_from_the_losses():
     assert "5.60" in note and "ln 256 = 5.55" in note and "from epoch 2 of 3" in note
     assert collapse_note({"pretrain_losses": [5.6, 4.0, 2.0], "out_dim": 256}) == ""
     assert collapse_note({"pretrain_losses": [], "out_dim": 256}) == ""
+    # the pretraining's own check found no collapsed epoch: a loss near ln(256) alone says nothing
+    assert collapse_note({"pretrain_losses": [2.0, 5.3, 5.45], "out_dim": 256, "collapsed_epochs": []}) == ""
+    assert "5.60" in collapse_note({"pretrain_losses": [2.0, 5.3, 5.6], "out_dim": 256, "collapsed_epochs": [3]})
 
 
 def test_the_demo_recipe_is_pretrain_options_and_config_fields():
