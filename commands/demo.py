@@ -141,7 +141,8 @@ class _Timer:
         return self
 
     def __exit__(self, *exc):
-        self.timings[self.name] = round(time.monotonic() - self.t, 1)
+        # a resumed demo adds this invocation's seconds of a step to those its earlier ones spent
+        self.timings[self.name] = round(self.timings.get(self.name, 0.0) + time.monotonic() - self.t, 1)
 
 
 
@@ -167,8 +168,10 @@ class DemoState:
     are not run again, a stopped pretraining resumes from its checkpoint (exactly), and a step cut
     off in the middle runs again from its start."""
 
-    def __init__(self, path: Path, options: dict, steps: dict | None = None, seconds: float = 0.0):
+    def __init__(self, path: Path, options: dict, steps: dict | None = None, seconds: float = 0.0,
+                 timings: dict | None = None):
         self.path, self.options, self.steps, self.seconds_before = path, options, steps or {}, seconds
+        self.timings: dict[str, float] = timings or {}  #: seconds per step over all invocations
         self.t0 = time.monotonic()
 
     @classmethod
@@ -184,7 +187,7 @@ class DemoState:
                 f"dinokit demo --output {out}."
             )
         data = _read_json(path)
-        return cls(path, data["options"], data.get("steps"), float(data.get("seconds", 0.0)))
+        return cls(path, data["options"], data.get("steps"), float(data.get("seconds", 0.0)), data.get("timings"))
 
     def seconds(self) -> float:
         """Seconds spent by this demo over all its invocations."""
@@ -199,7 +202,8 @@ class DemoState:
         return value
 
     def save(self) -> None:
-        write_json(self.path, {"options": self.options, "steps": self.steps, "seconds": round(self.seconds(), 1)})
+        write_json(self.path, {"options": self.options, "steps": self.steps, "seconds": round(self.seconds(), 1),
+                               "timings": self.timings})  # fmt: skip
 
 
 def _calibrate_pretrain(plan: DemoPlan, data: Path) -> float:
@@ -351,6 +355,7 @@ def run_demo(plan: DemoPlan, state: DemoState | None = None) -> dict:
     out = plan.output
     data = out / "data"
     state = state or DemoState.begin(plan)
+    plan.timings = state.timings  # one dict: the steps' seconds are kept with the finished steps
     state.save()
     budget = _Budget(plan, state)
     stage = _Stages(plan, total=10)
