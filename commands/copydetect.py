@@ -16,6 +16,7 @@ from ._options import (
     CheckpointKey,
     Device,
     ExactDecode,
+    Mean,
     NumWorkers,
     OptionalWeights,
     Output,
@@ -24,6 +25,7 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     Strict,
     Whitening,
     config_from,
@@ -45,6 +47,8 @@ def copydetect(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     image_size: Annotated[
         int, typer.Option("--image-size", min=1, help="Images are resized to this square (aspect ignored).")
     ] = 320,
@@ -81,7 +85,7 @@ def copydetect(
     if not is_main_process():
         return
     metrics = result.to_metrics()
-    write_metrics(output, metrics, config=asdict(cfg), units=UNITS)
+    write_metrics(output, metrics, config={**asdict(cfg), "normalization": result.normalization}, units=UNITS)
     rows = [[block, result.queries[block], 100.0 * value] for block, value in result.mAP.items()]
     # strong first: it is the headline number
     rows.sort(key=lambda r: r[0] != "strong")

@@ -14,6 +14,7 @@ from ._options import (
     Arch,
     CheckpointKey,
     Device,
+    Mean,
     NumWorkers,
     Output,
     Overwrite,
@@ -21,6 +22,7 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     config_from,
 )
 from ._progress import RichProgress
@@ -65,6 +67,8 @@ def davis(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     split: Annotated[
         str, typer.Option("--split", help="The DAVIS split whose sequences are segmented (ImageSets/2017/<split>.txt).")
     ] = "val",

@@ -17,6 +17,7 @@ from ._options import (
     CheckpointKey,
     Device,
     ExactDecode,
+    Mean,
     NumWorkers,
     OptionalWeights,
     Output,
@@ -25,6 +26,7 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     Strict,
     Whitening,
     config_from,
@@ -52,6 +54,8 @@ def duplicates(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     image_size: Annotated[
         int, typer.Option("--image-size", min=1, help="Images are resized to this square (aspect ignored).")
     ] = 320,
@@ -113,7 +117,7 @@ def duplicates(
     write_pairs(result, output)
     write_clusters(result, output)
     sheet = contact_sheet(result.pairs, output / "pairs.png", max_pairs=sheet_pairs) if sheet_pairs else None
-    write_metrics(output, result.summary(), config=asdict(cfg), units=UNITS)
+    write_metrics(output, result.summary(), config={**asdict(cfg), "normalization": result.normalization}, units=UNITS)
     rows = [[i + 1, f"{p.score:.3f}", p.image_a, p.image_b] for i, p in enumerate(result.pairs[:10])]
     if rows:
         print_table(f"Near-duplicate pairs (similarity >= {result.threshold:g})", ["#", "score", "image", "image"], rows)

@@ -10,7 +10,18 @@ from typing import Annotated
 import typer
 
 from ._console import console, plural, setup_logging
-from ._options import BatchSize, Device, ExactDecode, NumWorkers, Overwrite, Precision, Quiet, Strict
+from ._options import (
+    BatchSize,
+    Device,
+    ExactDecode,
+    Mean,
+    NumWorkers,
+    Overwrite,
+    Precision,
+    Quiet,
+    Std,
+    Strict,
+)
 from ._progress import RichProgress
 
 
@@ -23,6 +34,8 @@ def predict(
         Path, typer.Option("--output", "-o", help="A .csv or .json file, or - to print a table.")
     ],
     top: Annotated[int, typer.Option("--k", min=1, help="How many classes to report per image (the top k).")] = 5,
+    mean: Mean = None,
+    std: Std = None,
     batch_size: BatchSize = 64,
     num_workers: NumWorkers = 0,
     device: Device = "auto",
@@ -51,7 +64,7 @@ def predict(
     with RichProgress(quiet=quiet) as progress:
         res = predict_images(
             model, images, top=top, batch_size=batch_size, num_workers=num_workers, device=device,
-            precision=precision, progress=progress, strict=strict, exact_decode=exact_decode,
+            precision=precision, progress=progress, strict=strict, exact_decode=exact_decode, mean=mean, std=std,
         )
     k = len(res.top_classes[0]) if res.top_classes else min(top, len(res.classes))
     if res.skipped:
@@ -111,6 +124,7 @@ def _write_predictions(res, model, k: int, output: Path) -> None:
                 for p, cs, ps in zip(res.paths, res.top_classes, res.top_probs)
             ],
             "skipped": [str(p) for p in res.skipped],
+            "normalization": res.normalization.record(),
         }
         atomic_write_text(output, to_json(data) + "\n")
 

@@ -15,6 +15,7 @@ from ._options import (
     CheckpointKey,
     Device,
     ExactDecode,
+    Mean,
     NumWorkers,
     OptionalWeights,
     Output,
@@ -23,6 +24,7 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     Strict,
     config_from,
 )
@@ -43,6 +45,8 @@ def retrieval(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     image_size: Annotated[
         int, typer.Option("--image-size", min=1, help="Long side of the images (aspect kept, Lanczos).")
     ] = 224,
@@ -81,7 +85,8 @@ def retrieval(
         result = image_retrieval(cfg, progress)
     if not is_main_process():
         return
-    write_metrics(output, result.to_metrics(), config=asdict(cfg), units=UNITS)
+    write_metrics(output, result.to_metrics(), config={**asdict(cfg), "normalization": result.normalization},
+                  units=UNITS)
     rows = [
         [proto.capitalize(), result.mAP[proto], *(result.mP[proto][k] for k in ("1", "5", "10"))]
         for proto in ("medium", "hard")

@@ -15,6 +15,7 @@ from ._options import (
     CheckpointKey,
     Device,
     ExactDecode,
+    Mean,
     NumWorkers,
     OptionalWeights,
     Output,
@@ -23,6 +24,7 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     Strict,
     config_from,
 )
@@ -51,6 +53,8 @@ def segment(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     iterations: Annotated[int, typer.Option("--iterations", min=1, help="Training iterations (official: 40000).")] = 1000,
     warmup: Annotated[Optional[int], typer.Option(
         "--warmup", min=0, help="Warm-up iterations (default: 1500/40000 of --iterations, the official share).")] = None,

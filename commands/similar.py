@@ -17,6 +17,7 @@ from ._options import (
     CheckpointKey,
     Device,
     ExactDecode,
+    Mean,
     NumWorkers,
     OptionalWeights,
     Output,
@@ -25,6 +26,7 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     Strict,
     Whitening,
     config_from,
@@ -47,6 +49,8 @@ def similar(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     image_size: Annotated[
         int, typer.Option("--image-size", min=1, help="Images are resized to this square (aspect ignored).")
     ] = 320,
@@ -86,7 +90,7 @@ def similar(
         return
     write_similar(result, output)
     sheet = similar_sheet(result.queries, output / "similar.png", max_rows=sheet_queries) if sheet_queries else None
-    write_metrics(output, result.summary(), config=asdict(cfg))
+    write_metrics(output, result.summary(), config={**asdict(cfg), "normalization": result.normalization})
     rows = [[Path(q.query).name, m.rank, f"{m.score:.3f}", m.image] for q in result.queries[:5] for m in q.matches]
     if rows:
         print_table("Most similar images (cosine similarity)", ["query", "rank", "similarity", "image"], rows)

@@ -45,8 +45,9 @@ def export_finetuned(model: nn.Module, classes: Sequence[str], spec: dict, image
         "patch_size": spec["patch_size"],
         "image_size": int(image_size),
         "resize_size": resize_for(image_size),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        # the normalisation the run used (the weights' own, or --mean/--std), which predict reads back
+        "mean": list(spec.get("normalization", {}).get("mean", IMAGENET_MEAN)),
+        "std": list(spec.get("normalization", {}).get("std", IMAGENET_STD)),
         **extra,
     }
 

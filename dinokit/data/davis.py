@@ -10,7 +10,8 @@ long side is floored to a multiple of 64 (854x480 -> 832x480) with bilinear inte
 antialiasing -- the sampling of OpenCV's ``INTER_LINEAR`` on the reference's uint8 frames, rounded to
 whole grey levels (OpenCV's 11-bit fixed-point weights may round a pixel one level the other way) --
 then normalised with mean (0.485, 0.456, 0.406) and std (0.228,
-0.224, 0.225) (0.228 is the reference's value). The first mask goes straight to the patch grid with
+0.224, 0.225) (0.228 is the reference's value) for weights normalised with ImageNet's values; weights
+with their own normalisation (or --mean/--std) use theirs. The first mask goes straight to the patch grid with
 PIL's NEAREST (torch's ``nearest`` picks other cells).
 """
 
@@ -30,10 +31,12 @@ from PIL import Image
 from ..errors import DataError, DinokitError
 from .images import is_image_file, open_rgb
 from .masks import read_label_mask
+from .normalization import IMAGENET, Normalization
 from .palette import VOID_LABEL, read_label_png
 
 DAVIS_MEAN = (0.485, 0.456, 0.406)
 DAVIS_STD = (0.228, 0.224, 0.225)
+DAVIS_NORMALIZATION = Normalization(DAVIS_MEAN, DAVIS_STD, "ImageNet's, with the DAVIS reference's std 0.228")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
@@ -87,10 +90,19 @@ def resize_bilinear_uint8(rgb: np.ndarray, size: tuple[int, int]) -> torch.Tenso
     return x[0]
 
 
-def normalize_frame(x: torch.Tensor) -> torch.Tensor:
-    """[0, 255] float (3, h, w) -> normalised with the reference's mean and std."""
-    mean = torch.tensor(DAVIS_MEAN, dtype=x.dtype).view(3, 1, 1)
-    std = torch.tensor(DAVIS_STD, dtype=x.dtype).view(3, 1, 1)
+def frame_normalization(norm: Normalization | None = None) -> Normalization:
+    """The frames' normalisation for weights normalised with ``norm``: ImageNet's (the weights' own,
+    not given by --mean/--std) becomes the reference's values (std 0.228); any other is kept."""
+    if norm is None or ((norm.mean, norm.std) == (IMAGENET.mean, IMAGENET.std) and not norm.source.startswith("--")):
+        return DAVIS_NORMALIZATION
+    return norm
+
+
+def normalize_frame(x: torch.Tensor, norm: Normalization | None = None) -> torch.Tensor:
+    """[0, 255] float (3, h, w) -> normalised with ``norm`` (the reference's mean and std when None)."""
+    norm = norm or DAVIS_NORMALIZATION
+    mean = torch.tensor(norm.mean, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(norm.std, dtype=x.dtype).view(3, 1, 1)
     return (x / 255.0 - mean) / std
 
 
@@ -104,7 +116,8 @@ class FrameDataset(torch.utils.data.Dataset):
     Yields ``(frame (3, h, w), index)``.
     """
 
-    def __init__(self, frames: Sequence[Path], short_side: int = 480):
+    def __init__(self, frames: Sequence[Path], short_side: int = 480, norm: Normalization | None = None):
+        self.norm = norm  #: the frames' normalisation (None: the reference's)
         self.frames = list(frames)
         if not self.frames:
             raise DataError("The video has no frames.")
@@ -130,7 +143,7 @@ class FrameDataset(torch.utils.data.Dataset):
                 f"The frame {self.frames[i]} is {rgb.shape[1]}x{rgb.shape[0]} pixels but the video's "
                 f"first frame {self.frames[0]} is {w}x{h}; all frames of a video must have one size."
             )
-        return normalize_frame(resize_bilinear_uint8(rgb, self.size)), i
+        return normalize_frame(resize_bilinear_uint8(rgb, self.size), self.norm), i
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from .. import viz
 from ..data.images import DecodeNeed, find_images, open_rgb, read_image, read_image_or_skip
 from ..data.loader import image_loader
 from ..data.masks import VOID, GroundTruth
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data.normalization import IMAGENET, Normalization
 from ..errors import DataError, DinokitError
 from ..models.vit import MAX_TOKENS, too_many_tokens
 from ..progress import NULL_PROGRESS, Progress
@@ -207,9 +207,11 @@ def check_image_size(img: Image.Image, patch_size: int, name) -> None:
 
 
 def preprocess(img: Image.Image, image_size: int | None, patch_size: int, name="",
-               keep_aspect: bool = False, max_tokens: int = MAX_TOKENS) -> tuple[torch.Tensor, np.ndarray]:
-    """The maps' preprocessing: resize, normalise, crop to a multiple of the patch size (an image that
-    would become more than ``max_tokens`` tokens is refused first).
+               keep_aspect: bool = False, max_tokens: int = MAX_TOKENS,
+               norm: Normalization | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """The maps' preprocessing: resize, normalise (with ``norm``, the weights' own; ImageNet's when
+    None), crop to a multiple of the patch size (an image that would become more than ``max_tokens``
+    tokens is refused first).
 
     Returns the network input (3, H, W) and the same picture as uint8 (H, W, 3) for drawing.
     """
@@ -220,8 +222,9 @@ def preprocess(img: Image.Image, image_size: int | None, patch_size: int, name="
         raise DataError(f"--image-size {image_size} is smaller than one {patch_size}x{patch_size} patch.")
     rgb = crop_to_patches(np.asarray(resized.convert("RGB")), patch_size)
     x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    norm = norm or IMAGENET
+    mean = torch.tensor(norm.mean).view(3, 1, 1)
+    std = torch.tensor(norm.std).view(3, 1, 1)
     return (x - mean) / std, rgb
 
 
@@ -238,6 +241,12 @@ def resize_labels(labels: np.ndarray, image_size: int | None, patch_size: int,
 
 
 # -- attention ------------------------------------------------------------------------------------
+def normalization_of(model) -> Normalization:
+    """The input normalisation that belongs to ``model``'s weights (ImageNet's for a bare model)."""
+    norm = getattr(model, "normalization", None)
+    return norm if isinstance(norm, Normalization) else IMAGENET
+
+
 def check_attention_model(model) -> int:
     """The patch size of a ViT backbone; a clear error for a model without attention maps."""
     if not hasattr(model, "get_cls_attention") or not hasattr(model, "patch_size"):
@@ -319,6 +328,7 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
     images and yielded in input order; only one batch is held in memory."""
     p = check_attention_model(model)
     keep_aspect = keep_aspect or cfg.keep_aspect
+    norm = normalization_of(model)
     model, device, dtype = _placed(model, cfg)
     task = progress.task("attention maps", total=total)
     pending: list[tuple] = []
@@ -342,7 +352,7 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
                 name, img = item
             else:
                 name, img = item, open_rgb(item, attention_need(cfg.image_size, keep_aspect, cfg.exact_decode))
-            x, rgb = preprocess(img, cfg.image_size, p, name, keep_aspect, cfg.max_tokens)
+            x, rgb = preprocess(img, cfg.image_size, p, name, keep_aspect, cfg.max_tokens, norm)
             pending.append((name, x, rgb, img.size))
             if len(pending) >= cfg.batch_size:
                 yield from flush()
@@ -356,7 +366,8 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
 class _GroundTruthDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[GroundTruth], image_size: int | None, patch_size: int,
                  keep_aspect: bool = False, strict: bool = False, max_tokens: int = MAX_TOKENS,
-                 exact_decode: bool = False):
+                 exact_decode: bool = False, norm: Normalization | None = None):
+        self.norm = norm  #: the weights' normalisation
         self.strict = strict  #: an unreadable image stops the run; else the item is None (skipped, counted)
         self.max_tokens = max_tokens
         self.need = attention_need(image_size, keep_aspect, exact_decode)
@@ -375,7 +386,8 @@ class _GroundTruthDataset(torch.utils.data.Dataset):
             return None
         img = decoded.image
         labels = gt.load(decoded.full_size)  # masks are read as stored, at the full size
-        x, _ = preprocess(img, self.image_size, self.patch_size, gt.image, self.keep_aspect, self.max_tokens)
+        x, _ = preprocess(img, self.image_size, self.patch_size, gt.image, self.keep_aspect, self.max_tokens,
+                          self.norm)
         labels = resize_labels(labels, self.image_size, self.patch_size, self.keep_aspect)
         return x, torch.from_numpy(labels), i
 
@@ -426,9 +438,10 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
     if not items:
         raise DataError("There are no images to evaluate.")
     p = check_attention_model(model)
+    norm = normalization_of(model)
     model, device, dtype = _placed(model, cfg)
     ds = _GroundTruthDataset(items, cfg.image_size, p, cfg.keep_aspect, strict=cfg.strict, max_tokens=cfg.max_tokens,
-                             exact_decode=cfg.exact_decode)
+                             exact_decode=cfg.exact_decode, norm=norm)
     batch_size = cfg.batch_size if cfg.image_size and not cfg.keep_aspect else 1  # batches of one size
     loader = image_loader(ds, batch_size, cfg.num_workers, device=device)
     void = VOID if ignore_void else None

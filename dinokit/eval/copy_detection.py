@@ -102,6 +102,8 @@ class CopyDetectionResult:
     whitening: dict[str, Any] | None
     descriptor_dim: int
     skipped_queries: dict[str, int] = field(default_factory=dict)
+    #: the input normalisation used (metrics.json keeps it in its config)
+    normalization: dict[str, Any] = field(default_factory=dict)
 
     @property
     def headline(self) -> float:
@@ -109,6 +111,7 @@ class CopyDetectionResult:
 
     def to_metrics(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("normalization")
         return d
 
 
@@ -167,7 +170,7 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
     embedder = DescriptorEmbedder(
         backbone.model,
         cfg.weights,
-        copy_transform(cfg.image_size),
+        copy_transform(cfg.image_size, backbone.model.normalization),
         copy_feature_fn(cfg.gem_p),
         f"cls+gem(p={cfg.gem_p:g})",
         backbone.device,
@@ -233,4 +236,5 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
         whitening=white_info,
         descriptor_dim=int(database.shape[1]),
         skipped_queries=skipped,
+        normalization=backbone.model.normalization.record(),
     )

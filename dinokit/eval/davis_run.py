@@ -25,6 +25,7 @@ from torch import nn
 
 from ..checkpoints import BackboneOptions, prepare_backbone, state_dict_fingerprint
 from ..data.davis import (
+    DAVIS_NORMALIZATION,
     VIDEO_EXTENSIONS,
     FrameDataset,
     VideoSequence,
@@ -32,12 +33,14 @@ from ..data.davis import (
     decode_video,
     first_frame_labels,
     folder_video,
+    frame_normalization,
     is_video_file,
     read_first_mask,
     read_mask,
     read_rgb,
     resize_labels_nearest,
 )
+from ..data.normalization import Normalization
 from ..data.palette import VOID_LABEL, save_indexed_png, voc_colormap
 from ..errors import DataError, DinokitError
 from ..io import atomic_open, atomic_write_text, prepare_output_dir, to_json, write_json, write_metrics
@@ -106,6 +109,7 @@ def segment_video(
     progress: Progress = NULL_PROGRESS,
     on_frame: Callable[[int, np.ndarray], None] | None = None,
     binary_mask: bool = False,
+    norm: Normalization | None = None,
 ) -> VideoResult:
     """Segment one video into ``out_dir/<frame>.png``.
 
@@ -133,7 +137,7 @@ def segment_video(
     marker.unlink(missing_ok=True)
     times = SegmentationTimes()
     t0 = time.perf_counter()
-    dataset = FrameDataset(sequence.frames, short_side=short_side)
+    dataset = FrameDataset(sequence.frames, short_side=short_side, norm=norm)
     H, W = dataset.original_size
     mask = read_first_mask(sequence.first_mask, binary_mask)
     if mask.shape != (H, W):
@@ -360,6 +364,9 @@ def _run_fingerprint(cfg: DavisRunConfig, model: nn.Module, dtype: torch.dtype |
     }
     if cfg.binary_mask:  # only when set: runs made before the option keep their fingerprint
         settings["binary_mask"] = True
+    norm = frame_normalization(getattr(model, "normalization", None))
+    if norm != DAVIS_NORMALIZATION:  # likewise: only another normalisation than the reference's
+        settings["normalization"] = norm.record()
     return to_json(settings, indent=None)
 
 
@@ -397,6 +404,7 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
     if not hasattr(model, "patch_size"):
         raise DinokitError("Label propagation needs a ViT backbone (patch features); ResNet-50 has none.")
     fingerprint = _run_fingerprint(cfg, model, dtype)
+    norm = frame_normalization(getattr(model, "normalization", None))
     _claim_output(out, fingerprint, cfg.overwrite)
     for seq in sequences:
         if not seq.frames:  # a video file
@@ -410,7 +418,7 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
         res_dir = out / seq.name
         res = segment_video(
             model, seq, res_dir, cfg.propagation, device, dtype, cfg.batch_size, cfg.num_workers,
-            cfg.short_side, fingerprint, progress, binary_mask=cfg.binary_mask,
+            cfg.short_side, fingerprint, progress, binary_mask=cfg.binary_mask, norm=norm,
         )  # fmt: skip
         if res.skipped:
             progress.log(f"{seq.name}: already segmented in {res_dir}, skipped")
@@ -435,6 +443,7 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
         "arch": getattr(model, "arch", cfg.arch), "patch_size": model.patch_size,
         "checkpoint_key": cfg.checkpoint_key, **config_dict(cfg.propagation), "short_side": cfg.short_side,
         "batch_size": cfg.batch_size, "device": str(device), "precision": precision_name(dtype), "seed": cfg.seed,
+        "normalization": norm.record(),
     }  # fmt: skip
     path = _write_run_metrics(out, videos, scores, config, cfg.split)
     return DavisRunResult(videos=videos, scores=scores if scores.per_object else None, metrics_path=path, output=out)

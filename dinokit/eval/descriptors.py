@@ -23,6 +23,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..data.images import ImageDataset, decode_name, find_images
+from ..data.normalization import IMAGENET, Normalization
 from ..data.transforms import describe_transform, normalize
 from ..errors import DataError
 from ..models.inference import inference_model
@@ -81,14 +82,14 @@ def copy_feature_fn(p: float = GEM_P) -> Callable[[nn.Module, torch.Tensor], tor
     return fn
 
 
-def copy_transform(image_size: int = 320):
-    """Resize to a square (aspect ignored; torchvision Resize on the PIL image, bicubic), ImageNet
-    normalisation: the reference's Copydays transform."""
+def copy_transform(image_size: int = 320, norm: Normalization = IMAGENET):
+    """Resize to a square (aspect ignored; torchvision Resize on the PIL image, bicubic), then
+    normalise with ``norm`` (the weights' own; ImageNet's in the reference): its Copydays transform."""
     return T.Compose(
         [
             T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
             T.ToTensor(),
-            normalize(),
+            normalize(norm),
         ]
     )
 

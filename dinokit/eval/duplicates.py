@@ -126,11 +126,14 @@ class DuplicatesResult:
     random_weights: bool = False
     #: why the pairs and clusters cannot mean much (untrained weights, nearly every pair above the threshold)
     warnings: list[str] = field(default_factory=list)
+    #: the input normalisation the descriptors were made with (metrics.json keeps it in its config)
+    normalization: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("pairs")
         d.pop("clusters")
+        d.pop("normalization")
         d["n_pairs"] = len(self.pairs)
         d["n_clusters"] = len(self.clusters)
         d["images_in_clusters"] = sum(len(c.images) for c in self.clusters)
@@ -373,6 +376,7 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
         pairs_above_threshold_fraction=fraction,
         random_weights=str(cfg.weights) == "random",
         warnings=warnings,
+        normalization=embedder.fingerprint["normalization"],
     )
 
 

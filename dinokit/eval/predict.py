@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints import load_finetuned
+from ..checkpoints.backbone import given_normalization, weights_normalization
 from ..data.images import ImageDataset, expand_image_inputs, readable_batches
 from ..data.loader import image_loader
+from ..data.normalization import IMAGENET, Normalization, check_normalization
 from ..data.transforms import eval_transform, resize_for
 from ..errors import DinokitError
 from ..progress import NULL_PROGRESS, Progress
@@ -82,6 +84,7 @@ class PredictResult:
     top_probs: list[list[float]]
     skipped: list[Path]
     classes: list[str]
+    normalization: Normalization = IMAGENET  #: the input normalisation used
 
 
 @torch.no_grad()
@@ -96,19 +99,24 @@ def predict_images(
     progress: Progress = NULL_PROGRESS,
     strict: bool = False,
     exact_decode: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> PredictResult:
     """Class probabilities (softmax of the head) of images, folders or globs, the ``top`` best each
-    (a large JPEG decoded at the reduced scale that covers the resize, unless ``exact_decode``)."""
+    (a large JPEG decoded at the reduced scale that covers the resize, unless ``exact_decode``),
+    normalised with the model file's own mean/std (``mean``/``std`` override them)."""
     if top < 1:
         raise DinokitError("--k must be at least 1.")
+    check_normalization(mean, std)
     model, meta = load_finetuned(model_path)
+    norm = given_normalization(weights_normalization(str(model_path), meta, Path(model_path)), mean, std)
     paths = expand_image_inputs(inputs)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev, training=False)
     classes = list(meta["classes"])
     k = min(top, len(classes))
     crop = int(meta.get("image_size", 224))
-    ds = ImageDataset(paths, transform=eval_transform(resize_for(crop), crop), strict=strict,
+    ds = ImageDataset(paths, transform=eval_transform(resize_for(crop), crop, norm), strict=strict,
                       exact_decode=exact_decode)
     loader = image_loader(ds, batch_size, num_workers, device=dev)
     model = model.to(dev)
@@ -128,7 +136,7 @@ def predict_images(
     task.close()
     kept_set = set(kept)
     skipped_paths = [p for p in paths if p not in kept_set]
-    return PredictResult(kept, top_classes, top_probs, skipped_paths, classes)
+    return PredictResult(kept, top_classes, top_probs, skipped_paths, classes, norm)
 
 
 __all__ = ["PredictResult", "evaluate_classifier", "predict_images"]

@@ -26,6 +26,7 @@ from torchvision import transforms as T
 
 from ..checkpoints import BackboneOptions, prepare_backbone
 from ..data.images import DecodeNeed, is_image_file, open_rgb_or_skip
+from ..data.normalization import IMAGENET, Normalization
 from ..data.transforms import normalize
 from ..errors import DataError, DinokitError
 from ..progress import NULL_PROGRESS, Progress
@@ -265,7 +266,7 @@ class RetrievalImages(torch.utils.data.Dataset):
     yields (x, -1, index), or None for an unreadable file."""
 
     def __init__(self, paths: Sequence[Path], imsize: int, boxes: Sequence[Any] | None = None, strict: bool = False,
-                 exact_decode: bool = False):
+                 exact_decode: bool = False, norm: Normalization = IMAGENET):
         self.strict = strict  #: an unreadable file stops the run instead of being skipped
         # a large JPEG is decoded at the reduced scale whose long side still covers the thumbnail;
         # a query cropped to its box (in full-size pixels) is decoded in full
@@ -273,7 +274,7 @@ class RetrievalImages(torch.utils.data.Dataset):
         self.paths = list(paths)
         self.imsize = imsize
         self.boxes = list(boxes) if boxes is not None else None
-        self.to_tensor = T.Compose([T.ToTensor(), normalize()])
+        self.to_tensor = T.Compose([T.ToTensor(), normalize(norm)])
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -355,10 +356,13 @@ class RetrievalResult:
     database: int
     unreadable: dict[str, int] = field(default_factory=dict)
     query_region: str = "whole image"  #: "whole image" (the DINO reference) or "box" (--crop-queries)
+    #: the input normalisation used (metrics.json keeps it in its config)
+    normalization: dict[str, Any] = field(default_factory=dict)
 
     def to_metrics(self) -> dict[str, Any]:
         d = asdict(self)
         d["mP@k"] = d.pop("mP")
+        d.pop("normalization")
         return d
 
 
@@ -392,10 +396,11 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
     )
     db = embedder.embed(db_paths, f"{cfg.dataset}-database", "database",
                         dataset=RetrievalImages(db_paths, cfg.image_size, strict=cfg.strict,
-                                                exact_decode=cfg.exact_decode))
+                                                exact_decode=cfg.exact_decode, norm=backbone.model.normalization))
     boxes = gt.bbx if cfg.crop_queries else None
     qs = embedder.embed(q_paths, f"{cfg.dataset}-queries", "queries",
-                        dataset=RetrievalImages(q_paths, cfg.image_size, boxes, cfg.strict), extra_key=repr(boxes))
+                        dataset=RetrievalImages(q_paths, cfg.image_size, boxes, cfg.strict,
+                                                              norm=backbone.model.normalization), extra_key=repr(boxes))
     unreadable = {"database": db.n_unreadable, "queries": qs.n_unreadable}
     if not bool(qs.kept.any()):
         raise DataError(f"None of the {gt.n_queries} query images in {jpg} could be read.")
@@ -422,4 +427,4 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
         maps[proto] = 100.0 * m
         mps[proto] = {str(k): 100.0 * v for k, v in zip(KAPPAS, pr)}
     return RetrievalResult(cfg.dataset, maps, mps, int(len(q_ids)), int(len(db_ids)), unreadable,
-                           "box" if cfg.crop_queries else "whole image")
+                           "box" if cfg.crop_queries else "whole image", backbone.model.normalization.record())

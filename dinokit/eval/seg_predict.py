@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoints import BackboneOptions, prepare_backbone, read_checkpoint
+from ..checkpoints.backbone import given_normalization
 from ..data.images import expand_image_inputs, read_image_or_skip
-from ..data.normalization import IMAGENET, Normalization
+from ..data.normalization import IMAGENET, Normalization, check_normalization
 from ..data.seg_transforms import eval_input
 from ..errors import CheckpointError, DataError
 from ..io import prepare_output_dir, write_json
@@ -58,6 +59,7 @@ def predict_images(cfg: PredictConfig, progress: Progress = NULL_PROGRESS) -> Pr
     paths = expand_image_inputs(cfg.images)
     if not paths:
         raise DataError("Give the images (files or folders) to segment.")
+    check_normalization(cfg.mean, cfg.std)
     theirs = record["backbone"]
     weights = cfg.weights or theirs.get("weights")
     arch = cfg.arch or (theirs.get("arch") if weights == "random" else None)
@@ -81,6 +83,7 @@ def predict_images(cfg: PredictConfig, progress: Progress = NULL_PROGRESS) -> Pr
     saved = record.get("normalisation") or {}
     norm = Normalization(tuple(saved.get("mean", IMAGENET.mean)), tuple(saved.get("std", IMAGENET.std)),
                          str(saved.get("source", "the head's record")))  # the normalisation the head was trained with
+    norm = given_normalization(norm, cfg.mean, cfg.std)  # --mean/--std on top
     task = progress.task("segmenting", total=len(paths))
     for i, path in enumerate(paths):
         decoded = read_image_or_skip(path, None, cfg.strict)
@@ -99,7 +102,8 @@ def predict_images(cfg: PredictConfig, progress: Progress = NULL_PROGRESS) -> Pr
         result.written.append(cfg.output / f"{stem}.png")
     task.close()
     write_json(cfg.output / "predictions.json", {"head": str(cfg.head), "classes": list(classes),
-                                                 "images": [str(p) for p in paths], "skipped": result.skipped})  # fmt: skip
+                                                 "images": [str(p) for p in paths], "skipped": result.skipped,
+                                                 "normalization": norm.record()})  # fmt: skip
     return result
 
 

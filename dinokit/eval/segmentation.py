@@ -374,7 +374,8 @@ def run_segmentation(cfg: SegmentConfig, progress: Progress = NULL_PROGRESS,
                 write_per_class(cfg.output / "per_class.csv", train_split.classes, iou, acc, pixels)
                 _save_head(cfg, trainer.head, fingerprint, train_split, normalization_of(backbone.model))
         result.skipped = train_split.skipped + val_split.skipped
-        result.metrics_path = run.write_metrics(outcome, _metrics(cfg, result), cfg.to_dict(), units=SEG_UNITS)
+        config = {**cfg.to_dict(), "normalization": normalization_of(backbone.model).record()}
+        result.metrics_path = run.write_metrics(outcome, _metrics(cfg, result), config, units=SEG_UNITS)
         return result
 
 

@@ -79,10 +79,13 @@ class SimilarResult:
     random_weights: bool = False
     #: why the ranking cannot mean much (untrained weights, nearly every pair above the threshold)
     warnings: list[str] = field(default_factory=list)
+    #: the input normalisation the descriptors were made with (metrics.json keeps it in its config)
+    normalization: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("queries")
+        d.pop("normalization")
         return d
 
 
@@ -178,7 +181,7 @@ def find_similar(cfg: SimilarConfig, progress: Progress = NULL_PROGRESS) -> Simi
     for w in warnings:
         log.warning(w)
     return SimilarResult(queries, cfg.k, len(ok_q), len(ok_d), n_new, reused, unreadable, fraction, threshold,
-                         str(cfg.weights) == "random", warnings)
+                         str(cfg.weights) == "random", warnings, embedder.fingerprint["normalization"])
 
 
 def write_similar(result: SimilarResult, output: str | os.PathLike) -> list[Path]:

@@ -269,7 +269,7 @@ def embed_for_search(cfg, paths: Sequence[Path], progress: Progress = NULL_PROGR
     backbone = prepare_backbone(cfg)
     init_distributed(backbone.device)
     embedder = DescriptorEmbedder(
-        backbone.model, cfg.weights, copy_transform(cfg.image_size), copy_feature_fn(), f"cls+gem(p={GEM_P:g})",
+        backbone.model, cfg.weights, copy_transform(cfg.image_size, backbone.model.normalization), copy_feature_fn(), f"cls+gem(p={GEM_P:g})",
         backbone.device, backbone.dtype, cfg.batch_size, cfg.num_workers, Path(cfg.output) / "cache",
         cfg.checkpoint_key, cfg.seed, progress, strict=cfg.strict, exact_decode=cfg.exact_decode,
     )

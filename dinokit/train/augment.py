@@ -8,20 +8,22 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
+from ..data.normalization import IMAGENET, Normalization
 from ..data.transforms import normalize
 
 
-def finetune_train_transform(image_size: int = 224, randaugment: int = 0, min_scale: float = 0.08) -> T.Compose:
+def finetune_train_transform(image_size: int = 224, randaugment: int = 0, min_scale: float = 0.08,
+                             norm: Normalization = IMAGENET) -> T.Compose:
     """RandomResizedCrop(image_size, scale=(min_scale, 1), bicubic) -> horizontal flip ->
-    RandAugment(2 ops, magnitude ``randaugment``; 0 = off, DeiT uses 9) -> tensor -> ImageNet
-    normalisation. All randomness comes from torch's generator."""
+    RandAugment(2 ops, magnitude ``randaugment``; 0 = off, DeiT uses 9) -> tensor -> normalisation
+    with ``norm`` (the weights' own). All randomness comes from torch's generator."""
     ops: list = [
         T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
     ]
     if randaugment > 0:
         ops.append(T.RandAugment(num_ops=2, magnitude=int(randaugment), interpolation=T.InterpolationMode.BILINEAR))
-    ops += [T.ToTensor(), normalize()]
+    ops += [T.ToTensor(), normalize(norm)]
     return T.Compose(ops)
 
 

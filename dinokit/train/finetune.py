@@ -40,6 +40,7 @@ from ..checkpoints import (
     save_checkpoint,
 )
 from ..data.images import collate_skip_none, data_fingerprint
+from ..data.normalization import check_normalization
 from ..data.splits import Splits, epoch_indices, load_splits
 from ..errors import DataError, DinokitError
 from ..eval.predict import evaluate_classifier
@@ -70,6 +71,7 @@ from .finetune_state import (
     build_datasets,
     build_model,
     plan_batches,
+    spec_normalization,
 )
 from .loop import leave_signals_to_main, loss_failure_message, start_loader
 from .optim import apply_lr
@@ -188,7 +190,7 @@ def set_up(cfg: FinetuneConfig, run: TrainingRun, dtype: torch.dtype | None
                 f"The training set gives {plan.niter} steps per epoch, the resumed run had "
                 f"{resume_state['niter']}; resume with the same images, batch size and number of processes."
             )
-    train_ds, val_ds = build_datasets(cfg, splits)
+    train_ds, val_ds = build_datasets(cfg, splits, spec_normalization(spec))
     setup = FinetuneSetup(cfg, out, env, device, dtype, splits.classes, spec, plan, schedule, mixer, train_ds, val_ds,
                           run)  # fmt: skip
     return setup, state, splits, start_epoch, start_step
@@ -344,7 +346,8 @@ def end_epoch(setup: FinetuneSetup, state: FinetuneState, epoch: int, head_only:
     result.epochs_done = epoch + 1
     _fill_result(result, ev, state.best, setup.classes)
     if env.is_main:
-        _write_outputs(out, cfg, result, ev, setup.classes, final=False, cpu_plan=setup.run.record()["cpu_plan"])
+        _write_outputs(out, cfg, result, ev, setup.classes, final=False, cpu_plan=setup.run.record()["cpu_plan"],
+                       normalization=spec_normalization(setup.spec).record())
     return ev
 
 
@@ -454,7 +457,7 @@ def _write_final_outputs(setup: FinetuneSetup, state: FinetuneState, result: Fin
                     out / "model.pth")  # fmt: skip
     if last_eval is not None:
         _write_outputs(out, setup.cfg, result, last_eval, setup.classes, final=True,
-                       cpu_plan=setup.run.record()["cpu_plan"])
+                       cpu_plan=setup.run.record()["cpu_plan"], normalization=spec_normalization(setup.spec).record())
     elif (out / "metrics.json").is_file():
         # resumed after the last epoch had already been validated: mark the metrics final
         m = json.loads((out / "metrics.json").read_text())
@@ -469,7 +472,7 @@ def _fill_result(result: FinetuneResult, ev: dict, best: dict, classes: list[str
 
 
 def _write_outputs(out: Path, cfg: FinetuneConfig, result: FinetuneResult, ev: dict, classes, final: bool,
-                   cpu_plan: dict | None = None) -> None:
+                   cpu_plan: dict | None = None, normalization: dict | None = None) -> None:
     drawn = draw_confusion(
         ev["confusion"],
         classes,
@@ -495,10 +498,11 @@ def _write_outputs(out: Path, cfg: FinetuneConfig, result: FinetuneResult, ev: d
         "cpu_plan": cpu_plan,
     }
     units = {k: "percent" for k in ("final_top1", "final_top5", "best_top1", "best_top5", "per_class_top1")}
-    write_metrics(out, metrics, config=cfg.to_dict(), units=units)
+    write_metrics(out, metrics, config={**cfg.to_dict(), "normalization": normalization}, units=units)
 
 
 def _validate(cfg: FinetuneConfig) -> None:
+    check_normalization(cfg.mean, cfg.std)
     if cfg.epochs < 1:
         raise DinokitError("--epochs must be at least 1.")
     if not 0 <= cfg.head_warmup_epochs <= cfg.epochs:

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from ..checkpoints import FINETUNE_CHECKPOINT_FORMAT, load_backbone
+from ..checkpoints.backbone import given_normalization
 from ..data.images import ImageDataset
+from ..data.normalization import IMAGENET, Normalization
 from ..data.splits import SeededImages, Splits
 from ..data.transforms import eval_transform, resize_for
 from ..errors import DataError
@@ -159,18 +161,30 @@ def build_model(cfg: FinetuneConfig, resume_state: dict | None, num_classes: int
         backbone = load_backbone(cfg.weights, cfg.arch, cfg.patch_size, cfg.checkpoint_key, vit_options=vit_options,
                                  **cfg.model_kwargs)  # fmt: skip
         spec = backbone_spec(backbone, cfg.drop_path)
+        # the input normalisation belongs to the weights (--mean/--std on top); kept with the spec, so
+        # that a resumed run and the model.pth it writes use the same
+        spec["normalization"] = given_normalization(backbone.normalization, cfg.mean, cfg.std).record()
         if not is_vit(backbone) and cfg.drop_path:
             log.info("drop path applies to ViT backbones only; the ResNet-50 trains without it.")
     return FinetuneModel(backbone, num_classes), spec
 
 
-def build_datasets(cfg: FinetuneConfig, splits: Splits) -> tuple[SeededImages, ImageDataset]:
-    """The augmented, seeded training set and the centre-cropped validation set."""
+def spec_normalization(spec: dict) -> Normalization:
+    """The input normalisation a backbone spec keeps (ImageNet's for a spec saved without one)."""
+    saved = spec.get("normalization")
+    if not saved:
+        return IMAGENET
+    return Normalization(tuple(saved["mean"]), tuple(saved["std"]), saved.get("source", IMAGENET.source))
+
+
+def build_datasets(cfg: FinetuneConfig, splits: Splits, norm: Normalization = IMAGENET
+                   ) -> tuple[SeededImages, ImageDataset]:
+    """The augmented, seeded training set and the centre-cropped validation set, normalised with ``norm``."""
     train_ds = SeededImages(
         ImageDataset(
             [p for p, _ in splits.train],
             [t for _, t in splits.train],
-            transform=finetune_train_transform(cfg.image_size, cfg.randaugment, cfg.min_crop_scale),
+            transform=finetune_train_transform(cfg.image_size, cfg.randaugment, cfg.min_crop_scale, norm),
             strict=cfg.strict,
             exact_decode=cfg.exact_decode,
         ),
@@ -179,7 +193,7 @@ def build_datasets(cfg: FinetuneConfig, splits: Splits) -> tuple[SeededImages, I
     val_ds = ImageDataset(
         [p for p, _ in splits.val],
         [t for _, t in splits.val],
-        transform=eval_transform(resize_for(cfg.image_size), cfg.image_size),
+        transform=eval_transform(resize_for(cfg.image_size), cfg.image_size, norm),
         strict=cfg.strict,
         exact_decode=cfg.exact_decode,
     )
