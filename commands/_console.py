@@ -88,8 +88,12 @@ def short_run_note(command: str, steps: int, lr_option_given: bool, lr_text: str
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
-    """``1 class``, ``2 classes``: a count with its noun in the right number."""
-    return f"{n} {word if n == 1 else many or word + ('es' if word.endswith(('s', 'x', 'sh', 'ch')) else 's')}"
+    """``1 class``, ``2 classes``, ``1 query``, ``2 queries``: a count with its noun in the right number."""
+    if n == 1:
+        return f"{n} {word}"
+    if many is None and word.endswith("y") and word[-2:-1] not in tuple("aeiou"):
+        many = word[:-1] + "ies"
+    return f"{n} {many or word + ('es' if word.endswith(('s', 'x', 'sh', 'ch')) else 's')}"
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -104,6 +108,7 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 
 def is_main_process() -> bool:
-    from dinokit.runtime import dist_env
+    """Rank 0 of a torchrun job, or a process without a launcher (read from RANK, without torch)."""
+    from dinokit.io import is_main_rank
 
-    return dist_env().is_main
+    return is_main_rank()

@@ -20,7 +20,7 @@ from rich.markup import escape
 from dinokit.errors import DinokitError
 
 from ._console import console, console_err
-from ._options import REFERENCE_OPTIONS, RENAMED_OPTIONS, rewrite_option_names
+from ._options import REFERENCE_OPTIONS, RENAMED_OPTIONS, reference_instead, rewrite_option_names
 
 
 def _hide_flag_types() -> None:
@@ -241,9 +241,10 @@ class DinokitCommand(typer.core.TyperCommand):
     def invoke(self, ctx):
         from dinokit.io import held_run_folders, release_run_folders
 
-        from ._option_checks import refuse_overlong_values
+        from ._option_checks import refuse_overlong_values, refuse_unknown_weights
 
         refuse_overlong_values(ctx)  # before anything touches the disk
+        refuse_unknown_weights(ctx)  # before the command's heavy imports
         output = ctx.params.get("output")
         fresh = output is not None and not Path(output).exists()
         held = held_run_folders()  # a command run inside another (the demo's steps) keeps the outer one's
@@ -297,6 +298,10 @@ def usage_sentence(error) -> str:
         name = max(param.opts, key=len)
         what = " ".join((param.help or "").split()).rstrip(".")
         text = f"{path} needs {name}" + (f" ({what[0].lower() + what[1:]})" if what else "")
+    elif type(error).__name__ == "NoSuchOption" and ctx is not None and (
+        instead := reference_instead(ctx.command, getattr(error, "option_name", ""))
+    ):
+        text = instead
     else:
         text = error.format_message()
     return f"{_plain_error(text)} See {path} --help."
@@ -326,6 +331,9 @@ class DinokitGroup(typer.core.TyperGroup):
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:  # a command that does not stop cleanly by itself: say so, never in silence
+            console_err.print("Stopped by Ctrl-C.", highlight=False)
+            raise typer.Exit(code=130) from None
         except UsageError as e:  # a missing or unknown option: the same one sentence as every error
             console_err.print(f"[bold red]Error:[/] {escape(usage_sentence(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None

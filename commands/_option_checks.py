@@ -94,3 +94,34 @@ def file_system_refusal(e: OSError) -> str | None:
     name = e.filename if e.filename is not None else ""
     where = f"{str(name)[:200]}{'...' if len(str(name)) > 200 else ''}" if name else "a file"
     return f"cannot write {where}: {(e.strerror or str(e)).rstrip('.')}."
+
+
+def refuse_unknown_weights(ctx) -> None:
+    """Refuse a ``--weights`` that names nothing loadable (a missing file, a misspelt preset) at once,
+    with the sentence the loader would say after its imports."""
+    from dinokit.errors import CheckpointError
+    from dinokit.presets import unknown_weights
+
+    weights = ctx.params.get("weights")
+    if isinstance(weights, str) and (sentence := unknown_weights(weights)) is not None:
+        raise CheckpointError(sentence)
+
+
+def require_weights(weights: str | None, purpose: str = "") -> None:
+    """A command that embeds images refuses a missing ``--weights`` before its heavy imports, with the
+    sentence the backbone loader would say."""
+    if weights is None:
+        from dinokit.errors import CheckpointError
+        from dinokit.presets import weights_needed
+
+        raise CheckpointError(weights_needed(purpose))
+
+
+def require_inputs(*inputs: tuple[str, str | os.PathLike | None]) -> None:
+    """Input paths that do not exist, refused before the command's heavy imports in the words the
+    readers use: ``("data folder", path)`` -> "The data folder PATH does not exist."; None is skipped."""
+    from dinokit.errors import DataError
+
+    for what, path in inputs:
+        if path is not None and not Path(path).expanduser().exists():
+            raise DataError(f"The {what} {Path(path).expanduser()} does not exist.")

@@ -3,8 +3,9 @@ earlier and the DINO reference scripts' option names rewritten to dinokit's."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -37,6 +38,23 @@ REFERENCE_OPTIONS: dict[str, str] = {
     "--use_cuda": None,  # type: ignore[dict-item]
 }
 REFERENCE_OPTIONS = {k: v for k, v in REFERENCE_OPTIONS.items() if v}
+
+#: reference names that a command without their one-to-one option takes as two: the reference's
+#: evaluations read DATA_PATH/train and DATA_PATH/val, which knn, linear and finetune take as two options
+REFERENCE_SPLITS: dict[str, tuple[str, ...]] = {"--data_path": ("--train", "--val")}
+
+
+def reference_instead(command, name: str) -> str | None:
+    """What to give instead of a reference option ``name`` that ``command`` has no one-to-one option for
+    (``--data_path`` in ``dinokit knn``: ``--train`` and ``--val``), or None."""
+    own = {o for p in command.params for o in getattr(p, "opts", ())}
+    split = REFERENCE_SPLITS.get(name)
+    if not split or REFERENCE_OPTIONS.get(name) in own or not set(split) <= own:
+        return None
+    value = name.lstrip("-").upper()
+    parts = [f"{opt} {value}/{opt.lstrip('-')}" for opt in split]
+    return (f"dinokit {command.name} has no {name}: give {' and '.join(parts)} (the reference's {value} holds "
+            f"{' and '.join(opt.lstrip('-') + '/' for opt in split)}).")  # fmt: skip
 
 
 def rewrite_option_names(command, args: list[str]) -> list[str]:
@@ -74,6 +92,19 @@ def rewrite_option_names(command, args: list[str]) -> list[str]:
             console_err.print(f"Note: {name} is {new} in dinokit {command.name}.", highlight=False, soft_wrap=True)
         out.append(new + eq + value)
     return out
+
+
+# -- from options to a config ----------------------------------------------------------------------
+def config_from(cls, options: dict[str, Any], /, **values: Any):
+    """The config ``cls`` (a dataclass) of a command's parsed options, matched by name: every field the
+    config declares takes the option of the same name from ``options`` (the command's ``locals()`` taken
+    at its first line); ``values`` give the fields whose value is converted or comes from elsewhere.
+    Options the config has no field for (--quiet, the report's) are left out."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
+    return cls(**{**{k: v for k, v in options.items() if k in names}, **values})
 
 
 # -- shared options (same names and meaning in every command) ------------------------------------

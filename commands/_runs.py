@@ -41,7 +41,10 @@ Threads = Annotated[
 
 
 def typed_options(ctx: typer.Context) -> set[str]:
-    """The parameters the user typed (not defaults): a resumed run takes the others from its record."""
+    """The options the user gave (not defaults): a resumed run takes the others from its record, and the
+    notes on a short run name the values the user chose. Given means on the command line or through an
+    option's environment variable (a value set on purpose either way); a default, or a value from the
+    context's default map, is not given. The one answer to "which options did the user type"."""
     out = set()
     for name in ctx.params:
         source = ctx.get_parameter_source(name)
@@ -80,3 +83,20 @@ def report_stop(command: str, output, unit: str, done: int, total: int, stopped_
                           highlight=False)  # fmt: skip
     elif stopped_by == "stop-after":
         console.print(f"Stopped after {unit} {done} of {total} (--stop-after). Resume with: {hint}", highlight=False)
+
+
+#: the training commands' runs as run.TrainingRun knows them (their RunKind's noun; every one keeps its
+#: state in checkpoint.pth), named here so that a command refuses its folder before its heavy imports
+RUN_NOUNS = {"pretrain": "pretraining run", "finetune": "fine-tuning run", "linear": "linear probe run",
+             "segment": "segmentation probe run"}
+RUN_CHECKPOINT = "checkpoint.pth"
+
+
+def check_run_output(command: str, output, *, resume: bool, overwrite: bool) -> None:
+    """The refusals of a training command's --output (see dinokit.io.check_training_folder), at once."""
+    from dinokit.io import check_training_folder
+
+    from ._console import is_main_process
+
+    check_training_folder(output, RUN_CHECKPOINT, RUN_NOUNS[command], resume=resume, overwrite=overwrite,
+                          main=is_main_process())  # fmt: skip

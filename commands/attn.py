@@ -24,6 +24,7 @@ from ._options import (
     Seed,
     Strict,
     Weights,
+    config_from,
 )
 from ._progress import RichProgress
 
@@ -107,43 +108,18 @@ def attn(
     """Self-attention maps of the last block's CLS token (DINO Fig. 1/3), masked at a fraction of the
     attention mass; with --images and --masks/--coco, the paper's attention-mask Jaccard; with --video,
     the maps of every frame as pictures and an animated GIF."""
-    from dinokit.eval.attention import UNITS
-    from dinokit.eval.attention_run import AttentionRunConfig, run_attention
-    from dinokit.io import write_metrics
-    from dinokit.runtime import embedding_precision
+    options = dict(locals())  # the parsed options by name, before any other local
+    from dinokit.io import check_run_folder, write_metrics
 
     setup_logging(quiet)
-    cfg = AttentionRunConfig(
-        output=output,
-        images=images,
-        images_dir=images_dir,
-        masks=masks,
-        coco=coco,
-        objects=objects,
-        binary_masks=binary_masks,
-        ignore_void=ignore_void,
-        image_list=image_list,
-        video=video,
-        fps=fps,
-        mp4=mp4,
-        overwrite=overwrite,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        image_size=image_size or None,
-        keep_aspect=keep_aspect,
-        threshold=threshold,
-        max_tokens=max_tokens,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        # the maps of images and videos are embeddings; the Jaccard evaluation keeps the reference's fp32
-        precision=precision if images_dir is not None else embedding_precision(precision, device),
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-    )
+    check_run_folder(output, overwrite)  # the run takes the folder once the model is loaded
+    from dinokit.eval.attention import UNITS  # torch: once the checks above passed
+    from dinokit.eval.attention_run import AttentionRunConfig, run_attention
+    from dinokit.runtime import embedding_precision
+
+    # the maps of images and videos are embeddings; the Jaccard evaluation keeps the reference's fp32
+    embedding = precision if images_dir is not None else embedding_precision(precision, device)
+    cfg = config_from(AttentionRunConfig, options, image_size=image_size or None, precision=embedding)
     with RichProgress(quiet=quiet) as progress:
         result = run_attention(cfg, progress)
     write_metrics(result.output, result.metrics, result.config, units=UNITS if result.form == "evaluation" else None)

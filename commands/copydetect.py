@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._console import console, is_main_process, plural, print_table, setup_logging
+from ._option_checks import require_weights
 from ._options import (
     Arch,
     BatchSize,
@@ -25,6 +26,7 @@ from ._options import (
     Seed,
     Strict,
     Whitening,
+    config_from,
 )
 from ._progress import RichProgress
 
@@ -65,30 +67,15 @@ def copydetect(
 ) -> None:
     """Copy detection on Copydays: rank the originals (plus distractors) for every edited copy and
     report the mAP of each block (strong is the headline)."""
-    from dinokit.eval.copy_detection import UNITS, CopyDetectionConfig, copy_detection
+    options = dict(locals())  # the parsed options by name, before any other local
     from dinokit.io import prepare_output_dir, write_metrics
 
     setup_logging(quiet)
+    require_weights(weights)
     prepare_output_dir(output, overwrite=overwrite)
-    cfg = CopyDetectionConfig(
-        data=data,
-        output=output,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        image_size=image_size,
-        distractors=distractors,
-        whitening=whitening,
-        top=top,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        precision=precision,
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-    )
+    from dinokit.eval.copy_detection import UNITS, CopyDetectionConfig, copy_detection  # torch: once checked
+
+    cfg = config_from(CopyDetectionConfig, options)
     with RichProgress(quiet=quiet) as progress:
         result = copy_detection(cfg, progress)
     if not is_main_process():
@@ -98,7 +85,7 @@ def copydetect(
     rows = [[block, result.queries[block], 100.0 * value] for block, value in result.mAP.items()]
     # strong first: it is the headline number
     rows.sort(key=lambda r: r[0] != "strong")
-    title = f"Copydays mAP (%), database {result.database_size} images"
+    title = f"Copydays mAP (%), database {plural(result.database_size, 'image')}"
     if result.whitening:
         title += ", whitened"
     print_table(title, ["block", "queries", "mAP"], rows)

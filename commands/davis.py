@@ -21,9 +21,13 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    config_from,
 )
 from ._progress import RichProgress
 from .davis_score import print_davis_table
+
+#: the file that marks a folder as a davis run's (dinokit.eval.davis_run.RUN_MARKER, named here without its imports)
+RUN_MARKER = "davis_run.json"
 
 
 def davis(
@@ -103,35 +107,17 @@ def davis(
     OUT/global_results-<split>.csv and OUT/per-sequence_results-<split>.csv. A rerun skips the
     sequences already finished with the same weights and settings.
     """
-    from dinokit.eval.davis_run import DavisRunConfig, run_davis
-    from dinokit.eval.propagation import PropagationConfig
+    options = dict(locals())  # the parsed options by name, before any other local
+    from dinokit.io import check_run_folder
 
     setup_logging(quiet)
+    # a folder holding an earlier run's marker is continued, as run_davis does once it takes the folder
+    check_run_folder(output, overwrite, resume=(Path(output) / RUN_MARKER).is_file())
+    from dinokit.eval.davis_run import DavisRunConfig, run_davis  # torch: once the checks above passed
+    from dinokit.eval.propagation import PropagationConfig
+
     names = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
-    cfg = DavisRunConfig(
-        output=output,
-        data=data,
-        split=split,
-        sequences=names,
-        frames=frames,
-        first_mask=first_mask,
-        binary_mask=binary_mask,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        propagation=PropagationConfig(
-            n_last_frames=n_last_frames, neighborhood=neighborhood, topk=topk, temperature=temperature
-        ),
-        short_side=short_side,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        precision=precision,
-        seed=seed,
-        visualize=visualize,
-        overwrite=overwrite,
-    )
+    cfg = config_from(DavisRunConfig, options, sequences=names, propagation=config_from(PropagationConfig, options))
     with RichProgress(quiet=quiet) as progress:
         result = run_davis(cfg, progress)
     n_frames = sum(v.n_frames for v in result.videos)

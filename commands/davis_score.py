@@ -55,7 +55,6 @@ def davis_score(
     metrics.json records its weights and videos) into its own folder, is refused with a sentence that
     says to pass another --output or --overwrite.
     """
-    from dinokit.eval.davis_metrics import UNITS, evaluate_davis
     from dinokit.io import lock_run_folder, make_output_folder, write_metrics
 
     setup_logging(quiet)
@@ -70,6 +69,8 @@ def davis_score(
     lock_run_folder(out)  # one writer at a time (a davis run into the prediction folder too); freed at the end
     if not beside:
         _check_destination(out, split, overwrite, beside=False)  # again, now that no one else writes there
+    from dinokit.eval.davis_metrics import UNITS, evaluate_davis  # numpy, scipy: once the checks passed
+
     with RichProgress(quiet=quiet) as progress:
         scores = evaluate_davis(gt, pred, split=split, sequences=names, progress=progress)
     if beside:  # the prediction folder: checked once it is known to hold predictions

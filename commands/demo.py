@@ -4,7 +4,7 @@ It generates the built-in data (``dinokit synth``), pretrains a small ViT with D
 number of epochs (a fixed recipe: the same numbers on every run and every machine of a kind; a time
 budget is an option), then evaluates the trained model and the same model at random init side by side with the
 paper's protocols (k-NN, linear probe, attention Jaccard, DAVIS J&F on synthetic videos, Copydays
-``strong`` mAP) and writes ``report.md`` and ``report.html`` with the table and pictures. Every
+``strong`` mAP) and the linear segmentation probe of DINOv2/v3 (mIoU on synthetic scenes) and writes ``report.md`` and ``report.html`` with the table and pictures. Every
 step is an ordinary dinokit command whose run folder stays in the output for inspection.
 """
 
@@ -30,8 +30,7 @@ from dinokit.io import prepare_output_dir, versions, write_json
 
 from ._console import console, console_err
 from ._options import RUN_PANEL, Overwrite, Quiet
-from ._runs import stop_reported_by
-from .demo_report import compose_pictures, table_rows, write_reports
+from ._runs import stop_reported_by, typed_options
 
 #: the default demo's pretraining length: a fixed recipe, so that its numbers do not depend on the
 #: machine's speed or load (chosen so that the whole demo stays within 10 minutes on an idle 2-core CPU)
@@ -78,6 +77,10 @@ class DemoPlan:
     copydays_distractors: int = 48
     copydays_size: int = 160
     copy_image_size: int = 128
+    segment_train: int = 48
+    segment_val: int = 16
+    segment_size: int = 96
+    segment_iterations: int = 300
     attn_picture_size: int = 192
     seed: int = 0
     data_seed: int = 0
@@ -350,7 +353,7 @@ def run_demo(plan: DemoPlan, state: DemoState | None = None) -> dict:
     state = state or DemoState.begin(plan)
     state.save()
     budget = _Budget(plan, state)
-    stage = _Stages(plan, total=9)
+    stage = _Stages(plan, total=10)
     # a step cut off by a stop runs again from its start, into its own folder
     common = _common(plan) + (["--overwrite"] if "--overwrite" not in _common(plan) else [])
     fp32 = ["--precision", "fp32"]
@@ -366,7 +369,7 @@ def run_demo(plan: DemoPlan, state: DemoState | None = None) -> dict:
     plan.timings["pretrain_epochs"] = epochs
 
     trained = out / "pretrain"
-    with stage(f"dinokit pretrain: {plan.arch}/{plan.patch_size}, {epochs} epochs of {n_train} images"):
+    with stage(f"dinokit pretrain: {plan.arch}/{plan.patch_size}, {epochs} epoch{'s' if epochs != 1 else ''} of {n_train} images"):
         epochs_done = _pretrain_step(plan, state, budget, pretrain_data, epochs)
     weights = {
         "trained": ["--weights", trained / "backbone.pth"],
@@ -382,21 +385,24 @@ def run_demo(plan: DemoPlan, state: DemoState | None = None) -> dict:
     with stage("report"):
         results: dict[str, dict] = {"trained": {}, "random": {}}
         skipped = {}
-        for key in ("knn", "linear", "jaccard", "davis", "copydays"):
+        for key in ("knn", "linear", "jaccard", "davis", "copydays", "segment"):
             got = state.get(key) or {}
             if "skipped" in got:
                 skipped[key] = got["skipped"]
                 continue
             for name in results:
                 results[name][key] = got[name]
+        from .demo_report import compose_pictures, write_reports  # PIL: only when the report is drawn
+
         pictures = compose_pictures(out, evals)
         summary = {
             "results": results,
             "units": {"knn": "percent", "linear": "percent", "jaccard": "fraction", "davis": "fraction",
-                      "copydays": "fraction"},
+                      "copydays": "fraction", "segment": "percent"},
             "pretrain_epochs": epochs,
             "pretrain_epochs_done": epochs_done,
             "pretrain_losses": _pretrain_losses(trained),
+            "collapsed_epochs": _read_json(trained / "metrics.json").get("collapsed_epochs", []),
             "out_dim": DEMO_OUT_DIM,
             "skipped": skipped,
             "fixed_recipe": plan.minutes is None and (plan.epochs or DEMO_EPOCHS) == DEMO_EPOCHS
@@ -428,6 +434,9 @@ def _make_data(plan: DemoPlan, data: Path, common: list[str]) -> None:
     _run(["synth", "copydays", "--output", data / "copydays", "--originals", plan.copydays_originals,
           "--distractors", plan.copydays_distractors, "--whitening", plan.copydays_distractors,
           "--image-size", plan.copydays_size, "--seed", plan.data_seed, *common], "synth copydays")  # fmt: skip
+    _run(["synth", "segment", "--output", data / "segment", "--train", plan.segment_train, "--val", plan.segment_val,
+          "--image-size", plan.segment_size, "--style", "simple", "--seed", plan.data_seed, *common],
+         "synth segment")  # fmt: skip
 
 
 def _eval_steps(plan: DemoPlan, data: Path, evals: Path, weights: dict, common: list[str], fp32: list[str]) -> dict:
@@ -477,6 +486,18 @@ def _eval_steps(plan: DemoPlan, data: Path, evals: Path, weights: dict, common: 
                   "--output", evals / "trained" / "duplicates", *fp32, *common], "duplicates")  # fmt: skip
         return float(_read_json(run / "metrics.json")["mAP"]["strong"])
 
+    def segment(name):
+        run = evals / name / "segment"
+        _run(["segment", "--data", data / "segment", "--dataset", "folder", *weights[name],
+              # a few hundred iterations need a larger lr than the official 1e-3 made for 40,000
+              "--iterations", plan.segment_iterations, "--batch-size", 8, "--lr", 1e-2, "--image-size", plan.segment_size,
+              "--pictures", 2, "--output", run, *fp32, *common], f"segment {name}")  # fmt: skip
+        # the dense features themselves, fitted over a few validation scenes
+        scenes = sorted((data / "segment" / "val" / "images").glob("*"))[:4]
+        _run(["patches", *[str(s) for s in scenes], *weights[name], "--image-size", plan.segment_size,
+              "--parts", 4, "--output", evals / name / "patches", *fp32, *common], f"patches {name}")  # fmt: skip
+        return float(_read_json(run / "metrics.json")["segmentation"]["mIoU"])
+
     return {
         "knn": ("weighted k-NN (dinokit knn)", knn),
         "linear": ("linear probe on frozen features (dinokit linear --features-only)", linear),
@@ -484,10 +505,12 @@ def _eval_steps(plan: DemoPlan, data: Path, evals: Path, weights: dict, common: 
         "davis": ("video object segmentation by label propagation (dinokit davis)", davis),
         "copydays": ("copy detection, Copydays protocol, and near-duplicate search (dinokit copydetect, duplicates)",
                      copydays),
+        "segment": ("linear segmentation of patch features, and their pictures (dinokit segment, patches)", segment),
     }
 
 
 def demo(
+    ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The demo's run folder.")],
     epochs: Annotated[
         int | None,
@@ -535,7 +558,7 @@ def demo(
     state = None
     if resume:
         state = DemoState.load(out)
-        typed = {k for k in options if typer.get_current_context().get_parameter_source(k).name == "COMMANDLINE"}
+        typed = typed_options(ctx) & set(options)
         differ = sorted(k for k in typed if state.options.get(k) != options[k])
         if differ:
             k = differ[0]
@@ -565,6 +588,8 @@ def demo(
     finally:
         signal.signal(signal.SIGTERM, previous_term)
     from rich.table import Table
+
+    from .demo_report import table_rows
 
     table = Table(title=f"dinokit demo ({summary['seconds'] / 60:.1f} min)")
     for col in ("metric", "random init", "DINO (this run)", "trained beats random", "paper (context)"):

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._console import console, is_main_process, plural, print_table, setup_logging
+from ._option_checks import require_inputs, require_weights
 from ._options import (
     Arch,
     BatchSize,
@@ -26,6 +27,7 @@ from ._options import (
     Seed,
     Strict,
     Whitening,
+    config_from,
 )
 from ._progress import RichProgress
 
@@ -86,42 +88,24 @@ def duplicates(
     sheet of the closest pairs (pairs.png). Descriptors are stored once per weights and settings
     (--cache-dir) and reused by later duplicates and similar runs: only new or changed images are
     embedded. Warns when the result cannot mean much (random weights, nearly every pair similar)."""
-    from dinokit.eval.duplicates import (
+    options = dict(locals())  # the parsed options by name, before any other local
+    from dinokit.io import prepare_output_dir, write_metrics
+
+    setup_logging(quiet)
+    require_weights(weights)
+    require_inputs(("folder", folder), ("folder given with --against", against), ("whitening folder", whitening))
+    prepare_output_dir(output, overwrite=overwrite)
+    from dinokit.eval.duplicates import (  # torch: once the checks above passed
         UNITS,
         DuplicatesConfig,
         find_duplicates,
         write_clusters,
         write_pairs,
     )
-    from dinokit.io import prepare_output_dir, write_metrics
     from dinokit.runtime import embedding_precision
     from dinokit.viz import contact_sheet
 
-    setup_logging(quiet)
-    prepare_output_dir(output, overwrite=overwrite)
-    cfg = DuplicatesConfig(
-        folder=folder,
-        output=output,
-        against=against,
-        threshold=threshold,
-        whitening=whitening,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        image_size=image_size,
-        backend=backend,
-        neighbours=neighbours,
-        max_pairs=max_pairs,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        precision=embedding_precision(precision, device),
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-        cache_dir=cache_dir,
-    )
+    cfg = config_from(DuplicatesConfig, options, precision=embedding_precision(precision, device))
     with RichProgress(quiet=quiet) as progress:
         result = find_duplicates(cfg, progress)
     if not is_main_process():

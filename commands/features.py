@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._console import console, plural, setup_logging
+from ._console import console, console_err, plural, setup_logging
+from ._option_checks import require_inputs, require_weights
 from ._options import (
     Arch,
     BatchSize,
@@ -25,6 +26,7 @@ from ._options import (
     Seed,
     Std,
     Strict,
+    config_from,
 )
 from ._progress import RichProgress
 
@@ -80,8 +82,16 @@ def features(
 ) -> None:
     """Embed every image of a folder (recursively) with the evaluation transform; under torchrun each
     process embeds a shard and the first writes the file."""
-    from dinokit.eval.features import Embedder, FeatureSpec, features_output, save_features
+    options = dict(locals())  # the parsed options by name, before any other local
+    from dinokit.eval.feature_files import features_output
     from dinokit.io import check_output_file
+
+    setup_logging(quiet)
+    require_inputs(("folder", data))
+    fmt, target = features_output(output, fmt)
+    check_output_file(target, overwrite)
+    require_weights(weights)
+    from dinokit.eval.features import Embedder, FeatureSpec, save_features  # torch: once checked
     from dinokit.runtime import (
         cleanup_distributed,
         dist_env,
@@ -90,34 +100,17 @@ def features(
         resolve_device,
     )
 
-    setup_logging(quiet)
-    fmt, target = features_output(output, fmt)
-    check_output_file(target, overwrite)
-    spec = FeatureSpec(
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        mean=mean,
-        std=std,
-        n_last_blocks=n_last_blocks,
-        avgpool_patch_tokens=avgpool_patch_tokens,
-        resize=resize,
-        crop=crop,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        precision=embedding_precision(precision, device),
-        threads=threads,
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-    )
+    spec = config_from(FeatureSpec, options, precision=embedding_precision(precision, device))
     init_distributed(resolve_device(device))
     try:
         embedder = Embedder(spec)
-        with RichProgress(quiet=quiet or not dist_env().is_main) as progress:
-            fs = embedder.embed(data, progress=progress)
+        try:
+            with RichProgress(quiet=quiet or not dist_env().is_main) as progress:
+                fs = embedder.embed(data, progress=progress)
+        except KeyboardInterrupt:
+            console_err.print(f"Stopped by Ctrl-C while embedding; nothing was written ({target} is written once "
+                              "every image is embedded).", highlight=False, soft_wrap=True)  # fmt: skip
+            raise typer.Exit(130) from None
         if dist_env().is_main:
             written = save_features(fs, output, format=fmt, overwrite=overwrite)
             labelled = f", {plural(len(fs.classes), 'class')}" if fs.labels is not None else ""

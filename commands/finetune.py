@@ -27,9 +27,10 @@ from ._options import (
     Train,
     Val,
     Weights,
+    config_from,
 )
 from ._progress import RichProgress
-from ._runs import Resume, StopAfter, Threads, report_stop, typed_options
+from ._runs import Resume, StopAfter, Threads, check_run_output, report_stop, typed_options
 
 
 def finetune(
@@ -103,51 +104,17 @@ def finetune(
 
     Use the result with: dinokit predict --model OUTPUT/model.pth IMAGES...
     """
-    from dinokit.runtime import signal_exit_code
-    from dinokit.train.finetune import FinetuneConfig
-    from dinokit.train.finetune import finetune as run_finetune
-
+    options = dict(locals())  # the parsed options by name, before any other local
     setup_logging(quiet or not is_main_process())
     explicit = typed_options(ctx)
     if train is None and not resume:
         raise typer.BadParameter("give the training images with --train DIR.", param_hint="--train")
-    cfg = FinetuneConfig(
-        train=train,
-        output=output,
-        val=val,
-        val_split=val_split,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        min_lr=min_lr,
-        weight_decay=weight_decay,
-        layer_decay=layer_decay,
-        drop_path=drop_path,
-        label_smoothing=label_smoothing,
-        randaugment=randaugment,
-        mixup=mixup,
-        cutmix=cutmix,
-        clip_grad=clip_grad,
-        head_warmup_epochs=head_warmup_epochs,
-        warmup_epochs=warmup_epochs,
-        image_size=image_size,
-        min_crop_scale=min_crop_scale,
-        num_workers=num_workers,
-        threads=threads,
-        device=device,
-        precision=precision,
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-        resume=resume,
-        stop_after=stop_after,
-        checkpoint_minutes=checkpoint_minutes,
-        overwrite=overwrite,
-    )
+    check_run_output("finetune", output, resume=resume, overwrite=overwrite)
+    from dinokit.runtime import signal_exit_code  # torch: once the checks above passed
+    from dinokit.train.finetune import FinetuneConfig
+    from dinokit.train.finetune import finetune as run_finetune
+
+    cfg = config_from(FinetuneConfig, options)
     with RichProgress(quiet=quiet or not is_main_process()) as progress:
         result = run_finetune(cfg, progress, explicit=explicit)
     if not is_main_process():

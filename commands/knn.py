@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ._console import console, plural, print_table, setup_logging
+from ._option_checks import require_inputs
 from ._options import (
     Arch,
     BatchSize,
@@ -28,6 +29,7 @@ from ._options import (
     TrainFeatures,
     Val,
     ValFeatures,
+    config_from,
 )
 from ._progress import RichProgress
 from .features import AvgPool, Crop, NLastBlocks, Resize
@@ -96,39 +98,18 @@ def knn(
     Features of --train/--val are cached in the output folder and reused while their fingerprint
     (weights, arch, transform, options, file list) matches.
     """
-    from dinokit.eval.knn import UNITS, KnnConfig, knn_eval
+    options = dict(locals())  # the parsed options by name, before any other local
     from dinokit.io import prepare_output_dir, write_metrics
-    from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
     setup_logging(quiet)
     ks = parse_ks(k)
+    if train_features is None or val_features is None:  # images are read (both features files: none are)
+        require_inputs(("folder", train), ("folder", val))
     out = prepare_output_dir(output, overwrite=overwrite)
-    cfg = KnnConfig(
-        output=out,
-        train=train,
-        val=val,
-        train_features=train_features,
-        val_features=val_features,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        mean=mean,
-        std=std,
-        n_last_blocks=n_last_blocks,
-        avgpool_patch_tokens=avgpool_patch_tokens,
-        ks=ks,
-        temperature=temperature,
-        resize=resize,
-        crop=crop,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        precision=precision,
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-    )
+    from dinokit.eval.knn import UNITS, KnnConfig, knn_eval  # torch: once the checks above passed
+    from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
+
+    cfg = config_from(KnnConfig, options, output=out, ks=ks)
     if train_features is None:
         init_distributed(resolve_device(device))
     try:

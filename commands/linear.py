@@ -26,9 +26,10 @@ from ._options import (
     Seed,
     Std,
     Strict,
+    config_from,
 )
 from ._progress import RichProgress
-from ._runs import Resume, StopAfter, Threads, report_stop, typed_options
+from ._runs import Resume, StopAfter, Threads, check_run_output, report_stop, typed_options
 from .features import Crop, Resize
 
 
@@ -116,54 +117,24 @@ def linear(
 ) -> None:
     """Linear probe on a frozen backbone (paper Sec. 4.1): SGD, cosine lr, a checkpoint each epoch;
     final and best top-1/top-5 in metrics.json. Also --evaluate for released heads and --logistic."""
-    from dinokit.eval.linear import LinearConfig, linear_eval
+    options = dict(locals())  # the parsed options by name, before any other local
+    setup_logging(quiet)
+    if evaluate or logistic:  # one evaluation, no training run: the folder as every evaluation takes it
+        from dinokit.io import check_run_folder
+
+        check_run_folder(output, overwrite)
+    else:
+        check_run_output("linear", output, resume=resume, overwrite=overwrite)
+    from dinokit.eval.linear import LinearConfig, linear_eval  # torch: once the checks above passed
     from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
-    setup_logging(quiet)
-    cfg = LinearConfig(
-        output=output,
-        train=train,
-        val=val,
-        train_features=train_features,
-        val_features=val_features,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        mean=mean,
-        std=std,
-        n_last_blocks=n_last_blocks,
-        avgpool_patch_tokens=avgpool_patch_tokens,
-        epochs=epochs if _typed(ctx, "epochs") else None,
-        batch_size=batch_size,
-        lr=lr if _typed(ctx, "lr") else None,
-        protocol=protocol,
-        epoch_length=epoch_length,
-        augment=augment,
-        features_only=features_only,
-        logistic=logistic,
-        logistic_c=logistic_c,
-        evaluate=evaluate,
-        linear_weights=linear_weights,
-        resume=resume,
-        stop_after=stop_after,
-        val_every=val_every,
-        resize=resize,
-        crop=crop,
-        min_scale=min_scale,
-        num_workers=num_workers,
-        threads=threads,
-        device=device,
-        precision=precision,
-        seed=seed,
-        strict=strict,
-        overwrite=overwrite,
-        exact_decode=exact_decode,
-    )
+    typed = typed_options(ctx)  # epochs and lr left out: the protocol's own (see --protocol)
+    cfg = config_from(LinearConfig, options, epochs=epochs if "epochs" in typed else None,
+                      lr=lr if "lr" in typed else None)  # fmt: skip
     init_distributed(resolve_device(device))
     try:
         with RichProgress(quiet=quiet or not dist_env().is_main) as progress:
-            result = linear_eval(cfg, progress, explicit=typed_options(ctx))
+            result = linear_eval(cfg, progress, explicit=typed)
         if not dist_env().is_main:
             if result.exit_code:
                 sys.exit(result.exit_code)
@@ -198,7 +169,7 @@ def _report(ctx: typer.Context, result, lr: float, batch_size: int) -> None:
     if result.mode in ("images", "features"):
         world = dist_env().world_size
         steps = result.epochs_run * -(-result.n_train // (batch_size * world))
-        note = short_run_note("linear probe", steps, _typed(ctx, "lr"),
+        note = short_run_note("linear probe", steps, "lr" in typed_options(ctx),
                               f"{lr:g} x global batch / 256 = {lr * batch_size * world / 256:.3g}")
         if note and result.stopped_by is None:
             console_err.print(note, highlight=False)
@@ -229,11 +200,6 @@ def _report_grid(result) -> None:
     console.print(f"metrics: {result.metrics_path}", highlight=False)
     report_stop("linear", result.metrics_path.parent if result.metrics_path else "", "epoch", result.epochs_done,
                 result.epochs, result.stopped_by)  # fmt: skip
-
-
-def _typed(ctx: typer.Context, name: str) -> bool:
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ from ._options import (
     CheckpointKey,
     Device,
     ExactDecode,
+    Mean,
     NumWorkers,
     Output,
     Overwrite,
@@ -21,8 +22,10 @@ from ._options import (
     Precision,
     Quiet,
     Seed,
+    Std,
     Strict,
     Weights,
+    config_from,
 )
 from ._progress import RichProgress
 
@@ -38,6 +41,8 @@ def patches(
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
+    mean: Mean = None,
+    std: Std = None,
     parts: Annotated[
         int, typer.Option("--parts", min=1, help="k-means clusters of the patch features, shared by the images.")
     ] = 5,
@@ -83,24 +88,23 @@ def patches(
     """Pictures of the patch features of images, fitted jointly over all of them so that a part gets
     the same colour in every image: the PCA colours of the foreground (DINOv2 Fig. 1), the foreground
     mask, and k-means parts (co-segmentation); the arrays (.npy) beside the pictures."""
-    from dinokit.eval.patches_run import PatchesRunConfig, run_patches
-    from dinokit.io import write_metrics
-    from dinokit.runtime import embedding_precision
+    options = dict(locals())  # the parsed options by name, before any other local
+    from dinokit.io import check_run_folder, write_metrics
 
     setup_logging(quiet)
-    cfg = PatchesRunConfig(
-        images=images, output=output, overwrite=overwrite, weights=weights, arch=arch, patch_size=patch_size,
-        checkpoint_key=checkpoint_key, parts=parts, image_size=image_size or None, foreground=foreground,
-        threshold=threshold, fit_patches=fit_patches, max_tokens=max_tokens, batch_size=batch_size,
-        num_workers=num_workers, device=device, precision=embedding_precision(precision, device), seed=seed,
-        strict=strict, exact_decode=exact_decode,
-    )
+    check_run_folder(output, overwrite)  # the run takes the folder once the model is loaded
+    from dinokit.eval.patches_run import PatchesRunConfig, run_patches  # torch: once the checks above passed
+    from dinokit.runtime import embedding_precision
+
+    cfg = config_from(PatchesRunConfig, options, image_size=image_size or None,
+                      precision=embedding_precision(precision, device))  # fmt: skip
     with RichProgress(quiet=quiet) as progress:
         result = run_patches(cfg, progress)
     write_metrics(result.output, result.metrics, result.config)
+    share = result.foreground_fraction
     console.print(f"Wrote the PCA colours, foreground and {plural(parts, 'part')} of "
                   f"{plural(result.images, 'image')} to {result.output} (overview.png; "
-                  f"foreground {result.foreground_fraction:.0%} of the patches).")
+                  + (f"foreground {share:.0%} of the patches)." if share is not None else "every patch coloured)."))
     if result.skipped:
         console.print(f"{plural(result.skipped, 'unreadable image')} skipped (--strict stops at the first).")
 

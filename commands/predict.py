@@ -38,8 +38,7 @@ def predict(
     table instead, one row per image with its top classes and their probabilities.
     """
     from dinokit.errors import DinokitError
-    from dinokit.eval.predict import predict_images
-    from dinokit.io import atomic_write_text, check_output_file, inert_cell, to_json
+    from dinokit.io import check_output_file
 
     setup_logging(quiet)
     to_table = str(output) == "-"
@@ -47,6 +46,8 @@ def predict(
         if output.suffix.lower() not in (".csv", ".json"):
             raise DinokitError(f"--output {output} must end in .csv or .json (or be - to print a table).")
         check_output_file(output, overwrite)
+    from dinokit.eval.predict import predict_images  # torch: once the checks above passed
+
     with RichProgress(quiet=quiet) as progress:
         res = predict_images(
             model, images, top=top, batch_size=batch_size, num_workers=num_workers, device=device,
@@ -60,19 +61,33 @@ def predict(
             "%s skipped (first: %s).", plural(len(res.skipped), "unreadable image"), res.skipped[0]
         )
     if to_table:
-        import os
-
-        from rich.table import Table
-
-        base = os.path.commonpath([str(p.parent.resolve()) for p in res.paths]) if res.paths else ""
-        table = Table(title=f"dinokit predict: {model}" + (f"\nimages under {base}" if base else ""))
-        table.add_column("image", overflow="fold")
-        for i in range(k):
-            table.add_column(f"#{i + 1}")
-        for p, cs, ps in zip(res.paths, res.top_classes, res.top_probs):
-            table.add_row(os.path.relpath(p.resolve(), base), *[f"{c} {100 * q:.1f}%" for c, q in zip(cs, ps)])
-        console.print(table)
+        _print_table(res, model, k)
         return
+    _write_predictions(res, model, k, output)
+    if not quiet:
+        console.print(f"{plural(len(res.paths), 'prediction')} written to {output}.", highlight=False)
+
+
+def _print_table(res, model, k: int) -> None:
+    """The predictions as a table on the terminal, paths relative to the folder they share."""
+    import os
+
+    from rich.table import Table
+
+    base = os.path.commonpath([str(p.parent.resolve()) for p in res.paths]) if res.paths else ""
+    table = Table(title=f"dinokit predict: {model}" + (f"\nimages under {base}" if base else ""))
+    table.add_column("image", overflow="fold")
+    for i in range(k):
+        table.add_column(f"#{i + 1}")
+    for p, cs, ps in zip(res.paths, res.top_classes, res.top_probs):
+        table.add_row(os.path.relpath(p.resolve(), base), *[f"{c} {100 * q:.1f}%" for c, q in zip(cs, ps)])
+    console.print(table)
+
+
+def _write_predictions(res, model, k: int, output: Path) -> None:
+    """preds.csv (one row per image: path, then class and probability per rank) or preds.json."""
+    from dinokit.io import atomic_write_text, inert_cell, to_json
+
     if output.suffix.lower() == ".csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -98,8 +113,6 @@ def predict(
             "skipped": [str(p) for p in res.skipped],
         }
         atomic_write_text(output, to_json(data) + "\n")
-    if not quiet:
-        console.print(f"{len(res.paths)} predictions written to {output}.", highlight=False)
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

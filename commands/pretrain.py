@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._console import console, console_err, is_main_process, plural, print_table, setup_logging
+from ._option_checks import require_inputs
 from ._options import (
     RUN_PANEL,
     RUNTIME_PANEL,
@@ -22,9 +23,10 @@ from ._options import (
     Quiet,
     Seed,
     Strict,
+    config_from,
 )
 from ._progress import RichProgress
-from ._runs import Resume, StopAfter, Threads, report_stop, typed_options
+from ._runs import Resume, StopAfter, Threads, check_run_output, report_stop, typed_options
 
 MODEL_PANEL = "Model"
 OPTIM_PANEL = "Optimisation"
@@ -115,57 +117,22 @@ def pretrain_command(
     quiet: Quiet = False,
 ) -> None:
     """Pretrain a backbone with DINO on a folder of unlabelled images."""
+    options = dict(locals())  # the parsed options by name, before any other local
     from dinokit.errors import DinokitError
-    from dinokit.train.pretrain import PretrainConfig, pretrain
 
     setup_logging(quiet or not is_main_process())
-    values = dict(
-        data=str(data) if data is not None else None,
-        output=str(output),
-        arch=arch,
-        patch_size=patch_size,
-        depth=depth,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        min_lr=min_lr,
-        warmup_epochs=warmup_epochs,
-        weight_decay=weight_decay,
-        weight_decay_end=weight_decay_end,
-        momentum_teacher=momentum_teacher,
-        teacher_temp=teacher_temp,
-        warmup_teacher_temp=warmup_teacher_temp,
-        warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
-        out_dim=out_dim,
-        norm_last_layer=norm_last_layer,
-        freeze_last_layer=freeze_last_layer,
-        clip_grad=clip_grad,
-        clip_mode=clip_mode,
-        drop_path=drop_path,
-        optimizer=optimizer,
-        local_crops=local_crops,
-        global_size=global_size,
-        local_size=local_size,
-        global_scale=tuple(global_scale) if global_scale else None,
-        local_scale=tuple(local_scale),
-        precision=precision,
-        device=device,
-        compile=compile_model,
-        num_workers=num_workers,
-        threads=threads,
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-        save_every=save_every,
-        checkpoint_minutes=checkpoint_minutes,
-        stop_after=stop_after,
-        resume=resume,
-        overwrite=overwrite,
-    )
     if data is None and not resume:
         raise DinokitError("Give the image folder with --data (or --resume to continue a run).")
+    require_inputs(("data folder", data))
+    check_run_output("pretrain", output, resume=resume, overwrite=overwrite)
+    from dinokit.train.pretrain import PretrainConfig, pretrain  # torch: once the checks above passed
+
     explicit = {"compile" if name == "compile_model" else name for name in typed_options(ctx)}
-    cfg = PretrainConfig.from_dict(values)
+    cfg = config_from(
+        PretrainConfig, options, data=str(data) if data is not None else None, output=str(output),
+        global_scale=tuple(global_scale) if global_scale else None, local_scale=tuple(local_scale),
+        compile=compile_model,
+    )  # fmt: skip
 
     with RichProgress(quiet=quiet or not is_main_process()) as progress:
         result = pretrain(cfg, progress, explicit=explicit)
@@ -185,7 +152,8 @@ def _report(result) -> None:
     if rows:
         print_table("dinokit pretrain", ["epoch", "loss", "lr", "momentum", "images/s"], rows)
     if result.finished and not result.history:
-        console.print(f"The run in {result.output} had already finished its {result.epochs} epochs.", highlight=False)
+        console.print(f"The run in {result.output} had already finished its {plural(result.epochs, 'epoch')}.",
+                      highlight=False)
     console.print(f"backbone: {result.backbone}  (use it as --weights)", highlight=False)
     if result.skipped_images:
         console.print(f"{plural(result.skipped_images, 'unreadable image')} skipped, each counted once "

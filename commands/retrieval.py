@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ._console import console, is_main_process, plural, print_table, setup_logging
+from ._option_checks import require_weights
 from ._options import (
     Arch,
     CheckpointKey,
@@ -23,6 +24,7 @@ from ._options import (
     Quiet,
     Seed,
     Strict,
+    config_from,
 )
 from ._progress import RichProgress
 
@@ -66,29 +68,15 @@ def retrieval(
 ) -> None:
     """Image retrieval on revisited Oxford or Paris: mAP and mP@1/5/10 (percent) under the Medium
     and Hard protocols."""
-    from dinokit.eval.retrieval import UNITS, RetrievalConfig, image_retrieval
+    options = dict(locals())  # the parsed options by name, before any other local
     from dinokit.io import prepare_output_dir, write_metrics
 
     setup_logging(quiet)
+    require_weights(weights)
     prepare_output_dir(output, overwrite=overwrite)
-    cfg = RetrievalConfig(
-        data=data,
-        dataset=dataset,
-        output=output,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        image_size=image_size,
-        multiscale=multiscale,
-        crop_queries=crop_queries,
-        num_workers=num_workers,
-        device=device,
-        precision=precision,
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-    )
+    from dinokit.eval.retrieval import UNITS, RetrievalConfig, image_retrieval  # torch: once checked
+
+    cfg = config_from(RetrievalConfig, options)
     with RichProgress(quiet=quiet) as progress:
         result = image_retrieval(cfg, progress)
     if not is_main_process():

@@ -24,12 +24,13 @@ from ._options import (
     Quiet,
     Seed,
     Strict,
+    config_from,
 )
 from ._progress import RichProgress
-from ._runs import Resume, StopAfterIterations, Threads, report_stop, typed_options
+from ._runs import Resume, StopAfterIterations, Threads, check_run_output, report_stop, typed_options
 
 CPU_NOTE = (
-    "Defaults are scaled for a CPU (1000 iterations, batch 4, --image-size 224); the papers' setting is "
+    "the defaults are scaled for a CPU (1000 iterations, batch 4, --image-size 224); the papers' setting is "
     "--iterations 40000 --warmup 1500 --image-size 512 with a global batch of 16 (e.g. torchrun "
     "--nproc-per-node 8 ... --batch-size 2)."
 )
@@ -81,24 +82,21 @@ def segment(
     mAcc in metrics.json, per_class.csv, head.pth, predictions/ and pictures/. With --head: segment
     new images. Defaults are scaled for a CPU (1000 iterations, batch 4, --image-size 224); the papers'
     setting is --iterations 40000 --warmup 1500 --image-size 512 at a global batch of 16."""
+    options = dict(locals())  # the parsed options by name, before any other local
     setup_logging(quiet)
     if head is not None:
-        _predict(head, images or [], output, weights, arch, patch_size, checkpoint_key, device, precision, seed,
-                 strict, overwrite, quiet)
+        _predict(options)
         return
     if images:
         raise typer.BadParameter("images are segmented with --head RUN/head.pth; to train, give --data.")
-    from dinokit.eval.segmentation import SegmentConfig, run_segmentation
+    check_run_output("segment", output, resume=resume, overwrite=overwrite)
+    from dinokit.eval.segmentation import (  # torch: once the checks above passed
+        SegmentConfig,
+        run_segmentation,
+    )
     from dinokit.runtime import cleanup_distributed, dist_env, init_distributed, resolve_device
 
-    cfg = SegmentConfig(
-        output=output, data=data, dataset=dataset, weights=weights, arch=arch, patch_size=patch_size,
-        checkpoint_key=checkpoint_key, iterations=iterations, warmup=warmup, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, image_size=image_size, blocks=blocks, ignore_index=ignore_index,
-        photometric=photometric, pictures=pictures, resume=resume, stop_after=stop_after, num_workers=num_workers,
-        threads=threads, device=device, precision=precision, seed=seed, strict=strict, exact_decode=exact_decode,
-        overwrite=overwrite,
-    )  # fmt: skip
+    cfg = config_from(SegmentConfig, options)
     init_distributed(resolve_device(device))
     try:
         with RichProgress(quiet=quiet or not dist_env().is_main) as progress:
@@ -120,21 +118,25 @@ def _report(result, output: Path) -> None:
                       f"images, {result.feature_dim}-d patch features; per class: {output / 'per_class.csv'}",
                       highlight=False)  # fmt: skip
         if result.iterations < 40000:
-            console_err.print(f"Note: {result.iterations} iterations, a CPU-sized run; {CPU_NOTE}", highlight=False)
+            console_err.print(f"Note: {result.iterations} iterations, a CPU-sized run; {CPU_NOTE} A few hundred "
+                              "iterations learn little at the official --lr 1e-3; short runs need a larger one (1e-2 "
+                              "on the built-in set, docs/segmentation.md).", highlight=False)  # fmt: skip
     if result.skipped:
         console_err.print(f"{plural(result.skipped, 'unreadable image')} skipped.", highlight=False)
     console.print(f"metrics: {result.metrics_path}", highlight=False)
     report_stop("segment", output, "iteration", result.iterations_done, result.iterations, result.stopped_by)
 
 
-def _predict(head, images, output, weights, arch, patch_size, checkpoint_key, device, precision, seed, strict,
-             overwrite, quiet) -> None:
-    from dinokit.eval.seg_predict import PredictConfig, predict_images
+def _predict(options: dict) -> None:
+    """--head: the trained head segments the images given (their label maps and pictures in --output)."""
+    from dinokit.io import check_run_folder
 
-    cfg = PredictConfig(head=head, output=output, images=list(images), weights=weights, arch=arch,
-                        patch_size=patch_size, checkpoint_key=checkpoint_key, device=device, precision=precision,
-                        seed=seed, strict=strict, overwrite=overwrite)  # fmt: skip
-    with RichProgress(quiet=quiet) as progress:
+    output = options["output"]
+    check_run_folder(output, options["overwrite"])
+    from dinokit.eval.seg_predict import PredictConfig, predict_images  # torch: once the check above passed
+
+    cfg = config_from(PredictConfig, options, images=list(options["images"] or []))
+    with RichProgress(quiet=options["quiet"]) as progress:
         result = predict_images(cfg, progress)
     console.print(f"{plural(len(result.written), 'label map')} and pictures in {output} "
                   f"({plural(len(result.classes), 'class')})", highlight=False)  # fmt: skip

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ._console import console, is_main_process, print_table, setup_logging
+from ._console import console, is_main_process, plural, print_table, setup_logging
+from ._option_checks import require_inputs, require_weights
 from ._options import (
     Arch,
     BatchSize,
@@ -26,6 +27,7 @@ from ._options import (
     Seed,
     Strict,
     Whitening,
+    config_from,
 )
 from ._progress import RichProgress
 
@@ -66,33 +68,18 @@ def similar(
     duplicates, cosine similarity): the top --k per query in similar.csv and similar.json, and a
     contact sheet of each query with its matches (similar.png). A query's own file is never its match.
     Descriptors are shared with duplicates runs of the same weights and settings (--cache-dir)."""
-    from dinokit.eval.similar import SimilarConfig, find_similar, write_similar
+    options = dict(locals())  # the parsed options by name, before any other local
     from dinokit.io import prepare_output_dir, write_metrics
+
+    setup_logging(quiet)
+    require_weights(weights)
+    require_inputs(("folder given with --against", against), ("whitening folder", whitening))
+    prepare_output_dir(output, overwrite=overwrite)
+    from dinokit.eval.similar import SimilarConfig, find_similar, write_similar  # torch: once checked
     from dinokit.runtime import embedding_precision
     from dinokit.viz import similar_sheet
 
-    setup_logging(quiet)
-    prepare_output_dir(output, overwrite=overwrite)
-    cfg = SimilarConfig(
-        queries=queries,
-        against=against,
-        output=output,
-        k=k,
-        whitening=whitening,
-        weights=weights,
-        arch=arch,
-        patch_size=patch_size,
-        checkpoint_key=checkpoint_key,
-        image_size=image_size,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        precision=embedding_precision(precision, device),
-        seed=seed,
-        strict=strict,
-        exact_decode=exact_decode,
-        cache_dir=cache_dir,
-    )
+    cfg = config_from(SimilarConfig, options, precision=embedding_precision(precision, device))
     with RichProgress(quiet=quiet) as progress:
         result = find_similar(cfg, progress)
     if not is_main_process():
@@ -104,8 +91,9 @@ def similar(
     if rows:
         print_table("Most similar images (cosine similarity)", ["query", "rank", "similarity", "image"], rows)
     console.print(
-        f"{result.n_queries} queries against {result.n_against} images; embedded {result.embedded} new images, "
-        f"reused {result.reused}" + (f", skipped {result.unreadable} unreadable" if result.unreadable else "") + "."
+        f"{plural(result.n_queries, 'query')} against {plural(result.n_against, 'image')}; embedded "
+        f"{plural(result.embedded, 'new image')}, reused {result.reused}"
+        + (f", skipped {result.unreadable} unreadable" if result.unreadable else "") + "."
     )
     console.print(f"Results in {output / 'similar.csv'}" + (f" and {sheet}" if sheet else ""))
 

@@ -64,9 +64,12 @@ def classify(
     Each image shows one textured shape (circle, square, triangle, star, ...) over a photograph or
     clutter; the class is the shape. Masks: DIR/masks/<split>/<class>/<name>.png (0 background, 1 object).
     """
-    from dinokit.data.synth import make_classify_dataset
+    from dinokit.data.synth_output import check_synth_output
 
     setup_logging(quiet)
+    check_synth_output(output, overwrite)  # refused at once, before numpy and PIL load
+    from dinokit.data.synth import make_classify_dataset
+
     with RichProgress(quiet=quiet) as progress:
         s = make_classify_dataset(
             output,
@@ -116,9 +119,12 @@ def video(
     DIR/JPEGImages/480p/<seq>/00000.jpg, DIR/Annotations/480p/<seq>/00000.png (indexed, DAVIS palette,
     every frame annotated), DIR/ImageSets/2017/val.txt.
     """
-    from dinokit.data.synth_video import make_video_dataset
+    from dinokit.data.synth_output import check_synth_output
 
     setup_logging(quiet)
+    check_synth_output(output, overwrite)  # refused at once, before numpy and PIL load
+    from dinokit.data.synth_video import make_video_dataset
+
     with RichProgress(quiet=quiet) as progress:
         s = make_video_dataset(
             output,
@@ -137,7 +143,7 @@ def video(
         [[name, s.frames, s.n_objects[name]] for name in s.sequences],
     )
     console.print(
-        f"{len(s.sequences)} sequences of {s.width}x{s.height} in {s.root} (DAVIS 2017 layout, split val), "
+        f"{plural(len(s.sequences), 'sequence')} of {s.width}x{s.height} in {s.root} (DAVIS 2017 layout, split val), "
         f"seed {s.seed}, {s.seconds:.1f} s.",
         highlight=False,
     )
@@ -162,9 +168,12 @@ def copydays(
     original/ (200000.jpg, 200100.jpg, ...), strong/ (1-3 heavily edited copies per original: 200001.jpg, ...),
     jpegqual/<q>/ (JPEG quality 3 ... 75) and crops/<c>/ (c% of the area removed, 10 ... 80).
     """
-    from dinokit.data.synth_copydays import CROP_PERCENTS, JPEG_QUALITIES, make_copydays_dataset
+    from dinokit.data.synth_output import check_synth_output
 
     setup_logging(quiet)
+    check_synth_output(output, overwrite)  # refused at once, before numpy and PIL load
+    from dinokit.data.synth_copydays import CROP_PERCENTS, JPEG_QUALITIES, make_copydays_dataset
+
     with RichProgress(quiet=quiet) as progress:
         s = make_copydays_dataset(
             output,
@@ -199,6 +208,9 @@ def segment(
     train: Annotated[int, typer.Option("--train", min=1, help="Training scenes.")] = 48,
     val: Annotated[int, typer.Option("--val", min=1, help="Validation scenes.")] = 16,
     size: Annotated[int, typer.Option("--image-size", min=32, help="Longer side of a scene in pixels.")] = 160,
+    style: Annotated[str, typer.Option(
+        "--style", help="cluttered: textured shapes over photographs or clutter; simple: flat shapes with their "
+        "class's hue and pattern on a smooth grey background, as synth classify --style simple draws them.")] = "cluttered",
     seed: Seed0 = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -207,12 +219,15 @@ def segment(
     photographs or clutter, with exact label maps and 2-pixel void (255) borders, in the VOC 2012 or the
     folder layout that dinokit segment reads.
     """
-    from dinokit.data.synth_segment import make_segment_dataset
+    from dinokit.data.synth_output import check_synth_output
 
     setup_logging(quiet)
+    check_synth_output(output, overwrite)  # refused at once, before numpy and PIL load
+    from dinokit.data.synth_segment import make_segment_dataset
+
     with RichProgress(quiet=quiet) as progress:
         s = make_segment_dataset(output, layout=layout, classes=classes, train=train, val=val, size=size, seed=seed,
-                                 overwrite=overwrite, progress=progress)
+                                 overwrite=overwrite, progress=progress, style=style)
     print_table("dinokit synth segment", ["split", "scenes"], [["train", s.n_train], ["val", s.n_val]])
     console.print(
         f"{s.layout} layout in {s.root}, {plural(len(s.classes), 'class')} ({', '.join(s.classes)}), "

@@ -2,9 +2,21 @@
 
 __version__ = "0.1.0"
 
-from .checkpoints import load_backbone, save_backbone  # noqa: E402
 from .errors import CheckpointError, DataError, DinokitError  # noqa: E402
-from .models import build_backbone  # noqa: E402
+
+#: the names that import torch, loaded on first use so that ``import dinokit`` (and with it the
+#: command line's ``--help`` and its refusals) stays light
+_LAZY = {"load_backbone": "checkpoints", "save_backbone": "checkpoints", "build_backbone": "models"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CheckpointError",

@@ -205,6 +205,48 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume:
     return path
 
 
+def check_run_folder(path: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> Path:
+    """The refusals of :func:`prepare_output_dir` made without creating or taking anything: a file
+    where the folder should be, results already there (unless ``overwrite`` or ``resume``), a folder
+    another live run holds. A command calls this before its heavy imports so that these answers come
+    at once; the folder itself is taken later by whatever writes it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"The output {path} is a file, not a folder; choose a folder path.")
+    _refuse_results(path, overwrite or resume)
+    holder = _read_holder(path / LOCK_NAME) if path.is_dir() and is_main_rank() else None
+    if holder is not None and not _held_by_this_process(holder) and not holder.is_gone():
+        raise FolderInUseError(_in_use_sentence(path, holder))
+    return path
+
+
+def check_training_folder(out: str | os.PathLike, checkpoint: str, noun: str, *, resume: bool, overwrite: bool,
+                          main: bool = True) -> Path:  # fmt: skip
+    """The refusals of a training run's folder (``run.TrainingRun`` makes them, and a command makes them
+    again before its heavy imports): --resume with --overwrite; --resume with no ``checkpoint`` to
+    continue; a fresh run into a folder holding a ``noun`` already; then :func:`check_run_folder`'s.
+    ``main`` False (the other ranks of a torchrun job) makes only the first, which needs no disk."""
+    out = Path(out)
+    if resume and overwrite:
+        raise DinokitError(f"--resume continues the run in {out} and --overwrite starts a new one there; "
+                           "choose one.")  # fmt: skip
+    if not main:
+        return out
+    if resume and not (out / checkpoint).is_file():
+        raise DinokitError(f"There is no {noun} in {out} to resume (no {checkpoint}); start "
+                           "it without --resume.")  # fmt: skip
+    if not resume:
+        refuse_earlier_run(out, checkpoint, noun, overwrite)
+    return check_run_folder(out, overwrite, resume)
+
+
+def refuse_earlier_run(out: str | os.PathLike, checkpoint: str, noun: str, overwrite: bool) -> None:
+    """A fresh training run into a folder that holds one with its ``checkpoint``, without --overwrite."""
+    if (Path(out) / checkpoint).is_file() and not overwrite:
+        raise DinokitError(f"{out} already holds a {noun}; pass --resume to continue it or "
+                           "--overwrite to start again.")  # fmt: skip
+
+
 def _refuse_results(path: Path, allowed: bool) -> None:
     if not allowed and path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
         raise OutputExistsError(
@@ -322,7 +364,7 @@ def _held_by_this_process(holder: LockHolder) -> bool:
     return any(entry[0] == holder for entry in _HELD.values())
 
 
-def _is_main_rank() -> bool:
+def is_main_rank() -> bool:
     """Rank 0 of a torchrun job, or a process without a launcher (read from RANK, as runtime does)."""
     try:
         return int(os.environ.get("RANK", 0)) == 0
@@ -341,7 +383,7 @@ def lock_run_folder(folder: str | os.PathLike) -> Path | None:
     over when its process is on this machine and no longer runs. Taking the same folder again in
     one process counts up; :func:`release_run_folder` counts down and removes the file at zero.
     A folder that cannot be written (read-only, no permission) is refused here, before any work."""
-    if not _is_main_rank():
+    if not is_main_rank():
         return None
     folder = Path(folder)
     key = folder.resolve()

@@ -22,8 +22,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import CheckpointError
 
 log = logging.getLogger("dinokit")
@@ -105,6 +103,8 @@ PRESET_ALIASES = {
 # Presets through torch.hub's cache
 # ---------------------------------------------------------------------------------------------
 def hub_cache_dir() -> Path:
+    import torch  # torch.hub knows where its cache is (TORCH_HOME); loaded here to keep start-up light
+
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
@@ -157,6 +157,40 @@ def fetch_preset_file(url_path: str, name: str) -> Path:
 def resolve_preset(name: str) -> tuple[str, str, int | None] | None:
     key = PRESET_ALIASES.get(name, name)
     return PRESETS.get(key)
+
+
+def weights_needed(purpose: str = "") -> str:
+    """The sentence for a command run without ``--weights``: which weights to give, and where every
+    preset is listed. Random weights are a baseline asked for by name, never what a forgotten option
+    silently means."""
+    return (
+        f"Give --weights{' ' + purpose if purpose else ''}: a checkpoint file, a preset (one of the "
+        f"{len(PRESETS)} that `dinokit models` lists, such as {', '.join(_first_of_each_family())}) "
+        "or 'random' for a randomly initialised baseline."
+    )
+
+
+def _first_of_each_family() -> list[str]:
+    firsts: dict[str, str] = {}
+    for name in PRESETS:
+        firsts.setdefault(name.split("_", 1)[0], name)
+    return list(firsts.values())
+
+
+def unknown_weights(weights: str) -> str | None:
+    """The sentence refusing ``--weights`` that names nothing dinokit can load (not 'random', not a
+    preset, not an existing file, not a Hugging Face repository id), or None when it names something.
+    Light (no download, no torch): commands ask it before their work starts."""
+    weights = str(weights)
+    if weights == "random" or resolve_preset(weights) is not None:
+        return None
+    path = Path(weights).expanduser()
+    if path.exists() or is_hf_repo_id(weights):
+        return None
+    if os.sep in weights or "." in weights:
+        return f"The weights file {path} does not exist."
+    known = ", ".join(["random", *PRESETS])
+    return f"Unknown weights {weights!r}: not a file and not a preset ({known})."
 
 
 # ---------------------------------------------------------------------------------------------

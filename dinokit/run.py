@@ -47,8 +47,10 @@ from .checkpoints import read_checkpoint, save_checkpoint
 from .errors import CheckpointError, DinokitError
 from .io import (
     check_run_identity,
+    check_training_folder,
     merge_resume_config,
     prepare_output_dir,
+    refuse_earlier_run,
     release_run_folder,
     remove_run_files,
     signals_deferred,
@@ -203,32 +205,22 @@ class TrainingRun:
 
     def _open(self) -> None:
         opts, kind, out = self.options, self.kind, self.out
-        if opts.resume and opts.overwrite:
-            raise DinokitError(f"--resume continues the run in {out} and --overwrite starts a new one there; "
-                               "choose one.")  # fmt: skip
+        check_training_folder(out, kind.checkpoint, kind.noun, resume=opts.resume, overwrite=opts.overwrite,
+                              main=self.env.is_main)  # fmt: skip
         ckpt_path = out / kind.checkpoint
         if self.env.is_main:
             if opts.resume:
-                if not ckpt_path.is_file():
-                    raise DinokitError(f"There is no {kind.noun} in {out} to resume (no {kind.checkpoint}); start "
-                                       "it without --resume.")  # fmt: skip
                 prepare_output_dir(out, resume=True)
             else:
-                self._refuse_earlier_run(ckpt_path)
                 prepare_output_dir(out, overwrite=opts.overwrite)
             self._stack.callback(release_run_folder, out)
-            if not opts.resume:
-                self._refuse_earlier_run(ckpt_path)  # again, now that no other process writes there
+            if not opts.resume:  # again, now that no other process writes there
+                refuse_earlier_run(out, kind.checkpoint, kind.noun, opts.overwrite)
                 remove_run_files(out, kind.files)  # --overwrite: nothing of an earlier run passes for this one's
         barrier()
         if opts.resume:
             self.checkpoint = self._read_checkpoint(ckpt_path)
             self.saved_config = self._read_saved_config()
-
-    def _refuse_earlier_run(self, ckpt_path: Path) -> None:
-        if ckpt_path.is_file() and not self.options.overwrite:
-            raise DinokitError(f"{self.out} already holds a {self.kind.noun}; pass --resume to continue it or "
-                               "--overwrite to start again.")  # fmt: skip
 
     def _read_checkpoint(self, path: Path) -> dict:
         ckpt = read_checkpoint(path)

@@ -21,7 +21,15 @@ from ..errors import CheckpointError
 from ..io import torch_save_atomic
 from ..models.inference import inference_model
 from ..models.registry import build_backbone, canonical_arch, is_vit_arch
-from ..presets import PRESETS, fetch_hf_weights, fetch_preset_file, is_hf_repo_id, resolve_preset
+from ..presets import (
+    PRESETS,
+    fetch_hf_weights,
+    fetch_preset_file,
+    is_hf_repo_id,
+    resolve_preset,
+    unknown_weights,
+    weights_needed,
+)
 from ..runtime import RuntimeOptions, resolve_device, resolve_precision, seed_everything
 from .conversion import extract_backbone_state_dict, infer_arch, map_weight_norm_keys
 from .reading import error_line, read_checkpoint
@@ -65,16 +73,6 @@ class PreparedBackbone:
         return inference_model(self.model, self.dtype)
 
 
-def weights_needed(purpose: str = "") -> str:
-    """The sentence for a command run without ``--weights``: which weights to give. Random weights
-    are a baseline asked for by name, never what a forgotten option silently means."""
-    presets = ", ".join(list(PRESETS)[:5])
-    return (
-        f"Give --weights{' ' + purpose if purpose else ''}: a checkpoint file, a preset ({presets}) "
-        "or 'random' for a randomly initialised baseline."
-    )
-
-
 def prepare_backbone(cfg: BackboneOptions, runtime: RuntimeOptions | None = None, *, training: bool = False,
                      missing: str | None = None) -> PreparedBackbone:
     """Seed, load and place the backbone of ``cfg`` (a config with both option sets, or two objects).
@@ -108,6 +106,8 @@ def given_normalization(own: Normalization, mean, std) -> Normalization:
 
 #: files already said to have an unknown normalisation (said once per file and process)
 _ASSUMED: set[str] = set()
+#: the released weights' file names (a preset's file used directly as --weights): ImageNet's
+_RELEASED_FILES = frozenset(Path(url_path).name for url_path, _, _ in PRESETS.values())
 
 
 def weights_normalization(weights: str, ckpt: Any = None, path: Path | None = None) -> Normalization:
@@ -128,11 +128,13 @@ def weights_normalization(weights: str, ckpt: Any = None, path: Path | None = No
         return IMAGENET
     if isinstance(ckpt, dict) and any(k in ckpt for k in ("teacher", "student", "model", "format")):
         return Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (a DINO training checkpoint)")
+    if path is not None and path.name in _RELEASED_FILES:
+        return Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (a released file)")
     key = str(path or weights)
-    if key not in _ASSUMED:
+    if key not in _ASSUMED:  # a note, not a warning: it is what nearly every such file wants
         _ASSUMED.add(key)
-        log.warning("%s does not say how its images were normalised; ImageNet's mean and std are assumed "
-                    "(--mean and --std set others).", key)
+        log.info("%s does not say how its images were normalised; ImageNet's mean and std are assumed "
+                 "(--mean and --std set others).", key)
     return Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (assumed)")
 
 
@@ -195,10 +197,7 @@ def load_backbone(
     if not path.exists() and is_hf_repo_id(weights):  # a local path of that name wins
         path = fetch_hf_weights(weights)
     if not path.exists():
-        known = ", ".join(["random", *PRESETS])
-        if os.sep in weights or "." in weights:
-            raise CheckpointError(f"The weights file {path} does not exist.")
-        raise CheckpointError(f"Unknown weights {weights!r}: not a file and not a preset ({known}).")
+        raise CheckpointError(unknown_weights(weights) or f"The weights file {path} does not exist.")
     ckpt = read_checkpoint(path)
     model = _model_from_checkpoint(ckpt, path, arch, patch_size, checkpoint_key, vit_options, model_kwargs)
     model.weights_source = str(path)

@@ -3,7 +3,7 @@ transforms.py``): for training a random rescale of the shorter side to ``size * 
 bilinear, labels nearest), a random ``size`` x ``size`` crop in which no class covers 75% or more of
 the labelled pixels (up to 10 tries, mmsegmentation's ``cat_max_ratio``), a horizontal flip with
 probability 0.5, the photometric distortion (brightness, contrast, saturation, hue, each with
-probability 0.5), ImageNet normalisation and padding to the crop (image 0, labels void); for
+probability 0.5), the weights' normalisation (ImageNet's for DINO, DINOv2 and DINOv3's web models) and padding to the crop (image 0, labels void); for
 evaluation the shorter side resized to ``size``.
 
 Every random draw comes from the generator passed in, so that a sample is a function of its seed
@@ -16,8 +16,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from .normalization import IMAGENET, Normalization
 from .palette import VOID_LABEL
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SCALE_RANGE = (0.5, 2.0)
 CAT_MAX_RATIO = 0.75
@@ -30,18 +30,18 @@ def short_side_size(width: int, height: int, short: int) -> tuple[int, int]:
     return int(short * width / height + 0.5), short
 
 
-def normalize_image(image: Image.Image | np.ndarray) -> torch.Tensor:
-    """A (3, H, W) float tensor normalised with the ImageNet mean and std."""
+def normalize_image(image: Image.Image | np.ndarray, norm: Normalization = IMAGENET) -> torch.Tensor:
+    """A (3, H, W) float tensor normalised with the weights' mean and std (ImageNet's by default)."""
     x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(norm.std, dtype=torch.float32).view(3, 1, 1)
     return (x - mean) / std
 
 
-def eval_input(image: Image.Image, size: int) -> torch.Tensor:
+def eval_input(image: Image.Image, size: int, norm: Normalization = IMAGENET) -> torch.Tensor:
     """The evaluation input: the shorter side resized to ``size`` (bilinear), normalised."""
     w, h = short_side_size(*image.size, size)
-    return normalize_image(image.resize((w, h), Image.BILINEAR))
+    return normalize_image(image.resize((w, h), Image.BILINEAR), norm)
 
 
 def _crop_box(rng: np.random.Generator, h: int, w: int, size: int) -> tuple[int, int]:
@@ -87,7 +87,7 @@ def photometric_distortion(rng: np.random.Generator, image: np.ndarray) -> np.nd
 
 
 def train_sample(rng: np.random.Generator, image: Image.Image, labels: np.ndarray, size: int,
-                 photometric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 photometric: bool = True, norm: Normalization = IMAGENET) -> tuple[torch.Tensor, torch.Tensor]:
     """One augmented training pair: ((3, size, size) normalised image, (size, size) int64 labels)."""
     short = int(size * (rng.random() * (SCALE_RANGE[1] - SCALE_RANGE[0]) + SCALE_RANGE[0]))
     w, h = short_side_size(*image.size, max(short, 1))
@@ -99,7 +99,7 @@ def train_sample(rng: np.random.Generator, image: Image.Image, labels: np.ndarra
         img, lab = img[:, ::-1], lab[:, ::-1]
     if photometric:
         img = photometric_distortion(rng, np.ascontiguousarray(img))
-    x_t = normalize_image(img)
+    x_t = normalize_image(img, norm)
     y_t = torch.from_numpy(np.ascontiguousarray(lab))
     ph, pw = size - x_t.shape[1], size - x_t.shape[2]
     if ph or pw:

@@ -15,6 +15,7 @@ Label 0 is the background, k the k-th shape of :data:`SHAPES`.
 
 from __future__ import annotations
 
+import colorsys
 import io
 import time
 from dataclasses import dataclass
@@ -28,19 +29,30 @@ from ..io import atomic_write_text, write_json
 from ..progress import NULL_PROGRESS, Progress
 from .palette import DAVIS_PALETTE, VOID_LABEL
 from .synth import (
+    SHAPE_NAMES,
+    class_hue,
+    class_pattern,
     item_rng,
     jitter_photo,
+    pattern_map,
     photo_crop,
     place_parts,
     procedural_scene,
+    random_colour,
     random_texture,
     rasterize,
     shape_parts,
+    smooth_noise,
     write_file,
 )
 from .synth_output import prepare_synth_output
 
 LAYOUTS = ("voc2012", "folder")
+STYLES = ("cluttered", "simple")
+#: the simple style's class cues follow ``synth classify --style simple --classes 10`` (the demo's set):
+#: the same hue per shape (for 70% of the objects) and the same surface pattern
+SIMPLE_HUE_CLASSES = 10
+SIMPLE_CLASS_COLOUR = 0.7
 #: the shapes of the classes 1..K, chosen to differ in outline at a few patches across
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "arrow")
 
@@ -77,6 +89,37 @@ def draw_scene(rng: np.random.Generator, height: int, width: int, classes: int) 
     return np.clip(canvas, 0, 255).astype(np.uint8), void_borders(labels)
 
 
+def draw_simple_scene(rng: np.random.Generator, height: int, width: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One scene in the simple style: a smooth grey background (a gentle gradient and soft noise) and
+    flat shapes carrying their class's hue (70% of them) and surface pattern, as ``synth classify
+    --style simple`` draws single objects; (RGB uint8, labels uint8 with void borders)."""
+    size = max(height, width)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) / size
+    a = rng.uniform(0, 2 * np.pi)
+    grad = (xx * np.cos(a) + yy * np.sin(a) - 0.5) * rng.uniform(0, 40)
+    noise = (smooth_noise(rng, height, width, cells=int(rng.integers(2, 5))) - 0.5) * rng.uniform(0, 30)
+    canvas = 118.0 + (grad + noise)[..., None] * np.ones(3, np.float32)
+    labels = np.zeros((height, width), np.uint8)
+    for _ in range(int(rng.integers(2, 5))):
+        k = int(rng.integers(1, classes + 1))
+        ci = SHAPE_NAMES.index(SHAPES[k - 1])
+        radius = min(height, width) * rng.uniform(0.16, 0.3)
+        cx, cy = rng.uniform(radius * 0.6, width - radius * 0.6), rng.uniform(radius * 0.6, height - radius * 0.6)
+        mask = rasterize(place_parts(shape_parts(SHAPES[k - 1]), cx, cy, radius, rng.uniform(0, 2 * np.pi)), height, width)
+        if rng.random() < SIMPLE_CLASS_COLOUR:
+            hue = (class_hue(ci, SIMPLE_HUE_CLASSES) + rng.normal(0, 0.03)) % 1.0
+            colour = np.asarray(colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.35, 1.0))) * 255.0
+        else:
+            colour = random_colour(rng)
+        kind, period = class_pattern(ci)
+        t = pattern_map(rng, kind, max(2.0, period * size), size)[:height, :width, None]
+        other = colour * 0.45 if colour.mean() > 110 else colour * 0.45 + 140
+        texture = colour * (1 - t) + other * t + rng.normal(0, 2, size=(height, width, 1))
+        canvas[mask] = texture[mask]
+        labels[mask] = k
+    return np.clip(canvas, 0, 255).astype(np.uint8), void_borders(labels)
+
+
 def _jpeg(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=92)
@@ -106,9 +149,12 @@ class SegmentSummary:
 
 def make_segment_dataset(out: str | Path, layout: str = "folder", classes: int = 3, train: int = 48, val: int = 16,
                          size: int = 160, seed: int = 0, overwrite: bool = False,
-                         progress: Progress = NULL_PROGRESS) -> SegmentSummary:
+                         progress: Progress = NULL_PROGRESS, style: str = "cluttered") -> SegmentSummary:
     """Write the synthetic segmentation set (see the module's text). Scenes are ``size`` pixels on
-    their longer side with a random aspect (3:4 to 4:3)."""
+    their longer side with a random aspect (3:4 to 4:3). ``style``: ``cluttered`` (textured shapes over
+    photographs or clutter) or ``simple`` (:func:`draw_simple_scene`, the domain of the demo's model)."""
+    if style not in STYLES:
+        raise DinokitError(f"--style must be one of {', '.join(STYLES)}, not {style!r}.")
     if layout not in LAYOUTS:
         raise DinokitError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}.")
     if not 1 <= classes <= len(SHAPES):
@@ -127,7 +173,8 @@ def make_segment_dataset(out: str | Path, layout: str = "folder", classes: int =
             rng = item_rng(seed, "segment", code, i)
             long, short = size, int(round(size * rng.uniform(0.75, 1.0)))
             h, w = (short, long) if rng.random() < 0.6 else (long, short)
-            image, labels = draw_scene(rng, h, w, classes)
+            draw = draw_simple_scene if style == "simple" else draw_scene
+            image, labels = draw(rng, h, w, classes)
             stem = f"synth_{split}_{i:05d}"
             stems[split].append(stem)
             if layout == "voc2012":
@@ -145,9 +192,9 @@ def make_segment_dataset(out: str | Path, layout: str = "folder", classes: int =
         atomic_write_text(root / "classes.txt", "\n".join(names) + "\n")
     write_json(root / "synth.json", {
         "kind": "segment", "layout": layout, "classes": names, "train": train, "val": val, "size": size,
-        "seed": seed, "void": VOID_LABEL, "complete": True,
+        "seed": seed, "style": style, "void": VOID_LABEL, "complete": True,
     })  # fmt: skip
     return SegmentSummary(root, layout, names, train, val, seed, time.perf_counter() - start)
 
 
-__all__ = ["LAYOUTS", "SHAPES", "SegmentSummary", "draw_scene", "make_segment_dataset", "void_borders"]
+__all__ = ["LAYOUTS", "SHAPES", "STYLES", "SegmentSummary", "draw_scene", "draw_simple_scene", "make_segment_dataset", "void_borders"]

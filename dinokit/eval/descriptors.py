@@ -250,7 +250,7 @@ class DescriptorEmbedder:
             cache = CachedTensors(self.cache_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.pt")
             cached = cache.load(fingerprint)
             if cached is not None:
-                self.progress.log(f"reusing cached descriptors of {name} ({len(paths)} images)")
+                self.progress.log(f"reusing cached descriptors of {name} ({len(paths)} image{'s' if len(paths) != 1 else ''})")
                 return Embedded(cached["features"].float(), cached["kept"].bool(), reused=True)
         if dataset is None:
             dataset = ImageDataset(list(paths), transform=self.transform, strict=self.strict,

@@ -50,8 +50,11 @@ class HeadSpec:
     avgpool: bool
 
     def name(self, scale: float) -> str:
-        """The official code's name of the head (its learning rate scaled)."""
-        return f"classifier_{self.n_blocks}_blocks_avgpool_{self.avgpool}_lr_{self.lr * scale:.5f}".replace(".", "_")
+        """The official code's name of the head (its learning rate scaled, to 5 decimals; a smaller
+        one, which 5 decimals would round into its neighbour's name, in full: ``lr_5em06``)."""
+        lr = self.lr * scale
+        text = f"{lr:.5f}" if abs(round(lr, 5) - lr) <= 1e-12 * max(lr, 1e-30) or lr >= 1e-3 else f"{lr:.6g}"
+        return f"classifier_{self.n_blocks}_blocks_avgpool_{self.avgpool}_lr_{text}".replace(".", "_").replace("-", "m")
 
     def record(self, scale: float) -> dict:
         return {"name": self.name(scale), "lr": self.lr, "lr_scaled": self.lr * scale,

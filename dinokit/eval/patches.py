@@ -31,6 +31,7 @@ from PIL import Image
 
 from .. import viz
 from ..data.images import open_rgb
+from ..data.normalization import IMAGENET, Normalization
 from ..errors import DataError, DinokitError
 from ..models.vit import MAX_TOKENS
 from ..progress import NULL_PROGRESS, Progress
@@ -88,12 +89,25 @@ def patch_tokens(model, x: torch.Tensor, dtype: torch.dtype | None = None) -> to
     return tokens[:, -h * w:].float().reshape(x.shape[0], h, w, -1)
 
 
+def renormalize(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """An ImageNet-normalised (3, H, W) input normalised with ``norm``'s mean and std instead."""
+    if (tuple(norm.mean), tuple(norm.std)) == (IMAGENET.mean, IMAGENET.std):
+        return x
+    def col(v):
+        return torch.tensor(v, dtype=x.dtype).view(3, 1, 1)
+
+    return (x * col(IMAGENET.std) + col(IMAGENET.mean) - col(norm.mean)) / col(norm.std)
+
+
 def patch_features(model, images: Iterable, cfg: PatchesConfig, dtype: torch.dtype | None = None,
-                   progress: Progress = NULL_PROGRESS, total: int | None = None) -> Iterator[ImagePatches]:
+                   progress: Progress = NULL_PROGRESS, total: int | None = None,
+                   normalization: Normalization | None = None) -> Iterator[ImagePatches]:
     """Each image's (path, PIL image pair, or path) patch features in input order, images of one size
     batched together (``cfg.batch_size``); the photo is resized to the shorter side
-    ``cfg.image_size`` with its aspect kept and cropped to a multiple of the patch size."""
+    ``cfg.image_size`` with its aspect kept, cropped to a multiple of the patch size and normalised
+    with ``normalization`` (default: the model's own, else ImageNet's)."""
     p = check_patch_model(model)
+    norm = normalization or getattr(model, "normalization", None) or IMAGENET
     device = resolve_device(str(cfg.device))
     model = model.to(device).eval()
     task = progress.task("patch features", total=total)
@@ -119,7 +133,7 @@ def patch_features(model, images: Iterable, cfg: PatchesConfig, dtype: torch.dty
             name, img = item if isinstance(item, tuple) else (item, open_rgb(item, attention_need(
                 cfg.image_size, True, cfg.exact_decode)))
             x, rgb = preprocess(img, cfg.image_size, p, name, keep_aspect=True, max_tokens=cfg.max_tokens)
-            pending.append((name, x, rgb, img.size))
+            pending.append((name, renormalize(x, norm), rgb, img.size))
             if len(pending) >= cfg.batch_size:
                 yield from flush()
         if pending:
@@ -287,6 +301,7 @@ class PatchAnalysis:
     foreground: list[np.ndarray]  #: (h, w) bool (all True without the foreground step)
     parts: list[np.ndarray]  #: (h, w) int32 part numbers
     record: dict = field(default_factory=dict)  #: the threshold, components and fits, for metrics.json
+    foreground_used: bool = True  #: the colours are the foreground's (False: every patch's)
 
 
 def analyse_patches(grids: list[np.ndarray], parts: int = 5, foreground: bool = True,
@@ -313,7 +328,7 @@ def analyse_patches(grids: list[np.ndarray], parts: int = 5, foreground: bool = 
                         "orientation": "the photos' border patches have the lower mean (background)"}}
     fg_rows = np.concatenate([g.reshape(-1, dim)[m.ravel()] for g, m in zip(grids, split.masks)])
     masks: list[np.ndarray] | None = split.masks
-    record["foreground_fraction"] = float(len(fg_rows) / len(rows))
+    record["first_component_above_threshold"] = float(len(fg_rows) / len(rows))
     if foreground and len(fg_rows) >= 4:
         fg_fitted = fit_rows(fg_rows, fit_patches, seed)
         colour_pca = fit_pca(fg_fitted, 3)
@@ -332,7 +347,8 @@ def analyse_patches(grids: list[np.ndarray], parts: int = 5, foreground: bool = 
     record["parts"] = {"k": parts, "patches_per_part": sizes.tolist(), "inertia": inertia,
                        "features": "L2-normalised patch tokens", "numbering": "by size, part 0 the largest"}
     fg = split.masks if masks is not None else [np.ones(g.shape[:2], bool) for g in grids]
-    return PatchAnalysis(colours, split.first, fg, labels, record)
+    record["foreground_fraction"] = record["first_component_above_threshold"] if masks is not None else 1.0
+    return PatchAnalysis(colours, split.first, fg, labels, record, masks is not None)
 
 
 # -- pictures ---------------------------------------------------------------------------------------
@@ -359,10 +375,12 @@ def patch_pictures(image: np.ndarray, colours: np.ndarray, first: np.ndarray, fo
             "parts": viz.overlay_masks(image, part_masks, viz.distinct_colors(k), alpha=0.55)}
 
 
-def panel(image: np.ndarray, pictures: dict[str, np.ndarray], title: str = "") -> np.ndarray:
-    """The photo, foreground, PCA colours and parts of one image side by side, captioned."""
-    tiles = [image, pictures["foreground"], pictures["pca"], pictures["parts"]]
-    labels = [f"{title}" if title else "photo", *PANEL_CAPTIONS[1:]]
+def panel(image: np.ndarray, pictures: dict[str, np.ndarray], title: str = "", foreground: bool = True) -> np.ndarray:
+    """The photo, foreground, PCA colours and parts of one image side by side, captioned; without
+    ``foreground`` (every patch coloured) the first component's heat map takes the mask's place."""
+    second = ("foreground", pictures["foreground"]) if foreground else ("first component", pictures["first"])
+    tiles = [image, second[1], pictures["pca"], pictures["parts"]]
+    labels = [title or "photo", second[0], *PANEL_CAPTIONS[2:]]
     return viz.make_grid(tiles, labels, cols=4)
 
 
@@ -395,5 +413,5 @@ def patches_picture(model, images: Iterable, parts: int = 5, image_size: int = 2
     for i, f in enumerate(found):
         pics = patch_pictures(f.image, result.colours[i], result.first[i], result.foreground[i],
                               result.parts[i], f.patch_size, parts)
-        panels.append(panel(f.image, pics, Path(str(f.path)).name))
+        panels.append(panel(f.image, pics, Path(str(f.path)).name, result.foreground_used))
     return overview(panels, parts, width)

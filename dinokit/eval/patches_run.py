@@ -21,6 +21,7 @@ import numpy as np
 from .. import viz
 from ..checkpoints import BackboneOptions, prepare_backbone
 from ..data.images import expand_image_inputs
+from ..data.normalization import IMAGENET
 from ..errors import DataError, DinokitError
 from ..io import atomic_write_bytes, prepare_output_dir
 from ..models.registry import backbone_arch
@@ -53,7 +54,7 @@ class PatchesRunResult:
     config: dict
     images: int
     skipped: int
-    foreground_fraction: float
+    foreground_fraction: float | None  #: None where every patch was coloured
 
 
 def check_patches_config(cfg: PatchesRunConfig) -> None:
@@ -93,7 +94,8 @@ def _run(paths: list[Path], model, dtype, patch: int, fp32_model, cfg: PatchesRu
          progress: Progress) -> PatchesRunResult:
     unreadable: list[tuple[Path, str]] = []
     readable = readable_images(paths, cfg.strict, unreadable, attention_need(cfg.image_size, True, cfg.exact_decode))
-    found = list(patch_features(model, readable, cfg, dtype, progress, total=len(paths)))
+    norm = getattr(fp32_model, "normalization", None) or IMAGENET
+    found = list(patch_features(model, readable, cfg, dtype, progress, total=len(paths), normalization=norm))
     if not found:
         first = unreadable[0][1].rstrip(".") if unreadable else "no images"
         raise DataError(first if len(paths) == 1 else f"None of the {len(paths)} images could be read ({first}).")
@@ -106,7 +108,7 @@ def _run(paths: list[Path], model, dtype, patch: int, fp32_model, cfg: PatchesRu
     for i, (f, name) in enumerate(zip(found, names)):
         pics = patch_pictures(f.image, result.colours[i], result.first[i], result.foreground[i],
                               result.parts[i], f.patch_size, cfg.parts)
-        pic = panel(f.image, pics, name)
+        pic = panel(f.image, pics, name, result.foreground_used)
         if i < OVERVIEW_IMAGES:
             panels.append(pic)
         _write_image(out / name, pics, pic, result, i)
@@ -120,11 +122,11 @@ def _run(paths: list[Path], model, dtype, patch: int, fp32_model, cfg: PatchesRu
               if cfg.image_size else "none", "crop": "top-left, to a multiple of the patch size",
               "features": "last block's patch tokens after the final norm (CLS, registers and storage tokens dropped)",
               "parts": cfg.parts, "foreground": cfg.foreground, "threshold": cfg.threshold,
-              "fit_patches": cfg.fit_patches, "max_tokens": cfg.max_tokens}
+              "fit_patches": cfg.fit_patches, "max_tokens": cfg.max_tokens, "normalization": norm.record()}
     metrics = {"images": len(found), "skipped_images": len(unreadable), "unreadable": [str(p) for p, _ in unreadable],
                **result.record, "overview_images": min(len(found), OVERVIEW_IMAGES), "per_image": per_image}
     return PatchesRunResult(out, metrics, config, len(found), len(unreadable),
-                            result.record["foreground_fraction"])
+                            result.record["foreground_fraction"] if result.foreground_used else None)
 
 
 def _check_size(path: Path, cfg: PatchesRunConfig, patch: int) -> None:

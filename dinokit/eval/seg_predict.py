@@ -12,6 +12,7 @@ import numpy as np
 
 from ..checkpoints import BackboneOptions, prepare_backbone, read_checkpoint
 from ..data.images import expand_image_inputs, read_image_or_skip
+from ..data.normalization import IMAGENET, Normalization
 from ..data.seg_transforms import eval_input
 from ..errors import CheckpointError, DataError
 from ..io import prepare_output_dir, write_json
@@ -77,6 +78,9 @@ def predict_images(cfg: PredictConfig, progress: Progress = NULL_PROGRESS) -> Pr
     head = head.to(device)
     size, stride, blocks, classes = int(record["image_size"]), int(record["stride"]), int(record["blocks"]), record["classes"]
     result = PredictResult(classes=list(classes))
+    saved = record.get("normalisation") or {}
+    norm = Normalization(tuple(saved.get("mean", IMAGENET.mean)), tuple(saved.get("std", IMAGENET.std)),
+                         str(saved.get("source", "the head's record")))  # the normalisation the head was trained with
     task = progress.task("segmenting", total=len(paths))
     for i, path in enumerate(paths):
         decoded = read_image_or_skip(path, None, cfg.strict)
@@ -85,7 +89,7 @@ def predict_images(cfg: PredictConfig, progress: Progress = NULL_PROGRESS) -> Pr
             result.skipped += 1
             continue
         w, h = decoded.image.size
-        x = eval_input(decoded.image, size)[None].to(device)
+        x = eval_input(decoded.image, size, norm)[None].to(device)
         pred = predict_labels(backbone.model, head, x, (h, w), size, stride, blocks, dtype).numpy()
         stem = path.stem if sum(p.stem == path.stem for p in paths) == 1 else f"{path.stem}_{i}"
         save_label_png(pred, cfg.output / f"{stem}.png")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..checkpoints import BackboneOptions, prepare_backbone, state_dict_fingerprint, weights_needed
 from ..data.images import DecodeNeed, read_image_or_skip
+from ..data.normalization import IMAGENET, Normalization
 from ..data.palette import VOID_LABEL
 from ..data.seg_transforms import eval_input, train_sample
 from ..data.segmentation import SegSplit, load_splits
@@ -127,6 +128,12 @@ class SegmentResult:
     metrics_path: Path | None = None
 
 
+def normalization_of(model: torch.nn.Module) -> Normalization:
+    """The mean and std that belong to the backbone's weights (ImageNet's where it says none)."""
+    norm = getattr(model, "normalization", None)
+    return norm if isinstance(norm, Normalization) else IMAGENET
+
+
 def backbone_fingerprint(model: torch.nn.Module, weights: str | None) -> dict[str, Any]:
     """What a head.pth says of the backbone it was trained on (the state's hash decides)."""
     return {"state": state_dict_fingerprint(model.state_dict()), "arch": backbone_arch(model),
@@ -139,8 +146,10 @@ class TrainBatches(torch.utils.data.Dataset):
     factors, unreadable images skipped). Global sample ``p`` of the stream is image
     ``perm(epoch)[p mod n]`` with ``epoch = p // n``, augmented from the seed ``(seed, p)``."""
 
-    def __init__(self, split: SegSplit, cfg: SegmentConfig, channels: int, rank: int, world: int):
+    def __init__(self, split: SegSplit, cfg: SegmentConfig, channels: int, rank: int, world: int,
+                 norm: Normalization = IMAGENET):
         self.split, self.cfg, self.channels, self.rank, self.world = split, cfg, channels, rank, world
+        self.norm = norm
         self.need = None if cfg.exact_decode else DecodeNeed(short_side=2 * cfg.image_size)
 
     def __len__(self) -> int:
@@ -165,7 +174,7 @@ class TrainBatches(torch.utils.data.Dataset):
             if image.size != (labels.shape[1], labels.shape[0]):  # a reduced decode: back to the mask's size
                 image = image.resize((labels.shape[1], labels.shape[0]))
             rng = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 19, p])
-            x, y = train_sample(rng, image, labels, cfg.image_size, cfg.photometric)
+            x, y = train_sample(rng, image, labels, cfg.image_size, cfg.photometric, self.norm)
             xs.append(x)
             ys.append(y)
             keeps.append(dropout_keep(torch.Generator().manual_seed(derive_seed(cfg.seed, 23, p)), self.channels))
@@ -226,7 +235,7 @@ class _Trainer:
         end = run.end(cfg.iterations)
         if self.start >= end:
             return self.start
-        data = TrainBatches(split, cfg, self.head.in_channels, env.rank, env.world_size)
+        data = TrainBatches(split, cfg, self.head.in_channels, env.rank, env.world_size, normalization_of(model))
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(self.start, end),
                                              num_workers=cfg.num_workers)  # fmt: skip
         task = progress.task("segmentation head", total=end - self.start)
@@ -278,7 +287,7 @@ def evaluate(cfg: SegmentConfig, split: SegSplit, model, head: SegmentationHead,
             split.skipped += 1
             continue
         labels = torch.from_numpy(split.read_labels(sample))
-        x = eval_input(decoded.image, cfg.image_size)[None].to(device)
+        x = eval_input(decoded.image, cfg.image_size, normalization_of(model))[None].to(device)
         pred = predict_labels(model, head, x, tuple(labels.shape), cfg.image_size, cfg.stride, cfg.blocks, dtype)
         scores.add(pred, labels)
         if write:
@@ -363,7 +372,7 @@ def run_segmentation(cfg: SegmentConfig, progress: Progress = NULL_PROGRESS,
             result.per_class = {"iou": iou, "accuracy": acc, "pixels": pixels}
             if run.env.is_main:
                 write_per_class(cfg.output / "per_class.csv", train_split.classes, iou, acc, pixels)
-                _save_head(cfg, trainer.head, fingerprint, train_split)
+                _save_head(cfg, trainer.head, fingerprint, train_split, normalization_of(backbone.model))
         result.skipped = train_split.skipped + val_split.skipped
         result.metrics_path = run.write_metrics(outcome, _metrics(cfg, result), cfg.to_dict(), units=SEG_UNITS)
         return result
@@ -410,15 +419,16 @@ def _metrics(cfg: SegmentConfig, r: SegmentResult) -> dict[str, Any]:
     return out
 
 
-def _save_head(cfg: SegmentConfig, head: SegmentationHead, fingerprint: dict, split: SegSplit) -> None:
+def _save_head(cfg: SegmentConfig, head: SegmentationHead, fingerprint: dict, split: SegSplit,
+               norm: Normalization) -> None:
     from ..checkpoints import save_checkpoint
-    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     save_checkpoint({
         "format": HEAD_FORMAT, "head": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
         "in_channels": head.in_channels, "num_classes": head.num_classes, "classes": list(split.classes),
         "dataset": cfg.dataset, "blocks": cfg.blocks, "image_size": cfg.image_size, "stride": cfg.stride,
-        "backbone": fingerprint, "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "backbone": fingerprint, "normalisation": {"mean": [float(v) for v in norm.mean], "std": [float(v) for v in norm.std],
+                          "source": str(norm.source)},
     }, cfg.output / "head.pth")  # fmt: skip
 
 

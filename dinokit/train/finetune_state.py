@@ -47,7 +47,7 @@ def plan_batches(cfg: FinetuneConfig, num_train: int, world: int, device: torch.
     if num_train < batch_size * world:
         batch_size = num_train // world
         if batch_size < 1:
-            raise DataError(f"{num_train} training images cannot be shared among {world} processes.")
+            raise DataError(f"{num_train} training image{'s' if num_train != 1 else ''} cannot be shared among {world} processes.")
         log.warning(
             "--batch-size %d is more than the %d training images; using batches of %d images.",
             cfg.batch_size,

@@ -199,7 +199,7 @@ def _image_paths(cfg: PretrainConfig, world_size: int) -> list[Path]:
             f"The folder {data} holds no images (searched recursively for {', '.join(IMAGE_EXTENSIONS)})."
         )
     if len(paths) < world_size:
-        raise DataError(f"{len(paths)} images cannot be shared by {world_size} processes.")
+        raise DataError(f"{len(paths)} image{'s' if len(paths) != 1 else ''} cannot be shared by {world_size} processes.")
     return paths
 
 

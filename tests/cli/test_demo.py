@@ -54,7 +54,7 @@ def test_reports_explain_every_miss_and_only_misses(tmp_path, results):
     assert "![video](figures/video.png)" in md
     assert "<img src='figures/video.png'>" in html
     assert "7 epochs" in md and "5.0 min" in md
-    assert html.count("<tr>") == 6  # header + five metrics
+    assert html.count("<tr>") == 7  # header + six metrics
     # the recipe's measured Copydays limit is stated in every report of the fixed recipe, won or not
     assert "24 originals" in md and "24 originals" in html
     assert "within noise" in md  # the verdict column is explained
@@ -91,7 +91,8 @@ def _tiny_plan(out):
         output=out, epochs=1, arch="vit_tiny", image_size=32, global_size=32, local_size=16, local_crops=2,
         batch_size=8, classes=3, per_class=8, video_sequences=1, video_frames=3, video_size=(48, 64),
         copydays_originals=3, copydays_distractors=2, copydays_size=48, copy_image_size=32,
-        attn_picture_size=32, threads=1, quiet=True,
+        attn_picture_size=32, threads=1, quiet=True, segment_train=4, segment_val=2, segment_size=32,
+        segment_iterations=4,
     )
 
 
@@ -104,7 +105,7 @@ def test_the_fixed_recipe_gives_the_same_numbers_twice(tmp_path, one_thread):
     first = run_demo(_tiny_plan(tmp_path / "a"))
     second = run_demo(_tiny_plan(tmp_path / "b"))
     assert first["pretrain_epochs"] == second["pretrain_epochs"] == 1
-    assert set(first["results"]["trained"]) == {"knn", "linear", "jaccard", "davis", "copydays"}
+    assert set(first["results"]["trained"]) == {"knn", "linear", "jaccard", "davis", "copydays", "segment"}
     assert first["results"] == second["results"]
     on_disk = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert on_disk["results"] == first["results"]
@@ -132,6 +133,9 @@ def test_the_report_names_near_uniform_targets_measured_from_the_losses():
     assert "5.60" in note and "ln 256 = 5.55" in note and "from epoch 2 of 3" in note
     assert collapse_note({"pretrain_losses": [5.6, 4.0, 2.0], "out_dim": 256}) == ""
     assert collapse_note({"pretrain_losses": [], "out_dim": 256}) == ""
+    # the pretraining's own check found no collapsed epoch: a loss near ln(256) alone says nothing
+    assert collapse_note({"pretrain_losses": [2.0, 5.3, 5.45], "out_dim": 256, "collapsed_epochs": []}) == ""
+    assert "5.60" in collapse_note({"pretrain_losses": [2.0, 5.3, 5.6], "out_dim": 256, "collapsed_epochs": [3]})
 
 
 def test_the_demo_recipe_is_pretrain_options_and_config_fields():
@@ -221,7 +225,7 @@ def test_minutes_bounds_the_whole_demo(tmp_path, one_thread):
     t0 = time.monotonic()
     summary = run_demo(p)
     took = time.monotonic() - t0
-    assert set(summary["skipped"]) == {"knn", "linear", "jaccard", "davis", "copydays"}
+    assert set(summary["skipped"]) == {"knn", "linear", "jaccard", "davis", "copydays", "segment"}
     assert summary["results"] == {"random": {}, "trained": {}}
     assert "Not run" in (tmp_path / "d" / "report.md").read_text()
     assert took < 60  # the data, a calibration epoch and at most one pretraining epoch of 24 tiny images
@@ -236,7 +240,7 @@ def test_resume_without_a_stopped_demo_is_refused(tmp_path):
 
 
 def test_the_report_pictures_read_at_page_scale(tmp_path):
-    """The attention figure is one named row per image, no wider than the report's 960-pixel column
+    """The attention figure is a named row per image and model, no wider than the report's 960-pixel column
     (so the masks' key, drawn at 13 pixels or more, is not shrunk); the duplicates sheet's score is
     drawn in letters at least 13 pixels high, ascenders to descenders (the bitmap font's were 10)."""
     import numpy as np
@@ -270,3 +274,15 @@ def test_the_report_pictures_read_at_page_scale(tmp_path):
     top = int(np.argmax(dark))
     height = int(np.argmin(dark[top:]))  # the first line's rows of ink, up to the first blank row
     assert height >= 13
+
+
+def test_resume_with_other_options_is_refused(tmp_path):
+    """A stopped demo resumes with its own options: a different one typed is refused in one sentence."""
+    from dinokit.commands.demo import DemoPlan, DemoState
+
+    out = tmp_path / "d"
+    out.mkdir()
+    DemoState.begin(DemoPlan(output=out, seed=0)).save()
+    r = run_cli(["demo", "--output", str(out), "--resume", "--seed", "3"])
+    assert r.exit_code == 2
+    assert "started with --seed 0" in r.output

@@ -156,9 +156,11 @@ def test_bad_input_is_one_sentence(tmp_path, tiny2_weights):
     res = run_duplicates(tmp_path / "nowhere", tmp_path / "o2", tiny2_weights)
     assert res.exit_code == 2 and "does not exist" in _flat(res.output)
     smooth_photo(0).save(empty / "x.png")
-    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o3"), "--min-similarity", "3", "--quiet"])
+    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o3"), "--min-similarity", "3", "--quiet",
+                   "--weights", "random"])  # (a missing --weights is refused first, before any import)
     assert res.exit_code == 2 and "between -1 and 1" in _flat(res.output)
-    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o4"), "--backend", "annoy", "--quiet"])
+    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o4"), "--backend", "annoy", "--quiet",
+                   "--weights", "random"])
     assert res.exit_code == 2 and "Unknown backend" in _flat(res.output)
 
 

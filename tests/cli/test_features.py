@@ -210,3 +210,31 @@ def test_features_exact_decode_same_numbers_on_small_images_close_on_large_ones(
     cos = torch.nn.functional.cosine_similarity(sets["large", "reduced"].features, sets["large", "exact"].features)
     assert bool((cos > 0.999).all()), cos
     assert not torch.equal(sets["large", "reduced"].features, sets["large", "exact"].features)
+
+
+def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(tmp_path):
+    """Ctrl-C while the images are embedded: exit status 130, one line that says the run stopped and
+    that nothing was written (the file is written only once every image is embedded)."""
+    import signal
+
+    for i in range(150):
+        make_image(tmp_path / "imgs" / f"{i:03d}.png", seed=i)
+    out = tmp_path / "f.pt"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "dinokit", "features", "--data", str(tmp_path / "imgs"), "--weights", "random",
+         "--arch", "vit_tiny", "--batch-size", "2", "--output", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    seen = []
+    for line in p.stderr:  # progress lines go to stderr in a pipe; the first says how many steps
+        seen.append(line)
+        if line.startswith("features ("):
+            p.send_signal(signal.SIGINT)
+            break
+    stdout, rest = p.communicate(timeout=120)
+    stopped = [line for line in rest.splitlines() if line.startswith("Stopped")]
+    assert p.returncode == 130, "".join(seen) + rest
+    assert stopped == [f"Stopped by Ctrl-C while embedding; nothing was written ({out} is written once every image "
+                       "is embedded)."], rest  # fmt: skip
+    assert "Traceback" not in rest and stdout == ""
+    assert not out.exists()

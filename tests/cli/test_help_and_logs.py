@@ -201,3 +201,48 @@ def test_failed_run_leaves_no_empty_folder(tmp_path):
     r = run_cli(["duplicates", str(empty), "--output", str(out), "--weights", "random", "--arch", "vit_tiny",
                  "--quiet"])  # fmt: skip
     assert r.exit_code == 2 and out.is_dir()
+
+
+@pytest.mark.parametrize("command", ["knn", "linear", "finetune"])
+def test_reference_data_path_says_to_give_train_and_val(command, tmp_path):
+    """The reference's evaluations take one --data_path holding train/ and val/; the commands that take
+    the two folders apart say so instead of only 'No such option'."""
+    r = run_cli([command, "--data_path", tmp_path, "--output", tmp_path / "out"])
+    assert r.exit_code == 2
+    assert (f"dinokit {command} has no --data_path: give --train DATA_PATH/train and --val DATA_PATH/val"
+            in r.text), r.text  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    # the same with the value joined by "="
+    r = run_cli([command, f"--data_path={tmp_path}", "--output", tmp_path / "out"])
+    assert r.exit_code == 2 and "give --train DATA_PATH/train" in r.text
+    # a command without --train keeps click's refusal (with --data it is rewritten, see above)
+    r = run_cli(["similar", tmp_path, "--data_path", tmp_path, "--output", tmp_path / "out"])
+    assert r.exit_code == 2 and "No such option: --data_path" in r.text
+
+
+def test_pretrain_data_path_gets_the_reference_note(tmp_path):
+    r = run_cli(["pretrain", "--data_path", tmp_path / "nowhere", "--output", tmp_path / "out"])
+    assert "Note: --data_path is --data in dinokit pretrain." in r.output
+    assert r.exit_code == 2 and f"The data folder {tmp_path / 'nowhere'} does not exist." in r.text
+
+
+def test_missing_weights_names_where_every_preset_is_listed(tmp_path):
+    """The sentence names `dinokit models` and the number of presets it lists."""
+    import json
+
+    (tmp_path / "photos").mkdir()
+    r = run_cli(["duplicates", tmp_path / "photos", "--output", tmp_path / "out"])
+    assert r.exit_code == 2
+    listed = run_cli(["models", "--json"])
+    n = len(json.loads(listed.output)["presets"])
+    assert n >= 20
+    assert f"a preset (one of the {n} that `dinokit models` lists, such as dino_vits16, dinov2_vits14" in r.text, r.text
+
+
+def test_counts_agree_with_their_nouns():
+    from dinokit.commands._console import plural
+
+    assert [plural(n, "query") for n in (0, 1, 2)] == ["0 queries", "1 query", "2 queries"]
+    assert [plural(n, "class") for n in (1, 3)] == ["1 class", "3 classes"]
+    assert plural(2, "key") == "2 keys" and plural(1, "image") == "1 image" and plural(2, "image") == "2 images"
+    assert plural(2, "new image") == "2 new images"

@@ -55,6 +55,8 @@ def test_pictures_and_arrays_of_non_square_images(tmp_path, tiny2_weights):
     assert sum(m["parts"]["patches_per_part"]) == m["patches"] == 6 + 8 + 4
     assert m["per_image"]["tall"]["grid"] == [4, 2] and m["per_image"]["tall"]["input_size"] == [32, 64]
     assert m["config"]["parts"] == 3 and m["config"]["foreground"] is True
+    fg = np.concatenate([np.load(out / n / "foreground.npy").ravel() for n in expect])
+    assert m["foreground_fraction"] == pytest.approx(fg.mean()) == pytest.approx(m["first_component_above_threshold"])
     # the pictures' foreground is the recorded threshold applied to the first component
     for name in expect:
         f = np.load(out / name / "first_component.npy")
@@ -68,6 +70,13 @@ def test_pictures_and_arrays_of_non_square_images(tmp_path, tiny2_weights):
     m = json.loads((out / "metrics.json").read_text())
     assert m["first_component"]["threshold"] == 0.5 and m["first_component"]["threshold_method"] == "given"
     assert "every patch" in m["colours"] and np.load(out / "square" / "foreground.npy").all()
+    assert m["foreground_fraction"] == 1.0 and 0 <= m["first_component_above_threshold"] <= 1
+    assert "every patch coloured" in r.text
+    r = run(tmp_path / "square.png", "-w", tiny2_weights, "--image-size", 32, "--parts", 2, "--mean", "0.5,0.5,0.5",
+            "--std", "0.25,0.25,0.25", "-o", out, "-q", "--overwrite")
+    assert r.exit_code == 0, r.output
+    norm = json.loads((out / "metrics.json").read_text())["config"]["normalization"]
+    assert norm["mean"] == [0.5] * 3 and norm["std"] == [0.25] * 3
 
 
 def test_unreadable_images_are_skipped_and_counted_or_stop_with_strict(tmp_path, tiny2_weights):

@@ -62,3 +62,16 @@ def test_similar_bad_input_is_one_sentence(tmp_path, tiny2_weights):
     r = run_cli(["similar", tmp_path / "nope.png", "--against", tmp_path, "--weights", tiny2_weights,
                  "--output", tmp_path / "o2"])
     assert r.exit_code == 2 and "does not exist" in " ".join(r.output.split()), r.output
+
+
+def test_one_query_is_one_query(tmp_path, tiny2_weights):
+    """The closing line counts in the right number: "1 query against 3 images"."""
+    from tests.helpers import make_image
+
+    for i in range(3):
+        make_image(tmp_path / "folder" / f"{i}.png", seed=i)
+    make_image(tmp_path / "q.png", seed=7)
+    r = run_cli(["similar", tmp_path / "q.png", "--against", tmp_path / "folder", "--weights", tiny2_weights,
+                 "--image-size", "32", "--output", tmp_path / "out", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "1 query against 3 images; embedded 4 new images" in r.text, r.text

@@ -161,16 +161,16 @@ def test_unreadable_images_are_skipped_and_counted_or_stop_under_strict(tmp_path
         check_split(segmentation_split(tmp_path, "voc2012", "train"), strict=True)
 
 
-@pytest.mark.parametrize("layout", ["voc2012", "folder"])
-def test_synth_segment_in_each_layout(tmp_path, layout):
-    s = make_segment_dataset(tmp_path / layout, layout=layout, classes=3, train=3, val=2, size=64)
+@pytest.mark.parametrize("layout, style", [("voc2012", "cluttered"), ("folder", "cluttered"), ("folder", "simple")])
+def test_synth_segment_in_each_layout(tmp_path, layout, style):
+    s = make_segment_dataset(tmp_path / layout, layout=layout, classes=3, train=3, val=2, size=64, style=style)
     train, val = load_splits(s.root, layout)
     assert (len(train.samples), len(val.samples)) == (3, 2)
     labels = [train.read_labels(x) for x in train.samples]
     values = set(np.unique(np.concatenate([v.ravel() for v in labels])).tolist())
     assert values <= {0, 1, 2, 3, 255} and 255 in values and 0 in values and values & {1, 2, 3}
     # the same seed gives the same files
-    again = make_segment_dataset(tmp_path / "again", layout=layout, classes=3, train=3, val=2, size=64)
+    again = make_segment_dataset(tmp_path / "again", layout=layout, classes=3, train=3, val=2, size=64, style=style)
     a = sorted(p.relative_to(s.root) for p in s.root.rglob("*.png"))
     assert a == sorted(p.relative_to(again.root) for p in again.root.rglob("*.png"))
     assert all((s.root / p).read_bytes() == (again.root / p).read_bytes() for p in a)

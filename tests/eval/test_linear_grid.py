@@ -50,7 +50,9 @@ def test_the_official_grids():
     assert [(h.n_blocks, h.avgpool) for h in v2[::13]] == [(1, False), (1, True), (4, False), (4, True)]
     v3 = protocol_heads("dinov3")
     assert len(v3) == 13 and all(h.n_blocks == 1 and h.avgpool for h in v3)
-    assert v2[0].name(128 / 256) == "classifier_1_blocks_avgpool_False_lr_0_00001"
+    assert v2[0].name(128 * 8 / 256) == "classifier_1_blocks_avgpool_False_lr_0_00004"  # the official 8 x 128
+    # at one process's batch of 128, 5 decimals would give 1e-5 and 2e-5 (scaled) one name
+    assert len({h.name(128 / 256) for h in v2}) == 52 and v2[0].name(0.5).endswith("_lr_5em06")
 
 
 @pytest.mark.parametrize("arch", ["dinov3_vits16", "dinov2_vits14_reg"])

@@ -74,12 +74,19 @@ def test_an_unknown_file_says_once_which_it_assumed(tmp_path, caplog):
     torch.manual_seed(0)
     path = tmp_path / "mystery.pth"
     dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=1), path)
-    with caplog.at_level(logging.WARNING, logger="dinokit"):
+    with caplog.at_level(logging.INFO, logger="dinokit"):
         a = dinokit.load_backbone(path)
         dinokit.load_backbone(path)
     said = [r.getMessage() for r in caplog.records if "normalised" in r.getMessage()]
     assert len(said) == 1 and "ImageNet" in said[0] and str(path) in said[0]
     assert a.normalization.mean == (0.485, 0.456, 0.406) and "assumed" in a.normalization.source
+    # a released file under its own name is known: ImageNet's, nothing said
+    released = tmp_path / "dinov2_vits14_pretrain.pth"
+    released.write_bytes(path.read_bytes())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dinokit"):
+        b = dinokit.load_backbone(released)
+    assert "released" in b.normalization.source and not [r for r in caplog.records if "normalised" in r.getMessage()]
 
 
 def test_cli_records_the_normalisation_and_refuses_bad_values(sat_file, labelled_folder, tmp_path):

@@ -158,3 +158,21 @@ def test_patches_picture_for_a_few_images():
     imgs = [(f"img{i}", Image.fromarray(rng.integers(0, 255, (48, 64 + 16 * i, 3), dtype=np.uint8))) for i in range(3)]
     pic = patches_picture(model, imgs, parts=3, image_size=48, width=600)
     assert pic.dtype == np.uint8 and pic.ndim == 3 and pic.shape[1] == 600
+
+
+def test_features_use_the_given_normalisation():
+    from dinokit.data.normalization import Normalization
+    from dinokit.eval.attention import preprocess
+
+    torch.manual_seed(0)
+    model = dinokit.build_backbone("vit_tiny", 16, depth=1).eval()
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 48, 3), dtype=np.uint8))
+    norm = Normalization((0.43, 0.411, 0.296), (0.213, 0.156, 0.143), "test")
+    got = next(patch_features(model, [("a", img)], PatchesConfig(image_size=32), normalization=norm))
+    _, rgb = preprocess(img, 32, 16, keep_aspect=True)
+    x = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)
+    x = (x - torch.tensor(norm.mean).view(3, 1, 1)) / torch.tensor(norm.std).view(3, 1, 1)
+    want = patch_tokens(model, x[None])[0].numpy()
+    np.testing.assert_allclose(got.features, want, atol=1e-4)
+    default = next(patch_features(model, [("a", img)], PatchesConfig(image_size=32)))
+    assert not np.allclose(default.features, want, atol=1e-3)
