@@ -238,7 +238,7 @@ def preset_catalogue() -> list[PresetInfo]:
                 cached=path.is_file(),
                 aliases=[a for a, target in PRESET_ALIASES.items() if target == name],
                 linear_head=os.path.basename(head) if head else None,
-                linear_head_cached=bool(head) and preset_cache_path(head).is_file(),
+                linear_head_cached=bool(head and preset_cache_path(head).is_file()),
             )
         )
     return out

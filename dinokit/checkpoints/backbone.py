@@ -72,6 +72,11 @@ class PreparedBackbone:
         :func:`dinokit.models.inference.inference_model`), else the fp32 model."""
         return inference_model(self.model, self.dtype)
 
+    @property
+    def normalization(self) -> Normalization:
+        """The mean and std of the inputs the weights expect (``--mean``/``--std`` on top)."""
+        return backbone_normalization(self.model)
+
 
 def prepare_backbone(cfg: BackboneOptions, runtime: RuntimeOptions | None = None, *, training: bool = False,
                      missing: str | None = None) -> PreparedBackbone:
@@ -80,7 +85,10 @@ def prepare_backbone(cfg: BackboneOptions, runtime: RuntimeOptions | None = None
     The seed is set before loading so that ``--weights random`` gives the same network for the
     same ``--seed`` in every command. ``missing`` is the sentence raised when ``cfg.weights`` is None.
     """
-    runtime = cfg if runtime is None else runtime
+    if runtime is None:
+        if not isinstance(cfg, RuntimeOptions):
+            raise TypeError("prepare_backbone takes a config with both option sets, or the runtime options apart.")
+        runtime = cfg
     if cfg.weights is None:
         raise CheckpointError(missing or weights_needed())
     device = resolve_device(runtime.device)
@@ -88,17 +96,38 @@ def prepare_backbone(cfg: BackboneOptions, runtime: RuntimeOptions | None = None
     check_normalization(getattr(cfg, "mean", None), getattr(cfg, "std", None))
     seed_everything(runtime.seed)
     model = load_backbone(cfg.weights, cfg.arch, cfg.patch_size, cfg.checkpoint_key, **cfg.model_kwargs)
-    model.normalization = given_normalization(model.normalization, getattr(cfg, "mean", None),
-                                              getattr(cfg, "std", None))
+    own = getattr(model, "normalization", IMAGENET)  # load_backbone records the weights' own
+    record_weights(model, normalization=given_normalization(own, getattr(cfg, "mean", None), getattr(cfg, "std", None)))
     return PreparedBackbone(model.to(device).eval(), device, dtype)
+
+
+def backbone_normalization(model: nn.Module) -> Normalization:
+    """The normalisation :func:`load_backbone` (and :func:`prepare_backbone`) record on a backbone."""
+    norm = getattr(model, "normalization", None)
+    if not isinstance(norm, Normalization):
+        raise CheckpointError(f"This {type(model).__name__} was not loaded by dinokit: it records no input normalisation.")
+    return norm
+
+
+def record_weights(model: nn.Module, **facts: object) -> None:
+    """Keep facts about a backbone's weights on it as plain attributes: ``weights_source`` (where they
+    came from) and ``normalization`` (the inputs they expect), read by the commands that report them."""
+    for name, value in facts.items():
+        setattr(model, name, value)
+
+
+def _three(values: Any) -> tuple[float, float, float]:
+    """Three channel values (a mean or std, checked to be three) as floats."""
+    r, g, b = (float(v) for v in values)
+    return r, g, b
 
 
 def given_normalization(own: Normalization, mean, std) -> Normalization:
     """The weights' normalisation ``own`` with ``--mean`` / ``--std`` on top where given."""
     if mean is None and std is None:
         return own
-    return Normalization(tuple(float(v) for v in (mean if mean is not None else own.mean)),
-                         tuple(float(v) for v in (std if std is not None else own.std)),
+    return Normalization(_three(mean if mean is not None else own.mean),
+                         _three(std if std is not None else own.std),
                          "--mean/--std" if mean is not None and std is not None
                          else f"{'--mean' if mean is not None else '--std'} with {own.source} "
                          f"{'std' if mean is not None else 'mean'}")
@@ -118,10 +147,11 @@ def weights_normalization(weights: str, ckpt: Any = None, path: Path | None = No
     recipe normalises with ImageNet's). Any other file: ImageNet's is assumed, and said once."""
     names = f"{weights} {path.name if path is not None else ''}".lower()
     if isinstance(ckpt, dict):
-        own = ckpt.get("normalization") if isinstance(ckpt.get("normalization"), dict) else ckpt
+        kept = ckpt.get("normalization")
+        own = kept if isinstance(kept, dict) else ckpt
         mean, std = own.get("mean"), own.get("std")
         if mean is not None and std is not None and len(mean) == 3 and len(std) == 3:
-            return Normalization(tuple(float(v) for v in mean), tuple(float(v) for v in std), "the file's own")
+            return Normalization(_three(mean), _three(std), "the file's own")
     if "sat493m" in names:
         return SAT493M
     if weights == "random" or ckpt is None:
@@ -157,8 +187,7 @@ def load_backbone(
     if weights == "random":
         arch = arch or "vit_small"
         model = build_backbone(arch, patch_size, **_with_vit_options(arch, vit_options, model_kwargs))
-        model.weights_source = "random"
-        model.normalization = IMAGENET
+        record_weights(model, weights_source="random", normalization=IMAGENET)
         return model.eval()
     preset = resolve_preset(weights)
     if preset is not None and not Path(weights).exists():
@@ -189,9 +218,9 @@ def load_backbone(
                     f"again failed: {str(e2).rstrip('.')}."
                 ) from e2
         model = _model_from_checkpoint(ckpt, path, arch, patch_size, checkpoint_key, vit_options, model_kwargs)
-        model.weights_source = weights
-        model.normalization = (SAT493M if "sat493m" in f"{weights} {url_path}".lower()
-                               else Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (the preset's)"))
+        record_weights(model, weights_source=weights,
+                       normalization=(SAT493M if "sat493m" in f"{weights} {url_path}".lower()
+                                      else Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (the preset's)")))
         return model
     path = Path(weights).expanduser()
     if not path.exists() and is_hf_repo_id(weights):  # a local path of that name wins
@@ -200,8 +229,7 @@ def load_backbone(
         raise CheckpointError(unknown_weights(weights) or f"The weights file {path} does not exist.")
     ckpt = read_checkpoint(path)
     model = _model_from_checkpoint(ckpt, path, arch, patch_size, checkpoint_key, vit_options, model_kwargs)
-    model.weights_source = str(path)
-    model.normalization = weights_normalization(weights, ckpt, path)
+    record_weights(model, weights_source=str(path), normalization=weights_normalization(weights, ckpt, path))
     return model
 
 
@@ -254,7 +282,9 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The flat state dict of a backbone (released-weights format), unwrapped from DDP/compile."""
     m = model
     while hasattr(m, "module") or hasattr(m, "_orig_mod"):
-        m = getattr(m, "module", None) or m._orig_mod
+        inner = getattr(m, "module", None) or getattr(m, "_orig_mod", None)
+        assert isinstance(inner, nn.Module)  # what DistributedDataParallel and torch.compile wrap
+        m = inner
     return OrderedDict((k, v.detach().cpu().clone()) for k, v in m.state_dict().items())
 
 

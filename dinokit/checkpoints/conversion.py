@@ -182,7 +182,7 @@ def extract_backbone_state_dict(ckpt: Any, checkpoint_key: str = "teacher", sour
         require_finite_weights(hf, source)
         return hf
     sd = strip_prefixes(sd)
-    stripped = OrderedDict(
+    stripped: dict[str, torch.Tensor] = OrderedDict(
         (k, v) for k, v in sd.items() if not k.startswith(("head.", "fc.", "fc_norm.", "last_layer.", "mlp."))
     )
     if all(k.startswith("linear.") for k in sd):

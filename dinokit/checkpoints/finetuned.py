@@ -34,7 +34,8 @@ def export_finetuned(model: nn.Module, classes: Sequence[str], spec: dict, image
     # torchvision (behind data.transforms) stays out of `import dinokit` for start-up time
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
 
-    m = model.module if hasattr(model, "module") else model
+    m = getattr(model, "module", model)  # the model inside a DistributedDataParallel
+    assert isinstance(m, FinetuneModel)
     return {
         "format": FINETUNED_MODEL_FORMAT,
         "version": 1,

@@ -41,7 +41,7 @@ def normalize_image(image: Image.Image | np.ndarray, norm: Normalization = IMAGE
 def eval_input(image: Image.Image, size: int, norm: Normalization = IMAGENET) -> torch.Tensor:
     """The evaluation input: the shorter side resized to ``size`` (bilinear), normalised."""
     w, h = short_side_size(*image.size, size)
-    return normalize_image(image.resize((w, h), Image.BILINEAR), norm)
+    return normalize_image(image.resize((w, h), Image.Resampling.BILINEAR), norm)
 
 
 def _crop_box(rng: np.random.Generator, h: int, w: int, size: int) -> tuple[int, int]:
@@ -91,8 +91,8 @@ def train_sample(rng: np.random.Generator, image: Image.Image, labels: np.ndarra
     """One augmented training pair: ((3, size, size) normalised image, (size, size) int64 labels)."""
     short = int(size * (rng.random() * (SCALE_RANGE[1] - SCALE_RANGE[0]) + SCALE_RANGE[0]))
     w, h = short_side_size(*image.size, max(short, 1))
-    img = np.asarray(image.resize((w, h), Image.BILINEAR))
-    lab = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h), Image.NEAREST)).astype(np.int64)
+    img = np.asarray(image.resize((w, h), Image.Resampling.BILINEAR))
+    lab = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h), Image.Resampling.NEAREST)).astype(np.int64)
     y, x = random_crop(rng, lab, size)
     img, lab = img[y : y + size, x : x + size], lab[y : y + size, x : x + size]
     if rng.random() < 0.5:

@@ -130,7 +130,7 @@ class SegSplit:
     classes: list[str]
     ignore_index: int = VOID_LABEL  #: the stored void value (the training ids use 255)
     skipped: int = 0  #: unreadable images left out
-    lookup: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    lookup: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]  # None: made by __post_init__
 
     def __post_init__(self) -> None:
         if self.lookup is None:

@@ -199,7 +199,7 @@ def run_attention(cfg: AttentionRunConfig, progress: Progress = NULL_PROGRESS) -
         "checkpoint_key": cfg.checkpoint_key,
         "seed": cfg.seed,
         "precision": precision_name(prepared.dtype),
-        "normalization": model.normalization.record(),
+        "normalization": prepared.normalization.record(),
     }
     created = not cfg.output.exists()
     out = prepare_output_dir(cfg.output, overwrite=cfg.overwrite)

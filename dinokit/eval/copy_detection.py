@@ -170,7 +170,7 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
     embedder = DescriptorEmbedder(
         backbone.model,
         cfg.weights,
-        copy_transform(cfg.image_size, backbone.model.normalization),
+        copy_transform(cfg.image_size, backbone.normalization),
         copy_feature_fn(cfg.gem_p),
         f"cls+gem(p={cfg.gem_p:g})",
         backbone.device,
@@ -236,5 +236,5 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
         whitening=white_info,
         descriptor_dim=int(database.shape[1]),
         skipped_queries=skipped,
-        normalization=backbone.model.normalization.record(),
+        normalization=backbone.normalization.record(),
     )

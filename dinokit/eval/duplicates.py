@@ -195,7 +195,7 @@ def search_pairs_exact(
     ``best`` is each query's highest similarity to another image.
     """
     self_search = database is None
-    db = queries if self_search else database
+    db = database if database is not None else queries
     nq, nd = queries.shape[0], db.shape[0]
     collector = _PairCollector(max_pairs)
     best = np.full(nq, -np.inf, dtype=np.float32)
@@ -227,8 +227,8 @@ def search_pairs_exact(
     task.close()
     if best_db is not None:
         best = np.maximum(best, best_db)
-    a, b, s = collector.result()
-    return a, b, s, collector.truncated, best
+    a, b, scores = collector.result()
+    return a, b, scores, collector.truncated, best
 
 
 def search_pairs_faiss(
@@ -249,14 +249,14 @@ def search_pairs_faiss(
     except ImportError as e:
         raise DinokitError("The faiss backend needs the faiss package (pip install faiss-cpu, the faiss extra of dinokit).") from e
     self_search = database is None
-    db = queries if self_search else database
+    db = database if database is not None else queries
     nq, nd = queries.shape[0], db.shape[0]
     dim = db.shape[1]
     index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = 80
     task = progress.task("indexing", total=nd)
-    for s in range(0, nd, block):
-        part = np.ascontiguousarray(db[s : s + block], dtype=np.float32)
+    for start in range(0, nd, block):
+        part = np.ascontiguousarray(db[start : start + block], dtype=np.float32)
         index.add(part)
         task.advance(len(part))
     task.close()
@@ -322,7 +322,7 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
         return DuplicatesResult([], float(threshold), 0, 0, n_new, reused, 0, cfg.backend)
 
     whitening = None
-    if white_paths:
+    if white_paths and cfg.whitening is not None:  # the images of the folder
         whitening = whitening_from(embedder.embed(white_paths, "whitening"), cfg.whitening)
     (out / "index").mkdir(parents=True, exist_ok=True)  # this run's search matrices
 

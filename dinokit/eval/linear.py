@@ -260,7 +260,7 @@ def _recipe(cfg: LinearConfig) -> dict[str, Any]:
 
 
 def _head_state(probe: nn.Module) -> dict[str, torch.Tensor]:
-    m = probe.module if hasattr(probe, "module") else probe
+    m = getattr(probe, "module", probe)  # the classifier inside a DistributedDataParallel
     return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
 
@@ -271,12 +271,14 @@ class _ProbeRun:
     def __init__(self, cfg: LinearConfig, dim: int, num_classes: int, identity: dict, world: int, device,
                  run: TrainingRun):
         cfg = dino_recipe(cfg)
+        assert cfg.epochs is not None and cfg.lr is not None  # dino_recipe fills both in
         self.cfg = cfg
+        self.total_epochs = cfg.epochs
         self.run = run
         self.out = Path(cfg.output)
         self.identity = identity
         seed_everything(cfg.seed)
-        self.probe = LinearClassifier(dim, num_classes).to(device)
+        self.probe: nn.Module = LinearClassifier(dim, num_classes).to(device)
         self.lr = cfg.lr * cfg.batch_size * world / 256.0
         self.optimizer = torch.optim.SGD(
             self.probe.parameters(), lr=self.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -295,12 +297,12 @@ class _ProbeRun:
         if ck is None:
             return
         path = self.out / CHECKPOINT_NAME
-        if int(ck.get("epochs", self.cfg.epochs)) != self.cfg.epochs:
+        if int(ck.get("epochs", self.total_epochs)) != self.total_epochs:
             raise CheckpointError(
-                f"{path} was made for {ck.get('epochs')} epochs, not {self.cfg.epochs}; the cosine schedule "
+                f"{path} was made for {ck.get('epochs')} epochs, not {self.total_epochs}; the cosine schedule "
                 "depends on it, so pass the same --epochs."
             )
-        target = self.probe.module if hasattr(self.probe, "module") else self.probe
+        target = getattr(self.probe, "module", self.probe)  # the classifier inside a DistributedDataParallel
         target.load_state_dict(ck["state_dict"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -310,11 +312,11 @@ class _ProbeRun:
         self.history = list(ck.get("history", []))
         if "rng" in ck:
             set_rng_state(ck["rng"])
-        progress.log(f"resuming from epoch {self.start_epoch} of {self.cfg.epochs}")
+        progress.log(f"resuming from epoch {self.start_epoch} of {self.total_epochs}")
 
     def epochs(self) -> range:
         """The epochs of this invocation: from the resumed one to the schedule's end or --stop-after."""
-        return range(self.start_epoch, self.run.end(self.cfg.epochs))
+        return range(self.start_epoch, self.run.end(self.total_epochs))
 
     def stopping(self) -> bool:
         """Between steps: whether a signal asked every rank to stop (the step in flight is done; the
@@ -338,7 +340,7 @@ class _ProbeRun:
             self.run.write_checkpoint({
                 "format": CHECKPOINT_FORMAT,
                 "epoch": epoch + 1,
-                "epochs": self.cfg.epochs,
+                "epochs": self.total_epochs,
                 "state_dict": _head_state(self.probe),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -353,9 +355,9 @@ class _ProbeRun:
 
     def result(self, mode: str, **kw) -> LinearResult:
         epochs_done = self.history[-1]["epoch"] if self.history else self.start_epoch
-        outcome = self.run.outcome(epochs_done, self.cfg.epochs, self.signum)
+        outcome = self.run.outcome(epochs_done, self.total_epochs, self.signum)
         return LinearResult(mode=mode, final=dict(self.last), best=dict(self.best), epochs_run=len(self.history),
-                            epochs=self.cfg.epochs, epochs_done=epochs_done, signal=self.signum,
+                            epochs=self.total_epochs, epochs_done=epochs_done, signal=self.signum,
                             stopped_by=outcome.stopped_by, exit_code=outcome.exit_code, **kw)
 
 
@@ -367,7 +369,7 @@ def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, a
     given = (cfg.train_features is not None, cfg.val_features is not None)
     if any(given) and not all(given):
         raise DataError("Give both --train-features and --val-features, or neither.")
-    if all(given):
+    if cfg.train_features is not None and cfg.val_features is not None:
         train, val = load_features(cfg.train_features), load_features(cfg.val_features)
         check_same_model(train, val, str(cfg.train_features), str(cfg.val_features))
         if cfg.weights is not None:
@@ -385,6 +387,7 @@ def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, a
     model = prepare_backbone(cfg, missing=MISSING_WEIGHTS).model
     if n is None:
         n, avg = _resolve_options(cfg, model)
+    assert avg is not None  # given with n, or resolved with it
     emb = Embedder(_feature_spec(cfg, n, avg), model=model)
     out = Path(cfg.output)
     train = emb.embed(train_images, cache=out / "train_features.pt", progress=progress, description="train features")
@@ -518,8 +521,10 @@ class _ImageLoaders:
         )  # fmt: skip
         self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, strict=cfg.strict,
                                     exact_decode=cfg.exact_decode)
-        self.sampler = torch.utils.data.DistributedSampler(self.train_set, seed=cfg.seed) if is_dist() else None
-        loader_kw = dict(num_workers=cfg.num_workers, collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
+        self.sampler: torch.utils.data.DistributedSampler[int] | None = (
+            torch.utils.data.DistributedSampler(self.train_set, seed=cfg.seed) if is_dist() else None
+        )
+        loader_kw: dict[str, Any] = dict(num_workers=cfg.num_workers, collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
                          persistent_workers=cfg.num_workers > 0)  # fmt: skip
         self.generator = torch.Generator()
         self.train = torch.utils.data.DataLoader(
@@ -562,7 +567,7 @@ def _train_image_epochs(run: _ProbeRun, loaders: _ImageLoaders, model, dtype, fe
             break
         if is_dist():
             torch.distributed.all_reduce(total)
-        mean_loss = float(total[0] / max(total[1], 1))
+        mean_loss = float(total[0]) / max(float(total[1]), 1.0)
         _check_finite(mean_loss, epoch)
         scores = None
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
@@ -605,6 +610,7 @@ def evaluate_head(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Line
         cfg = replace(cfg, weights=cfg.linear_weights)  # a released head goes with its own backbone
     if cfg.weights is None:
         raise DataError("--evaluate needs --weights, the backbone the linear head was trained on.")
+    assert cfg.linear_weights and cfg.val is not None  # checked above; replace() keeps them
     head = load_linear_head(cfg.linear_weights)
     w, b = head["linear.weight"].float(), head["linear.bias"].float()
     classes = scan_images(cfg.train, labelled=True).classes if cfg.train is not None else None
@@ -624,6 +630,7 @@ def evaluate_head(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Line
             f"avgpool_patch_tokens={avg} give {val.dim}-d; set --n-last-blocks / --avgpool-patch-tokens to match."
         )
     logits = val.features @ w.T + b
+    assert val.labels is not None  # embedded from labelled folders
     c1, c5 = topk_correct(logits, val.labels)
     final = {"top1": percent(c1, len(val)), "top5": percent(c5, len(val))}
     return LinearResult(
@@ -753,18 +760,19 @@ def _train_grid(cfg: LinearConfig, run: TrainingRun, protocol: str, arch: str, c
         n0, avg0 = default_feature_options(arch) if variant_generation(arch) > 1 else ((1, True) if protocol == "dinov3" else (4, True))
         cfg = replace(cfg, n_last_blocks=cfg.n_last_blocks if cfg.n_last_blocks is not None else n0,
                       avgpool_patch_tokens=cfg.avgpool_patch_tokens if cfg.avgpool_patch_tokens is not None else avg0)
-    cfg = replace(cfg, epochs=cfg.epochs if cfg.epochs is not None else GRID_EPOCHS)
+    epochs = cfg.epochs if cfg.epochs is not None else GRID_EPOCHS
+    cfg = replace(cfg, epochs=epochs)
     out = train_grid(cfg, run, protocol, _feature_spec, _official_train_transform(cfg), progress, cached,
                      missing=MISSING_WEIGHTS)
     data, chosen = out["data"], out["chosen"]
-    outcome = run.outcome(out["epochs_done"], cfg.epochs, out["signal"])
+    outcome = run.outcome(out["epochs_done"], epochs, out["signal"])
     return LinearResult(
         f"grid-{'features' if cached else 'images'}", final={k: chosen[k] for k in ("top1", "top5")} if chosen else {},
         best={}, epochs_run=out["epochs_run"], num_classes=len(data.classes),
         feature_dim=(data.k + 1) * data.dim, n_train=data.n_train, n_val=data.n_val,
         n_last_blocks=chosen["n_last_blocks"] if chosen else data.k,
         avgpool_patch_tokens=chosen["avgpool_patch_tokens"] if chosen else True, fingerprint=data.fingerprint,
-        epochs=cfg.epochs, epochs_done=out["epochs_done"], signal=out["signal"], stopped_by=outcome.stopped_by,
+        epochs=epochs, epochs_done=out["epochs_done"], signal=out["signal"], stopped_by=outcome.stopped_by,
         exit_code=outcome.exit_code, protocol=protocol, heads=out["heads"], chosen=chosen,
         epoch_length=out["epoch_length"],
     )  # fmt: skip

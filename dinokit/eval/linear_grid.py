@@ -22,12 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..models.head import LinearClassifier
+from ..models.vit import VisionTransformer
 
 #: the official grid of base learning rates (dinov2 and dinov3 ``eval/linear.py``)
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -73,7 +75,7 @@ def protocol_heads(protocol: str, lrs: Sequence[float] = LEARNING_RATES, blocks:
     return [HeadSpec(float(lr), int(n), bool(a)) for n in blocks for a in avgpool for lr in lrs]
 
 
-def token_vector(model: nn.Module, images: torch.Tensor, k: int) -> torch.Tensor:
+def token_vector(model: VisionTransformer, images: torch.Tensor, k: int) -> torch.Tensor:
     """[CLS of block -k, ..., CLS of the last block, mean of the last block's patch tokens], each after
     the final norm (registers and storage tokens left out): every head's input is a slice of it."""
     layers = model.get_intermediate_layers(images, k)
@@ -100,13 +102,14 @@ class LinearGrid(nn.Module):
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The sum of every head's cross-entropy (the heads' gradients stay apart: each is its own)."""
-        return sum(F.cross_entropy(out, labels) for out in self(tokens))
+        losses = [F.cross_entropy(out, labels) for out in self(tokens)]
+        return sum(losses[1:], losses[0])
 
 
 def grid_optimizer(grid: LinearGrid, scale: float, momentum: float = 0.9, weight_decay: float = 0.0):
     """SGD with one parameter group per head at its scaled lr, and the official per-iteration cosine
     (``CosineAnnealingLR`` over every iteration, to 0): call ``scheduler.step()`` after each step."""
-    groups = [{"params": list(h.parameters()), "lr": s.lr * scale} for h, s in zip(grid.heads, grid.specs)]
+    groups: list[dict[str, Any]] = [{"params": list(h.parameters()), "lr": s.lr * scale} for h, s in zip(grid.heads, grid.specs)]
     return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, weight_decay=weight_decay)
 
 

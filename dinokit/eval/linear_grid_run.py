@@ -161,7 +161,9 @@ class GridRun:
         self.grid = LinearGrid(specs, data.k, data.dim, len(data.classes)).to(device)
         self.optimizer = grid_optimizer(self.grid, self.scale, cfg.momentum, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, self.total, eta_min=0)
-        self.start_epoch, self.history, self.scores, self.signum = 0, [], None, 0
+        self.start_epoch, self.signum = 0, 0
+        self.history: list[dict] = []
+        self.scores: list[dict[str, float]] | None = None
 
     def maybe_resume(self, progress: Progress) -> None:
         self.run.check_identity(self.identity)
@@ -225,6 +227,8 @@ class GridRun:
 def run_cached(g: GridRun, progress: Progress) -> None:
     """The grid on token vectors computed once: each step a batch of them feeds every head."""
     d, cfg = g.data, g.cfg
+    # the cached path has the token vectors
+    assert d.train_x is not None and d.train_y is not None and d.val_x is not None and d.val_y is not None
     xs, ys = d.train_x.to(g.device), d.train_y.to(g.device)
     xv, yv = d.val_x.to(g.device), d.val_y.to(g.device)
     task = progress.task("linear grid (cached features)", total=(g.run.end(g.epochs) - g.start_epoch) * g.epoch_length)
@@ -239,10 +243,11 @@ def run_cached(g: GridRun, progress: Progress) -> None:
                 break
         if g.signum:
             break
-        counts = None
+        counts: torch.Tensor | None = None
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == g.epochs:
             g.grid.eval()
-            counts = sum(grid_counts(g.grid, xv[s : s + 4096], yv[s : s + 4096]) for s in range(0, len(xv), 4096))
+            parts = [grid_counts(g.grid, xv[s : s + 4096], yv[s : s + 4096]) for s in range(0, len(xv), 4096)]
+            counts = sum(parts[1:], parts[0])
         g.end_epoch(epoch, total / g.epoch_length, counts, d.n_val)
         if g.signum:
             break

@@ -225,8 +225,8 @@ def foreground_split(pca: PCAFit, grids: list[np.ndarray], threshold: float | No
     (objects sit inside photos more than on their edges), and thresholded at ``threshold`` (None:
     Otsu's threshold of all the images' values)."""
     raw = [pca.transform(g.reshape(-1, g.shape[-1]))[:, 0].reshape(g.shape[:2]) for g in grids]
-    border = np.concatenate([r[border_mask(*r.shape)] for r in raw])
-    inner = np.concatenate([r[~border_mask(*r.shape)] for r in raw])
+    border = np.concatenate([r[border_mask(g.shape[0], g.shape[1])] for r, g in zip(raw, grids)])
+    inner = np.concatenate([r[~border_mask(g.shape[0], g.shape[1])] for r, g in zip(raw, grids)])
     flipped = bool(inner.size) and float(border.mean()) > float(inner.mean())
     if flipped:
         raw = [-r for r in raw]
@@ -244,6 +244,7 @@ def pca_colours(pca: PCAFit, grids: list[np.ndarray], masks: list[np.ndarray] | 
     """Each grid's first three components as RGB in [0, 1] (masked patches 0), every component scaled
     by the same two percentiles of the ``fitted`` rows for every image. Returns the colours and the
     per-component values that map to 0 and 1."""
+    assert fitted is not None, "pca_colours needs the rows the colours are scaled by"
     ref = pca.transform(fitted)[:, :3]
     lo, hi = np.percentile(ref, COLOUR_PERCENTILES, axis=0)
     span = np.where(hi > lo, hi - lo, 1.0)
@@ -390,7 +391,7 @@ def resize_width(picture: np.ndarray, width: int) -> np.ndarray:
     if w == width:
         return picture
     height = max(1, round(h * width / w))
-    return np.asarray(Image.fromarray(picture).resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(picture).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def overview(panels: list[np.ndarray], k: int, width: int = 1200) -> np.ndarray:

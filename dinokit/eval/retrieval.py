@@ -396,11 +396,11 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
     )
     db = embedder.embed(db_paths, f"{cfg.dataset}-database", "database",
                         dataset=RetrievalImages(db_paths, cfg.image_size, strict=cfg.strict,
-                                                exact_decode=cfg.exact_decode, norm=backbone.model.normalization))
+                                                exact_decode=cfg.exact_decode, norm=backbone.normalization))
     boxes = gt.bbx if cfg.crop_queries else None
     qs = embedder.embed(q_paths, f"{cfg.dataset}-queries", "queries",
                         dataset=RetrievalImages(q_paths, cfg.image_size, boxes, cfg.strict,
-                                                              norm=backbone.model.normalization), extra_key=repr(boxes))
+                                                              norm=backbone.normalization), extra_key=repr(boxes))
     unreadable = {"database": db.n_unreadable, "queries": qs.n_unreadable}
     if not bool(qs.kept.any()):
         raise DataError(f"None of the {gt.n_queries} query images in {jpg} could be read.")
@@ -427,4 +427,4 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
         maps[proto] = 100.0 * m
         mps[proto] = {str(k): 100.0 * v for k, v in zip(KAPPAS, pr)}
     return RetrievalResult(cfg.dataset, maps, mps, int(len(q_ids)), int(len(db_ids)), unreadable,
-                           "box" if cfg.crop_queries else "whole image", backbone.model.normalization.record())
+                           "box" if cfg.crop_queries else "whole image", backbone.normalization.record())

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import DinokitError
 from ..models.registry import is_vit
+from ..models.vit import VisionTransformer
 
 DROPOUT = 0.1
 WARMUP_RATIO = 1e-6
@@ -46,8 +47,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         n = stats[2 * c]
         mean = stats[:c] / n
         var = stats[c : 2 * c] / n - mean * mean
+        # track_running_stats (the default): the running statistics exist
+        assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
         with torch.no_grad():
             m = self.momentum
+            assert m is not None  # a momentum (0.1 by default), not BatchNorm's cumulative average
             self.running_mean.mul_(1 - m).add_(mean.detach() * m)
             self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)) * m)
             self.num_batches_tracked += 1
@@ -68,6 +72,7 @@ class SegmentationHead(nn.Module):
         self.bn = GlobalBatchNorm2d(self.in_channels)
         self.conv = nn.Conv2d(self.in_channels, self.num_classes, kernel_size=1)
         nn.init.normal_(self.conv.weight, mean=0.0, std=0.01)
+        assert self.conv.bias is not None  # a Conv2d has a bias by default
         nn.init.constant_(self.conv.bias, 0.0)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,12 +86,14 @@ def dropout_keep(generator: torch.Generator, channels: int, p: float = DROPOUT) 
     return (torch.rand(channels, generator=generator) >= p).float() / (1.0 - p)
 
 
-def check_backbone(model: nn.Module) -> None:
+def check_backbone(model: nn.Module) -> VisionTransformer:
+    """``model``, refused unless it is a ViT."""
     if not is_vit(model):
         raise DinokitError("dinokit segment trains on the patch tokens of a ViT; this backbone is not one.")
+    return model
 
 
-def patch_features(model: nn.Module, x: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+def patch_features(model: VisionTransformer, x: torch.Tensor, blocks: int = 1) -> torch.Tensor:
     """The patch tokens of the last ``blocks`` blocks after the final norm, concatenated over the
     channels: (B, blocks * D, H/p, W/p). CLS, register and storage tokens are left out."""
     p = model.patch_size
@@ -108,7 +115,7 @@ def warmup_cosine_lr(step: int, total: int, warmup: int, base_lr: float, warmup_
 
 
 @torch.no_grad()
-def window_logits(model: nn.Module, head: SegmentationHead, crop: torch.Tensor, blocks: int,
+def window_logits(model: VisionTransformer, head: SegmentationHead, crop: torch.Tensor, blocks: int,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """The head's logits for one window (B, 3, h, w), upsampled to the window: (B, K, h, w) fp32."""
     from ..runtime import autocast
@@ -131,7 +138,7 @@ def window_starts(length: int, crop: int, stride: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def slide_logits(model: nn.Module, head: SegmentationHead, image: torch.Tensor, crop: int, stride: int,
+def slide_logits(model: VisionTransformer, head: SegmentationHead, image: torch.Tensor, crop: int, stride: int,
                  blocks: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sliding-window logits of one image (1, 3, H, W): (1, K, H, W), the average over the windows
     covering each pixel. A side shorter than ``crop`` is one window of its own length; an image
@@ -151,7 +158,7 @@ def slide_logits(model: nn.Module, head: SegmentationHead, image: torch.Tensor, 
 
 
 @torch.no_grad()
-def predict_labels(model: nn.Module, head: SegmentationHead, image: torch.Tensor, out_size: tuple[int, int],
+def predict_labels(model: VisionTransformer, head: SegmentationHead, image: torch.Tensor, out_size: tuple[int, int],
                    crop: int, stride: int, blocks: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The predicted class of every pixel at ``out_size`` (H, W): sliding-window logits upsampled
     bilinearly to the labels' size, then the arg max; (H, W) int64."""

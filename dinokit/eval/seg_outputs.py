@@ -68,10 +68,10 @@ def comparison_picture(image: np.ndarray, truth: np.ndarray | None, pred: np.nda
     h, w = pred.shape
     scale = min(1.0, tile_width / w) if w > tile_width else max(1.0, min(3.0, 160 / w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    photo = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    photo = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
     def lab(x):
-        return np.asarray(Image.fromarray(colourise(x)).resize(size, Image.NEAREST))
+        return np.asarray(Image.fromarray(colourise(x)).resize(size, Image.Resampling.NEAREST))
 
     tiles = [_captioned(photo, "image")]
     if truth is not None:

@@ -67,8 +67,8 @@ def predict_images(cfg: PredictConfig, progress: Progress = NULL_PROGRESS) -> Pr
     backbone = prepare_backbone(BackboneOptions(weights=weights, arch=arch, patch_size=patch,
                                                 checkpoint_key=cfg.checkpoint_key, model_kwargs=cfg.model_kwargs),
                                 cfg)  # fmt: skip
-    check_backbone(backbone.model)
-    mine = backbone_fingerprint(backbone.model, weights)
+    model = check_backbone(backbone.model)
+    mine = backbone_fingerprint(model, weights)
     if mine["state"] != theirs["state"]:
         raise CheckpointError(
             f"{cfg.head} was trained on another backbone ({theirs['arch']} from {theirs['weights']}) than --weights "
@@ -93,7 +93,7 @@ def predict_images(cfg: PredictConfig, progress: Progress = NULL_PROGRESS) -> Pr
             continue
         w, h = decoded.image.size
         x = eval_input(decoded.image, size, norm)[None].to(device)
-        pred = predict_labels(backbone.model, head, x, (h, w), size, stride, blocks, dtype).numpy()
+        pred = predict_labels(model, head, x, (h, w), size, stride, blocks, dtype).numpy()
         stem = path.stem if sum(p.stem == path.stem for p in paths) == 1 else f"{path.stem}_{i}"
         save_label_png(pred, cfg.output / f"{stem}.png")
         photo = np.asarray(decoded.image)

@@ -36,6 +36,7 @@ from ..data.segmentation import SegSplit, load_splits
 from ..errors import DinokitError
 from ..io import append_jsonl
 from ..models.registry import backbone_arch
+from ..models.vit import VisionTransformer
 from ..progress import NULL_PROGRESS, Progress
 from ..run import RunKind, RunOptions, TrainingRun
 from ..runtime import (
@@ -134,7 +135,7 @@ def normalization_of(model: torch.nn.Module) -> Normalization:
     return norm if isinstance(norm, Normalization) else IMAGENET
 
 
-def backbone_fingerprint(model: torch.nn.Module, weights: str | None) -> dict[str, Any]:
+def backbone_fingerprint(model: VisionTransformer, weights: str | None) -> dict[str, Any]:
     """What a head.pth says of the backbone it was trained on (the state's hash decides)."""
     return {"state": state_dict_fingerprint(model.state_dict()), "arch": backbone_arch(model),
             "patch_size": int(model.patch_size), "embed_dim": int(model.embed_dim), "weights": str(weights)}  # fmt: skip
@@ -226,6 +227,7 @@ class _Trainer:
         (loss_sum / tally[1].clamp(min=1).float()).backward()  # the mean over the whole batch's labelled pixels
         if is_dist():
             for p in self.head.parameters():
+                assert p.grad is not None  # every parameter of the head takes part in the loss
                 p.grad = _all_reduce(p.grad, self.device)
         self.opt.step()
         return float(tally[0] / tally[1].clamp(min=1))
@@ -288,7 +290,7 @@ def evaluate(cfg: SegmentConfig, split: SegSplit, model, head: SegmentationHead,
             continue
         labels = torch.from_numpy(split.read_labels(sample))
         x = eval_input(decoded.image, cfg.image_size, normalization_of(model))[None].to(device)
-        pred = predict_labels(model, head, x, tuple(labels.shape), cfg.image_size, cfg.stride, cfg.blocks, dtype)
+        pred = predict_labels(model, head, x, (labels.shape[0], labels.shape[1]), cfg.image_size, cfg.stride, cfg.blocks, dtype)
         scores.add(pred, labels)
         if write:
             save_label_png(pred.numpy(), cfg.output / "predictions" / f"{sample.stem}.png")
@@ -346,8 +348,9 @@ def run_segmentation(cfg: SegmentConfig, progress: Progress = NULL_PROGRESS,
             train_split, val_split, backbone = _inputs(cfg, progress)
         device = backbone.device
         run.plan_threads(cfg.threads, cfg.num_workers)
-        fingerprint = backbone_fingerprint(backbone.model, cfg.weights)
-        channels = cfg.blocks * backbone.model.embed_dim
+        vit = check_backbone(backbone.model)  # checked by _inputs
+        fingerprint = backbone_fingerprint(vit, cfg.weights)
+        channels = cfg.blocks * vit.embed_dim
         run.check_identity(_identity(cfg, fingerprint, train_split, run.env.world_size))
         run.write_config(cfg.to_dict())
         model, dtype = backbone.for_inference()
@@ -385,9 +388,9 @@ def _inputs(cfg: SegmentConfig, progress: Progress):
         raise DinokitError("Give --data, the folder of the data set (see --dataset for the layouts).")
     train_split, val_split = load_splits(cfg.data, cfg.dataset, cfg.ignore_index, cfg.strict, progress)
     backbone = prepare_backbone(cfg, training=True, missing=weights_needed("for the backbone to probe"))
-    check_backbone(backbone.model)
-    if cfg.blocks > len(backbone.model.blocks):
-        raise DinokitError(f"--blocks {cfg.blocks} asks for more blocks than the backbone's {len(backbone.model.blocks)}.")
+    vit = check_backbone(backbone.model)
+    if cfg.blocks > len(vit.blocks):
+        raise DinokitError(f"--blocks {cfg.blocks} asks for more blocks than the backbone's {len(vit.blocks)}.")
     for p in backbone.model.parameters():
         p.requires_grad_(False)
     return train_split, val_split, backbone

@@ -148,7 +148,7 @@ def find_similar(cfg: SimilarConfig, progress: Progress = NULL_PROGRESS) -> Simi
     if not dist_env().is_main:
         return SimilarResult([], cfg.k, 0, 0, n_new, reused, 0)
     whitening = None
-    if white_paths:
+    if white_paths and cfg.whitening is not None:  # the images of the folder
         whitening = whitening_from(embedder.embed(white_paths, "whitening"), cfg.whitening)
 
     ok_q = [p for p, r in zip(paths_q, store.readable(paths_q)) if r]

@@ -124,14 +124,19 @@ class EmbeddingStore:
     def add(self, paths: Sequence[str | os.PathLike], features: np.ndarray, kept: np.ndarray) -> None:
         """Append one chunk: descriptors of the readable ``paths`` and marks for the unreadable ones."""
         ids = self._chunk_ids()
-        seq = int(_CHUNK.fullmatch(ids[-1] + ".json").group(1)) + 1 if ids else 0
+        seq = 0
+        if ids:
+            last = _CHUNK.fullmatch(ids[-1] + ".json")
+            assert last is not None  # _chunk_ids lists the names that match
+            seq = int(last.group(1)) + 1
         cid = f"emb-{seq:05d}-{self._token}"
         feats = np.ascontiguousarray(features[kept], dtype=np.float32)
         if self.dim is None and feats.size:
             self.dim = int(feats.shape[1])
             write_json(self.folder / "manifest.json",
                        {"format": INDEX_FORMAT, "fingerprint": self.fingerprint, "dim": self.dim})
-        rows, r = [], 0
+        rows: list[list[Any]] = []
+        r = 0
         for p, k in zip(paths, kept.tolist()):
             size, mtime = file_stamp(p)
             rows.append([self.key(p), size, mtime, r if k else -1])
@@ -157,6 +162,7 @@ class EmbeddingStore:
         locs = [self.entries[self.key(p)] for p in paths]
         by_chunk: dict[str, list[tuple[int, int]]] = {}
         for i, (_, _, cid, row) in enumerate(locs):
+            assert cid is not None, "read() takes readable paths"
             by_chunk.setdefault(cid, []).append((i, row))
         for cid, items in by_chunk.items():
             dst = np.fromiter((i for i, _ in items), dtype=np.int64, count=len(items))
@@ -269,7 +275,7 @@ def embed_for_search(cfg, paths: Sequence[Path], progress: Progress = NULL_PROGR
     backbone = prepare_backbone(cfg)
     init_distributed(backbone.device)
     embedder = DescriptorEmbedder(
-        backbone.model, cfg.weights, copy_transform(cfg.image_size, backbone.model.normalization), copy_feature_fn(), f"cls+gem(p={GEM_P:g})",
+        backbone.model, cfg.weights, copy_transform(cfg.image_size, backbone.normalization), copy_feature_fn(), f"cls+gem(p={GEM_P:g})",
         backbone.device, backbone.dtype, cfg.batch_size, cfg.num_workers, Path(cfg.output) / "cache",
         cfg.checkpoint_key, cfg.seed, progress, strict=cfg.strict, exact_decode=cfg.exact_decode,
     )

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import FINETUNE_CHECKPOINT_FORMAT, load_backbone
-from ..checkpoints.backbone import given_normalization
+from ..checkpoints.backbone import backbone_normalization, given_normalization
 from ..data.images import ImageDataset
 from ..data.normalization import IMAGENET, Normalization
 from ..data.splits import SeededImages, Splits
@@ -163,7 +163,7 @@ def build_model(cfg: FinetuneConfig, resume_state: dict | None, num_classes: int
         spec = backbone_spec(backbone, cfg.drop_path)
         # the input normalisation belongs to the weights (--mean/--std on top); kept with the spec, so
         # that a resumed run and the model.pth it writes use the same
-        spec["normalization"] = given_normalization(backbone.normalization, cfg.mean, cfg.std).record()
+        spec["normalization"] = given_normalization(backbone_normalization(backbone), cfg.mean, cfg.std).record()
         if not is_vit(backbone) and cfg.drop_path:
             log.info("drop path applies to ViT backbones only; the ResNet-50 trains without it.")
     return FinetuneModel(backbone, num_classes), spec
