@@ -64,7 +64,11 @@ def outputs(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
         cls.append(model(b).float())
         desc.append(copy_descriptor(model, b).float())
         attn.append(model.get_cls_attention(b).float() if hasattr(model, "get_cls_attention") else None)
-    return {"cls": torch.cat(cls), "desc": torch.cat(desc), "attn": torch.cat(attn) if attn[0] is not None else None}
+    return {
+        "cls": torch.cat(cls),
+        "desc": torch.cat(desc),
+        "attn": torch.cat(attn) if attn[0] is not None else None,
+    }
 
 
 def compare(a: dict, b: dict) -> dict[str, float]:
@@ -77,10 +81,14 @@ def compare(a: dict, b: dict) -> dict[str, float]:
         s.fill_diagonal_(-2)
         return s.argmax(dim=1)
 
-    out = {"cls_cos_min": float(cos.min()), "cls_cos_p1": float(torch.quantile(cos, 0.01)),
-           "cls_cos_mean": float(cos.mean()), "desc_cos_min": float(dcos.min()),
-           "same_nearest_cls": float((nearest(a["cls"]) == nearest(b["cls"])).float().mean()),
-           "same_nearest_desc": float((nearest(a["desc"]) == nearest(b["desc"])).float().mean())}
+    out = {
+        "cls_cos_min": float(cos.min()),
+        "cls_cos_p1": float(torch.quantile(cos, 0.01)),
+        "cls_cos_mean": float(cos.mean()),
+        "desc_cos_min": float(dcos.min()),
+        "same_nearest_cls": float((nearest(a["cls"]) == nearest(b["cls"])).float().mean()),
+        "same_nearest_desc": float((nearest(a["desc"]) == nearest(b["desc"])).float().mean()),
+    }
     if a["attn"] is not None:
         ma, mb = mass_threshold(a["attn"], 0.6), mass_threshold(b["attn"], 0.6)
         inter = (ma & mb).sum(-1).float()
@@ -97,8 +105,10 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp") / "dinokit-photos-bench")
     args = ap.parse_args()
     info = describe_runtime()
-    print(f"processor: {info['cpu']} ({info['cpu_count']} cores, {info['cpu_capability']}, native bf16: "
-          f"{info['cpu_native_bf16']}), {torch.get_num_threads()} threads; load {os.getloadavg()}")
+    print(
+        f"processor: {info['cpu']} ({info['cpu_count']} cores, {info['cpu_capability']}, native bf16: "
+        f"{info['cpu_native_bf16']}), {torch.get_num_threads()} threads; load {os.getloadavg()}"
+    )
     x = photos(args.work)
     print(f"{len(x)} photos at 224 px (72 of 500x375, 24 phone JPEGs, 6 of them EXIF-rotated)")
     backbones = [("random vit_small/16", "random", "vit_small"), ("random vit_base/16", "random", "vit_base")]

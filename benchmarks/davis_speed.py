@@ -48,7 +48,9 @@ from dinokit.eval.propagation import PropagationConfig
 from dinokit.runtime import resolve_device
 
 
-def make_video(root: Path, n_frames: int, height: int = 480, width: int = 854, seed: int = 0) -> VideoSequence:
+def make_video(
+    root: Path, n_frames: int, height: int = 480, width: int = 854, seed: int = 0
+) -> VideoSequence:
     """Three textured ellipses drifting over a smooth random background, with exact masks."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
@@ -108,7 +110,9 @@ def per_frame_dense(model, seq: VideoSequence, out_dir: Path, cfg: PropagationCo
     r = cfg.neighborhood
     ii = torch.arange(h, device=device).repeat_interleave(w)
     jj = torch.arange(w, device=device).repeat(h)
-    window = (((ii[:, None] - ii[None]).abs() <= r) & ((jj[:, None] - jj[None]).abs() <= r)).float()  # (hw, hw)
+    window = (
+        ((ii[:, None] - ii[None]).abs() <= r) & ((jj[:, None] - jj[None]).abs() <= r)
+    ).float()  # (hw, hw)
     queue: list = []
     for t in range(1, len(seq.frames)):
         tar = feature(t)
@@ -159,11 +163,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch-size", type=int, default=0, help="frames per feature batch (0 = auto, as dinokit davis)")
+    ap.add_argument(
+        "--batch-size", type=int, default=0, help="frames per feature batch (0 = auto, as dinokit davis)"
+    )
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--memory", action="store_true", help="also the whole-video peak memory at patch 8")
-    ap.add_argument("--reference-attention", action="store_true",
-                    help="also time the per-frame formulation with explicit attention, as the reference's model")
+    ap.add_argument(
+        "--reference-attention",
+        action="store_true",
+        help="also time the per-frame formulation with explicit attention, as the reference's model",
+    )
     ap.add_argument("--memory-frames", type=int, default=10)
     ap.add_argument("--_memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -175,7 +184,9 @@ def main() -> None:
     model = dinokit.build_backbone("vit_small", 16).eval().to(device)
     cfg = PropagationConfig()
     n = args.frames
-    print(f"device {device}, vit_small/16, {n} frames of 854x480 (-> 832x480), torch threads {torch.get_num_threads()}")
+    print(
+        f"device {device}, vit_small/16, {n} frames of 854x480 (-> 832x480), torch threads {torch.get_num_threads()}"
+    )
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -207,7 +218,9 @@ def main() -> None:
                 for f in sorted((tmp / "dense").glob("*.png"))
             ])  # fmt: skip
             print(f"{name}: {100 * differ:.3f}% of mask pixels differ from the per-frame dense formulation")
-    print(f"\n{'seconds per frame':<24}{'features':>10}{'propagation':>13}{'io/wait':>10}{'total':>10}{'prop %':>8}")
+    print(
+        f"\n{'seconds per frame':<24}{'features':>10}{'propagation':>13}{'io/wait':>10}{'total':>10}{'prop %':>8}"
+    )
     for name, r in rows.items():
         print(
             f"{name:<24}{r['features'] / n:>10.4f}{r['propagation'] / n:>13.4f}{r['io'] / n:>10.4f}"
@@ -215,15 +228,23 @@ def main() -> None:
         )
     b = rows["per-frame dense, fp32"]["total"]
     for name in ("dinokit, fp32", "dinokit, bf16"):
-        print(f"end to end speed-up of {name} over the per-frame dense formulation: {b / rows[name]['total']:.2f}x")
+        print(
+            f"end to end speed-up of {name} over the per-frame dense formulation: {b / rows[name]['total']:.2f}x"
+        )
         if args.reference_attention:
             r = rows["  same, explicit attn"]["total"]
-            print(f"  ... and over it with the reference's explicit attention: {r / rows[name]['total']:.2f}x")
+            print(
+                f"  ... and over it with the reference's explicit attention: {r / rows[name]['total']:.2f}x"
+            )
     bf = rows["dinokit, bf16"]
     share = bf["propagation"] / bf["total"]
     speed = b / bf["total"]
-    print(f"goal: propagation < 10% of total (bf16): {100 * share:.1f}% -> {'met' if share < 0.10 else 'NOT met'}")
-    print(f"goal: end to end >= 2.5x with bf16: {speed:.2f}x -> {'met' if speed >= 2.5 else 'NOT met'} (aim 3x)")
+    print(
+        f"goal: propagation < 10% of total (bf16): {100 * share:.1f}% -> {'met' if share < 0.10 else 'NOT met'}"
+    )
+    print(
+        f"goal: end to end >= 2.5x with bf16: {speed:.2f}x -> {'met' if speed >= 2.5 else 'NOT met'} (aim 3x)"
+    )
     if args.memory:
         cmd = [sys.executable, __file__, "--_memory-child", "--memory-frames", str(args.memory_frames),
                "--device", args.device]  # fmt: skip

@@ -78,9 +78,18 @@ def run_one(args) -> dict:
     train, train_labels, test, test_labels = (t.to(device) for t in (train, train_labels, test, test_labels))
     ks = tuple(int(k) for k in args.ks.split(","))
     # warm-up (BLAS and allocator set-up) on a small slice, outside the measurement
-    knn_classify(train[:1000], train_labels[:1000], test[:10], test_labels[:10], ks=(10,), num_classes=args.classes)
-    per_k_loop(train[:1000], train_labels[:1000], test[:10], test_labels[:10], (10,), num_classes=args.classes,
-               num_chunks=1)
+    knn_classify(
+        train[:1000], train_labels[:1000], test[:10], test_labels[:10], ks=(10,), num_classes=args.classes
+    )
+    per_k_loop(
+        train[:1000],
+        train_labels[:1000],
+        test[:10],
+        test_labels[:10],
+        (10,),
+        num_classes=args.classes,
+        num_chunks=1,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -124,16 +133,20 @@ def main() -> int:
         results[method] = json.loads(out.stdout.strip().splitlines()[-1])
     a, b = results["per_k_loop"], results["knn_classify"]
     where = "GPU memory" if args.device.startswith("cuda") else "resident memory"
-    print(f"{args.train} x {args.dim} train, {args.test} queries, {args.classes} classes, k = {args.ks}, "
-          f"device {args.device}, threads {args.threads or torch.get_num_threads()}")
+    print(
+        f"{args.train} x {args.dim} train, {args.test} queries, {args.classes} classes, k = {args.ks}, "
+        f"device {args.device}, threads {args.threads or torch.get_num_threads()}"
+    )
     print(f"{'method':<14} {'seconds':>9} {'peak ' + where + ' above inputs':>36}   top-1 / top-5 per k")
     for name, r in (("per-k loop", a), ("knn_classify", b)):
         accs = "  ".join(f"{k}: {t1:.2f}/{t5:.2f}" for k, (t1, t5) in r["acc"].items())
         print(f"{name:<14} {r['seconds']:9.2f} {r['peak_bytes'] / 2**20:33.0f} MiB   {accs}")
     ratio = a["seconds"] / b["seconds"]
     same = a["acc"] == b["acc"]
-    print(f"speed-up: {ratio:.2f}x (goal >= 3.5x: {'met' if ratio >= 3.5 else 'NOT met'}); "
-          f"accuracies identical: {same}")
+    print(
+        f"speed-up: {ratio:.2f}x (goal >= 3.5x: {'met' if ratio >= 3.5 else 'NOT met'}); "
+        f"accuracies identical: {same}"
+    )
     return 0 if same else 1
 
 

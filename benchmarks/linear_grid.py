@@ -66,7 +66,9 @@ def main() -> None:
         q.requires_grad_(False)
     dim = model.embed_dim
     grid = LinearGrid(protocol_heads("dinov2"), 4, dim, args.classes).to(device)
-    one = LinearGrid(protocol_heads("dinov2", lrs=(1e-3,), blocks=(4,), avgpool=(True,)), 4, dim, args.classes).to(device)
+    one = LinearGrid(
+        protocol_heads("dinov2", lrs=(1e-3,), blocks=(4,), avgpool=(True,)), 4, dim, args.classes
+    ).to(device)
     steps = {"grid": make_step(grid, args.batch), "one head": make_step(one, args.batch)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -104,7 +106,11 @@ def main() -> None:
                 times[f"cached features / {name}"].append(t)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     info = describe_runtime()
-    where = info["cuda_devices"][0]["name"] if device.type == "cuda" else f"{info['cpu']}, {torch.get_num_threads()} threads"
+    where = (
+        info["cuda_devices"][0]["name"]
+        if device.type == "cuda"
+        else f"{info['cpu']}, {torch.get_num_threads()} threads"
+    )
     result = {
         "processor": where,
         "arch": args.arch, "batch": args.batch, "image_size": args.image_size, "classes": args.classes,
@@ -114,11 +120,13 @@ def main() -> None:
         "cached_grid_over_one_head": round(med["cached features / grid"] / med["cached features / one head"], 2),
     }  # fmt: skip
     print(json.dumps(result, indent=1))
-    print(f"{where}: one step of the {len(grid.heads)}-head grid costs {result['grid_over_one_head']:.2f}x one head "
-          f"({med['images / grid']:.3f} s vs {med['images / one head']:.3f} s, {args.arch}, batch {args.batch}, "
-          f"{args.image_size}px; goal <= 1.3x). On cached features, without the backbone: "
-          f"{result['cached_grid_over_one_head']:.1f}x ({med['cached features / grid'] * 1e3:.1f} ms vs "
-          f"{med['cached features / one head'] * 1e3:.1f} ms).")
+    print(
+        f"{where}: one step of the {len(grid.heads)}-head grid costs {result['grid_over_one_head']:.2f}x one head "
+        f"({med['images / grid']:.3f} s vs {med['images / one head']:.3f} s, {args.arch}, batch {args.batch}, "
+        f"{args.image_size}px; goal <= 1.3x). On cached features, without the backbone: "
+        f"{result['cached_grid_over_one_head']:.1f}x ({med['cached features / grid'] * 1e3:.1f} ms vs "
+        f"{med['cached features / one head'] * 1e3:.1f} ms)."
+    )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,10 @@ def main() -> int:
         c_red = statistics.mean(cost(lambda p=p: read_image(p, need))[0] for p in paths)
         r_full = statistics.mean(cost(lambda i=i: tf(i))[0] for i in full)
         r_red = statistics.mean(cost(lambda i=i: tf(i))[0] for i in reduced)
-        print(f"{folder.name}: decode in full {1000 * c_full:.0f}, reduced {1000 * c_red:.0f}; transform from the "
-              f"full picture {1000 * r_full:.0f}, from the reduced one {1000 * r_red:.0f} (CPU ms per image)")
+        print(
+            f"{folder.name}: decode in full {1000 * c_full:.0f}, reduced {1000 * c_red:.0f}; transform from the "
+            f"full picture {1000 * r_full:.0f}, from the reduced one {1000 * r_red:.0f} (CPU ms per image)"
+        )
     x = torch.randn(16, 3, 224, 224)
     torch.manual_seed(0)
     ours = build_backbone("vit_small", 16).eval()
@@ -60,12 +62,18 @@ def main() -> int:
             return theirs(x)
 
     with torch.inference_mode():
-        for label, f in (("dinokit fp32", lambda: ours(x)), ("dinokit bf16 (weights cast once)", lambda: ours16(x)),
-                         ("timm fp32", lambda: theirs(x)), ("timm bf16 autocast", autocast_timm)):
+        for label, f in (
+            ("dinokit fp32", lambda: ours(x)),
+            ("dinokit bf16 (weights cast once)", lambda: ours16(x)),
+            ("timm fp32", lambda: theirs(x)),
+            ("timm bf16 autocast", autocast_timm),
+        ):
             f()
             runs = [cost(f) for _ in range(3)]
-            print(f"{label}: {1000 * min(c for c, _ in runs) / 16:.0f} CPU ms, {1000 * min(w for _, w in runs) / 16:.0f} "
-                  f"wall ms per image (best of 3, {torch.get_num_threads()} threads)")
+            print(
+                f"{label}: {1000 * min(c for c, _ in runs) / 16:.0f} CPU ms, {1000 * min(w for _, w in runs) / 16:.0f} "
+                f"wall ms per image (best of 3, {torch.get_num_threads()} threads)"
+            )
     print("load", os.getloadavg())
     return 0
 

@@ -41,8 +41,20 @@ import torch
 from PIL import Image
 
 #: colour photographs bundled with scikit-image (no download); the grey ones are turned into RGB
-SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field", "retina",
-           "immunohistochemistry", "camera", "coins", "clock", "moon")
+SOURCES = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "stereo_motorcycle",
+    "hubble_deep_field",
+    "retina",
+    "immunohistochemistry",
+    "camera",
+    "coins",
+    "clock",
+    "moon",
+)
 PHONE = (4032, 3024)
 SMALL = (500, 375)
 
@@ -62,8 +74,9 @@ def source_photos() -> list[np.ndarray]:
     return out
 
 
-def make_photos(folder: str | Path, n: int, size: tuple[int, int], exif_every: int = 0, seed: int = 0,
-                quality: int = 90) -> list[Path]:
+def make_photos(
+    folder: str | Path, n: int, size: tuple[int, int], exif_every: int = 0, seed: int = 0, quality: int = 90
+) -> list[Path]:
     """``n`` JPEGs of ``size`` (width, height, as viewed landscape) in ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,7 +110,7 @@ def make_photos(folder: str | Path, n: int, size: tuple[int, int], exif_every: i
 # ---------------------------------------------------------------------------------------------
 # The script a user writes: timm's ViT-S/16, PIL, torchvision's evaluation transform
 # ---------------------------------------------------------------------------------------------
-TIMM_SCRIPT = r'''
+TIMM_SCRIPT = r"""
 import sys, pathlib, torch, timm
 from PIL import Image
 from torchvision import transforms as T
@@ -112,7 +125,7 @@ with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled
         x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[i : i + batch]])
         feats.append(model(x).float())
 torch.save({"paths": [str(p) for p in paths], "features": torch.cat(feats)}, out)
-'''
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +133,25 @@ torch.save({"paths": [str(p) for p in paths], "features": torch.cat(feats)}, out
 # ---------------------------------------------------------------------------------------------
 def dinokit_cmd(folder: Path, out: Path, batch: int, *extra: str) -> list[str]:
     exe = Path(sys.executable).with_name("dinokit")
-    return [str(exe), "features", "--weights", "random", "--arch", "vit_small", "--patch-size", "16",
-            "--data", str(folder), "--output", str(out), "--batch-size", str(batch), "--quiet", "--overwrite", *extra]
+    return [
+        str(exe),
+        "features",
+        "--weights",
+        "random",
+        "--arch",
+        "vit_small",
+        "--patch-size",
+        "16",
+        "--data",
+        str(folder),
+        "--output",
+        str(out),
+        "--batch-size",
+        str(batch),
+        "--quiet",
+        "--overwrite",
+        *extra,
+    ]
 
 
 def configs(folder: Path, work: Path, batch: int) -> dict[str, list[str]]:
@@ -130,12 +160,20 @@ def configs(folder: Path, work: Path, batch: int) -> dict[str, list[str]]:
     py = sys.executable
     return {
         "timm+PIL fp32": [py, str(script), str(folder), str(work / "timm32.pt"), "fp32", str(batch)],
-        "timm+PIL bf16 (autocast)": [py, str(script), str(folder), str(work / "timm16.pt"), "bf16", str(batch)],
+        "timm+PIL bf16 (autocast)": [
+            py,
+            str(script),
+            str(folder),
+            str(work / "timm16.pt"),
+            "bf16",
+            str(batch),
+        ],
         "dinokit features (defaults)": dinokit_cmd(folder, work / "dk.pt", batch),
         "dinokit --precision fp32": dinokit_cmd(folder, work / "dk32.pt", batch, "--precision", "fp32"),
         "dinokit --precision bf16": dinokit_cmd(folder, work / "dk16.pt", batch, "--precision", "bf16"),
-        "dinokit fp32 --exact-decode": dinokit_cmd(folder, work / "dk32x.pt", batch, "--precision", "fp32",
-                                                   "--exact-decode"),
+        "dinokit fp32 --exact-decode": dinokit_cmd(
+            folder, work / "dk32x.pt", batch, "--precision", "fp32", "--exact-decode"
+        ),
     }
 
 
@@ -165,24 +203,41 @@ def bench(name: str, folder: Path, work: Path, rounds: int, batch: int, n: int) 
             wall, used = timed(cmds[k])
             times[k].append(wall)
             cpu[k].append(used)
-            print(f"  {name} round {r + 1}: {k:30s} {wall:7.1f} s, {used:7.1f} CPU s, load {os.getloadavg()[0]:.1f}",
-                  flush=True)
+            print(
+                f"  {name} round {r + 1}: {k:30s} {wall:7.1f} s, {used:7.1f} CPU s, load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     cos = torch.nn.functional.cosine_similarity(features_of(work / "dk32.pt"), features_of(work / "dk32x.pt"))
-    cos_default = torch.nn.functional.cosine_similarity(features_of(work / "dk.pt"), features_of(work / "dk32x.pt"))
+    cos_default = torch.nn.functional.cosine_similarity(
+        features_of(work / "dk.pt"), features_of(work / "dk32x.pt")
+    )
     print(f"\n{name}: {n} images, batch {batch}, median of {rounds} rounds (whole processes)")
     t32, t16 = "timm+PIL fp32", "timm+PIL bf16 (autocast)"
     for k in names:
-        print(f"  {k:30s} {med[k]:7.1f} s  {1000 * med[k] / n:7.1f} ms/image  {med[t32] / med[k]:5.2f}x timm fp32  "
-              f"{med[t16] / med[k]:5.2f}x timm bf16 | CPU {med_cpu[k]:7.1f} s  {med_cpu[t32] / med_cpu[k]:5.2f}x  "
-              f"{med_cpu[t16] / med_cpu[k]:5.2f}x")
-    print(f"  cosine of dinokit fp32 (reduced decode) to its --exact-decode features: min {cos.min():.6f} "
-          f"mean {cos.mean():.6f}")
-    print(f"  cosine of dinokit at its defaults to fp32 --exact-decode: min {cos_default.min():.6f} "
-          f"mean {cos_default.mean():.6f}")
-    return {"images": n, "times": times, "cpu_times": cpu, "median": med, "median_cpu": med_cpu, "cosine_reduced_vs_exact_min": float(cos.min()),
-            "cosine_default_vs_exact_fp32_min": float(cos_default.min())}
+        print(
+            f"  {k:30s} {med[k]:7.1f} s  {1000 * med[k] / n:7.1f} ms/image  {med[t32] / med[k]:5.2f}x timm fp32  "
+            f"{med[t16] / med[k]:5.2f}x timm bf16 | CPU {med_cpu[k]:7.1f} s  {med_cpu[t32] / med_cpu[k]:5.2f}x  "
+            f"{med_cpu[t16] / med_cpu[k]:5.2f}x"
+        )
+    print(
+        f"  cosine of dinokit fp32 (reduced decode) to its --exact-decode features: min {cos.min():.6f} "
+        f"mean {cos.mean():.6f}"
+    )
+    print(
+        f"  cosine of dinokit at its defaults to fp32 --exact-decode: min {cos_default.min():.6f} "
+        f"mean {cos_default.mean():.6f}"
+    )
+    return {
+        "images": n,
+        "times": times,
+        "cpu_times": cpu,
+        "median": med,
+        "median_cpu": med_cpu,
+        "cosine_reduced_vs_exact_min": float(cos.min()),
+        "cosine_default_vs_exact_fp32_min": float(cos_default.min()),
+    }
 
 
 def main() -> int:
@@ -190,18 +245,28 @@ def main() -> int:
     ap.add_argument("--phone", type=int, default=48, help="phone-size JPEGs (0: none)")
     ap.add_argument("--small", type=int, default=96, help="500x375 JPEGs (0: none)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=16,
-                    help="images per batch, both sides (16: a 48-photo folder makes three batches, so "
-                    "decoding the next overlaps the model)")
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dinokit-photos-bench",
-                    help="where the pictures are made (kept for a rerun) and the features written")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images per batch, both sides (16: a 48-photo folder makes three batches, so "
+        "decoding the next overlaps the model)",
+    )
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "dinokit-photos-bench",
+        help="where the pictures are made (kept for a rerun) and the features written",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     from dinokit.runtime import describe_runtime
 
     info = describe_runtime()
-    print(f"processor: {info['cpu']} ({info['cpu_count']} cores, {info['cpu_capability']}, native bf16: "
-          f"{info['cpu_native_bf16']}); torch {info['torch']}; load average at start {os.getloadavg()}")
+    print(
+        f"processor: {info['cpu']} ({info['cpu_count']} cores, {info['cpu_capability']}, native bf16: "
+        f"{info['cpu_native_bf16']}); torch {info['torch']}; load average at start {os.getloadavg()}"
+    )
     results = {"processor": info["cpu"], "load_start": os.getloadavg()}
     for name, n, size, exif in (("phone", args.phone, PHONE, 4), ("small", args.small, SMALL, 0)):
         if not n:

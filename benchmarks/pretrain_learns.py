@@ -73,14 +73,18 @@ def knn_top1(model, data: Path, size: int) -> float:
     tf = eval_transform(resize=size, crop=size)
     f_tr, _ = extract_features(model, ImageDataset(train.paths, train.targets, tf), batch_size=64)
     f_va, _ = extract_features(model, ImageDataset(val.paths, val.targets, tf), batch_size=64)
-    res = knn_classify(f_tr, torch.tensor(train.targets), f_va, torch.tensor(val.targets), ks=[20], temperature=0.07)
+    res = knn_classify(
+        f_tr, torch.tensor(train.targets), f_va, torch.tensor(val.targets), ks=[20], temperature=0.07
+    )
     return res[20][0]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", choices=("short", "paper"), default="short")
-    ap.add_argument("--data", type=Path, default=None, help="a labelled train/ + val/ folder (default: generated)")
+    ap.add_argument(
+        "--data", type=Path, default=None, help="a labelled train/ + val/ folder (default: generated)"
+    )
     ap.add_argument("--output", type=Path, default=Path("runs/bench_pretrain_learns"))
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--epochs", type=int, default=30)
@@ -91,7 +95,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=None, help="base lr at batch 256 (default: the recipe's)")
     ap.add_argument("--also", type=Path, default=None, help="another backbone.pth to evaluate the same way")
-    ap.add_argument("--weights", type=Path, default=None, help="evaluate this backbone instead of pretraining one")
+    ap.add_argument(
+        "--weights", type=Path, default=None, help="evaluate this backbone instead of pretraining one"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy shared machine)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--eval-size", type=int, default=None, help="k-NN image size (default: --global-size)")
@@ -103,7 +109,11 @@ def main() -> None:
 
     data = args.data or args.output / f"classify-{args.recipe}-seed{args.seed}"
     if not (data / "train").is_dir():
-        style = ["--style", "simple", "--class-colour", "0.7", "--class-texture", "1.0", "--background", "grey"] if short else []
+        style = (
+            ["--style", "simple", "--class-colour", "0.7", "--class-texture", "1.0", "--background", "grey"]
+            if short
+            else []
+        )
         cmd = [sys.executable, "-m", "dinokit", "synth", "classify", "--output", str(data), "--classes", "10",
                "--per-class", "100", "--image-size", "96", "--seed", str(args.seed), *style]  # fmt: skip
         subprocess.run(cmd, check=True)
@@ -114,16 +124,30 @@ def main() -> None:
     figures: dict = {}
     if args.weights is None:
         cfg = PretrainConfig(
-            data=str(data / "train"), output=str(args.output / "run"), arch="vit_tiny", patch_size=args.patch_size,
-            epochs=args.epochs, batch_size=args.batch_size, global_size=args.global_size,
-            local_size=args.local_size, local_crops=4, precision="auto", num_workers=args.workers, overwrite=True,
-            save_every=0, seed=args.seed, threads=args.threads, **recipe,
+            data=str(data / "train"),
+            output=str(args.output / "run"),
+            arch="vit_tiny",
+            patch_size=args.patch_size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            global_size=args.global_size,
+            local_size=args.local_size,
+            local_crops=4,
+            precision="auto",
+            num_workers=args.workers,
+            overwrite=True,
+            save_every=0,
+            seed=args.seed,
+            threads=args.threads,
+            **recipe,
         )
         t0 = time.perf_counter()
         result = pretrain(cfg, TimeBudget(args.minutes * 60))
         minutes = (time.perf_counter() - t0) / 60
-        print(f"pretrained {result.epochs_done} of {result.epochs} epochs in {minutes:.1f} min "
-              f"({result.precision}, stopped by {result.stopped_by or 'end of schedule'}), last loss {result.loss}")
+        print(
+            f"pretrained {result.epochs_done} of {result.epochs} epochs in {minutes:.1f} min "
+            f"({result.precision}, stopped by {result.stopped_by or 'end of schedule'}), last loss {result.loss}"
+        )
         weights = result.backbone
         figures.update(recipe=args.recipe, seed=args.seed, minutes=minutes, epochs_done=result.epochs_done,
                        precision=result.precision)  # fmt: skip
@@ -140,7 +164,9 @@ def main() -> None:
         figures["also_knn20_top1"] = knn_top1(dinokit.load_backbone(args.also), data, eval_size)
         figures["also"] = str(args.also)
     print(json.dumps(figures, indent=2))
-    print(f"pretrained beats random init: {figures['pretrained_knn20_top1'] > figures['random_init_knn20_top1']}")
+    print(
+        f"pretrained beats random init: {figures['pretrained_knn20_top1'] > figures['random_init_knn20_top1']}"
+    )
 
 
 if __name__ == "__main__":

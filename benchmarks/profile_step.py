@@ -85,8 +85,15 @@ def main() -> None:
         epochs=2,
     )
     # before: autocast casts the weights at each call; after: the bf16 weights cast once per step
-    paths = {"autocast casts": False} if dtype is None else {"autocast casts (before)": False, "cast once (after)": True}
-    states = {name: build_training_state(cfg, torch.device("cpu"), dtype, cast_once=once) for name, once in paths.items()}
+    paths = (
+        {"autocast casts": False}
+        if dtype is None
+        else {"autocast casts (before)": False, "cast once (after)": True}
+    )
+    states = {
+        name: build_training_state(cfg, torch.device("cpu"), dtype, cast_once=once)
+        for name, once in paths.items()
+    }
     rate_before = matmul_rate(2 * args.batch_size * 197, 192, 768, dtype or torch.float32)
     B = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,18 +127,24 @@ def main() -> None:
     # the global crops' tokens through the MLP's first layer; measured before and after the steps, the best
     rate = max(rate_before, matmul_rate(2 * B * 197, 192, 768, dtype or torch.float32))
     print(f"{plan.describe()}; {args.precision}; {n} steps of {B} images each way, interleaved")
-    print(f"the step's matrix products and convolutions: {flops / 1e9:.0f} GFLOP (FlopCounterMode, forward and "
-          f"backward); this machine's bare {args.precision} matrix-product rate, measured in this run: "
-          f"{rate / 1e9:.0f} GFLOP/s ({2 * B * 197}x192 @ 192x768, best of 10 rounds before and after)")
+    print(
+        f"the step's matrix products and convolutions: {flops / 1e9:.0f} GFLOP (FlopCounterMode, forward and "
+        f"backward); this machine's bare {args.precision} matrix-product rate, measured in this run: "
+        f"{rate / 1e9:.0f} GFLOP/s ({2 * B * 197}x192 @ 192x768, best of 10 rounds before and after)"
+    )
     for name, clock in clocks.items():
         wall, cpu = sum(clock.wall.values()), sum(clock.cpu.values())
         compute = sum(v for k, v in clock.wall.items() if k != "data") / n
-        print(f"\n{name}: {wall / n:.2f} s per step ({B * n / wall:.1f} images/s), {cpu / n:.2f} CPU s per step; "
-              f"model-FLOP utilisation {100 * flops / compute / rate:.1f}% (the step's compute, all but data, "
-              f"{compute:.2f} s, against {flops / rate:.2f} s for its products at the bare rate)")
+        print(
+            f"\n{name}: {wall / n:.2f} s per step ({B * n / wall:.1f} images/s), {cpu / n:.2f} CPU s per step; "
+            f"model-FLOP utilisation {100 * flops / compute / rate:.1f}% (the step's compute, all but data, "
+            f"{compute:.2f} s, against {flops / rate:.2f} s for its products at the bare rate)"
+        )
         print(f"{'part':16s}{'wall ms':>10s}{'share':>8s}{'CPU ms':>10s}")
         for k in clock.wall:
-            print(f"{k:16s}{1000 * clock.wall[k] / n:10.1f}{100 * clock.wall[k] / wall:7.1f}%{1000 * clock.cpu[k] / n:10.1f}")
+            print(
+                f"{k:16s}{1000 * clock.wall[k] / n:10.1f}{100 * clock.wall[k] / wall:7.1f}%{1000 * clock.cpu[k] / n:10.1f}"
+            )
         if name in ops:
             print_operator_groups(ops[name], flops, rate, args.ops)
 

@@ -50,7 +50,9 @@ def _embed(args, q):
     dataset = torch.utils.data.TensorDataset(images, torch.zeros(args.images), torch.arange(args.images))
     fn = copy_feature_fn()
     # warm-up, then timed
-    extract_features(model, torch.utils.data.Subset(dataset, range(min(8, args.images))), 8, 0, device, dtype, fn)
+    extract_features(
+        model, torch.utils.data.Subset(dataset, range(min(8, args.images))), 8, 0, device, dtype, fn
+    )
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -65,7 +67,9 @@ def _make_data(args, folder: Path):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    db = np.lib.format.open_memmap(folder / "db.npy", mode="w+", dtype=np.float32, shape=(args.database, args.dim))
+    db = np.lib.format.open_memmap(
+        folder / "db.npy", mode="w+", dtype=np.float32, shape=(args.database, args.dim)
+    )
     for s in range(0, args.database, 10000):
         x = rng.standard_normal((min(10000, args.database - s), args.dim), dtype=np.float32)
         db[s : s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -99,11 +103,15 @@ def _search(args, folder: Path, kind: str, q):
     elif kind == "pairs-memmap":
         db = np.load(folder / "db.npy", mmap_mode="r")
         a, b, s, _, _ = search_pairs_exact(queries, db, args.threshold, block=args.block)
-        found = len({(i, j) for i, j in zip(a.tolist(), b.tolist())} & set(zip(range(len(truth)), truth.tolist()))) / len(truth)
+        found = len(
+            {(i, j) for i, j in zip(a.tolist(), b.tolist())} & set(zip(range(len(truth)), truth.tolist()))
+        ) / len(truth)
     else:
         db = np.load(folder / "db.npy", mmap_mode="r")
         a, b, s, _, _ = search_pairs_faiss(queries, db, args.threshold, neighbours=10, block=args.block)
-        found = len({(i, j) for i, j in zip(a.tolist(), b.tolist())} & set(zip(range(len(truth)), truth.tolist()))) / len(truth)
+        found = len(
+            {(i, j) for i, j in zip(a.tolist(), b.tolist())} & set(zip(range(len(truth)), truth.tolist()))
+        ) / len(truth)
     dt = time.perf_counter() - t
     q.put({"seconds": dt, "peak_mb": _rss_mb() - base, "found": float(found)})
 
@@ -140,20 +148,26 @@ def main() -> None:
 
     if not args.skip_embedding:
         e = _run(_embed, args)
-        print(f"embedding: {args.arch}/{args.patch_size} at {args.image_size}px on {e['device']}: "
-              f"{e['images_per_s']:.1f} images/s ({e['dim']}-d CLS+GeM descriptors)")
+        print(
+            f"embedding: {args.arch}/{args.patch_size} at {args.image_size}px on {e['device']}: "
+            f"{e['images_per_s']:.1f} images/s ({e['dim']}-d CLS+GeM descriptors)"
+        )
     db_mb = args.database * args.dim * 4 / 2**20
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _make_data(args, folder)
-        print(f"search: {args.queries} queries against {args.database} x {args.dim} (database {db_mb:.0f} MB float32)")
+        print(
+            f"search: {args.queries} queries against {args.database} x {args.dim} (database {db_mb:.0f} MB float32)"
+        )
         # faiss-hnsw times include building the index
         kinds = ["topk-in-memory", "pairs-memmap"] + (["faiss-hnsw"] if args.faiss else [])
         for kind in kinds:
             r = _run(_search, args, folder, kind)
-            print(f"  {kind:15s} {r['seconds']:8.2f} s  {args.queries / r['seconds']:9.1f} queries/s  "
-                  f"peak memory +{r['peak_mb']:.0f} MB ({r['peak_mb'] / db_mb:.2f} x database)  "
-                  f"planted copies found {100 * r['found']:.1f}%")
+            print(
+                f"  {kind:15s} {r['seconds']:8.2f} s  {args.queries / r['seconds']:9.1f} queries/s  "
+                f"peak memory +{r['peak_mb']:.0f} MB ({r['peak_mb'] / db_mb:.2f} x database)  "
+                f"planted copies found {100 * r['found']:.1f}%"
+            )
 
 
 if __name__ == "__main__":

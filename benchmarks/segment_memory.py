@@ -37,7 +37,9 @@ def child(args) -> None:
     photo = Image.fromarray(rng.integers(0, 255, (args.height, args.width, 3), dtype=np.uint8))
     start = time.perf_counter()
     x = eval_input(photo, args.image_size)[None]
-    pred = predict_labels(model, head, x, (args.height, args.width), args.image_size, args.image_size * 2 // 3, 1)
+    pred = predict_labels(
+        model, head, x, (args.height, args.width), args.image_size, args.image_size * 2 // 3, 1
+    )
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"image_size": args.image_size, "input": list(x.shape[-2:]), "prediction": list(pred.shape),

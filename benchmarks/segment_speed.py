@@ -54,7 +54,9 @@ def plain_loop(args, train, val) -> tuple[float, float]:
 
         def __getitem__(self, i):
             s = train.samples[i % len(train.samples)]
-            return train_sample(np.random.default_rng(i), read_image(s.image).image, train.read_labels(s), args.image_size)
+            return train_sample(
+                np.random.default_rng(i), read_image(s.image).image, train.read_labels(s), args.image_size
+            )
 
     loader = torch.utils.data.DataLoader(Samples(), batch_size=args.batch_size, shuffle=True)
     warm = max(1, round(args.iterations * 1500 / 40000))
@@ -89,7 +91,9 @@ def plain_loop(args, train, val) -> tuple[float, float]:
                     ys, xs = max(ye - crop, 0), max(xe - crop, 0)
                     c = x[:, :, ys:ye, xs:xe]
                     t = model.get_intermediate_layers(c, 1)[0][:, 1:]
-                    f = t.transpose(1, 2).reshape(1, dim, c.shape[2] // args.patch_size, c.shape[3] // args.patch_size)
+                    f = t.transpose(1, 2).reshape(
+                        1, dim, c.shape[2] // args.patch_size, c.shape[3] // args.patch_size
+                    )
                     out[:, :, ys:ye, xs:xe] += F.interpolate(head(f), size=c.shape[-2:], mode="bilinear")
                     count[:, :, ys:ye, xs:xe] += 1
             F.interpolate(out / count, size=labels.shape, mode="bilinear")[0].argmax(0)
@@ -123,11 +127,15 @@ def main() -> None:
         "dinokit": {"train_it_per_s": args.iterations / ours.train_seconds, "eval_img_per_s": args.val / ours.eval_seconds},
         "plain loop": {"train_it_per_s": args.iterations / plain_train, "eval_img_per_s": args.val / plain_eval},
     }  # fmt: skip
-    print(f"processor: {info['cpu']} ({info['cpu_count']} cores), {args.threads} threads, torch {info['torch']}")
+    print(
+        f"processor: {info['cpu']} ({info['cpu_count']} cores), {args.threads} threads, torch {info['torch']}"
+    )
     print(f"{args.arch}/{args.patch_size}, crop {args.image_size}, batch {args.batch_size}, {args.iterations} "
           f"iterations, {args.val} val images of 320 px (fp32)")  # fmt: skip
     for name, r in rows.items():
-        print(f"  {name:>10}: training {r['train_it_per_s']:.2f} it/s, evaluation {r['eval_img_per_s']:.2f} images/s")
+        print(
+            f"  {name:>10}: training {r['train_it_per_s']:.2f} it/s, evaluation {r['eval_img_per_s']:.2f} images/s"
+        )
     ratio_t = rows["dinokit"]["train_it_per_s"] / rows["plain loop"]["train_it_per_s"]
     ratio_e = rows["dinokit"]["eval_img_per_s"] / rows["plain loop"]["eval_img_per_s"]
     print(f"  dinokit / plain: training {ratio_t:.2f}x, evaluation {ratio_e:.2f}x")

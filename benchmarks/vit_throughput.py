@@ -38,7 +38,9 @@ from dinokit.models.inference import cast_for_inference
 from dinokit.runtime import has_native_bf16
 
 
-def vit_macs_per_image(image: int = 224, patch: int = 16, dim: int = 384, depth: int = 12, prefix: int = 1) -> float:
+def vit_macs_per_image(
+    image: int = 224, patch: int = 16, dim: int = 384, depth: int = 12, prefix: int = 1
+) -> float:
     """Multiply-accumulates of one ViT forward: patch embedding, then per block qkv, attention
     (q k^T and attn v), projection and the 4x MLP: 12 N D^2 + 2 N^2 D (N counts the CLS token and
     any register tokens, ``prefix`` in all)."""
@@ -173,24 +175,35 @@ def run_model(args, name: str, peak: dict[str, float]) -> dict:
                     dt, dc = time.perf_counter() - t, time.process_time() - c
                 rates[key].append(args.batch_size * args.iters / dt)
                 cpu_rates[key].append(args.batch_size * args.iters / (dc / torch.get_num_threads()))
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k[0]} {k[1]} {v[-1]:.1f}" for k, v in rates.items()),
-                  flush=True)
+            print(
+                f"round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{k[0]} {k[1]} {v[-1]:.1f}" for k, v in rates.items()),
+                flush=True,
+            )
     load_end = os.getloadavg()
 
     flops = 2 * vit_macs_per_image(224, patch, prefix=prefix)
     best = {k: max(v) for k, v in rates.items()}
     print()
-    print(f"{name} ({arch} vs timm {timm_name}), 224 px, batch {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{platform.machine()}, native bf16: {has_native_bf16('cpu')}")
+    print(
+        f"{name} ({arch} vs timm {timm_name}), 224 px, batch {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{platform.machine()}, native bf16: {has_native_bf16('cpu')}"
+    )
     print(f"dinokit vs timm on the same weights: max |diff| {diff:.1e}")
-    print(f"matmul peak ({args.matmul_size}^3): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s (x{peak['bf16'] / peak['fp32']:.2f})")
+    print(
+        f"matmul peak ({args.matmul_size}^3): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s (x{peak['bf16'] / peak['fp32']:.2f})"
+    )
     best_cpu = {k: max(v) for k, v in cpu_rates.items()}
-    print(f"{'model':8s} {'precision':14s} {'img/s best':>10s} {'median':>8s} {'of peak':>8s} {'img/CPU-s':>10s}")
+    print(
+        f"{'model':8s} {'precision':14s} {'img/s best':>10s} {'median':>8s} {'of peak':>8s} {'img/CPU-s':>10s}"
+    )
     for (model, prec), v in rates.items():
         p = peak["fp32" if prec == "fp32" else "bf16"]
-        print(f"{model:8s} {prec:14s} {max(v):10.1f} {statistics.median(v):8.1f} {max(v) * flops / p:8.1%} "
-              f"{best_cpu[(model, prec)]:10.1f}")
+        print(
+            f"{model:8s} {prec:14s} {max(v):10.1f} {statistics.median(v):8.1f} {max(v) * flops / p:8.1%} "
+            f"{best_cpu[(model, prec)]:10.1f}"
+        )
 
     def ratio_table(b: dict) -> dict[str, float]:
         d32 = b[("dinokit", "fp32")]
@@ -198,8 +211,10 @@ def run_model(args, name: str, peak: dict[str, float]) -> dict:
             "dinokit fp32 / timm fp32": d32 / b[("timm", "fp32")],
             "dinokit bf16 autocast / dinokit fp32": b[("dinokit", "bf16 autocast")] / d32,
             "dinokit bf16 weights / dinokit fp32": b[("dinokit", "bf16 weights")] / d32,
-            "dinokit bf16 autocast / timm bf16 autocast": b[("dinokit", "bf16 autocast")] / b[("timm", "bf16 autocast")],
-            "dinokit bf16 weights / timm bf16 weights": b[("dinokit", "bf16 weights")] / b[("timm", "bf16 weights")],
+            "dinokit bf16 autocast / timm bf16 autocast": b[("dinokit", "bf16 autocast")]
+            / b[("timm", "bf16 autocast")],
+            "dinokit bf16 weights / timm bf16 weights": b[("dinokit", "bf16 weights")]
+            / b[("timm", "bf16 weights")],
         }
 
     ratios, cpu_ratios = ratio_table(best), ratio_table(best_cpu)
@@ -207,12 +222,18 @@ def run_model(args, name: str, peak: dict[str, float]) -> dict:
     for name, value in ratios.items():
         print(f"{name:45s} {value:6.2f} {cpu_ratios[name]:9.2f}")
     goal_fp32 = ratios["dinokit fp32 / timm fp32"] >= 1.0
-    goal_bf16 = max(ratios["dinokit bf16 autocast / dinokit fp32"], ratios["dinokit bf16 weights / dinokit fp32"])
+    goal_bf16 = max(
+        ratios["dinokit bf16 autocast / dinokit fp32"], ratios["dinokit bf16 weights / dinokit fp32"]
+    )
     print(f"goal dinokit fp32 >= timm fp32: {'met' if goal_fp32 else 'NOT met'} (wall-clock)")
-    print(f"goal dinokit bf16 >= 1.6x fp32: {'met' if goal_bf16 >= 1.6 else 'NOT met'} "
-          f"(best bf16 path x{goal_bf16:.2f}, wall-clock)")
-    print(f"load average at start {load_start[0]:.1f}, at end {load_end[0]:.1f} on {os.cpu_count()} CPUs "
-          "(a busy machine lowers every figure; compare the ratios)")
+    print(
+        f"goal dinokit bf16 >= 1.6x fp32: {'met' if goal_bf16 >= 1.6 else 'NOT met'} "
+        f"(best bf16 path x{goal_bf16:.2f}, wall-clock)"
+    )
+    print(
+        f"load average at start {load_start[0]:.1f}, at end {load_end[0]:.1f} on {os.cpu_count()} CPUs "
+        "(a busy machine lowers every figure; compare the ratios)"
+    )
     return {
         "images_per_s": {f"{m} {p}": v for (m, p), v in rates.items()},
         "best_images_per_s": {f"{m} {p}": v for (m, p), v in best.items()},
@@ -223,6 +244,7 @@ def run_model(args, name: str, peak: dict[str, float]) -> dict:
         "max_abs_diff": diff,
         "load_average": [load_start[0], load_end[0]],
     }
+
 
 if __name__ == "__main__":
     main()

@@ -58,7 +58,9 @@ def setup_logging(quiet: bool = False) -> None:
     logger = logging.getLogger("dinokit")
     logger.setLevel(level)
     kind = RichHandler if console_err.is_terminal else PlainLogHandler
-    for h in [h for h in logger.handlers if isinstance(h, (RichHandler, PlainLogHandler)) and type(h) is not kind]:
+    for h in [
+        h for h in logger.handlers if isinstance(h, (RichHandler, PlainLogHandler)) and type(h) is not kind
+    ]:
         logger.removeHandler(h)
     if not any(type(h) is kind for h in logger.handlers):
         if kind is RichHandler:

@@ -55,8 +55,12 @@ def _wrap(text: str, width: int, indent: str = "", first_indent: str | None = No
             continue
         lines.extend(
             textwrap.wrap(
-                " ".join(para.split()), width=max(width, 20), initial_indent=indent if i or first_indent is None
-                else first_indent, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False,
+                " ".join(para.split()),
+                width=max(width, 20),
+                initial_indent=indent if i or first_indent is None else first_indent,
+                subsequent_indent=indent,
+                break_long_words=False,
+                break_on_hyphens=False,
             )
         )
     return lines
@@ -142,8 +146,14 @@ def _click_type_label(t) -> str:
         return " ".join(_click_type_label(x) for x in t.types)
     if name == "Choice":
         return "|".join(map(str, t.choices))
-    return {"IntParamType": "INT", "IntRange": "INT", "FloatParamType": "NUMBER", "FloatRange": "NUMBER",
-            "Path": "PATH", "File": "PATH"}.get(name, "TEXT")
+    return {
+        "IntParamType": "INT",
+        "IntRange": "INT",
+        "FloatParamType": "NUMBER",
+        "FloatRange": "NUMBER",
+        "Path": "PATH",
+        "File": "PATH",
+    }.get(name, "TEXT")
 
 
 def _default_text(param) -> str | None:
@@ -266,7 +276,9 @@ def remove_empty_folders(root: Path) -> None:
     try:
         if any(p.is_file() or p.is_symlink() for p in root.rglob("*")):
             return
-        for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        for folder in sorted(
+            (p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+        ):
             folder.rmdir()
         root.rmdir()
     except OSError:
@@ -298,8 +310,10 @@ def usage_sentence(error) -> str:
         name = max(param.opts, key=len)
         what = " ".join((param.help or "").split()).rstrip(".")
         text = f"{path} needs {name}" + (f" ({what[0].lower() + what[1:]})" if what else "")
-    elif type(error).__name__ == "NoSuchOption" and ctx is not None and (
-        instead := reference_instead(ctx.command, getattr(error, "option_name", ""))
+    elif (
+        type(error).__name__ == "NoSuchOption"
+        and ctx is not None
+        and (instead := reference_instead(ctx.command, getattr(error, "option_name", "")))
     ):
         text = instead
     else:
@@ -335,16 +349,22 @@ class DinokitGroup(typer.core.TyperGroup):
             console_err.print("Stopped by Ctrl-C.", highlight=False)
             raise typer.Exit(code=130) from None
         except UsageError as e:  # a missing or unknown option: the same one sentence as every error
-            console_err.print(f"[bold red]Error:[/] {escape(usage_sentence(e))}", highlight=False, soft_wrap=True)
+            console_err.print(
+                f"[bold red]Error:[/] {escape(usage_sentence(e))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(code=2) from None
         except DinokitError as e:
             # soft_wrap: the sentence stays on one line in logs (rich would wrap it at 80 columns)
-            console_err.print(f"[bold red]Error:[/] {escape(_plain_error(e))}", highlight=False, soft_wrap=True)
+            console_err.print(
+                f"[bold red]Error:[/] {escape(_plain_error(e))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(code=e.exit_code) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
             name = e.filename or ""
             console_err.print(
-                f"[bold red]Error:[/] cannot use {escape(str(name))}: {e.strerror}.", highlight=False, soft_wrap=True
+                f"[bold red]Error:[/] cannot use {escape(str(name))}: {e.strerror}.",
+                highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(code=2) from None
         except OSError as e:  # what the file system refuses (read-only, full, a name too long): one sentence

@@ -30,7 +30,9 @@ def _option_names(command, renamed: dict[str, str], reference: dict[str, str]) -
     return names
 
 
-def refuse_repeated_options(command, args: list[str], renamed: dict[str, str], reference: dict[str, str]) -> None:
+def refuse_repeated_options(
+    command, args: list[str], renamed: dict[str, str], reference: dict[str, str]
+) -> None:
     """Refuse an option given twice with different values (``--pretrained_weights a.pth --weights
     random``: which one would run?); the same value twice is harmless. Options that take a list
     (``multiple``) and counters are left alone."""
@@ -59,7 +61,9 @@ def refuse_repeated_options(command, args: list[str], renamed: dict[str, str], r
         if len({v for _, v in given}) > 1:
             spelled = ", ".join(n if getattr(param, "is_flag", False) else f"{n} {v}" for n, v in given)
             main = max(param.opts, key=len)
-            raise DinokitError(f"{main} was given {len(given)} times with different values ({spelled}); give it once.")
+            raise DinokitError(
+                f"{main} was given {len(given)} times with different values ({spelled}); give it once."
+            )
 
 
 def refuse_overlong_values(ctx) -> None:

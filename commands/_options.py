@@ -89,7 +89,9 @@ def rewrite_option_names(command, args: list[str]) -> list[str]:
             continue
         if name not in noted:
             noted.add(name)
-            console_err.print(f"Note: {name} is {new} in dinokit {command.name}.", highlight=False, soft_wrap=True)
+            console_err.print(
+                f"Note: {name} is {new} in dinokit {command.name}.", highlight=False, soft_wrap=True
+            )
         out.append(new + eq + value)
     return out
 
@@ -121,7 +123,9 @@ def _preset_names() -> str:
     for name in PRESETS:
         groups.setdefault(name.split("_", 1)[0], []).append(name)
     parts = [", ".join(groups.pop("dino", []))]
-    parts += [f"{names[0]} ... {names[-1]}" if len(names) > 2 else ", ".join(names) for names in groups.values()]
+    parts += [
+        f"{names[0]} ... {names[-1]}" if len(names) > 2 else ", ".join(names) for names in groups.values()
+    ]
     return "; ".join(p for p in parts if p)
 
 
@@ -129,42 +133,65 @@ PRESET_NAMES = _preset_names()
 
 Arch = Annotated[
     str | None,
-    typer.Option("--arch", rich_help_panel=BACKBONE_PANEL,
-                 help="vit_tiny, vit_small, vit_base, resnet50, or a DINOv2/DINOv3 hub name such as "
-                 "dinov2_vits14, dinov2_vits14_reg, dinov3_vits16 (default: read from --weights; "
-                 "dinokit models lists them all)."),
+    typer.Option(
+        "--arch",
+        rich_help_panel=BACKBONE_PANEL,
+        help="vit_tiny, vit_small, vit_base, resnet50, or a DINOv2/DINOv3 hub name such as "
+        "dinov2_vits14, dinov2_vits14_reg, dinov3_vits16 (default: read from --weights; "
+        "dinokit models lists them all).",
+    ),
 ]
 PatchSize = Annotated[
     int | None,
-    typer.Option("--patch-size", rich_help_panel=BACKBONE_PANEL,
-                 help="ViT patch size in pixels (default: read from --weights)."),
+    typer.Option(
+        "--patch-size",
+        rich_help_panel=BACKBONE_PANEL,
+        help="ViT patch size in pixels (default: read from --weights).",
+    ),
 ]
 Weights = Annotated[
     str,
     typer.Option(
-        "--weights", "-w", rich_help_panel=BACKBONE_PANEL,
+        "--weights",
+        "-w",
+        rich_help_panel=BACKBONE_PANEL,
         help=f"A checkpoint file, a Hugging Face repo id, a preset ({PRESET_NAMES}) or 'random'.",
     ),
 ]
 CheckpointKey = Annotated[
     str,
-    typer.Option("--checkpoint-key", rich_help_panel=BACKBONE_PANEL,
-                 help="Which weights of a training checkpoint: teacher or student."),
+    typer.Option(
+        "--checkpoint-key",
+        rich_help_panel=BACKBONE_PANEL,
+        help="Which weights of a training checkpoint: teacher or student.",
+    ),
 ]
-Output = Annotated[Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The run folder for results.")]
+Output = Annotated[
+    Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The run folder for results.")
+]
 BatchSize = Annotated[
-    int, typer.Option("--batch-size", min=1, rich_help_panel=RUNTIME_PANEL, help="Images per batch (per process).")
+    int,
+    typer.Option(
+        "--batch-size", min=1, rich_help_panel=RUNTIME_PANEL, help="Images per batch (per process)."
+    ),
 ]
 NumWorkers = Annotated[
-    int, typer.Option("--num-workers", min=0, rich_help_panel=RUNTIME_PANEL, help="Data-loading worker processes.")
+    int,
+    typer.Option(
+        "--num-workers", min=0, rich_help_panel=RUNTIME_PANEL, help="Data-loading worker processes."
+    ),
 ]
 Device = Annotated[
-    str, typer.Option("--device", rich_help_panel=RUNTIME_PANEL, help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")
+    str,
+    typer.Option(
+        "--device", rich_help_panel=RUNTIME_PANEL, help="auto (cuda, then mps, then cpu), cpu, cuda or mps."
+    ),
 ]
 Precision = Annotated[
     str,
     typer.Option(
-        "--precision", rich_help_panel=RUNTIME_PANEL,
+        "--precision",
+        rich_help_panel=RUNTIME_PANEL,
         help="auto, fp32, bf16 or fp16. auto = bf16 for training where the hardware has native bf16, "
         "and for embeddings (features, similar, duplicates, attention maps) on a CPU with it; fp32 for "
         "the protocols' evaluations.",
@@ -174,31 +201,46 @@ Seed = Annotated[int, typer.Option("--seed", rich_help_panel=RUNTIME_PANEL, help
 OptionalWeights = Annotated[
     str | None,
     typer.Option(
-        "--weights", "-w", rich_help_panel=BACKBONE_PANEL,
+        "--weights",
+        "-w",
+        rich_help_panel=BACKBONE_PANEL,
         help=f"A checkpoint file, a Hugging Face repo id, a preset ({PRESET_NAMES}) or 'random' "
         "(a randomly initialised baseline); needed wherever images are embedded.",
     ),
 ]
-Train = Annotated[Path | None, typer.Option("--train", help="Labelled training images (ROOT/<class>/<image>).")]
+Train = Annotated[
+    Path | None, typer.Option("--train", help="Labelled training images (ROOT/<class>/<image>).")
+]
 Val = Annotated[Path | None, typer.Option("--val", help="Labelled validation images (ROOT/<class>/<image>).")]
 TrainFeatures = Annotated[
-    Path | None, typer.Option("--train-features", help="A features file from dinokit features (instead of --train).")
+    Path | None,
+    typer.Option("--train-features", help="A features file from dinokit features (instead of --train)."),
 ]
 ValFeatures = Annotated[
-    Path | None, typer.Option("--val-features", help="A features file from dinokit features (instead of --val).")
+    Path | None,
+    typer.Option("--val-features", help="A features file from dinokit features (instead of --val)."),
 ]
 Resume = Annotated[
-    bool, typer.Option("--resume", rich_help_panel=RUN_PANEL, help="Continue the run in --output from its checkpoint.")
+    bool,
+    typer.Option(
+        "--resume", rich_help_panel=RUN_PANEL, help="Continue the run in --output from its checkpoint."
+    ),
 ]
 StopAfter = Annotated[
     int | None,
-    typer.Option("--stop-after", min=1, rich_help_panel=RUN_PANEL,
-                 help="End cleanly after N epochs of the schedule (resumable)."),
+    typer.Option(
+        "--stop-after",
+        min=1,
+        rich_help_panel=RUN_PANEL,
+        help="End cleanly after N epochs of the schedule (resumable).",
+    ),
 ]
 CheckpointMinutes = Annotated[
     float,
     typer.Option(
-        "--checkpoint-minutes", min=0.0, rich_help_panel=RUN_PANEL,
+        "--checkpoint-minutes",
+        min=0.0,
+        rich_help_panel=RUN_PANEL,
         help="Also write checkpoint.pth every this many minutes within an epoch, so that a killed run "
         "loses at most that much (0: only at the end of each epoch).",
     ),
@@ -209,26 +251,33 @@ Whitening = Annotated[
 CacheDir = Annotated[
     Path | None,
     typer.Option(
-        "--cache-dir", rich_help_panel=RUN_PANEL, show_default=False,
+        "--cache-dir",
+        rich_help_panel=RUN_PANEL,
+        show_default=False,
         help="Where image descriptors are stored, one store per weights and settings, shared by "
         "duplicates and similar runs (default: $DINOKIT_CACHE_DIR, else ~/.cache/dinokit/embeddings).",
     ),
 ]
 Overwrite = Annotated[
-    bool, typer.Option("--overwrite", rich_help_panel=RUN_PANEL, help="Write into an output that already holds results.")
+    bool,
+    typer.Option(
+        "--overwrite", rich_help_panel=RUN_PANEL, help="Write into an output that already holds results."
+    ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=RUN_PANEL, help="No progress bars.")]
 Strict = Annotated[
     bool,
     typer.Option(
-        "--strict", rich_help_panel=RUN_PANEL,
+        "--strict",
+        rich_help_panel=RUN_PANEL,
         help="Stop at the first unreadable image (by default unreadable images are skipped and counted).",
     ),
 ]
 ExactDecode = Annotated[
     bool,
     typer.Option(
-        "--exact-decode", rich_help_panel=RUNTIME_PANEL,
+        "--exact-decode",
+        rich_help_panel=RUNTIME_PANEL,
         help="Decode every JPEG at full size. By default a large JPEG is decoded at the reduced scale "
         "(1/2, 1/4 or 1/8) that still covers the resize, several times faster; images already small "
         "are decoded in full either way.",
@@ -246,7 +295,9 @@ def _channels(name: str, text: str | None) -> tuple[float, float, float] | None:
         raise typer.BadParameter(f"takes three comma-separated numbers such as 0.485,0.456,0.406, not {text!r}",
                                  param_hint=name) from None  # fmt: skip
     if len(values) != 3:
-        raise typer.BadParameter(f"takes three values, one per channel (R,G,B), not {len(values)}", param_hint=name)
+        raise typer.BadParameter(
+            f"takes three values, one per channel (R,G,B), not {len(values)}", param_hint=name
+        )
     if name == "--std" and min(values) <= 0:
         raise typer.BadParameter(f"takes three positive values, not {text}", param_hint=name)
     if name == "--mean" and not all(0.0 <= v <= 1.0 for v in values):
@@ -257,12 +308,20 @@ def _channels(name: str, text: str | None) -> tuple[float, float, float] | None:
 
 Mean = Annotated[
     str | None,
-    typer.Option("--mean", rich_help_panel=BACKBONE_PANEL, callback=lambda v: _channels("--mean", v),
-                 help="The per-channel mean the images are normalised with, R,G,B (default: the weights' own: "
-                 "ImageNet's 0.485,0.456,0.406, or DINOv3's satellite values for its SAT-493M weights)."),
+    typer.Option(
+        "--mean",
+        rich_help_panel=BACKBONE_PANEL,
+        callback=lambda v: _channels("--mean", v),
+        help="The per-channel mean the images are normalised with, R,G,B (default: the weights' own: "
+        "ImageNet's 0.485,0.456,0.406, or DINOv3's satellite values for its SAT-493M weights).",
+    ),
 ]
 Std = Annotated[
     str | None,
-    typer.Option("--std", rich_help_panel=BACKBONE_PANEL, callback=lambda v: _channels("--std", v),
-                 help="The per-channel standard deviation, R,G,B (default: the weights' own, as --mean)."),
+    typer.Option(
+        "--std",
+        rich_help_panel=BACKBONE_PANEL,
+        callback=lambda v: _channels("--std", v),
+        help="The per-channel standard deviation, R,G,B (default: the weights' own, as --mean).",
+    ),
 ]

@@ -80,7 +80,9 @@ class _RichTask:
         info = self._info()
         console_err.print(
             f"{self._description}: {where}, {_duration(elapsed)}{eta}" + (f", {info}" if info else ""),
-            highlight=False, markup=False, soft_wrap=True,
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
         )
 
     def update(self, **fields: Any) -> None:

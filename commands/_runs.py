@@ -15,28 +15,43 @@ from ._options import RUN_PANEL, RUNTIME_PANEL
 
 Resume = Annotated[
     bool,
-    typer.Option("--resume", rich_help_panel=RUN_PANEL,
-                 help="Continue the run in --output from its checkpoint.pth, with its own recipe (refused "
-                 "where there is no run)."),
+    typer.Option(
+        "--resume",
+        rich_help_panel=RUN_PANEL,
+        help="Continue the run in --output from its checkpoint.pth, with its own recipe (refused "
+        "where there is no run).",
+    ),
 ]
 StopAfter = Annotated[
     int | None,
-    typer.Option("--stop-after", min=1, rich_help_panel=RUN_PANEL,
-                 help="End cleanly when N epochs of the schedule are done, counted from the run's start "
-                 "(resumable; a resumed run already past N ends at once)."),
+    typer.Option(
+        "--stop-after",
+        min=1,
+        rich_help_panel=RUN_PANEL,
+        help="End cleanly when N epochs of the schedule are done, counted from the run's start "
+        "(resumable; a resumed run already past N ends at once).",
+    ),
 ]
 #: the same for a loop counted in iterations (the dense probes)
 StopAfterIterations = Annotated[
     int | None,
-    typer.Option("--stop-after", min=1, rich_help_panel=RUN_PANEL,
-                 help="End cleanly when N iterations of the schedule are done, counted from the run's "
-                 "start (resumable; a resumed run already past N ends at once)."),
+    typer.Option(
+        "--stop-after",
+        min=1,
+        rich_help_panel=RUN_PANEL,
+        help="End cleanly when N iterations of the schedule are done, counted from the run's "
+        "start (resumable; a resumed run already past N ends at once).",
+    ),
 ]
 Threads = Annotated[
     int | None,
-    typer.Option("--threads", min=1, rich_help_panel=RUNTIME_PANEL,
-                 help="CPU threads for the compute (default: the cores other programs leave free when the "
-                 "run starts; --resume keeps the run's count)."),
+    typer.Option(
+        "--threads",
+        min=1,
+        rich_help_panel=RUNTIME_PANEL,
+        help="CPU threads for the compute (default: the cores other programs leave free when the "
+        "run starts; --resume keeps the run's count).",
+    ),
 ]
 
 
@@ -69,8 +84,9 @@ def stop_reported_by(reporter: Callable[[str | None], None]) -> Iterator[None]:
         _stop_reporters.remove(reporter)
 
 
-def report_stop(command: str, output, unit: str, done: int, total: int, stopped_by: str | None,
-                where: str | None = None) -> None:
+def report_stop(
+    command: str, output, unit: str, done: int, total: int, stopped_by: str | None, where: str | None = None
+) -> None:
     """The one sentence for a run that ended before its schedule did: by a signal (on stderr; ``where``
     says where in a unit it stopped) or by --stop-after, with the command that continues it."""
     if stopped_by and _stop_reporters:
@@ -82,13 +98,19 @@ def report_stop(command: str, output, unit: str, done: int, total: int, stopped_
         console_err.print(f"Stopped by {stopped_by} {where}; the checkpoint is saved. Resume with: {hint}",
                           highlight=False)  # fmt: skip
     elif stopped_by == "stop-after":
-        console.print(f"Stopped after {unit} {done} of {total} (--stop-after). Resume with: {hint}", highlight=False)
+        console.print(
+            f"Stopped after {unit} {done} of {total} (--stop-after). Resume with: {hint}", highlight=False
+        )
 
 
 #: the training commands' runs as run.TrainingRun knows them (their RunKind's noun; every one keeps its
 #: state in checkpoint.pth), named here so that a command refuses its folder before its heavy imports
-RUN_NOUNS = {"pretrain": "pretraining run", "finetune": "fine-tuning run", "linear": "linear probe run",
-             "segment": "segmentation probe run"}
+RUN_NOUNS = {
+    "pretrain": "pretraining run",
+    "finetune": "fine-tuning run",
+    "linear": "linear probe run",
+    "segment": "segmentation probe run",
+}
 RUN_CHECKPOINT = "checkpoint.pth"
 
 

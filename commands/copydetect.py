@@ -53,7 +53,8 @@ def copydetect(
         int, typer.Option("--image-size", min=1, help="Images are resized to this square (aspect ignored).")
     ] = 320,
     distractors: Annotated[
-        Optional[Path], typer.Option("--distractors", help="A folder of distractor images added to the database.")
+        Optional[Path],
+        typer.Option("--distractors", help="A folder of distractor images added to the database."),
     ] = None,
     whitening: Whitening = None,
     top: Annotated[

@@ -40,7 +40,9 @@ def davis(
     ] = None,
     frames: Annotated[
         Optional[Path],
-        typer.Option("--frames", help="Your own video: a folder of frames, or a video file (needs dinokit[video])."),
+        typer.Option(
+            "--frames", help="Your own video: a folder of frames, or a video file (needs dinokit[video])."
+        ),
     ] = None,
     first_mask: Annotated[
         Optional[Path],
@@ -59,7 +61,9 @@ def davis(
     weights: Annotated[
         str,
         typer.Option(
-            "--weights", "-w", rich_help_panel=BACKBONE_PANEL,
+            "--weights",
+            "-w",
+            rich_help_panel=BACKBONE_PANEL,
             help=f"A checkpoint file, a preset ({PRESET_NAMES}) or 'random'; dino_vits16 by default, the "
             "weights the reference evaluation loads when given none.",
         ),
@@ -70,10 +74,14 @@ def davis(
     mean: Mean = None,
     std: Std = None,
     split: Annotated[
-        str, typer.Option("--split", help="The DAVIS split whose sequences are segmented (ImageSets/2017/<split>.txt).")
+        str,
+        typer.Option(
+            "--split", help="The DAVIS split whose sequences are segmented (ImageSets/2017/<split>.txt)."
+        ),
     ] = "val",
     sequences: Annotated[
-        Optional[str], typer.Option("--sequences", help="Only these sequences, comma-separated (e.g. bmx-trees,dogs-jump).")
+        Optional[str],
+        typer.Option("--sequences", help="Only these sequences, comma-separated (e.g. bmx-trees,dogs-jump)."),
     ] = None,
     n_last_frames: Annotated[
         int, typer.Option("--n-last-frames", min=0, help="Previous frames in the context, besides the first.")
@@ -82,7 +90,9 @@ def davis(
         int, typer.Option("--neighborhood", min=0, help="Window radius in patches (0 = the whole frame).")
     ] = 12,
     topk: Annotated[int, typer.Option("--k", min=1, help="Neighbours kept jointly over the context.")] = 5,
-    temperature: Annotated[float, typer.Option("--temperature", help="Affinity = exp(cos / temperature).")] = 0.1,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="Affinity = exp(cos / temperature).")
+    ] = 0.1,
     short_side: Annotated[
         int, typer.Option("--image-size", min=16, help="The frames' short side in pixels (480 as the paper).")
     ] = 480,
@@ -92,7 +102,8 @@ def davis(
     batch_size: Annotated[
         int,
         typer.Option(
-            "--batch-size", min=0,
+            "--batch-size",
+            min=0,
             help="Frames per feature batch; 0 = auto: 8 on a GPU, about 4,000 tokens on a CPU (2 frames at 480p "
             "with patch 16), where larger batches run slower.",
         ),
@@ -121,7 +132,9 @@ def davis(
     from dinokit.eval.propagation import PropagationConfig
 
     names = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
-    cfg = config_from(DavisRunConfig, options, sequences=names, propagation=config_from(PropagationConfig, options))
+    cfg = config_from(
+        DavisRunConfig, options, sequences=names, propagation=config_from(PropagationConfig, options)
+    )
     with RichProgress(quiet=quiet) as progress:
         result = run_davis(cfg, progress)
     n_frames = sum(v.n_frames for v in result.videos)

@@ -25,13 +25,18 @@ def print_davis_table(scores) -> None:
 def davis_score(
     gt: Annotated[
         Path,
-        typer.Option("--gt", help="Ground truth: a folder of <seq>/ folders of indexed PNGs, or a DAVIS root."),
+        typer.Option(
+            "--gt", help="Ground truth: a folder of <seq>/ folders of indexed PNGs, or a DAVIS root."
+        ),
     ],
-    pred: Annotated[Path, typer.Option("--pred", help="Results: a folder of <seq>/ folders of indexed PNGs.")],
+    pred: Annotated[
+        Path, typer.Option("--pred", help="Results: a folder of <seq>/ folders of indexed PNGs.")
+    ],
     output: Annotated[
         Path,
         typer.Option(
-            "--output", "-o",
+            "--output",
+            "-o",
             help="The folder for metrics.json and the CSVs, or the --pred folder itself to write beside the "
             "predictions.",
         ),
@@ -66,7 +71,9 @@ def davis_score(
     if not beside:
         _check_destination(out, split, overwrite, beside=False)
     make_output_folder(out)
-    lock_run_folder(out)  # one writer at a time (a davis run into the prediction folder too); freed at the end
+    lock_run_folder(
+        out
+    )  # one writer at a time (a davis run into the prediction folder too); freed at the end
     if not beside:
         _check_destination(out, split, overwrite, beside=False)  # again, now that no one else writes there
     from dinokit.eval.davis_metrics import UNITS, evaluate_davis  # numpy, scipy: once the checks passed
@@ -83,8 +90,12 @@ def davis_score(
     overall = scores.overall()
     console.print(
         "J&F-Mean {:.4f}  J-Mean {:.4f}  J-Recall {:.4f}  J-Decay {:.4f}  F-Mean {:.4f}  F-Recall {:.4f}  "
-        "F-Decay {:.4f}".format(*(overall[k] for k in ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean",
-                                                       "F-Recall", "F-Decay"))),
+        "F-Decay {:.4f}".format(
+            *(
+                overall[k]
+                for k in ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
+            )
+        ),
         highlight=False,
     )
     console.print(f"Wrote {path}, {g.name} and {s.name}.", highlight=False)
@@ -99,7 +110,11 @@ def _check_destination(out: Path, split: str, overwrite: bool, beside: bool) -> 
 
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"The output {out} is a file, not a folder; choose a folder path.")
-    results = [out / "metrics.json", out / f"global_results-{split}.csv", out / f"per-sequence_results-{split}.csv"]
+    results = [
+        out / "metrics.json",
+        out / f"global_results-{split}.csv",
+        out / f"per-sequence_results-{split}.csv",
+    ]
     existing = [p for p in results if p.exists()]
     if not existing or overwrite:
         return
@@ -112,7 +127,11 @@ def _check_destination(out: Path, split: str, overwrite: bool, beside: bool) -> 
             f"{out} is a `dinokit davis` run whose metrics.json records its weights and videos; pass --output "
             "with another folder for these scores (or --overwrite to replace that record)."
         )
-    hint = "pass --output with another folder, or --overwrite to replace it" if beside else "pass --overwrite to replace it"
+    hint = (
+        "pass --output with another folder, or --overwrite to replace it"
+        if beside
+        else "pass --overwrite to replace it"
+    )
     raise OutputExistsError(f"{existing[0]} already exists; {hint}.")
 
 

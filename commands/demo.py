@@ -98,7 +98,9 @@ def _run(args: list[str], what: str) -> None:
 
     code = app(args=[str(a) for a in args], prog_name="dinokit", standalone_mode=False)
     if code not in (None, 0):
-        raise DinokitError(f"The demo step '{what}' failed (dinokit {' '.join(map(str, args[:1]))} exited {code}).")
+        raise DinokitError(
+            f"The demo step '{what}' failed (dinokit {' '.join(map(str, args[:1]))} exited {code})."
+        )
 
 
 def _pretrain_losses(run: Path) -> list[float]:
@@ -126,9 +128,13 @@ class _Stages:
         self.i += 1
         elapsed = time.monotonic() - self.t0
         if not self.plan.quiet and console_err.is_terminal:
-            console_err.rule(f"[bold]demo {self.i}/{self.total}[/]  {title}  ({elapsed / 60:.1f} min elapsed)")
+            console_err.rule(
+                f"[bold]demo {self.i}/{self.total}[/]  {title}  ({elapsed / 60:.1f} min elapsed)"
+            )
         elif not self.plan.quiet:  # a log: one plain line, not a rule as wide as the page
-            console_err.print(f"== demo {self.i}/{self.total}: {title} ({elapsed / 60:.1f} min elapsed)", highlight=False)
+            console_err.print(
+                f"== demo {self.i}/{self.total}: {title} ({elapsed / 60:.1f} min elapsed)", highlight=False
+            )
         return _Timer(self.plan.timings, title)
 
 
@@ -143,8 +149,6 @@ class _Timer:
     def __exit__(self, *exc):
         # a resumed demo adds this invocation's seconds of a step to those its earlier ones spent
         self.timings[self.name] = round(self.timings.get(self.name, 0.0) + time.monotonic() - self.t, 1)
-
-
 
 
 def _common(plan: DemoPlan) -> list[str]:
@@ -168,8 +172,14 @@ class DemoState:
     are not run again, a stopped pretraining resumes from its checkpoint (exactly), and a step cut
     off in the middle runs again from its start."""
 
-    def __init__(self, path: Path, options: dict, steps: dict | None = None, seconds: float = 0.0,
-                 timings: dict | None = None):
+    def __init__(
+        self,
+        path: Path,
+        options: dict,
+        steps: dict | None = None,
+        seconds: float = 0.0,
+        timings: dict | None = None,
+    ):
         self.path, self.options, self.steps, self.seconds_before = path, options, steps or {}, seconds
         self.timings: dict[str, float] = timings or {}  #: seconds per step over all invocations
         self.t0 = time.monotonic()
@@ -187,7 +197,9 @@ class DemoState:
                 f"dinokit demo --output {out}."
             )
         data = _read_json(path)
-        return cls(path, data["options"], data.get("steps"), float(data.get("seconds", 0.0)), data.get("timings"))
+        return cls(
+            path, data["options"], data.get("steps"), float(data.get("seconds", 0.0)), data.get("timings")
+        )
 
     def seconds(self) -> float:
         """Seconds spent by this demo over all its invocations."""
@@ -221,7 +233,17 @@ def _calibrate_pretrain(plan: DemoPlan, data: Path) -> float:
     if run.exists():
         shutil.rmtree(run)
     _run(
-        ["pretrain", "--data", calib_data, "--output", run, *_pretrain_recipe(plan), "--epochs", "1", "--quiet"],
+        [
+            "pretrain",
+            "--data",
+            calib_data,
+            "--output",
+            run,
+            *_pretrain_recipe(plan),
+            "--epochs",
+            "1",
+            "--quiet",
+        ],
         "pretrain calibration",
     )
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
@@ -316,13 +338,16 @@ class _Budget:
             signal.signal(signal.SIGALRM, previous)
 
 
-def _pretrain_step(plan: DemoPlan, state: DemoState, budget: _Budget, pretrain_data: Path, epochs: int) -> int:
+def _pretrain_step(
+    plan: DemoPlan, state: DemoState, budget: _Budget, pretrain_data: Path, epochs: int
+) -> int:
     """Pretrain (or resume the stopped pretraining); returns the epochs done."""
     trained = plan.output / "pretrain"
     if state.get("pretrain") is None:
         go_on = ["--resume"] if (trained / "checkpoint.pth").is_file() else ["--overwrite"]
-        with budget.pretraining(state.get("length")["epoch_seconds"]), stop_reported_by(
-            lambda by: _say_pretraining_stopped(plan, budget, by)
+        with (
+            budget.pretraining(state.get("length")["epoch_seconds"]),
+            stop_reported_by(lambda by: _say_pretraining_stopped(plan, budget, by)),
         ):
             try:
                 _run(["pretrain", "--data", pretrain_data, "--output", trained, *_pretrain_recipe(plan),
@@ -374,12 +399,23 @@ def run_demo(plan: DemoPlan, state: DemoState | None = None) -> dict:
     plan.timings["pretrain_epochs"] = epochs
 
     trained = out / "pretrain"
-    with stage(f"dinokit pretrain: {plan.arch}/{plan.patch_size}, {epochs} epoch{'s' if epochs != 1 else ''} of {n_train} images"):
+    with stage(
+        f"dinokit pretrain: {plan.arch}/{plan.patch_size}, {epochs} epoch{'s' if epochs != 1 else ''} of {n_train} images"
+    ):
         epochs_done = _pretrain_step(plan, state, budget, pretrain_data, epochs)
     weights = {
         "trained": ["--weights", trained / "backbone.pth"],
         # the network the pretraining started from
-        "random": ["--weights", "random", "--arch", plan.arch, "--patch-size", plan.patch_size, "--seed", plan.seed],
+        "random": [
+            "--weights",
+            "random",
+            "--arch",
+            plan.arch,
+            "--patch-size",
+            plan.patch_size,
+            "--seed",
+            plan.seed,
+        ],
     }
     evals = out / "eval"
     steps = _eval_steps(plan, data, evals, weights, common, fp32)
@@ -444,7 +480,9 @@ def _make_data(plan: DemoPlan, data: Path, common: list[str]) -> None:
          "synth segment")  # fmt: skip
 
 
-def _eval_steps(plan: DemoPlan, data: Path, evals: Path, weights: dict, common: list[str], fp32: list[str]) -> dict:
+def _eval_steps(
+    plan: DemoPlan, data: Path, evals: Path, weights: dict, common: list[str], fp32: list[str]
+) -> dict:
     """The evaluation steps by result key: (title, a function of the model's name -> its result)."""
 
     def knn(name):
@@ -461,7 +499,9 @@ def _eval_steps(plan: DemoPlan, data: Path, evals: Path, weights: dict, common: 
               # the reference's probe of ViT-B: the last block's CLS token with the mean patch token
               "--n-last-blocks", 1, "--avgpool-patch-tokens", "--epochs", 100, "--lr", 0.5, "--output", run,
               *fp32, *common], f"linear {name}")  # fmt: skip
-        return float(_read_json(run / "metrics.json")["linear"]["top1"])  # the best epoch, as the protocol reports it
+        return float(
+            _read_json(run / "metrics.json")["linear"]["top1"]
+        )  # the best epoch, as the protocol reports it
 
     def jaccard(name):
         run = evals / name / "attn-eval"
@@ -508,28 +548,40 @@ def _eval_steps(plan: DemoPlan, data: Path, evals: Path, weights: dict, common: 
         "linear": ("linear probe on frozen features (dinokit linear --features-only)", linear),
         "jaccard": ("attention maps and their Jaccard against the object masks (dinokit attn)", jaccard),
         "davis": ("video object segmentation by label propagation (dinokit davis)", davis),
-        "copydays": ("copy detection, Copydays protocol, and near-duplicate search (dinokit copydetect, duplicates)",
-                     copydays),
-        "segment": ("linear segmentation of patch features, and their pictures (dinokit segment, patches)", segment),
+        "copydays": (
+            "copy detection, Copydays protocol, and near-duplicate search (dinokit copydetect, duplicates)",
+            copydays,
+        ),
+        "segment": (
+            "linear segmentation of patch features, and their pictures (dinokit segment, patches)",
+            segment,
+        ),
     }
 
 
 def demo(
     ctx: typer.Context,
-    output: Annotated[Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The demo's run folder.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The demo's run folder.")
+    ],
     epochs: Annotated[
         int | None,
-        typer.Option("--epochs", min=1, help=f"Pretraining epochs (default {DEMO_EPOCHS}, the fixed recipe)."),
+        typer.Option(
+            "--epochs", min=1, help=f"Pretraining epochs (default {DEMO_EPOCHS}, the fixed recipe)."
+        ),
     ] = None,
     minutes: Annotated[
         float | None,
         typer.Option(
-            "--minutes", min=2.0,
+            "--minutes",
+            min=2.0,
             help="A time budget instead of the fixed recipe: the pretraining length is fitted to this "
             "machine's speed, so the numbers then depend on the machine and its load.",
         ),
     ] = None,
-    arch: Annotated[str, typer.Option("--arch", help="Backbone to pretrain (vit_tiny keeps it quick).")] = "vit_tiny",
+    arch: Annotated[
+        str, typer.Option("--arch", help="Backbone to pretrain (vit_tiny keeps it quick).")
+    ] = "vit_tiny",
     per_class: Annotated[
         int, typer.Option("--per-class", min=4, help="Images per class in the built-in classification set.")
     ] = 100,
@@ -541,10 +593,13 @@ def demo(
     ] = 0,
     resume: Annotated[
         bool,
-        typer.Option("--resume", rich_help_panel=RUN_PANEL,
-                     help="Finish a demo that was stopped (Ctrl-C, SIGTERM) in --output: finished steps are kept, "
-                     "a stopped pretraining continues from its checkpoint, and the numbers are those of an "
-                     "uninterrupted run."),
+        typer.Option(
+            "--resume",
+            rich_help_panel=RUN_PANEL,
+            help="Finish a demo that was stopped (Ctrl-C, SIGTERM) in --output: finished steps are kept, "
+            "a stopped pretraining continues from its checkpoint, and the numbers are those of an "
+            "uninterrupted run.",
+        ),
     ] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -553,7 +608,9 @@ def demo(
     protocol of the paper; writes OUT/report.md and OUT/report.html. The default recipe is fixed and
     computes on two threads with pinned CPU kernels, so its numbers are the same on every run."""
     if epochs is not None and minutes is not None:
-        raise DinokitError("Give --epochs or --minutes, not both: --minutes fits the number of epochs to a time budget.")
+        raise DinokitError(
+            "Give --epochs or --minutes, not both: --minutes fits the number of epochs to a time budget."
+        )
     if resume and overwrite:
         raise DinokitError("Give --resume or --overwrite, not both: --resume finishes the demo in the folder, "
                            "--overwrite starts a new one over it.")  # fmt: skip
@@ -579,7 +636,9 @@ def demo(
     setup_logging(quiet)
     # before anything computes: the kernels are chosen at the first tensor operation of the process
     numerics = pin_cpu_numerics(threads=DEMO_THREADS)
-    plan = DemoPlan(output=out, quiet=quiet, overwrite=overwrite, threads=DEMO_THREADS, numerics=numerics, **options)
+    plan = DemoPlan(
+        output=out, quiet=quiet, overwrite=overwrite, threads=DEMO_THREADS, numerics=numerics, **options
+    )
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         summary = run_demo(plan, state)

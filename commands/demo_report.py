@@ -102,7 +102,9 @@ def compose_pictures(out: Path, evals: Path) -> dict[str, str]:
     # attention: per sample image, named, a row for random init above a row for DINO (each: the
     # heads' mean over the image, then every head's mask with its key), at the masks picture's own
     # size, so the head labels read as the page's text
-    samples = sorted(d.name for d in (evals / "trained" / "attn-maps").glob("*/") if (d / "masks.png").is_file())
+    samples = sorted(
+        d.name for d in (evals / "trained" / "attn-maps").glob("*/") if (d / "masks.png").is_file()
+    )
     rows = []
     for stem in samples:
         pair = []
@@ -131,7 +133,9 @@ def compose_pictures(out: Path, evals: Path) -> dict[str, str]:
         picks = [frames[i] for i in sorted({0, len(frames) // 3, 2 * len(frames) // 3, len(frames) - 1})]
         tiles = [Image.open(f).convert("RGB") for f in picks]
         tiles = [t.resize((240 * t.width // t.height, 240)) for t in tiles]
-        rows.append(_label(_stack(tiles, vertical=False), f"{_WHO[name]}: propagated masks, frames {seqs[0].name}"))
+        rows.append(
+            _label(_stack(tiles, vertical=False), f"{_WHO[name]}: propagated masks, frames {seqs[0].name}")
+        )
     if rows:
         _stack(rows, vertical=True).save(fig / "video.png")
         pics["video"] = "figures/video.png"
@@ -141,7 +145,9 @@ def compose_pictures(out: Path, evals: Path) -> dict[str, str]:
     for name in ("random", "trained"):
         overview = evals / name / "patches" / "overview.png"
         if overview.is_file():
-            rows.append(_label(Image.open(overview).convert("RGB"), f"{_WHO[name]}: patch features of four scenes"))
+            rows.append(
+                _label(Image.open(overview).convert("RGB"), f"{_WHO[name]}: patch features of four scenes")
+            )
     if rows:
         _stack(rows, vertical=True).save(fig / "patches.png")
         pics["patches"] = "figures/patches.png"
@@ -155,10 +161,10 @@ def compose_pictures(out: Path, evals: Path) -> dict[str, str]:
 
 #: said under every table: what the verdict column means
 VERDICT_NOTE = (
-    "\"yes\": the trained model is ahead of random init by more than random init alone moves between seeds "
+    '"yes": the trained model is ahead of random init by more than random init alone moves between seeds '
     "(its spread over the README's three seeds: k-NN 2.0, linear 3.0 points, Jaccard 0.023, J&F 0.009, mAP 0.052, "
     "segmentation 2.9 points); "
-    "\"within noise\": ahead by no more than that, which this run cannot tell from chance."
+    '"within noise": ahead by no more than that, which this run cannot tell from chance.'
 )
 #: said instead of the fixed recipe's measured notes when another recipe ran
 OTHER_RECIPE_NOTE = (
@@ -171,10 +177,23 @@ OTHER_RECIPE_NOTE = (
 def recipe_sentence(summary: dict) -> str:
     """The recipe that actually ran, in one sentence."""
     cfg = summary["config"]
-    done, planned = summary.get("pretrain_epochs_done", summary["pretrain_epochs"]), summary["pretrain_epochs"]
-    length = f"{planned} epochs" if done == planned else f"{done} of {planned} planned epochs (the time budget ended it)"
-    how = "the fixed recipe" if summary.get("fixed_recipe", True) else (
-        f"a time budget of {cfg['minutes']} minutes" if cfg.get("minutes") not in (None, "None") else "a changed recipe"
+    done, planned = (
+        summary.get("pretrain_epochs_done", summary["pretrain_epochs"]),
+        summary["pretrain_epochs"],
+    )
+    length = (
+        f"{planned} epochs"
+        if done == planned
+        else f"{done} of {planned} planned epochs (the time budget ended it)"
+    )
+    how = (
+        "the fixed recipe"
+        if summary.get("fixed_recipe", True)
+        else (
+            f"a time budget of {cfg['minutes']} minutes"
+            if cfg.get("minutes") not in (None, "None")
+            else "a changed recipe"
+        )
     )
     per_class = cfg.get("per_class", "100")
     return (
@@ -197,11 +216,18 @@ ROWS = [
 
 #: how far random init alone moves each metric: the spread (max - min) of the random-init results
 #: over the README's three seeds of the fixed recipe. A gain no larger than this is within noise.
-RANDOM_SPREAD = {"knn": 2.0, "linear": 3.0, "jaccard": 0.023, "davis": 0.009, "copydays": 0.052, "segment": 2.9}
+RANDOM_SPREAD = {
+    "knn": 2.0,
+    "linear": 3.0,
+    "jaccard": 0.023,
+    "davis": 0.009,
+    "copydays": 0.052,
+    "segment": 2.9,
+}
 
 
 def verdict(key: str, random: float | None, trained: float | None) -> str:
-    """"yes" when the trained model beats random init by more than random init's own spread,
+    """ "yes" when the trained model beats random init by more than random init's own spread,
     "within noise" when it is ahead by no more than that, "no" otherwise (a tie included);
     "not run" when a step was skipped."""
     if random is None or trained is None:
@@ -319,9 +345,13 @@ def write_reports(out: Path, results: dict, pictures: dict[str, str], summary: d
     if collapse:
         body.append(f"<p class='no'><b>Warning:</b> {esc(collapse)}</p>")
     if skipped:
-        body.append(f"<p>Not run: {esc(', '.join(sorted(skipped)))} ({esc(next(iter(skipped.values())))}).</p>")
+        body.append(
+            f"<p>Not run: {esc(', '.join(sorted(skipped)))} ({esc(next(iter(skipped.values())))}).</p>"
+        )
     if misses:
-        body.append("<p>Where the trained model does not beat random init by more than noise here, and why:</p><ul>")
+        body.append(
+            "<p>Where the trained model does not beat random init by more than noise here, and why:</p><ul>"
+        )
         body.extend(f"<li><b>{esc(t)}</b>: {esc(WHY_NOT[k])}.</li>" for k, t in misses)
         body.append("</ul>")
     body.append(f"<p>{esc(COPYDAYS_NOTE if fixed else OTHER_RECIPE_NOTE)}</p>")

@@ -39,7 +39,10 @@ def duplicates(
     output: Output,
     against: Annotated[
         Optional[Path],
-        typer.Option("--against", help="Pair FOLDER's images only with this folder's images (e.g. a reference collection)."),
+        typer.Option(
+            "--against",
+            help="Pair FOLDER's images only with this folder's images (e.g. a reference collection).",
+        ),
     ] = None,
     threshold: Annotated[
         Optional[float],
@@ -97,7 +100,9 @@ def duplicates(
 
     setup_logging(quiet)
     require_weights(weights)
-    require_inputs(("folder", folder), ("folder given with --against", against), ("whitening folder", whitening))
+    require_inputs(
+        ("folder", folder), ("folder given with --against", against), ("whitening folder", whitening)
+    )
     prepare_output_dir(output, overwrite=overwrite)
     from dinokit.eval.duplicates import (  # torch: once the checks above passed
         UNITS,
@@ -117,10 +122,16 @@ def duplicates(
     write_pairs(result, output)
     write_clusters(result, output)
     sheet = contact_sheet(result.pairs, output / "pairs.png", max_pairs=sheet_pairs) if sheet_pairs else None
-    write_metrics(output, result.summary(), config={**asdict(cfg), "normalization": result.normalization}, units=UNITS)
+    write_metrics(
+        output, result.summary(), config={**asdict(cfg), "normalization": result.normalization}, units=UNITS
+    )
     rows = [[i + 1, f"{p.score:.3f}", p.image_a, p.image_b] for i, p in enumerate(result.pairs[:10])]
     if rows:
-        print_table(f"Near-duplicate pairs (similarity >= {result.threshold:g})", ["#", "score", "image", "image"], rows)
+        print_table(
+            f"Near-duplicate pairs (similarity >= {result.threshold:g})",
+            ["#", "score", "image", "image"],
+            rows,
+        )
     searched = plural(result.n_images, "image") + (f" against {result.n_against}" if cfg.against else "")
     # images counts the readable ones searched; files read now and from the index count every file
     console.print(

@@ -37,18 +37,26 @@ AvgPool = Annotated[
     bool,
     typer.Option("--avgpool-patch-tokens", help="Append the average of the last block's patch tokens."),
 ]
-Resize = Annotated[int, typer.Option("--resize", min=1, help="Resize the short side to this (bicubic) before the crop.")]
+Resize = Annotated[
+    int, typer.Option("--resize", min=1, help="Resize the short side to this (bicubic) before the crop.")
+]
 Crop = Annotated[
     int, typer.Option("--image-size", min=1, help="The centre crop in pixels: the size the network sees.")
 ]
 
 
 def features(
-    data: Annotated[Path, typer.Option("--data", "-d", help="A labelled ImageFolder root or any folder of images.")],
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="A labelled ImageFolder root or any folder of images.")
+    ],
     output: Annotated[
         Path,
-        typer.Option("--output", "-o", help="The features file: its ending says the format (.pt, .csv or "
-                     ".npy); a path without one is a folder that gets features.pt (or .csv, .npy with --format)."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="The features file: its ending says the format (.pt, .csv or "
+            ".npy); a path without one is a folder that gets features.pt (or .csv, .npy with --format).",
+        ),
     ],
     weights: OptionalWeights = None,
     arch: Arch = None,
@@ -60,9 +68,13 @@ def features(
     avgpool_patch_tokens: AvgPool = False,
     fmt: Annotated[
         Optional[str],
-        typer.Option("--format", help="pt (one file for dinokit), npy (features.npy + paths.txt) or csv (one "
-                     "row per image: path, label, then the dimensions; for spreadsheets and pandas). Default: "
-                     "from --output's ending; one that disagrees with it is refused.", show_default=False),
+        typer.Option(
+            "--format",
+            help="pt (one file for dinokit), npy (features.npy + paths.txt) or csv (one "
+            "row per image: path, label, then the dimensions; for spreadsheets and pandas). Default: "
+            "from --output's ending; one that disagrees with it is refused.",
+            show_default=False,
+        ),
     ] = None,
     resize: Resize = 256,
     crop: Crop = 224,
@@ -72,7 +84,11 @@ def features(
     precision: Precision = "auto",
     threads: Annotated[
         Optional[int],
-        typer.Option("--threads", min=1, help="CPU threads for the compute (default: the cores other programs leave free)."),
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads for the compute (default: the cores other programs leave free).",
+        ),
     ] = None,
     seed: Seed = 0,
     strict: Strict = False,
@@ -115,7 +131,8 @@ def features(
             written = save_features(fs, output, format=fmt, overwrite=overwrite)
             labelled = f", {plural(len(fs.classes), 'class')}" if fs.labels is not None else ""
             console.print(
-                f"{plural(len(fs), 'image')}{labelled} -> {fs.dim}-d features: " + ", ".join(str(p) for p in written),
+                f"{plural(len(fs), 'image')}{labelled} -> {fs.dim}-d features: "
+                + ", ".join(str(p) for p in written),
                 highlight=False,
             )
     finally:

@@ -43,8 +43,11 @@ def finetune(
     val: Val = None,
     val_split: Annotated[
         Optional[float],
-        typer.Option("--val-split", help="Hold out this fraction of each training class for validation "
-                     "(0.1 when --val is not given)."),
+        typer.Option(
+            "--val-split",
+            help="Hold out this fraction of each training class for validation "
+            "(0.1 when --val is not given).",
+        ),
     ] = None,
     arch: Arch = None,
     patch_size: PatchSize = None,
@@ -54,16 +57,26 @@ def finetune(
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs, head-only warm-up included.")] = 100,
     batch_size: BatchSize = 64,
     lr: Annotated[
-        float, typer.Option("--lr", help="Base learning rate at a global batch of 1024; the peak lr is "
-                            "lr * global_batch / 1024.")
+        float,
+        typer.Option(
+            "--lr",
+            help="Base learning rate at a global batch of 1024; the peak lr is lr * global_batch / 1024.",
+        ),
     ] = 5e-4,
     min_lr: Annotated[float, typer.Option("--min-lr", help="Learning rate at the end of the cosine.")] = 1e-6,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (not on biases, "
-                                                 "norms, cls_token, pos_embed).")] = 0.05,
+    weight_decay: Annotated[
+        float,
+        typer.Option(
+            "--weight-decay", help="AdamW weight decay (not on biases, norms, cls_token, pos_embed)."
+        ),
+    ] = 0.05,
     layer_decay: Annotated[
         float,
-        typer.Option("--layer-decay", help="Layer-wise lr decay d: block i of L trains at lr*d^(L-i), the "
-                     "embeddings at lr*d^(L+1), the head at lr. 1 = off; 0.65-0.75 suit small data."),
+        typer.Option(
+            "--layer-decay",
+            help="Layer-wise lr decay d: block i of L trains at lr*d^(L-i), the "
+            "embeddings at lr*d^(L+1), the head at lr. 1 = off; 0.65-0.75 suit small data.",
+        ),
     ] = 1.0,
     drop_path: Annotated[float, typer.Option("--drop-path", help="Stochastic depth rate.")] = 0.1,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing.")] = 0.1,
@@ -76,15 +89,23 @@ def finetune(
         Optional[float], typer.Option("--clip-grad", help="Clip the global gradient norm to this value.")
     ] = None,
     head_warmup_epochs: Annotated[
-        int, typer.Option("--head-warmup-epochs", min=0, help="First epochs train the head alone on the frozen "
-                          "backbone (helps small data).")
+        int,
+        typer.Option(
+            "--head-warmup-epochs",
+            min=0,
+            help="First epochs train the head alone on the frozen backbone (helps small data).",
+        ),
     ] = 0,
     warmup_epochs: Annotated[
-        float, typer.Option("--warmup-epochs", min=0, help="Linear lr warm-up epochs of the full fine-tuning.")
+        float,
+        typer.Option("--warmup-epochs", min=0, help="Linear lr warm-up epochs of the full fine-tuning."),
     ] = 5.0,
     image_size: Annotated[
-        int, typer.Option("--image-size", help="Training crop and evaluation crop size in pixels (the "
-                          "evaluation resize is size/0.875).")
+        int,
+        typer.Option(
+            "--image-size",
+            help="Training crop and evaluation crop size in pixels (the evaluation resize is size/0.875).",
+        ),
     ] = 224,
     min_crop_scale: Annotated[
         float, typer.Option("--min-crop-scale", help="Smallest random-resized-crop area fraction.")
@@ -126,7 +147,15 @@ def finetune(
             sys.exit(signal_exit_code(result.signal))
         return
     rows = [
-        [h["epoch"], h["phase"], h["train_loss"], h["val_top1"], h["val_top5"], f"{h['lr']:.3g}", h["seconds"]]
+        [
+            h["epoch"],
+            h["phase"],
+            h["train_loss"],
+            h["val_top1"],
+            h["val_top5"],
+            f"{h['lr']:.3g}",
+            h["seconds"],
+        ]
         for h in result.history
     ]
     if rows:
@@ -137,18 +166,27 @@ def finetune(
         )
     if result.best_top1 is not None:
         last = "final" if result.finished else f"after epoch {result.epochs_done}:"
-        now = f"{last} top-1 {result.final_top1:.2f}%  top-5 {result.final_top5:.2f}%   " if result.final_top1 is not None else ""
+        now = (
+            f"{last} top-1 {result.final_top1:.2f}%  top-5 {result.final_top5:.2f}%   "
+            if result.final_top1 is not None
+            else ""
+        )
         console.print(f"{now}best top-1 {result.best_top1:.2f}% (epoch {result.best_epoch})", highlight=False)
-    stopped_by = signal.Signals(result.signal).name if result.signal else (None if result.finished else "stop-after")
-    where = f"in epoch {result.stopped_at[0]} after step {result.stopped_at[1]}" if result.stopped_at else None
+    stopped_by = (
+        signal.Signals(result.signal).name if result.signal else (None if result.finished else "stop-after")
+    )
+    where = (
+        f"in epoch {result.stopped_at[0]} after step {result.stopped_at[1]}" if result.stopped_at else None
+    )
     report_stop("finetune", result.output, "epoch", result.epochs_done, result.epochs, stopped_by, where)
     if result.signal:
         sys.exit(signal_exit_code(result.signal))
     if result.finished:
         console.print(f"Model written to {result.output / 'model.pth'}.", highlight=False)
     steps = result.epochs_done * -(-result.num_train // max(1, result.batch_size))
-    note = short_run_note("finetune", steps, "lr" in explicit,
-                          f"{lr:g} x global batch / 1024 = peak {result.peak_lr:.3g}")
+    note = short_run_note(
+        "finetune", steps, "lr" in explicit, f"{lr:g} x global batch / 1024 = peak {result.peak_lr:.3g}"
+    )
     if note:
         console_err.print(note, highlight=False)
 

@@ -41,9 +41,13 @@ def parse_ks(text: str) -> tuple[int, ...]:
     try:
         ks = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
     except ValueError:
-        raise DinokitError(f"--k takes comma-separated positive integers such as 10,20,100,200, not {text!r}.") from None
+        raise DinokitError(
+            f"--k takes comma-separated positive integers such as 10,20,100,200, not {text!r}."
+        ) from None
     if not ks or min(ks) < 1:
-        raise DinokitError(f"--k takes comma-separated positive integers such as 10,20,100,200, not {text!r}.")
+        raise DinokitError(
+            f"--k takes comma-separated positive integers such as 10,20,100,200, not {text!r}."
+        )
     return ks
 
 
@@ -78,7 +82,9 @@ def knn(
     mean: Mean = None,
     std: Std = None,
     k: Annotated[str, typer.Option("--k", help="Numbers of neighbours, comma-separated.")] = "10,20,100,200",
-    temperature: Annotated[float, typer.Option("--temperature", min=1e-6, help="Vote weight exp(sim / T).")] = 0.07,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=1e-6, help="Vote weight exp(sim / T).")
+    ] = 0.07,
     n_last_blocks: NLastBlocks = 1,
     avgpool_patch_tokens: AvgPool = False,
     resize: Resize = 256,
@@ -133,7 +139,8 @@ def knn(
             title += f" (k cut to the {plural(result.n_train, 'train image')})"
         print_table(title, ["k", "top-1 %", "top-5 %"], rows)
         console.print(
-            f"{result.n_train} train and {plural(result.n_val, 'val image')}, {plural(result.num_classes, 'class')}", highlight=False
+            f"{result.n_train} train and {plural(result.n_val, 'val image')}, {plural(result.num_classes, 'class')}",
+            highlight=False,
         )
         if result.num_classes < 5:
             console.print(f"(with {result.num_classes} classes, top-5 counts all of them)", highlight=False)

@@ -44,15 +44,31 @@ def models(
     _table(
         "Architectures (--arch)",
         ["arch", "kind", "width", "blocks", "heads", "aliases"],
-        [[a["arch"], a["kind"], a["embed_dim"], a["depth"] or "-", a["num_heads"] or "-", ", ".join(a["aliases"]) or "-"]
-         for a in archs],
+        [
+            [
+                a["arch"],
+                a["kind"],
+                a["embed_dim"],
+                a["depth"] or "-",
+                a["num_heads"] or "-",
+                ", ".join(a["aliases"]) or "-",
+            ]
+            for a in archs
+        ],
     )
     _table(
         "Presets (--weights NAME)",
         ["preset", "model", "file", "cached", "linear head"],
-        [[p.name, p.arch + (f"/{p.patch_size}" if p.patch_size else ""), p.file, "yes" if p.cached else "no",
-          ("cached" if p.linear_head_cached else "yes") if p.linear_head else "-"]
-         for p in presets],
+        [
+            [
+                p.name,
+                p.arch + (f"/{p.patch_size}" if p.patch_size else ""),
+                p.file,
+                "yes" if p.cached else "no",
+                ("cached" if p.linear_head_cached else "yes") if p.linear_head else "-",
+            ]
+            for p in presets
+        ],
     )
     _table(
         "Hugging Face repositories (--weights OWNER/NAME; any ViT repository works)",
@@ -60,9 +76,14 @@ def models(
         [[r.repo_id, f"{r.arch}/{r.patch_size}", "yes" if r.cached else "no"] for r in repos],
     )
     n = sum(p.cached for p in presets)
-    console.print(f"{n} of {len(presets)} presets are in torch.hub's cache: {hub_cache_dir()} (set TORCH_HOME to move it).",
-                  soft_wrap=True, highlight=False)
-    console.print(f"Hugging Face cache: {hf_cache_dir()} (set HF_HOME to move it).", soft_wrap=True, highlight=False)
+    console.print(
+        f"{n} of {len(presets)} presets are in torch.hub's cache: {hub_cache_dir()} (set TORCH_HOME to move it).",
+        soft_wrap=True,
+        highlight=False,
+    )
+    console.print(
+        f"Hugging Face cache: {hf_cache_dir()} (set HF_HOME to move it).", soft_wrap=True, highlight=False
+    )
 
 
 def register(app: typer.Typer, synth_app: typer.Typer) -> None:

@@ -33,8 +33,10 @@ from ._progress import RichProgress
 def patches(
     images: Annotated[
         list[str],
-        typer.Argument(help="Images, folders or glob patterns: their patch features are fitted together.",
-                       show_default=False),
+        typer.Argument(
+            help="Images, folders or glob patterns: their patch features are fitted together.",
+            show_default=False,
+        ),
     ],
     weights: Weights = ...,
     output: Output = ...,
@@ -44,36 +46,53 @@ def patches(
     mean: Mean = None,
     std: Std = None,
     parts: Annotated[
-        int, typer.Option("--parts", min=1, help="k-means clusters of the patch features, shared by the images.")
+        int,
+        typer.Option("--parts", min=1, help="k-means clusters of the patch features, shared by the images."),
     ] = 5,
     image_size: Annotated[
         int,
-        typer.Option("--image-size", min=0,
-                     help="Resize the shorter side to S, the aspect ratio kept, then crop to a multiple of the "
-                     "patch size; 0 keeps the original size."),
+        typer.Option(
+            "--image-size",
+            min=0,
+            help="Resize the shorter side to S, the aspect ratio kept, then crop to a multiple of the "
+            "patch size; 0 keeps the original size.",
+        ),
     ] = 448,
     foreground: Annotated[
         bool,
-        typer.Option("--foreground/--no-foreground",
-                     help="Colour only the foreground (the first principal component thresholded), with a PCA "
-                     "refitted on it, as DINOv2's Fig. 1; --no-foreground colours every patch."),
+        typer.Option(
+            "--foreground/--no-foreground",
+            help="Colour only the foreground (the first principal component thresholded), with a PCA "
+            "refitted on it, as DINOv2's Fig. 1; --no-foreground colours every patch.",
+        ),
     ] = True,
     threshold: Annotated[
         Optional[float],
-        typer.Option("--threshold", min=0.0, max=1.0, show_default=False,
-                     help="Foreground threshold on the first component scaled to [0, 1] over the images "
-                     "(default: Otsu's threshold of its values)."),
+        typer.Option(
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            show_default=False,
+            help="Foreground threshold on the first component scaled to [0, 1] over the images "
+            "(default: Otsu's threshold of its values).",
+        ),
     ] = None,
     fit_patches: Annotated[
         int,
-        typer.Option("--fit-patches", min=10,
-                     help="Fit the PCA and k-means on at most this many patches (a seeded sample beyond)."),
+        typer.Option(
+            "--fit-patches",
+            min=10,
+            help="Fit the PCA and k-means on at most this many patches (a seeded sample beyond).",
+        ),
     ] = 200_000,
     max_tokens: Annotated[
         int,
-        typer.Option("--max-tokens", min=1,
-                     help="The most patch tokens an image may become at the asked size; an image beyond it is "
-                     "refused before the work, with the size that fits."),
+        typer.Option(
+            "--max-tokens",
+            min=1,
+            help="The most patch tokens an image may become at the asked size; an image beyond it is "
+            "refused before the work, with the size that fits.",
+        ),
     ] = 100_000,
     batch_size: BatchSize = 8,
     num_workers: NumWorkers = 0,
@@ -102,9 +121,11 @@ def patches(
         result = run_patches(cfg, progress)
     write_metrics(result.output, result.metrics, result.config)
     share = result.foreground_fraction
-    console.print(f"Wrote the PCA colours, foreground and {plural(parts, 'part')} of "
-                  f"{plural(result.images, 'image')} to {result.output} (overview.png; "
-                  + (f"foreground {share:.0%} of the patches)." if share is not None else "every patch coloured)."))
+    console.print(
+        f"Wrote the PCA colours, foreground and {plural(parts, 'part')} of "
+        f"{plural(result.images, 'image')} to {result.output} (overview.png; "
+        + (f"foreground {share:.0%} of the patches)." if share is not None else "every patch coloured).")
+    )
     if result.skipped:
         console.print(f"{plural(result.skipped, 'unreadable image')} skipped (--strict stops at the first).")
 

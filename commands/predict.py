@@ -26,14 +26,18 @@ from ._progress import RichProgress
 
 
 def predict(
-    images: Annotated[list[str], typer.Argument(help="Images, folders (searched recursively) or glob patterns.")],
+    images: Annotated[
+        list[str], typer.Argument(help="Images, folders (searched recursively) or glob patterns.")
+    ],
     model: Annotated[
         Path, typer.Option("--model", "-m", help="A fine-tuned model: RUN/model.pth or RUN/best.pth.")
     ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="A .csv or .json file, or - to print a table.")
     ],
-    top: Annotated[int, typer.Option("--k", min=1, help="How many classes to report per image (the top k).")] = 5,
+    top: Annotated[
+        int, typer.Option("--k", min=1, help="How many classes to report per image (the top k).")
+    ] = 5,
     mean: Mean = None,
     std: Std = None,
     batch_size: BatchSize = 64,
@@ -63,8 +67,18 @@ def predict(
 
     with RichProgress(quiet=quiet) as progress:
         res = predict_images(
-            model, images, top=top, batch_size=batch_size, num_workers=num_workers, device=device,
-            precision=precision, progress=progress, strict=strict, exact_decode=exact_decode, mean=mean, std=std,
+            model,
+            images,
+            top=top,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            precision=precision,
+            progress=progress,
+            strict=strict,
+            exact_decode=exact_decode,
+            mean=mean,
+            std=std,
         )
     k = len(res.top_classes[0]) if res.top_classes else min(top, len(res.classes))
     if res.skipped:

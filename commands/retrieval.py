@@ -85,8 +85,12 @@ def retrieval(
         result = image_retrieval(cfg, progress)
     if not is_main_process():
         return
-    write_metrics(output, result.to_metrics(), config={**asdict(cfg), "normalization": result.normalization},
-                  units=UNITS)
+    write_metrics(
+        output,
+        result.to_metrics(),
+        config={**asdict(cfg), "normalization": result.normalization},
+        units=UNITS,
+    )
     rows = [
         [proto.capitalize(), result.mAP[proto], *(result.mP[proto][k] for k in ("1", "5", "10"))]
         for proto in ("medium", "hard")

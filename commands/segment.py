@@ -41,34 +41,77 @@ CPU_NOTE = (
 def segment(
     ctx: typer.Context,
     output: Output,
-    images: Annotated[Optional[list[Path]], typer.Argument(
-        help="With --head: the images or folders to segment.", show_default=False)] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="The data set's folder (its train and val splits).")] = None,
-    dataset: Annotated[str, typer.Option(
-        "--dataset", help="The layout of --data: voc2012, ade20k, cityscapes or folder (ROOT/{train,val}/{images,masks}, "
-        "optional ROOT/classes.txt).")] = "folder",
-    head: Annotated[Optional[Path], typer.Option(
-        "--head", help="A head.pth of an earlier run: segment the IMAGES with it instead of training.")] = None,
+    images: Annotated[
+        Optional[list[Path]],
+        typer.Argument(help="With --head: the images or folders to segment.", show_default=False),
+    ] = None,
+    data: Annotated[
+        Optional[Path], typer.Option("--data", help="The data set's folder (its train and val splits).")
+    ] = None,
+    dataset: Annotated[
+        str,
+        typer.Option(
+            "--dataset",
+            help="The layout of --data: voc2012, ade20k, cityscapes or folder (ROOT/{train,val}/{images,masks}, "
+            "optional ROOT/classes.txt).",
+        ),
+    ] = "folder",
+    head: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--head", help="A head.pth of an earlier run: segment the IMAGES with it instead of training."
+        ),
+    ] = None,
     weights: OptionalWeights = None,
     arch: Arch = None,
     patch_size: PatchSize = None,
     checkpoint_key: CheckpointKey = "teacher",
     mean: Mean = None,
     std: Std = None,
-    iterations: Annotated[int, typer.Option("--iterations", min=1, help="Training iterations (official: 40000).")] = 1000,
-    warmup: Annotated[Optional[int], typer.Option(
-        "--warmup", min=0, help="Warm-up iterations (default: 1500/40000 of --iterations, the official share).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step, per process (official: 2 x 8 GPUs).")] = 4,
+    iterations: Annotated[
+        int, typer.Option("--iterations", min=1, help="Training iterations (official: 40000).")
+    ] = 1000,
+    warmup: Annotated[
+        Optional[int],
+        typer.Option(
+            "--warmup",
+            min=0,
+            help="Warm-up iterations (default: 1500/40000 of --iterations, the official share).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Images per step, per process (official: 2 x 8 GPUs).")
+    ] = 4,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (official: 1e-3).")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (official: 1e-3).")] = 1e-3,
-    image_size: Annotated[int, typer.Option(
-        "--image-size", min=16, help="Training crop, evaluation shorter side and sliding window (stride 2/3 of it); "
-        "official: 512.")] = 224,
-    blocks: Annotated[int, typer.Option("--blocks", help="Patch tokens of the last block (1) or of the last 4, concatenated.")] = 1,
-    ignore_index: Annotated[int, typer.Option("--ignore-index", help="The void label of a folder set's masks.")] = 255,
-    photometric: Annotated[bool, typer.Option(
-        "--photometric/--no-photometric", help="The official photometric distortion of the training crops.")] = True,
-    pictures: Annotated[int, typer.Option("--pictures", min=0, help="Validation pictures image | truth | prediction.")] = 4,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", help="AdamW weight decay (official: 1e-3).")
+    ] = 1e-3,
+    image_size: Annotated[
+        int,
+        typer.Option(
+            "--image-size",
+            min=16,
+            help="Training crop, evaluation shorter side and sliding window (stride 2/3 of it); "
+            "official: 512.",
+        ),
+    ] = 224,
+    blocks: Annotated[
+        int,
+        typer.Option("--blocks", help="Patch tokens of the last block (1) or of the last 4, concatenated."),
+    ] = 1,
+    ignore_index: Annotated[
+        int, typer.Option("--ignore-index", help="The void label of a folder set's masks.")
+    ] = 255,
+    photometric: Annotated[
+        bool,
+        typer.Option(
+            "--photometric/--no-photometric",
+            help="The official photometric distortion of the training crops.",
+        ),
+    ] = True,
+    pictures: Annotated[
+        int, typer.Option("--pictures", min=0, help="Validation pictures image | truth | prediction.")
+    ] = 4,
     resume: Resume = False,
     stop_after: StopAfterIterations = None,
     num_workers: NumWorkers = 0,

@@ -40,7 +40,8 @@ def similar(
         typer.Argument(help="Query images: files, folders or glob patterns.", show_default=False),
     ],
     against: Annotated[
-        Path, typer.Option("--against", help="The folder of images to rank (recursively).", show_default=False)
+        Path,
+        typer.Option("--against", help="The folder of images to rank (recursively).", show_default=False),
     ],
     output: Output,
     k: Annotated[int, typer.Option("--k", min=1, help="Matches kept per query, most similar first.")] = 5,
@@ -89,15 +90,22 @@ def similar(
     if not is_main_process():
         return
     write_similar(result, output)
-    sheet = similar_sheet(result.queries, output / "similar.png", max_rows=sheet_queries) if sheet_queries else None
+    sheet = (
+        similar_sheet(result.queries, output / "similar.png", max_rows=sheet_queries)
+        if sheet_queries
+        else None
+    )
     write_metrics(output, result.summary(), config={**asdict(cfg), "normalization": result.normalization})
-    rows = [[Path(q.query).name, m.rank, f"{m.score:.3f}", m.image] for q in result.queries[:5] for m in q.matches]
+    rows = [
+        [Path(q.query).name, m.rank, f"{m.score:.3f}", m.image] for q in result.queries[:5] for m in q.matches
+    ]
     if rows:
         print_table("Most similar images (cosine similarity)", ["query", "rank", "similarity", "image"], rows)
     console.print(
         f"{plural(result.n_queries, 'query')} against {plural(result.n_against, 'image')}; embedded "
         f"{plural(result.embedded, 'new image')}, reused {result.reused}"
-        + (f", skipped {result.unreadable} unreadable" if result.unreadable else "") + "."
+        + (f", skipped {result.unreadable} unreadable" if result.unreadable else "")
+        + "."
     )
     console.print(f"Results in {output / 'similar.csv'}" + (f" and {sheet}" if sheet else ""))
 

@@ -12,17 +12,23 @@ from ._options import RUN_PANEL, Overwrite, Quiet
 from ._progress import RichProgress
 
 Output = Annotated[
-    Path, typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The folder the data set is written to.")
+    Path,
+    typer.Option("--output", "-o", rich_help_panel=RUN_PANEL, help="The folder the data set is written to."),
 ]
 Seed0 = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives byte-identical files.")]
 
 
 def classify(
     output: Output,
-    classes: Annotated[int, typer.Option("--classes", min=1, help="Number of shape classes (up to 72).")] = 10,
-    per_class: Annotated[int, typer.Option("--per-class", min=1, help="Images per class (train + val).")] = 100,
+    classes: Annotated[
+        int, typer.Option("--classes", min=1, help="Number of shape classes (up to 72).")
+    ] = 10,
+    per_class: Annotated[
+        int, typer.Option("--per-class", min=1, help="Images per class (train + val).")
+    ] = 100,
     val_fraction: Annotated[
-        float, typer.Option("--val-fraction", min=0.0, max=0.99, help="Fraction of each class held out for val.")
+        float,
+        typer.Option("--val-fraction", min=0.0, max=0.99, help="Fraction of each class held out for val."),
     ] = 0.2,
     size: Annotated[int, typer.Option("--image-size", min=16, help="Image side in pixels.")] = 96,
     style: Annotated[
@@ -151,14 +157,22 @@ def video(
 
 def copydays(
     output: Output,
-    originals: Annotated[int, typer.Option("--originals", min=1, help="Number of original images (groups).")] = 30,
+    originals: Annotated[
+        int, typer.Option("--originals", min=1, help="Number of original images (groups).")
+    ] = 30,
     distractors: Annotated[
-        int, typer.Option("--distractors", min=0, help="Distinct images for DIR/distractors (join the database).")
+        int,
+        typer.Option("--distractors", min=0, help="Distinct images for DIR/distractors (join the database)."),
     ] = 100,
     whitening: Annotated[
-        int, typer.Option("--whitening", min=0, help="Other distinct images for DIR/whitening (to learn a whitening).")
+        int,
+        typer.Option(
+            "--whitening", min=0, help="Other distinct images for DIR/whitening (to learn a whitening)."
+        ),
     ] = 100,
-    size: Annotated[int, typer.Option("--image-size", min=32, help="Long side of the originals in pixels.")] = 256,
+    size: Annotated[
+        int, typer.Option("--image-size", min=32, help="Long side of the originals in pixels.")
+    ] = 256,
     seed: Seed0 = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -196,21 +210,38 @@ def copydays(
     if s.n_whitening:
         rows.append(["whitening", str(s.whitening), s.n_whitening])
     print_table("dinokit synth copydays", ["block", "where", "images per folder"], rows)
-    console.print(f"Copydays layout in {s.copydays}, long side {s.size} px, seed {s.seed}, {s.seconds:.1f} s.",
-                  highlight=False)
+    console.print(
+        f"Copydays layout in {s.copydays}, long side {s.size} px, seed {s.seed}, {s.seconds:.1f} s.",
+        highlight=False,
+    )
 
 
 def segment(
     output: Output,
-    layout: Annotated[str, typer.Option("--layout", help="voc2012 (JPEGImages, SegmentationClass, ImageSets) or "
-                                        "folder ({train,val}/{images,masks}, classes.txt).")] = "folder",
-    classes: Annotated[int, typer.Option("--classes", min=1, max=8, help="Shape classes besides the background.")] = 3,
+    layout: Annotated[
+        str,
+        typer.Option(
+            "--layout",
+            help="voc2012 (JPEGImages, SegmentationClass, ImageSets) or "
+            "folder ({train,val}/{images,masks}, classes.txt).",
+        ),
+    ] = "folder",
+    classes: Annotated[
+        int, typer.Option("--classes", min=1, max=8, help="Shape classes besides the background.")
+    ] = 3,
     train: Annotated[int, typer.Option("--train", min=1, help="Training scenes.")] = 48,
     val: Annotated[int, typer.Option("--val", min=1, help="Validation scenes.")] = 16,
-    size: Annotated[int, typer.Option("--image-size", min=32, help="Longer side of a scene in pixels.")] = 160,
-    style: Annotated[str, typer.Option(
-        "--style", help="cluttered: textured shapes over photographs or clutter; simple: flat shapes with their "
-        "class's hue and pattern on a smooth grey background, as synth classify --style simple draws them.")] = "cluttered",
+    size: Annotated[
+        int, typer.Option("--image-size", min=32, help="Longer side of a scene in pixels.")
+    ] = 160,
+    style: Annotated[
+        str,
+        typer.Option(
+            "--style",
+            help="cluttered: textured shapes over photographs or clutter; simple: flat shapes with their "
+            "class's hue and pattern on a smooth grey background, as synth classify --style simple draws them.",
+        ),
+    ] = "cluttered",
     seed: Seed0 = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -226,8 +257,18 @@ def segment(
     from dinokit.data.synth_segment import make_segment_dataset
 
     with RichProgress(quiet=quiet) as progress:
-        s = make_segment_dataset(output, layout=layout, classes=classes, train=train, val=val, size=size, seed=seed,
-                                 overwrite=overwrite, progress=progress, style=style)
+        s = make_segment_dataset(
+            output,
+            layout=layout,
+            classes=classes,
+            train=train,
+            val=val,
+            size=size,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress,
+            style=style,
+        )
     print_table("dinokit synth segment", ["split", "scenes"], [["train", s.n_train], ["val", s.n_val]])
     console.print(
         f"{s.layout} layout in {s.root}, {plural(len(s.classes), 'class')} ({', '.join(s.classes)}), "
@@ -242,4 +283,3 @@ def register(app: typer.Typer, synth_app: typer.Typer) -> None:
     synth_app.command("video")(video)
     synth_app.command("copydays")(copydays)
     synth_app.command("segment")(segment)
-

@@ -264,10 +264,14 @@ def make_output_folder(path: Path) -> bool:
         path.mkdir(parents=True)
     except FileExistsError:
         if not path.is_dir():
-            raise OutputExistsError(f"The output {path} is a file, not a folder; choose a folder path.") from None
+            raise OutputExistsError(
+                f"The output {path} is a file, not a folder; choose a folder path."
+            ) from None
         return False
     except OSError as e:
-        raise DinokitError(f"The output folder {path} cannot be created ({_reason(e)}); choose another --output.") from e
+        raise DinokitError(
+            f"The output folder {path} cannot be created ({_reason(e)}); choose another --output."
+        ) from e
     return True
 
 
@@ -416,7 +420,9 @@ def _create_lock(folder: Path, me: LockHolder) -> None:
         if not holder.is_gone():
             raise FolderInUseError(_in_use_sentence(folder, holder))
         _take_over(lock, holder)
-    raise FolderInUseError(f"The output folder {folder} is being taken by other runs at the same time; try again.")
+    raise FolderInUseError(
+        f"The output folder {folder} is being taken by other runs at the same time; try again."
+    )
 
 
 def _write_exclusively(lock: Path, payload: bytes) -> None:
@@ -469,13 +475,19 @@ def _take_over(lock: Path, stale: LockHolder) -> None:
 
 def _in_use_sentence(folder: Path, holder: LockHolder) -> str:
     if not holder.pid:
-        return (f"The output folder {folder} is locked by {folder / LOCK_NAME}, which names no process; if no "
-                "run writes there, delete that file, or choose another --output.")
+        return (
+            f"The output folder {folder} is locked by {folder / LOCK_NAME}, which names no process; if no "
+            "run writes there, delete that file, or choose another --output."
+        )
     if holder.host != socket.gethostname():
-        return (f"The output folder {folder} is in use by another dinokit run ({holder.describe()}); wait for it "
-                f"to end, or, if that run has ended, delete {folder / LOCK_NAME}, or choose another --output.")
-    return (f"The output folder {folder} is in use by another dinokit run ({holder.describe()}); wait for it to "
-            "end or choose another --output.")
+        return (
+            f"The output folder {folder} is in use by another dinokit run ({holder.describe()}); wait for it "
+            f"to end, or, if that run has ended, delete {folder / LOCK_NAME}, or choose another --output."
+        )
+    return (
+        f"The output folder {folder} is in use by another dinokit run ({holder.describe()}); wait for it to "
+        "end or choose another --output."
+    )
 
 
 def release_run_folder(folder: str | os.PathLike) -> None:
@@ -556,7 +568,10 @@ def check_output_file(path: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 def write_metrics(
-    output_dir: str | os.PathLike, metrics: dict, config: Any = None, name: str = "metrics.json",
+    output_dir: str | os.PathLike,
+    metrics: dict,
+    config: Any = None,
+    name: str = "metrics.json",
     units: dict[str, str] | None = None,
 ) -> Path:
     """Write ``OUT/metrics.json``: the metrics, the config and the versions, atomically.
@@ -611,8 +626,12 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     ]
 
 
-def check_run_identity(checkpoint: str | os.PathLike, saved: dict[str, Any] | None,
-                       current: dict[str, Any] | None, what: str = "its config.json") -> None:
+def check_run_identity(
+    checkpoint: str | os.PathLike,
+    saved: dict[str, Any] | None,
+    current: dict[str, Any] | None,
+    what: str = "its config.json",
+) -> None:
     """Refuse to resume from ``checkpoint`` when its run identity ``saved`` is not ``current`` (the
     identity of ``what``: the folder's config.json, or the run the command line asks for), naming
     the fields that differ. An identity that is missing (an older folder) is not compared, nor a

@@ -176,7 +176,9 @@ class TrainingRun:
         self.device = device
         self.env: DistEnv = DistEnv()
         self.checkpoint: dict | None = None  #: the checkpoint being resumed (None: a fresh run)
-        self.saved_config: dict | None = None  #: the resumed run's config (config.json, else the checkpoint's)
+        self.saved_config: dict | None = (
+            None  #: the resumed run's config (config.json, else the checkpoint's)
+        )
         self.plan: CpuPlan | None = None
         self.identity: dict | None = None
         self.stop = GracefulStop()
@@ -216,7 +218,9 @@ class TrainingRun:
             self._stack.callback(release_run_folder, out)
             if not opts.resume:  # again, now that no other process writes there
                 refuse_earlier_run(out, kind.checkpoint, kind.noun, opts.overwrite)
-                remove_run_files(out, kind.files)  # --overwrite: nothing of an earlier run passes for this one's
+                remove_run_files(
+                    out, kind.files
+                )  # --overwrite: nothing of an earlier run passes for this one's
         barrier()
         if opts.resume:
             self.checkpoint = self._read_checkpoint(ckpt_path)
@@ -241,7 +245,9 @@ class TrainingRun:
         return saved
 
     # -- the resume policy ----------------------------------------------------------------------
-    def resumed_config(self, given: dict[str, Any], explicit: set[str] | None, fields: Iterable[str]) -> dict[str, Any]:
+    def resumed_config(
+        self, given: dict[str, Any], explicit: set[str] | None, fields: Iterable[str]
+    ) -> dict[str, Any]:
         """The settings of this invocation: ``given`` for a fresh run; for a resumed one the saved
         config with this command line on top (``kind.per_invocation`` always from it, the
         ``RunOptions`` and ``kind.may_change`` when typed); a typed option of the recipe that differs
@@ -282,8 +288,12 @@ class TrainingRun:
         else:
             plan = plan_cpu(threads, workers, self.device)
             if saved_threads and int(saved_threads) != plan.threads:
-                log.warning("the run computed on %d thread(s) so far and goes on with %d (--threads): its numbers "
-                            "may differ from an uninterrupted run's in the last bits", int(saved_threads), plan.threads)
+                log.warning(
+                    "the run computed on %d thread(s) so far and goes on with %d (--threads): its numbers "
+                    "may differ from an uninterrupted run's in the last bits",
+                    int(saved_threads),
+                    plan.threads,
+                )
         self.plan = plan
         self._stack.enter_context(cpu_threads(plan.threads))
         log.info("%s: %s", self.device, plan.describe())
@@ -337,12 +347,21 @@ class TrainingRun:
     def outcome(self, done: int, total: int, signum: int = 0) -> RunOutcome:
         return RunOutcome(int(done), int(total), self.kind.unit, int(signum or 0))
 
-    def write_metrics(self, outcome: RunOutcome, metrics: dict[str, Any], config: dict[str, Any] | None = None,
-                      units: dict[str, str] | None = None) -> Path | None:
+    def write_metrics(
+        self,
+        outcome: RunOutcome,
+        metrics: dict[str, Any],
+        config: dict[str, Any] | None = None,
+        units: dict[str, str] | None = None,
+    ) -> Path | None:
         """``metrics.json`` with the outcome and the thread plan ahead of the recipe's ``metrics``, on rank 0."""
         if not self.env.is_main:
             return None
-        record = {**outcome.record(), **metrics, "cpu_plan": dataclasses.asdict(self.plan) if self.plan else None}
+        record = {
+            **outcome.record(),
+            **metrics,
+            "cpu_plan": dataclasses.asdict(self.plan) if self.plan else None,
+        }
         return write_metrics(self.out, record, config=config, units=units)
 
 

@@ -91,8 +91,9 @@ def colormap_table(name: str = "inferno", n: int = 256) -> np.ndarray:
     return np.clip(np.round(table * 255), 0, 255).astype(np.uint8)
 
 
-def apply_colormap(values: np.ndarray, name: str = "inferno", vmin: float | None = None,
-                   vmax: float | None = None) -> np.ndarray:
+def apply_colormap(
+    values: np.ndarray, name: str = "inferno", vmin: float | None = None, vmax: float | None = None
+) -> np.ndarray:
     """Colour a 2-D map: (H, W) floats -> (H, W, 3) uint8, scaled to [vmin, vmax] (its own range by default)."""
     v = np.asarray(values, dtype=np.float64)
     lo = float(np.nanmin(v)) if vmin is None else float(vmin)
@@ -131,8 +132,14 @@ def boundaries(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
     return b
 
 
-def overlay_masks(image: np.ndarray, masks: np.ndarray | Sequence[np.ndarray], colors: np.ndarray | None = None,
-                  alpha: float = 0.5, contours: bool = True, thickness: int = 1) -> np.ndarray:
+def overlay_masks(
+    image: np.ndarray,
+    masks: np.ndarray | Sequence[np.ndarray],
+    colors: np.ndarray | None = None,
+    alpha: float = 0.5,
+    contours: bool = True,
+    thickness: int = 1,
+) -> np.ndarray:
     """Blend each boolean mask onto an RGB image in its own colour and draw its contour.
 
     ``masks`` is (K, H, W); where masks overlap the later ones are drawn on top.
@@ -154,8 +161,13 @@ def overlay_masks(image: np.ndarray, masks: np.ndarray | Sequence[np.ndarray], c
     return out
 
 
-def draw_contours(image: np.ndarray, labels: np.ndarray, color=(255, 255, 255), thickness: int = 1,
-                  ignore: Sequence[int] = (0,)) -> np.ndarray:
+def draw_contours(
+    image: np.ndarray,
+    labels: np.ndarray,
+    color=(255, 255, 255),
+    thickness: int = 1,
+    ignore: Sequence[int] = (0,),
+) -> np.ndarray:
     """Draw the outline of every labelled region of ``labels`` (H, W ints) on ``image`` in one colour."""
     out = np.asarray(image, dtype=np.uint8).copy()
     labels = np.asarray(labels)
@@ -185,7 +197,9 @@ def fit_text(text: str, font, width: float) -> str:
     return text.rstrip() + "..." if text else ""
 
 
-def grid_shape(n: int, tile_aspect: float = 1.0, target_aspect: float = 4 / 3, header: int = 0) -> tuple[int, int]:
+def grid_shape(
+    n: int, tile_aspect: float = 1.0, target_aspect: float = 4 / 3, header: int = 0
+) -> tuple[int, int]:
     """(rows, cols) for ``n`` tiles of width/height ``tile_aspect``: few empty cells and a page close to
     ``target_aspect`` (6 square tiles -> 2x3, 12 -> 3x4, 16 -> 4x4). ``header`` tiles in one row
     above the grid count in the page's shape."""
@@ -227,7 +241,9 @@ def enlarge(picture: np.ndarray, min_width: int) -> np.ndarray:
     return np.repeat(np.repeat(arr, f, axis=0), f, axis=1)
 
 
-def blend_heatmap(image: np.ndarray, values: np.ndarray, cmap: str = "viridis", alpha: float = 0.6) -> np.ndarray:
+def blend_heatmap(
+    image: np.ndarray, values: np.ndarray, cmap: str = "viridis", alpha: float = 0.6
+) -> np.ndarray:
     """A 2-D map (the image's size, any range) coloured with ``cmap`` and blended over an RGB image:
     ``(1 - alpha) * image + alpha * colours``, the map scaled to its own range."""
     img = np.asarray(image, dtype=np.float32)
@@ -286,9 +302,15 @@ def stack_vertical(pictures: Sequence[np.ndarray], pad: int = 4, background=(255
     return canvas
 
 
-def make_grid(tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, cols: int | None = None,
-              pad: int = 4, label_height: int | None = None, background=(255, 255, 255),
-              min_tile: int = 160) -> np.ndarray:
+def make_grid(
+    tiles: Sequence[np.ndarray],
+    labels: Sequence[str] | None = None,
+    cols: int | None = None,
+    pad: int = 4,
+    label_height: int | None = None,
+    background=(255, 255, 255),
+    min_tile: int = 160,
+) -> np.ndarray:
     """Tile RGB pictures (resized to the first one's size) in rows of ``cols`` with a caption above each.
 
     ``cols`` None fits the grid to the number of tiles (:func:`grid_shape`). Tiles narrower than
@@ -359,7 +381,12 @@ def draw_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLi
             if cell >= 24 and cm[i, j] > 0:
                 txt = str(int(cm[i, j]))
                 tw = font.getlength(txt)
-                draw.text((x0 + (cell - tw) / 2, y0 + cell / 2 - 5), txt, fill="white" if v > 0.5 else "black", font=font)
+                draw.text(
+                    (x0 + (cell - tw) / 2, y0 + cell / 2 - 5),
+                    txt,
+                    fill="white" if v > 0.5 else "black",
+                    font=font,
+                )
         tw = font.getlength(names[i])
         draw.text((left - 6 - tw, top + i * cell + cell / 2 - 5), names[i], fill="black", font=font)
     for j in range(k):
@@ -415,7 +442,9 @@ class GifWriter:
             pic = pic.resize(self._size, Image.Resampling.BILINEAR)
         q = pic.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
         if self.frames == 0:
-            header, _ = GifImagePlugin.getheader(q.copy(), info={"loop": self.loop, "duration": self.duration_ms})
+            header, _ = GifImagePlugin.getheader(
+                q.copy(), info={"loop": self.loop, "duration": self.duration_ms}
+            )
             for chunk in header:
                 self._f.write(chunk)
         for chunk in GifImagePlugin.getdata(q, duration=self.duration_ms, include_color_table=True):
@@ -498,8 +527,9 @@ def _thumbnail(path: str, size: int) -> Image.Image:
     return im
 
 
-def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
-                  thumb: int = 160) -> Path | None:
+def contact_sheet(
+    pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24, thumb: int = 160
+) -> Path | None:
     """A PNG of the best ``max_pairs`` near-duplicate pairs (``image_a``, ``image_b``, ``score``; see
     :class:`dinokit.eval.duplicates.DuplicatePair`), one row each: the two images side by side
     and the score."""
@@ -519,7 +549,10 @@ def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
             names.append(label if len(label) <= 44 else "..." + label[-41:])
         labels.append(names)
     pad = 8
-    text_w = int(max(big.getlength("00.  similarity 0.000"), *(small.getlength(n) for ns in labels for n in ns))) + 2 * pad
+    text_w = (
+        int(max(big.getlength("00.  similarity 0.000"), *(small.getlength(n) for ns in labels for n in ns)))
+        + 2 * pad
+    )
     row_h = thumb + pad
     sheet = Image.new("RGB", (2 * thumb + text_w + 4 * pad, pad + row_h * len(pairs)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
@@ -533,14 +566,18 @@ def contact_sheet(pairs: Sequence, path: str | os.PathLike, max_pairs: int = 24,
         draw.text((tx, y + 4), f"{r + 1}.  similarity {pair.score:.3f}", fill=(0, 0, 0), font=big)
         line = int(small.size) + 6 if hasattr(small, "size") else 18
         for k, label in enumerate(labels[r]):
-            draw.text((tx, y + 12 + int(getattr(big, "size", 16)) + line * k), label, fill=(60, 60, 60), font=small)
+            draw.text(
+                (tx, y + 12 + int(getattr(big, "size", 16)) + line * k), label, fill=(60, 60, 60), font=small
+            )
     path = Path(path)
     with atomic_open(path, "wb") as f:
         sheet.save(f, format="PNG")
     return path
 
 
-def similar_sheet(rows: Sequence, path: str | os.PathLike, max_rows: int = 24, thumb: int = 128) -> Path | None:
+def similar_sheet(
+    rows: Sequence, path: str | os.PathLike, max_rows: int = 24, thumb: int = 128
+) -> Path | None:
     """A PNG with one row per query: the query image, then its matches in rank order, each captioned
     with its rank, similarity and name (``rows``: :class:`dinokit.eval.similar.SimilarQuery`)."""
     rows = [r for r in rows if r.matches][:max_rows]

@@ -24,7 +24,7 @@ PAGE_WIDTH = 1280  # a laptop's window; the report's column is at most 960 pixel
 
 
 def find_browser(given: str | None) -> str:
-    for name in ([given] if given else ["chromium", "chromium-headless-shell", "google-chrome", "chrome"]):
+    for name in [given] if given else ["chromium", "chromium-headless-shell", "google-chrome", "chrome"]:
         path = shutil.which(name) if name else None
         if path:
             return path

@@ -32,7 +32,11 @@ def labelled_folder(tmp_path) -> Path:
     for split, n in (("train", 6), ("val", 2)):
         for ci, (name, color) in enumerate(colors.items()):
             for i in range(n):
-                make_image(root / split / name / f"{i}.png", seed=ci * 100 + i + (0 if split == "train" else 50), color=color)
+                make_image(
+                    root / split / name / f"{i}.png",
+                    seed=ci * 100 + i + (0 if split == "train" else 50),
+                    color=color,
+                )
     return root
 
 

@@ -57,7 +57,6 @@ def run_cli(args, catch_exceptions: bool = True):
     return r
 
 
-
 def file_bytes(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` by relative path, with its bytes: two runs made the same files or not."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
@@ -67,8 +66,19 @@ def file_bytes(root: Path) -> dict[str, bytes]:
 def tiny_pretrain_config(images, out, **kw) -> PretrainConfig:
     """The pretraining config of the tiny runs: a 2-block vit_tiny on 32x32 and 16x16 crops, two epochs."""
     return PretrainConfig(
-        data=str(images), output=str(out), arch="vit_tiny", depth=2, batch_size=8, out_dim=256, local_crops=2,
-        global_size=32, local_size=16, precision="fp32", num_workers=0, epochs=2, **kw,
+        data=str(images),
+        output=str(out),
+        arch="vit_tiny",
+        depth=2,
+        batch_size=8,
+        out_dim=256,
+        local_crops=2,
+        global_size=32,
+        local_size=16,
+        precision="fp32",
+        num_workers=0,
+        epochs=2,
+        **kw,
     )
 
 
@@ -159,7 +169,9 @@ def memory_headroom(extra: int = 1 << 30):
     if not status.is_file():
         yield
         return
-    used_kb = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmData:"))
+    used_kb = next(
+        int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmData:")
+    )
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     cap = used_kb * 1024 + extra
     if hard != resource.RLIM_INFINITY:
@@ -169,7 +181,6 @@ def memory_headroom(extra: int = 1 << 30):
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
-
 
 
 # -- COCO annotations -------------------------------------------------------------------------------
@@ -215,13 +226,28 @@ def coco_file(tmp_path):
     data = {
         "images": [{"id": 7, "file_name": "a.jpg", "height": COCO_H, "width": COCO_W}],
         "annotations": [
-            {"id": 1, "image_id": 7, "category_id": 3, "iscrowd": 0,
-             "segmentation": [[2, 3, 7, 3, 7, 9, 2, 9]]},
-            {"id": 2, "image_id": 7, "category_id": 3, "iscrowd": 0,
-             "segmentation": {"size": [COCO_H, COCO_W], "counts": rle_counts(rle_m)}},
+            {
+                "id": 1,
+                "image_id": 7,
+                "category_id": 3,
+                "iscrowd": 0,
+                "segmentation": [[2, 3, 7, 3, 7, 9, 2, 9]],
+            },
+            {
+                "id": 2,
+                "image_id": 7,
+                "category_id": 3,
+                "iscrowd": 0,
+                "segmentation": {"size": [COCO_H, COCO_W], "counts": rle_counts(rle_m)},
+            },
             {"id": 3, "image_id": 7, "category_id": 5, "iscrowd": 0, "segmentation": comp},
-            {"id": 4, "image_id": 7, "category_id": 5, "iscrowd": 1,
-             "segmentation": {"size": [COCO_H, COCO_W], "counts": rle_counts(crowd_m)}},
+            {
+                "id": 4,
+                "image_id": 7,
+                "category_id": 5,
+                "iscrowd": 1,
+                "segmentation": {"size": [COCO_H, COCO_W], "counts": rle_counts(crowd_m)},
+            },
         ],
         "categories": [{"id": 3, "name": "x"}, {"id": 5, "name": "y"}],
     }
@@ -229,7 +255,6 @@ def coco_file(tmp_path):
     path.write_text(json.dumps(data))
     black_image(tmp_path / "images" / "a.jpg", size=(COCO_W, COCO_H))
     return path, data, {"poly": poly, "rle": rle_m, "comp": comp_m, "crowd": crowd_m}
-
 
 
 # -- the coins photograph ---------------------------------------------------------------------------
@@ -258,7 +283,6 @@ def coins_ground_truth(tmp_path):
     mask_path.parent.mkdir(parents=True)
     Image.fromarray(labels.astype(np.uint8), mode="L").save(mask_path)
     return image_path, mask_path, labels
-
 
 
 # -- copy detection -----------------------------------------------------------------------------------
@@ -340,7 +364,11 @@ def oxford_ground_truth(n_db=8, nq=2):
         "qimlist": [f"q_{i}" for i in range(nq)],
         "gnd": [
             {"easy": [0, 1], "hard": [2], "junk": [3], "bbx": [4.0, 4.0, 60.0, 60.0]},
-            {"easy": np.array([4], dtype=np.int64), "hard": np.array([5, 6], dtype=np.int64),
-             "junk": np.array([], dtype=np.int64), "bbx": np.array([0.0, 0.0, 64.0, 48.0])},
+            {
+                "easy": np.array([4], dtype=np.int64),
+                "hard": np.array([5, 6], dtype=np.int64),
+                "junk": np.array([], dtype=np.int64),
+                "bbx": np.array([0.0, 0.0, 64.0, 48.0]),
+            },
         ][:nq],
     }

@@ -80,7 +80,9 @@ def test_full_training_checkpoint_loads_with_weights_only_for_both_keys(tmp_path
     teacher, student = tiny(seed=1), tiny(seed=2)
     path = tmp_path / "checkpoint.pth"
     _reference_full_checkpoint(path, teacher, student)
-    assert any(k.startswith("module.backbone.blocks.") for k in torch.load(path, weights_only=False)["student"])
+    assert any(
+        k.startswith("module.backbone.blocks.") for k in torch.load(path, weights_only=False)["student"]
+    )
 
     seen = []
     real_load = torch.load
@@ -174,8 +176,10 @@ def test_hugging_face_state_dict_maps_onto_the_same_model(tmp_path):
 def test_safetensors_file(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     m = tiny(seed=6)
-    safetensors_torch.save_file({k: v.contiguous() for k, v in _hf_by_hand(m.state_dict()).items()},
-                                str(tmp_path / "model.safetensors"))
+    safetensors_torch.save_file(
+        {k: v.contiguous() for k, v in _hf_by_hand(m.state_dict()).items()},
+        str(tmp_path / "model.safetensors"),
+    )
     same_model(load_backbone(tmp_path / "model.safetensors"), m)
     safetensors_torch.save_file(dict(m.state_dict()), str(tmp_path / "flat.safetensors"))
     same_model(load_backbone(tmp_path / "flat.safetensors"), m)
@@ -272,9 +276,13 @@ def test_tensors_that_are_not_a_backbone(tmp_path):
 
 def test_wrong_arch_and_wrong_patch_size_name_what_was_expected_and_found(tmp_path):
     dinokit.save_backbone(tiny(), tmp_path / "t.pth")
-    with pytest.raises(CheckpointError, match=r"holds vit_tiny with patch size 16 weights, but --arch vit_small"):
+    with pytest.raises(
+        CheckpointError, match=r"holds vit_tiny with patch size 16 weights, but --arch vit_small"
+    ):
         load_backbone(tmp_path / "t.pth", arch="vit_small")
-    with pytest.raises(CheckpointError, match=r"holds vit_tiny with patch size 16 weights, but --patch-size 8"):
+    with pytest.raises(
+        CheckpointError, match=r"holds vit_tiny with patch size 16 weights, but --patch-size 8"
+    ):
         load_backbone(tmp_path / "t.pth", patch_size=8)
 
 
@@ -304,7 +312,9 @@ def test_offline_preset_fails_at_once_naming_where_to_put_the_file(tmp_path, mon
     msg = str(e.value)
     expected_path = tmp_path / "th" / "hub" / "checkpoints" / "dino_deitsmall16_pretrain.pth"
     assert str(expected_path) in msg
-    assert "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth" in msg
+    assert (
+        "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth" in msg
+    )
     assert "\n" not in msg
     with pytest.raises(CheckpointError, match="is vit_small with patch size 16, but --patch-size 8"):
         load_backbone("dino_vits16", patch_size=8)
@@ -328,7 +338,9 @@ def test_a_corrupt_cached_file_is_reported_and_fetched_again(tmp_path, monkeypat
     with caplog.at_level(logging.WARNING, logger="dinokit"), pytest.raises(CheckpointError) as e:
         load_backbone("dino_vits16")  # offline: the second fetch cannot happen
     assert "did not load and was removed" in str(e.value) and str(path) in str(e.value)
-    assert any("does not load" in r.getMessage() and "fetching it again" in r.getMessage() for r in caplog.records)
+    assert any(
+        "does not load" in r.getMessage() and "fetching it again" in r.getMessage() for r in caplog.records
+    )
     assert not path.exists()
 
     # online: the real download code, served from a local folder through a file:// URL

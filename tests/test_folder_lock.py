@@ -97,7 +97,9 @@ def test_two_pretrain_runs_started_together_write_one_consistent_run(tmp_path):
     tiny = ["--arch", "vit_tiny", "--depth", "1", "--batch-size", "4", "--out-dim", "64", "--local-crops", "0",
             "--global-size", "32", "--precision", "fp32", "--num-workers", "0", "--threads", "1", "--epochs", "2",
             "--quiet", "--device", "cpu"]  # fmt: skip
-    runs = [_dinokit("pretrain", "--data", data, "--output", out, "--seed", seed, *tiny) for seed in ("1", "2")]
+    runs = [
+        _dinokit("pretrain", "--data", data, "--output", out, "--seed", seed, *tiny) for seed in ("1", "2")
+    ]
     results = [(p.wait(300), p.stderr.read()) for p in runs]
     assert sorted(rc for rc, _ in results) == [0, 2], results
     config = json.loads((out / "config.json").read_text())
@@ -136,7 +138,9 @@ def test_a_dead_pid_of_this_machine_is_stale_and_a_reused_one_too(tmp_path):
     folder.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (folder / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    (folder / LOCK_NAME).write_text(
+        json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"})
+    )
     assert lock_run_folder(folder) is not None
     assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
     release_run_folder(folder)
@@ -149,7 +153,9 @@ def test_a_dead_pid_of_this_machine_is_stale_and_a_reused_one_too(tmp_path):
         if Path(f"/proc/{alive.pid}/stat").is_file():
             assert lock_run_folder(folder) is not None
             release_run_folder(folder)
-        (folder / LOCK_NAME).write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname(), "started": "x"}))
+        (folder / LOCK_NAME).write_text(
+            json.dumps({"pid": alive.pid, "host": socket.gethostname(), "started": "x"})
+        )
         with pytest.raises(FolderInUseError, match=f"pid {alive.pid}"):
             lock_run_folder(folder)
     finally:
@@ -181,7 +187,9 @@ def test_of_two_processes_finding_one_stale_lock_one_takes_it(tmp_path):
     folder.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (folder / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    (folder / LOCK_NAME).write_text(
+        json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"})
+    )
     script = (
         "import sys, time; from dinokit.io import lock_run_folder; from dinokit.errors import FolderInUseError\n"
         "start = float(sys.argv[2])\n"

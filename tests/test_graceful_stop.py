@@ -85,16 +85,24 @@ def test_merge_resume_config_keeps_or_refuses_the_recipe():
     merged = merge_resume_config(saved, given, explicit={"lr"}, always={"output"})
     assert merged == {"lr": 0.5, "epochs": 10, "output": "b", "device": "cpu", "gone": 1}
     # run-control fields only when typed; fields outside the config are dropped
-    merged = merge_resume_config(saved, given, explicit={"device"}, run_control={"device", "epochs"},
-                                 keep_recipe=True, fields=given)
+    merged = merge_resume_config(
+        saved, given, explicit={"device"}, run_control={"device", "epochs"}, keep_recipe=True, fields=given
+    )
     assert merged == {"lr": 0.1, "epochs": 10, "output": "a", "device": "cuda"}
     # from the library (nothing known about typing): every field given (not None) is asked for, so
     # run-control fields come from `given` and a recipe that differs is refused
-    merged = merge_resume_config(saved, {**given, "lr": None}, explicit=None, run_control={"device", "epochs"},
-                                 always={"output"}, keep_recipe=True)
+    merged = merge_resume_config(
+        saved,
+        {**given, "lr": None},
+        explicit=None,
+        run_control={"device", "epochs"},
+        always={"output"},
+        keep_recipe=True,
+    )
     assert (merged["lr"], merged["epochs"], merged["device"]) == (0.1, 20, "cuda")
     with pytest.raises(DinokitError, match=r"changes \(--lr 0.1 -> 0.5\)"):
-        merge_resume_config(saved, given, explicit=None, run_control={"device", "epochs"}, always={"output"},
-                            keep_recipe=True)
+        merge_resume_config(
+            saved, given, explicit=None, run_control={"device", "epochs"}, always={"output"}, keep_recipe=True
+        )
     with pytest.raises(DinokitError, match=r"changes \(--lr 0.1 -> 0.5; --epochs 10 -> 20\)"):
         merge_resume_config(saved, given, explicit={"lr", "epochs"}, keep_recipe=True)

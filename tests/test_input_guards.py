@@ -37,7 +37,9 @@ def test_nonfinite_backbone_weights_are_refused_naming_the_tensor(tmp_path, bad)
     sd = _tiny_state_dict()
     sd["blocks.1.mlp.fc1.weight"][3, 4] = bad
     torch.save(sd, tmp_path / "w.pth")
-    with pytest.raises(CheckpointError, match=r"non-finite values \(NaN or inf\) in blocks\.1\.mlp\.fc1\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"non-finite values \(NaN or inf\) in blocks\.1\.mlp\.fc1\.weight"
+    ):
         load_backbone(tmp_path / "w.pth")
     # inside a training checkpoint too
     torch.save({"teacher": {"backbone." + k: v for k, v in sd.items()}}, tmp_path / "ck.pth")
@@ -48,7 +50,9 @@ def test_nonfinite_backbone_weights_are_refused_naming_the_tensor(tmp_path, bad)
 def test_nonfinite_linear_head_is_refused(tmp_path):
     w = torch.zeros(3, 8)
     w[1, 2] = float("nan")
-    torch.save({"state_dict": {"module.linear.weight": w, "module.linear.bias": torch.zeros(3)}}, tmp_path / "l.pth")
+    torch.save(
+        {"state_dict": {"module.linear.weight": w, "module.linear.bias": torch.zeros(3)}}, tmp_path / "l.pth"
+    )
     with pytest.raises(CheckpointError, match="non-finite values .* in linear.weight"):
         load_linear_head(tmp_path / "l.pth")
 
@@ -124,7 +128,9 @@ def test_knn_small_temperature_picks_the_close_class_not_the_lowest_index():
     train = torch.tensor([[1.0, 0.0], [0.99, 0.141], [0.6, 0.8], [-1.0, 0.0]])
     train_labels = torch.tensor([2, 2, 0, 1])
     test = torch.tensor([[1.0, 0.05]])
-    acc = knn_classify(train, train_labels, test, torch.tensor([2]), ks=[1, 3], temperature=0.005, num_classes=3)
+    acc = knn_classify(
+        train, train_labels, test, torch.tensor([2]), ks=[1, 3], temperature=0.005, num_classes=3
+    )
     assert acc[1][0] == 100.0 and acc[3][0] == 100.0
 
 
@@ -190,7 +196,11 @@ def test_scans_follow_links_but_visit_each_folder_and_file_once(tmp_path, caplog
     assert sorted(scanned) == sorted(set(scanned))
     assert sorted(p.name for p in found) == ["x.png", "y.png", "z.png"]
     assert "skipped" in caplog.text
-    assert sorted(p.name for p in expand_image_inputs([root, root / "a", root / "z.png"])) == ["x.png", "y.png", "z.png"]
+    assert sorted(p.name for p in expand_image_inputs([root, root / "a", root / "z.png"])) == [
+        "x.png",
+        "y.png",
+        "z.png",
+    ]
 
 
 def test_labelled_scan_with_a_link_loop_keeps_each_image_in_its_class(tmp_path):
@@ -202,7 +212,12 @@ def test_labelled_scan_with_a_link_loop_keeps_each_image_in_its_class(tmp_path):
     os.symlink("../dog", root / "cat" / "dogs")
     folder = scan_labelled_folder(root)
     assert len(folder) == 4
-    assert sorted((p.parent.name, t) for p, t in folder.samples) == [("cat", 0), ("cat", 0), ("dog", 1), ("dog", 1)]
+    assert sorted((p.parent.name, t) for p, t in folder.samples) == [
+        ("cat", 0),
+        ("cat", 0),
+        ("dog", 1),
+        ("dog", 1),
+    ]
 
 
 # -- COCO ------------------------------------------------------------------------------------------

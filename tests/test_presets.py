@@ -76,8 +76,11 @@ def test_repo_ids_and_paths_are_told_apart(tmp_path, monkeypatch):
 def test_repo_id_is_fetched_through_the_hub_client(tmp_path, monkeypatch):
     model = _hf_folder(tmp_path / "hub-cache" / "snap")
     calls = []
-    _fake_hub(monkeypatch, {("facebook/dino-tiny", "pytorch_model.bin"): tmp_path / "hub-cache" / "snap" /
-                            "pytorch_model.bin"}, calls)
+    _fake_hub(
+        monkeypatch,
+        {("facebook/dino-tiny", "pytorch_model.bin"): tmp_path / "hub-cache" / "snap" / "pytorch_model.bin"},
+        calls,
+    )
     monkeypatch.delenv("DINOKIT_OFFLINE", raising=False)
     monkeypatch.setattr(presets, "_hf_unreachable", lambda: "")  # the hub answers
     loaded = load_backbone("facebook/dino-tiny")
@@ -136,8 +139,18 @@ def test_cli_repo_id_offline_is_one_sentence(tmp_path, monkeypatch):
 
     _fake_hub(monkeypatch, {}, [])
     make_image(tmp_path / "a.png", size=(32, 32))
-    r = run_cli(["features", "--weights", "facebook/dino-vits16", "--data", tmp_path, "--output",
-                 tmp_path / "f.pt", "--quiet"])
+    r = run_cli(
+        [
+            "features",
+            "--weights",
+            "facebook/dino-vits16",
+            "--data",
+            tmp_path,
+            "--output",
+            tmp_path / "f.pt",
+            "--quiet",
+        ]
+    )
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert "https://huggingface.co/facebook/dino-vits16" in r.text and "pytorch_model.bin" in r.text
 

@@ -26,8 +26,25 @@ from dinokit.train.pretrain import PretrainConfig, pretrain
 from tests.helpers import make_image, run_cli
 
 TINY = [
-    "--arch", "vit_tiny", "--depth", "2", "--batch-size", "8", "--out-dim", "256", "--local-crops", "2",
-    "--global-size", "32", "--local-size", "16", "--precision", "fp32", "--num-workers", "0", "--quiet",
+    "--arch",
+    "vit_tiny",
+    "--depth",
+    "2",
+    "--batch-size",
+    "8",
+    "--out-dim",
+    "256",
+    "--local-crops",
+    "2",
+    "--global-size",
+    "32",
+    "--local-size",
+    "16",
+    "--precision",
+    "fp32",
+    "--num-workers",
+    "0",
+    "--quiet",
 ]
 DATA = Path(__file__).parent / "assets"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,8 +59,20 @@ def images(tmp_path_factory) -> Path:
 
 
 def tiny_config(images, out, **kw) -> PretrainConfig:
-    base = dict(data=str(images), output=str(out), arch="vit_tiny", depth=2, batch_size=8, out_dim=256,
-                local_crops=2, global_size=32, local_size=16, precision="fp32", num_workers=0, epochs=1)
+    base = dict(
+        data=str(images),
+        output=str(out),
+        arch="vit_tiny",
+        depth=2,
+        batch_size=8,
+        out_dim=256,
+        local_crops=2,
+        global_size=32,
+        local_size=16,
+        precision="fp32",
+        num_workers=0,
+        epochs=1,
+    )
     return PretrainConfig(**{**base, **kw})
 
 
@@ -67,7 +96,9 @@ def load(path):
 def test_overwrite_removes_the_earlier_run_before_writing_and_resume_then_refuses(images, tmp_path):
     run = tmp_path / "R"
     pretrain(tiny_config(images, run, save_every=1))
-    assert {"checkpoint.pth", "checkpoint0001.pth", "backbone.pth", "log.jsonl"} <= {p.name for p in run.iterdir()}
+    assert {"checkpoint.pth", "checkpoint0001.pth", "backbone.pth", "log.jsonl"} <= {
+        p.name for p in run.iterdir()
+    }
     (run / "notes.txt").write_text("mine")
     (run / "mine").mkdir()
     (run / "mine" / "checkpoint.pth").write_bytes(b"a user's file")
@@ -115,7 +146,9 @@ def clusters(n_per_class, classes, dim, seed):
     labels = torch.arange(classes).repeat_interleave(n_per_class)
     feats = centers[labels] + 0.3 * torch.randn(len(labels), dim, generator=g)
     fp = {"weights": "random(seed=0)", "arch": "vit_tiny", "n_last_blocks": 1, "avgpool_patch_tokens": False}
-    return FeatureSet(feats, labels, [f"c{i}" for i in range(classes)], [f"{i}.png" for i in range(len(labels))], fp)
+    return FeatureSet(
+        feats, labels, [f"c{i}" for i in range(classes)], [f"{i}.png" for i in range(len(labels))], fp
+    )
 
 
 def test_linear_overwrite_and_resume_belong_to_one_run(tmp_path):
@@ -148,8 +181,16 @@ def test_linear_overwrite_and_resume_belong_to_one_run(tmp_path):
 
 
 # -- bad numbers ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("option,value", [("lr", -1.0), ("lr", float("nan")), ("min_lr", -1e-6),
-                                          ("weight_decay", float("inf")), ("teacher_temp", 0.0)])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("lr", -1.0),
+        ("lr", float("nan")),
+        ("min_lr", -1e-6),
+        ("weight_decay", float("inf")),
+        ("teacher_temp", 0.0),
+    ],
+)
 def test_pretrain_refuses_negative_and_non_finite_numbers(images, tmp_path, option, value):
     with pytest.raises(dinokit.DinokitError, match=f"--{option.replace('_', '-')} must be"):
         pretrain(tiny_config(images, tmp_path / "o", **{option: value}))
@@ -158,20 +199,29 @@ def test_pretrain_refuses_negative_and_non_finite_numbers(images, tmp_path, opti
 
 def test_the_cli_refuses_a_negative_lr_in_one_sentence(images, tmp_path):
     r = run_cli(["pretrain", "--data", images, "--output", tmp_path / "o", "--lr", "-1", *TINY])
-    assert r.exit_code == 2 and "--lr must be a positive finite number" in r.text and "Traceback" not in r.text
+    assert (
+        r.exit_code == 2 and "--lr must be a positive finite number" in r.text and "Traceback" not in r.text
+    )
     r = run_cli(["pretrain", "--data", images, "--output", tmp_path / "o", "--lr", "nan", *TINY])
     assert r.exit_code == 2 and "--lr must be" in r.text
 
 
-@pytest.mark.parametrize("option,value", [("lr", -1.0), ("lr", float("nan")), ("weight_decay", -0.1),
-                                          ("min_lr", float("nan"))])
+@pytest.mark.parametrize(
+    "option,value", [("lr", -1.0), ("lr", float("nan")), ("weight_decay", -0.1), ("min_lr", float("nan"))]
+)
 def test_finetune_and_linear_refuse_bad_numbers(tmp_path, option, value):
     with pytest.raises(dinokit.DinokitError, match=f"--{option.replace('_', '-')} must be"):
         finetune(FinetuneConfig(train=tmp_path, output=tmp_path / "ft", **{option: value}))
     if option != "min_lr":
         with pytest.raises(dinokit.DinokitError, match=f"--{option.replace('_', '-')} must be"):
-            linear_eval(LinearConfig(output=tmp_path / "lin", train_features=tmp_path / "t.pt",
-                                     val_features=tmp_path / "v.pt", **{option: value}))
+            linear_eval(
+                LinearConfig(
+                    output=tmp_path / "lin",
+                    train_features=tmp_path / "t.pt",
+                    val_features=tmp_path / "v.pt",
+                    **{option: value},
+                )
+            )
 
 
 def test_a_loss_that_fails_before_any_checkpoint_says_nothing_is_kept(images, tmp_path, monkeypatch):
@@ -219,9 +269,21 @@ def test_sigkill_loses_at_most_the_cadence_and_resume_is_exact(images, tmp_path)
     pretrain(tiny_config(images, straight, epochs=2, batch_size=2))  # 8 steps per epoch
     out = tmp_path / "killed"
     # a cadence of a few microseconds: a checkpoint after every step
-    cmd = [sys.executable, "-m", "dinokit", "pretrain", "--data", str(images), "--output", str(out),
-           "--epochs", "2", "--checkpoint-minutes", "1e-7",
-           *[("2" if a == "8" and TINY[i - 1] == "--batch-size" else a) for i, a in enumerate(TINY)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dinokit",
+        "pretrain",
+        "--data",
+        str(images),
+        "--output",
+        str(out),
+        "--epochs",
+        "2",
+        "--checkpoint-minutes",
+        "1e-7",
+        *[("2" if a == "8" and TINY[i - 1] == "--batch-size" else a) for i, a in enumerate(TINY)],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -312,7 +374,11 @@ def test_davis_score_keeps_the_record_of_a_davis_run(tmp_path):
     gt = DATA / "davis-ellipses" / "gt"
     run = tmp_path / "davis_run"
     _copy_tree(DATA / "davis-ellipses" / "pred", run)
-    record = {"J&F-Mean": 0.84, "videos": {"ellipses-drift": {"frames": 6}}, "config": {"weights": "dino_vits16"}}
+    record = {
+        "J&F-Mean": 0.84,
+        "videos": {"ellipses-drift": {"frames": 6}},
+        "config": {"weights": "dino_vits16"},
+    }
     (run / "metrics.json").write_text(json.dumps(record))
     # --output naming the --pred folder, however spelt, is the folder beside the predictions
     for beside in (run, run / "sub" / ".."):
@@ -320,8 +386,20 @@ def test_davis_score_keeps_the_record_of_a_davis_run(tmp_path):
                      "--quiet"])  # fmt: skip
         assert r.exit_code == 2 and "dinokit davis" in r.text and "--output" in r.text, r.text
         assert json.loads((run / "metrics.json").read_text()) == record
-    r = run_cli(["davis-score", "--gt", gt, "--pred", run, "--sequences", "ellipses-drift",
-                 "--output", tmp_path / "scores", "--quiet"])
+    r = run_cli(
+        [
+            "davis-score",
+            "--gt",
+            gt,
+            "--pred",
+            run,
+            "--sequences",
+            "ellipses-drift",
+            "--output",
+            tmp_path / "scores",
+            "--quiet",
+        ]
+    )
     assert r.exit_code == 0 and (tmp_path / "scores" / "metrics.json").is_file()
     assert json.loads((run / "metrics.json").read_text()) == record
 

@@ -154,8 +154,13 @@ def test_pinned_numerics_take_effect_in_a_fresh_process_and_keep_the_users_choic
 
     def probe(threads, **env):
         base = {k: v for k, v in os.environ.items() if k not in runtime.PINNED_CPU_KERNELS}
-        out = subprocess.run([sys.executable, "-c", _PINNED_PROBE, str(threads)], env={**base, **env},
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _PINNED_PROBE, str(threads)],
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     pinned = probe(1)
@@ -192,20 +197,35 @@ def test_cpu_plan_takes_the_free_cores_and_leaves_workers_the_rest(monkeypatch):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        monkeypatch.setattr(runtime_cpu, "free_cores", lambda probe_seconds=0.2: 1.02)  # one busy program beside
+        monkeypatch.setattr(
+            runtime_cpu, "free_cores", lambda probe_seconds=0.2: 1.02
+        )  # one busy program beside
         plan = runtime.plan_cpu(None, 4, cpu, world_size=1)
         assert (plan.threads, plan.workers, plan.chosen_by) == (1, 0, "free cores")
-        assert "1 compute thread(s), 0 data worker(s) (1.0 of 2 cores free; --threads overrides)" == plan.describe()
+        assert (
+            "1 compute thread(s), 0 data worker(s) (1.0 of 2 cores free; --threads overrides)"
+            == plan.describe()
+        )
         monkeypatch.setattr(runtime_cpu, "free_cores", lambda probe_seconds=0.2: 1.97)  # idle
-        assert (runtime.plan_cpu(None, 4, cpu, world_size=1).threads, runtime.plan_cpu(None, 4, cpu, 1).workers) == (2, 0)
+        assert (
+            runtime.plan_cpu(None, 4, cpu, world_size=1).threads,
+            runtime.plan_cpu(None, 4, cpu, 1).workers,
+        ) == (2, 0)
         monkeypatch.setattr(runtime_cpu, "free_cores", lambda probe_seconds=0.2: 0.1)  # busier than its cores
         assert runtime.plan_cpu(None, 4, cpu, world_size=1).threads == 1
         # --threads wins whatever is free; workers get what the threads leave
         plan = runtime.plan_cpu(2, 4, cpu, world_size=1)
-        assert (plan.threads, plan.workers, plan.chosen_by) == (2, 0, "--threads") and "set by --threads" in plan.describe()
+        assert (plan.threads, plan.workers, plan.chosen_by) == (
+            2,
+            0,
+            "--threads",
+        ) and "set by --threads" in plan.describe()
         assert runtime.plan_cpu(1, 4, cpu, world_size=1).workers == 1
         # a GPU computes: the threads stay, the workers take the process's cores
-        assert (runtime.plan_cpu(None, 4, cuda, world_size=1).threads, runtime.plan_cpu(None, 4, cuda, 1).workers) == (2, 2)
+        assert (
+            runtime.plan_cpu(None, 4, cuda, world_size=1).threads,
+            runtime.plan_cpu(None, 4, cuda, 1).workers,
+        ) == (2, 2)
         # more cores: the threads never exceed torch's setting, the free rest goes to the workers
         monkeypatch.setattr(runtime_cpu, "available_cores", lambda: 8)
         monkeypatch.setattr(runtime_cpu, "free_cores", lambda probe_seconds=0.2: 7.0)
@@ -247,7 +267,21 @@ def test_features_at_auto_precision_record_what_ran(monkeypatch, tiny4_weights, 
     for native, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(runtime_devices, "has_native_bf16", lambda device="cpu", native=native: native)
         out = tmp_path / f"{expected}.pt"
-        r = run_cli(["features", "--weights", tiny4_weights, "--data", tmp_path / "imgs", "--output", out,
-                     "--resize", "32", "--image-size", "32", "--quiet"])
+        r = run_cli(
+            [
+                "features",
+                "--weights",
+                tiny4_weights,
+                "--data",
+                tmp_path / "imgs",
+                "--output",
+                out,
+                "--resize",
+                "32",
+                "--image-size",
+                "32",
+                "--quiet",
+            ]
+        )
         assert r.exit_code == 0, r.output
         assert load_features(out).fingerprint["precision"] == expected

@@ -77,7 +77,9 @@ def test_davis_refuses_an_unknown_split_and_a_root_without_lists(tmp_path, tiny2
     import shutil
 
     shutil.rmtree(root / "ImageSets")
-    r = run_cli(["davis", "--data", root, "--weights", tiny2_weights, "--output", tmp_path / "out2", *DAVIS_COMMON])
+    r = run_cli(
+        ["davis", "--data", root, "--weights", tiny2_weights, "--output", tmp_path / "out2", *DAVIS_COMMON]
+    )
     refused(r, "val.txt", "--sequences")
     # naming the sequences needs no list
     r = run_cli(["davis", "--data", root, "--sequences", "b", "--weights", tiny2_weights,

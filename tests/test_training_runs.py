@@ -52,7 +52,8 @@ def _same(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("threads", [["--threads", "2"], []], ids=["--threads 2", "from the free cores"])
 def test_a_run_resumed_on_a_busier_machine_keeps_its_thread_plan_and_its_bits(
-        eight_images, tmp_path, monkeypatch, two_threads, threads):
+    eight_images, tmp_path, monkeypatch, two_threads, threads
+):
     """Reproduction 2: the run started with 2 threads (given, or because 2 cores were free) is
     resumed when one core is free; it goes on with 2 threads and ends bitwise as the uninterrupted run."""
     base = ["pretrain", "--data", eight_images, *TINY_PRETRAIN, *threads]
@@ -94,8 +95,9 @@ def _linear(feature_files, out, *extra):
             "--epochs", "3", "--batch-size", "16", "--lr", "1", "--device", "cpu", "--quiet", *extra]  # fmt: skip
 
 
-def test_resume_where_there_is_no_run_is_refused_by_every_training_command(tmp_path, feature_files, tiny2_weights,
-                                                                           labelled_folder, pretrain_images):
+def test_resume_where_there_is_no_run_is_refused_by_every_training_command(
+    tmp_path, feature_files, tiny2_weights, labelled_folder, pretrain_images
+):
     """Reproduction 9: linear --resume into a folder with no run used to train from scratch."""
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -107,18 +109,27 @@ def test_resume_where_there_is_no_run_is_refused_by_every_training_command(tmp_p
     for noun, args in commands.items():
         r = run_cli(args)
         assert r.exit_code == 2, r.output
-        assert f"There is no {noun} in {empty} to resume (no checkpoint.pth); start it without --resume." in r.text
+        assert (
+            f"There is no {noun} in {empty} to resume (no checkpoint.pth); start it without --resume."
+            in r.text
+        )
         assert not list(empty.iterdir())  # nothing trained, nothing written
     r = run_cli(_linear(feature_files, tmp_path / "lin", "--resume", "--overwrite"))
     assert r.exit_code == 2 and "choose one" in r.text, r.output
 
 
-def test_stop_after_counts_epochs_of_the_schedule_from_the_runs_start(tmp_path, feature_files, tiny2_weights,
-                                                                      labelled_folder):
+def test_stop_after_counts_epochs_of_the_schedule_from_the_runs_start(
+    tmp_path, feature_files, tiny2_weights, labelled_folder
+):
     """Reproduction 9: --stop-after N ends when N epochs of the schedule are done, also after a resume,
     in linear (which had no --stop-after) and finetune (which counted from the resumed epoch)."""
-    runs = {"linear": (tmp_path / "lin", lambda *e: _linear(feature_files, tmp_path / "lin", *e)),
-            "finetune": (tmp_path / "ft", lambda *e: _finetune(tiny2_weights, labelled_folder, tmp_path / "ft", *e))}
+    runs = {
+        "linear": (tmp_path / "lin", lambda *e: _linear(feature_files, tmp_path / "lin", *e)),
+        "finetune": (
+            tmp_path / "ft",
+            lambda *e: _finetune(tiny2_weights, labelled_folder, tmp_path / "ft", *e),
+        ),
+    }
     for name, (out, args) in runs.items():
         r = run_cli(args("--stop-after", "1"))
         assert r.exit_code == 0 and "Stopped after epoch 1 of 3 (--stop-after)" in r.text, r.output

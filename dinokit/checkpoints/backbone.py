@@ -78,8 +78,13 @@ class PreparedBackbone:
         return backbone_normalization(self.model)
 
 
-def prepare_backbone(cfg: BackboneOptions, runtime: RuntimeOptions | None = None, *, training: bool = False,
-                     missing: str | None = None) -> PreparedBackbone:
+def prepare_backbone(
+    cfg: BackboneOptions,
+    runtime: RuntimeOptions | None = None,
+    *,
+    training: bool = False,
+    missing: str | None = None,
+) -> PreparedBackbone:
     """Seed, load and place the backbone of ``cfg`` (a config with both option sets, or two objects).
 
     The seed is set before loading so that ``--weights random`` gives the same network for the
@@ -87,7 +92,9 @@ def prepare_backbone(cfg: BackboneOptions, runtime: RuntimeOptions | None = None
     """
     if runtime is None:
         if not isinstance(cfg, RuntimeOptions):
-            raise TypeError("prepare_backbone takes a config with both option sets, or the runtime options apart.")
+            raise TypeError(
+                "prepare_backbone takes a config with both option sets, or the runtime options apart."
+            )
         runtime = cfg
     if cfg.weights is None:
         raise CheckpointError(missing or weights_needed())
@@ -97,7 +104,9 @@ def prepare_backbone(cfg: BackboneOptions, runtime: RuntimeOptions | None = None
     seed_everything(runtime.seed)
     model = load_backbone(cfg.weights, cfg.arch, cfg.patch_size, cfg.checkpoint_key, **cfg.model_kwargs)
     own = getattr(model, "normalization", IMAGENET)  # load_backbone records the weights' own
-    record_weights(model, normalization=given_normalization(own, getattr(cfg, "mean", None), getattr(cfg, "std", None)))
+    record_weights(
+        model, normalization=given_normalization(own, getattr(cfg, "mean", None), getattr(cfg, "std", None))
+    )
     return PreparedBackbone(model.to(device).eval(), device, dtype)
 
 
@@ -105,7 +114,9 @@ def backbone_normalization(model: nn.Module) -> Normalization:
     """The normalisation :func:`load_backbone` (and :func:`prepare_backbone`) record on a backbone."""
     norm = getattr(model, "normalization", None)
     if not isinstance(norm, Normalization):
-        raise CheckpointError(f"This {type(model).__name__} was not loaded by dinokit: it records no input normalisation.")
+        raise CheckpointError(
+            f"This {type(model).__name__} was not loaded by dinokit: it records no input normalisation."
+        )
     return norm
 
 
@@ -126,11 +137,14 @@ def given_normalization(own: Normalization, mean, std) -> Normalization:
     """The weights' normalisation ``own`` with ``--mean`` / ``--std`` on top where given."""
     if mean is None and std is None:
         return own
-    return Normalization(_three(mean if mean is not None else own.mean),
-                         _three(std if std is not None else own.std),
-                         "--mean/--std" if mean is not None and std is not None
-                         else f"{'--mean' if mean is not None else '--std'} with {own.source} "
-                         f"{'std' if mean is not None else 'mean'}")
+    return Normalization(
+        _three(mean if mean is not None else own.mean),
+        _three(std if std is not None else own.std),
+        "--mean/--std"
+        if mean is not None and std is not None
+        else f"{'--mean' if mean is not None else '--std'} with {own.source} "
+        f"{'std' if mean is not None else 'mean'}",
+    )
 
 
 #: files already said to have an unknown normalisation (said once per file and process)
@@ -163,8 +177,11 @@ def weights_normalization(weights: str, ckpt: Any = None, path: Path | None = No
     key = str(path or weights)
     if key not in _ASSUMED:  # a note, not a warning: it is what nearly every such file wants
         _ASSUMED.add(key)
-        log.info("%s does not say how its images were normalised; ImageNet's mean and std are assumed "
-                 "(--mean and --std set others).", key)
+        log.info(
+            "%s does not say how its images were normalised; ImageNet's mean and std are assumed "
+            "(--mean and --std set others).",
+            key,
+        )
     return Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (assumed)")
 
 
@@ -217,10 +234,18 @@ def load_backbone(
                     f"The cached file of preset {weights!r} did not load and was removed, and fetching it "
                     f"again failed: {str(e2).rstrip('.')}."
                 ) from e2
-        model = _model_from_checkpoint(ckpt, path, arch, patch_size, checkpoint_key, vit_options, model_kwargs)
-        record_weights(model, weights_source=weights,
-                       normalization=(SAT493M if "sat493m" in f"{weights} {url_path}".lower()
-                                      else Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (the preset's)")))
+        model = _model_from_checkpoint(
+            ckpt, path, arch, patch_size, checkpoint_key, vit_options, model_kwargs
+        )
+        record_weights(
+            model,
+            weights_source=weights,
+            normalization=(
+                SAT493M
+                if "sat493m" in f"{weights} {url_path}".lower()
+                else Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet's (the preset's)")
+            ),
+        )
         return model
     path = Path(weights).expanduser()
     if not path.exists() and is_hf_repo_id(weights):  # a local path of that name wins
@@ -260,7 +285,9 @@ def _model_from_checkpoint(ckpt: Any, path: Path, arch, patch_size, checkpoint_k
         model = build_backbone(found_arch, found_patch, **kwargs)
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except (ValueError, RuntimeError) as e:  # shapes no model of that kind has, or that differ from it
-        mismatch = re.search(r"size mismatch for ([^:]+): copying a param with shape (.+?) from checkpoint", str(e))
+        mismatch = re.search(
+            r"size mismatch for ([^:]+): copying a param with shape (.+?) from checkpoint", str(e)
+        )
         detail = f"{mismatch.group(1)} has shape {mismatch.group(2)}" if mismatch else error_line(e)
         raise CheckpointError(
             f"{path} has tensor shapes that fit no {describe(found_arch, found_patch)} ({detail}); the file is "
@@ -272,9 +299,7 @@ def _model_from_checkpoint(ckpt: Any, path: Path, arch, patch_size, checkpoint_k
             parts.append(f"missing {len(missing)} keys such as {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys such as {unexpected[0]}")
-        raise CheckpointError(
-            f"{path} does not fit {describe(found_arch, found_patch)}: {'; '.join(parts)}."
-        )
+        raise CheckpointError(f"{path} does not fit {describe(found_arch, found_patch)}: {'; '.join(parts)}.")
     return model.eval()
 
 
@@ -291,4 +316,3 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_backbone(model: nn.Module, path: str | os.PathLike) -> None:
     """Save a backbone as a flat state dict, the released-weights format, atomically."""
     torch_save_atomic(backbone_state_dict(model), path)
-

@@ -97,7 +97,9 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for k, v in sd.items():
         m = _HF_QKV.match(k)
         if m:
-            block, part = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), _QKV_PART[m.group(4)])
+            block, part = (
+                (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), _QKV_PART[m.group(4)])
+            )
             qkv.setdefault((block, m.group(5)), {})[part] = v
             continue
         for pattern, repl in _HF_RULES:
@@ -156,7 +158,9 @@ def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def extract_backbone_state_dict(ckpt: Any, checkpoint_key: str = "teacher", source: str = "the checkpoint") -> dict:
+def extract_backbone_state_dict(
+    ckpt: Any, checkpoint_key: str = "teacher", source: str = "the checkpoint"
+) -> dict:
     """The backbone's flat state dict from any supported checkpoint layout."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{source} does not hold a state dict (found a {type(ckpt).__name__}).")
@@ -165,7 +169,9 @@ def extract_backbone_state_dict(ckpt: Any, checkpoint_key: str = "teacher", sour
         sd = ckpt[checkpoint_key]
     elif "teacher" in ckpt or "student" in ckpt:
         present = [k for k in ("teacher", "student") if k in ckpt]
-        raise CheckpointError(f"{source} has no {checkpoint_key!r} weights; use --checkpoint-key {present[0]}.")
+        raise CheckpointError(
+            f"{source} has no {checkpoint_key!r} weights; use --checkpoint-key {present[0]}."
+        )
     elif isinstance(ckpt.get("backbone"), dict):
         sd = ckpt["backbone"]
     else:
@@ -200,7 +206,9 @@ def extract_backbone_state_dict(ckpt: Any, checkpoint_key: str = "teacher", sour
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-def normalize_dino_state_dict(sd: dict[str, torch.Tensor], source: str = "the checkpoint") -> dict[str, torch.Tensor]:
+def normalize_dino_state_dict(
+    sd: dict[str, torch.Tensor], source: str = "the checkpoint"
+) -> dict[str, torch.Tensor]:
     """DINOv2 / DINOv3 layouts (official hub and release files, timm, transformers after
     :func:`convert_hf_state_dict`) onto the names of :class:`~dinokit.models.vit.VisionTransformer`.
 
@@ -314,7 +322,9 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> tuple[str, int | None, dict]:
     raise CheckpointError(f"The weights are not a ViT or ResNet-50 backbone (keys such as {sample}).")
 
 
-def _infer_dino_variant(sd: dict[str, torch.Tensor], patch: int, dim: int, depth: int) -> tuple[str, int, dict]:
+def _infer_dino_variant(
+    sd: dict[str, torch.Tensor], patch: int, dim: int, depth: int
+) -> tuple[str, int, dict]:
     """The DINOv2/v3 variant a state dict holds: its hub name when the shape is one of the released
     models', else the nearest name with the shape spelled out (tiny and custom models)."""
     rope = "rope_embed.periods" in sd
@@ -358,5 +368,3 @@ def _infer_dino_variant(sd: dict[str, torch.Tensor], patch: int, dim: int, depth
 def _variant_hidden(spec: dict) -> int:
     dim, ratio = spec["embed_dim"], spec.get("mlp_ratio", 4.0)
     return swiglu_hidden(dim, ratio) if spec.get("ffn") == "swiglu" else int(dim * ratio)
-
-

@@ -23,7 +23,9 @@ FINETUNED_MODEL_FORMAT = "dinokit-finetuned"
 FINETUNE_CHECKPOINT_FORMAT = "dinokit-finetune-checkpoint"
 
 
-def export_finetuned(model: nn.Module, classes: Sequence[str], spec: dict, image_size: int, extra: dict) -> dict:
+def export_finetuned(
+    model: nn.Module, classes: Sequence[str], spec: dict, image_size: int, extra: dict
+) -> dict:
     """The ``model.pth`` layout (plain tensors, strings and numbers; ``weights_only``-safe):
 
     ``format`` ("dinokit-finetuned"), ``version`` (1), ``backbone`` (flat backbone state dict, the
@@ -81,7 +83,9 @@ def load_finetuned(path: str | os.PathLike) -> tuple[FinetuneModel, dict]:
         model = FinetuneModel(backbone, len(classes))
         model.head.load_state_dict(head, strict=True)
     except (KeyError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{path} is a damaged dinokit fine-tuned model ({str(e).splitlines()[0]}).") from e
+        raise CheckpointError(
+            f"{path} is a damaged dinokit fine-tuned model ({str(e).splitlines()[0]})."
+        ) from e
     meta = {k: v for k, v in ckpt.items() if k not in ("backbone", "head")}
     return model.eval(), meta
 
@@ -101,7 +105,9 @@ def load_linear_head(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
     if "linear.weight" not in sd and "weight" in sd and "bias" in sd:
         sd = {"linear.weight": sd["weight"], "linear.bias": sd["bias"]}
     w, b = sd.get("linear.weight"), sd.get("linear.bias")
-    if not (isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor) and w.ndim == 2 and b.shape == w.shape[:1]):
+    if not (
+        isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor) and w.ndim == 2 and b.shape == w.shape[:1]
+    ):
         raise CheckpointError(
             f"{path} does not hold linear-probe weights (a linear.weight matrix and its linear.bias)."
         )

@@ -33,7 +33,9 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         for candidate in ("model.safetensors", "pytorch_model.bin", "backbone.pth", "checkpoint.pth"):
             if (path / candidate).is_file():
                 return read_checkpoint(path / candidate)
-        raise CheckpointError(f"The folder {path} holds no weights file (model.safetensors, pytorch_model.bin, ...).")
+        raise CheckpointError(
+            f"The folder {path} holds no weights file (model.safetensors, pytorch_model.bin, ...)."
+        )
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -99,7 +101,11 @@ def require_finite_weights(sd: dict[str, Any], source: str = "the checkpoint") -
     """Refuse weights holding NaN or inf: every feature and score computed from them would be NaN (or
     a meaningless number), so they are stopped where they are loaded."""
     for key, value in sd.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ):
             raise CheckpointError(
                 f"{source} holds non-finite values (NaN or inf) in {key}; the file is damaged or the training "
                 "diverged."

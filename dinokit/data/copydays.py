@@ -49,8 +49,10 @@ def scan_copydays(root: str | os.PathLike) -> CopydaysLayout:
     for group in ("jpegqual", "crops"):
         if not (root / group).is_dir():
             continue
-        subs = sorted((d for d in (root / group).iterdir() if d.is_dir() and not d.name.startswith(".")),
-                      key=lambda d: _natural_key(d.name))
+        subs = sorted(
+            (d for d in (root / group).iterdir() if d.is_dir() and not d.name.startswith(".")),
+            key=lambda d: _natural_key(d.name),
+        )
         for d in subs:
             blocks[f"{group}/{d.name}"] = _block_images(d)
     for name, paths in blocks.items():

@@ -93,7 +93,9 @@ def resize_bilinear_uint8(rgb: np.ndarray, size: tuple[int, int]) -> torch.Tenso
 def frame_normalization(norm: Normalization | None = None) -> Normalization:
     """The frames' normalisation for weights normalised with ``norm``: ImageNet's (the weights' own,
     not given by --mean/--std) becomes the reference's values (std 0.228); any other is kept."""
-    if norm is None or ((norm.mean, norm.std) == (IMAGENET.mean, IMAGENET.std) and not norm.source.startswith("--")):
+    if norm is None or (
+        (norm.mean, norm.std) == (IMAGENET.mean, IMAGENET.std) and not norm.source.startswith("--")
+    ):
         return DAVIS_NORMALIZATION
     return norm
 
@@ -218,7 +220,9 @@ def resize_labels_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarr
     H, W = size
     if labels.shape == (H, W):
         return labels
-    return np.asarray(Image.fromarray(labels.astype(np.uint8), mode="L").resize((W, H), Image.Resampling.NEAREST))
+    return np.asarray(
+        Image.fromarray(labels.astype(np.uint8), mode="L").resize((W, H), Image.Resampling.NEAREST)
+    )
 
 
 # -- finding videos ---------------------------------------------------------------------------
@@ -281,7 +285,9 @@ def is_video_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(VIDEO_EXTENSIONS)
 
 
-def folder_video(frames: str | os.PathLike, first_mask: str | os.PathLike, name: str | None = None) -> VideoSequence:
+def folder_video(
+    frames: str | os.PathLike, first_mask: str | os.PathLike, name: str | None = None
+) -> VideoSequence:
     """A user's own video: a folder of frames (sorted by name) and the first frame's mask."""
     frames = Path(frames)
     if not frames.is_dir():

@@ -98,7 +98,9 @@ class _ImageWalk:
         if self.skipped_dirs or self.skipped_files:
             log.warning(
                 "%s: skipped %d folders and %d images reached a second time (through links or repeated paths)",
-                root, self.skipped_dirs, self.skipped_files,
+                root,
+                self.skipped_dirs,
+                self.skipped_files,
             )
 
 
@@ -221,8 +223,11 @@ class DecodeNeed:
         if other is None:
             return None
         return DecodeNeed(
-            max(self.short_side, other.short_side), max(self.width, other.width), max(self.height, other.height),
-            max(self.long_side, other.long_side), tuple(sorted(set(self.crops + other.crops))),
+            max(self.short_side, other.short_side),
+            max(self.width, other.width),
+            max(self.height, other.height),
+            max(self.long_side, other.long_side),
+            tuple(sorted(set(self.crops + other.crops))),
         )
 
 
@@ -383,8 +388,9 @@ def looks_labelled(root: str | os.PathLike) -> bool:
     return bool(dirs) and not loose
 
 
-def read_image_or_skip(path: str | os.PathLike, need: DecodeNeed | None = None,
-                       strict: bool = False) -> DecodedImage | None:
+def read_image_or_skip(
+    path: str | os.PathLike, need: DecodeNeed | None = None, strict: bool = False
+) -> DecodedImage | None:
     """The image at ``path`` (:func:`read_image`), or ``None`` when it cannot be read: the item every
     dataset yields for an unreadable image, dropped by :func:`collate_skip_none` and counted. With
     ``strict`` (``--strict``) the error naming the file stops the run instead."""
@@ -397,8 +403,9 @@ def read_image_or_skip(path: str | os.PathLike, need: DecodeNeed | None = None,
         return None
 
 
-def open_rgb_or_skip(path: str | os.PathLike, strict: bool = False,
-                     need: DecodeNeed | None = None) -> Image.Image | None:
+def open_rgb_or_skip(
+    path: str | os.PathLike, strict: bool = False, need: DecodeNeed | None = None
+) -> Image.Image | None:
     """:func:`read_image_or_skip`'s picture (upright RGB), or ``None`` for an unreadable image."""
     decoded = read_image_or_skip(path, need, strict)
     return None if decoded is None else decoded.image

@@ -59,8 +59,14 @@ class PrefetchLoader:
     ``collate_fn``, each item made in a pool of ``threads`` threads while the model works on the
     batch before it. Iterating again starts over."""
 
-    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, threads: int,
-                 collate_fn: Callable[[list], Any] = collate_skip_none, indices: Sequence[int] | None = None):
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        batch_size: int,
+        threads: int,
+        collate_fn: Callable[[list], Any] = collate_skip_none,
+        indices: Sequence[int] | None = None,
+    ):
         self.dataset = dataset
         self.batch_size = max(1, int(batch_size))
         self.threads = max(1, int(threads))
@@ -105,8 +111,15 @@ class DecodeAheadLoader:
 
     num_workers = 0  # for the training loops' signal handling: no worker process to start
 
-    def __init__(self, dataset, sampler: SizedSampler, batch_size: int, threads: int,
-                 collate_fn: Callable[[list], Any], drop_last: bool = True):
+    def __init__(
+        self,
+        dataset,
+        sampler: SizedSampler,
+        batch_size: int,
+        threads: int,
+        collate_fn: Callable[[list], Any],
+        drop_last: bool = True,
+    ):
         self.dataset, self.sampler, self.batch_size = dataset, sampler, max(1, int(batch_size))
         self.threads, self.collate_fn, self.drop_last = max(1, int(threads)), collate_fn, drop_last
 
@@ -129,7 +142,9 @@ class DecodeAheadLoader:
             yield self.collate_fn(batch)
 
 
-def prefetch_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int, ahead: int = 8) -> Iterator[Any]:
+def prefetch_map(
+    fn: Callable[[Any], Any], items: Iterable[Any], threads: int, ahead: int = 8
+) -> Iterator[Any]:
     """``fn(item)`` for each of ``items`` in order, computed in ``threads`` threads up to ``ahead``
     items before the one asked for; an item's exception is raised where its result would be."""
     items = iter(items)
@@ -156,9 +171,14 @@ def prefetch_threads(device: torch.device) -> int:
     return decode_threads(compute, available_cores())
 
 
-def image_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0,
-                 threads: int | None = None, collate_fn: Callable[[list], Any] = collate_skip_none,
-                 device: torch.device | str = "cpu"):
+def image_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    threads: int | None = None,
+    collate_fn: Callable[[list], Any] = collate_skip_none,
+    device: torch.device | str = "cpu",
+):
     """The batches of an evaluation pass over ``dataset`` in order: a ``DataLoader`` with
     ``num_workers`` worker processes; else a :class:`PrefetchLoader` with ``threads`` threads
     (None: :func:`prefetch_threads` for ``device``); ``threads`` 0: a ``DataLoader`` in this process."""
@@ -167,6 +187,12 @@ def image_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers
         threads = prefetch_threads(device)
     pin_memory = device.type == "cuda"
     if num_workers > 0 or threads <= 0:
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                           collate_fn=collate_fn, pin_memory=pin_memory)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            pin_memory=pin_memory,
+        )
     return PrefetchLoader(dataset, batch_size, threads, collate_fn)

@@ -69,7 +69,9 @@ def read_label_mask(path: str | os.PathLike, binary: bool = False) -> np.ndarray
     except FileNotFoundError as e:
         raise DataError(f"The mask {path} does not exist.") from e
     except Image.DecompressionBombError as e:
-        raise DataError(f"{path} is not a readable mask image (more pixels than Pillow decodes safely).") from e
+        raise DataError(
+            f"{path} is not a readable mask image (more pixels than Pillow decodes safely)."
+        ) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path} is not a readable mask image ({e.__class__.__name__}).") from e
     if binary:
@@ -240,11 +242,22 @@ def load_coco(ann_file: str | os.PathLike):
         or not isinstance(data.get("annotations"), list)
     ):
         raise DataError(f"{p} is not a COCO annotation file (it lacks the 'images' and 'annotations' lists).")
-    bad = [a for a in data["annotations"] if not isinstance(a, dict) or "image_id" not in a or "segmentation" not in a]
+    bad = [
+        a
+        for a in data["annotations"]
+        if not isinstance(a, dict) or "image_id" not in a or "segmentation" not in a
+    ]
     if bad:
-        raise DataError(f"{p} is not a COCO segmentation file (an annotation lacks image_id or segmentation).")
-    if any(not isinstance(im, dict) or not {"id", "file_name", "height", "width"} <= set(im) for im in data["images"]):
-        raise DataError(f"{p} is not a COCO annotation file (an image entry lacks id, file_name, height or width).")
+        raise DataError(
+            f"{p} is not a COCO segmentation file (an annotation lacks image_id or segmentation)."
+        )
+    if any(
+        not isinstance(im, dict) or not {"id", "file_name", "height", "width"} <= set(im)
+        for im in data["images"]
+    ):
+        raise DataError(
+            f"{p} is not a COCO annotation file (an image entry lacks id, file_name, height or width)."
+        )
     data.setdefault("categories", [])
     from pycocotools.coco import COCO
 
@@ -281,7 +294,9 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
             warnings.simplefilter("ignore", DeprecationWarning)
             m = mask_utils.decode(rle)
     except (TypeError, ValueError, KeyError, IndexError) as e:
-        raise DataError(f"Annotation {ann.get('id', '?')} has a segmentation pycocotools cannot decode ({e}).") from e
+        raise DataError(
+            f"Annotation {ann.get('id', '?')} has a segmentation pycocotools cannot decode ({e})."
+        ) from e
     if m.ndim == 3:
         m = m.any(axis=2)
     if m.shape != (height, width):
@@ -301,7 +316,9 @@ def _checked_polygon(poly, height: int, width: int, what: str) -> list[float]:
     """A COCO polygon ``[x0, y0, x1, y1, ...]`` validated (numbers, finite, at least 3 points) and cut
     to the image plus a margin, ready for pycocotools (whose rasteriser allocates memory in proportion
     to the polygon's perimeter: one coordinate of 1e308 would exhaust the machine)."""
-    if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+    if not isinstance(poly, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly
+    ):
         raise DataError(f"{what} has a polygon that is not a list of numbers.")
     if len(poly) % 2 or len(poly) < 6:
         raise DataError(
@@ -317,7 +334,12 @@ def _checked_polygon(poly, height: int, width: int, what: str) -> list[float]:
     # image do not change visibly (an edge to 1e9 and an edge to 1e308 cross the image alike)
     far = 1e9
     points = [(min(max(x, -far), far), min(max(y, -far), far)) for x, y in zip(coords[0::2], coords[1::2])]
-    lo_x, hi_x, lo_y, hi_y = -_POLYGON_MARGIN, width + _POLYGON_MARGIN, -_POLYGON_MARGIN, height + _POLYGON_MARGIN
+    lo_x, hi_x, lo_y, hi_y = (
+        -_POLYGON_MARGIN,
+        width + _POLYGON_MARGIN,
+        -_POLYGON_MARGIN,
+        height + _POLYGON_MARGIN,
+    )
     if all(lo_x <= x <= hi_x and lo_y <= y <= hi_y for x, y in points):
         return list(poly)
     # Sutherland-Hodgman: cut by each side of the box in turn
@@ -382,7 +404,9 @@ def _check_rle(rle: dict, counts: Sequence, height: int, width: int, what: str) 
         raise DataError(f"{what} has an RLE covering {sum(counts)} pixels, not the image's {height * width}.")
 
 
-def coco_label_map(annotations: Sequence[dict], height: int, width: int, objects: str = "instance") -> np.ndarray:
+def coco_label_map(
+    annotations: Sequence[dict], height: int, width: int, objects: str = "instance"
+) -> np.ndarray:
     """The label map of one image's COCO annotations.
 
     ``objects="instance"``: each non-crowd annotation is an object (larger ones are painted first, so a
@@ -432,8 +456,11 @@ def ground_truth_from_coco(
     coco = load_coco(ann_file)
     entries = sorted(coco.imgs.values(), key=lambda im: str(im["file_name"]))
     if image_list is not None:
-        entries = [im for im in entries if _strip_ext(str(im["file_name"])) in image_list
-                   or Path(str(im["file_name"])).stem in image_list]
+        entries = [
+            im
+            for im in entries
+            if _strip_ext(str(im["file_name"])) in image_list or Path(str(im["file_name"])).stem in image_list
+        ]
     if not entries:
         raise DataError(f"{ann_file} describes no images" + (" of the image list." if image_list else "."))
     found = {p.relative_to(images_root).as_posix(): p for p in find_images(images_root)}
@@ -461,7 +488,11 @@ def ground_truth_from_coco(
         )
     extra = [p for p in found.values() if p not in used]
     if image_list is not None:
-        extra = [p for p in extra if p.stem in image_list or _strip_ext(p.relative_to(images_root).as_posix()) in image_list]
+        extra = [
+            p
+            for p in extra
+            if p.stem in image_list or _strip_ext(p.relative_to(images_root).as_posix()) in image_list
+        ]
     if extra:
         raise DataError(
             f"{len(extra)} images under {images_root} have no entry in {ann_file} (for example "

@@ -81,16 +81,29 @@ class MultiCropAugmentation:
         bicubic = T.InterpolationMode.BICUBIC
         gscale, lscale = tuple(global_crops_scale), tuple(local_crops_scale)
         self.global_transfo1 = T.Compose(
-            [T.RandomResizedCrop(global_size, scale=gscale, interpolation=bicubic), flip_and_color_jitter,
-             GaussianBlur(1.0), to_tensor]
+            [
+                T.RandomResizedCrop(global_size, scale=gscale, interpolation=bicubic),
+                flip_and_color_jitter,
+                GaussianBlur(1.0),
+                to_tensor,
+            ]
         )
         self.global_transfo2 = T.Compose(
-            [T.RandomResizedCrop(global_size, scale=gscale, interpolation=bicubic), flip_and_color_jitter,
-             GaussianBlur(0.1), Solarization(0.2), to_tensor]
+            [
+                T.RandomResizedCrop(global_size, scale=gscale, interpolation=bicubic),
+                flip_and_color_jitter,
+                GaussianBlur(0.1),
+                Solarization(0.2),
+                to_tensor,
+            ]
         )
         self.local_transfo = T.Compose(
-            [T.RandomResizedCrop(local_size, scale=lscale, interpolation=bicubic), flip_and_color_jitter,
-             GaussianBlur(0.5), to_tensor]
+            [
+                T.RandomResizedCrop(local_size, scale=lscale, interpolation=bicubic),
+                flip_and_color_jitter,
+                GaussianBlur(0.5),
+                to_tensor,
+            ]
         )
 
     @property
@@ -128,8 +141,13 @@ class MultiCropDataset(torch.utils.data.Dataset):
     distinct indices (see :func:`count_new_unreadable`), not the number of tries.
     """
 
-    def __init__(self, paths: Sequence[Path], transform: MultiCropAugmentation, seed: int = 0,
-                 exact_decode: bool = False):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        transform: MultiCropAugmentation,
+        seed: int = 0,
+        exact_decode: bool = False,
+    ):
         if not paths:
             raise DataError("The data set holds no images.")
         self.paths = list(paths)

@@ -64,6 +64,7 @@ def random_crop(rng: np.random.Generator, labels: np.ndarray, size: int) -> tupl
 
 def photometric_distortion(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     """mmsegmentation's PhotoMetricDistortion as DINOv3 applies it, on a uint8 (H, W, 3) array."""
+
     def convert(img, alpha=1.0, beta=0.0):
         return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
@@ -86,13 +87,21 @@ def photometric_distortion(rng: np.random.Generator, image: np.ndarray) -> np.nd
     return img
 
 
-def train_sample(rng: np.random.Generator, image: Image.Image, labels: np.ndarray, size: int,
-                 photometric: bool = True, norm: Normalization = IMAGENET) -> tuple[torch.Tensor, torch.Tensor]:
+def train_sample(
+    rng: np.random.Generator,
+    image: Image.Image,
+    labels: np.ndarray,
+    size: int,
+    photometric: bool = True,
+    norm: Normalization = IMAGENET,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One augmented training pair: ((3, size, size) normalised image, (size, size) int64 labels)."""
     short = int(size * (rng.random() * (SCALE_RANGE[1] - SCALE_RANGE[0]) + SCALE_RANGE[0]))
     w, h = short_side_size(*image.size, max(short, 1))
     img = np.asarray(image.resize((w, h), Image.Resampling.BILINEAR))
-    lab = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h), Image.Resampling.NEAREST)).astype(np.int64)
+    lab = np.asarray(
+        Image.fromarray(labels.astype(np.uint8)).resize((w, h), Image.Resampling.NEAREST)
+    ).astype(np.int64)
     y, x = random_crop(rng, lab, size)
     img, lab = img[y : y + size, x : x + size], lab[y : y + size, x : x + size]
     if rng.random() < 0.5:
@@ -108,5 +117,13 @@ def train_sample(rng: np.random.Generator, image: Image.Image, labels: np.ndarra
     return x_t, y_t
 
 
-__all__ = ["CAT_MAX_RATIO", "SCALE_RANGE", "eval_input", "normalize_image", "photometric_distortion",
-           "random_crop", "short_side_size", "train_sample"]
+__all__ = [
+    "CAT_MAX_RATIO",
+    "SCALE_RANGE",
+    "eval_input",
+    "normalize_image",
+    "photometric_distortion",
+    "random_crop",
+    "short_side_size",
+    "train_sample",
+]

@@ -142,10 +142,14 @@ class SegSplit:
 
     def read_labels(self, sample: SegSample) -> np.ndarray:
         """The training ids of ``sample``'s mask: (H, W) int64, 0..C-1 and 255 for void."""
-        return map_labels(read_mask_values(sample.mask), self.lookup, sample.mask, len(self.classes), self.ignore_index)
+        return map_labels(
+            read_mask_values(sample.mask), self.lookup, sample.mask, len(self.classes), self.ignore_index
+        )
 
 
-def map_labels(values: np.ndarray, lookup: np.ndarray, path, num_classes: int, ignore_index: int) -> np.ndarray:
+def map_labels(
+    values: np.ndarray, lookup: np.ndarray, path, num_classes: int, ignore_index: int
+) -> np.ndarray:
     out = lookup[np.clip(values, 0, 65535)]
     bad = (out == INVALID) | (values < 0)
     if bad.any():
@@ -156,7 +160,9 @@ def map_labels(values: np.ndarray, lookup: np.ndarray, path, num_classes: int, i
 
 
 # -- the layouts -----------------------------------------------------------------------------------
-def _split_file_samples(root: Path, listing: Path, image_dir: Path, mask_dir: Path, ext: str) -> list[SegSample]:
+def _split_file_samples(
+    root: Path, listing: Path, image_dir: Path, mask_dir: Path, ext: str
+) -> list[SegSample]:
     if not listing.is_file():
         raise DataError(f"The split file {listing} does not exist; is {root} the VOC2012 folder?")
     stems = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -204,7 +210,9 @@ def _ade20k(root: Path, split: str) -> tuple[list[SegSample], list[str]]:
     if (root / "ADEChallengeData2016").is_dir():
         root = root / "ADEChallengeData2016"
     name = {"train": "training", "val": "validation"}[split]
-    samples = _paired(root, root / "images" / name, root / "annotations" / name, lambda n: Path(n).stem + ".png")
+    samples = _paired(
+        root, root / "images" / name, root / "annotations" / name, lambda n: Path(n).stem + ".png"
+    )
     return samples, list(ADE20K_CLASSES)
 
 
@@ -214,7 +222,9 @@ def _cityscapes(root: Path, split: str) -> tuple[list[SegSample], list[str]]:
 
     images = root / "leftImg8bit" / split
     samples = _paired(root, images, root / "gtFine" / split, mask_name)
-    samples = [SegSample(s.image, s.mask, Path(s.image.name).stem.replace("_leftImg8bit", "")) for s in samples]
+    samples = [
+        SegSample(s.image, s.mask, Path(s.image.name).stem.replace("_leftImg8bit", "")) for s in samples
+    ]
     return samples, list(CITYSCAPES_CLASSES)
 
 
@@ -232,8 +242,13 @@ def _folder(root: Path, split: str) -> tuple[list[SegSample], list[str] | None]:
     return samples, classes
 
 
-def segmentation_split(root: str | os.PathLike, dataset: str, split: str, ignore_index: int = VOID_LABEL,
-                       classes: Sequence[str] | None = None) -> SegSplit:
+def segmentation_split(
+    root: str | os.PathLike,
+    dataset: str,
+    split: str,
+    ignore_index: int = VOID_LABEL,
+    classes: Sequence[str] | None = None,
+) -> SegSplit:
     """The samples and classes of ``split`` ("train" or "val") of ``root`` in ``dataset``'s layout.
     ``classes`` (folder layout without classes.txt) gives the class list found on another split."""
     root = Path(root)
@@ -266,14 +281,17 @@ def _check_one(split: SegSplit, sample: SegSample, values_too: bool) -> tuple[in
     except DataError as e:
         return -1, str(e)
     if (values.shape[1], values.shape[0]) != size:
-        return -1, (f"The mask {sample.mask} is {values.shape[1]}x{values.shape[0]} pixels but its image "
-                    f"{sample.image} is {size[0]}x{size[1]}; a mask must be the size of its image.")
+        return -1, (
+            f"The mask {sample.mask} is {values.shape[1]}x{values.shape[0]} pixels but its image "
+            f"{sample.image} is {size[0]}x{size[1]}; a mask must be the size of its image."
+        )
     kept = values[values != split.ignore_index] if split.dataset == "folder" else values
     return (int(kept.max()) if kept.size else 0), None
 
 
-def check_split(split: SegSplit, strict: bool = False, progress: Progress = NULL_PROGRESS,
-                find_classes: bool = False) -> int:
+def check_split(
+    split: SegSplit, strict: bool = False, progress: Progress = NULL_PROGRESS, find_classes: bool = False
+) -> int:
     """Every mask of ``split`` read once, before anything is written: its size against its image's
     (upright) size and, unless ``find_classes``, its values against the classes. Unreadable images are
     left out and counted (with ``strict`` the first one stops). Returns the largest stored label (a
@@ -301,8 +319,14 @@ def check_split(split: SegSplit, strict: bool = False, progress: Progress = NULL
     return largest
 
 
-def load_splits(root: str | os.PathLike, dataset: str, ignore_index: int = VOID_LABEL, strict: bool = False,
-                progress: Progress = NULL_PROGRESS, splits: Sequence[str] = ("train", "val")) -> list[SegSplit]:
+def load_splits(
+    root: str | os.PathLike,
+    dataset: str,
+    ignore_index: int = VOID_LABEL,
+    strict: bool = False,
+    progress: Progress = NULL_PROGRESS,
+    splits: Sequence[str] = ("train", "val"),
+) -> list[SegSplit]:
     """The checked splits of a data set (:func:`segmentation_split`, :func:`check_split`); a folder set
     without classes.txt gets the classes ``class 0`` .. ``class K``, K the largest label found."""
     found = [segmentation_split(root, dataset, name, ignore_index) for name in splits]
@@ -318,6 +342,17 @@ def load_splits(root: str | os.PathLike, dataset: str, ignore_index: int = VOID_
 
 
 __all__ = [
-    "ADE20K_CLASSES", "CITYSCAPES_CLASSES", "CITYSCAPES_TRAIN_IDS", "DATASETS", "VOC_CLASSES", "SegSample",
-    "SegSplit", "check_split", "label_lookup", "load_splits", "map_labels", "read_mask_values", "segmentation_split",
+    "ADE20K_CLASSES",
+    "CITYSCAPES_CLASSES",
+    "CITYSCAPES_TRAIN_IDS",
+    "DATASETS",
+    "VOC_CLASSES",
+    "SegSample",
+    "SegSplit",
+    "check_split",
+    "label_lookup",
+    "load_splits",
+    "map_labels",
+    "read_mask_values",
+    "segmentation_split",
 ]

@@ -86,14 +86,18 @@ def _base_shapes() -> dict[str, list[Part]]:
         "square": [(_regular(4, phase=np.pi / 4), 1)],
         "triangle": [(_regular(3, phase=-np.pi / 2, cy=0.2), 1)],
         "star": [(_star(5, 0.42), 1)],
-        "cross": [(_poly(-w, -1, w, -1, w, -w, 1, -w, 1, w, w, w, w, 1, -w, 1, -w, w, -1, w, -1, -w, -w, -w), 1)],
+        "cross": [
+            (_poly(-w, -1, w, -1, w, -w, 1, -w, 1, w, w, w, w, 1, -w, 1, -w, w, -1, w, -1, -w, -w, -w), 1)
+        ],
         "ring": [(circle, 1), (_regular(48, 0.58), 0)],
         "hexagon": [(_regular(6), 1)],
         "crescent": [(circle, 1), (_regular(48, 0.85, cx=0.45), 0)],
         "heart": [(_heart(), 1)],
         "arrow": [(_poly(-1, -0.22, 0.15, -0.22, 0.15, -0.62, 1, 0, 0.15, 0.62, 0.15, 0.22, -1, 0.22), 1)],
         "semicircle": [(np.concatenate([_regular(48)[:25], [[-1.0, 0.0]]]) - [0, 0.4], 1)],
-        "lshape": [(_poly(-0.7, -1, -0.7 + 2 * w * 1.1, -1, -0.7 + 2 * w * 1.1, 0.34, 0.7, 0.34, 0.7, 1, -0.7, 1), 1)],
+        "lshape": [
+            (_poly(-0.7, -1, -0.7 + 2 * w * 1.1, -1, -0.7 + 2 * w * 1.1, 0.34, 0.7, 0.34, 0.7, 1, -0.7, 1), 1)
+        ],
         "tshape": [(_poly(-1, -0.9, 1, -0.9, 1, -0.3, w, -0.3, w, 0.95, -w, 0.95, -w, -0.3, -1, -0.3), 1)],
         "frame": [(_regular(4, phase=np.pi / 4), 1), (_regular(4, 0.62, phase=np.pi / 4), 0)],
         "bowtie": [(_poly(-0.95, -0.8, 0, -0.08, 0.95, -0.8, 0.95, 0.8, 0, 0.08, -0.95, 0.8), 1)],
@@ -121,7 +125,9 @@ def _variant_parts(base: list[Part], variant: str) -> list[Part]:
 def class_names(n: int) -> list[str]:
     """The first ``n`` class names: the base shapes, then their stretched, paired and stretched-paired variants."""
     if not 1 <= n <= MAX_CLASSES:
-        raise DinokitError(f"The synthetic classification set has between 1 and {MAX_CLASSES} classes, not {n}.")
+        raise DinokitError(
+            f"The synthetic classification set has between 1 and {MAX_CLASSES} classes, not {n}."
+        )
     names = [s + v for v in VARIANTS for s in SHAPE_NAMES]
     return names[:n]
 
@@ -141,7 +147,9 @@ def place_parts(parts: Sequence[Part], cx: float, cy: float, radius: float, angl
     return [(p @ rot + [cx, cy], f) for p, f in parts]
 
 
-def rasterize(parts: Sequence[Part], height: int, width: int, canvas: Image.Image | None = None) -> np.ndarray:
+def rasterize(
+    parts: Sequence[Part], height: int, width: int, canvas: Image.Image | None = None
+) -> np.ndarray:
     """The pixels a placed shape covers, as an (H, W) bool array (hard edges, so the mask is exact)."""
     img = canvas if canvas is not None else Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(img)
@@ -163,14 +171,18 @@ def random_colour(rng: np.random.Generator) -> np.ndarray:
     return _hsv_colour(h, s, v)
 
 
-def smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int, channels: int = 1) -> np.ndarray:
+def smooth_noise(
+    rng: np.random.Generator, height: int, width: int, cells: int, channels: int = 1
+) -> np.ndarray:
     """Value noise in [0, 1]: a coarse random grid (about ``cells`` across) upsampled bicubically."""
     ch = max(2, round(cells * height / max(height, width)) + 1)
     cw = max(2, round(cells * width / max(height, width)) + 1)
     grid = (rng.random((ch, cw, channels)) * 255).astype(np.uint8)
     out = np.empty((height, width, channels), np.float32)
     for c in range(channels):
-        out[..., c] = np.asarray(Image.fromarray(grid[..., c]).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+        out[..., c] = np.asarray(
+            Image.fromarray(grid[..., c]).resize((width, height), Image.Resampling.BICUBIC), np.float32
+        )
     out /= 255.0
     return out if channels > 1 else out[..., 0]
 
@@ -178,7 +190,9 @@ def smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int, 
 TEXTURES = ("stripes", "checks", "dots", "noise", "plain")
 
 
-def random_texture(rng: np.random.Generator, height: int, width: int, scale: float | None = None) -> np.ndarray:
+def random_texture(
+    rng: np.random.Generator, height: int, width: int, scale: float | None = None
+) -> np.ndarray:
     """An (H, W, 3) float texture: stripes, checks, dots, noise or a shaded plain colour, two random colours.
 
     ``scale`` is the pattern period in pixels (random around a tenth of the size when not given).
@@ -287,7 +301,9 @@ def photo_crop(
     cw = ch * aspect
     y0 = rng.uniform(0, ph - ch)
     x0 = rng.uniform(0, pw - cw)
-    pil = Image.fromarray(img).resize((width, height), Image.Resampling.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+    pil = Image.fromarray(img).resize(
+        (width, height), Image.Resampling.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch)
+    )
     arr = np.asarray(pil)
     if rng.random() < 0.5:
         arr = arr[:, ::-1]
@@ -307,7 +323,9 @@ def paste(canvas: np.ndarray, mask: np.ndarray, texture: np.ndarray) -> None:
     canvas[mask] = texture[mask]
 
 
-def procedural_scene(rng: np.random.Generator, height: int, width: int, n_blobs: int | None = None) -> np.ndarray:
+def procedural_scene(
+    rng: np.random.Generator, height: int, width: int, n_blobs: int | None = None
+) -> np.ndarray:
     """A cluttered synthetic scene: a textured ground covered with textured blobs and bars (uint8 RGB)."""
     canvas = random_texture(rng, height, width)
     n = int(rng.integers(6, 16)) if n_blobs is None else n_blobs
@@ -377,7 +395,9 @@ def class_hue(class_index: int, n_classes: int) -> float:
     return (class_index + 0.5) / max(1, n_classes)
 
 
-CLASS_PATTERNS = tuple((kind, period) for period in (0.04, 0.07, 0.11, 0.16) for kind in ("stripes", "checks", "dots"))
+CLASS_PATTERNS = tuple(
+    (kind, period) for period in (0.04, 0.07, 0.11, 0.16) for kind in ("stripes", "checks", "dots")
+)
 
 
 def class_pattern(class_index: int) -> tuple[str, float]:
@@ -399,7 +419,9 @@ def pattern_map(rng: np.random.Generator, kind: str, period: float, size: int) -
     return (du * du + dv * dv < (period * 0.35) ** 2).astype(np.float32)
 
 
-def _place_shape(rng: np.random.Generator, shape: str, size: int, min_scale: float) -> tuple[np.ndarray, float]:
+def _place_shape(
+    rng: np.random.Generator, shape: str, size: int, min_scale: float
+) -> tuple[np.ndarray, float]:
     """``shape`` at a random scale (radius min_scale..0.44 of the image), position and rotation, kept
     inside the image: (mask bool (size, size), radius)."""
     radius = size * rng.uniform(min_scale, 0.44)
@@ -442,7 +464,9 @@ def draw_simple_image(
     mask, radius = _place_shape(rng, shape, size, min_scale=0.25)
     for _ in range(20):  # an object colour that stands out from the background
         if hue is not None:
-            colour = _hsv_colour((hue + rng.normal(0, 0.03)) % 1.0, rng.uniform(0.5, 1.0), rng.uniform(0.35, 1.0))
+            colour = _hsv_colour(
+                (hue + rng.normal(0, 0.03)) % 1.0, rng.uniform(0.5, 1.0), rng.uniform(0.35, 1.0)
+            )
         else:
             colour = random_colour(rng)
         if np.abs(colour - bg).sum() > 150:
@@ -560,13 +584,17 @@ def make_classify_dataset(
     if not 0.0 <= class_texture <= 1.0:
         raise DinokitError(f"--class-texture must lie in [0, 1], not {class_texture}.")
     if (class_colour > 0 or class_texture > 0) and style != "simple":
-        raise DinokitError("--class-colour and --class-texture need --style simple (the cluttered style keeps "
-                           "colours and textures random).")
+        raise DinokitError(
+            "--class-colour and --class-texture need --style simple (the cluttered style keeps "
+            "colours and textures random)."
+        )
     if background not in BACKGROUNDS:
         raise DinokitError(f"--background must be one of {', '.join(BACKGROUNDS)}, not {background!r}.")
     if background != "random" and style != "simple":
-        raise DinokitError("--background needs --style simple (the cluttered style's backgrounds are photographs "
-                           "and clutter).")
+        raise DinokitError(
+            "--background needs --style simple (the cluttered style's backgrounds are photographs "
+            "and clutter)."
+        )
     names = class_names(classes)
     n_val = int(round(per_class * val_fraction))
     n_train = per_class - n_val
@@ -584,7 +612,9 @@ def make_classify_dataset(
             if style == "simple":
                 hue = class_hue(ci, classes) if rng.random() < class_colour else None
                 pattern = class_pattern(ci) if class_texture > 0 and rng.random() < class_texture else None
-                image, mask = draw_simple_image(rng, name, size, hue=hue, pattern=pattern, background=background)
+                image, mask = draw_simple_image(
+                    rng, name, size, hue=hue, pattern=pattern, background=background
+                )
             else:
                 image, mask = draw_classify_image(rng, name, size)
             fname = f"{i:05d}.png"

@@ -55,8 +55,21 @@ STRONG_EDITS = ("colour", "blur", "text", "logo", "rotation", "collage", "print_
 _ASPECTS = (1.0, 4 / 3, 3 / 2, 3 / 4, 2 / 3)
 _ROLES = {"original": 0, "strong": 1, "distractor": 2, "whitening": 3}
 _WORDS = (
-    "SALE", "copy", "dinokit", "2026", "holiday", "(c) photo", "sample", "NEWS", "trip", "summer", "hello",
-    "draft", "www.example.org", "LIVE", "#42",
+    "SALE",
+    "copy",
+    "dinokit",
+    "2026",
+    "holiday",
+    "(c) photo",
+    "sample",
+    "NEWS",
+    "trip",
+    "summer",
+    "hello",
+    "draft",
+    "www.example.org",
+    "LIVE",
+    "#42",
 )
 
 
@@ -71,13 +84,21 @@ def _landscape(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
     canvas = np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).astype(np.float32).copy()
     if rng.random() < 0.7:
-        sun = place_parts(shape_parts("circle"), rng.uniform(0, w), rng.uniform(0, h * 0.5), min(h, w) * rng.uniform(0.05, 0.15), 0)
+        sun = place_parts(
+            shape_parts("circle"),
+            rng.uniform(0, w),
+            rng.uniform(0, h * 0.5),
+            min(h, w) * rng.uniform(0.05, 0.15),
+            0,
+        )
         canvas[rasterize(sun, h, w)] = random_colour(rng)
     yy = np.arange(h)[:, None]
     n_layers = int(rng.integers(2, 5))
     for layer in range(n_layers):
         base = h * (0.3 + 0.6 * (layer + rng.uniform(0.2, 0.8)) / n_layers)
-        ridge = base + (smooth_noise(rng, 1, w, cells=int(rng.integers(3, 12)))[0] - 0.5) * h * rng.uniform(0.15, 0.5)
+        ridge = base + (smooth_noise(rng, 1, w, cells=int(rng.integers(3, 12)))[0] - 0.5) * h * rng.uniform(
+            0.15, 0.5
+        )
         mask = yy >= ridge[None, :]
         tex = random_texture(rng, h, w, scale=min(h, w) * rng.uniform(0.03, 0.12))
         canvas[mask] = tex[mask] * rng.uniform(0.5, 1.0)
@@ -90,7 +111,10 @@ def _shapes_scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     for _ in range(int(rng.integers(5, 14))):
         parts = place_parts(
             shape_parts(SHAPE_NAMES[rng.integers(len(SHAPE_NAMES))]),
-            rng.uniform(0, w), rng.uniform(0, h), min(h, w) * rng.uniform(0.06, 0.25), rng.uniform(0, 2 * np.pi),
+            rng.uniform(0, w),
+            rng.uniform(0, h),
+            min(h, w) * rng.uniform(0.06, 0.25),
+            rng.uniform(0, 2 * np.pi),
         )
         m = rasterize(parts, h, w)
         canvas[m] = random_texture(rng, h, w)[m]
@@ -171,7 +195,9 @@ def _edit_colour(rng, img: Image.Image, size: int) -> Image.Image:
     if kind == 3:
         img = ImageEnhance.Color(img).enhance(rng.uniform(1.8, 3.0))
         return ImageEnhance.Contrast(img).enhance(rng.uniform(1.3, 1.8))
-    return ImageOps.posterize(ImageEnhance.Brightness(img).enhance(rng.uniform(0.5, 1.5)), int(rng.integers(2, 4)))
+    return ImageOps.posterize(
+        ImageEnhance.Brightness(img).enhance(rng.uniform(0.5, 1.5)), int(rng.integers(2, 4))
+    )
 
 
 def _edit_blur(rng, img: Image.Image, size: int) -> Image.Image:
@@ -184,10 +210,14 @@ def _edit_text(rng, img: Image.Image, size: int) -> Image.Image:
     w, h = img.size
     for _ in range(int(rng.integers(1, 4))):
         font = load_font(max(8, int(h * rng.uniform(0.08, 0.18))))
-        words = " ".join(_WORDS[i] for i in rng.choice(len(_WORDS), size=int(rng.integers(1, 3)), replace=False))
+        words = " ".join(
+            _WORDS[i] for i in rng.choice(len(_WORDS), size=int(rng.integers(1, 3)), replace=False)
+        )
         xy = (float(rng.uniform(0, w * 0.6)), float(rng.uniform(0, h * 0.85)))
         fill = tuple(int(c) for c in random_colour(rng))
-        draw.text(xy, words, fill=fill, font=font, stroke_width=int(rng.integers(0, 3)), stroke_fill=(0, 0, 0))
+        draw.text(
+            xy, words, fill=fill, font=font, stroke_width=int(rng.integers(0, 3)), stroke_fill=(0, 0, 0)
+        )
     return img
 
 
@@ -197,7 +227,9 @@ def _edit_logo(rng, img: Image.Image, size: int) -> Image.Image:
     r = min(w, h) * rng.uniform(0.1, 0.2)
     cx = float(rng.choice([r * 1.1, w - r * 1.1]))
     cy = float(rng.choice([r * 1.1, h - r * 1.1]))
-    parts = place_parts(shape_parts(SHAPE_NAMES[rng.integers(len(SHAPE_NAMES))]), cx, cy, r, rng.uniform(0, 6.3))
+    parts = place_parts(
+        shape_parts(SHAPE_NAMES[rng.integers(len(SHAPE_NAMES))]), cx, cy, r, rng.uniform(0, 6.3)
+    )
     m = rasterize(parts, h, w)
     alpha = rng.uniform(0.6, 1.0)
     out[m] = out[m] * (1 - alpha) + random_texture(rng, h, w)[m] * alpha
@@ -224,7 +256,9 @@ def _edit_collage(rng, img: Image.Image, size: int) -> Image.Image:
         canvas = Image.fromarray(procedural_picture(rng, bh, bw))
         s = rng.uniform(0.6, 0.8)
         small = img.resize((max(8, int(bw * s)), max(8, int(bh * s))), Image.Resampling.BILINEAR)
-        canvas.paste(small, (int(rng.integers(0, bw - small.width + 1)), int(rng.integers(0, bh - small.height + 1))))
+        canvas.paste(
+            small, (int(rng.integers(0, bw - small.width + 1)), int(rng.integers(0, bh - small.height + 1)))
+        )
         return canvas
     # a piece of another picture pasted over a part of this one
     out = img.copy()
@@ -238,15 +272,27 @@ def _edit_print_scan(rng, img: Image.Image, size: int) -> Image.Image:
     w, h = img.size
     # a white paper margin, a slight perspective, faded contrast, blur, sensor noise
     margin = int(min(w, h) * rng.uniform(0.03, 0.08))
-    paper = Image.new("RGB", (w + 2 * margin, h + 2 * margin), tuple(int(v) for v in rng.integers(215, 256, 3)))
+    paper = Image.new(
+        "RGB", (w + 2 * margin, h + 2 * margin), tuple(int(v) for v in rng.integers(215, 256, 3))
+    )
     paper.paste(img, (margin, margin))
     pw, ph = paper.size
     j = min(pw, ph) * 0.06
-    src = [(rng.uniform(-j, j), rng.uniform(-j, j)), (pw + rng.uniform(-j, j), rng.uniform(-j, j)),
-           (pw + rng.uniform(-j, j), ph + rng.uniform(-j, j)), (rng.uniform(-j, j), ph + rng.uniform(-j, j))]
+    src = [
+        (rng.uniform(-j, j), rng.uniform(-j, j)),
+        (pw + rng.uniform(-j, j), rng.uniform(-j, j)),
+        (pw + rng.uniform(-j, j), ph + rng.uniform(-j, j)),
+        (rng.uniform(-j, j), ph + rng.uniform(-j, j)),
+    ]
     dst = [(0, 0), (pw, 0), (pw, ph), (0, ph)]
     coeffs = _perspective_coeffs(dst, src)
-    warped = paper.transform((pw, ph), Image.Transform.PERSPECTIVE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=(40, 40, 40))
+    warped = paper.transform(
+        (pw, ph),
+        Image.Transform.PERSPECTIVE,
+        coeffs,
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=(40, 40, 40),
+    )
     warped = warped.filter(ImageFilter.GaussianBlur(radius=size * rng.uniform(0.002, 0.006)))
     arr = np.asarray(warped, np.float32)
     arr = 128 + (arr - 128) * rng.uniform(0.6, 0.85) + rng.uniform(-15, 25)
@@ -365,7 +411,9 @@ def make_copydays_dataset(
         for q in JPEG_QUALITIES:
             write_file(cd / "jpegqual" / str(q) / f"{stem}.jpg", jpeg_bytes(img, q))
         for c in CROP_PERCENTS:
-            write_file(cd / "crops" / str(c) / f"{stem}.jpg", jpeg_bytes(central_crop(img, c), ORIGINAL_QUALITY))
+            write_file(
+                cd / "crops" / str(c) / f"{stem}.jpg", jpeg_bytes(central_crop(img, c), ORIGINAL_QUALITY)
+            )
         rng = item_rng(seed, "copydays", _ROLES["strong"], g)
         n_strong = int(rng.choice([1, 2, 3], p=[0.55, 0.3, 0.15]))
         for k in range(1, n_strong + 1):
@@ -374,10 +422,15 @@ def make_copydays_dataset(
             strong_edits[name] = edits
             write_file(cd / "strong" / f"{name}.jpg", jpeg_bytes(copy, int(rng.integers(50, 91))))
         task.advance(1)
-    for role, count, folder in (("distractor", distractors, "distractors"), ("whitening", whitening, "whitening")):
+    for role, count, folder in (
+        ("distractor", distractors, "distractors"),
+        ("whitening", whitening, "whitening"),
+    ):
         for i in range(count):
             arr = other_picture(seed, role, i, size)
-            write_file(root / folder / f"{role}_{i:05d}.jpg", jpeg_bytes(Image.fromarray(arr), ORIGINAL_QUALITY))
+            write_file(
+                root / folder / f"{role}_{i:05d}.jpg", jpeg_bytes(Image.fromarray(arr), ORIGINAL_QUALITY)
+            )
             task.advance(1)
     task.close()
     seconds = time.perf_counter() - start
@@ -398,4 +451,6 @@ def make_copydays_dataset(
             "layout": "copydays/{original,strong,jpegqual/<q>,crops/<c>}/<group><kk>.jpg, distractors/, whitening/",
         },
     )
-    return CopydaysSummary(root, cd, originals, len(strong_edits), distractors, whitening, size, seed, seconds)
+    return CopydaysSummary(
+        root, cd, originals, len(strong_edits), distractors, whitening, size, seed, seconds
+    )

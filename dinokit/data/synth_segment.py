@@ -70,7 +70,9 @@ def void_borders(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def draw_scene(rng: np.random.Generator, height: int, width: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+def draw_scene(
+    rng: np.random.Generator, height: int, width: int, classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (RGB uint8 (H, W, 3), labels uint8 (H, W) with void borders)."""
     if rng.random() < 0.6:
         canvas = jitter_photo(rng, photo_crop(rng, height, width)[1])
@@ -81,7 +83,10 @@ def draw_scene(rng: np.random.Generator, height: int, width: int, classes: int) 
     for _ in range(int(rng.integers(2, 5))):
         k = int(rng.integers(1, classes + 1))
         radius = size * rng.uniform(0.14, 0.3)
-        cx, cy = rng.uniform(radius * 0.6, width - radius * 0.6), rng.uniform(radius * 0.6, height - radius * 0.6)
+        cx, cy = (
+            rng.uniform(radius * 0.6, width - radius * 0.6),
+            rng.uniform(radius * 0.6, height - radius * 0.6),
+        )
         parts = place_parts(shape_parts(SHAPES[k - 1]), cx, cy, radius, rng.uniform(0, 2 * np.pi))
         mask = rasterize(parts, height, width)
         canvas[mask] = random_texture(rng, height, width)[mask]
@@ -89,7 +94,9 @@ def draw_scene(rng: np.random.Generator, height: int, width: int, classes: int) 
     return np.clip(canvas, 0, 255).astype(np.uint8), void_borders(labels)
 
 
-def draw_simple_scene(rng: np.random.Generator, height: int, width: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+def draw_simple_scene(
+    rng: np.random.Generator, height: int, width: int, classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One scene in the simple style: a smooth grey background (a gentle gradient and soft noise) and
     flat shapes carrying their class's hue (70% of them) and surface pattern, as ``synth classify
     --style simple`` draws single objects; (RGB uint8, labels uint8 with void borders)."""
@@ -104,11 +111,18 @@ def draw_simple_scene(rng: np.random.Generator, height: int, width: int, classes
         k = int(rng.integers(1, classes + 1))
         ci = SHAPE_NAMES.index(SHAPES[k - 1])
         radius = min(height, width) * rng.uniform(0.16, 0.3)
-        cx, cy = rng.uniform(radius * 0.6, width - radius * 0.6), rng.uniform(radius * 0.6, height - radius * 0.6)
-        mask = rasterize(place_parts(shape_parts(SHAPES[k - 1]), cx, cy, radius, rng.uniform(0, 2 * np.pi)), height, width)
+        cx, cy = (
+            rng.uniform(radius * 0.6, width - radius * 0.6),
+            rng.uniform(radius * 0.6, height - radius * 0.6),
+        )
+        mask = rasterize(
+            place_parts(shape_parts(SHAPES[k - 1]), cx, cy, radius, rng.uniform(0, 2 * np.pi)), height, width
+        )
         if rng.random() < SIMPLE_CLASS_COLOUR:
             hue = (class_hue(ci, SIMPLE_HUE_CLASSES) + rng.normal(0, 0.03)) % 1.0
-            colour = np.asarray(colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.35, 1.0))) * 255.0
+            colour = (
+                np.asarray(colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.35, 1.0))) * 255.0
+            )
         else:
             colour = random_colour(rng)
         kind, period = class_pattern(ci)
@@ -147,9 +161,18 @@ class SegmentSummary:
     seconds: float
 
 
-def make_segment_dataset(out: str | Path, layout: str = "folder", classes: int = 3, train: int = 48, val: int = 16,
-                         size: int = 160, seed: int = 0, overwrite: bool = False,
-                         progress: Progress = NULL_PROGRESS, style: str = "cluttered") -> SegmentSummary:
+def make_segment_dataset(
+    out: str | Path,
+    layout: str = "folder",
+    classes: int = 3,
+    train: int = 48,
+    val: int = 16,
+    size: int = 160,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Progress = NULL_PROGRESS,
+    style: str = "cluttered",
+) -> SegmentSummary:
     """Write the synthetic segmentation set (see the module's text). Scenes are ``size`` pixels on
     their longer side with a random aspect (3:4 to 4:3). ``style``: ``cluttered`` (textured shapes over
     photographs or clutter) or ``simple`` (:func:`draw_simple_scene`, the domain of the demo's model)."""
@@ -197,4 +220,13 @@ def make_segment_dataset(out: str | Path, layout: str = "folder", classes: int =
     return SegmentSummary(root, layout, names, train, val, seed, time.perf_counter() - start)
 
 
-__all__ = ["LAYOUTS", "SHAPES", "STYLES", "SegmentSummary", "draw_scene", "draw_simple_scene", "make_segment_dataset", "void_borders"]
+__all__ = [
+    "LAYOUTS",
+    "SHAPES",
+    "STYLES",
+    "SegmentSummary",
+    "draw_scene",
+    "draw_simple_scene",
+    "make_segment_dataset",
+    "void_borders",
+]

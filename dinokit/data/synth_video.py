@@ -82,7 +82,9 @@ def _make_object(rng: np.random.Generator, shape: str, frames: int, height: int,
     r0 = side * rng.uniform(0.12, 0.24)
     t = np.arange(frames, dtype=np.float64)
     # scale: a slow breathing of up to +-25%
-    radius = r0 * (1 + rng.uniform(0.08, 0.25) * np.sin(2 * np.pi * t / rng.uniform(15, 40) + rng.uniform(0, 6.3)))
+    radius = r0 * (
+        1 + rng.uniform(0.08, 0.25) * np.sin(2 * np.pi * t / rng.uniform(15, 40) + rng.uniform(0, 6.3))
+    )
     # position: a drift plus a wobble, bounced into the frame (most of the object stays visible)
     speed = side * rng.uniform(0.006, 0.02)
     heading = rng.uniform(0, 2 * np.pi)
@@ -91,8 +93,12 @@ def _make_object(rng: np.random.Generator, shape: str, frames: int, height: int,
     phase = rng.uniform(0, 2 * np.pi)
     x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
     mx, my = r0 * 0.6, r0 * 0.6
-    cx = _bounce(x0 + speed * math.cos(heading) * t + wobble * np.sin(2 * np.pi * t / period + phase), mx, width - mx)
-    cy = _bounce(y0 + speed * math.sin(heading) * t + wobble * np.cos(2 * np.pi * t / period + phase), my, height - my)
+    cx = _bounce(
+        x0 + speed * math.cos(heading) * t + wobble * np.sin(2 * np.pi * t / period + phase), mx, width - mx
+    )
+    cy = _bounce(
+        y0 + speed * math.sin(heading) * t + wobble * np.cos(2 * np.pi * t / period + phase), my, height - my
+    )
     angle = rng.uniform(0, 2 * np.pi) + rng.uniform(-0.05, 0.05) * t
     # the texture lives on a sprite in the object's own frame, so it moves, turns and scales with it
     size = int(math.ceil(2 * radius.max())) + 8
@@ -118,7 +124,9 @@ def _draw_object(obj: _Object, i: int, height: int, width: int) -> tuple[np.ndar
         k * co,
         half - k * (-si * cx + co * cy),
     )
-    colour = obj.sprite.transform((width, height), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
+    colour = obj.sprite.transform(
+        (width, height), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR
+    )
     return mask, np.asarray(colour)
 
 
@@ -132,7 +140,9 @@ class DrawnVideo:
     n_objects: int
 
 
-def draw_sequence(seed: int, index: int, frames: int, height: int, width: int, objects: tuple[int, int]) -> DrawnVideo:
+def draw_sequence(
+    seed: int, index: int, frames: int, height: int, width: int, objects: tuple[int, int]
+) -> DrawnVideo:
     """Draw sequence ``index`` of a set: the frames and the exact label map of every frame."""
     rng = item_rng(seed, "video", index)
     n_obj = int(rng.integers(objects[0], objects[1] + 1))
@@ -143,8 +153,12 @@ def draw_sequence(seed: int, index: int, frames: int, height: int, width: int, o
     t = np.arange(frames, dtype=np.float64)
     step = min(height, width) * rng.uniform(0.002, 0.008)
     heading = rng.uniform(0, 2 * np.pi)
-    ox = np.round(_bounce(rng.uniform(0, big_w - width) + step * math.cos(heading) * t, 0, big_w - width)).astype(int)
-    oy = np.round(_bounce(rng.uniform(0, big_h - height) + step * math.sin(heading) * t, 0, big_h - height)).astype(int)
+    ox = np.round(
+        _bounce(rng.uniform(0, big_w - width) + step * math.cos(heading) * t, 0, big_w - width)
+    ).astype(int)
+    oy = np.round(
+        _bounce(rng.uniform(0, big_h - height) + step * math.sin(heading) * t, 0, big_h - height)
+    ).astype(int)
 
     shapes = rng.choice(len(SHAPE_NAMES), size=n_obj, replace=n_obj > len(SHAPE_NAMES))
     # every object must be well visible in the first frame (the one a tracker is given): retry placements
@@ -212,8 +226,12 @@ def make_video_dataset(
     progress: Progress = NULL_PROGRESS,
 ) -> VideoSummary:
     """Write a DAVIS-2017-layout set of ``sequences`` synthetic videos (see the module docstring)."""
-    for opt, value, minimum in (("sequences", sequences, 1), ("frames", frames, 1), ("height", height, 16),
-                                ("width", width, 16)):
+    for opt, value, minimum in (
+        ("sequences", sequences, 1),
+        ("frames", frames, 1),
+        ("height", height, 16),
+        ("width", width, 16),
+    ):
         if value < minimum:
             raise DinokitError(f"--{opt} must be at least {minimum}, not {value}.")
     obj_range = parse_object_range(objects)
@@ -228,7 +246,9 @@ def make_video_dataset(
             buf = io.BytesIO()
             Image.fromarray(seq.frames[i]).save(buf, format="JPEG", quality=jpeg_quality)
             write_file(root / "JPEGImages" / "480p" / seq.name / f"{i:05d}.jpg", buf.getvalue())
-            write_file(root / "Annotations" / "480p" / seq.name / f"{i:05d}.png", _indexed_png_bytes(seq.labels[i]))
+            write_file(
+                root / "Annotations" / "480p" / seq.name / f"{i:05d}.png", _indexed_png_bytes(seq.labels[i])
+            )
             task.advance(1, sequence=seq.name)
         names.append(seq.name)
         n_objects[seq.name] = seq.n_objects

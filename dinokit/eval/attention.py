@@ -83,15 +83,18 @@ def object_ids(gt: np.ndarray, ignore: Sequence[int] = (0, VOID)) -> list[int]:
     return [int(v) for v in vals if int(v) not in set(int(i) for i in ignore)]
 
 
-def jaccard_per_object(head_masks, gt, ignore: Sequence[int] = (0, VOID),
-                       void: int | None = None) -> tuple[list[int], np.ndarray]:
+def jaccard_per_object(
+    head_masks, gt, ignore: Sequence[int] = (0, VOID), void: int | None = None
+) -> tuple[list[int], np.ndarray]:
     """The Jaccard (IoU) of every head's mask with every ground-truth object.
 
     ``head_masks`` (heads, H, W) bool; ``gt`` (H, W) int label map. Returns the object labels and an
     (objects, heads) float64 array. With ``void`` set, pixels labelled ``void`` count in neither the
     intersection nor the union (VOC's "don't care" border).
     """
-    masks = torch.as_tensor(np.asarray(head_masks) if not isinstance(head_masks, torch.Tensor) else head_masks)
+    masks = torch.as_tensor(
+        np.asarray(head_masks) if not isinstance(head_masks, torch.Tensor) else head_masks
+    )
     g = torch.as_tensor(np.asarray(gt) if not isinstance(gt, torch.Tensor) else gt)
     if masks.ndim == 2:
         masks = masks[None]
@@ -116,7 +119,9 @@ def jaccard_per_object(head_masks, gt, ignore: Sequence[int] = (0, VOID),
     return ids, iou.cpu().numpy()
 
 
-def jaccard_best_head(head_masks, gt, ignore: Sequence[int] = (0, VOID), void: int | None = None) -> float | None:
+def jaccard_best_head(
+    head_masks, gt, ignore: Sequence[int] = (0, VOID), void: int | None = None
+) -> float | None:
     """The paper's per-image score: for each object the best head's Jaccard, averaged over the objects.
 
     ``head_masks`` (heads, H, W) bool; ``gt`` (H, W) int with objects labelled by any value outside
@@ -137,15 +142,21 @@ def resize_image(img: Image.Image, image_size: int | None, keep_aspect: bool = F
     return T.Resize(image_size if keep_aspect else (image_size, image_size))(img)
 
 
-def attention_need(image_size: int | None, keep_aspect: bool = False, exact_decode: bool = False) -> DecodeNeed | None:
+def attention_need(
+    image_size: int | None, keep_aspect: bool = False, exact_decode: bool = False
+) -> DecodeNeed | None:
     """What :func:`resize_image` needs of a decoded picture (None: the full picture, as without a size
     or with ``exact_decode``)."""
     if not image_size or exact_decode:
         return None
-    return DecodeNeed(short_side=image_size) if keep_aspect else DecodeNeed(width=image_size, height=image_size)
+    return (
+        DecodeNeed(short_side=image_size) if keep_aspect else DecodeNeed(width=image_size, height=image_size)
+    )
 
 
-def resized_size(width: int, height: int, image_size: int | None, keep_aspect: bool = False) -> tuple[int, int]:
+def resized_size(
+    width: int, height: int, image_size: int | None, keep_aspect: bool = False
+) -> tuple[int, int]:
     """The (width, height) :func:`resize_image` gives: (S, S), or the shorter side S and the longer
     side scaled and truncated (torchvision's rule) with ``keep_aspect``; unchanged without a size."""
     if not image_size:
@@ -180,8 +191,9 @@ def largest_image_size(width: int, height: int, keep_aspect: bool, patch_size: i
     return lo
 
 
-def check_token_count(width: int, height: int, image_size: int | None, keep_aspect: bool, patch_size: int,
-                      limit: int, name) -> None:
+def check_token_count(
+    width: int, height: int, image_size: int | None, keep_aspect: bool, patch_size: int, limit: int, name
+) -> None:
     """Refuse, before any work, an image that the asked size would make more than ``limit`` tokens,
     saying the size that would fit (a 16x2000 strip at --image-size 480 with --keep-aspect is 480x60000
     pixels, 112,500 tokens, and would run for minutes)."""
@@ -206,9 +218,15 @@ def check_image_size(img: Image.Image, patch_size: int, name) -> None:
         )
 
 
-def preprocess(img: Image.Image, image_size: int | None, patch_size: int, name="",
-               keep_aspect: bool = False, max_tokens: int = MAX_TOKENS,
-               norm: Normalization | None = None) -> tuple[torch.Tensor, np.ndarray]:
+def preprocess(
+    img: Image.Image,
+    image_size: int | None,
+    patch_size: int,
+    name="",
+    keep_aspect: bool = False,
+    max_tokens: int = MAX_TOKENS,
+    norm: Normalization | None = None,
+) -> tuple[torch.Tensor, np.ndarray]:
     """The maps' preprocessing: resize, normalise (with ``norm``, the weights' own; ImageNet's when
     None), crop to a multiple of the patch size (an image that would become more than ``max_tokens``
     tokens is refused first).
@@ -228,8 +246,9 @@ def preprocess(img: Image.Image, image_size: int | None, patch_size: int, name="
     return (x - mean) / std, rgb
 
 
-def resize_labels(labels: np.ndarray, image_size: int | None, patch_size: int,
-                  keep_aspect: bool = False) -> np.ndarray:
+def resize_labels(
+    labels: np.ndarray, image_size: int | None, patch_size: int, keep_aspect: bool = False
+) -> np.ndarray:
     """Ground truth to the network's pixels: PIL NEAREST to the image's resized size ((S, S), or
     shorter side S with ``keep_aspect``), then the same crop as the image."""
     if image_size:
@@ -315,15 +334,26 @@ def _run_group(model, group: list[tuple], cfg: AttentionConfig, device, dtype) -
     masks = masks_from_maps(maps, cfg.threshold)
     p = int(model.patch_size)
     return [
-        ImageAttention(path=g[0], image=g[2], maps=maps[i].numpy(), masks=masks[i].numpy(), patch_size=p,
-                       original_size=g[3])
+        ImageAttention(
+            path=g[0],
+            image=g[2],
+            maps=maps[i].numpy(),
+            masks=masks[i].numpy(),
+            patch_size=p,
+            original_size=g[3],
+        )
         for i, g in enumerate(group)
     ]
 
 
-def attention_maps(model, images: Iterable, cfg: AttentionConfig,
-                   progress: Progress = NULL_PROGRESS, total: int | None = None,
-                   keep_aspect: bool = False) -> Iterator[ImageAttention]:
+def attention_maps(
+    model,
+    images: Iterable,
+    cfg: AttentionConfig,
+    progress: Progress = NULL_PROGRESS,
+    total: int | None = None,
+    keep_aspect: bool = False,
+) -> Iterator[ImageAttention]:
     """Maps of each image (paths, or (name, PIL image) pairs), computed in batches of equal-sized
     images and yielded in input order; only one batch is held in memory."""
     p = check_attention_model(model)
@@ -351,7 +381,10 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
             if isinstance(item, tuple):
                 name, img = item
             else:
-                name, img = item, open_rgb(item, attention_need(cfg.image_size, keep_aspect, cfg.exact_decode))
+                name, img = (
+                    item,
+                    open_rgb(item, attention_need(cfg.image_size, keep_aspect, cfg.exact_decode)),
+                )
             x, rgb = preprocess(img, cfg.image_size, p, name, keep_aspect, cfg.max_tokens, norm)
             pending.append((name, x, rgb, img.size))
             if len(pending) >= cfg.batch_size:
@@ -364,9 +397,17 @@ def attention_maps(model, images: Iterable, cfg: AttentionConfig,
 
 # -- the Jaccard evaluation -------------------------------------------------------------------------
 class _GroundTruthDataset(torch.utils.data.Dataset):
-    def __init__(self, items: Sequence[GroundTruth], image_size: int | None, patch_size: int,
-                 keep_aspect: bool = False, strict: bool = False, max_tokens: int = MAX_TOKENS,
-                 exact_decode: bool = False, norm: Normalization | None = None):
+    def __init__(
+        self,
+        items: Sequence[GroundTruth],
+        image_size: int | None,
+        patch_size: int,
+        keep_aspect: bool = False,
+        strict: bool = False,
+        max_tokens: int = MAX_TOKENS,
+        exact_decode: bool = False,
+        norm: Normalization | None = None,
+    ):
         self.norm = norm  #: the weights' normalisation
         self.strict = strict  #: an unreadable image stops the run; else the item is None (skipped, counted)
         self.max_tokens = max_tokens
@@ -386,8 +427,9 @@ class _GroundTruthDataset(torch.utils.data.Dataset):
             return None
         img = decoded.image
         labels = gt.load(decoded.full_size)  # masks are read as stored, at the full size
-        x, _ = preprocess(img, self.image_size, self.patch_size, gt.image, self.keep_aspect, self.max_tokens,
-                          self.norm)
+        x, _ = preprocess(
+            img, self.image_size, self.patch_size, gt.image, self.keep_aspect, self.max_tokens, self.norm
+        )
         labels = resize_labels(labels, self.image_size, self.patch_size, self.keep_aspect)
         return x, torch.from_numpy(labels), i
 
@@ -426,8 +468,14 @@ class JaccardResult:
         }
 
 
-def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, ignore_void: bool = False,
-                     progress: Progress = NULL_PROGRESS, keep_pictures: int = 4) -> JaccardResult:
+def evaluate_jaccard(
+    model,
+    items: Sequence[GroundTruth],
+    cfg: AttentionConfig,
+    ignore_void: bool = False,
+    progress: Progress = NULL_PROGRESS,
+    keep_pictures: int = 4,
+) -> JaccardResult:
     """The attention-mask Jaccard of a backbone on images with ground-truth objects.
 
     Per image and object the best head's Jaccard, averaged over the image's objects and then over
@@ -440,8 +488,16 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
     p = check_attention_model(model)
     norm = normalization_of(model)
     model, device, dtype = _placed(model, cfg)
-    ds = _GroundTruthDataset(items, cfg.image_size, p, cfg.keep_aspect, strict=cfg.strict, max_tokens=cfg.max_tokens,
-                             exact_decode=cfg.exact_decode, norm=norm)
+    ds = _GroundTruthDataset(
+        items,
+        cfg.image_size,
+        p,
+        cfg.keep_aspect,
+        strict=cfg.strict,
+        max_tokens=cfg.max_tokens,
+        exact_decode=cfg.exact_decode,
+        norm=norm,
+    )
     batch_size = cfg.batch_size if cfg.image_size and not cfg.keep_aspect else 1  # batches of one size
     loader = image_loader(ds, batch_size, cfg.num_workers, device=device)
     void = VOID if ignore_void else None
@@ -514,8 +570,13 @@ def evaluate_jaccard(model, items: Sequence[GroundTruth], cfg: AttentionConfig, 
     )
 
 
-def evaluation_picture(item: GroundTruth, head_masks: np.ndarray, cfg: AttentionConfig, patch_size: int,
-                       score: float | None = None) -> np.ndarray:
+def evaluation_picture(
+    item: GroundTruth,
+    head_masks: np.ndarray,
+    cfg: AttentionConfig,
+    patch_size: int,
+    score: float | None = None,
+) -> np.ndarray:
     """A picture of one evaluated image: the ground truth, and every head's mask with the ground-truth
     contours drawn in white."""
 
@@ -525,7 +586,9 @@ def evaluation_picture(item: GroundTruth, head_masks: np.ndarray, cfg: Attention
     _, rgb = preprocess(img, cfg.image_size, patch_size, item.image, cfg.keep_aspect, cfg.max_tokens)
     ids = object_ids(labels)
     gt_masks = np.stack([labels == i for i in ids]) if ids else np.zeros((0, *labels.shape), bool)
-    gt_colors = viz.distinct_colors(len(gt_masks) + 3)[3:]  # red, purple, ... : apart from the heads' first colours
+    gt_colors = viz.distinct_colors(len(gt_masks) + 3)[
+        3:
+    ]  # red, purple, ... : apart from the heads' first colours
     gt_pic = viz.overlay_masks(rgb, gt_masks, gt_colors, alpha=0.45, thickness=2)
     gt_pic[labels == VOID] = (gt_pic[labels == VOID] // 2 + 112).astype(np.uint8)
     pixel_masks = viz.upsample_nearest(head_masks, patch_size)
@@ -541,7 +604,9 @@ def evaluation_picture(item: GroundTruth, head_masks: np.ndarray, cfg: Attention
 
 
 # -- video ----------------------------------------------------------------------------------------
-def iter_video_frames(source: str | Path) -> tuple[Iterator[tuple[str, Image.Image]], int | None, float | None]:
+def iter_video_frames(
+    source: str | Path,
+) -> tuple[Iterator[tuple[str, Image.Image]], int | None, float | None]:
     """Frames of a folder of images (sorted by name) or of a video file (through PyAV), one at a time.
 
     Returns the frame iterator, the number of frames when known and the file's frame rate when known.
@@ -586,8 +651,13 @@ def iter_video_frames(source: str | Path) -> tuple[Iterator[tuple[str, Image.Ima
     return gen_file(), count, fps
 
 
-def video_attention(model, frames: Iterable[tuple[str, Image.Image]], cfg: AttentionConfig,
-                    progress: Progress = NULL_PROGRESS, total: int | None = None) -> Iterator[ImageAttention]:
+def video_attention(
+    model,
+    frames: Iterable[tuple[str, Image.Image]],
+    cfg: AttentionConfig,
+    progress: Progress = NULL_PROGRESS,
+    total: int | None = None,
+) -> Iterator[ImageAttention]:
     """Attention maps of video frames, streamed in batches (never all frames in memory). Frames keep
     their aspect ratio: the shorter side is resized to ``cfg.image_size`` (0 keeps the frame size)."""
     yield from attention_maps(model, frames, cfg, progress, total=total, keep_aspect=True)
@@ -620,4 +690,3 @@ def _entropy(m: np.ndarray) -> float:
     p = p / s
     nz = p[p > 0]
     return float(-(nz * np.log(nz)).sum() / math.log(max(2, p.size)))
-

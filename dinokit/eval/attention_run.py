@@ -99,7 +99,9 @@ def check_run_config(cfg: AttentionRunConfig) -> str:
     """The form the config asks for; one sentence naming the option for a config that is not one form."""
     forms = [bool(cfg.images), cfg.images_dir is not None, cfg.video is not None]
     if sum(forms) == 0:
-        raise DinokitError("Give images to draw maps of, --images with --masks or --coco to evaluate, or --video.")
+        raise DinokitError(
+            "Give images to draw maps of, --images with --masks or --coco to evaluate, or --video."
+        )
     if sum(forms) > 1:
         raise DinokitError("Use one form at a time: positional images, --images (evaluation) or --video.")
     if cfg.images_dir is None and (cfg.masks is not None or cfg.coco is not None):
@@ -227,8 +229,9 @@ def _check_token_counts(paths: list[Path], cfg: AttentionRunConfig, patch_size: 
         check_token_count(width, height, cfg.image_size, cfg.keep_aspect, patch_size, cfg.max_tokens, path)
 
 
-def _run_maps(paths: list[Path], model, cfg: AttentionRunConfig, out: Path, record: dict,
-              progress: Progress) -> AttentionRunResult:
+def _run_maps(
+    paths: list[Path], model, cfg: AttentionRunConfig, out: Path, record: dict, progress: Progress
+) -> AttentionRunResult:
     names = dict(zip(paths, unique_names(paths)))
     per_image = {}
     unreadable: list[tuple[Path, str]] = []
@@ -236,23 +239,44 @@ def _run_maps(paths: list[Path], model, cfg: AttentionRunConfig, out: Path, reco
     readable = readable_images(paths, cfg.strict, unreadable, need)
     for res in attention_maps(model, readable, cfg, progress, total=len(paths)):
         name = names[res.path]
-        write_image_maps(out / name, res, cfg.threshold, photo_aspect=bool(cfg.image_size) and not cfg.keep_aspect)
+        write_image_maps(
+            out / name, res, cfg.threshold, photo_aspect=bool(cfg.image_size) and not cfg.keep_aspect
+        )
         per_image[name] = {"source": str(res.path), **summarize_maps(res)}
     if not per_image:
         first = unreadable[0][1].rstrip(".")
-        raise DataError(first if len(paths) == 1 else f"None of the {len(paths)} images could be read ({first}).")
-    config = {**record, "form": "maps", "image_size": cfg.image_size, "threshold": cfg.threshold,
-              "keep_aspect": cfg.keep_aspect, "resize": resize_record(cfg),
-              "colormap": "viridis", "crop": "top-left, to a multiple of the patch size",
-              "pictures": "overlays, masks and grid at the photo's aspect ratio"}
-    metrics = {"images": len(per_image), "per_image": per_image, "skipped_images": len(unreadable),
-               "unreadable": [str(p) for p, _ in unreadable]}
-    return AttentionRunResult("maps", out, metrics, config, heads=record["heads"], images=len(per_image),
-                              skipped=len(unreadable))
+        raise DataError(
+            first if len(paths) == 1 else f"None of the {len(paths)} images could be read ({first})."
+        )
+    config = {
+        **record,
+        "form": "maps",
+        "image_size": cfg.image_size,
+        "threshold": cfg.threshold,
+        "keep_aspect": cfg.keep_aspect,
+        "resize": resize_record(cfg),
+        "colormap": "viridis",
+        "crop": "top-left, to a multiple of the patch size",
+        "pictures": "overlays, masks and grid at the photo's aspect ratio",
+    }
+    metrics = {
+        "images": len(per_image),
+        "per_image": per_image,
+        "skipped_images": len(unreadable),
+        "unreadable": [str(p) for p, _ in unreadable],
+    }
+    return AttentionRunResult(
+        "maps", out, metrics, config, heads=record["heads"], images=len(per_image), skipped=len(unreadable)
+    )
 
 
-def readable_images(paths: list[Path], strict: bool, unreadable: list[tuple[Path, str]],
-                    need: DecodeNeed | None = None, threads: int | None = None):
+def readable_images(
+    paths: list[Path],
+    strict: bool,
+    unreadable: list[tuple[Path, str]],
+    need: DecodeNeed | None = None,
+    threads: int | None = None,
+):
     """(path, image) of each readable image, in order, decoded a few images ahead in ``threads``
     threads (None: as many as the thread plan leaves) at the reduced scale ``need`` allows; an
     unreadable one is skipped and added to ``unreadable`` with the reader's sentence (the rule of
@@ -307,17 +331,23 @@ def write_image_maps(folder: Path, res: ImageAttention, threshold: float, photo_
     heads = len(res.masks)
     colors = viz.distinct_colors(heads)
     head_names = [f"head {h}" for h in range(heads)]
-    masks_pic = shown(viz.overlay_masks(res.image, viz.upsample_nearest(res.masks, p), colors, alpha=0.5,
-                                        thickness=2))
+    masks_pic = shown(
+        viz.overlay_masks(res.image, viz.upsample_nearest(res.masks, p), colors, alpha=0.5, thickness=2)
+    )
     big = viz.enlarge(masks_pic, 220)
     key = viz.legend(colors, head_names, big.shape[1], font_size=max(13, viz.caption_size(big.shape[1])))
     viz.save_png(folder / "masks.png", viz.stack_vertical([big, key]))
-    top = viz.make_grid([shown(res.image), mean_overlay, masks_pic],
-                        ["input", "mean of heads", f"masks, {threshold:.0%} of the mass"], cols=3)
+    top = viz.make_grid(
+        [shown(res.image), mean_overlay, masks_pic],
+        ["input", "mean of heads", f"masks, {threshold:.0%} of the mass"],
+        cols=3,
+    )
     _, cols = viz.grid_shape(heads, masks_pic.shape[1] / masks_pic.shape[0], header=3)
     grid = viz.make_grid(overlays, head_names, cols=cols)
     width = max(top.shape[1], grid.shape[1])
-    key = viz.legend(colors, head_names, width, font_size=max(13, viz.caption_size(viz.enlarge(overlays[0], 160).shape[1])))
+    key = viz.legend(
+        colors, head_names, width, font_size=max(13, viz.caption_size(viz.enlarge(overlays[0], 160).shape[1]))
+    )
     viz.save_png(folder / "grid.png", viz.stack_vertical([top, grid, key]))
     buf = io.BytesIO()
     np.savez_compressed(
@@ -332,8 +362,9 @@ def write_image_maps(folder: Path, res: ImageAttention, threshold: float, photo_
     atomic_write_bytes(folder / "maps.npz", buf.getvalue())
 
 
-def _run_evaluation(items: list[GroundTruth], model, cfg: AttentionRunConfig, out: Path, record: dict,
-                    progress: Progress) -> AttentionRunResult:
+def _run_evaluation(
+    items: list[GroundTruth], model, cfg: AttentionRunConfig, out: Path, record: dict, progress: Progress
+) -> AttentionRunResult:
     result = evaluate_jaccard(model, items, cfg, ignore_void=cfg.ignore_void, progress=progress)
     coco = cfg.coco is not None
     config = {
@@ -350,21 +381,33 @@ def _run_evaluation(items: list[GroundTruth], model, cfg: AttentionRunConfig, ou
         "image_size": cfg.image_size,
         "threshold": cfg.threshold,
         "keep_aspect": cfg.keep_aspect,
-        "ground_truth_resize": ("none" if not cfg.image_size else
-                                "PIL nearest to the resized image's size" if cfg.keep_aspect else
-                                "PIL nearest to (S, S)"),
+        "ground_truth_resize": (
+            "none"
+            if not cfg.image_size
+            else "PIL nearest to the resized image's size"
+            if cfg.keep_aspect
+            else "PIL nearest to (S, S)"
+        ),
         "image_resize": resize_record(cfg),
         "crop": "top-left, to a multiple of the patch size",
         "ties": "equal attention values are taken in patch order",
         "protocol": "per object the best head's Jaccard; mean over the image's objects; mean over images",
     }
     write_evaluation_files(out, result, items, cfg, int(model.patch_size))
-    return AttentionRunResult("evaluation", out, result.metrics(), config, heads=record["heads"],
-                              images=result.images, jaccard=result)
+    return AttentionRunResult(
+        "evaluation",
+        out,
+        result.metrics(),
+        config,
+        heads=record["heads"],
+        images=result.images,
+        jaccard=result,
+    )
 
 
-def write_evaluation_files(out: Path, result: JaccardResult, items: list[GroundTruth], cfg: AttentionConfig,
-                           patch_size: int) -> None:
+def write_evaluation_files(
+    out: Path, result: JaccardResult, items: list[GroundTruth], cfg: AttentionConfig, patch_size: int
+) -> None:
     """``per_image.csv`` (each image's Jaccard and per-head scores) and ``pictures/`` of the best and
     worst images."""
     buf = io.StringIO()
@@ -390,7 +433,9 @@ def frame_name(source, index: int, from_folder: bool, used: set[str]) -> str:
     return name
 
 
-def _run_video(model, cfg: AttentionRunConfig, out: Path, record: dict, progress: Progress) -> AttentionRunResult:
+def _run_video(
+    model, cfg: AttentionRunConfig, out: Path, record: dict, progress: Progress
+) -> AttentionRunResult:
     """Each frame's head-mean map and masks as PNGs, and both side by side as an animated GIF (and MP4)."""
     assert cfg.video is not None, "check_run_config: the video form has --video"
     frames, total, file_fps = iter_video_frames(cfg.video)
@@ -411,9 +456,16 @@ def _run_video(model, cfg: AttentionRunConfig, out: Path, record: dict, progress
             if mp4 is not None:
                 mp4.add(side)
             n += 1
-    config = {**record, "form": "video", "video": str(cfg.video), "image_size": cfg.image_size,
-              "resize": "shorter side to S, aspect kept" if cfg.image_size else "none",
-              "threshold": cfg.threshold, "fps": fps, "colormap": "inferno"}
+    config = {
+        **record,
+        "form": "video",
+        "video": str(cfg.video),
+        "image_size": cfg.image_size,
+        "resize": "shorter side to S, aspect kept" if cfg.image_size else "none",
+        "threshold": cfg.threshold,
+        "fps": fps,
+        "colormap": "inferno",
+    }
     files = ["attention.gif", "maps/", "masks/"] + (["attention.mp4"] if cfg.mp4 else [])
     config["frame_names"] = "the frame files' names" if from_folder else "frame numbers"
     metrics = {"frames": n, "patch_size": int(model.patch_size), "files": files}

@@ -64,7 +64,9 @@ def rank_database(
     return torch.cat(ids), torch.cat(sims)
 
 
-def mean_average_precision(ranked: torch.Tensor, positives: Sequence[Sequence[int]]) -> tuple[float, list[float]]:
+def mean_average_precision(
+    ranked: torch.Tensor, positives: Sequence[Sequence[int]]
+) -> tuple[float, list[float]]:
     """mAP of ranked database ids (Q, k) given each query's positive ids (Holidays trapezoid AP)."""
     aps = []
     for row, pos in zip(ranked.tolist(), positives):
@@ -124,8 +126,9 @@ class _QueryBlock:
     skipped: int
 
 
-def _scorable_queries(block: str, paths: Sequence[Path], emb: Embedded, originals: Sequence[Path],
-                      position: dict[int, int]) -> _QueryBlock:
+def _scorable_queries(
+    block: str, paths: Sequence[Path], emb: Embedded, originals: Sequence[Path], position: dict[int, int]
+) -> _QueryBlock:
     """The readable queries of ``block`` whose original is readable, with those originals' positions
     in the database; queries without a readable original are counted, not scored."""
     rows, positives = [], []
@@ -142,8 +145,9 @@ def _scorable_queries(block: str, paths: Sequence[Path], emb: Embedded, original
     return _QueryBlock(rows, positives, skipped)
 
 
-def _learn_whitening(embedder: DescriptorEmbedder, paths: list[Path], folder: Path | None, unreadable: dict[str, int]
-                     ) -> tuple[Whitening | None, dict[str, Any] | None]:
+def _learn_whitening(
+    embedder: DescriptorEmbedder, paths: list[Path], folder: Path | None, unreadable: dict[str, int]
+) -> tuple[Whitening | None, dict[str, Any] | None]:
     if not paths:
         return None, None
     assert folder is not None  # the images were found in it
@@ -162,7 +166,9 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
     if cfg.top < 0:
         raise DinokitError(f"--k must be 0 (rank everything) or positive, got {cfg.top}.")
     layout = scan_copydays(cfg.data)
-    distractors = find_folder_images(cfg.distractors, "distractor folder") if cfg.distractors is not None else []
+    distractors = (
+        find_folder_images(cfg.distractors, "distractor folder") if cfg.distractors is not None else []
+    )
     white_paths = find_folder_images(cfg.whitening, "whitening folder") if cfg.whitening is not None else []
 
     backbone = prepare_backbone(cfg)
@@ -219,14 +225,20 @@ def copy_detection(cfg: CopyDetectionConfig, progress: Progress = NULL_PROGRESS)
             log.warning("%s: %d queries have no readable original and are left out", block, queries.skipped)
             skipped[block] = queries.skipped
         if not queries.rows:
-            raise DataError(f"No query of the block {layout.root / block} has a matching original, so it cannot be scored.")
+            raise DataError(
+                f"No query of the block {layout.root / block} has a matching original, so it cannot be scored."
+            )
         q = normalize_descriptors(emb.features[torch.tensor(queries.rows)], whitening)
         ranked, _ = rank_database(q, database, top)
         maps[block], _ = mean_average_precision(ranked, queries.positives)
         counts[block] = len(queries.rows)
     total_unreadable = sum(unreadable.values())
     if total_unreadable:
-        log.warning("%d unreadable %s skipped", total_unreadable, "image was" if total_unreadable == 1 else "images were")
+        log.warning(
+            "%d unreadable %s skipped",
+            total_unreadable,
+            "image was" if total_unreadable == 1 else "images were",
+        )
     return CopyDetectionResult(
         mAP=maps,
         queries=counts,

@@ -219,8 +219,15 @@ class _MaskWriter:
 
 @torch.no_grad()
 def _segment_frames(
-    model: nn.Module, patch_size: int, dtype: torch.dtype | None, loader, propagator: LabelPropagator, first_labels: torch.Tensor,
-    writer: _MaskWriter, times: SegmentationTimes, task,
+    model: nn.Module,
+    patch_size: int,
+    dtype: torch.dtype | None,
+    loader,
+    propagator: LabelPropagator,
+    first_labels: torch.Tensor,
+    writer: _MaskWriter,
+    times: SegmentationTimes,
+    task,
 ) -> None:
     """Embed the frames batch by batch, propagate the labels frame by frame, hand the masks to ``writer``."""
     device = first_labels.device
@@ -284,11 +291,15 @@ def write_visualization(
         with atomic_open(seq_dir / (f.stem + ".png"), "wb") as fh:
             img.save(fh, format="PNG")
         scale = min(1.0, gif_width / img.width)
-        small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR)
+        small = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR
+        )
         gif_frames.append(small.convert("P", palette=Image.Palette.ADAPTIVE, colors=255))
     gif = vis_dir / f"{sequence.name}.gif"
     with atomic_open(gif, "wb") as fh:
-        gif_frames[0].save(fh, format="GIF", save_all=True, append_images=gif_frames[1:], duration=100, loop=0)
+        gif_frames[0].save(
+            fh, format="GIF", save_all=True, append_images=gif_frames[1:], duration=100, loop=0
+        )
     return gif
 
 
@@ -330,9 +341,13 @@ def _run_sequences(cfg: DavisRunConfig) -> list[VideoSequence]:
     if cfg.data is not None:
         return davis_sequences(cfg.data, cfg.split, cfg.sequences)
     if cfg.frames is None:
-        raise DinokitError("Give --data DAVIS_ROOT, or --frames DIR with --first-mask PNG for your own video.")
+        raise DinokitError(
+            "Give --data DAVIS_ROOT, or --frames DIR with --first-mask PNG for your own video."
+        )
     if cfg.first_mask is None:
-        raise DinokitError(f"--frames {cfg.frames} needs --first-mask: the indexed PNG mask of its first frame.")
+        raise DinokitError(
+            f"--frames {cfg.frames} needs --first-mask: the indexed PNG mask of its first frame."
+        )
     if not Path(cfg.first_mask).is_file():
         raise DataError(f"The first-frame mask {cfg.first_mask} does not exist.")
     frames = Path(cfg.frames)
@@ -340,7 +355,9 @@ def _run_sequences(cfg: DavisRunConfig) -> list[VideoSequence]:
         # decoded into the output folder once it is prepared (see run_davis)
         return [VideoSequence(name=frames.stem, frames=[], first_mask=Path(cfg.first_mask))]
     if frames.is_file():
-        raise DataError(f"{frames} is neither a folder of frames nor a video file ({', '.join(VIDEO_EXTENSIONS)}).")
+        raise DataError(
+            f"{frames} is neither a folder of frames nor a video file ({', '.join(VIDEO_EXTENSIONS)})."
+        )
     return [folder_video(frames, cfg.first_mask)]
 
 
@@ -446,10 +463,14 @@ def run_davis(cfg: DavisRunConfig, progress: Progress = NULL_PROGRESS) -> DavisR
         "normalization": norm.record(),
     }  # fmt: skip
     path = _write_run_metrics(out, videos, scores, config, cfg.split)
-    return DavisRunResult(videos=videos, scores=scores if scores.per_object else None, metrics_path=path, output=out)
+    return DavisRunResult(
+        videos=videos, scores=scores if scores.per_object else None, metrics_path=path, output=out
+    )
 
 
-def _write_run_metrics(out: Path, videos: list[VideoResult], scores: DavisScores, config: dict, split: str) -> Path:
+def _write_run_metrics(
+    out: Path, videos: list[VideoResult], scores: DavisScores, config: dict, split: str
+) -> Path:
     """metrics.json (the scores where there were any, and where each video's time went) and the
     toolkit's CSVs."""
     timing = {

@@ -224,7 +224,9 @@ class DescriptorEmbedder:
         self.num_workers = num_workers
         self.cache_dir = cache_dir
         self.progress = progress
-        fp = feature_fingerprint(model, weights, transform, checkpoint_key=checkpoint_key, seed=seed, dtype=dtype)
+        fp = feature_fingerprint(
+            model, weights, transform, checkpoint_key=checkpoint_key, seed=seed, dtype=dtype
+        )
         fp.pop("n_last_blocks", None)
         fp.pop("avgpool_patch_tokens", None)
         fp["descriptor"] = descriptor
@@ -251,11 +253,14 @@ class DescriptorEmbedder:
             cache = CachedTensors(self.cache_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.pt")
             cached = cache.load(fingerprint)
             if cached is not None:
-                self.progress.log(f"reusing cached descriptors of {name} ({len(paths)} image{'s' if len(paths) != 1 else ''})")
+                self.progress.log(
+                    f"reusing cached descriptors of {name} ({len(paths)} image{'s' if len(paths) != 1 else ''})"
+                )
                 return Embedded(cached["features"].float(), cached["kept"].bool(), reused=True)
         if dataset is None:
-            dataset = ImageDataset(list(paths), transform=self.transform, strict=self.strict,
-                                   exact_decode=self.exact_decode)
+            dataset = ImageDataset(
+                list(paths), transform=self.transform, strict=self.strict, exact_decode=self.exact_decode
+            )
         feats, kept = extract_features(
             self.model,
             dataset,

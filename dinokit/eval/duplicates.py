@@ -217,12 +217,18 @@ def search_pairs_exact(
                 rows = torch.nonzero((s >= 0) & (s < d.shape[0])).flatten()
                 sim[rows, s[rows]] = -float("inf")
             if sim.numel():
-                best[qs : qs + q.shape[0]] = np.maximum(best[qs : qs + q.shape[0]], sim.max(dim=1).values.numpy())
+                best[qs : qs + q.shape[0]] = np.maximum(
+                    best[qs : qs + q.shape[0]], sim.max(dim=1).values.numpy()
+                )
                 if best_db is not None:
-                    best_db[ds : ds + d.shape[0]] = np.maximum(best_db[ds : ds + d.shape[0]], sim.max(dim=0).values.numpy())
+                    best_db[ds : ds + d.shape[0]] = np.maximum(
+                        best_db[ds : ds + d.shape[0]], sim.max(dim=0).values.numpy()
+                    )
             hit = torch.nonzero(sim >= threshold)
             if len(hit):
-                collector.add(hit[:, 0].numpy() + qs, hit[:, 1].numpy() + ds, sim[hit[:, 0], hit[:, 1]].numpy())
+                collector.add(
+                    hit[:, 0].numpy() + qs, hit[:, 1].numpy() + ds, sim[hit[:, 0], hit[:, 1]].numpy()
+                )
         task.advance(1)
     task.close()
     if best_db is not None:
@@ -247,7 +253,9 @@ def search_pairs_faiss(
     try:
         import faiss
     except ImportError as e:
-        raise DinokitError("The faiss backend needs the faiss package (pip install faiss-cpu, the faiss extra of dinokit).") from e
+        raise DinokitError(
+            "The faiss backend needs the faiss package (pip install faiss-cpu, the faiss extra of dinokit)."
+        ) from e
     self_search = database is None
     db = database if database is not None else queries
     nq, nd = queries.shape[0], db.shape[0]
@@ -305,7 +313,11 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
     if cfg.image_size < 1:
         raise DinokitError(f"--image-size must be positive, got {cfg.image_size}.")
     paths_a = find_folder_images(cfg.folder, "folder", allow_file=True)
-    paths_b = find_folder_images(cfg.against, "folder given with --against", allow_file=True) if cfg.against is not None else None
+    paths_b = (
+        find_folder_images(cfg.against, "folder given with --against", allow_file=True)
+        if cfg.against is not None
+        else None
+    )
     white_paths = find_folder_images(cfg.whitening, "whitening folder") if cfg.whitening is not None else []
     threshold = cfg.threshold
     if threshold is None:
@@ -344,15 +356,22 @@ def find_duplicates(cfg: DuplicatesConfig, progress: Progress = NULL_PROGRESS) -
         pos_b = {p: j for j, p in enumerate(ok_b)}
         same = np.array([pos_b.get(p, -1) for p in ok_a], dtype=np.int64)
     if cfg.backend == "exact":
-        a, b, s, truncated, best = search_pairs_exact(qa, qb, threshold, cfg.max_pairs, cfg.search_block, same, progress)
+        a, b, s, truncated, best = search_pairs_exact(
+            qa, qb, threshold, cfg.max_pairs, cfg.search_block, same, progress
+        )
     else:
         a, b, s, truncated, best = search_pairs_faiss(
             qa, qb, threshold, cfg.neighbours, cfg.max_pairs, cfg.search_block, same, progress
         )
     if truncated:
-        log.warning("more than %d pairs pass the threshold; only the %d best are kept", cfg.max_pairs, cfg.max_pairs)
+        log.warning(
+            "more than %d pairs pass the threshold; only the %d best are kept", cfg.max_pairs, cfg.max_pairs
+        )
     names_b = ok_b if ok_b is not None else ok_a
-    pairs = [DuplicatePair(str(ok_a[i]), str(names_b[j]), float(v)) for i, j, v in zip(a.tolist(), b.tolist(), s.tolist())]
+    pairs = [
+        DuplicatePair(str(ok_a[i]), str(names_b[j]), float(v))
+        for i, j, v in zip(a.tolist(), b.tolist(), s.tolist())
+    ]
     finite = best[np.isfinite(best)]
     quantiles = {}
     if len(finite):
@@ -404,6 +423,13 @@ def write_clusters(result: DuplicatesResult, output: str | os.PathLike) -> list[
             w.writerow([i, len(c.images), inert_cell(image)])
     atomic_write_text(output / "clusters.csv", buf.getvalue())
     clusters = [{"cluster": i, "size": len(c.images), **asdict(c)} for i, c in enumerate(result.clusters, 1)]
-    write_json(output / "clusters.json", {"threshold": result.threshold, "n_clusters": len(clusters),
-                                          "truncated": result.truncated, "clusters": clusters})
+    write_json(
+        output / "clusters.json",
+        {
+            "threshold": result.threshold,
+            "n_clusters": len(clusters),
+            "truncated": result.truncated,
+            "clusters": clusters,
+        },
+    )
     return [output / "clusters.csv", output / "clusters.json"]

@@ -101,7 +101,9 @@ def cls_feature_fn(n_last_blocks: int = 1, avgpool_patch_tokens: bool = False) -
         if avgpool_patch_tokens:
             avg = layers[-1][:, 1:].mean(dim=1)
             v1 = variant_generation(getattr(model, "arch", None) or "") == 1
-            if n_last_blocks == 1 and v1:  # the reference's element-interleaved order, which its linear heads need
+            if (
+                n_last_blocks == 1 and v1
+            ):  # the reference's element-interleaved order, which its linear heads need
                 out = torch.cat((out.unsqueeze(-1), avg.unsqueeze(-1)), dim=-1).reshape(out.shape[0], -1)
             else:  # the reference cannot combine the two; dinokit appends the average
                 out = torch.cat((out, avg), dim=-1)
@@ -164,7 +166,9 @@ def extract_features(
     device = torch.device(device)
     feature_fn = feature_fn or (lambda m, x: m(x))
     n = dataset_length(dataset)
-    loader, indices = rank_shard_loader(dataset, batch_size, num_workers, device, decode_threads=decode_threads)
+    loader, indices = rank_shard_loader(
+        dataset, batch_size, num_workers, device, decode_threads=decode_threads
+    )
     model = model.to(device).eval()
     model, dtype = inference_model(model, dtype)
     feats: torch.Tensor | None = None
@@ -292,7 +296,11 @@ def describe_tokens(model: nn.Module, n_last_blocks: int = 1, avgpool_patch_toke
     :func:`cls_feature_fn` makes it."""
     if not is_vit(model):
         return "the global average pool"
-    cls = "the CLS token of the last block" if n_last_blocks == 1 else f"the CLS tokens of the last {n_last_blocks} blocks"
+    cls = (
+        "the CLS token of the last block"
+        if n_last_blocks == 1
+        else f"the CLS tokens of the last {n_last_blocks} blocks"
+    )
     if not avgpool_patch_tokens:
         return cls + " (after the final norm)"
     v1 = variant_generation(getattr(model, "arch", None) or "") == 1
@@ -310,7 +318,9 @@ class ImageList:
     classes: list[str]
 
 
-def scan_images(data: str | os.PathLike, classes: Sequence[str] | None = None, labelled: bool | None = None) -> ImageList:
+def scan_images(
+    data: str | os.PathLike, classes: Sequence[str] | None = None, labelled: bool | None = None
+) -> ImageList:
     """List the images of ``data``. A folder of class sub-folders (and no loose images) is read as an
     ImageFolder; anything else as plain images, searched recursively. With ``classes`` (the training
     set's), class indices follow that list and a class it lacks is an error."""
@@ -326,7 +336,9 @@ def scan_images(data: str | os.PathLike, classes: Sequence[str] | None = None, l
         found = scan_labelled_folder(root, classes=classes)
         return ImageList(root, found.paths, found.targets, found.classes)
     if classes is not None:
-        raise DataError(f"{root} has no class sub-folders (expected ROOT/<class>/<image>), so it has no labels.")
+        raise DataError(
+            f"{root} has no class sub-folders (expected ROOT/<class>/<image>), so it has no labels."
+        )
     paths = find_images(root)
     if not paths:
         raise DataError(f"{root} holds no images.")
@@ -366,8 +378,9 @@ def compute_features(
     if transform is None:
         transform = eval_transform(norm=getattr(model, "normalization", None) or IMAGENET)
     images = data if isinstance(data, ImageList) else scan_images(data, classes=classes)
-    dataset = ImageDataset(images.paths, images.labels, transform=transform, strict=strict,
-                           exact_decode=exact_decode)
+    dataset = ImageDataset(
+        images.paths, images.labels, transform=transform, strict=strict, exact_decode=exact_decode
+    )
     fn = cls_feature_fn(n_last_blocks, avgpool_patch_tokens)
     feats, kept = extract_features(
         model, dataset, batch_size, num_workers, device, dtype, fn, progress, description=description
@@ -394,7 +407,6 @@ def compute_features(
         dtype,
     )
     if weights is None and getattr(model, "weights_source", None) in (None, "random"):
-
         fp["weights"] = "state:" + state_dict_fingerprint(model.state_dict())
     fp["data"] = data_fingerprint(images.paths, images.root)
     fp["decode"] = decode_name(exact_decode)
@@ -402,8 +414,9 @@ def compute_features(
 
 
 #: the features formats by the file name's ending
-def save_features(fs: FeatureSet, path: str | os.PathLike, format: str | None = None,
-                  overwrite: bool = False) -> list[Path]:
+def save_features(
+    fs: FeatureSet, path: str | os.PathLike, format: str | None = None, overwrite: bool = False
+) -> list[Path]:
     """Write a feature set atomically; returns the files written.
 
     The format follows ``path`` and ``format`` (:func:`features_output`): ``pt``: one file holding
@@ -505,11 +518,12 @@ def feature_set_from_dict(obj: Any, path: str | os.PathLike) -> FeatureSet:
         raise DataError(f"{path} holds features of shape {tuple(feats.shape)}, not (images, dim).")
     labels = obj.get("labels")
     paths = [str(p) for p in obj.get("paths") or [""] * len(feats)]
-    return FeatureSet(feats, labels, list(obj.get("classes") or []), paths, dict(obj.get("fingerprint") or {}))
+    return FeatureSet(
+        feats, labels, list(obj.get("classes") or []), paths, dict(obj.get("fingerprint") or {})
+    )
 
 
 def _load_npy(path: Path) -> FeatureSet:
-
 
     folder, feat_path = (path.parent, path) if path.suffix == ".npy" else (path, path / "features.npy")
     if not feat_path.is_file():
@@ -521,13 +535,16 @@ def _load_npy(path: Path) -> FeatureSet:
     if (folder / "labels.npy").is_file():
         labels = torch.from_numpy(np.load(folder / "labels.npy", allow_pickle=False)).long()
         classes = (folder / "classes.txt").read_text().splitlines()
-    fp = json.loads((folder / "fingerprint.json").read_text()) if (folder / "fingerprint.json").is_file() else {}
+    fp = (
+        json.loads((folder / "fingerprint.json").read_text())
+        if (folder / "fingerprint.json").is_file()
+        else {}
+    )
     return FeatureSet(feats, labels, classes, paths or [""] * len(feats), fp)
 
 
 def _short(key: str, value: Any) -> str:
     if key == "transform" and isinstance(value, str):
-
         resize = re.search(r"Resize\(size=(\d+)", value)
         crop = re.search(r"CenterCrop\(size=\((\d+)", value)
         if resize and crop:
@@ -567,15 +584,21 @@ def check_same_model(a: FeatureSet, b: FeatureSet, name_a: str, name_b: str) -> 
     if fa and fb:
         why = describe_difference(fa, fb, MODEL_KEYS + OPTION_KEYS)
         if why:
-            raise DataError(f"{name_a} and {name_b} were made with different settings ({why}); compute both the same way.")
+            raise DataError(
+                f"{name_a} and {name_b} were made with different settings ({why}); compute both the same way."
+            )
 
 
-def check_fingerprint(fs: FeatureSet, expected: dict, name: str, keys: Sequence[str] = MODEL_KEYS + OPTION_KEYS) -> None:
+def check_fingerprint(
+    fs: FeatureSet, expected: dict, name: str, keys: Sequence[str] = MODEL_KEYS + OPTION_KEYS
+) -> None:
     """Refuse a feature set whose fingerprint does not match the model (and options, among ``keys``)
     asked for now."""
     fp = fs.fingerprint
     if not fp:
-        raise DataError(f"{name} has no fingerprint, so dinokit cannot tell which weights made it; recompute it.")
+        raise DataError(
+            f"{name} has no fingerprint, so dinokit cannot tell which weights made it; recompute it."
+        )
     if describe_difference(fp, expected, ("weights",)):
         raise DataError(
             f"{name} was made with other weights ({fp.get('weights')}, not {expected.get('weights')}); "
@@ -583,15 +606,23 @@ def check_fingerprint(fs: FeatureSet, expected: dict, name: str, keys: Sequence[
         )
     why = describe_difference(fp, expected, keys)
     if why:
-        raise DataError(f"{name} was made with different settings ({why}); recompute it or match the options.")
+        raise DataError(
+            f"{name} was made with different settings ({why}); recompute it or match the options."
+        )
 
 
-def align_labels(train: FeatureSet, val: FeatureSet, name_train: str = "train", name_val: str = "val") -> torch.Tensor:
+def align_labels(
+    train: FeatureSet, val: FeatureSet, name_train: str = "train", name_val: str = "val"
+) -> torch.Tensor:
     """Val labels as indices into the training classes; a val class the training set lacks is an error."""
     if train.labels is None:
-        raise DataError(f"The {name_train} features have no labels; embed a labelled folder (ROOT/<class>/<image>).")
+        raise DataError(
+            f"The {name_train} features have no labels; embed a labelled folder (ROOT/<class>/<image>)."
+        )
     if val.labels is None:
-        raise DataError(f"The {name_val} features have no labels; embed a labelled folder (ROOT/<class>/<image>).")
+        raise DataError(
+            f"The {name_val} features have no labels; embed a labelled folder (ROOT/<class>/<image>)."
+        )
     if list(val.classes) == list(train.classes):
         return val.labels
     index = {c: i for i, c in enumerate(train.classes)}
@@ -636,7 +667,9 @@ class Embedder:
         model = backbone.model
         depth = getattr(model, "depth", None)
         if depth is not None and spec.n_last_blocks > depth:
-            raise DataError(f"--n-last-blocks {spec.n_last_blocks} asks for more blocks than the model's {depth}.")
+            raise DataError(
+                f"--n-last-blocks {spec.n_last_blocks} asks for more blocks than the model's {depth}."
+            )
         #: the weights' normalisation (with --mean/--std on top, applied where the backbone was prepared)
         self.normalization = getattr(model, "normalization", None) or IMAGENET
         self.transform = eval_transform(spec.resize, spec.crop, self.normalization)
@@ -666,7 +699,6 @@ class Embedder:
         images = data if isinstance(data, ImageList) else scan_images(data, classes=classes)
         expected = dict(self.fingerprint)
         if transform is not None:
-
             expected["transform"] = describe_transform(transform)
         expected["data"] = data_fingerprint(images.paths, images.root)
         cached_file = CachedTensors(cache, same_fingerprint) if cache is not None else None
@@ -689,8 +721,15 @@ class Embedder:
             cached_file.save(fs.to_dict())
         return fs
 
-    def _compute(self, images: ImageList, transform: Any, progress: Progress, description: str,
-                 expected: dict, workers: int) -> FeatureSet:
+    def _compute(
+        self,
+        images: ImageList,
+        transform: Any,
+        progress: Progress,
+        description: str,
+        expected: dict,
+        workers: int,
+    ) -> FeatureSet:
         return compute_features(
             self.model,
             images,

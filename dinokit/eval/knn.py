@@ -62,9 +62,13 @@ def _check_inputs(train_features, train_labels, test_features, test_labels) -> N
     if train_features.shape[0] == 0:
         raise DataError("The training set is empty; k-NN needs at least one training image.")
     if train_labels.shape[0] != train_features.shape[0]:
-        raise DataError(f"There are {train_features.shape[0]} training features but {train_labels.shape[0]} labels.")
+        raise DataError(
+            f"There are {train_features.shape[0]} training features but {train_labels.shape[0]} labels."
+        )
     if test_labels is not None and test_labels.shape[0] != test_features.shape[0]:
-        raise DataError(f"There are {test_features.shape[0]} test features but {test_labels.shape[0]} labels.")
+        raise DataError(
+            f"There are {test_features.shape[0]} test features but {test_labels.shape[0]} labels."
+        )
 
 
 def clamp_ks(ks: Sequence[int], n_train: int) -> list[int]:
@@ -81,7 +85,9 @@ def clamp_ks(ks: Sequence[int], n_train: int) -> list[int]:
     return sorted(set(out))
 
 
-def chunk_size_for(n_train: int, kmax: int, num_classes: int, memory_budget: int, element_size: int = 4) -> int:
+def chunk_size_for(
+    n_train: int, kmax: int, num_classes: int, memory_budget: int, element_size: int = 4
+) -> int:
     """How many queries fit the budget: their similarity rows, the top-k and the vote tables."""
     per_query = element_size * (n_train + 4 * kmax + 3 * num_classes) + 8 * (kmax + num_classes)
     return max(1, int(memory_budget // per_query))
@@ -124,7 +130,9 @@ def knn_predict(
     label_max = int(train_labels.max()) + 1 if n_train else 0
     C = int(num_classes) if num_classes is not None else label_max
     if label_max > C or int(train_labels.min()) < 0:
-        raise DataError(f"Training labels run from {int(train_labels.min())} to {label_max - 1}, outside {C} classes.")
+        raise DataError(
+            f"Training labels run from {int(train_labels.min())} to {label_max - 1}, outside {C} classes."
+        )
     n_rank = min(5, C)
 
     train = F.normalize(train_features.to(device, torch.float32), dim=1)
@@ -193,7 +201,15 @@ def knn_classify(
     if num_classes is None and len(test_labels):
         num_classes = max(int(train_labels.max()) + 1, int(test_labels.max()) + 1)
     preds = knn_predict(
-        train_features, train_labels, test_features, ks, temperature, num_classes, memory_budget, device, progress
+        train_features,
+        train_labels,
+        test_features,
+        ks,
+        temperature,
+        num_classes,
+        memory_budget,
+        device,
+        progress,
     )
     return {k: accuracy_from_ranked(preds.ranked[used], test_labels) for k, used in preds.requested.items()}
 
@@ -292,8 +308,12 @@ def load_feature_pair(cfg: KnnConfig, progress: Progress = NULL_PROGRESS):
     val_images = scan_images(cfg.val, classes=train_images.classes, labelled=True)
     embedder = Embedder(spec)
     out = Path(cfg.output)
-    train = embedder.embed(train_images, cache=out / "train_features.pt", progress=progress, description="train features")
-    val = embedder.embed(val_images, cache=out / "val_features.pt", progress=progress, description="val features")
+    train = embedder.embed(
+        train_images, cache=out / "train_features.pt", progress=progress, description="train features"
+    )
+    val = embedder.embed(
+        val_images, cache=out / "val_features.pt", progress=progress, description="val features"
+    )
     return train, val
 
 
@@ -317,6 +337,13 @@ def knn_eval(cfg: KnnConfig, progress: Progress = NULL_PROGRESS) -> KnnResult:
     names = train.classes or [str(i) for i in range(C)]
     per_class = per_class_top1(preds.ranked[preds.requested[main_k]], val_labels, names)
     return KnnResult(
-        acc, per_class, main_k, len(train), len(val), C, list(names), dict(train.fingerprint), dict(preds.requested)
+        acc,
+        per_class,
+        main_k,
+        len(train),
+        len(val),
+        C,
+        list(names),
+        dict(train.fingerprint),
+        dict(preds.requested),
     )
-

@@ -135,7 +135,9 @@ class LinearConfig(BackboneOptions, RuntimeOptions, RunOptions):
     val_features: Path | None = None
     n_last_blocks: int | None = None  # None: the paper's default for the arch
     avgpool_patch_tokens: bool | None = None
-    epochs: int | None = None  # None: the protocol's (DINO: 100 epochs; DINOv2/v3: 10 of epoch_length iterations)
+    epochs: int | None = (
+        None  # None: the protocol's (DINO: 100 epochs; DINOv2/v3: 10 of epoch_length iterations)
+    )
     batch_size: int = field(default=128, kw_only=True)
     lr: float | None = None  # scaled by batch * world / 256; None: DINO's 0.001, or DINOv2/v3's grid
     protocol: str | None = None  # dino, dinov2 or dinov3; None: the weights' generation
@@ -184,8 +186,12 @@ class LinearResult:
 
     def metrics(self) -> dict[str, Any]:
         if self.mode.startswith("grid"):
-            headline = {k: self.chosen[k] for k in ("top1", "top5")} if self.chosen and "top1" in self.chosen else {}
-            return {"linear": {**headline, "protocol": self.protocol, "chosen": self.chosen, "heads": self.heads}}
+            headline = (
+                {k: self.chosen[k] for k in ("top1", "top5")} if self.chosen and "top1" in self.chosen else {}
+            )
+            return {
+                "linear": {**headline, "protocol": self.protocol, "chosen": self.chosen, "heads": self.heads}
+            }
         if self.mode == "logistic":
             return {"logistic": self.final}
         if self.mode == "evaluate":
@@ -227,12 +233,15 @@ def _resolve_options(cfg: LinearConfig, model: nn.Module | None) -> tuple[int, b
     arch = backbone_arch(model) if model is not None else (cfg.arch or "vit_small")
     n, avg = default_feature_options(arch)
     n = min(n, getattr(model, "depth", n) or n)  # a shallow test model has fewer than 4 blocks
-    return (cfg.n_last_blocks if cfg.n_last_blocks is not None else n,
-            cfg.avgpool_patch_tokens if cfg.avgpool_patch_tokens is not None else avg)
+    return (
+        cfg.n_last_blocks if cfg.n_last_blocks is not None else n,
+        cfg.avgpool_patch_tokens if cfg.avgpool_patch_tokens is not None else avg,
+    )
 
 
-def probe_train_transform(crop: int = 224, min_scale: float = 0.08, norm: Normalization = IMAGENET,
-                          bicubic: bool = False) -> T.Compose:
+def probe_train_transform(
+    crop: int = 224, min_scale: float = 0.08, norm: Normalization = IMAGENET, bicubic: bool = False
+) -> T.Compose:
     """The probe's augmentation: RandomResizedCrop + horizontal flip + the weights' normalisation;
     bilinear as DINO's reference, bicubic as DINOv2's and DINOv3's official transforms
     (fine-tuning's stronger augmentation is :func:`dinokit.train.augment.train_transform`)."""
@@ -249,14 +258,22 @@ def probe_train_transform(crop: int = 224, min_scale: float = 0.08, norm: Normal
 
 def dino_recipe(cfg: LinearConfig) -> LinearConfig:
     """``cfg`` with DINO's probe length and learning rate where it leaves them to the protocol."""
-    return replace(cfg, epochs=cfg.epochs if cfg.epochs is not None else DINO_EPOCHS,
-                   lr=cfg.lr if cfg.lr is not None else DINO_LR)
+    return replace(
+        cfg,
+        epochs=cfg.epochs if cfg.epochs is not None else DINO_EPOCHS,
+        lr=cfg.lr if cfg.lr is not None else DINO_LR,
+    )
 
 
 def _recipe(cfg: LinearConfig) -> dict[str, Any]:
     """The probe's recipe in its run identity (with the features, classes and mode)."""
-    return {"batch_size": cfg.batch_size, "lr_base": cfg.lr, "momentum": cfg.momentum,
-            "weight_decay": cfg.weight_decay, "seed": cfg.seed}
+    return {
+        "batch_size": cfg.batch_size,
+        "lr_base": cfg.lr,
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+        "seed": cfg.seed,
+    }
 
 
 def _head_state(probe: nn.Module) -> dict[str, torch.Tensor]:
@@ -268,8 +285,16 @@ class _ProbeRun:
     """Optimiser, schedule, checkpointing and the epoch bookkeeping shared by both training paths,
     inside the run skeleton ``run`` (folder, lock, resume, stop)."""
 
-    def __init__(self, cfg: LinearConfig, dim: int, num_classes: int, identity: dict, world: int, device,
-                 run: TrainingRun):
+    def __init__(
+        self,
+        cfg: LinearConfig,
+        dim: int,
+        num_classes: int,
+        identity: dict,
+        world: int,
+        device,
+        run: TrainingRun,
+    ):
         cfg = dino_recipe(cfg)
         assert cfg.epochs is not None and cfg.lr is not None  # dino_recipe fills both in
         self.cfg = cfg
@@ -356,9 +381,18 @@ class _ProbeRun:
     def result(self, mode: str, **kw) -> LinearResult:
         epochs_done = self.history[-1]["epoch"] if self.history else self.start_epoch
         outcome = self.run.outcome(epochs_done, self.total_epochs, self.signum)
-        return LinearResult(mode=mode, final=dict(self.last), best=dict(self.best), epochs_run=len(self.history),
-                            epochs=self.total_epochs, epochs_done=epochs_done, signal=self.signum,
-                            stopped_by=outcome.stopped_by, exit_code=outcome.exit_code, **kw)
+        return LinearResult(
+            mode=mode,
+            final=dict(self.last),
+            best=dict(self.best),
+            epochs_run=len(self.history),
+            epochs=self.total_epochs,
+            epochs_done=epochs_done,
+            signal=self.signum,
+            stopped_by=outcome.stopped_by,
+            exit_code=outcome.exit_code,
+            **kw,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,8 +409,14 @@ def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, a
         if cfg.weights is not None:
             model = prepare_backbone(cfg, missing=MISSING_WEIGHTS).model
             n0, avg0 = _resolve_options(cfg, model)
-            emb = Embedder(_feature_spec(cfg, train.fingerprint.get("n_last_blocks", n0),
-                                         train.fingerprint.get("avgpool_patch_tokens", avg0)), model=model)
+            emb = Embedder(
+                _feature_spec(
+                    cfg,
+                    train.fingerprint.get("n_last_blocks", n0),
+                    train.fingerprint.get("avgpool_patch_tokens", avg0),
+                ),
+                model=model,
+            )
             check_fingerprint(train, emb.fingerprint, str(cfg.train_features), MODEL_KEYS)
         fp = train.fingerprint
         return train, val, fp.get("n_last_blocks", 1), fp.get("avgpool_patch_tokens", False)
@@ -390,12 +430,16 @@ def _feature_sets(cfg: LinearConfig, progress: Progress, n: int | None = None, a
     assert avg is not None  # given with n, or resolved with it
     emb = Embedder(_feature_spec(cfg, n, avg), model=model)
     out = Path(cfg.output)
-    train = emb.embed(train_images, cache=out / "train_features.pt", progress=progress, description="train features")
+    train = emb.embed(
+        train_images, cache=out / "train_features.pt", progress=progress, description="train features"
+    )
     val = emb.embed(val_images, cache=out / "val_features.pt", progress=progress, description="val features")
     return train, val, n, avg
 
 
-def train_on_features(cfg: LinearConfig, run: TrainingRun, progress: Progress = NULL_PROGRESS) -> LinearResult:
+def train_on_features(
+    cfg: LinearConfig, run: TrainingRun, progress: Progress = NULL_PROGRESS
+) -> LinearResult:
     """The fast path: the probe trained on cached (centre-crop) features, inside ``run``."""
     train, val, n, avg = _feature_sets(cfg, progress)
     require_finite(train.features, "The training features")
@@ -444,8 +488,14 @@ def train_on_features(cfg: LinearConfig, run: TrainingRun, progress: Progress = 
             break
     task.close()
     return probe.result(
-        "features", num_classes=C, feature_dim=train.dim, n_train=n_train, n_val=len(val),
-        n_last_blocks=n, avgpool_patch_tokens=avg, fingerprint=dict(train.fingerprint),
+        "features",
+        num_classes=C,
+        feature_dim=train.dim,
+        n_train=n_train,
+        n_val=len(val),
+        n_last_blocks=n,
+        avgpool_patch_tokens=avg,
+        fingerprint=dict(train.fingerprint),
     )
 
 
@@ -503,8 +553,14 @@ def train_on_images(cfg: LinearConfig, run: TrainingRun, progress: Progress = NU
     run_model, run_dtype = inference_model(model, backbone.dtype)  # the frozen backbone: bf16 is cast once
     _train_image_epochs(probe, loaders, run_model, run_dtype, feature_fn, device, progress)
     return probe.result(
-        "images", num_classes=C, feature_dim=dim, n_train=len(loaders.train_set), n_val=len(loaders.val_set),
-        n_last_blocks=n, avgpool_patch_tokens=avg, fingerprint=dict(emb.fingerprint),
+        "images",
+        num_classes=C,
+        feature_dim=dim,
+        n_train=len(loaders.train_set),
+        n_val=len(loaders.val_set),
+        n_last_blocks=n,
+        avgpool_patch_tokens=avg,
+        fingerprint=dict(emb.fingerprint),
     )
 
 
@@ -512,15 +568,28 @@ class _ImageLoaders:
     """The probe's training loader (augmented, sharded and reshuffled per epoch under torchrun) and
     its validation loader (this rank's share of the val images, centre crops)."""
 
-    def __init__(self, cfg: LinearConfig, train_images, val_images, val_transform, device: torch.device,
-                 normalization: Normalization = IMAGENET, bicubic: bool = False):
+    def __init__(
+        self,
+        cfg: LinearConfig,
+        train_images,
+        val_images,
+        val_transform,
+        device: torch.device,
+        normalization: Normalization = IMAGENET,
+        bicubic: bool = False,
+    ):
         self.train_set = ImageDataset(
             train_images.paths, train_images.labels,
             probe_train_transform(cfg.crop, cfg.min_scale, normalization, bicubic=bicubic),
             strict=cfg.strict, exact_decode=cfg.exact_decode,
         )  # fmt: skip
-        self.val_set = ImageDataset(val_images.paths, val_images.labels, val_transform, strict=cfg.strict,
-                                    exact_decode=cfg.exact_decode)
+        self.val_set = ImageDataset(
+            val_images.paths,
+            val_images.labels,
+            val_transform,
+            strict=cfg.strict,
+            exact_decode=cfg.exact_decode,
+        )
         self.sampler: torch.utils.data.DistributedSampler[int] | None = (
             torch.utils.data.DistributedSampler(self.train_set, seed=cfg.seed) if is_dist() else None
         )
@@ -541,8 +610,9 @@ class _ImageLoaders:
             self.sampler.set_epoch(epoch)
 
 
-def _train_image_epochs(run: _ProbeRun, loaders: _ImageLoaders, model, dtype, feature_fn, device,
-                        progress: Progress) -> None:
+def _train_image_epochs(
+    run: _ProbeRun, loaders: _ImageLoaders, model, dtype, feature_fn, device, progress: Progress
+) -> None:
     """The epochs of the probe on images: train on augmented crops, validate every ``val_every``."""
     cfg = run.cfg
     steps = len(loaders.train)
@@ -623,7 +693,9 @@ def evaluate_head(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Line
     model = prepare_backbone(cfg, missing=MISSING_WEIGHTS).model
     n, avg = _resolve_options(cfg, model)
     emb = Embedder(_feature_spec(cfg, n, avg), model=model)
-    val = emb.embed(val_images, cache=Path(cfg.output) / "val_features.pt", progress=progress, description="val features")
+    val = emb.embed(
+        val_images, cache=Path(cfg.output) / "val_features.pt", progress=progress, description="val features"
+    )
     if val.dim != w.shape[1]:
         raise DataError(
             f"The linear head takes {w.shape[1]}-d features but these weights with n_last_blocks={n} and "
@@ -634,8 +706,15 @@ def evaluate_head(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Line
     c1, c5 = topk_correct(logits, val.labels)
     final = {"top1": percent(c1, len(val)), "top5": percent(c5, len(val))}
     return LinearResult(
-        "evaluate", final=final, best=dict(final), num_classes=w.shape[0], feature_dim=val.dim, n_val=len(val),
-        n_last_blocks=n, avgpool_patch_tokens=avg, fingerprint=dict(val.fingerprint),
+        "evaluate",
+        final=final,
+        best=dict(final),
+        num_classes=w.shape[0],
+        feature_dim=val.dim,
+        n_val=len(val),
+        n_last_blocks=n,
+        avgpool_patch_tokens=avg,
+        fingerprint=dict(val.fingerprint),
     )
 
 
@@ -672,16 +751,27 @@ def logistic_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS) -> Line
     require_finite(val.features, "The validation features")
     val_labels = align_labels(train, val, "training", "validation")
     task = progress.task("logistic regression", total=None)
-    final = logistic_probe(train.features, train.labels, val.features, val_labels, cfg.logistic_c, cfg.logistic_max_iter)
+    final = logistic_probe(
+        train.features, train.labels, val.features, val_labels, cfg.logistic_c, cfg.logistic_max_iter
+    )
     task.close()
     return LinearResult(
-        "logistic", final=final, best=dict(final), num_classes=len(train.classes), feature_dim=train.dim,
-        n_train=len(train), n_val=len(val), n_last_blocks=n, avgpool_patch_tokens=avg,
+        "logistic",
+        final=final,
+        best=dict(final),
+        num_classes=len(train.classes),
+        feature_dim=train.dim,
+        n_train=len(train),
+        n_val=len(val),
+        n_last_blocks=n,
+        avgpool_patch_tokens=avg,
         fingerprint=dict(train.fingerprint),
     )
 
 
-def linear_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS, explicit: set[str] | None = None) -> LinearResult:
+def linear_eval(
+    cfg: LinearConfig, progress: Progress = NULL_PROGRESS, explicit: set[str] | None = None
+) -> LinearResult:
     """``dinokit linear``: the probe of the weights' generation (``cfg.protocol`` overrides): DINO's
     single head, or DINOv2's / DINOv3's grid of heads; on images (default) or on features computed
     once (``augment="none"``), a released head, or logistic regression; writes the run folder,
@@ -695,8 +785,12 @@ def linear_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS, explicit:
         raise DinokitError(f"--protocol takes {', '.join(PROTOCOLS)}, not {cfg.protocol!r}.")
     if cfg.augment not in ("official", "none"):
         raise DinokitError(f"--augment takes official or none, not {cfg.augment!r}.")
-    check_numbers(cfg, positive=("lr", *(("logistic_c",) if cfg.logistic else ())), non_negative=("weight_decay",),
-                  fractions=("momentum",))
+    check_numbers(
+        cfg,
+        positive=("lr", *(("logistic_c",) if cfg.logistic else ())),
+        non_negative=("weight_decay",),
+        fractions=("momentum",),
+    )
     if sum([cfg.evaluate, cfg.logistic]) > 1:
         raise DinokitError("Choose one of --evaluate and --logistic.")
     if (cfg.evaluate or cfg.logistic) and (cfg.resume or cfg.stop_after):
@@ -706,7 +800,9 @@ def linear_eval(cfg: LinearConfig, progress: Progress = NULL_PROGRESS, explicit:
         prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
         result = evaluate_head(cfg, progress) if cfg.evaluate else logistic_eval(cfg, progress)
         if dist_env().is_main:
-            result.metrics_path = write_metrics(cfg.output, result.metrics(), _record(cfg, result), units=UNITS)
+            result.metrics_path = write_metrics(
+                cfg.output, result.metrics(), _record(cfg, result), units=UNITS
+            )
         return result
     device = resolve_device(cfg.device)
     with TrainingRun(LINEAR_RUN, cfg.output, cfg, device) as run:
@@ -749,21 +845,41 @@ def weights_arch(cfg: LinearConfig) -> str:
     return infer_arch(map_weight_norm_keys(sd))[0]
 
 
-def _train_grid(cfg: LinearConfig, run: TrainingRun, protocol: str, arch: str, cached: bool,
-                progress: Progress) -> LinearResult:
+def _train_grid(
+    cfg: LinearConfig, run: TrainingRun, protocol: str, arch: str, cached: bool, progress: Progress
+) -> LinearResult:
     """DINOv2's or DINOv3's grid (:mod:`dinokit.eval.linear_grid_run`); ``--lr`` pins one head (with
     the generation's blocks and mean unless they are given too)."""
     if variant_generation(arch) == 1:
-        log.warning("--protocol %s with DINO (v1) weights: %s's grid of heads is trained on a DINO backbone, "
-                    "as asked.", protocol, "DINOv2" if protocol == "dinov2" else "DINOv3")
+        log.warning(
+            "--protocol %s with DINO (v1) weights: %s's grid of heads is trained on a DINO backbone, "
+            "as asked.",
+            protocol,
+            "DINOv2" if protocol == "dinov2" else "DINOv3",
+        )
     if cfg.lr is not None:
-        n0, avg0 = default_feature_options(arch) if variant_generation(arch) > 1 else ((1, True) if protocol == "dinov3" else (4, True))
-        cfg = replace(cfg, n_last_blocks=cfg.n_last_blocks if cfg.n_last_blocks is not None else n0,
-                      avgpool_patch_tokens=cfg.avgpool_patch_tokens if cfg.avgpool_patch_tokens is not None else avg0)
+        n0, avg0 = (
+            default_feature_options(arch)
+            if variant_generation(arch) > 1
+            else ((1, True) if protocol == "dinov3" else (4, True))
+        )
+        cfg = replace(
+            cfg,
+            n_last_blocks=cfg.n_last_blocks if cfg.n_last_blocks is not None else n0,
+            avgpool_patch_tokens=cfg.avgpool_patch_tokens if cfg.avgpool_patch_tokens is not None else avg0,
+        )
     epochs = cfg.epochs if cfg.epochs is not None else GRID_EPOCHS
     cfg = replace(cfg, epochs=epochs)
-    out = train_grid(cfg, run, protocol, _feature_spec, _official_train_transform(cfg), progress, cached,
-                     missing=MISSING_WEIGHTS)
+    out = train_grid(
+        cfg,
+        run,
+        protocol,
+        _feature_spec,
+        _official_train_transform(cfg),
+        progress,
+        cached,
+        missing=MISSING_WEIGHTS,
+    )
     data, chosen = out["data"], out["chosen"]
     outcome = run.outcome(out["epochs_done"], epochs, out["signal"])
     return LinearResult(
@@ -827,10 +943,21 @@ def _tokens_used(result: LinearResult) -> str:
         return str(result.fingerprint.get("tokens", ""))
     n, avg = result.n_last_blocks, result.avgpool_patch_tokens
     cls = "the CLS token of the last block" if n == 1 else f"the CLS tokens of the last {n} blocks"
-    return cls + (" followed by the mean of the last block's patch tokens" if avg else "") + " (after the final norm)"
+    return (
+        cls
+        + (" followed by the mean of the last block's patch tokens" if avg else "")
+        + " (after the final norm)"
+    )
 
 
 __all__: Sequence[str] = [
-    "LinearConfig", "LinearResult", "default_feature_options", "evaluate_head", "linear_eval", "logistic_probe",
-    "probe_train_transform", "train_on_features", "train_on_images",
+    "LinearConfig",
+    "LinearResult",
+    "default_feature_options",
+    "evaluate_head",
+    "linear_eval",
+    "logistic_probe",
+    "probe_train_transform",
+    "train_on_features",
+    "train_on_images",
 ]

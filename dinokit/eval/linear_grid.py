@@ -56,15 +56,26 @@ class HeadSpec:
         one, which 5 decimals would round into its neighbour's name, in full: ``lr_5em06``)."""
         lr = self.lr * scale
         text = f"{lr:.5f}" if abs(round(lr, 5) - lr) <= 1e-12 * max(lr, 1e-30) or lr >= 1e-3 else f"{lr:.6g}"
-        return f"classifier_{self.n_blocks}_blocks_avgpool_{self.avgpool}_lr_{text}".replace(".", "_").replace("-", "m")
+        return f"classifier_{self.n_blocks}_blocks_avgpool_{self.avgpool}_lr_{text}".replace(
+            ".", "_"
+        ).replace("-", "m")
 
     def record(self, scale: float) -> dict:
-        return {"name": self.name(scale), "lr": self.lr, "lr_scaled": self.lr * scale,
-                "n_last_blocks": self.n_blocks, "avgpool_patch_tokens": self.avgpool}
+        return {
+            "name": self.name(scale),
+            "lr": self.lr,
+            "lr_scaled": self.lr * scale,
+            "n_last_blocks": self.n_blocks,
+            "avgpool_patch_tokens": self.avgpool,
+        }
 
 
-def protocol_heads(protocol: str, lrs: Sequence[float] = LEARNING_RATES, blocks: Sequence[int] | None = None,
-                   avgpool: Sequence[bool] | None = None) -> list[HeadSpec]:
+def protocol_heads(
+    protocol: str,
+    lrs: Sequence[float] = LEARNING_RATES,
+    blocks: Sequence[int] | None = None,
+    avgpool: Sequence[bool] | None = None,
+) -> list[HeadSpec]:
     """The heads of ``protocol``'s grid in the official order (blocks, then mean, then lr):
     DINOv2 1 and 4 blocks, without and with the mean; DINOv3 the last block with the mean.
     ``blocks`` / ``avgpool`` narrow it (the options typed)."""
@@ -109,7 +120,9 @@ class LinearGrid(nn.Module):
 def grid_optimizer(grid: LinearGrid, scale: float, momentum: float = 0.9, weight_decay: float = 0.0):
     """SGD with one parameter group per head at its scaled lr, and the official per-iteration cosine
     (``CosineAnnealingLR`` over every iteration, to 0): call ``scheduler.step()`` after each step."""
-    groups: list[dict[str, Any]] = [{"params": list(h.parameters()), "lr": s.lr * scale} for h, s in zip(grid.heads, grid.specs)]
+    groups: list[dict[str, Any]] = [
+        {"params": list(h.parameters()), "lr": s.lr * scale} for h, s in zip(grid.heads, grid.specs)
+    ]
     return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, weight_decay=weight_decay)
 
 
@@ -162,7 +175,20 @@ def choose_head(top1: Sequence[float]) -> int:
 
 
 __all__: Sequence[str] = [
-    "EPOCHS", "EPOCH_LENGTH", "HeadSpec", "LEARNING_RATES", "LinearGrid", "PROTOCOLS", "batch_indices",
-    "choose_head", "cosine_lr", "grid_counts", "grid_optimizer", "head_slice", "iterations", "protocol_heads",
-    "protocol_of", "token_vector",
+    "EPOCHS",
+    "EPOCH_LENGTH",
+    "HeadSpec",
+    "LEARNING_RATES",
+    "LinearGrid",
+    "PROTOCOLS",
+    "batch_indices",
+    "choose_head",
+    "cosine_lr",
+    "grid_counts",
+    "grid_optimizer",
+    "head_slice",
+    "iterations",
+    "protocol_heads",
+    "protocol_of",
+    "token_vector",
 ]

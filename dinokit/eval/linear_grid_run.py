@@ -85,13 +85,18 @@ class GridData:
 def _deinterleave(x: torch.Tensor, fp: dict) -> torch.Tensor:
     """DINO's reference order [CLS_0, avg_0, CLS_1, avg_1, ...] (n=1 with the mean, v1 weights) as
     [CLS, avg], the layout every head slices."""
-    if fp.get("n_last_blocks") == 1 and fp.get("avgpool_patch_tokens") and variant_generation(fp.get("arch") or "") == 1:
+    if (
+        fp.get("n_last_blocks") == 1
+        and fp.get("avgpool_patch_tokens")
+        and variant_generation(fp.get("arch") or "") == 1
+    ):
         return x.view(x.shape[0], -1, 2).permute(0, 2, 1).reshape(x.shape[0], -1)
     return x
 
 
-def cached_grid_data(cfg, specs: list[HeadSpec], backbone, feature_spec,
-                     progress: Progress) -> tuple[GridData, list[HeadSpec]]:
+def cached_grid_data(
+    cfg, specs: list[HeadSpec], backbone, feature_spec, progress: Progress
+) -> tuple[GridData, list[HeadSpec]]:
     """Every image's token vector computed once (or read from --train-features / --val-features)."""
     if (cfg.train_features is None) != (cfg.val_features is None):
         raise DataError("Give both --train-features and --val-features, or neither.")
@@ -114,8 +119,12 @@ def cached_grid_data(cfg, specs: list[HeadSpec], backbone, feature_spec,
         train_images = scan_images(cfg.train, labelled=True)
         val_images = scan_images(cfg.val, classes=train_images.classes, labelled=True)
         out = Path(cfg.output)
-        train = emb.embed(train_images, cache=out / "train_features.pt", progress=progress, description="train features")
-        val = emb.embed(val_images, cache=out / "val_features.pt", progress=progress, description="val features")
+        train = emb.embed(
+            train_images, cache=out / "train_features.pt", progress=progress, description="train features"
+        )
+        val = emb.embed(
+            val_images, cache=out / "val_features.pt", progress=progress, description="val features"
+        )
         dim, fp = int(model.embed_dim), train.fingerprint
     require_finite(train.features, "The training features")
     require_finite(val.features, "The validation features")
@@ -171,8 +180,10 @@ class GridRun:
         if ck is None:
             return
         if ck.get("format") != GRID_FORMAT or int(ck.get("iterations", -1)) != self.total:
-            raise CheckpointError(f"{Path(self.cfg.output) / 'checkpoint.pth'} was made for another recipe (the "
-                                  "protocol, --epochs and --epoch-length decide the schedule); pass the same ones.")
+            raise CheckpointError(
+                f"{Path(self.cfg.output) / 'checkpoint.pth'} was made for another recipe (the "
+                "protocol, --epochs and --epoch-length decide the schedule); pass the same ones."
+            )
         self.grid.load_state_dict(ck["grid"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -194,11 +205,15 @@ class GridRun:
         return bool(self.signum)
 
     def end_epoch(self, epoch: int, loss: float, counts: torch.Tensor | None, n_val: int) -> None:
-        ensure_finite_loss(loss, f"The heads' mean loss became {{loss}} in epoch {epoch + 1}; lower the learning rates.")
+        ensure_finite_loss(
+            loss, f"The heads' mean loss became {{loss}} in epoch {epoch + 1}; lower the learning rates."
+        )
         row = {"epoch": epoch + 1, "iteration": (epoch + 1) * self.epoch_length, "loss": loss,
                "lr": self.optimizer.param_groups[0]["lr"]}  # fmt: skip
         if counts is not None:
-            self.scores = [{"top1": percent(float(c[0]), n_val), "top5": percent(float(c[1]), n_val)} for c in counts]
+            self.scores = [
+                {"top1": percent(float(c[0]), n_val), "top5": percent(float(c[1]), n_val)} for c in counts
+            ]
             best = choose_head([s["top1"] for s in self.scores])
             row.update(best_head=self.grid.specs[best].name(self.scale), top1=self.scores[best]["top1"])
         self.history.append(row)
@@ -231,7 +246,9 @@ def run_cached(g: GridRun, progress: Progress) -> None:
     assert d.train_x is not None and d.train_y is not None and d.val_x is not None and d.val_y is not None
     xs, ys = d.train_x.to(g.device), d.train_y.to(g.device)
     xv, yv = d.val_x.to(g.device), d.val_y.to(g.device)
-    task = progress.task("linear grid (cached features)", total=(g.run.end(g.epochs) - g.start_epoch) * g.epoch_length)
+    task = progress.task(
+        "linear grid (cached features)", total=(g.run.end(g.epochs) - g.start_epoch) * g.epoch_length
+    )
     for epoch in range(g.start_epoch, g.run.end(g.epochs)):
         g.grid.train()
         total = 0.0
@@ -262,8 +279,13 @@ def run_images(g: GridRun, progress: Progress) -> None:
     for epoch in range(g.start_epoch, g.run.end(g.epochs)):
         its = range(epoch * g.epoch_length, (epoch + 1) * g.epoch_length)
         batches = [batch_indices(d.n_train, cfg.batch_size, cfg.seed, it).tolist() for it in its]
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=cfg.num_workers,
-                                             collate_fn=collate_skip_none, pin_memory=device.type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            train_set,
+            batch_sampler=batches,
+            num_workers=cfg.num_workers,
+            collate_fn=collate_skip_none,
+            pin_memory=device.type == "cuda",
+        )
         g.grid.train()
         total = 0.0
         for x, y, _ in readable_batches(loader):
@@ -290,8 +312,16 @@ def run_images(g: GridRun, progress: Progress) -> None:
     task.close()
 
 
-def train_grid(cfg, run: TrainingRun, protocol: str, feature_spec, train_transform, progress: Progress = NULL_PROGRESS,
-               cached: bool = False, missing: str | None = None) -> dict[str, Any]:
+def train_grid(
+    cfg,
+    run: TrainingRun,
+    protocol: str,
+    feature_spec,
+    train_transform,
+    progress: Progress = NULL_PROGRESS,
+    cached: bool = False,
+    missing: str | None = None,
+) -> dict[str, Any]:
     """Train ``protocol``'s grid inside ``run`` and return what the result needs: the heads with
     their validation scores, the chosen one, the data's sizes and the schedule's progress."""
     if is_dist():
@@ -314,5 +344,12 @@ def train_grid(cfg, run: TrainingRun, protocol: str, feature_spec, train_transfo
     heads = [{**s.record(g.scale), **(g.scores[i] if g.scores else {})} for i, s in enumerate(g.grid.specs)]
     chosen = heads[choose_head([h["top1"] for h in heads])] if g.scores else None
     done = g.history[-1]["epoch"] if g.history else g.start_epoch
-    return {"heads": heads, "chosen": chosen, "data": data, "epochs_done": done, "signal": g.signum,
-            "epoch_length": epoch_length, "epochs_run": len(g.history)}
+    return {
+        "heads": heads,
+        "chosen": chosen,
+        "data": data,
+        "epochs_done": done,
+        "signal": g.signum,
+        "epoch_length": epoch_length,
+        "epochs_run": len(g.history),
+    }

@@ -86,22 +86,29 @@ def patch_tokens(model, x: torch.Tensor, dtype: torch.dtype | None = None) -> to
     h, w = x.shape[-2] // p, x.shape[-1] // p
     with autocast(x.device, dtype):
         tokens = model.forward_features(x)
-    return tokens[:, -h * w:].float().reshape(x.shape[0], h, w, -1)
+    return tokens[:, -h * w :].float().reshape(x.shape[0], h, w, -1)
 
 
 def renormalize(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
     """An ImageNet-normalised (3, H, W) input normalised with ``norm``'s mean and std instead."""
     if (tuple(norm.mean), tuple(norm.std)) == (IMAGENET.mean, IMAGENET.std):
         return x
+
     def col(v):
         return torch.tensor(v, dtype=x.dtype).view(3, 1, 1)
 
     return (x * col(IMAGENET.std) + col(IMAGENET.mean) - col(norm.mean)) / col(norm.std)
 
 
-def patch_features(model, images: Iterable, cfg: PatchesConfig, dtype: torch.dtype | None = None,
-                   progress: Progress = NULL_PROGRESS, total: int | None = None,
-                   normalization: Normalization | None = None) -> Iterator[ImagePatches]:
+def patch_features(
+    model,
+    images: Iterable,
+    cfg: PatchesConfig,
+    dtype: torch.dtype | None = None,
+    progress: Progress = NULL_PROGRESS,
+    total: int | None = None,
+    normalization: Normalization | None = None,
+) -> Iterator[ImagePatches]:
     """Each image's (path, PIL image pair, or path) patch features in input order, images of one size
     batched together (``cfg.batch_size``); the photo is resized to the shorter side
     ``cfg.image_size`` with its aspect kept, cropped to a multiple of the patch size and normalised
@@ -130,8 +137,11 @@ def patch_features(model, images: Iterable, cfg: PatchesConfig, dtype: torch.dty
 
     try:
         for item in images:
-            name, img = item if isinstance(item, tuple) else (item, open_rgb(item, attention_need(
-                cfg.image_size, True, cfg.exact_decode)))
+            name, img = (
+                item
+                if isinstance(item, tuple)
+                else (item, open_rgb(item, attention_need(cfg.image_size, True, cfg.exact_decode)))
+            )
             x, rgb = preprocess(img, cfg.image_size, p, name, keep_aspect=True, max_tokens=cfg.max_tokens)
             pending.append((name, renormalize(x, norm), rgb, img.size))
             if len(pending) >= cfg.batch_size:
@@ -235,12 +245,20 @@ def foreground_split(pca: PCAFit, grids: list[np.ndarray], threshold: float | No
     span = high - low if high > low else 1.0
     first = [((r - low) / span).astype(np.float32) for r in raw]
     method = "given" if threshold is not None else "otsu"
-    t = float(threshold) if threshold is not None else otsu_threshold(np.concatenate([f.ravel() for f in first]))
+    t = (
+        float(threshold)
+        if threshold is not None
+        else otsu_threshold(np.concatenate([f.ravel() for f in first]))
+    )
     return ForegroundSplit(first, [f > t for f in first], t, method, flipped, low, high)
 
 
-def pca_colours(pca: PCAFit, grids: list[np.ndarray], masks: list[np.ndarray] | None = None,
-                fitted: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+def pca_colours(
+    pca: PCAFit,
+    grids: list[np.ndarray],
+    masks: list[np.ndarray] | None = None,
+    fitted: np.ndarray | None = None,
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Each grid's first three components as RGB in [0, 1] (masked patches 0), every component scaled
     by the same two percentiles of the ``fitted`` rows for every image. Returns the colours and the
     per-component values that map to 0 and 1."""
@@ -265,8 +283,9 @@ def l2_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def cluster_parts(grids: list[np.ndarray], k: int, fit_limit: int = 200_000, seed: int = 0
-                  ) -> tuple[list[np.ndarray], np.ndarray, float]:
+def cluster_parts(
+    grids: list[np.ndarray], k: int, fit_limit: int = 200_000, seed: int = 0
+) -> tuple[list[np.ndarray], np.ndarray, float]:
     """k-means of the L2-normalised patch features of all the grids at once into ``k`` parts shared by
     the images (scikit-learn's k-means++, 3 starts, fitted on at most ``fit_limit`` patches).
     Parts are numbered by size, part 0 the largest. Returns each grid's (h, w) part numbers, the
@@ -287,7 +306,7 @@ def cluster_parts(grids: list[np.ndarray], k: int, fit_limit: int = 200_000, see
     out, start = [], 0
     for g in grids:
         n = g.shape[0] * g.shape[1]
-        out.append(labels[start:start + n].reshape(g.shape[:2]).astype(np.int32))
+        out.append(labels[start : start + n].reshape(g.shape[:2]).astype(np.int32))
         start += n
     return out, sizes[order], float(km.inertia_)
 
@@ -305,8 +324,14 @@ class PatchAnalysis:
     foreground_used: bool = True  #: the colours are the foreground's (False: every patch's)
 
 
-def analyse_patches(grids: list[np.ndarray], parts: int = 5, foreground: bool = True,
-                    threshold: float | None = None, fit_patches: int = 200_000, seed: int = 0) -> PatchAnalysis:
+def analyse_patches(
+    grids: list[np.ndarray],
+    parts: int = 5,
+    foreground: bool = True,
+    threshold: float | None = None,
+    fit_patches: int = 200_000,
+    seed: int = 0,
+) -> PatchAnalysis:
     """PCA colours, foreground masks and k-means parts of (h, w, D) patch grids, all fitted jointly.
 
     With ``foreground``: a PCA of all patches, its first component thresholded into the foreground
@@ -320,13 +345,19 @@ def analyse_patches(grids: list[np.ndarray], parts: int = 5, foreground: bool = 
     fitted = fit_rows(rows, fit_patches, seed)
     pca_all = fit_pca(fitted, 4)
     split = foreground_split(pca_all, grids, threshold)
-    record: dict = {"patches": len(rows), "fit_patches": len(fitted),
-                    "fit": "every patch" if len(fitted) == len(rows) else f"a seeded uniform sample of {len(fitted)}",
-                    "first_component": {
-                        "threshold": split.threshold, "threshold_method": split.method,
-                        "scaled_between": [split.low, split.high], "negated": split.flipped,
-                        "explained_variance_ratio": float(pca_all.explained_variance_ratio[0]),
-                        "orientation": "the photos' border patches have the lower mean (background)"}}
+    record: dict = {
+        "patches": len(rows),
+        "fit_patches": len(fitted),
+        "fit": "every patch" if len(fitted) == len(rows) else f"a seeded uniform sample of {len(fitted)}",
+        "first_component": {
+            "threshold": split.threshold,
+            "threshold_method": split.method,
+            "scaled_between": [split.low, split.high],
+            "negated": split.flipped,
+            "explained_variance_ratio": float(pca_all.explained_variance_ratio[0]),
+            "orientation": "the photos' border patches have the lower mean (background)",
+        },
+    }
     fg_rows = np.concatenate([g.reshape(-1, dim)[m.ravel()] for g, m in zip(grids, split.masks)])
     masks: list[np.ndarray] | None = split.masks
     record["first_component_above_threshold"] = float(len(fg_rows) / len(rows))
@@ -343,10 +374,19 @@ def analyse_patches(grids: list[np.ndarray], parts: int = 5, foreground: bool = 
     colours, lo, hi = pca_colours(colour_pca, grids, masks, fg_fitted)
     record["colour_components"] = [1, 2, 3]
     record["colour_explained_variance_ratio"] = [float(v) for v in colour_pca.explained_variance_ratio]
-    record["colour_scale"] = {"percentiles": list(COLOUR_PERCENTILES), "low": lo.tolist(), "high": hi.tolist()}
+    record["colour_scale"] = {
+        "percentiles": list(COLOUR_PERCENTILES),
+        "low": lo.tolist(),
+        "high": hi.tolist(),
+    }
     labels, sizes, inertia = cluster_parts(grids, parts, fit_patches, seed)
-    record["parts"] = {"k": parts, "patches_per_part": sizes.tolist(), "inertia": inertia,
-                       "features": "L2-normalised patch tokens", "numbering": "by size, part 0 the largest"}
+    record["parts"] = {
+        "k": parts,
+        "patches_per_part": sizes.tolist(),
+        "inertia": inertia,
+        "features": "L2-normalised patch tokens",
+        "numbering": "by size, part 0 the largest",
+    }
     fg = split.masks if masks is not None else [np.ones(g.shape[:2], bool) for g in grids]
     record["foreground_fraction"] = record["first_component_above_threshold"] if masks is not None else 1.0
     return PatchAnalysis(colours, split.first, fg, labels, record, masks is not None)
@@ -356,8 +396,15 @@ def analyse_patches(grids: list[np.ndarray], parts: int = 5, foreground: bool = 
 PANEL_CAPTIONS = ("photo", "foreground", "PCA colours", "parts")
 
 
-def patch_pictures(image: np.ndarray, colours: np.ndarray, first: np.ndarray, foreground: np.ndarray,
-                   parts: np.ndarray, patch_size: int, k: int) -> dict[str, np.ndarray]:
+def patch_pictures(
+    image: np.ndarray,
+    colours: np.ndarray,
+    first: np.ndarray,
+    foreground: np.ndarray,
+    parts: np.ndarray,
+    patch_size: int,
+    k: int,
+) -> dict[str, np.ndarray]:
     """One image's pictures at the size of the picture the network saw (the photo's aspect kept):
     ``pca`` the colours (nearest, one block per patch), ``foreground`` the photo with the background
     darkened and the mask outlined, ``first`` the first component as a heat map, ``parts`` the parts
@@ -371,12 +418,17 @@ def patch_pictures(image: np.ndarray, colours: np.ndarray, first: np.ndarray, fo
     if mask.any() and not mask.all():
         fg[viz.boundaries(mask, 2)] = (255, 255, 255)
     part_masks = up(parts, patch_size)[None] == np.arange(k)[:, None, None]
-    return {"pca": pca.astype(np.uint8), "foreground": fg,
-            "first": viz.apply_colormap(up(first, patch_size), "viridis", 0.0, 1.0),
-            "parts": viz.overlay_masks(image, part_masks, viz.distinct_colors(k), alpha=0.55)}
+    return {
+        "pca": pca.astype(np.uint8),
+        "foreground": fg,
+        "first": viz.apply_colormap(up(first, patch_size), "viridis", 0.0, 1.0),
+        "parts": viz.overlay_masks(image, part_masks, viz.distinct_colors(k), alpha=0.55),
+    }
 
 
-def panel(image: np.ndarray, pictures: dict[str, np.ndarray], title: str = "", foreground: bool = True) -> np.ndarray:
+def panel(
+    image: np.ndarray, pictures: dict[str, np.ndarray], title: str = "", foreground: bool = True
+) -> np.ndarray:
     """The photo, foreground, PCA colours and parts of one image side by side, captioned; without
     ``foreground`` (every patch coloured) the first component's heat map takes the mask's place."""
     second = ("foreground", pictures["foreground"]) if foreground else ("first component", pictures["first"])
@@ -397,14 +449,23 @@ def resize_width(picture: np.ndarray, width: int) -> np.ndarray:
 def overview(panels: list[np.ndarray], k: int, width: int = 1200) -> np.ndarray:
     """Every image's panel one under the other at one width, with the key of the parts' colours."""
     rows = [resize_width(p, width) for p in panels]
-    key = viz.legend(viz.distinct_colors(k), [f"part {i}" for i in range(k)], width,
-                     font_size=viz.caption_size(width // 4))
+    key = viz.legend(
+        viz.distinct_colors(k), [f"part {i}" for i in range(k)], width, font_size=viz.caption_size(width // 4)
+    )
     return viz.stack_vertical([*rows, key])
 
 
-def patches_picture(model, images: Iterable, parts: int = 5, image_size: int = 224, foreground: bool = True,
-                    device: str = "cpu", dtype: torch.dtype | None = None, seed: int = 0,
-                    width: int = 1200) -> np.ndarray:
+def patches_picture(
+    model,
+    images: Iterable,
+    parts: int = 5,
+    image_size: int = 224,
+    foreground: bool = True,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    width: int = 1200,
+) -> np.ndarray:
     """One picture of a few images' dense features, fitted jointly: per image the photo, its
     foreground, its PCA colours and its parts (``images``: paths or (name, PIL image) pairs)."""
     cfg = PatchesConfig(image_size=image_size, parts=parts, device=device, seed=seed)
@@ -412,7 +473,14 @@ def patches_picture(model, images: Iterable, parts: int = 5, image_size: int = 2
     result = analyse_patches([f.features for f in found], parts, foreground, seed=seed)
     panels = []
     for i, f in enumerate(found):
-        pics = patch_pictures(f.image, result.colours[i], result.first[i], result.foreground[i],
-                              result.parts[i], f.patch_size, parts)
+        pics = patch_pictures(
+            f.image,
+            result.colours[i],
+            result.first[i],
+            result.foreground[i],
+            result.parts[i],
+            f.patch_size,
+            parts,
+        )
         panels.append(panel(f.image, pics, Path(str(f.path)).name, result.foreground_used))
     return overview(panels, parts, width)

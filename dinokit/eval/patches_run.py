@@ -64,7 +64,9 @@ def check_patches_config(cfg: PatchesRunConfig) -> None:
     if cfg.parts < 1:
         raise DinokitError(f"--parts must be at least 1, not {cfg.parts}.")
     if cfg.threshold is not None and not 0.0 <= cfg.threshold <= 1.0:
-        raise DinokitError(f"--threshold is on the first component scaled to [0, 1]; {cfg.threshold} is outside.")
+        raise DinokitError(
+            f"--threshold is on the first component scaled to [0, 1]; {cfg.threshold} is outside."
+        )
     if cfg.fit_patches < 10:
         raise DinokitError(f"--fit-patches must be at least 10, not {cfg.fit_patches}.")
 
@@ -90,43 +92,89 @@ def run_patches(cfg: PatchesRunConfig, progress: Progress = NULL_PROGRESS) -> Pa
         raise
 
 
-def _run(paths: list[Path], model, dtype, patch: int, fp32_model, cfg: PatchesRunConfig, out: Path,
-         progress: Progress) -> PatchesRunResult:
+def _run(
+    paths: list[Path],
+    model,
+    dtype,
+    patch: int,
+    fp32_model,
+    cfg: PatchesRunConfig,
+    out: Path,
+    progress: Progress,
+) -> PatchesRunResult:
     unreadable: list[tuple[Path, str]] = []
-    readable = readable_images(paths, cfg.strict, unreadable, attention_need(cfg.image_size, True, cfg.exact_decode))
+    readable = readable_images(
+        paths, cfg.strict, unreadable, attention_need(cfg.image_size, True, cfg.exact_decode)
+    )
     norm = getattr(fp32_model, "normalization", None) or IMAGENET
     found = list(patch_features(model, readable, cfg, dtype, progress, total=len(paths), normalization=norm))
     if not found:
         first = unreadable[0][1].rstrip(".") if unreadable else "no images"
-        raise DataError(first if len(paths) == 1 else f"None of the {len(paths)} images could be read ({first}).")
+        raise DataError(
+            first if len(paths) == 1 else f"None of the {len(paths)} images could be read ({first})."
+        )
     task = progress.task("PCA and k-means", total=None)
-    result = analyse_patches([f.features for f in found], cfg.parts, cfg.foreground, cfg.threshold,
-                             cfg.fit_patches, cfg.seed)
+    result = analyse_patches(
+        [f.features for f in found], cfg.parts, cfg.foreground, cfg.threshold, cfg.fit_patches, cfg.seed
+    )
     task.close()
     names = unique_names([Path(str(f.path)) for f in found])
     per_image, panels = {}, []
     for i, (f, name) in enumerate(zip(found, names)):
-        pics = patch_pictures(f.image, result.colours[i], result.first[i], result.foreground[i],
-                              result.parts[i], f.patch_size, cfg.parts)
+        pics = patch_pictures(
+            f.image,
+            result.colours[i],
+            result.first[i],
+            result.foreground[i],
+            result.parts[i],
+            f.patch_size,
+            cfg.parts,
+        )
         pic = panel(f.image, pics, name, result.foreground_used)
         if i < OVERVIEW_IMAGES:
             panels.append(pic)
         _write_image(out / name, pics, pic, result, i)
-        per_image[name] = {"source": str(f.path), "input_size": [int(f.image.shape[1]), int(f.image.shape[0])],
-                           "grid": [int(f.features.shape[0]), int(f.features.shape[1])],
-                           "foreground_fraction": float(result.foreground[i].mean())}
+        per_image[name] = {
+            "source": str(f.path),
+            "input_size": [int(f.image.shape[1]), int(f.image.shape[0])],
+            "grid": [int(f.features.shape[0]), int(f.features.shape[1])],
+            "foreground_fraction": float(result.foreground[i].mean()),
+        }
     viz.save_png(out / "overview.png", overview_picture(panels, cfg.parts))
-    config = {"weights": str(cfg.weights), "arch": backbone_arch(fp32_model), "patch_size": patch,
-              "checkpoint_key": cfg.checkpoint_key, "seed": cfg.seed, "precision": precision_name(dtype),
-              "image_size": cfg.image_size, "resize": "shorter side to S, aspect kept (torchvision Resize(S))"
-              if cfg.image_size else "none", "crop": "top-left, to a multiple of the patch size",
-              "features": "last block's patch tokens after the final norm (CLS, registers and storage tokens dropped)",
-              "parts": cfg.parts, "foreground": cfg.foreground, "threshold": cfg.threshold,
-              "fit_patches": cfg.fit_patches, "max_tokens": cfg.max_tokens, "normalization": norm.record()}
-    metrics = {"images": len(found), "skipped_images": len(unreadable), "unreadable": [str(p) for p, _ in unreadable],
-               **result.record, "overview_images": min(len(found), OVERVIEW_IMAGES), "per_image": per_image}
-    return PatchesRunResult(out, metrics, config, len(found), len(unreadable),
-                            result.record["foreground_fraction"] if result.foreground_used else None)
+    config = {
+        "weights": str(cfg.weights),
+        "arch": backbone_arch(fp32_model),
+        "patch_size": patch,
+        "checkpoint_key": cfg.checkpoint_key,
+        "seed": cfg.seed,
+        "precision": precision_name(dtype),
+        "image_size": cfg.image_size,
+        "resize": "shorter side to S, aspect kept (torchvision Resize(S))" if cfg.image_size else "none",
+        "crop": "top-left, to a multiple of the patch size",
+        "features": "last block's patch tokens after the final norm (CLS, registers and storage tokens dropped)",
+        "parts": cfg.parts,
+        "foreground": cfg.foreground,
+        "threshold": cfg.threshold,
+        "fit_patches": cfg.fit_patches,
+        "max_tokens": cfg.max_tokens,
+        "normalization": norm.record(),
+    }
+    metrics = {
+        "images": len(found),
+        "skipped_images": len(unreadable),
+        "unreadable": [str(p) for p, _ in unreadable],
+        **result.record,
+        "overview_images": min(len(found), OVERVIEW_IMAGES),
+        "per_image": per_image,
+    }
+    return PatchesRunResult(
+        out,
+        metrics,
+        config,
+        len(found),
+        len(unreadable),
+        result.record["foreground_fraction"] if result.foreground_used else None,
+    )
 
 
 def _check_size(path: Path, cfg: PatchesRunConfig, patch: int) -> None:

@@ -116,8 +116,12 @@ def predict_images(
     classes = list(meta["classes"])
     k = min(top, len(classes))
     crop = int(meta.get("image_size", 224))
-    ds = ImageDataset(paths, transform=eval_transform(resize_for(crop), crop, norm), strict=strict,
-                      exact_decode=exact_decode)
+    ds = ImageDataset(
+        paths,
+        transform=eval_transform(resize_for(crop), crop, norm),
+        strict=strict,
+        exact_decode=exact_decode,
+    )
     loader = image_loader(ds, batch_size, num_workers, device=dev)
     model = model.to(dev)
     kept: list[Path] = []

@@ -240,7 +240,9 @@ class WindowWorkspace:
     #: the strips of the current context frames (held, compared by identity) with their block views
     context_blocks: list[tuple[torch.Tensor, list]] = field(default_factory=list)
 
-    def prepare(self, query: torch.Tensor, geom: WindowGeometry, n_context: int, offset: float, batched: bool) -> None:
+    def prepare(
+        self, query: torch.Tensor, geom: WindowGeometry, n_context: int, offset: float, batched: bool
+    ) -> None:
         """Make the buffers for this grid and context unless those already held fit."""
         key = WorkspaceKey(geom.h, geom.w, geom.radius, geom.tile_h, geom.tile_w, n_context, query.dtype,
                            query.device, offset, batched)  # fmt: skip
@@ -262,13 +264,16 @@ class WindowWorkspace:
         # are a strided view of the products, copied out in one go
         strides = (context_stride, tile_w * block_size + strip_width, block_size + 1, strip_width, 1)
         self.product_windows = [
-            _as_bits(products).as_strided((n_context, tile_h, tile_w, side, side), strides, i * tile_row_stride)
+            _as_bits(products).as_strided(
+                (n_context, tile_h, tile_w, side, side), strides, i * tile_row_stride
+            )
             for i in range(n_tile_rows)
         ]
         # tile by tile, a block is cut to the frame's rows [first, end) (one plain product per
         # context frame, written in place); the rest of the products stays at 0 - offset
         self.row_spans = [
-            (max(i * tile_h, radius), min(i * tile_h + block_rows, radius + geom.h)) for i in range(n_tile_rows)
+            (max(i * tile_h, radius), min(i * tile_h + block_rows, radius + geom.h))
+            for i in range(n_tile_rows)
         ]
         self.tile_products = [] if batched else [
             [products[i, f, :, (first - i * tile_h) * strip_width : (end - i * tile_h) * strip_width]
@@ -293,16 +298,28 @@ class WindowWorkspace:
         assert geom is not None and self.key is not None, "prepare() made the workspace"
         dim, strip_width, tile_h = keys.shape[-1], geom.strip_width, geom.tile_h
         block_size = (tile_h + 2 * geom.radius) * strip_width
-        if self.key.batched:  # the blocks of a strip as one strided batch of overlapping (dim, block) matrices
+        if (
+            self.key.batched
+        ):  # the blocks of a strip as one strided batch of overlapping (dim, block) matrices
             shape, strides = (geom.n_tiles_h, block_size, dim), (tile_h * strip_width * dim, dim, 1)
             return [keys[j].as_strided(shape, strides).transpose(1, 2) for j in range(geom.n_tiles_w)]
         flat = [keys[j].view(-1, dim) for j in range(geom.n_tiles_w)]
-        return [[strip[first * strip_width : end * strip_width].t() for first, end in self.row_spans] for strip in flat]
+        return [
+            [strip[first * strip_width : end * strip_width].t() for first, end in self.row_spans]
+            for strip in flat
+        ]
 
 
 def window_topk(
-    query: torch.Tensor, strips: list[torch.Tensor], geom: WindowGeometry, k: int, temperature: float = 0.1,
-    margin: int = 8, workspace: WindowWorkspace | None = None, offset: float = 0.0, batched: bool | None = None,
+    query: torch.Tensor,
+    strips: list[torch.Tensor],
+    geom: WindowGeometry,
+    k: int,
+    temperature: float = 0.1,
+    margin: int = 8,
+    workspace: WindowWorkspace | None = None,
+    offset: float = 0.0,
+    batched: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The joint top-k of the window affinities exp(cos / T) (0 outside the frame), as
     :func:`joint_topk` returns it: (weights (hw, K'), indices into F * W2, grid order).
@@ -332,7 +349,9 @@ def window_topk(
     blocks = workspace.blocks(strips)
     strategy = _batched_window_topk if batched else _tiled_window_topk
     top_values, top_indices, full_rows = strategy(targets, blocks, workspace, k, n_kept, offset, temperature)
-    return _window_weights(top_values, top_indices, full_rows, geom, k, n_context, margin, offset, temperature)
+    return _window_weights(
+        top_values, top_indices, full_rows, geom, k, n_context, margin, offset, temperature
+    )
 
 
 #: grid cells whose top k + margin cannot be used as they are, with their whole row of windows
@@ -340,7 +359,13 @@ FullRows = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _tiled_window_topk(
-    targets: torch.Tensor, blocks: list, ws: WindowWorkspace, k: int, n_kept: int, offset: float, temperature: float
+    targets: torch.Tensor,
+    blocks: list,
+    ws: WindowWorkspace,
+    k: int,
+    n_kept: int,
+    offset: float,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, FullRows]:
     """A tile at a time (CPUs): the scratch stays small enough for the caches. Returns the top
     values and indices (n_tiles_w, n_tiles_h, tile_cells, n_kept) in tile order and the full rows."""
@@ -351,7 +376,9 @@ def _tiled_window_topk(
     n_entries = ws.windows.shape[-1]
     tile_windows = ws.windows  # (tile_cells, n_entries)
     top_values = targets.new_empty((n_strips, n_tile_rows, tile_cells, n_kept))
-    top_indices = torch.empty((n_strips, n_tile_rows, tile_cells, n_kept), dtype=torch.int64, device=targets.device)
+    top_indices = torch.empty(
+        (n_strips, n_tile_rows, tile_cells, n_kept), dtype=torch.int64, device=targets.device
+    )
     full_rows: FullRows = []
     for j in range(n_strips):
         for i in range(n_tile_rows):
@@ -371,12 +398,20 @@ def _tiled_window_topk(
 
 
 def _batched_window_topk(
-    targets: torch.Tensor, blocks: list, ws: WindowWorkspace, k: int, n_kept: int, offset: float, temperature: float
+    targets: torch.Tensor,
+    blocks: list,
+    ws: WindowWorkspace,
+    k: int,
+    n_kept: int,
+    offset: float,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, FullRows]:
     """A strip at a time (GPUs): one strided batch of products per strip and context frame, one
     top-k at the end, no host synchronisation per tile. Returns what :func:`_tiled_window_topk` does."""
     geom = ws.geometry
-    assert geom is not None and ws.windows is not None and ws.products is not None, "prepare() made the workspace"
+    assert geom is not None and ws.windows is not None and ws.products is not None, (
+        "prepare() made the workspace"
+    )
     n_strips, n_tile_rows = targets.shape[:2]
     side, n_context = 2 * geom.radius + 1, len(blocks)
     windows = ws.windows  # (n_strips, n_tile_rows, tile_cells, n_entries)
@@ -398,22 +433,33 @@ def _batched_window_topk(
 
 
 def _window_weights(
-    top_values: torch.Tensor, top_indices: torch.Tensor, full_rows: FullRows, geom: WindowGeometry, k: int,
-    n_context: int, margin: int, offset: float, temperature: float,
+    top_values: torch.Tensor,
+    top_indices: torch.Tensor,
+    full_rows: FullRows,
+    geom: WindowGeometry,
+    k: int,
+    n_context: int,
+    margin: int,
+    offset: float,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalised affinities of the kept entries in grid order; the full rows through
     :func:`joint_topk` with the entries outside the frame masked."""
     n_kept = top_values.shape[-1]
     top_values = top_values.reshape(-1, n_kept)[geom.rows]  # grid order from here on
     indices = top_indices.reshape(-1, n_kept)[geom.rows]
-    aff = torch.exp_(top_values.float().add_(offset).div_(temperature))  # the affinities, as joint_topk sees them
+    aff = torch.exp_(
+        top_values.float().add_(offset).div_(temperature)
+    )  # the affinities, as joint_topk sees them
     kth = aff[:, k - 1 : k]
     weights = torch.where(aff >= kth, aff, torch.zeros_like(aff))
     weights = weights / weights.sum(-1, keepdim=True)
     if full_rows:
         cells = torch.cat([c for c, _ in full_rows])
         a = torch.cat([x for _, x in full_rows]).add_(offset).view(len(cells), n_context, -1)
-        a = torch.exp_(a.masked_fill_(geom.outside[cells], float("-inf")).div_(temperature)).view(len(cells), -1)
+        a = torch.exp_(a.masked_fill_(geom.outside[cells], float("-inf")).div_(temperature)).view(
+            len(cells), -1
+        )
         w2, i2 = joint_topk(a, k, margin)
         width = max(weights.shape[-1], w2.shape[-1])
         weights, indices, w2, i2 = (F.pad(t, (0, width - t.shape[-1])) for t in (weights, indices, w2, i2))
@@ -516,7 +562,13 @@ class LabelPropagator:
         query = self._unit(features, -1.0)
         keys = [self._keys0] + [k for k, _ in self._queue]
         w, idx = window_topk(
-            query, keys, g, self.config.topk, self.config.temperature, workspace=self._workspace, offset=self._offset,
+            query,
+            keys,
+            g,
+            self.config.topk,
+            self.config.temperature,
+            workspace=self._workspace,
+            offset=self._offset,
             batched=self.config.batched,
         )
         W2 = g.window_size
@@ -541,7 +593,11 @@ def soft_labels_to_mask(soft: torch.Tensor, patch_size: int) -> torch.Tensor:
     (align_corners False), per-channel min-max normalisation (channels whose max is 0 are left as
     they are), argmax -- the reference's output step."""
     up = F.interpolate(
-        soft.unsqueeze(0), scale_factor=patch_size, mode="bilinear", align_corners=False, recompute_scale_factor=False
+        soft.unsqueeze(0),
+        scale_factor=patch_size,
+        mode="bilinear",
+        align_corners=False,
+        recompute_scale_factor=False,
     )[0]
     mn, mx = up.amin(dim=(1, 2), keepdim=True), up.amax(dim=(1, 2), keepdim=True)
     pos = mx > 0

@@ -265,8 +265,15 @@ class RetrievalImages(torch.utils.data.Dataset):
     """Images (queries cropped to their box when boxes are given), thumbnailed to ``imsize``, ImageNet-normalised;
     yields (x, -1, index), or None for an unreadable file."""
 
-    def __init__(self, paths: Sequence[Path], imsize: int, boxes: Sequence[Any] | None = None, strict: bool = False,
-                 exact_decode: bool = False, norm: Normalization = IMAGENET):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        imsize: int,
+        boxes: Sequence[Any] | None = None,
+        strict: bool = False,
+        exact_decode: bool = False,
+        norm: Normalization = IMAGENET,
+    ):
         self.strict = strict  #: an unreadable file stops the run instead of being skipped
         # a large JPEG is decoded at the reduced scale whose long side still covers the thumbnail;
         # a query cropped to its box (in full-size pixels) is decoded in full
@@ -299,7 +306,11 @@ def retrieval_feature_fn(multiscale: bool = False):
             return model(images)
         total = None
         for s in SCALES:
-            x = images if s == 1.0 else nn.functional.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
+            x = (
+                images
+                if s == 1.0
+                else nn.functional.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
+            )
             out = model(x).float()
             total = out if total is None else total + out
         assert total is not None  # SCALES is not empty
@@ -325,7 +336,9 @@ def find_dataset(root: str | os.PathLike, dataset: str) -> tuple[Path, Path]:
     for folder in (root / dataset, root):
         if (folder / name).is_file():
             return folder / name, folder / "jpg"
-    raise DataError(f"{root} has no {name} (expected {root / dataset / name} and the images in {root / dataset / 'jpg'}).")
+    raise DataError(
+        f"{root} has no {name} (expected {root / dataset / name} and the images in {root / dataset / 'jpg'})."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,25 +395,51 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
     q_paths = [_image_path(jpg, n) for n in gt.qimlist]
     absent = [p for p in (*q_paths, *db_paths) if not p.exists()]
     if absent:
-        raise DataError(f"{len(absent)} images listed in {gnd_path.name} are missing from {jpg}, e.g. {absent[0].name}.")
+        raise DataError(
+            f"{len(absent)} images listed in {gnd_path.name} are missing from {jpg}, e.g. {absent[0].name}."
+        )
 
     backbone = prepare_backbone(cfg)
     init_distributed(backbone.device)
     descriptor = "cls" + (f"+multiscale{tuple(round(s, 4) for s in SCALES)}" if cfg.multiscale else "")
     transform_name = f"thumbnail({cfg.image_size}, lanczos)+normalize"
     embedder = DescriptorEmbedder(
-        backbone.model, cfg.weights, transform_name, retrieval_feature_fn(cfg.multiscale), descriptor,
-        backbone.device, backbone.dtype, batch_size=cfg.batch_size, num_workers=cfg.num_workers, cache_dir=Path(cfg.output) / "cache",
-        checkpoint_key=cfg.checkpoint_key, seed=cfg.seed, progress=progress, strict=cfg.strict,
+        backbone.model,
+        cfg.weights,
+        transform_name,
+        retrieval_feature_fn(cfg.multiscale),
+        descriptor,
+        backbone.device,
+        backbone.dtype,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        cache_dir=Path(cfg.output) / "cache",
+        checkpoint_key=cfg.checkpoint_key,
+        seed=cfg.seed,
+        progress=progress,
+        strict=cfg.strict,
         exact_decode=cfg.exact_decode,
     )
-    db = embedder.embed(db_paths, f"{cfg.dataset}-database", "database",
-                        dataset=RetrievalImages(db_paths, cfg.image_size, strict=cfg.strict,
-                                                exact_decode=cfg.exact_decode, norm=backbone.normalization))
+    db = embedder.embed(
+        db_paths,
+        f"{cfg.dataset}-database",
+        "database",
+        dataset=RetrievalImages(
+            db_paths,
+            cfg.image_size,
+            strict=cfg.strict,
+            exact_decode=cfg.exact_decode,
+            norm=backbone.normalization,
+        ),
+    )
     boxes = gt.bbx if cfg.crop_queries else None
-    qs = embedder.embed(q_paths, f"{cfg.dataset}-queries", "queries",
-                        dataset=RetrievalImages(q_paths, cfg.image_size, boxes, cfg.strict,
-                                                              norm=backbone.normalization), extra_key=repr(boxes))
+    qs = embedder.embed(
+        q_paths,
+        f"{cfg.dataset}-queries",
+        "queries",
+        dataset=RetrievalImages(q_paths, cfg.image_size, boxes, cfg.strict, norm=backbone.normalization),
+        extra_key=repr(boxes),
+    )
     unreadable = {"database": db.n_unreadable, "queries": qs.n_unreadable}
     if not bool(qs.kept.any()):
         raise DataError(f"None of the {gt.n_queries} query images in {jpg} could be read.")
@@ -426,5 +465,13 @@ def image_retrieval(cfg: RetrievalConfig, progress: Progress = NULL_PROGRESS) ->
         m, pr, _ = revisited_map(rankings, pos, ign, KAPPAS)
         maps[proto] = 100.0 * m
         mps[proto] = {str(k): 100.0 * v for k, v in zip(KAPPAS, pr)}
-    return RetrievalResult(cfg.dataset, maps, mps, int(len(q_ids)), int(len(db_ids)), unreadable,
-                           "box" if cfg.crop_queries else "whole image", backbone.normalization.record())
+    return RetrievalResult(
+        cfg.dataset,
+        maps,
+        mps,
+        int(len(q_ids)),
+        int(len(db_ids)),
+        unreadable,
+        "box" if cfg.crop_queries else "whole image",
+        backbone.normalization.record(),
+    )

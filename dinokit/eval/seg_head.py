@@ -36,7 +36,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dist = torch.distributed
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (
+            self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        ):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
@@ -48,7 +50,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         mean = stats[:c] / n
         var = stats[c : 2 * c] / n - mean * mean
         # track_running_stats (the default): the running statistics exist
-        assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
+        assert (
+            self.running_mean is not None
+            and self.running_var is not None
+            and self.num_batches_tracked is not None
+        )
         with torch.no_grad():
             m = self.momentum
             assert m is not None  # a momentum (0.1 by default), not BatchNorm's cumulative average
@@ -103,7 +109,9 @@ def patch_features(model: VisionTransformer, x: torch.Tensor, blocks: int = 1) -
     return torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]
 
 
-def warmup_cosine_lr(step: int, total: int, warmup: int, base_lr: float, warmup_ratio: float = WARMUP_RATIO) -> float:
+def warmup_cosine_lr(
+    step: int, total: int, warmup: int, base_lr: float, warmup_ratio: float = WARMUP_RATIO
+) -> float:
     """The learning rate of iteration ``step`` (0-based) under DINOv3's WarmupOneCycleLR as its linear
     config sets it (final_div_factor inf, pct_start 0): during the warm-up ``base_lr * (1 - k) *
     (1 - step / total)`` with ``k = (1 - step / warmup) * (1 - warmup_ratio)``; after it a cosine from
@@ -115,8 +123,13 @@ def warmup_cosine_lr(step: int, total: int, warmup: int, base_lr: float, warmup_
 
 
 @torch.no_grad()
-def window_logits(model: VisionTransformer, head: SegmentationHead, crop: torch.Tensor, blocks: int,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
+def window_logits(
+    model: VisionTransformer,
+    head: SegmentationHead,
+    crop: torch.Tensor,
+    blocks: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """The head's logits for one window (B, 3, h, w), upsampled to the window: (B, K, h, w) fp32."""
     from ..runtime import autocast
 
@@ -138,8 +151,15 @@ def window_starts(length: int, crop: int, stride: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def slide_logits(model: VisionTransformer, head: SegmentationHead, image: torch.Tensor, crop: int, stride: int,
-                 blocks: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+def slide_logits(
+    model: VisionTransformer,
+    head: SegmentationHead,
+    image: torch.Tensor,
+    crop: int,
+    stride: int,
+    blocks: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Sliding-window logits of one image (1, 3, H, W): (1, K, H, W), the average over the windows
     covering each pixel. A side shorter than ``crop`` is one window of its own length; an image
     smaller than the crop on both sides is covered by square windows of its shorter side, as
@@ -152,14 +172,24 @@ def slide_logits(model: VisionTransformer, head: SegmentationHead, image: torch.
     count = torch.zeros(1, 1, H, W)
     for y1, y2 in window_starts(H, ch, stride):
         for x1, x2 in window_starts(W, cw, stride):
-            out[:, :, y1:y2, x1:x2] += window_logits(model, head, image[:, :, y1:y2, x1:x2], blocks, dtype).cpu()
+            out[:, :, y1:y2, x1:x2] += window_logits(
+                model, head, image[:, :, y1:y2, x1:x2], blocks, dtype
+            ).cpu()
             count[:, :, y1:y2, x1:x2] += 1
     return out / count
 
 
 @torch.no_grad()
-def predict_labels(model: VisionTransformer, head: SegmentationHead, image: torch.Tensor, out_size: tuple[int, int],
-                   crop: int, stride: int, blocks: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+def predict_labels(
+    model: VisionTransformer,
+    head: SegmentationHead,
+    image: torch.Tensor,
+    out_size: tuple[int, int],
+    crop: int,
+    stride: int,
+    blocks: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """The predicted class of every pixel at ``out_size`` (H, W): sliding-window logits upsampled
     bilinearly to the labels' size, then the arg max; (H, W) int64."""
     logits = slide_logits(model, head, image, crop, stride, blocks, dtype)
@@ -170,5 +200,15 @@ def predict_labels(model: VisionTransformer, head: SegmentationHead, image: torc
     return full[0].argmax(0)
 
 
-__all__ = ["GlobalBatchNorm2d", "SegmentationHead", "check_backbone", "dropout_keep", "patch_features",
-           "predict_labels", "slide_logits", "warmup_cosine_lr", "window_logits", "window_starts"]
+__all__ = [
+    "GlobalBatchNorm2d",
+    "SegmentationHead",
+    "check_backbone",
+    "dropout_keep",
+    "patch_features",
+    "predict_labels",
+    "slide_logits",
+    "warmup_cosine_lr",
+    "window_logits",
+    "window_starts",
+]

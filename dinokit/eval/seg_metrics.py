@@ -19,8 +19,9 @@ from ..errors import DataError
 SEG_UNITS = {"mIoU": "percent", "aAcc": "percent", "mAcc": "percent"}
 
 
-def intersect_and_union(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
-                        ignore_index: int = 255) -> torch.Tensor:
+def intersect_and_union(
+    pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
     """(4, C) int64 areas of one prediction against its label map: intersection, union, prediction,
     label, counted over the pixels whose label is not ``ignore_index``. Labels other than the ignore
     index must lie in 0..C-1 (the readers check it); predicted values outside are not counted, as the
@@ -65,7 +66,9 @@ class SegScores:
         """mIoU, aAcc and mAcc in percent; refused when no pixel was labelled (no score, not a made-up one)."""
         total_label = int(self.areas[3].sum())
         if total_label == 0:
-            raise DataError("No labelled pixel was evaluated (every pixel is void); there is no score to give.")
+            raise DataError(
+                "No labelled pixel was evaluated (every pixel is void); there is no score to give."
+            )
         iou, acc, _ = self.per_class()
         return {
             "mIoU": _nanmean(iou),

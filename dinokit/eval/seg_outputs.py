@@ -27,8 +27,13 @@ def save_label_png(labels: np.ndarray, path: str | os.PathLike) -> None:
         img.save(f, format="PNG")
 
 
-def write_per_class(path: str | os.PathLike, classes: Sequence[str], iou: Sequence[float], acc: Sequence[float],
-                    pixels: Sequence[int]) -> None:
+def write_per_class(
+    path: str | os.PathLike,
+    classes: Sequence[str],
+    iou: Sequence[float],
+    acc: Sequence[float],
+    pixels: Sequence[int],
+) -> None:
     """per_class.csv: class, IoU and accuracy in percent (empty where undefined), labelled pixels."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -61,8 +66,14 @@ def _captioned(tile: np.ndarray, text: str) -> np.ndarray:
     return np.concatenate([np.asarray(bar), tile], axis=0)
 
 
-def comparison_picture(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, classes: Sequence[str],
-                       path: str | os.PathLike, tile_width: int = 320) -> Path:
+def comparison_picture(
+    image: np.ndarray,
+    truth: np.ndarray | None,
+    pred: np.ndarray,
+    classes: Sequence[str],
+    path: str | os.PathLike,
+    tile_width: int = 320,
+) -> Path:
     """image | ground truth | prediction side by side (each ``tile_width`` wide at most, aspect kept),
     with the colour key of the classes that appear (void in VOC's cream)."""
     h, w = pred.shape
@@ -79,7 +90,9 @@ def comparison_picture(image: np.ndarray, truth: np.ndarray | None, pred: np.nda
     tiles.append(_captioned(lab(pred), "prediction"))
     gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
     row = np.concatenate([t if i == 0 else np.concatenate([gap, t], 1) for i, t in enumerate(tiles)], 1)
-    present = sorted(set(np.unique(pred).tolist()) | (set(np.unique(truth).tolist()) if truth is not None else set()))
+    present = sorted(
+        set(np.unique(pred).tolist()) | (set(np.unique(truth).tolist()) if truth is not None else set())
+    )
     keys = [k for k in present if k < len(classes)]
     names = [f"{k} {classes[k]}" for k in keys]
     colours = [COLOURS[k] for k in keys]

@@ -78,11 +78,19 @@ def predict_images(cfg: PredictConfig, progress: Progress = NULL_PROGRESS) -> Pr
     prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
     device, dtype = backbone.device, resolve_precision(cfg.precision, backbone.device, training=False)
     head = head.to(device)
-    size, stride, blocks, classes = int(record["image_size"]), int(record["stride"]), int(record["blocks"]), record["classes"]
+    size, stride, blocks, classes = (
+        int(record["image_size"]),
+        int(record["stride"]),
+        int(record["blocks"]),
+        record["classes"],
+    )
     result = PredictResult(classes=list(classes))
     saved = record.get("normalisation") or {}
-    norm = Normalization(tuple(saved.get("mean", IMAGENET.mean)), tuple(saved.get("std", IMAGENET.std)),
-                         str(saved.get("source", "the head's record")))  # the normalisation the head was trained with
+    norm = Normalization(
+        tuple(saved.get("mean", IMAGENET.mean)),
+        tuple(saved.get("std", IMAGENET.std)),
+        str(saved.get("source", "the head's record")),
+    )  # the normalisation the head was trained with
     norm = given_normalization(norm, cfg.mean, cfg.std)  # --mean/--std on top
     task = progress.task("segmenting", total=len(paths))
     for i, path in enumerate(paths):

@@ -147,8 +147,15 @@ class TrainBatches(torch.utils.data.Dataset):
     factors, unreadable images skipped). Global sample ``p`` of the stream is image
     ``perm(epoch)[p mod n]`` with ``epoch = p // n``, augmented from the seed ``(seed, p)``."""
 
-    def __init__(self, split: SegSplit, cfg: SegmentConfig, channels: int, rank: int, world: int,
-                 norm: Normalization = IMAGENET):
+    def __init__(
+        self,
+        split: SegSplit,
+        cfg: SegmentConfig,
+        channels: int,
+        rank: int,
+        world: int,
+        norm: Normalization = IMAGENET,
+    ):
         self.split, self.cfg, self.channels, self.rank, self.world = split, cfg, channels, rank, world
         self.norm = norm
         self.need = None if cfg.exact_decode else DecodeNeed(short_side=2 * cfg.image_size)
@@ -158,7 +165,9 @@ class TrainBatches(torch.utils.data.Dataset):
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 - a few epochs' permutations, per worker
     def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.cfg.seed & 0xFFFFFFFF, 17, epoch]).permutation(len(self.split.samples))
+        return np.random.default_rng([self.cfg.seed & 0xFFFFFFFF, 17, epoch]).permutation(
+            len(self.split.samples)
+        )
 
     def __getitem__(self, it: int):
         cfg, n = self.cfg, len(self.split.samples)
@@ -178,7 +187,9 @@ class TrainBatches(torch.utils.data.Dataset):
             x, y = train_sample(rng, image, labels, cfg.image_size, cfg.photometric, self.norm)
             xs.append(x)
             ys.append(y)
-            keeps.append(dropout_keep(torch.Generator().manual_seed(derive_seed(cfg.seed, 23, p)), self.channels))
+            keeps.append(
+                dropout_keep(torch.Generator().manual_seed(derive_seed(cfg.seed, 23, p)), self.channels)
+            )
         if not xs:
             return None, None, None, skipped
         return torch.stack(xs), torch.stack(ys), torch.stack(keeps), skipped
@@ -218,13 +229,17 @@ class _Trainer:
         x, y, keep = x.to(self.device), y.to(self.device), keep.to(self.device)
         with torch.no_grad(), autocast(self.device, dtype):
             feats = patch_features(model, x, cfg.blocks)  # the one backbone pass of these images
-        logits = F.interpolate(self.head(feats.float(), keep), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            self.head(feats.float(), keep), size=y.shape[-2:], mode="bilinear", align_corners=False
+        )
         loss_sum = F.cross_entropy(logits, y, ignore_index=VOID_LABEL, reduction="sum")
         tally = torch.stack([loss_sum.detach(), (y != VOID_LABEL).sum().to(loss_sum.dtype)]).double()
         if is_dist():
             tally = _all_reduce(tally, self.device)
         self.opt.zero_grad(set_to_none=True)
-        (loss_sum / tally[1].clamp(min=1).float()).backward()  # the mean over the whole batch's labelled pixels
+        (
+            loss_sum / tally[1].clamp(min=1).float()
+        ).backward()  # the mean over the whole batch's labelled pixels
         if is_dist():
             for p in self.head.parameters():
                 assert p.grad is not None  # every parameter of the head takes part in the loss
@@ -237,7 +252,9 @@ class _Trainer:
         end = run.end(cfg.iterations)
         if self.start >= end:
             return self.start
-        data = TrainBatches(split, cfg, self.head.in_channels, env.rank, env.world_size, normalization_of(model))
+        data = TrainBatches(
+            split, cfg, self.head.in_channels, env.rank, env.world_size, normalization_of(model)
+        )
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(self.start, end),
                                              num_workers=cfg.num_workers)  # fmt: skip
         task = progress.task("segmentation head", total=end - self.start)
@@ -272,8 +289,16 @@ def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
 
 
 # -- evaluation -----------------------------------------------------------------------------------------
-def evaluate(cfg: SegmentConfig, split: SegSplit, model, head: SegmentationHead, dtype, device,
-             progress: Progress = NULL_PROGRESS, write: bool = True) -> SegScores:
+def evaluate(
+    cfg: SegmentConfig,
+    split: SegSplit,
+    model,
+    head: SegmentationHead,
+    dtype,
+    device,
+    progress: Progress = NULL_PROGRESS,
+    write: bool = True,
+) -> SegScores:
     """Sliding-window evaluation of this rank's share of ``split``: the areas summed over every rank;
     with ``write`` the label PNG of each image in predictions/ and the first pictures in pictures/."""
     env = dist_env()
@@ -290,7 +315,9 @@ def evaluate(cfg: SegmentConfig, split: SegSplit, model, head: SegmentationHead,
             continue
         labels = torch.from_numpy(split.read_labels(sample))
         x = eval_input(decoded.image, cfg.image_size, normalization_of(model))[None].to(device)
-        pred = predict_labels(model, head, x, (labels.shape[0], labels.shape[1]), cfg.image_size, cfg.stride, cfg.blocks, dtype)
+        pred = predict_labels(
+            model, head, x, (labels.shape[0], labels.shape[1]), cfg.image_size, cfg.stride, cfg.blocks, dtype
+        )
         scores.add(pred, labels)
         if write:
             save_label_png(pred.numpy(), cfg.output / "predictions" / f"{sample.stem}.png")
@@ -311,7 +338,9 @@ def _check(cfg: SegmentConfig) -> None:
     if cfg.iterations < 1:
         raise DinokitError("--iterations must be at least 1.")
     if cfg.blocks not in (1, 4):
-        raise DinokitError(f"--blocks takes 1 (the last block's patch tokens) or 4 (the last four), not {cfg.blocks}.")
+        raise DinokitError(
+            f"--blocks takes 1 (the last block's patch tokens) or 4 (the last four), not {cfg.blocks}."
+        )
     if cfg.image_size < 16:
         raise DinokitError(f"--image-size must be at least 16 pixels, not {cfg.image_size}.")
     if cfg.warmup is not None and not 0 <= cfg.warmup < cfg.iterations:
@@ -333,8 +362,9 @@ def _resumed(cfg: SegmentConfig, run: TrainingRun, explicit: set[str] | None) ->
     return SegmentConfig(**merged)
 
 
-def run_segmentation(cfg: SegmentConfig, progress: Progress = NULL_PROGRESS,
-                     explicit: set[str] | None = None) -> SegmentResult:
+def run_segmentation(
+    cfg: SegmentConfig, progress: Progress = NULL_PROGRESS, explicit: set[str] | None = None
+) -> SegmentResult:
     """Train the linear head on ``cfg.data``'s train split and evaluate it on its val split (the
     library's entry point of ``dinokit segment``; ``explicit`` names the options typed, for --resume).
     Every input is checked before the run folder is touched."""
@@ -390,7 +420,9 @@ def _inputs(cfg: SegmentConfig, progress: Progress):
     backbone = prepare_backbone(cfg, training=True, missing=weights_needed("for the backbone to probe"))
     vit = check_backbone(backbone.model)
     if cfg.blocks > len(vit.blocks):
-        raise DinokitError(f"--blocks {cfg.blocks} asks for more blocks than the backbone's {len(vit.blocks)}.")
+        raise DinokitError(
+            f"--blocks {cfg.blocks} asks for more blocks than the backbone's {len(vit.blocks)}."
+        )
     for p in backbone.model.parameters():
         p.requires_grad_(False)
     return train_split, val_split, backbone
@@ -423,8 +455,9 @@ def _metrics(cfg: SegmentConfig, r: SegmentResult) -> dict[str, Any]:
     return out
 
 
-def _save_head(cfg: SegmentConfig, head: SegmentationHead, fingerprint: dict, split: SegSplit,
-               norm: Normalization) -> None:
+def _save_head(
+    cfg: SegmentConfig, head: SegmentationHead, fingerprint: dict, split: SegSplit, norm: Normalization
+) -> None:
     from ..checkpoints import save_checkpoint
 
     save_checkpoint({
@@ -436,5 +469,14 @@ def _save_head(cfg: SegmentConfig, head: SegmentationHead, fingerprint: dict, sp
     }, cfg.output / "head.pth")  # fmt: skip
 
 
-__all__ = ["HEAD_FORMAT", "OFFICIAL", "SEGMENT_RUN", "SegmentConfig", "SegmentResult", "TrainBatches",
-           "backbone_fingerprint", "evaluate", "run_segmentation"]
+__all__ = [
+    "HEAD_FORMAT",
+    "OFFICIAL",
+    "SEGMENT_RUN",
+    "SegmentConfig",
+    "SegmentResult",
+    "TrainBatches",
+    "backbone_fingerprint",
+    "evaluate",
+    "run_segmentation",
+]

@@ -180,8 +180,20 @@ def find_similar(cfg: SimilarConfig, progress: Progress = NULL_PROGRESS) -> Simi
     warnings = meaning_warnings(cfg.weights, fraction, threshold, "this ranking")
     for w in warnings:
         log.warning(w)
-    return SimilarResult(queries, cfg.k, len(ok_q), len(ok_d), n_new, reused, unreadable, fraction, threshold,
-                         str(cfg.weights) == "random", warnings, embedder.fingerprint["normalization"])
+    return SimilarResult(
+        queries,
+        cfg.k,
+        len(ok_q),
+        len(ok_d),
+        n_new,
+        reused,
+        unreadable,
+        fraction,
+        threshold,
+        str(cfg.weights) == "random",
+        warnings,
+        embedder.fingerprint["normalization"],
+    )
 
 
 def write_similar(result: SimilarResult, output: str | os.PathLike) -> list[Path]:

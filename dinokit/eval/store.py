@@ -64,8 +64,10 @@ class EmbeddingStore:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise DinokitError(f"The descriptor store {self.folder} cannot be created ({e.strerror or e}); "
-                               "choose another --cache-dir.") from e
+            raise DinokitError(
+                f"The descriptor store {self.folder} cannot be created ({e.strerror or e}); "
+                "choose another --cache-dir."
+            ) from e
         self.fingerprint = as_json(fingerprint)
         self.entries: dict[str, tuple[int, int, str | None, int]] = {}  # path -> (size, mtime_ns, chunk, row)
         self.dim: int | None = None
@@ -78,12 +80,18 @@ class EmbeddingStore:
                 current = json.loads(manifest.read_text())
             except (OSError, ValueError):
                 current = None
-        if current is not None and current.get("fingerprint") == self.fingerprint and current.get("format") == INDEX_FORMAT:
+        if (
+            current is not None
+            and current.get("fingerprint") == self.fingerprint
+            and current.get("format") == INDEX_FORMAT
+        ):
             self.dim = current.get("dim")
             self._load_chunks()
         else:
             if current is not None:
-                log.warning("the embeddings in %s were made with other settings; embedding again", self.folder)
+                log.warning(
+                    "the embeddings in %s were made with other settings; embedding again", self.folder
+                )
             for p in self.folder.glob("emb-*"):
                 p.unlink()
             write_json(manifest, {"format": INDEX_FORMAT, "fingerprint": self.fingerprint, "dim": None})
@@ -133,8 +141,10 @@ class EmbeddingStore:
         feats = np.ascontiguousarray(features[kept], dtype=np.float32)
         if self.dim is None and feats.size:
             self.dim = int(feats.shape[1])
-            write_json(self.folder / "manifest.json",
-                       {"format": INDEX_FORMAT, "fingerprint": self.fingerprint, "dim": self.dim})
+            write_json(
+                self.folder / "manifest.json",
+                {"format": INDEX_FORMAT, "fingerprint": self.fingerprint, "dim": self.dim},
+            )
         rows: list[list[Any]] = []
         r = 0
         for p, k in zip(paths, kept.tolist()):
@@ -185,7 +195,9 @@ def store_for(fingerprint: dict[str, Any], root: str | os.PathLike | None = None
     same weights, transform, descriptor, precision and decode find the same store from any run folder
     and either command, and other settings find their own, so neither evicts the other."""
     key = hashlib.sha256(json.dumps(as_json(fingerprint), sort_keys=True).encode()).hexdigest()[:16]
-    return EmbeddingStore(Path(root if root is not None else default_store_root()).expanduser() / key, fingerprint)
+    return EmbeddingStore(
+        Path(root if root is not None else default_store_root()).expanduser() / key, fingerprint
+    )
 
 
 class _SharedTaskProgress:
@@ -230,11 +242,18 @@ def embed_into_store(
     shared = _SharedTaskProgress(progress, task)
     for s in range(0, len(todo), chunk_size):
         part = todo[s : s + chunk_size]
-        dataset = ImageDataset(part, transform=embedder.transform, strict=embedder.strict,
-                               exact_decode=embedder.exact_decode)
+        dataset = ImageDataset(
+            part, transform=embedder.transform, strict=embedder.strict, exact_decode=embedder.exact_decode
+        )
         feats, kept = extract_features(
-            embedder.model, dataset, embedder.batch_size, embedder.num_workers, embedder.device,
-            embedder.dtype, embedder.feature_fn, shared,
+            embedder.model,
+            dataset,
+            embedder.batch_size,
+            embedder.num_workers,
+            embedder.device,
+            embedder.dtype,
+            embedder.feature_fn,
+            shared,
         )
         if dist_env().is_main:  # the main rank owns the files
             require_finite(feats, "The image descriptors")
@@ -275,9 +294,21 @@ def embed_for_search(cfg, paths: Sequence[Path], progress: Progress = NULL_PROGR
     backbone = prepare_backbone(cfg)
     init_distributed(backbone.device)
     embedder = DescriptorEmbedder(
-        backbone.model, cfg.weights, copy_transform(cfg.image_size, backbone.normalization), copy_feature_fn(), f"cls+gem(p={GEM_P:g})",
-        backbone.device, backbone.dtype, cfg.batch_size, cfg.num_workers, Path(cfg.output) / "cache",
-        cfg.checkpoint_key, cfg.seed, progress, strict=cfg.strict, exact_decode=cfg.exact_decode,
+        backbone.model,
+        cfg.weights,
+        copy_transform(cfg.image_size, backbone.normalization),
+        copy_feature_fn(),
+        f"cls+gem(p={GEM_P:g})",
+        backbone.device,
+        backbone.dtype,
+        cfg.batch_size,
+        cfg.num_workers,
+        Path(cfg.output) / "cache",
+        cfg.checkpoint_key,
+        cfg.seed,
+        progress,
+        strict=cfg.strict,
+        exact_decode=cfg.exact_decode,
     )
     store = store_for(embedder.fingerprint, cfg.cache_dir)
     everything = list(dict.fromkeys(paths))
@@ -296,8 +327,14 @@ NEARLY_EVERY_PAIR = 0.5
 PAIR_SAMPLE = 2000
 
 
-def pair_fraction_above(a: np.ndarray, b: np.ndarray | None, threshold: float, same: np.ndarray | None = None,
-                        sample: int = PAIR_SAMPLE, seed: int = 0) -> float:
+def pair_fraction_above(
+    a: np.ndarray,
+    b: np.ndarray | None,
+    threshold: float,
+    same: np.ndarray | None = None,
+    sample: int = PAIR_SAMPLE,
+    seed: int = 0,
+) -> float:
     """The share of image pairs whose similarity (rows of normalised descriptors) is >= ``threshold``:
     every unordered pair of ``a`` with ``b`` None, else every (a, b) pair except an image with its own
     file (``same[i]``: the row of b that is a's row i, -1 for none); measured on a seeded sample of at
@@ -327,10 +364,14 @@ def meaning_warnings(weights: str | None, fraction: float, threshold: float, wha
     pair at or above ``threshold`` (``what`` names the result: "these pairs and clusters")."""
     out = []
     if str(weights) == "random":
-        out.append("--weights random is an untrained network: its similarities follow colours and layout, not "
-                   f"content, so {what} can only serve as a baseline; give trained weights (e.g. dino_vits16).")
+        out.append(
+            "--weights random is an untrained network: its similarities follow colours and layout, not "
+            f"content, so {what} can only serve as a baseline; give trained weights (e.g. dino_vits16)."
+        )
     if fraction >= NEARLY_EVERY_PAIR:
-        out.append(f"{fraction:.0%} of all image pairs have a similarity of {threshold:g} or more: the descriptors "
-                   f"barely tell these images apart, so {what} cannot mean much (untrained or unsuited "
-                   "weights, or a folder of near-identical pictures).")
+        out.append(
+            f"{fraction:.0%} of all image pairs have a similarity of {threshold:g} or more: the descriptors "
+            f"barely tell these images apart, so {what} cannot mean much (untrained or unsuited "
+            "weights, or a folder of near-identical pictures)."
+        )
     return out

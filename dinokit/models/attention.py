@@ -22,7 +22,9 @@ _BLOCK_SCORES = 1 << 22
 _GRAD_SCORES = 1 << 27
 
 
-def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = _BLOCK_SCORES) -> torch.Tensor:
+def blocked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = _BLOCK_SCORES
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v without gradients, a block of scores at a time, so that they stay
     in cache and memory grows with the block, not with N^2: whole heads when one fits in the block,
     else row chunks of one head. Either way a block's output is a contiguous piece of the result,

@@ -43,7 +43,9 @@ def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype | None) -> tor
     return model
 
 
-def inference_model(model: torch.nn.Module, dtype: torch.dtype | None) -> tuple[torch.nn.Module, torch.dtype | None]:
+def inference_model(
+    model: torch.nn.Module, dtype: torch.dtype | None
+) -> tuple[torch.nn.Module, torch.dtype | None]:
     """The model to run inference with at ``dtype``, and the autocast dtype still needed around it.
 
     bf16 gets a copy cast once with :func:`cast_for_inference` (the caller's fp32 model is left as it

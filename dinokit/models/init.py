@@ -43,5 +43,7 @@ def feature_dim(backbone: nn.Module) -> int:
     ResNet-50's 2048)."""
     width = getattr(backbone, "num_features", None)
     if not isinstance(width, int):
-        raise ModelConfigError(f"{type(backbone).__name__} is not a dinokit backbone: it has no integer num_features.")
+        raise ModelConfigError(
+            f"{type(backbone).__name__} is not a dinokit backbone: it has no integer num_features."
+        )
     return width

@@ -81,7 +81,9 @@ def build_backbone(arch: str = "vit_small", patch_size: int | None = None, **kwa
     arch = canonical_arch(arch)
     if arch == "resnet50":
         if kwargs:
-            raise TypeError(f"The ResNet-50 backbone takes no model options; got {', '.join(sorted(kwargs))}.")
+            raise TypeError(
+                f"The ResNet-50 backbone takes no model options; got {', '.join(sorted(kwargs))}."
+            )
         return resnet50_backbone()
     if patch_size is None and arch not in DINO_VARIANTS:
         patch_size = 16
@@ -159,14 +161,16 @@ def arch_catalogue() -> list[dict]:
         aliases = [a for a, target in ARCH_ALIASES.items() if target == arch]
         shape = arch_shape(arch)
         kind = "ViT" if is_vit_arch(arch) else "ResNet" if arch.startswith("resnet") else "other"
-        out.append({
-            "arch": arch,
-            "kind": kind,
-            "embed_dim": shape.get("embed_dim", FEATURE_DIMS.get(arch)),
-            "depth": shape.get("depth"),
-            "num_heads": shape.get("num_heads"),
-            "aliases": aliases,
-        })
+        out.append(
+            {
+                "arch": arch,
+                "kind": kind,
+                "embed_dim": shape.get("embed_dim", FEATURE_DIMS.get(arch)),
+                "depth": shape.get("depth"),
+                "num_heads": shape.get("num_heads"),
+                "aliases": aliases,
+            }
+        )
     return out
 
 

@@ -186,14 +186,17 @@ class PatchEmbed(nn.Module):
 MAX_TOKENS = 100_000
 
 
-def too_many_tokens(what: str, tokens: int, patch_size: int, limit: int, advice: str = "",
-                    override: str = "") -> str:
+def too_many_tokens(
+    what: str, tokens: int, patch_size: int, limit: int, advice: str = "", override: str = ""
+) -> str:
     """The sentence for an input of more than ``limit`` tokens (``advice``: what would fit; ``override``:
     the option that raises the limit, where the command has one)."""
     raise_it = f", or raise the limit with {override}" if override else ""
-    return (f"{what} is {tokens} tokens of {patch_size}x{patch_size} pixels, more than the limit of {limit} (the "
-            f"attention's cost grows with the square of the count); {advice or 'use a smaller --image-size'}"
-            f"{raise_it}.")
+    return (
+        f"{what} is {tokens} tokens of {patch_size}x{patch_size} pixels, more than the limit of {limit} (the "
+        f"attention's cost grows with the square of the count); {advice or 'use a smaller --image-size'}"
+        f"{raise_it}."
+    )
 
 
 class VisionTransformer(nn.Module):
@@ -299,9 +302,14 @@ class VisionTransformer(nn.Module):
         # linearly spaced 0..drop_path_rate (plain Python, so a model can be built on the meta device)
         dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         norm_layer = (lambda d: nn.LayerNorm(d, eps=norm_eps)) if norm_eps != 1e-6 else None
-        extra: dict[str, Any] = dict(layerscale=layerscale, ffn=ffn, ffn_hidden_dim=ffn_hidden_dim, norm_layer=norm_layer)
+        extra: dict[str, Any] = dict(
+            layerscale=layerscale, ffn=ffn, ffn_hidden_dim=ffn_hidden_dim, norm_layer=norm_layer
+        )
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], **extra) for i in range(depth)]
+            [
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], **extra)
+                for i in range(depth)
+            ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Identity()
@@ -350,7 +358,11 @@ class VisionTransformer(nn.Module):
             )
         else:
             patch = F.interpolate(
-                grid.float(), size=(h0, w0), mode="bicubic", align_corners=False, antialias=self.pos_embed_antialias
+                grid.float(),
+                size=(h0, w0),
+                mode="bicubic",
+                align_corners=False,
+                antialias=self.pos_embed_antialias,
             )
         if patch.shape[-2:] != (h0, w0):  # pragma: no cover - guarded by the +0.1
             raise RuntimeError(f"position grid resized to {tuple(patch.shape[-2:])}, wanted {(h0, w0)}")
@@ -378,7 +390,9 @@ class VisionTransformer(nn.Module):
             raise DinokitError(f"The input is {H}x{W} pixels, smaller than one {p}x{p} patch.")
         h0, w0 = H // p, W // p
         if h0 * w0 > self.max_tokens:
-            raise ModelConfigError(too_many_tokens(f"An input of {W}x{H} pixels", h0 * w0, p, self.max_tokens))
+            raise ModelConfigError(
+                too_many_tokens(f"An input of {W}x{H} pixels", h0 * w0, p, self.max_tokens)
+            )
         weight = self.patch_embed.proj.weight
         if x.dtype != weight.dtype and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
             x = x.to(weight.dtype)  # a model cast to bf16 for inference takes fp32 images as they come
@@ -467,7 +481,9 @@ VIT_SHAPES = {
 
 _V2 = dict(patch_size=14, img_size=518, layerscale=1.0)  # the dinov2 hub's model arguments
 _V2_REG = dict(_V2, num_register_tokens=4, pos_embed_resize="size", pos_embed_antialias=True)
-_V3 = dict(patch_size=16, img_size=224, layerscale=1e-5, num_register_tokens=4, pos_encoding="rope", norm_eps=1e-5)
+_V3 = dict(
+    patch_size=16, img_size=224, layerscale=1e-5, num_register_tokens=4, pos_encoding="rope", norm_eps=1e-5
+)
 _S, _B, _L = dict(embed_dim=384, depth=12, num_heads=6), dict(embed_dim=768, depth=12, num_heads=12), \
     dict(embed_dim=1024, depth=24, num_heads=16)  # fmt: skip
 _G = dict(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu")
@@ -511,7 +527,9 @@ def vit(arch: str, patch_size: int | None = 16, **kwargs) -> VisionTransformer:
             spec["patch_size"] = patch_size
         return VisionTransformer(**spec)
     if arch not in VIT_SHAPES:
-        raise ModelConfigError(f"Unknown ViT {arch!r}; choose one of {', '.join([*VIT_SHAPES, *DINO_VARIANTS])}.")
+        raise ModelConfigError(
+            f"Unknown ViT {arch!r}; choose one of {', '.join([*VIT_SHAPES, *DINO_VARIANTS])}."
+        )
     shape: dict[str, Any] = dict(VIT_SHAPES[arch])
     shape.update({k: v for k, v in kwargs.items() if k in _SHAPE_KEYS})
     rest = {k: v for k, v in kwargs.items() if k not in _SHAPE_KEYS}

@@ -75,14 +75,22 @@ class CpuPlan:
     chosen_by: str  #: "--threads", "free cores", "default", "pinned" or "the run's plan" (a resumed run's)
 
     def describe(self) -> str:
-        seen = f"{self.free:.1f} of {self.cores} cores free" if self.free is not None else f"{self.cores} cores"
+        seen = (
+            f"{self.free:.1f} of {self.cores} cores free" if self.free is not None else f"{self.cores} cores"
+        )
         how = {"--threads": "set by --threads", "the run's plan": "the run's plan, kept by --resume"}.get(
-            self.chosen_by, f"{seen}; --threads overrides")
+            self.chosen_by, f"{seen}; --threads overrides"
+        )
         return f"{self.threads} compute thread(s), {self.workers} data worker(s) ({how})"
 
 
-def plan_cpu(threads: int | None, workers: int, device: torch.device, world_size: int | None = None,
-             probe_seconds: float = 0.2) -> CpuPlan:
+def plan_cpu(
+    threads: int | None,
+    workers: int,
+    device: torch.device,
+    world_size: int | None = None,
+    probe_seconds: float = 0.2,
+) -> CpuPlan:
     """Compute threads and loader workers for a run on ``device``.
 
     ``threads`` (``--threads``) is used as given. Left unset on a CPU device, the threads are the

@@ -42,7 +42,9 @@ def dist_env() -> DistEnv:
             local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         )
     except ValueError as e:
-        raise DinokitError(f"The torchrun variables RANK/WORLD_SIZE/LOCAL_RANK are not integers ({e}).") from e
+        raise DinokitError(
+            f"The torchrun variables RANK/WORLD_SIZE/LOCAL_RANK are not integers ({e})."
+        ) from e
 
 
 def init_distributed(device: torch.device) -> DistEnv:

@@ -19,7 +19,9 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (numpy's SeedSequence), for per-epoch / per-image / per-step draws
     that do not depend on what ran before."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1
+    )
 
 
 def get_rng_state() -> dict:

@@ -78,8 +78,13 @@ def ensure_finite_loss(loss: float, message: str, *, elsewhere: bool = False) ->
         raise DinokitError(message.format(loss=loss))
 
 
-def check_numbers(config: object, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
-                  fractions: tuple[str, ...] = ()) -> None:
+def check_numbers(
+    config: object,
+    *,
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    fractions: tuple[str, ...] = (),
+) -> None:
     """Refuse option values that would train silently wrong (a negative lr climbs the loss; NaN
     spreads to every weight): each named field of ``config`` must be a finite number, ``positive``
     ones above 0, ``non_negative`` ones 0 or more, ``fractions`` within [0, 1]. None (unset) passes."""

@@ -12,8 +12,9 @@ from ..data.normalization import IMAGENET, Normalization
 from ..data.transforms import normalize
 
 
-def finetune_train_transform(image_size: int = 224, randaugment: int = 0, min_scale: float = 0.08,
-                             norm: Normalization = IMAGENET) -> T.Compose:
+def finetune_train_transform(
+    image_size: int = 224, randaugment: int = 0, min_scale: float = 0.08, norm: Normalization = IMAGENET
+) -> T.Compose:
     """RandomResizedCrop(image_size, scale=(min_scale, 1), bicubic) -> horizontal flip ->
     RandAugment(2 ops, magnitude ``randaugment``; 0 = off, DeiT uses 9) -> tensor -> normalisation
     with ``norm`` (the weights' own). All randomness comes from torch's generator."""
@@ -22,7 +23,9 @@ def finetune_train_transform(image_size: int = 224, randaugment: int = 0, min_sc
         T.RandomHorizontalFlip(),
     ]
     if randaugment > 0:
-        ops.append(T.RandAugment(num_ops=2, magnitude=int(randaugment), interpolation=T.InterpolationMode.BILINEAR))
+        ops.append(
+            T.RandAugment(num_ops=2, magnitude=int(randaugment), interpolation=T.InterpolationMode.BILINEAR)
+        )
     ops += [T.ToTensor(), normalize(norm)]
     return T.Compose(ops)
 
@@ -46,7 +49,9 @@ class BatchMixer:
     images and (B, K) soft targets. Randomness comes from torch's global generator.
     """
 
-    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, smoothing: float = 0.0):
+    def __init__(
+        self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, smoothing: float = 0.0
+    ):
         from torchvision.transforms import v2
 
         self.num_classes = num_classes

@@ -65,8 +65,6 @@ def build_student_teacher(cfg: PretrainConfig) -> tuple[MultiCropWrapper, MultiC
     return student, teacher
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # The training state and the DINO step
 # ---------------------------------------------------------------------------------------------
@@ -155,8 +153,13 @@ class DINOTrainingState:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def build_training_state(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype | None,
-                         rank: int = 0, cast_once: bool | None = None) -> DINOTrainingState:
+def build_training_state(
+    cfg: PretrainConfig,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    rank: int = 0,
+    cast_once: bool | None = None,
+) -> DINOTrainingState:
     """Student, teacher, optimiser, scaler and loss for ``cfg`` (with its data-chosen settings
     filled in). The weights are the same on every rank; then each rank gets its own random stream.
 
@@ -206,7 +209,9 @@ def build_training_state(cfg: PretrainConfig, device: torch.device, dtype: torch
     )  # fmt: skip
 
 
-def dino_step(state: DINOTrainingState, crops: list[torch.Tensor], epoch: int, values: dict[str, float]) -> torch.Tensor:
+def dino_step(
+    state: DINOTrainingState, crops: list[torch.Tensor], epoch: int, values: dict[str, float]
+) -> torch.Tensor:
     """One DINO update (Algorithm 1): the teacher sees the two global crops, the student all of
     them; the loss is back-propagated, gradients clipped, the head's last layer kept frozen in the
     first epochs, the optimiser steps and the teacher follows the student by EMA.

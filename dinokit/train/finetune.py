@@ -81,7 +81,14 @@ log = logging.getLogger("dinokit")
 
 #: the files a run writes (an --overwrite run removes an earlier run's first)
 RUN_FILES = (
-    "log.jsonl", "metrics.json", "confusion.png", "model.pth", "best.pth", "checkpoint.pth", "config.json", "split.json"
+    "log.jsonl",
+    "metrics.json",
+    "confusion.png",
+    "model.pth",
+    "best.pth",
+    "checkpoint.pth",
+    "config.json",
+    "split.json",
 )
 
 
@@ -125,8 +132,18 @@ class FinetuneConfig(BackboneOptions, RuntimeOptions, RunOptions):
 
 #: options a resumed run may change when typed; every other option is the run's recipe and stays as saved
 RUN_CONTROL = frozenset(
-    {"train", "val", "epochs", "num_workers", "device", "precision", "checkpoint_minutes", "strict", "threads",
-     "exact_decode"}
+    {
+        "train",
+        "val",
+        "epochs",
+        "num_workers",
+        "device",
+        "precision",
+        "checkpoint_minutes",
+        "strict",
+        "threads",
+        "exact_decode",
+    }
 )
 #: config fields that do not make a run another run (where its data is, how long and how it runs)
 NOT_IDENTITY = (*RUN_CONTROL, "output", "resume", "overwrite", "stop_after")
@@ -159,12 +176,19 @@ class FinetuneResult:
 
 def build_schedule(cfg: FinetuneConfig, niter_per_epoch: int, peak_lr: float) -> np.ndarray:
     """The per-iteration lr of the recipe (see :func:`dinokit.train.schedules.finetune_lr_schedule`)."""
-    return finetune_lr_schedule(epochs=cfg.epochs, niter_per_epoch=niter_per_epoch, peak_lr=peak_lr, min_lr=cfg.min_lr,
-                                warmup_epochs=cfg.warmup_epochs, head_warmup_epochs=cfg.head_warmup_epochs)
+    return finetune_lr_schedule(
+        epochs=cfg.epochs,
+        niter_per_epoch=niter_per_epoch,
+        peak_lr=peak_lr,
+        min_lr=cfg.min_lr,
+        warmup_epochs=cfg.warmup_epochs,
+        head_warmup_epochs=cfg.head_warmup_epochs,
+    )
 
 
-def set_up(cfg: FinetuneConfig, run: TrainingRun, dtype: torch.dtype | None
-           ) -> tuple[FinetuneSetup, FinetuneState, Splits, int, int]:
+def set_up(
+    cfg: FinetuneConfig, run: TrainingRun, dtype: torch.dtype | None
+) -> tuple[FinetuneSetup, FinetuneState, Splits, int, int]:
     """Data, model, optimiser and schedule of a run (restored from the checkpoint ``run`` resumes);
     returns them with the (epoch, step) to start from."""
     out, env, device, resume_state = Path(cfg.output), run.env, run.device, run.checkpoint
@@ -208,8 +232,9 @@ def _split_fingerprint(splits: Splits, cfg: FinetuneConfig) -> str:
 # ---------------------------------------------------------------------------------------------
 # The step and the epoch
 # ---------------------------------------------------------------------------------------------
-def train_step(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, batch, head_only: bool
-               ) -> tuple[torch.Tensor, int]:
+def train_step(
+    setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, batch, head_only: bool
+) -> tuple[torch.Tensor, int]:
     """One optimisation step on one batch (mixing, soft cross-entropy, backward, clip, update); returns
     this rank's loss and its number of images. ``batch`` None (every image unreadable) still steps,
     with a zero loss, so that the ranks stay in step."""
@@ -254,8 +279,15 @@ def train_step(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, ba
     return loss, n_img
 
 
-def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, epoch: int, first_step: int,
-                head_only: bool, progress: Progress) -> tuple[int, int]:
+def train_epoch(
+    setup: FinetuneSetup,
+    state: FinetuneState,
+    runner: nn.Module,
+    epoch: int,
+    first_step: int,
+    head_only: bool,
+    progress: Progress,
+) -> tuple[int, int]:
     """Train ``epoch`` from ``first_step`` to its end, or until the ranks agree to stop; returns the
     steps done and the stop signal (0 for none)."""
     cfg, env, plan = setup.cfg, setup.env, setup.plan
@@ -290,8 +322,11 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
         if not math.isfinite(loss_value):  # the sentence looks for the checkpoint: only build it then
             ensure_finite_loss(
                 loss_value,
-                loss_failure_message(f"at epoch {epoch} step {step}", setup.out / "checkpoint.pth",
-                                     "try a lower --lr, --clip-grad 1.0 or --precision fp32"),
+                loss_failure_message(
+                    f"at epoch {epoch} step {step}",
+                    setup.out / "checkpoint.pth",
+                    "try a lower --lr, --clip-grad 1.0 or --precision fp32",
+                ),
             )
         state.totals.loss_sum += loss_value
         state.totals.loss_count += 1
@@ -302,15 +337,23 @@ def train_epoch(setup: FinetuneSetup, state: FinetuneState, runner: nn.Module, e
         signum, due, _ = setup.run.poll()
         if signum and step < plan.niter:
             break
-        if step < plan.niter and due:  # the time cadence: a run killed without warning loses at most that much
+        if (
+            step < plan.niter and due
+        ):  # the time cadence: a run killed without warning loses at most that much
             save_training_checkpoint(setup, state, epoch, step)
     task.close()
     state.totals.seconds += time.monotonic() - t0
     return step, signum
 
 
-def end_epoch(setup: FinetuneSetup, state: FinetuneState, epoch: int, head_only: bool, result: FinetuneResult,
-              progress: Progress) -> dict:
+def end_epoch(
+    setup: FinetuneSetup,
+    state: FinetuneState,
+    epoch: int,
+    head_only: bool,
+    result: FinetuneResult,
+    progress: Progress,
+) -> dict:
     """Validate, log, keep the best model, checkpoint and write the metrics after ``epoch``; returns
     the validation (see :func:`dinokit.eval.predict.evaluate_classifier`)."""
     cfg, env, out, plan = setup.cfg, setup.env, setup.out, setup.plan
@@ -346,8 +389,16 @@ def end_epoch(setup: FinetuneSetup, state: FinetuneState, epoch: int, head_only:
     result.epochs_done = epoch + 1
     _fill_result(result, ev, state.best, setup.classes)
     if env.is_main:
-        _write_outputs(out, cfg, result, ev, setup.classes, final=False, cpu_plan=setup.run.record()["cpu_plan"],
-                       normalization=spec_normalization(setup.spec).record())
+        _write_outputs(
+            out,
+            cfg,
+            result,
+            ev,
+            setup.classes,
+            final=False,
+            cpu_plan=setup.run.record()["cpu_plan"],
+            normalization=spec_normalization(setup.spec).record(),
+        )
     return ev
 
 
@@ -357,8 +408,9 @@ def save_training_checkpoint(setup: FinetuneSetup, state: FinetuneState, epoch: 
     barrier()
 
 
-def enter_phase(model: FinetuneModel, head_only: bool, ddp_model: nn.Module | None,
-                device: torch.device) -> tuple[nn.Module, nn.Module | None]:
+def enter_phase(
+    model: FinetuneModel, head_only: bool, ddp_model: nn.Module | None, device: torch.device
+) -> tuple[nn.Module, nn.Module | None]:
     """Freeze or unfreeze the backbone for a head-only or full epoch; returns the module to run (the
     DDP wrapper in a full epoch under torchrun) and the DDP wrapper, built at the first full epoch."""
     for p in model.backbone.parameters():
@@ -377,7 +429,9 @@ def enter_phase(model: FinetuneModel, head_only: bool, ddp_model: nn.Module | No
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: set[str] | None = None) -> FinetuneResult:
+def finetune(
+    cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: set[str] | None = None
+) -> FinetuneResult:
     """Fine-tune a backbone with a new linear head; writes the run folder (see docs/finetune.md).
 
     ``explicit`` names the options the user typed (the CLI passes them): a resumed run takes the rest
@@ -393,7 +447,9 @@ def finetune(cfg: FinetuneConfig, progress: Progress = NULL_PROGRESS, explicit: 
         return _train(cfg, run, dtype, progress if run.env.is_main else NULL_PROGRESS)
 
 
-def _train(cfg: FinetuneConfig, run: TrainingRun, dtype: torch.dtype | None, progress: Progress) -> FinetuneResult:
+def _train(
+    cfg: FinetuneConfig, run: TrainingRun, dtype: torch.dtype | None, progress: Progress
+) -> FinetuneResult:
     """The epochs of a run inside its skeleton, from set-up to the final outputs."""
     setup, state, splits, start_epoch, start_step = set_up(cfg, run, dtype)
     _write_run_config(setup, splits)
@@ -446,8 +502,9 @@ def _write_run_config(setup: FinetuneSetup, splits: Splits) -> None:
     )  # fmt: skip
 
 
-def _write_final_outputs(setup: FinetuneSetup, state: FinetuneState, result: FinetuneResult,
-                         last_eval: dict | None) -> None:
+def _write_final_outputs(
+    setup: FinetuneSetup, state: FinetuneState, result: FinetuneResult, last_eval: dict | None
+) -> None:
     """``model.pth`` and the final ``metrics.json`` of a finished run."""
     out = setup.out
     extra = {"epoch": result.epochs_done}
@@ -456,8 +513,16 @@ def _write_final_outputs(setup: FinetuneSetup, state: FinetuneState, result: Fin
     save_checkpoint(export_finetuned(state.model, setup.classes, setup.spec, setup.cfg.image_size, extra),
                     out / "model.pth")  # fmt: skip
     if last_eval is not None:
-        _write_outputs(out, setup.cfg, result, last_eval, setup.classes, final=True,
-                       cpu_plan=setup.run.record()["cpu_plan"], normalization=spec_normalization(setup.spec).record())
+        _write_outputs(
+            out,
+            setup.cfg,
+            result,
+            last_eval,
+            setup.classes,
+            final=True,
+            cpu_plan=setup.run.record()["cpu_plan"],
+            normalization=spec_normalization(setup.spec).record(),
+        )
     elif (out / "metrics.json").is_file():
         # resumed after the last epoch had already been validated: mark the metrics final
         m = json.loads((out / "metrics.json").read_text())
@@ -471,8 +536,16 @@ def _fill_result(result: FinetuneResult, ev: dict, best: dict, classes: list[str
     result.per_class_top1 = {classes[i]: v for i, v in ev["per_class"].items()}
 
 
-def _write_outputs(out: Path, cfg: FinetuneConfig, result: FinetuneResult, ev: dict, classes, final: bool,
-                   cpu_plan: dict | None = None, normalization: dict | None = None) -> None:
+def _write_outputs(
+    out: Path,
+    cfg: FinetuneConfig,
+    result: FinetuneResult,
+    ev: dict,
+    classes,
+    final: bool,
+    cpu_plan: dict | None = None,
+    normalization: dict | None = None,
+) -> None:
     drawn = draw_confusion(
         ev["confusion"],
         classes,
@@ -521,8 +594,11 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise DinokitError(f"--min-crop-scale must be in (0, 1], got {cfg.min_crop_scale}.")
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise DinokitError("--stop-after must be at least 1.")
-    check_numbers(cfg, positive=("lr",),
-                  non_negative=("min_lr", "weight_decay", "warmup_epochs", "clip_grad", "checkpoint_minutes"))
+    check_numbers(
+        cfg,
+        positive=("lr",),
+        non_negative=("min_lr", "weight_decay", "warmup_epochs", "clip_grad", "checkpoint_minutes"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,4 +642,13 @@ def _read_log(path: Path) -> list[dict]:
     return lines
 
 
-__all__ = ["FINETUNE_RUN", "RUN_CONTROL", "FinetuneConfig", "FinetuneResult", "build_schedule", "finetune", "train_epoch", "train_step"]
+__all__ = [
+    "FINETUNE_RUN",
+    "RUN_CONTROL",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "build_schedule",
+    "finetune",
+    "train_epoch",
+    "train_step",
+]

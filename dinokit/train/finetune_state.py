@@ -49,7 +49,9 @@ def plan_batches(cfg: FinetuneConfig, num_train: int, world: int, device: torch.
     if num_train < batch_size * world:
         batch_size = num_train // world
         if batch_size < 1:
-            raise DataError(f"{num_train} training image{'s' if num_train != 1 else ''} cannot be shared among {world} processes.")
+            raise DataError(
+                f"{num_train} training image{'s' if num_train != 1 else ''} cannot be shared among {world} processes."
+            )
         log.warning(
             "--batch-size %d is more than the %d training images; using batches of %d images.",
             cfg.batch_size,
@@ -106,12 +108,20 @@ class FinetuneState:
     history: list[dict] = field(default_factory=list)
 
     @classmethod
-    def create(cls, model: FinetuneModel, cfg: FinetuneConfig, peak_lr: float, device: torch.device,
-               dtype: torch.dtype | None) -> FinetuneState:
+    def create(
+        cls,
+        model: FinetuneModel,
+        cfg: FinetuneConfig,
+        peak_lr: float,
+        device: torch.device,
+        dtype: torch.dtype | None,
+    ) -> FinetuneState:
         """AdamW over the layer-decay parameter groups, and a gradient scaler for fp16."""
         groups = layer_decay_param_groups(model, cfg.weight_decay, cfg.layer_decay)
         optimizer = torch.optim.AdamW(
-            [{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=peak_lr, betas=(0.9, 0.999)
+            [{k: v for k, v in g.items() if k != "param_names"} for g in groups],
+            lr=peak_lr,
+            betas=(0.9, 0.999),
         )
         scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         return cls(model, optimizer, scaler)
@@ -144,7 +154,9 @@ class FinetuneState:
         return int(saved["epoch"]), int(saved["step"])
 
 
-def build_model(cfg: FinetuneConfig, resume_state: dict | None, num_classes: int) -> tuple[FinetuneModel, dict]:
+def build_model(
+    cfg: FinetuneConfig, resume_state: dict | None, num_classes: int
+) -> tuple[FinetuneModel, dict]:
     """The backbone (as saved when resuming, else loaded and seeded) with a new head; and its spec."""
     if resume_state is not None:
         spec = resume_state["backbone_spec"]
@@ -163,7 +175,9 @@ def build_model(cfg: FinetuneConfig, resume_state: dict | None, num_classes: int
         spec = backbone_spec(backbone, cfg.drop_path)
         # the input normalisation belongs to the weights (--mean/--std on top); kept with the spec, so
         # that a resumed run and the model.pth it writes use the same
-        spec["normalization"] = given_normalization(backbone_normalization(backbone), cfg.mean, cfg.std).record()
+        spec["normalization"] = given_normalization(
+            backbone_normalization(backbone), cfg.mean, cfg.std
+        ).record()
         if not is_vit(backbone) and cfg.drop_path:
             log.info("drop path applies to ViT backbones only; the ResNet-50 trains without it.")
     return FinetuneModel(backbone, num_classes), spec
@@ -177,8 +191,9 @@ def spec_normalization(spec: dict) -> Normalization:
     return Normalization(tuple(saved["mean"]), tuple(saved["std"]), saved.get("source", IMAGENET.source))
 
 
-def build_datasets(cfg: FinetuneConfig, splits: Splits, norm: Normalization = IMAGENET
-                   ) -> tuple[SeededImages, ImageDataset]:
+def build_datasets(
+    cfg: FinetuneConfig, splits: Splits, norm: Normalization = IMAGENET
+) -> tuple[SeededImages, ImageDataset]:
     """The augmented, seeded training set and the centre-cropped validation set, normalised with ``norm``."""
     train_ds = SeededImages(
         ImageDataset(

@@ -55,7 +55,12 @@ class EpochTally:
     losses: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"seconds": self.seconds, "images": self.images, "skipped": self.skipped, "losses": self.losses}
+        return {
+            "seconds": self.seconds,
+            "images": self.images,
+            "skipped": self.skipped,
+            "losses": self.losses,
+        }
 
     @classmethod
     def from_dict(cls, record: dict | None) -> EpochTally:
@@ -109,5 +114,12 @@ def leave_signals_to_main(worker_id: int) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-__all__ = ["CheckpointCadence", "EpochSampler", "EpochTally", "leave_signals_to_main", "loss_failure_message",
-           "numbered_checkpoint", "start_loader"]
+__all__ = [
+    "CheckpointCadence",
+    "EpochSampler",
+    "EpochTally",
+    "leave_signals_to_main",
+    "loss_failure_message",
+    "numbered_checkpoint",
+    "start_loader",
+]

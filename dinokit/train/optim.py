@@ -96,7 +96,9 @@ class LARS(torch.optim.Optimizer):
     1-d parameters (biases, norms) get neither weight decay nor the trust-ratio scaling.
     """
 
-    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
+    def __init__(
+        self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001
+    ):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
 
     @torch.no_grad()
@@ -129,7 +131,11 @@ class LARS(torch.optim.Optimizer):
 
 def _fused_ok(params: Sequence[torch.Tensor]) -> bool:
     devices = {p.device.type for p in params}
-    return len(devices) == 1 and next(iter(devices)) in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+    return (
+        len(devices) == 1
+        and next(iter(devices)) in ("cpu", "cuda")
+        and all(p.is_floating_point() for p in params)
+    )
 
 
 def build_optimizer(name: str, param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -172,7 +178,9 @@ def clip_gradients_global(params: Iterable[torch.Tensor], clip: float) -> None:
     torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip, foreach=True)
 
 
-def cancel_last_layer_gradients(last_layer_params: Iterable[torch.Tensor], epoch: int, freeze_last_layer: int) -> None:
+def cancel_last_layer_gradients(
+    last_layer_params: Iterable[torch.Tensor], epoch: int, freeze_last_layer: int
+) -> None:
     """During the first ``freeze_last_layer`` epochs the head's last layer gets no update."""
     if epoch >= freeze_last_layer:
         return
@@ -181,7 +189,9 @@ def cancel_last_layer_gradients(last_layer_params: Iterable[torch.Tensor], epoch
 
 
 @torch.no_grad()
-def ema_update(teacher_params: Sequence[torch.Tensor], student_params: Sequence[torch.Tensor], momentum: float) -> None:
+def ema_update(
+    teacher_params: Sequence[torch.Tensor], student_params: Sequence[torch.Tensor], momentum: float
+) -> None:
     """teacher = m * teacher + (1 - m) * student, over all parameters in two fused calls."""
     teacher, student = list(teacher_params), list(student_params)  # the fused calls take lists
     torch._foreach_mul_(teacher, momentum)

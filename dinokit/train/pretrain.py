@@ -69,10 +69,28 @@ from .pretrain_settings import (
 from .schedules import build_schedules
 
 __all__ = [
-    "AUTO_FIELDS", "AUTO_RULE", "PRETRAIN_RUN", "RUNTIME_FIELDS", "DINOTrainingState", "EpochSampler", "PretrainConfig",
-    "PretrainResult", "PretrainRun", "auto_momentum_teacher", "auto_out_dim", "auto_warmup_epochs",
-    "build_student_teacher", "build_training_state", "dino_step", "epoch_summary", "is_collapsed", "pretrain",
-    "resolve_auto_settings", "resume_hint", "settings_for_run", "validate_config",
+    "AUTO_FIELDS",
+    "AUTO_RULE",
+    "PRETRAIN_RUN",
+    "RUNTIME_FIELDS",
+    "DINOTrainingState",
+    "EpochSampler",
+    "PretrainConfig",
+    "PretrainResult",
+    "PretrainRun",
+    "auto_momentum_teacher",
+    "auto_out_dim",
+    "auto_warmup_epochs",
+    "build_student_teacher",
+    "build_training_state",
+    "dino_step",
+    "epoch_summary",
+    "is_collapsed",
+    "pretrain",
+    "resolve_auto_settings",
+    "resume_hint",
+    "settings_for_run",
+    "validate_config",
 ]
 
 log = logging.getLogger("dinokit")
@@ -80,7 +98,12 @@ log = logging.getLogger("dinokit")
 #: the files a pretraining run writes: a fresh run in the same folder (--overwrite) removes an
 #: earlier run's before it writes anything, and nothing else of the folder
 RUN_FILES = (
-    "config.json", "checkpoint.pth", "checkpoint[0-9][0-9][0-9][0-9].pth", "backbone.pth", "log.jsonl", "metrics.json",
+    "config.json",
+    "checkpoint.pth",
+    "checkpoint[0-9][0-9][0-9][0-9].pth",
+    "backbone.pth",
+    "log.jsonl",
+    "metrics.json",
 )
 #: config fields that do not make a run another run: where and how it runs now, and how long it goes on
 NOT_IDENTITY = (*RUNTIME_FIELDS, "epochs", "save_every", "checkpoint_minutes", "precision")
@@ -135,8 +158,14 @@ def is_collapsed(epoch_losses: torch.Tensor, out_dim: int) -> bool:
     return bool(len(epoch_losses)) and bool(((epoch_losses - ln_k).abs() < 0.05 * max(1.0, ln_k / 10)).all())
 
 
-def epoch_summary(epoch: int, epoch_losses: torch.Tensor, end_values: dict[str, float], tally: EpochTally,
-                  skipped: int, out_dim: int) -> dict[str, Any]:
+def epoch_summary(
+    epoch: int,
+    epoch_losses: torch.Tensor,
+    end_values: dict[str, float],
+    tally: EpochTally,
+    skipped: int,
+    out_dim: int,
+) -> dict[str, Any]:
     """The ``log.jsonl`` line of a finished epoch (``epoch`` counted from 0; the line from 1), with
     the collapse check; ``end_values`` are the schedules at its last iteration."""
     line = {
@@ -165,7 +194,9 @@ def epoch_summary(epoch: int, epoch_losses: torch.Tensor, end_values: dict[str, 
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-def pretrain(cfg: PretrainConfig, progress: Progress = NULL_PROGRESS, explicit: set[str] | None = None) -> PretrainResult:
+def pretrain(
+    cfg: PretrainConfig, progress: Progress = NULL_PROGRESS, explicit: set[str] | None = None
+) -> PretrainResult:
     """Run (or resume) DINO pretraining as ``cfg`` says; returns when the schedule ends, when
     ``stop_after`` epochs of it are done, or when SIGINT/SIGTERM arrives (after writing a checkpoint).
     Writes the run folder, ``metrics.json`` included. The result's ``state`` is the trained
@@ -199,7 +230,9 @@ def _image_paths(cfg: PretrainConfig, world_size: int) -> list[Path]:
             f"The folder {data} holds no images (searched recursively for {', '.join(IMAGE_EXTENSIONS)})."
         )
     if len(paths) < world_size:
-        raise DataError(f"{len(paths)} image{'s' if len(paths) != 1 else ''} cannot be shared by {world_size} processes.")
+        raise DataError(
+            f"{len(paths)} image{'s' if len(paths) != 1 else ''} cannot be shared by {world_size} processes."
+        )
     return paths
 
 
@@ -233,7 +266,10 @@ class PretrainRun:
         assert cfg.data is not None and cfg.global_scale is not None
         assert cfg.warmup_epochs is not None and cfg.momentum_teacher is not None
         # the images, not the folder's path: a data set that moved is the same run, one that changed is not
-        identity = {**run_identity(cfg.to_dict(), NOT_IDENTITY), "data_files": data_fingerprint(paths, Path(cfg.data).expanduser())}
+        identity = {
+            **run_identity(cfg.to_dict(), NOT_IDENTITY),
+            "data_files": data_fingerprint(paths, Path(cfg.data).expanduser()),
+        }
         run.check_identity(identity, saved=run_identity(saved, NOT_IDENTITY) if saved else None)
         self.identity = identity
         self.dtype = resolve_precision(cfg.precision, device, training=True)
@@ -318,8 +354,14 @@ class PretrainRun:
                 self._save(epoch, done_steps, tally)
                 break
             assert cfg.out_dim is not None, "settings_for_run chooses out_dim"
-            line = epoch_summary(epoch, self._mean_over_ranks(torch.as_tensor(tally.losses)),
-                                 self.schedules.at(epoch * iters + iters - 1, epoch), tally, skipped, cfg.out_dim)
+            line = epoch_summary(
+                epoch,
+                self._mean_over_ranks(torch.as_tensor(tally.losses)),
+                self.schedules.at(epoch * iters + iters - 1, epoch),
+                tally,
+                skipped,
+                cfg.out_dim,
+            )
             if line.get("collapsed"):
                 collapsed.append(epoch + 1)
             history.append(line)
@@ -338,15 +380,22 @@ class PretrainRun:
             stopped_by=outcome.stopped_by,
             exit_code=outcome.exit_code,
             loss=history[-1]["loss"] if history else None,
-            images_per_second=(float(np.mean([h["images_per_second"] for h in history])) if history else None),
+            images_per_second=(
+                float(np.mean([h["images_per_second"] for h in history])) if history else None
+            ),
             seconds=time.perf_counter() - t_run,
             n_images=self.n_images,
             skipped_images=len(self.unreadable_run),
             world_size=self.env.world_size,
             precision=precision_name(self.dtype),
             device=str(self.device),
-            settings={**{k: getattr(cfg, k) for k in ("out_dim", "momentum_teacher", "warmup_epochs", "batch_size")},
-                      "threads": self.plan.threads, "num_workers": self.plan.workers},
+            settings={
+                **{
+                    k: getattr(cfg, k) for k in ("out_dim", "momentum_teacher", "warmup_epochs", "batch_size")
+                },
+                "threads": self.plan.threads,
+                "num_workers": self.plan.workers,
+            },
             cpu_plan=run.record()["cpu_plan"],
             collapsed_epochs=collapsed,
             history=history,
@@ -355,7 +404,9 @@ class PretrainRun:
         _write_metrics(run, outcome, result, cfg)
         return result
 
-    def _train_epoch(self, epoch: int, first_step: int, tally: EpochTally, stop: GracefulStop) -> tuple[int, int]:
+    def _train_epoch(
+        self, epoch: int, first_step: int, tally: EpochTally, stop: GracefulStop
+    ) -> tuple[int, int]:
         """Steps ``first_step`` .. the end of ``epoch`` (or until a signal); counts into ``tally``.
         Returns the steps done (including those before ``first_step``) and the agreed signal (0: none)."""
         cfg, iters, device, world = self.cfg, self.iters, self.device, self.env.world_size
@@ -365,8 +416,9 @@ class PretrainRun:
         seconds_before = tally.seconds
         loader: DecodeAheadLoader | torch.utils.data.DataLoader
         if self.num_workers == 0:  # the next batch's pictures decoded in threads while this one trains
-            loader = DecodeAheadLoader(self.dataset, self.sampler, cfg.batch_size, prefetch_threads(device),
-                                       collate_multicrop)
+            loader = DecodeAheadLoader(
+                self.dataset, self.sampler, cfg.batch_size, prefetch_threads(device), collate_multicrop
+            )
         else:
             loader = torch.utils.data.DataLoader(
                 self.dataset,
@@ -388,8 +440,10 @@ class PretrainRun:
         for it, (crops, skipped) in enumerate(start_loader(loader), start=first_step):
             tally.skipped += count_new_unreadable(skipped, unreadable)
             if cfg.strict and unreadable:
-                raise DataError(f"{self.dataset.paths[min(unreadable)]} is not a readable image (--strict stops "
-                                "at the first; without it unreadable images are skipped and counted).")
+                raise DataError(
+                    f"{self.dataset.paths[min(unreadable)]} is not a readable image (--strict stops "
+                    "at the first; without it unreadable images are skipped and counted)."
+                )
             if crops is None:
                 raise DataError(f"No readable image was found in {cfg.data}; every image failed to decode.")
             values = self.schedules.at(epoch * iters + it, epoch)
@@ -401,18 +455,28 @@ class PretrainRun:
                 if nonfinite:  # on any rank: all stop together
                     ensure_finite_loss(
                         loss.item(),
-                        loss_failure_message(f"at epoch {epoch + 1}, step {it + 1}", self.out / "checkpoint.pth",
-                                             "lower --lr, raise --clip-grad protection, or use --precision fp32"),
+                        loss_failure_message(
+                            f"at epoch {epoch + 1}, step {it + 1}",
+                            self.out / "checkpoint.pth",
+                            "lower --lr, raise --clip-grad protection, or use --precision fp32",
+                        ),
                         elsewhere=True,
                     )
                 signum = int(agreed)
             tally.images += len(crops[0]) * world
             done_steps = it + 1
             stopping = signum or (stop.requested and not is_dist())
-            if due and not stopping and done_steps < iters:  # the time cadence: a kill loses at most that much
+            if (
+                due and not stopping and done_steps < iters
+            ):  # the time cadence: a kill loses at most that much
                 self.unreadable_run |= self._union_over_ranks(unreadable)
-                self._save(epoch, done_steps, self._tally_so_far(tally, losses, first_step, done_steps,
-                                                                 seconds_before + time.perf_counter() - t_epoch))
+                self._save(
+                    epoch,
+                    done_steps,
+                    self._tally_so_far(
+                        tally, losses, first_step, done_steps, seconds_before + time.perf_counter() - t_epoch
+                    ),
+                )
             now = time.perf_counter()
             if now - last_ui > 1.0 or it == iters - 1:
                 last_ui = now
@@ -470,10 +534,16 @@ class PretrainRun:
 
     # -- checkpoints ----------------------------------------------------------------------------
     @staticmethod
-    def _tally_so_far(tally: EpochTally, losses: torch.Tensor, first_step: int, done: int, seconds: float) -> EpochTally:
+    def _tally_so_far(
+        tally: EpochTally, losses: torch.Tensor, first_step: int, done: int, seconds: float
+    ) -> EpochTally:
         """The epoch's tally after ``done`` steps, for a checkpoint written while the epoch goes on."""
-        return EpochTally(seconds=seconds, images=tally.images, skipped=tally.skipped,
-                          losses=tally.losses[:first_step] + losses[first_step:done].float().cpu().tolist())
+        return EpochTally(
+            seconds=seconds,
+            images=tally.images,
+            skipped=tally.skipped,
+            losses=tally.losses[:first_step] + losses[first_step:done].float().cpu().tolist(),
+        )
 
     def _save(self, epoch: int, iteration: int, tally: EpochTally | None) -> None:
         """Write checkpoint.pth (and backbone.pth) atomically on rank 0; every rank's RNG state goes in.
@@ -512,7 +582,9 @@ class PretrainRun:
         self.newest_checkpoint = {**ckpt, **self.run_.record()}
 
 
-def _write_metrics(run: TrainingRun, outcome: RunOutcome, result: PretrainResult, cfg: PretrainConfig) -> None:
+def _write_metrics(
+    run: TrainingRun, outcome: RunOutcome, result: PretrainResult, cfg: PretrainConfig
+) -> None:
     """The run's metrics.json: the outcome and its figures (on rank 0)."""
     metrics = {
         "loss": result.loss,
@@ -528,8 +600,12 @@ def _write_metrics(run: TrainingRun, outcome: RunOutcome, result: PretrainResult
         "checkpoint": str(result.checkpoint),
         "backbone": str(result.backbone),
     }
-    run.write_metrics(outcome, metrics, config=cfg.to_dict(),
-                      units={"loss": "nats (cross-entropy)", "images_per_second": "images/s", "seconds": "s"})
+    run.write_metrics(
+        outcome,
+        metrics,
+        config=cfg.to_dict(),
+        units={"loss": "nats (cross-entropy)", "images_per_second": "images/s", "seconds": "s"},
+    )
 
 
 def resume_hint(output: str | os.PathLike) -> str:

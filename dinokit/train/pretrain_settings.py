@@ -22,8 +22,17 @@ log = logging.getLogger("dinokit")
 
 #: config fields a resumed run takes from the command line rather than from the saved config
 RUNTIME_FIELDS = (
-    "resume", "overwrite", "stop_after", "num_workers", "threads", "device", "compile", "output", "data",
-    "checkpoint_minutes", "strict",
+    "resume",
+    "overwrite",
+    "stop_after",
+    "num_workers",
+    "threads",
+    "device",
+    "compile",
+    "output",
+    "data",
+    "checkpoint_minutes",
+    "strict",
 )
 #: settings chosen from the data when left unset
 AUTO_FIELDS = ("out_dim", "momentum_teacher", "warmup_epochs", "global_scale")
@@ -72,7 +81,9 @@ class PretrainConfig(RuntimeOptions, RunOptions):
     local_scale: tuple[float, float] = (0.05, 0.4)
     center_momentum: float = 0.9
     compile: bool = False
-    num_workers: int = field(default=4, kw_only=True)  #: RuntimeOptions says 0; DINO decodes many crops per image
+    num_workers: int = field(
+        default=4, kw_only=True
+    )  #: RuntimeOptions says 0; DINO decodes many crops per image
     save_every: int = 20
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,7 +131,9 @@ def auto_warmup_epochs(epochs: int) -> float:
     return float(min(10.0, epochs / 10.0))
 
 
-def resolve_auto_settings(cfg: PretrainConfig, n_images: int, world_size: int) -> tuple[PretrainConfig, list[str]]:
+def resolve_auto_settings(
+    cfg: PretrainConfig, n_images: int, world_size: int
+) -> tuple[PretrainConfig, list[str]]:
     """Fill the settings left as None from the data (rule: :data:`AUTO_RULE`); returns notes for the log."""
     notes = []
     cfg = dataclasses.replace(cfg)
@@ -149,10 +162,19 @@ def validate_config(cfg: PretrainConfig) -> None:
             f"{canonical_arch(cfg.arch)} is a DINOv{arch_generation(cfg.arch)} architecture; dinokit pretrain "
             "trains DINO (v1) ViTs and the ResNet-50 only, so choose vit_tiny, vit_small, vit_base or resnet50."
         )
-    check_numbers(cfg, positive=("lr", "teacher_temp", "warmup_teacher_temp"),
-                  non_negative=("min_lr", "weight_decay", "weight_decay_end", "clip_grad", "checkpoint_minutes",
-                                "drop_path"),
-                  fractions=("momentum_teacher", "center_momentum"))
+    check_numbers(
+        cfg,
+        positive=("lr", "teacher_temp", "warmup_teacher_temp"),
+        non_negative=(
+            "min_lr",
+            "weight_decay",
+            "weight_decay_end",
+            "clip_grad",
+            "checkpoint_minutes",
+            "drop_path",
+        ),
+        fractions=("momentum_teacher", "center_momentum"),
+    )
     if cfg.epochs < 1:
         raise DinokitError("--epochs must be at least 1.")
     if cfg.warmup_epochs is not None and cfg.warmup_epochs > cfg.epochs:
@@ -176,7 +198,9 @@ def validate_config(cfg: PretrainConfig) -> None:
         raise DinokitError("--stop-after must be at least 1.")
 
 
-def settings_for_run(cfg: PretrainConfig, saved: dict | None, n_images: int, world_size: int) -> PretrainConfig:
+def settings_for_run(
+    cfg: PretrainConfig, saved: dict | None, n_images: int, world_size: int
+) -> PretrainConfig:
     """``cfg`` with the data-chosen settings filled in. A resumed run (``saved``: its checkpoint's
     config) keeps the settings it chose from the data, even if the folder changed, and warns about
     recipe settings that differ from the saved ones."""

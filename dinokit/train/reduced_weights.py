@@ -53,8 +53,14 @@ class _CastTogether(torch.autograd.Function):
         like = next(g for g in grads if g is not None)
         parts = [g.reshape(-1) if g is not None else like.new_zeros(n) for g, n in zip(grads, sizes)]
         flat = torch.cat(parts).to(ctx.src_dtype)
-        return (None, None, *[part.view(shape) if g is not None else None
-                              for g, part, shape in zip(grads, flat.split(sizes), ctx.shapes)])
+        return (
+            None,
+            None,
+            *[
+                part.view(shape) if g is not None else None
+                for g, part, shape in zip(grads, flat.split(sizes), ctx.shapes)
+            ],
+        )
 
 
 class ReducedWeights:

@@ -84,10 +84,14 @@ def build_schedules(
     ``min_lr``; weight decay: cosine ``weight_decay -> weight_decay_end``; teacher momentum: cosine
     ``momentum_teacher -> 1``; teacher temperature: per epoch (see :func:`teacher_temperature_schedule`)."""
     return DINOSchedules(
-        lr=cosine_scheduler(scaled_lr(lr, global_batch), min_lr, epochs, niter_per_epoch, warmup_epochs=warmup_epochs),
+        lr=cosine_scheduler(
+            scaled_lr(lr, global_batch), min_lr, epochs, niter_per_epoch, warmup_epochs=warmup_epochs
+        ),
         wd=cosine_scheduler(weight_decay, weight_decay_end, epochs, niter_per_epoch),
         momentum=cosine_scheduler(momentum_teacher, 1.0, epochs, niter_per_epoch),
-        teacher_temp=teacher_temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs),
+        teacher_temp=teacher_temperature_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs
+        ),
     )
 
 

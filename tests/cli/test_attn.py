@@ -38,8 +38,17 @@ def test_maps_form_writes_every_picture_and_the_raw_maps(tmp_path, tiny2_weights
     _image(tmp_path / "in" / "sub" / "b.jpg", seed=2)
     _image(tmp_path / "other" / "c.png", size=(70, 36), seed=3)
     out = tmp_path / "out"
-    r = run(tmp_path / "in", tmp_path / "other" / "*.png", "--weights", tiny2_weights, "--image-size", 64,
-            "--output", out, "--quiet")
+    r = run(
+        tmp_path / "in",
+        tmp_path / "other" / "*.png",
+        "--weights",
+        tiny2_weights,
+        "--image-size",
+        64,
+        "--output",
+        out,
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     for name in ("a", "b", "c"):
         d = out / name
@@ -56,8 +65,11 @@ def test_maps_form_writes_every_picture_and_the_raw_maps(tmp_path, tiny2_weights
         assert ((a * m).sum(1) >= 0.6 * a.sum(1) - 1e-6).all()
         assert Image.open(d / "attn-head0.png").size == (64, 64)  # upsampled by the patch size
         assert {f"overlay-head{h}.png" for h in range(3)} | {"overlay-mean.png"} <= files
-        w, h = Image.open(tmp_path / ("other" if name == "c" else "in") / (
-            "c.png" if name == "c" else "a.png" if name == "a" else "sub/b.jpg")).size
+        w, h = Image.open(
+            tmp_path
+            / ("other" if name == "c" else "in")
+            / ("c.png" if name == "c" else "a.png" if name == "a" else "sub/b.jpg")
+        ).size
         # the square network input is shown at the photo's proportions: height 64, width 64 * w / h
         assert Image.open(d / "overlay-head0.png").size == (round(64 * w / h), 64)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -97,8 +109,10 @@ def test_keep_aspect_pictures_overlays_and_key(tmp_path, tiny2_weights):
         overlay = np.asarray(Image.open(d / f"overlay-head{h}.png"), np.float64)
         assert overlay.shape == (64, 112, 3)  # at the network's pixels: nothing stretched
         a = z["attention"][h]
-        for (i, j), colour in ((np.unravel_index(a.argmax(), a.shape), VIRIDIS_HIGH),
-                               (np.unravel_index(a.argmin(), a.shape), VIRIDIS_LOW)):
+        for (i, j), colour in (
+            (np.unravel_index(a.argmax(), a.shape), VIRIDIS_HIGH),
+            (np.unravel_index(a.argmin(), a.shape), VIRIDIS_LOW),
+        ):
             y, x = 16 * i + 8, 16 * j + 8
             want = 0.4 * image[y, x] + 0.6 * np.asarray(colour)
             assert np.abs(overlay[y, x] - want).max() <= 2.5
@@ -117,8 +131,20 @@ def test_keep_aspect_pictures_overlays_and_key(tmp_path, tiny2_weights):
 def test_eval_form_keep_aspect_scores_labels_at_the_same_pixels(tmp_path, tiny2_weights):
     image_path, mask_path, labels = coins_ground_truth(tmp_path)
     out = tmp_path / "eval"
-    r = run("--images", image_path.parent, "--masks", mask_path.parent, "-w", tiny2_weights, "--image-size", 64,
-            "--keep-aspect", "-o", out, "-q")
+    r = run(
+        "--images",
+        image_path.parent,
+        "--masks",
+        mask_path.parent,
+        "-w",
+        tiny2_weights,
+        "--image-size",
+        64,
+        "--keep-aspect",
+        "-o",
+        out,
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["keep_aspect"] is True and m["objects"] == 24
@@ -131,8 +157,19 @@ def test_eval_form_keep_aspect_scores_labels_at_the_same_pixels(tmp_path, tiny2_
 def test_eval_form_on_coins_photograph(tmp_path, tiny2_weights):
     image_path, mask_path, labels = coins_ground_truth(tmp_path)
     out = tmp_path / "eval"
-    r = run("--images", image_path.parent, "--masks", mask_path.parent, "-w", tiny2_weights, "--image-size", 128,
-            "-o", out, "-q")
+    r = run(
+        "--images",
+        image_path.parent,
+        "--masks",
+        mask_path.parent,
+        "-w",
+        tiny2_weights,
+        "--image-size",
+        128,
+        "-o",
+        out,
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     assert {"jaccard", "jaccard_per_head", "best_head", "images", "objects", "config"} <= set(m)
@@ -148,12 +185,36 @@ def test_eval_form_on_coins_photograph(tmp_path, tiny2_weights):
 
 def test_eval_form_on_synth_classify_masks(tmp_path, tiny2_weights):
     data = tmp_path / "synth"
-    r = run_cli(["synth", "classify", "--output", str(data), "--classes", "2", "--per-class", "5",
-                            "--image-size", "32", "--quiet"])
+    r = run_cli(
+        [
+            "synth",
+            "classify",
+            "--output",
+            str(data),
+            "--classes",
+            "2",
+            "--per-class",
+            "5",
+            "--image-size",
+            "32",
+            "--quiet",
+        ]
+    )
     assert r.exit_code == 0, r.output
     out = tmp_path / "eval"
-    r = run("--images", data / "val", "--masks", data / "masks" / "val", "-w", tiny2_weights, "--image-size", 32,
-            "-o", out, "-q")
+    r = run(
+        "--images",
+        data / "val",
+        "--masks",
+        data / "masks" / "val",
+        "-w",
+        tiny2_weights,
+        "--image-size",
+        32,
+        "-o",
+        out,
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     n_val = len(list((data / "val").rglob("*.png")))
@@ -165,8 +226,22 @@ def test_eval_form_coco_instances_and_classes(tmp_path, tiny2_weights):
     # the annotated image is 18x20; evaluate at 32x32
     for objects, n in (("instance", 3), ("class", 2)):
         out = tmp_path / f"eval-{objects}"
-        r = run("--images", tmp_path / "images", "--coco", ann, "--objects", objects, "-w", tiny2_weights,
-                "--image-size", 32, "--ignore-void", "-o", out, "-q")
+        r = run(
+            "--images",
+            tmp_path / "images",
+            "--coco",
+            ann,
+            "--objects",
+            objects,
+            "-w",
+            tiny2_weights,
+            "--image-size",
+            32,
+            "--ignore-void",
+            "-o",
+            out,
+            "-q",
+        )
         assert r.exit_code == 0, r.output
         m = json.loads((out / "metrics.json").read_text())
         assert m["objects"] == n and m["config"]["objects"] == objects and m["config"]["ignore_void"] is True
@@ -177,9 +252,13 @@ def test_video_form_frames_folder_to_gif(tmp_path, tiny2_weights):
     for k in range(4):
         _image(tmp_path / "frames" / f"{k:03d}.jpg", size=(60, 40), seed=k)
     out = tmp_path / "video"
-    r = run("--video", tmp_path / "frames", "-w", tiny2_weights, "--image-size", 32, "-o", out, "-q", "--fps", 4)
+    r = run(
+        "--video", tmp_path / "frames", "-w", tiny2_weights, "--image-size", 32, "-o", out, "-q", "--fps", 4
+    )
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{k:03d}.png" for k in range(4)]  # frame names
+    assert sorted(p.name for p in (out / "maps").iterdir()) == [
+        f"{k:03d}.png" for k in range(4)
+    ]  # frame names
     assert len(list((out / "masks").iterdir())) == 4
     gif = Image.open(out / "attention.gif")
     assert gif.n_frames == 4 and gif.info.get("duration") == 250
@@ -208,7 +287,17 @@ def test_video_form_mp4_round_trip(tmp_path, tiny2_weights):
     r = run("--video", tmp_path / "frames", "-w", tiny2_weights, "--image-size", 32, "-o", out, "-q", "--mp4")
     assert r.exit_code == 0, r.output
     # the MP4 itself is a video the next run can read frame by frame
-    r = run("--video", out / "attention.mp4", "-w", tiny2_weights, "--image-size", 32, "-o", tmp_path / "again", "-q")
+    r = run(
+        "--video",
+        out / "attention.mp4",
+        "-w",
+        tiny2_weights,
+        "--image-size",
+        32,
+        "-o",
+        tmp_path / "again",
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     with av.open(str(out / "attention.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 3
@@ -225,31 +314,48 @@ def test_bad_inputs_are_one_sentence(tmp_path, tiny2_weights):
     assert_one_sentence(run(tmp_path / "notes.png", "-w", tiny2_weights, "-o", o), "is not a readable image")
     # an image smaller than one patch (with or without resizing)
     _image(tmp_path / "tiny" / "t.png", size=(8, 8))
-    assert_one_sentence(run(tmp_path / "tiny" / "t.png", "-w", tiny2_weights, "-o", o, "--image-size", 0),
-                        "smaller than one 16x16 patch")
-    assert_one_sentence(run(tmp_path / "tiny" / "t.png", "-w", tiny2_weights, "-o", o), "smaller than one 16x16 patch")
+    assert_one_sentence(
+        run(tmp_path / "tiny" / "t.png", "-w", tiny2_weights, "-o", o, "--image-size", 0),
+        "smaller than one 16x16 patch",
+    )
+    assert_one_sentence(
+        run(tmp_path / "tiny" / "t.png", "-w", tiny2_weights, "-o", o), "smaller than one 16x16 patch"
+    )
     # a mask whose size differs from its image
     _image(tmp_path / "img" / "a.png", size=(40, 40))
     (tmp_path / "m").mkdir()
     Image.fromarray(np.ones((30, 40), np.uint8)).save(tmp_path / "m" / "a.png")
-    assert_one_sentence(run("--images", tmp_path / "img", "--masks", tmp_path / "m", "-w", tiny2_weights, "-o", o,
-                            "-q"), "is 40x30 pixels but its image")
+    assert_one_sentence(
+        run("--images", tmp_path / "img", "--masks", tmp_path / "m", "-w", tiny2_weights, "-o", o, "-q"),
+        "is 40x30 pixels but its image",
+    )
     # images without masks
     _image(tmp_path / "img2" / "a.png")
     _image(tmp_path / "img2" / "b.png")
     (tmp_path / "m2").mkdir()
     Image.fromarray(np.ones((40, 48), np.uint8)).save(tmp_path / "m2" / "a.png")
-    assert_one_sentence(run("--images", tmp_path / "img2", "--masks", tmp_path / "m2", "-w", tiny2_weights, "-o", o),
-                        "1 of 2 images", "have no mask")
+    assert_one_sentence(
+        run("--images", tmp_path / "img2", "--masks", tmp_path / "m2", "-w", tiny2_weights, "-o", o),
+        "1 of 2 images",
+        "have no mask",
+    )
     # an annotation file that is not COCO
     (tmp_path / "ann.json").write_text(json.dumps({"info": {}, "licenses": []}))
-    assert_one_sentence(run("--images", tmp_path / "img", "--coco", tmp_path / "ann.json", "-w", tiny2_weights, "-o", o),
-                        "is not a COCO annotation file")
+    assert_one_sentence(
+        run("--images", tmp_path / "img", "--coco", tmp_path / "ann.json", "-w", tiny2_weights, "-o", o),
+        "is not a COCO annotation file",
+    )
     # forms mixed or missing, bad options
     assert_one_sentence(run("-w", tiny2_weights, "-o", o), "Give images")
-    assert_one_sentence(run(tmp_path / "img", "--video", tmp_path / "img", "-w", tiny2_weights, "-o", o), "one form")
-    assert_one_sentence(run("--images", tmp_path / "img", "-w", tiny2_weights, "-o", o), "exactly one of --masks")
-    assert_one_sentence(run(tmp_path / "img", "--attention-mass", 1.5, "-w", tiny2_weights, "-o", o), "--attention-mass")
+    assert_one_sentence(
+        run(tmp_path / "img", "--video", tmp_path / "img", "-w", tiny2_weights, "-o", o), "one form"
+    )
+    assert_one_sentence(
+        run("--images", tmp_path / "img", "-w", tiny2_weights, "-o", o), "exactly one of --masks"
+    )
+    assert_one_sentence(
+        run(tmp_path / "img", "--attention-mass", 1.5, "-w", tiny2_weights, "-o", o), "--attention-mass"
+    )
     assert_one_sentence(run("--video", tmp_path / "nothing", "-w", tiny2_weights, "-o", o), "does not exist")
     # nothing was created by the refused runs
     assert not o.exists()
@@ -264,7 +370,17 @@ def test_video_file_without_pyav_is_one_sentence(tmp_path, tiny2_weights, monkey
     assert_one_sentence(r, "needs PyAV", "dinokit[video]")
     for k in range(2):
         _image(tmp_path / "frames" / f"{k}.png", seed=k)
-    r = run("--video", tmp_path / "frames", "--mp4", "-w", tiny2_weights, "-o", tmp_path / "o2", "--image-size", 32)
+    r = run(
+        "--video",
+        tmp_path / "frames",
+        "--mp4",
+        "-w",
+        tiny2_weights,
+        "-o",
+        tmp_path / "o2",
+        "--image-size",
+        32,
+    )
     assert_one_sentence(r, "needs PyAV")
 
 
@@ -273,8 +389,22 @@ def test_random_weights_are_reproducible_with_seed(tmp_path):
     from dinokit.runtime import seed_everything
 
     _image(tmp_path / "a.png", size=(32, 32))
-    r = run(tmp_path / "a.png", "-w", "random", "--arch", "vit_tiny", "--image-size", 32, "--seed", 3,
-            "--precision", "fp32", "-o", tmp_path / "o", "-q")  # fp32: what the maps are held against
+    r = run(
+        tmp_path / "a.png",
+        "-w",
+        "random",
+        "--arch",
+        "vit_tiny",
+        "--image-size",
+        32,
+        "--seed",
+        3,
+        "--precision",
+        "fp32",
+        "-o",
+        tmp_path / "o",
+        "-q",
+    )  # fp32: what the maps are held against
     assert r.exit_code == 0, r.output
     got = np.load(tmp_path / "o" / "a" / "maps.npz")["attention"]
     seed_everything(3)

@@ -39,7 +39,11 @@ def _plain(value):
 def _type_name(annotation) -> str:
     """``int``, ``pathlib.Path | None``, ``list[str]``: an annotation as readable text."""
     if isinstance(annotation, type):
-        return annotation.__name__ if annotation.__module__ == "builtins" else f"{annotation.__module__}.{annotation.__qualname__}"
+        return (
+            annotation.__name__
+            if annotation.__module__ == "builtins"
+            else f"{annotation.__module__}.{annotation.__qualname__}"
+        )
     return re.sub(r"<class '([\w.]+)'>", r"\1", str(annotation)).replace("typing.", "")
 
 

@@ -23,8 +23,13 @@ def _independent_map(weights: Path, root: Path, block: str, size: int = 64, top:
     from torchvision import transforms as T
 
     model = dinokit.load_backbone(str(weights)).eval()
-    tf = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
-                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    tf = T.Compose(
+        [
+            T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
 
     def describe(paths):
         x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
@@ -40,7 +45,11 @@ def _independent_map(weights: Path, root: Path, block: str, size: int = 64, top:
     aps = []
     for qi, qp in enumerate(queries):
         order = torch.argsort(sim[qi], descending=True)[:top].tolist()
-        pos = {j for j, o in enumerate(originals) if (o.name[:4] == qp.name[:4] if block == "strong" else o.name == qp.name)}
+        pos = {
+            j
+            for j, o in enumerate(originals)
+            if (o.name[:4] == qp.name[:4] if block == "strong" else o.name == qp.name)
+        }
         rel = [int(j in pos) for j in order]
         aps.append(ap_from_relevance(rel, len(pos)))
     return float(np.mean(aps))
@@ -48,8 +57,20 @@ def _independent_map(weights: Path, root: Path, block: str, size: int = 64, top:
 
 def test_copydetect_cli_end_to_end(copydays, tiny2_weights, tmp_path):
     out = tmp_path / "run"
-    args = ["copydetect", "--data", str(copydays), "--weights", str(tiny2_weights), "--image-size", "64",
-            "--output", str(out), "--device", "cpu", "--quiet"]
+    args = [
+        "copydetect",
+        "--data",
+        str(copydays),
+        "--weights",
+        str(tiny2_weights),
+        "--image-size",
+        "64",
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     res = run_cli(args)
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -84,9 +105,28 @@ def test_copydetect_with_whitening_and_distractors(copydays, tiny2_weights, tmp_
         distr.mkdir(exist_ok=True)
         smooth_photo(200 + i).save(distr / f"d{i}.jpg")
     out = tmp_path / "run"
-    res = run_cli(["copydetect", "--data", str(copydays), "--weights", str(tiny2_weights), "--image-size", "32",
-                "--whitening", str(white), "--distractors", str(distr), "--k", "0",
-                "--output", str(out), "--device", "cpu", "--quiet"])
+    res = run_cli(
+        [
+            "copydetect",
+            "--data",
+            str(copydays),
+            "--weights",
+            str(tiny2_weights),
+            "--image-size",
+            "32",
+            "--whitening",
+            str(white),
+            "--distractors",
+            str(distr),
+            "--k",
+            "0",
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["database_size"] == 4 + 3
@@ -107,15 +147,29 @@ def _flat(output: str) -> str:
 def _one_sentence(output: str) -> bool:
     """Exactly one ``Error:`` sentence, last, and no traceback (warnings about skipped files may precede it)."""
     text = " ".join(output.split())
-    return text.count("Error:") == 1 and "Traceback" not in output and text.split("Error:")[1].strip().endswith(".")
+    return (
+        text.count("Error:") == 1
+        and "Traceback" not in output
+        and text.split("Error:")[1].strip().endswith(".")
+    )
 
 
 def test_missing_block_folder(copydays, tiny2_weights, tmp_path):
     import shutil
 
     shutil.rmtree(copydays / "strong")
-    res = run_cli(["copydetect", "--data", str(copydays), "--weights", str(tiny2_weights),
-                "--output", str(tmp_path / "run"), "--quiet"])
+    res = run_cli(
+        [
+            "copydetect",
+            "--data",
+            str(copydays),
+            "--weights",
+            str(tiny2_weights),
+            "--output",
+            str(tmp_path / "run"),
+            "--quiet",
+        ]
+    )
     assert res.exit_code == 2
     assert _one_sentence(res.output) and "no strong/ block" in _flat(res.output)
     with pytest.raises(DataError, match="original/"):
@@ -126,8 +180,18 @@ def test_missing_block_folder(copydays, tiny2_weights, tmp_path):
 def test_empty_query_block(copydays, tiny2_weights, tmp_path):
     for p in (copydays / "crops" / "50").iterdir():
         p.unlink()
-    res = run_cli(["copydetect", "--data", str(copydays), "--weights", str(tiny2_weights),
-                "--output", str(tmp_path / "run"), "--quiet"])
+    res = run_cli(
+        [
+            "copydetect",
+            "--data",
+            str(copydays),
+            "--weights",
+            str(tiny2_weights),
+            "--output",
+            str(tmp_path / "run"),
+            "--quiet",
+        ]
+    )
     assert res.exit_code == 2
     assert _one_sentence(res.output) and "holds no images" in _flat(res.output)
 
@@ -136,8 +200,22 @@ def test_unreadable_images_are_skipped_and_counted(copydays, tiny2_weights, tmp_
     (copydays / "jpegqual" / "50" / "200300.jpg").write_bytes(b"not a jpeg")
     (copydays / "strong" / "200101.jpg").write_bytes(b"")
     out = tmp_path / "run"
-    res = run_cli(["copydetect", "--data", str(copydays), "--weights", str(tiny2_weights), "--image-size", "32",
-                "--output", str(out), "--device", "cpu", "--quiet"])
+    res = run_cli(
+        [
+            "copydetect",
+            "--data",
+            str(copydays),
+            "--weights",
+            str(tiny2_weights),
+            "--image-size",
+            "32",
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["unreadable"]["jpegqual/50"] == 1
@@ -150,7 +228,21 @@ def test_unreadable_images_are_skipped_and_counted(copydays, tiny2_weights, tmp_
 def test_all_queries_unreadable_is_an_error(copydays, tiny2_weights, tmp_path):
     for p in (copydays / "strong").iterdir():
         p.write_bytes(b"broken")
-    res = run_cli(["copydetect", "--data", str(copydays), "--weights", str(tiny2_weights), "--image-size", "32",
-                "--output", str(tmp_path / "run"), "--device", "cpu", "--quiet"])
+    res = run_cli(
+        [
+            "copydetect",
+            "--data",
+            str(copydays),
+            "--weights",
+            str(tiny2_weights),
+            "--image-size",
+            "32",
+            "--output",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert res.exit_code == 2
     assert _one_sentence(res.output) and "could be read" in _flat(res.output)

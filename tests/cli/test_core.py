@@ -141,7 +141,9 @@ def test_a_user_error_in_a_subprocess_of_python_dash_m_dinokit():
         runpy.run_module("dinokit", run_name="__main__", alter_sys=True)
         """
     )
-    result = run_in_subprocess(["load", "dino_vits16"], code=code)  # offline, not cached: says where to put the file
+    result = run_in_subprocess(
+        ["load", "dino_vits16"], code=code
+    )  # offline, not cached: says where to put the file
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

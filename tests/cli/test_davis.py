@@ -136,7 +136,9 @@ def test_bad_davis_input(tmp_path, tiny2_weights):
     bad = root / "JPEGImages" / "480p" / "a" / "00001.jpg"
     good = bad.read_bytes()
     bad.write_bytes(good[: len(good) // 3])
-    with_worker = [("1" if a == "0" and common[i - 1] == "--num-workers" else a) for i, a in enumerate(common)]
+    with_worker = [
+        ("1" if a == "0" and common[i - 1] == "--num-workers" else a) for i, a in enumerate(common)
+    ]
     r = run("davis", "--data", root, "--output", tmp_path / "o0", *with_worker)
     one_sentence_error(r, str(bad), "not a readable image")
     bad.write_bytes(good)

@@ -65,9 +65,15 @@ def test_a_report_of_another_recipe_does_not_repeat_the_fixed_recipes_notes(tmp_
     missed, and not the fixed recipe's notes about seeds and 16 epochs."""
     from dinokit.commands.demo_report import write_reports
 
-    summary = {"seconds": 180.0, "pretrain_epochs": 3, "pretrain_epochs_done": 2, "fixed_recipe": False,
-               "pretrain_losses": [5.5, 5.6], "out_dim": 256,
-               "config": {"arch": "vit_tiny", "patch_size": "16", "minutes": "3.0"}}
+    summary = {
+        "seconds": 180.0,
+        "pretrain_epochs": 3,
+        "pretrain_epochs_done": 2,
+        "fixed_recipe": False,
+        "pretrain_losses": [5.5, 5.6],
+        "out_dim": 256,
+        "config": {"arch": "vit_tiny", "patch_size": "16", "minutes": "3.0"},
+    }
     won = {"random": {k: 0.0 for k in results["random"]}, "trained": {k: 50.0 for k in results["random"]}}
     write_reports(tmp_path, won, {}, summary)
     md = (tmp_path / "report.md").read_text()
@@ -88,10 +94,29 @@ def _tiny_plan(out):
     from dinokit.commands.demo import DemoPlan
 
     return DemoPlan(
-        output=out, epochs=1, arch="vit_tiny", image_size=32, global_size=32, local_size=16, local_crops=2,
-        batch_size=8, classes=3, per_class=8, video_sequences=1, video_frames=3, video_size=(48, 64),
-        copydays_originals=3, copydays_distractors=2, copydays_size=48, copy_image_size=32,
-        attn_picture_size=32, threads=1, quiet=True, segment_train=4, segment_val=2, segment_size=32,
+        output=out,
+        epochs=1,
+        arch="vit_tiny",
+        image_size=32,
+        global_size=32,
+        local_size=16,
+        local_crops=2,
+        batch_size=8,
+        classes=3,
+        per_class=8,
+        video_sequences=1,
+        video_frames=3,
+        video_size=(48, 64),
+        copydays_originals=3,
+        copydays_distractors=2,
+        copydays_size=48,
+        copy_image_size=32,
+        attn_picture_size=32,
+        threads=1,
+        quiet=True,
+        segment_train=4,
+        segment_val=2,
+        segment_size=32,
         segment_iterations=4,
     )
 
@@ -135,7 +160,9 @@ def test_the_report_names_near_uniform_targets_measured_from_the_losses():
     assert collapse_note({"pretrain_losses": [], "out_dim": 256}) == ""
     # the pretraining's own check found no collapsed epoch: a loss near ln(256) alone says nothing
     assert collapse_note({"pretrain_losses": [2.0, 5.3, 5.45], "out_dim": 256, "collapsed_epochs": []}) == ""
-    assert "5.60" in collapse_note({"pretrain_losses": [2.0, 5.3, 5.6], "out_dim": 256, "collapsed_epochs": [3]})
+    assert "5.60" in collapse_note(
+        {"pretrain_losses": [2.0, 5.3, 5.6], "out_dim": 256, "collapsed_epochs": [3]}
+    )
 
 
 def test_the_demo_recipe_is_pretrain_options_and_config_fields():
@@ -148,7 +175,12 @@ def test_the_demo_recipe_is_pretrain_options_and_config_fields():
 
     from dinokit.train.pretrain_settings import PretrainConfig
 
-    assert recipe_args({"out_dim": 256, "momentum_teacher": 0.99}) == ["--out-dim", "256", "--momentum-teacher", "0.99"]
+    assert recipe_args({"out_dim": 256, "momentum_teacher": 0.99}) == [
+        "--out-dim",
+        "256",
+        "--momentum-teacher",
+        "0.99",
+    ]
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     assert set(DEMO_RECIPE) <= fields
 
@@ -191,7 +223,9 @@ def test_a_stopped_demo_resumed_gives_the_uninterrupted_numbers(tmp_path, one_th
     whole = run_demo(plan(tmp_path / "whole"))
 
     out = tmp_path / "cut"
-    _interrupting(monkeypatch, lambda a: a[0] == "pretrain" and "calibration-run" not in " ".join(a) and "stop-after-1")
+    _interrupting(
+        monkeypatch, lambda a: a[0] == "pretrain" and "calibration-run" not in " ".join(a) and "stop-after-1"
+    )
     with pytest.raises(KeyboardInterrupt):
         run_demo(plan(out))
     assert DemoState.load(out).get("pretrain") is None and (out / "pretrain" / "checkpoint.pth").is_file()
@@ -228,7 +262,9 @@ def test_minutes_bounds_the_whole_demo(tmp_path, one_thread):
     assert set(summary["skipped"]) == {"knn", "linear", "jaccard", "davis", "copydays", "segment"}
     assert summary["results"] == {"random": {}, "trained": {}}
     assert "Not run" in (tmp_path / "d" / "report.md").read_text()
-    assert took < 120  # the data, a calibration epoch and at most one pretraining epoch of 24 tiny images (a busy machine)
+    assert (
+        took < 120
+    )  # the data, a calibration epoch and at most one pretraining epoch of 24 tiny images (a busy machine)
 
 
 def test_resume_without_a_stopped_demo_is_refused(tmp_path):

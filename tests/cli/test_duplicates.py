@@ -64,8 +64,24 @@ def _store_chunks():
 
 
 def run_duplicates(folder, out, weights, *extra):
-    return run_cli(["duplicates", str(folder), "--output", str(out), "--weights", str(weights), "--image-size", "64",
-                 "--min-similarity", "0.95", "--device", "cpu", "--quiet", *extra])
+    return run_cli(
+        [
+            "duplicates",
+            str(folder),
+            "--output",
+            str(out),
+            "--weights",
+            str(weights),
+            "--image-size",
+            "64",
+            "--min-similarity",
+            "0.95",
+            "--device",
+            "cpu",
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def test_finds_planted_copies_and_second_run_embeds_nothing(planted, tiny2_weights, tmp_path):
@@ -125,7 +141,10 @@ def test_against_pairs_only_across_folders(planted, tiny2_weights, tmp_path):
     assert res.exit_code == 0, res.output
     pairs = _pairs(out)
     target = [p for p in folder.rglob("img_05.png")][0]
-    assert {(Path(a).name, b) for _, a, b in pairs} == {("suspect.jpg", str(target)), ("suspect_small.png", str(target))}
+    assert {(Path(a).name, b) for _, a, b in pairs} == {
+        ("suspect.jpg", str(target)),
+        ("suspect_small.png", str(target)),
+    }
 
 
 def test_faiss_backend_agrees_with_exact(planted, tiny2_weights, tmp_path):
@@ -156,11 +175,33 @@ def test_bad_input_is_one_sentence(tmp_path, tiny2_weights):
     res = run_duplicates(tmp_path / "nowhere", tmp_path / "o2", tiny2_weights)
     assert res.exit_code == 2 and "does not exist" in _flat(res.output)
     smooth_photo(0).save(empty / "x.png")
-    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o3"), "--min-similarity", "3", "--quiet",
-                   "--weights", "random"])  # (a missing --weights is refused first, before any import)
+    res = run_cli(
+        [
+            "duplicates",
+            str(empty),
+            "--output",
+            str(tmp_path / "o3"),
+            "--min-similarity",
+            "3",
+            "--quiet",
+            "--weights",
+            "random",
+        ]
+    )  # (a missing --weights is refused first, before any import)
     assert res.exit_code == 2 and "between -1 and 1" in _flat(res.output)
-    res = run_cli(["duplicates", str(empty), "--output", str(tmp_path / "o4"), "--backend", "annoy", "--quiet",
-                   "--weights", "random"])
+    res = run_cli(
+        [
+            "duplicates",
+            str(empty),
+            "--output",
+            str(tmp_path / "o4"),
+            "--backend",
+            "annoy",
+            "--quiet",
+            "--weights",
+            "random",
+        ]
+    )
     assert res.exit_code == 2 and "Unknown backend" in _flat(res.output)
 
 
@@ -174,7 +215,9 @@ def test_an_image_and_three_copies_are_one_cluster_of_four(tmp_path, tiny2_weigh
     original.resize((48, 48), Image.BICUBIC).save(root / "copy_resized.png")
     _jpeg(original, 40).save(root / "copy_reencoded.jpg")
     original.transpose(Image.FLIP_LEFT_RIGHT).transpose(Image.FLIP_LEFT_RIGHT).save(root / "copy_same.png")
-    group = {str(root / n) for n in ("photo_0.png", "copy_resized.png", "copy_reencoded.jpg", "copy_same.png")}
+    group = {
+        str(root / n) for n in ("photo_0.png", "copy_resized.png", "copy_reencoded.jpg", "copy_same.png")
+    }
     out = tmp_path / "out"
     r = run_duplicates(root, out, tiny2_weights)
     assert r.exit_code == 0, r.output
@@ -209,7 +252,9 @@ def test_unreadable_image_counts_agree_and_strict_stops(tmp_path, tiny2_weights)
     assert res.exit_code == 2 and res.text.startswith("Error:") and "broken.jpg" in res.text
 
 
-def test_the_decode_is_recorded_and_a_store_of_the_other_decode_is_not_reused(planted, tiny2_weights, tmp_path):
+def test_the_decode_is_recorded_and_a_store_of_the_other_decode_is_not_reused(
+    planted, tiny2_weights, tmp_path
+):
     folder, _ = planted
     out = tmp_path / "dups"
     assert run_duplicates(folder, out, tiny2_weights).exit_code == 0

@@ -26,8 +26,18 @@ SMALL = ["--resize", "32", "--image-size", "32", "--batch-size", "4", "--quiet"]
 
 def test_cli_features_pt_and_npy(labelled_folder, tiny4_weights, tmp_path):
     out = tmp_path / "f.pt"
-    r = run_cli(["features", "--weights", str(tiny4_weights), "--data", str(labelled_folder / "train"),
-                 "--output", str(out), *SMALL])
+    r = run_cli(
+        [
+            "features",
+            "--weights",
+            str(tiny4_weights),
+            "--data",
+            str(labelled_folder / "train"),
+            "--output",
+            str(out),
+            *SMALL,
+        ]
+    )
     assert r.exit_code == 0, r.output
     fs = load_features(out)
     assert len(fs) == 18 and fs.classes == ["blue", "green", "red"]
@@ -36,15 +46,48 @@ def test_cli_features_pt_and_npy(labelled_folder, tiny4_weights, tmp_path):
     # the same weights inside a training checkpoint (teacher) give the same fingerprint
     torch.save({"teacher": {"backbone." + k: v for k, v in sd.items()}, "epoch": 1}, tmp_path / "ck.pth")
     out2 = tmp_path / "f2.pt"
-    r = run_cli(["features", "--weights", str(tmp_path / "ck.pth"), "--data", str(labelled_folder / "val"),
-                 "--output", str(out2), *SMALL])
+    r = run_cli(
+        [
+            "features",
+            "--weights",
+            str(tmp_path / "ck.pth"),
+            "--data",
+            str(labelled_folder / "val"),
+            "--output",
+            str(out2),
+            *SMALL,
+        ]
+    )
     assert r.exit_code == 0, r.output
     assert load_features(out2).fingerprint["weights"] == fs.fingerprint["weights"]
-    r = run_cli(["features", "--weights", str(tiny4_weights), "--data", str(labelled_folder / "train"),
-                 "--output", str(out), *SMALL])
+    r = run_cli(
+        [
+            "features",
+            "--weights",
+            str(tiny4_weights),
+            "--data",
+            str(labelled_folder / "train"),
+            "--output",
+            str(out),
+            *SMALL,
+        ]
+    )
     assert r.exit_code == 2 and "already exists; pass --overwrite" in r.text
-    r = run_cli(["features", "--weights", str(tiny4_weights), "--data", str(labelled_folder), "--output",
-                 str(tmp_path / "n"), "--format", "npy", "--avgpool-patch-tokens", *SMALL])
+    r = run_cli(
+        [
+            "features",
+            "--weights",
+            str(tiny4_weights),
+            "--data",
+            str(labelled_folder),
+            "--output",
+            str(tmp_path / "n"),
+            "--format",
+            "npy",
+            "--avgpool-patch-tokens",
+            *SMALL,
+        ]
+    )
     assert r.exit_code == 0, r.output
     feats = np.load(tmp_path / "n" / "features.npy")
     # labelled_folder holds train/ and val/ as "classes"; all 24 images, 2 x 192-d features
@@ -64,13 +107,35 @@ def test_knn_refuses_features_made_another_way(labelled_folder, tiny4_weights, t
         ("val_2blocks", tiny4_weights, "val", ["--n-last-blocks", "2"]),
     ]:
         made[name] = tmp_path / f"{name}.pt"
-        r = run_cli(["features", "--weights", str(w), "--data", str(labelled_folder / split), "--output",
-                     str(made[name]), *SMALL, *extra])
+        r = run_cli(
+            [
+                "features",
+                "--weights",
+                str(w),
+                "--data",
+                str(labelled_folder / split),
+                "--output",
+                str(made[name]),
+                *SMALL,
+                *extra,
+            ]
+        )
         assert r.exit_code == 0, r.output
 
     def knn(val, *extra):
-        return run_cli(["knn", "--train-features", str(made["train"]), "--val-features", str(made[val]),
-                        "--output", str(tmp_path / f"o_{val}_{len(extra)}"), "--quiet", *extra])
+        return run_cli(
+            [
+                "knn",
+                "--train-features",
+                str(made["train"]),
+                "--val-features",
+                str(made[val]),
+                "--output",
+                str(tmp_path / f"o_{val}_{len(extra)}"),
+                "--quiet",
+                *extra,
+            ]
+        )
 
     assert knn("val").exit_code == 0
     r = knn("val_other")
@@ -90,8 +155,18 @@ def test_knn_refuses_features_made_another_way(labelled_folder, tiny4_weights, t
         check_fingerprint(load_features(made["val"]), emb.fingerprint, "val.pt")
     # not a features file
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    r = run_cli(["knn", "--train-features", str(tmp_path / "junk.pt"), "--val-features", str(made["val"]),
-                 "--output", str(tmp_path / "j"), "--quiet"])
+    r = run_cli(
+        [
+            "knn",
+            "--train-features",
+            str(tmp_path / "junk.pt"),
+            "--val-features",
+            str(made["val"]),
+            "--output",
+            str(tmp_path / "j"),
+            "--quiet",
+        ]
+    )
     assert r.exit_code == 2 and "not a readable features file" in r.text
 
 
@@ -101,8 +176,20 @@ def test_features_under_torchrun_match_one_process(labelled_folder, tiny4_weight
     if not torch.distributed.is_available():
         pytest.skip("no torch.distributed")
     one = tmp_path / "one.pt"
-    r = run_cli(["features", "--weights", str(tiny4_weights), "--data", str(labelled_folder / "train"),
-                 "--output", str(one), "--device", "cpu", *SMALL])
+    r = run_cli(
+        [
+            "features",
+            "--weights",
+            str(tiny4_weights),
+            "--data",
+            str(labelled_folder / "train"),
+            "--output",
+            str(one),
+            "--device",
+            "cpu",
+            *SMALL,
+        ]
+    )
     assert r.exit_code == 0, r.output
     two = tmp_path / "two.pt"
     import socket
@@ -111,9 +198,27 @@ def test_features_under_torchrun_match_one_process(labelled_folder, tiny4_weight
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "dinokit", "features", "--weights", str(tiny4_weights), "--data", str(labelled_folder / "train"),
-           "--output", str(two), "--device", "cpu", *SMALL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "dinokit",
+        "features",
+        "--weights",
+        str(tiny4_weights),
+        "--data",
+        str(labelled_folder / "train"),
+        "--output",
+        str(two),
+        "--device",
+        "cpu",
+        *SMALL,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     a, b = load_features(one), load_features(two)
@@ -144,8 +249,20 @@ def test_features_csv_reads_back_as_the_pt_file(labelled_folder, tiny4_weights, 
     flat.mkdir()
     for p in sorted((labelled_folder / "val" / "red").iterdir()):
         (flat / p.name).write_bytes(p.read_bytes())
-    r = run_cli(["features", "--weights", str(tiny4_weights), "--data", str(flat), *SMALL, "--output",
-                 str(tmp_path / "out"), "--format", "csv"])
+    r = run_cli(
+        [
+            "features",
+            "--weights",
+            str(tiny4_weights),
+            "--data",
+            str(flat),
+            *SMALL,
+            "--output",
+            str(tmp_path / "out"),
+            "--format",
+            "csv",
+        ]
+    )
     assert r.exit_code == 0, r.output
     with open(tmp_path / "out" / "features.csv", newline="") as f:
         header = next(csv.reader(f))
@@ -162,7 +279,9 @@ def test_unreadable_images_skipped_by_default_strict_stops(tmp_path, tiny2_weigh
     assert len(load_features(tmp_path / "f.pt")) == 3
     r = run_cli(["features", "--data", tmp_path / "imgs", "--weights", tiny2_weights, "--output",
                  tmp_path / "g.pt", "--strict", *SMALL])  # fmt: skip
-    assert r.exit_code == 2 and r.output.startswith("Error:") and "broken.png is not a readable image" in r.text
+    assert (
+        r.exit_code == 2 and r.output.startswith("Error:") and "broken.png is not a readable image" in r.text
+    )
     assert not (tmp_path / "g.pt").exists()
 
 
@@ -206,8 +325,12 @@ def test_features_exact_decode_same_numbers_on_small_images_close_on_large_ones(
             assert r.exit_code == 0, r.output
             sets[folder, how] = load_features(out)
             assert sets[folder, how].fingerprint["decode"] == how
-    torch.testing.assert_close(sets["small", "reduced"].features, sets["small", "exact"].features, rtol=0, atol=0)
-    cos = torch.nn.functional.cosine_similarity(sets["large", "reduced"].features, sets["large", "exact"].features)
+    torch.testing.assert_close(
+        sets["small", "reduced"].features, sets["small", "exact"].features, rtol=0, atol=0
+    )
+    cos = torch.nn.functional.cosine_similarity(
+        sets["large", "reduced"].features, sets["large", "exact"].features
+    )
     assert bool((cos > 0.999).all()), cos
     assert not torch.equal(sets["large", "reduced"].features, sets["large", "exact"].features)
 

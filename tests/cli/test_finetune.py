@@ -40,9 +40,13 @@ def test_resume_is_bitwise_exact(labelled_folder, tiny2_weights, tmp_path):
     assert "resume" in r.output and not (split / "model.pth").exists()
     # resume with only the run-control options; the recipe comes from the checkpoint. --stop-after
     # counts epochs of the schedule from the run's start: 1 is done already, 2 trains one more
-    r = invoke(["finetune", "--output", str(split), "--resume", "--stop-after", "1", "--num-workers", "0", "--quiet"])
+    r = invoke(
+        ["finetune", "--output", str(split), "--resume", "--stop-after", "1", "--num-workers", "0", "--quiet"]
+    )
     assert r.exit_code == 0 and "Stopped after epoch 1 of 3" in r.output, r.output
-    r = invoke(["finetune", "--output", str(split), "--resume", "--stop-after", "2", "--num-workers", "0", "--quiet"])
+    r = invoke(
+        ["finetune", "--output", str(split), "--resume", "--stop-after", "2", "--num-workers", "0", "--quiet"]
+    )
     assert r.exit_code == 0 and "Stopped after epoch 2 of 3" in r.output, r.output
     assert load_state(split / "checkpoint.pth")["epoch"] == 2
     r = invoke(["finetune", "--output", str(split), "--resume", "--num-workers", "1", "--quiet"])
@@ -218,8 +222,12 @@ def test_starts_from_a_pretrain_checkpoint_teacher(labelled_folder, tmp_path):
     from dinokit.models.head import DINOHead, MultiCropWrapper
 
     torch.manual_seed(1)
-    teacher = MultiCropWrapper(dinokit.build_backbone("vit_tiny", 16, depth=2), DINOHead(192, 64, hidden_dim=32, bottleneck_dim=16))
-    student = MultiCropWrapper(dinokit.build_backbone("vit_tiny", 16, depth=2), DINOHead(192, 64, hidden_dim=32, bottleneck_dim=16))
+    teacher = MultiCropWrapper(
+        dinokit.build_backbone("vit_tiny", 16, depth=2), DINOHead(192, 64, hidden_dim=32, bottleneck_dim=16)
+    )
+    student = MultiCropWrapper(
+        dinokit.build_backbone("vit_tiny", 16, depth=2), DINOHead(192, 64, hidden_dim=32, bottleneck_dim=16)
+    )
     ckpt = tmp_path / "checkpoint.pth"
     torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "epoch": 1}, ckpt)
     out = tmp_path / "run"
@@ -235,7 +243,9 @@ def test_starts_from_a_pretrain_checkpoint_teacher(labelled_folder, tmp_path):
 def test_overwrite_starts_a_clean_run(labelled_folder, tiny2_weights, tmp_path):
     out = tmp_path / "run"
     assert invoke(base_args(tiny2_weights, labelled_folder, out, epochs=2)).exit_code == 0
-    r = invoke(base_args(tiny2_weights, labelled_folder, out, epochs=1) + ["--overwrite", "--stop-after", "1"])
+    r = invoke(
+        base_args(tiny2_weights, labelled_folder, out, epochs=1) + ["--overwrite", "--stop-after", "1"]
+    )
     assert r.exit_code == 0, r.output
     assert [h["epoch"] for h in log_lines(out)] == [1]
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1

@@ -99,7 +99,11 @@ def test_every_other_protocol_takes_the_backbone(tmp_path, labelled_folder, copy
     assert r.exit_code == 0, r.output
     # --epochs pins one head: DINOv2's input of its released heads (2 blocks: 2 CLS tokens and the average),
     # DINOv3's own (the last CLS token and the average)
-    want = "192-d features (last 2 CLS + patch average)" if arch.startswith("dinov2") else "128-d features (last 1 CLS + patch average)"
+    want = (
+        "192-d features (last 2 CLS + patch average)"
+        if arch.startswith("dinov2")
+        else "128-d features (last 1 CLS + patch average)"
+    )
     assert want in r.text
     cfg = FinetuneConfig(train=labelled_folder / "train", val=labelled_folder / "val", output=tmp_path / "ft",
                          weights=str(weights), epochs=1, batch_size=6, image_size=s, num_workers=0, precision="fp32",

@@ -236,7 +236,9 @@ def test_missing_weights_names_where_every_preset_is_listed(tmp_path):
     listed = run_cli(["models", "--json"])
     n = len(json.loads(listed.output)["presets"])
     assert n >= 20
-    assert f"a preset (one of the {n} that `dinokit models` lists, such as dino_vits16, dinov2_vits14" in r.text, r.text
+    assert (
+        f"a preset (one of the {n} that `dinokit models` lists, such as dino_vits16, dinov2_vits14" in r.text
+    ), r.text
 
 
 def test_counts_agree_with_their_nouns():
@@ -244,5 +246,7 @@ def test_counts_agree_with_their_nouns():
 
     assert [plural(n, "query") for n in (0, 1, 2)] == ["0 queries", "1 query", "2 queries"]
     assert [plural(n, "class") for n in (1, 3)] == ["1 class", "3 classes"]
-    assert plural(2, "key") == "2 keys" and plural(1, "image") == "1 image" and plural(2, "image") == "2 images"
+    assert (
+        plural(2, "key") == "2 keys" and plural(1, "image") == "1 image" and plural(2, "image") == "2 images"
+    )
     assert plural(2, "new image") == "2 new images"

@@ -59,8 +59,17 @@ def _image_zoo(root: Path) -> dict[str, bool]:
     Image.open(root / "good.png").convert("P").save(root / "palette.png")
     Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "one.png")
     write_bomb_png(root / "bomb.png")
-    return {"good": True, "truncated": False, "zero": False, "grey16": True, "grey8": True, "cmyk": True,
-            "palette": True, "one": True, "bomb": False}
+    return {
+        "good": True,
+        "truncated": False,
+        "zero": False,
+        "grey16": True,
+        "grey8": True,
+        "cmyk": True,
+        "palette": True,
+        "one": True,
+        "bomb": False,
+    }
 
 
 def test_features_skip_unreadable_images_and_read_the_awkward_ones_right(tmp_path, tiny1, caplog):
@@ -82,9 +91,36 @@ def test_pretrain_skips_a_decompression_bomb(tmp_path):
     for i in range(4):
         make_image(data / f"{i}.png", size=(32, 32), seed=i)
     write_bomb_png(data / "bomb.png")
-    r = run_cli(["pretrain", "--data", data, "--output", tmp_path / "run", "--epochs", "1", "--arch", "vit_tiny",
-                 "--depth", "1", "--batch-size", "4", "--out-dim", "64", "--local-crops", "0", "--global-size", "32",
-                 "--precision", "fp32", "--num-workers", "0", "--device", "cpu", "--quiet"])
+    r = run_cli(
+        [
+            "pretrain",
+            "--data",
+            data,
+            "--output",
+            tmp_path / "run",
+            "--epochs",
+            "1",
+            "--arch",
+            "vit_tiny",
+            "--depth",
+            "1",
+            "--batch-size",
+            "4",
+            "--out-dim",
+            "64",
+            "--local-crops",
+            "0",
+            "--global-size",
+            "32",
+            "--precision",
+            "fp32",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert r.exit_code == 0, r.output
     assert "Traceback" not in r.output
 
@@ -161,8 +197,19 @@ def test_knn_refuses_nonfinite_feature_files(tmp_path, labelled_folder, tiny1):
     raw["features"][1, 0] = float("nan")
     torch.save(raw, made["val"])
     for command in ("knn", "linear"):
-        r = run_cli([command, "--train-features", made["train"], "--val-features", made["val"],
-                     "--output", tmp_path / command, "--quiet", *(["--epochs", "1"] if command == "linear" else [])])
+        r = run_cli(
+            [
+                command,
+                "--train-features",
+                made["train"],
+                "--val-features",
+                made["val"],
+                "--output",
+                tmp_path / command,
+                "--quiet",
+                *(["--epochs", "1"] if command == "linear" else []),
+            ]
+        )
         assert_refused(r, "non-finite values (NaN or inf)")
 
 
@@ -191,10 +238,16 @@ def test_features_into_a_read_only_folder_is_refused_before_the_work(tmp_path, t
     locked.mkdir()
     locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
-        if os.access(locked, os.W_OK):  # root writes anyway: the permission check sees the folder as others do
+        if os.access(
+            locked, os.W_OK
+        ):  # root writes anyway: the permission check sees the folder as others do
             real_access = os.access
             monkeypatch.setattr(
-                os, "access", lambda p, mode, **kw: False if Path(p) == locked and mode & os.W_OK else real_access(p, mode, **kw)
+                os,
+                "access",
+                lambda p, mode, **kw: (
+                    False if Path(p) == locked and mode & os.W_OK else real_access(p, mode, **kw)
+                ),
             )
         r = _features(data, locked / "f.pt", tiny1)
         assert_refused(r, f"The folder {locked} is not writable")
@@ -206,8 +259,22 @@ def test_features_into_a_read_only_folder_is_refused_before_the_work(tmp_path, t
 def test_synth_overwrite_leaves_a_users_folder_alone(tmp_path):
     out = tmp_path / "photos"
     make_image(out / "train" / "myclass" / "photo.png", size=(16, 16))
-    r = run_cli(["synth", "classify", "--output", out, "--classes", "1", "--per-class", "2", "--image-size", "16",
-                 "--overwrite", "--quiet"])
+    r = run_cli(
+        [
+            "synth",
+            "classify",
+            "--output",
+            out,
+            "--classes",
+            "1",
+            "--per-class",
+            "2",
+            "--image-size",
+            "16",
+            "--overwrite",
+            "--quiet",
+        ]
+    )
     assert_refused(r, "did not write")
     assert (out / "train" / "myclass" / "photo.png").is_file()
 
@@ -215,17 +282,35 @@ def test_synth_overwrite_leaves_a_users_folder_alone(tmp_path):
 # -- COCO ------------------------------------------------------------------------------------------
 def _coco(tmp_path: Path, segmentation) -> Path:
     make_image(tmp_path / "images" / "a.png", size=(32, 32))
-    data = {"images": [{"id": 1, "file_name": "a.png", "height": 32, "width": 32}],
-            "annotations": [{"id": 4, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": segmentation}],
-            "categories": [{"id": 1, "name": "thing"}]}
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 32, "width": 32}],
+        "annotations": [
+            {"id": 4, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": segmentation}
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(data))
     return path
 
 
 def _attn_coco(tmp_path: Path, ann: Path, weights: Path, out: str):
-    return run_cli(["attn", "--images", tmp_path / "images", "--coco", ann, "-w", weights, "--image-size", "32",
-                    "-o", tmp_path / out, "-q"])
+    return run_cli(
+        [
+            "attn",
+            "--images",
+            tmp_path / "images",
+            "--coco",
+            ann,
+            "-w",
+            weights,
+            "--image-size",
+            "32",
+            "-o",
+            tmp_path / out,
+            "-q",
+        ]
+    )
 
 
 def test_coco_huge_coordinates_are_cut_to_the_image(tmp_path, tiny1):
@@ -278,7 +363,20 @@ def test_davis_folders_with_wrong_sizes_missing_frames_or_an_unknown_split_are_o
     gt.rename(root / "Annotations" / "480p")
     (root / "ImageSets" / "2017").mkdir(parents=True)
     (root / "ImageSets" / "2017" / "val.txt").write_text("ellipses-drift\n")
-    r = run_cli(["davis-score", "--gt", root, "--pred", pred, "--split", "vall", "--output", tmp_path / "s3", "--quiet"])
+    r = run_cli(
+        [
+            "davis-score",
+            "--gt",
+            root,
+            "--pred",
+            pred,
+            "--split",
+            "vall",
+            "--output",
+            tmp_path / "s3",
+            "--quiet",
+        ]
+    )
     assert_refused(r, "vall.txt", "val")
 
 
@@ -315,8 +413,10 @@ def test_knn_and_pretrain_into_a_read_only_file_system_are_refused_before_the_wo
                 "--epochs", "1", "--quiet", "--output"]  # fmt: skip
     script = " ; ".join(
         [f"mount --bind -o ro {ro} {ro}"]
-        + [" ".join(map(__import__("shlex").quote, [*cmd, out])) + " ; echo rc=$?"
-           for cmd, out in ((knn, str(ro)), (knn, str(ro / "sub")), (pretrain, str(ro)))]
+        + [
+            " ".join(map(__import__("shlex").quote, [*cmd, out])) + " ; echo rc=$?"
+            for cmd, out in ((knn, str(ro)), (knn, str(ro / "sub")), (pretrain, str(ro)))
+        ]
     )
     r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], capture_output=True,
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
@@ -327,7 +427,9 @@ def test_knn_and_pretrain_into_a_read_only_file_system_are_refused_before_the_wo
     assert "Traceback" not in text and "epoch 1" not in text
 
 
-def test_a_read_only_output_folder_is_refused_before_the_work_even_for_root(tmp_path, feature_files, monkeypatch):
+def test_a_read_only_output_folder_is_refused_before_the_work_even_for_root(
+    tmp_path, feature_files, monkeypatch
+):
     """The same check where no mount can be made: the file system's refusal (EROFS) is what the write in
     the folder raises, so the sentence comes from the check that writes the lock, before the work."""
     import errno
@@ -347,7 +449,9 @@ def test_a_read_only_output_folder_is_refused_before_the_work_even_for_root(tmp_
     monkeypatch.setattr(dinokit.io.tempfile, "mkstemp", mkstemp)
     r = run_cli(["knn", "--train-features", feature_files[0], "--val-features", feature_files[1], "--k", "3",
                  "--output", out, "--quiet"])  # fmt: skip
-    assert_refused(r, f"The output folder {out} is not writable (read-only file system); choose another --output.")
+    assert_refused(
+        r, f"The output folder {out} is not writable (read-only file system); choose another --output."
+    )
     assert not list(out.iterdir())
 
 
@@ -357,9 +461,17 @@ def test_an_image_that_becomes_too_many_tokens_is_refused_with_the_size_that_fit
     Image.fromarray(np.zeros((2000, 16, 3), np.uint8)).save(tmp_path / "strip.png")
     make_image(tmp_path / "ok.png", size=(32, 32))
     out = tmp_path / "maps"
-    r = run_cli(["attn", tmp_path / "ok.png", tmp_path / "strip.png", "-w", tiny1, "--keep-aspect", "-o", out, "-q"])
-    assert_refused(r, "strip.png (16x2000 pixels) at --image-size 480 with --keep-aspect becomes 480x60000 pixels",
-                   "112500 tokens", "limit of 100000", "use --image-size 457 or less for it", "--max-tokens")
+    r = run_cli(
+        ["attn", tmp_path / "ok.png", tmp_path / "strip.png", "-w", tiny1, "--keep-aspect", "-o", out, "-q"]
+    )
+    assert_refused(
+        r,
+        "strip.png (16x2000 pixels) at --image-size 480 with --keep-aspect becomes 480x60000 pixels",
+        "112500 tokens",
+        "limit of 100000",
+        "use --image-size 457 or less for it",
+        "--max-tokens",
+    )
     assert not out.exists()  # refused before any map was written
     r = run_cli(["attn", tmp_path / "strip.png", "-w", tiny1, "--image-size", "0", "--max-tokens", "100",
                  "-o", out, "-q"])  # fmt: skip
@@ -369,7 +481,11 @@ def test_an_image_that_becomes_too_many_tokens_is_refused_with_the_size_that_fit
 def test_the_size_that_fits_is_the_largest_within_the_limit():
     from dinokit.eval.attention import largest_image_size, resized_size
 
-    for w, h, keep, p, limit in [(16, 2000, True, 16, 100_000), (640, 480, False, 8, 5000), (30, 900, True, 14, 777)]:
+    for w, h, keep, p, limit in [
+        (16, 2000, True, 16, 100_000),
+        (640, 480, False, 8, 5000),
+        (30, 900, True, 14, 777),
+    ]:
         s = largest_image_size(w, h, keep, p, limit)
         tokens = [(a // p) * (b // p) for a, b in (resized_size(w, h, t, keep) for t in (s, s + 1))]
         assert tokens[0] <= limit < tokens[1], (w, h, s, tokens)
@@ -393,7 +509,9 @@ def test_option_values_longer_than_a_path_can_be_are_one_sentence(tmp_path):
     assert_refused(r, "--weights is 5000 characters long, longer than any path (4096 characters at most)")
     r = run_cli(["knn", "--weights", "w/" + "b" * 300, "--train", tmp_path, "--val", tmp_path, "--output",
                  tmp_path / "k"])  # fmt: skip
-    assert_refused(r, "--weights holds a name of 300 characters, longer than a file name can be (255 at most)")
+    assert_refused(
+        r, "--weights holds a name of 300 characters, longer than a file name can be (255 at most)"
+    )
     r = run_cli(["knn", "--train-features", tmp_path / "t.pt", "--val-features", tmp_path / "v.pt", "--output",
                  tmp_path / ("c" * 400)])  # fmt: skip
     assert_refused(r, "--output holds a name of 400 characters")
@@ -405,7 +523,9 @@ def test_two_values_for_one_option_are_refused(tmp_path):
                  tmp_path, "--output", tmp_path / "k"])  # fmt: skip
     assert_refused(r, "--weights was given 2 times with different values (--pretrained_weights a.pth, --weights "
                       "random); give it once.")  # fmt: skip
-    r = run_cli(["features", "-w", "random", "--weights=dino_vits16", "--data", tmp_path, "-o", tmp_path / "f.pt"])
+    r = run_cli(
+        ["features", "-w", "random", "--weights=dino_vits16", "--data", tmp_path, "-o", tmp_path / "f.pt"]
+    )
     assert_refused(r, "--weights was given 2 times", "(-w random, --weights dino_vits16)")
     r = run_cli(["features", "--avgpool-patch-tokens", "--avgpool-patch-tokens", "--weights", "random", "--data",
                  tmp_path / "none", "-o", tmp_path / "f.pt"])  # fmt: skip
@@ -466,7 +586,9 @@ def test_knn_says_csv_is_not_read_back(tmp_path, feature_files):
     (tmp_path / "x.csv").write_text("path,f0\na.png,1.0\n")
     r = run_cli(["knn", "--train-features", tmp_path / "x.csv", "--val-features", feature_files[1], "--output",
                  tmp_path / "k"])  # fmt: skip
-    assert_refused(r, "x.csv is a CSV file, which dinokit writes for spreadsheets and pandas but does not read back")
+    assert_refused(
+        r, "x.csv is a CSV file, which dinokit writes for spreadsheets and pandas but does not read back"
+    )
     assert "weights only" not in r.text.lower()
 
 
@@ -483,7 +605,9 @@ def test_davis_frames_too_small_for_the_rounding_say_so(tmp_path):
     from dinokit.data.davis import propagation_size
     from dinokit.errors import DataError
 
-    with pytest.raises(DataError, match="rounding down to a multiple of 64 makes 0; use --image-size 48 or more"):
+    with pytest.raises(
+        DataError, match="rounding down to a multiple of 64 makes 0; use --image-size 48 or more"
+    ):
         propagation_size(30, 40, short_side=32)
     assert propagation_size(30, 40, short_side=48) == (48, 64)
 
@@ -512,7 +636,9 @@ def test_an_unreachable_hugging_face_hub_is_said_at_once(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    with pytest.raises(CheckpointError, match="not in the Hugging Face cache and huggingface.co cannot be reached"):
+    with pytest.raises(
+        CheckpointError, match="not in the Hugging Face cache and huggingface.co cannot be reached"
+    ):
         fetch_hf_weights("facebook/dinov2-small")
     assert not tried_online
 

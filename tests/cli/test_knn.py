@@ -18,8 +18,20 @@ SMALL = ["--resize", "32", "--image-size", "32", "--batch-size", "8", "--quiet"]
 
 def test_cli_knn_writes_metrics_and_reuses_cached_features(labelled_folder, tiny4_weights, tmp_path):
     out = tmp_path / "knn"
-    args = ["knn", "--weights", str(tiny4_weights), "--train", str(labelled_folder / "train"),
-            "--val", str(labelled_folder / "val"), "--k", "1,5,20", "--output", str(out), *SMALL]
+    args = [
+        "knn",
+        "--weights",
+        str(tiny4_weights),
+        "--train",
+        str(labelled_folder / "train"),
+        "--val",
+        str(labelled_folder / "val"),
+        "--k",
+        "1,5,20",
+        "--output",
+        str(out),
+        *SMALL,
+    ]
     r = run_cli(args)
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
@@ -43,8 +55,20 @@ def test_cli_knn_writes_metrics_and_reuses_cached_features(labelled_folder, tiny
     assert r.exit_code == 0, r.output
     assert (out / "train_features.pt").stat().st_mtime_ns == mtime
     # from feature files, with no images
-    r = run_cli(["knn", "--train-features", str(out / "train_features.pt"), "--val-features",
-                 str(out / "val_features.pt"), "--k", "5", "--output", str(tmp_path / "k2"), "--quiet"])
+    r = run_cli(
+        [
+            "knn",
+            "--train-features",
+            str(out / "train_features.pt"),
+            "--val-features",
+            str(out / "val_features.pt"),
+            "--k",
+            "5",
+            "--output",
+            str(tmp_path / "k2"),
+            "--quiet",
+        ]
+    )
     assert r.exit_code == 0, r.output
     m2 = json.loads((tmp_path / "k2" / "metrics.json").read_text())
     assert m2["knn"]["5"] == m["knn"]["5"]
@@ -56,8 +80,20 @@ def test_cli_knn_one_test_image(labelled_folder, tiny4_weights, tmp_path):
     val = tmp_path / "val1"
     (val / "green").mkdir(parents=True)
     shutil.copy(labelled_folder / "val" / "green" / "0.png", val / "green" / "0.png")
-    r = run_cli(["knn", "--weights", str(tiny4_weights), "--train", str(labelled_folder / "train"), "--val", str(val),
-                 "--output", str(tmp_path / "o"), *SMALL])
+    r = run_cli(
+        [
+            "knn",
+            "--weights",
+            str(tiny4_weights),
+            "--train",
+            str(labelled_folder / "train"),
+            "--val",
+            str(val),
+            "--output",
+            str(tmp_path / "o"),
+            *SMALL,
+        ]
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert set(m["knn"]) == {"10", "20", "100", "200"}  # 100 and 200 clamped to the 18 training images
@@ -73,17 +109,39 @@ def test_cli_knn_bad_input(labelled_folder, tiny4_weights, tmp_path):
     val = tmp_path / "val_extra"
     shutil.copytree(labelled_folder / "val", val)
     shutil.copytree(labelled_folder / "val" / "red", val / "purple")
-    r = run_cli([*base, "--train", str(labelled_folder / "train"), "--val", str(val), "--output", str(tmp_path / "a")])
+    r = run_cli(
+        [*base, "--train", str(labelled_folder / "train"), "--val", str(val), "--output", str(tmp_path / "a")]
+    )
     assert r.exit_code == 2 and "classes the training set lacks: purple" in r.text
     assert "Traceback" not in r.text
     # an empty folder
     nothing = tmp_path / "nothing"
     nothing.mkdir()
-    r = run_cli([*base, "--train", str(nothing), "--val", str(labelled_folder / "val"), "--output", str(tmp_path / "b")])
+    r = run_cli(
+        [
+            *base,
+            "--train",
+            str(nothing),
+            "--val",
+            str(labelled_folder / "val"),
+            "--output",
+            str(tmp_path / "b"),
+        ]
+    )
     assert r.exit_code == 2 and "is empty" in r.text and "Traceback" not in r.text
     # class folders without images
     (nothing / "red").mkdir()
-    r = run_cli([*base, "--train", str(nothing), "--val", str(labelled_folder / "val"), "--output", str(tmp_path / "c")])
+    r = run_cli(
+        [
+            *base,
+            "--train",
+            str(nothing),
+            "--val",
+            str(labelled_folder / "val"),
+            "--output",
+            str(tmp_path / "c"),
+        ]
+    )
     assert r.exit_code == 2 and "holds no images" in r.text and "Traceback" not in r.text
 
 

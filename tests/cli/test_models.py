@@ -29,7 +29,10 @@ def test_models_lists_the_tables_and_the_cache(tmp_path):
     assert data["torch_hub_cache"] == str(cache)
     vits16 = next(p for p in data["presets"] if p["name"] == "dino_vits16")
     assert vits16["file"] == "dino_deitsmall16_pretrain.pth" and vits16["cached"] is False
-    assert vits16["url"] == "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"
+    assert (
+        vits16["url"]
+        == "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"
+    )
     # a file put into the cache by hand shows as cached
     cache.mkdir(parents=True, exist_ok=True)
     dinokit.save_backbone(tiny_vit(), cache / "dino_deitsmall16_pretrain.pth")

@@ -30,8 +30,19 @@ def test_pictures_and_arrays_of_non_square_images(tmp_path, tiny2_weights):
     make_image(tmp_path / "in" / "sub" / "tall.jpg", size=(40, 90), seed=2, color=(30, 200, 30))
     make_image(tmp_path / "square.png", size=(48, 48), seed=3)
     out = tmp_path / "out"
-    r = run(tmp_path / "in", tmp_path / "square.png", "-w", tiny2_weights, "--image-size", 32, "--parts", 3,
-            "-o", out, "-q")
+    r = run(
+        tmp_path / "in",
+        tmp_path / "square.png",
+        "-w",
+        tiny2_weights,
+        "--image-size",
+        32,
+        "--parts",
+        3,
+        "-o",
+        out,
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     # shorter side 32, the longer scaled and cropped to whole patches
     expect = {"wide": (2, 3), "tall": (4, 2), "square": (2, 2)}
@@ -56,7 +67,11 @@ def test_pictures_and_arrays_of_non_square_images(tmp_path, tiny2_weights):
     assert m["per_image"]["tall"]["grid"] == [4, 2] and m["per_image"]["tall"]["input_size"] == [32, 64]
     assert m["config"]["parts"] == 3 and m["config"]["foreground"] is True
     fg = np.concatenate([np.load(out / n / "foreground.npy").ravel() for n in expect])
-    assert m["foreground_fraction"] == pytest.approx(fg.mean()) == pytest.approx(m["first_component_above_threshold"])
+    assert (
+        m["foreground_fraction"]
+        == pytest.approx(fg.mean())
+        == pytest.approx(m["first_component_above_threshold"])
+    )
     # the pictures' foreground is the recorded threshold applied to the first component
     for name in expect:
         f = np.load(out / name / "first_component.npy")
@@ -64,16 +79,45 @@ def test_pictures_and_arrays_of_non_square_images(tmp_path, tiny2_weights):
 
     r = run(tmp_path / "square.png", "-w", tiny2_weights, "--image-size", 32, "-o", out, "-q")
     assert_one_sentence(r, "already holds results", "--overwrite")
-    r = run(tmp_path / "square.png", "-w", tiny2_weights, "--image-size", 32, "--threshold", 0.5,
-            "--parts", 2, "--no-foreground", "-o", out, "-q", "--overwrite")
+    r = run(
+        tmp_path / "square.png",
+        "-w",
+        tiny2_weights,
+        "--image-size",
+        32,
+        "--threshold",
+        0.5,
+        "--parts",
+        2,
+        "--no-foreground",
+        "-o",
+        out,
+        "-q",
+        "--overwrite",
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["first_component"]["threshold"] == 0.5 and m["first_component"]["threshold_method"] == "given"
     assert "every patch" in m["colours"] and np.load(out / "square" / "foreground.npy").all()
     assert m["foreground_fraction"] == 1.0 and 0 <= m["first_component_above_threshold"] <= 1
     assert "every patch coloured" in r.text
-    r = run(tmp_path / "square.png", "-w", tiny2_weights, "--image-size", 32, "--parts", 2, "--mean", "0.5,0.5,0.5",
-            "--std", "0.25,0.25,0.25", "-o", out, "-q", "--overwrite")
+    r = run(
+        tmp_path / "square.png",
+        "-w",
+        tiny2_weights,
+        "--image-size",
+        32,
+        "--parts",
+        2,
+        "--mean",
+        "0.5,0.5,0.5",
+        "--std",
+        "0.25,0.25,0.25",
+        "-o",
+        out,
+        "-q",
+        "--overwrite",
+    )
     assert r.exit_code == 0, r.output
     norm = json.loads((out / "metrics.json").read_text())["config"]["normalization"]
     assert norm["mean"] == [0.5] * 3 and norm["std"] == [0.25] * 3
@@ -82,25 +126,42 @@ def test_pictures_and_arrays_of_non_square_images(tmp_path, tiny2_weights):
 def test_unreadable_images_are_skipped_and_counted_or_stop_with_strict(tmp_path, tiny2_weights):
     make_image(tmp_path / "in" / "a.png", size=(40, 40))
     (tmp_path / "in" / "broken.png").write_bytes(b"not a picture")
-    r = run(tmp_path / "in", "-w", tiny2_weights, "--image-size", 32, "--parts", 2, "-o", tmp_path / "out", "-q")
+    r = run(
+        tmp_path / "in", "-w", tiny2_weights, "--image-size", 32, "--parts", 2, "-o", tmp_path / "out", "-q"
+    )
     assert r.exit_code == 0, r.output
     assert "1 unreadable image skipped" in r.text
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["images"] == 1 and m["skipped_images"] == 1
-    r = run(tmp_path / "in", "-w", tiny2_weights, "--image-size", 32, "-o", tmp_path / "out2", "-q", "--strict")
+    r = run(
+        tmp_path / "in", "-w", tiny2_weights, "--image-size", 32, "-o", tmp_path / "out2", "-q", "--strict"
+    )
     assert_one_sentence(r, "broken.png")
 
 
 def test_refusals_in_one_sentence(tmp_path, tiny2_weights):
     make_image(tmp_path / "a.png", size=(400, 40))
-    r = run(tmp_path / "a.png", "-w", tiny2_weights, "--image-size", 320, "--max-tokens", 100, "-o", tmp_path / "o", "-q")
+    r = run(
+        tmp_path / "a.png",
+        "-w",
+        tiny2_weights,
+        "--image-size",
+        320,
+        "--max-tokens",
+        100,
+        "-o",
+        tmp_path / "o",
+        "-q",
+    )
     assert_one_sentence(r, "--image-size")
     assert not (tmp_path / "o").exists()
     r = run(tmp_path / "missing", "-w", tiny2_weights, "-o", tmp_path / "o", "-q")
     assert r.exit_code == 2 and "Traceback" not in r.output
     r = run(tmp_path / "a.png", "-w", "random", "--arch", "resnet50", "-o", tmp_path / "o", "-q")
     assert_one_sentence(r, "ViT")
-    r = run(tmp_path / "a.png", "-w", tiny2_weights, "--image-size", 32, "--parts", 50, "-o", tmp_path / "o", "-q")
+    r = run(
+        tmp_path / "a.png", "-w", tiny2_weights, "--image-size", 32, "--parts", 50, "-o", tmp_path / "o", "-q"
+    )
     assert_one_sentence(r, "--parts 50")
     assert not (tmp_path / "o").exists()  # a run refused on its images leaves no empty folder
 
@@ -112,7 +173,9 @@ def test_generations_with_registers_give_the_patch_grid(tmp_path, arch):
     weights = dinokit.save_backbone(model, tmp_path / "w.pth") or tmp_path / "w.pth"
     p = model.patch_size
     make_image(tmp_path / "a.png", size=(60, 40))
-    r = run(tmp_path / "a.png", "-w", weights, "--image-size", 2 * p, "--parts", 2, "-o", tmp_path / "out", "-q")
+    r = run(
+        tmp_path / "a.png", "-w", weights, "--image-size", 2 * p, "--parts", 2, "-o", tmp_path / "out", "-q"
+    )
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "out" / "a" / "parts.npy").shape == (2, 3)  # 2p x 3p: no register entries
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]["arch"] == arch

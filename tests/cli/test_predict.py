@@ -148,7 +148,9 @@ def test_model_that_is_not_a_dinokit_model(tmp_path, trained):
 
 def test_output_rules(trained, tmp_path):
     model_file, data = trained
-    r = run_cli(["predict", "--model", str(model_file), str(data / "val"), "--output", str(tmp_path / "p.txt")])
+    r = run_cli(
+        ["predict", "--model", str(model_file), str(data / "val"), "--output", str(tmp_path / "p.txt")]
+    )
     assert "must end in .csv or .json" in error_sentence(r)
     existing = tmp_path / "p.csv"
     existing.write_text("keep")

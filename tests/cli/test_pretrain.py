@@ -17,8 +17,25 @@ from dinokit.train.pretrain import pretrain
 from tests.helpers import load_state, run_cli, tiny_pretrain_config
 
 TINY = [
-    "--arch", "vit_tiny", "--depth", "2", "--batch-size", "8", "--out-dim", "256", "--local-crops", "2",
-    "--global-size", "32", "--local-size", "16", "--precision", "fp32", "--num-workers", "0", "--quiet",
+    "--arch",
+    "vit_tiny",
+    "--depth",
+    "2",
+    "--batch-size",
+    "8",
+    "--out-dim",
+    "256",
+    "--local-crops",
+    "2",
+    "--global-size",
+    "32",
+    "--local-size",
+    "16",
+    "--precision",
+    "fp32",
+    "--num-workers",
+    "0",
+    "--quiet",
 ]
 
 
@@ -35,7 +52,9 @@ def invoke(args):
 @pytest.fixture(scope="module")
 def straight(pretrain_images, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "straight"
-    res = invoke(["--data", str(pretrain_images), "--output", str(out), "--epochs", "2", "--save-every", "1", *TINY])
+    res = invoke(
+        ["--data", str(pretrain_images), "--output", str(out), "--epochs", "2", "--save-every", "1", *TINY]
+    )
     return out, res
 
 
@@ -48,8 +67,15 @@ def assert_same_state(a: dict, b: dict):
 def test_two_epochs_on_32_images_write_the_run_folder(straight):
     out, res = straight
     assert res.exit_code == 0, res.output
-    for name in ("config.json", "log.jsonl", "checkpoint.pth", "checkpoint0001.pth", "checkpoint0002.pth",
-                 "backbone.pth", "metrics.json"):
+    for name in (
+        "config.json",
+        "log.jsonl",
+        "checkpoint.pth",
+        "checkpoint0001.pth",
+        "checkpoint0002.pth",
+        "backbone.pth",
+        "metrics.json",
+    ):
         assert (out / name).is_file(), name
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
@@ -142,11 +168,23 @@ def test_sigterm_to_a_running_process_leaves_a_resumable_checkpoint(pretrain_ima
     # a data worker too, and the signal goes to the whole process group (as `kill -TERM -PGID`, a
     # batch scheduler or a container stop would send it): the workers must leave it to the main process
     args = [a if a != "0" or i == 0 or TINY[i - 1] != "--num-workers" else "1" for i, a in enumerate(TINY)]
-    cmd = [sys.executable, "-m", "dinokit", "pretrain", "--data", str(pretrain_images), "--output", str(out),
-           "--epochs", "50", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dinokit",
+        "pretrain",
+        "--data",
+        str(pretrain_images),
+        "--output",
+        str(out),
+        "--epochs",
+        "50",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / "log.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:

@@ -45,11 +45,45 @@ def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "run"
     dumps = tmp_path / "dumps"
     dumps.mkdir()
-    args = ["pretrain", "--data", str(data), "--output", str(out), "--arch", "vit_tiny", "--depth", "2",
-            "--epochs", "1", "--batch-size", "8", "--out-dim", "128", "--local-crops", "2", "--global-size", "32",
-            "--local-size", "16", "--precision", "fp32", "--num-workers", "0", "--quiet"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(script), str(dumps), *args]
+    args = [
+        "pretrain",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--arch",
+        "vit_tiny",
+        "--depth",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--out-dim",
+        "128",
+        "--local-crops",
+        "2",
+        "--global-size",
+        "32",
+        "--local-size",
+        "16",
+        "--precision",
+        "fp32",
+        "--num-workers",
+        "0",
+        "--quiet",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        str(dumps),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DINOKIT_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -65,9 +65,19 @@ def _independent(weights, root, imsize, multiscale=False, crop=False):
             if not multiscale:
                 v = model(x)
             else:
-                v = sum(model(x if s == 1 else torch.nn.functional.interpolate(x, scale_factor=s, mode="bilinear",
-                                                                               align_corners=False))
-                        for s in (1, 2 ** -0.5, 0.5)) / 3
+                v = (
+                    sum(
+                        model(
+                            x
+                            if s == 1
+                            else torch.nn.functional.interpolate(
+                                x, scale_factor=s, mode="bilinear", align_corners=False
+                            )
+                        )
+                        for s in (1, 2**-0.5, 0.5)
+                    )
+                    / 3
+                )
                 v = v / v.norm()
         return (v / v.norm(dim=1, keepdim=True))[0]
 
@@ -90,8 +100,22 @@ def _independent(weights, root, imsize, multiscale=False, crop=False):
 @pytest.mark.parametrize("multiscale,crop", [(False, False), (True, False), (False, True)])
 def test_retrieval_cli_end_to_end(mini_oxford, tiny2_weights, tmp_path, multiscale, crop):
     out = tmp_path / "run"
-    args = ["retrieval", "--data", str(mini_oxford), "--dataset", "roxford5k", "--weights", str(tiny2_weights),
-            "--image-size", "48", "--output", str(out), "--device", "cpu", "--quiet"]
+    args = [
+        "retrieval",
+        "--data",
+        str(mini_oxford),
+        "--dataset",
+        "roxford5k",
+        "--weights",
+        str(tiny2_weights),
+        "--image-size",
+        "48",
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     res = run_cli(args + (["--multiscale"] if multiscale else []) + (["--crop-queries"] if crop else []))
     assert res.exit_code == 0, res.output
     m = json.loads((out / "metrics.json").read_text())
@@ -100,19 +124,33 @@ def test_retrieval_cli_end_to_end(mini_oxford, tiny2_weights, tmp_path, multisca
     want = _independent(tiny2_weights, mini_oxford, 48, multiscale, crop)
     if crop:  # the fixture's boxes change the scores, so the test tells the two protocols apart
         other = _independent(tiny2_weights, mini_oxford, 48, multiscale, not crop)
-        assert any(abs(want[p][0] - other[p][0]) > 1e-3 or any(abs(want[p][1] - other[p][1]) > 1e-3)
-                   for p in ("medium", "hard"))
+        assert any(
+            abs(want[p][0] - other[p][0]) > 1e-3 or any(abs(want[p][1] - other[p][1]) > 1e-3)
+            for p in ("medium", "hard")
+        )
     for proto in ("medium", "hard"):
         assert m["mAP"][proto] == pytest.approx(want[proto][0], abs=1e-3)
-        assert [m["mP@k"][proto][k] for k in ("1", "5", "10")] == pytest.approx(list(want[proto][1]), abs=1e-3)
+        assert [m["mP@k"][proto][k] for k in ("1", "5", "10")] == pytest.approx(
+            list(want[proto][1]), abs=1e-3
+        )
         assert 0 <= m["mAP"][proto] <= 100
     assert m["config"]["multiscale"] is multiscale
     assert "Medium" in res.output and "mP@10" in res.output
 
 
 def test_retrieval_bad_input(mini_oxford, tiny2_weights, tmp_path):
-    base = ["retrieval", "--data", str(mini_oxford), "--weights", str(tiny2_weights), "--image-size", "48",
-            "--device", "cpu", "--quiet"]
+    base = [
+        "retrieval",
+        "--data",
+        str(mini_oxford),
+        "--weights",
+        str(tiny2_weights),
+        "--image-size",
+        "48",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     res = run_cli(base + ["--dataset", "rparis6k", "--output", str(tmp_path / "o1")])
     assert res.exit_code == 2 and "has no gnd_rparis6k.pkl" in _flat(res.output)
     res = run_cli(base + ["--dataset", "holidays", "--output", str(tmp_path / "o2")])

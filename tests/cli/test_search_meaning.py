@@ -31,19 +31,39 @@ def forwards(monkeypatch):
 
 
 def _dups(folder, out, weights, *extra):
-    return run_cli(["duplicates", folder, "-o", out, "-w", weights, "--image-size", 64, "--device", "cpu", "-q", *extra])
+    return run_cli(
+        ["duplicates", folder, "-o", out, "-w", weights, "--image-size", 64, "--device", "cpu", "-q", *extra]
+    )
 
 
 def _similar(query, folder, out, weights, *extra, size=64):
-    return run_cli(["similar", query, "--against", folder, "-o", out, "-w", weights, "--image-size", size,
-                    "--device", "cpu", "-q", *extra])
+    return run_cli(
+        [
+            "similar",
+            query,
+            "--against",
+            folder,
+            "-o",
+            out,
+            "-w",
+            weights,
+            "--image-size",
+            size,
+            "--device",
+            "cpu",
+            "-q",
+            *extra,
+        ]
+    )
 
 
 def test_similar_after_duplicates_reuses_every_descriptor(planted, tiny2_weights, tmp_path, forwards):  # noqa: F811
     folder, _ = planted
     r = _dups(folder, tmp_path / "dups", tiny2_weights)
     assert r.exit_code == 0, r.output
-    assert sum(forwards) == 13 and json.loads((tmp_path / "dups" / "metrics.json").read_text())["embedded"] == 13
+    assert (
+        sum(forwards) == 13 and json.loads((tmp_path / "dups" / "metrics.json").read_text())["embedded"] == 13
+    )
     forwards.clear()
     query = next(iter(sorted(folder.rglob("*.png"))))
     r = _similar(query, folder, tmp_path / "sim", tiny2_weights, "--k", 3)

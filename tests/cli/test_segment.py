@@ -42,7 +42,11 @@ def test_a_run_writes_its_folder(setup, tmp_path):
     assert metrics["units"] == {"mIoU": "percent", "aAcc": "percent", "mAcc": "percent"}
     assert 0 <= metrics["segmentation"]["mIoU"] <= 100
     rows = (out / "per_class.csv").read_text().splitlines()
-    assert rows[0].startswith("class_id,class,iou_percent") and len(rows) == 5 and rows[1].split(",")[1] == "background"
+    assert (
+        rows[0].startswith("class_id,class,iou_percent")
+        and len(rows) == 5
+        and rows[1].split(",")[1] == "background"
+    )
     head = torch.load(out / "head.pth", weights_only=True)
     assert head["classes"] == ["background", "circle", "square", "triangle"] and head["blocks"] == 1
     assert head["backbone"]["arch"] == "vit_tiny" and head["normalisation"]["mean"][0] == pytest.approx(0.485)
@@ -81,7 +85,9 @@ def test_a_head_segments_new_images_of_any_size(setup, tmp_path):
     assert run_cli(_args(data, weights, run)).exit_code == 0
     image = make_image(tmp_path / "new.png", size=(70, 45))
     out = tmp_path / "pred"
-    r = run_cli(["segment", "--head", run / "head.pth", image, "--weights", weights, "--output", out, "--quiet"])
+    r = run_cli(
+        ["segment", "--head", run / "head.pth", image, "--weights", weights, "--output", out, "--quiet"]
+    )
     assert r.exit_code == 0, r.output
     assert Image.open(out / "new.png").size == (70, 45) and (out / "pictures" / "new_overlay.png").is_file()
     other = tmp_path / "other.pth"
@@ -89,7 +95,9 @@ def test_a_head_segments_new_images_of_any_size(setup, tmp_path):
     import dinokit
 
     dinokit.save_backbone(dinokit.build_backbone("vit_tiny", 16, depth=2), other)
-    r = run_cli(["segment", "--head", run / "head.pth", image, "--weights", other, "--output", tmp_path / "x"])
+    r = run_cli(
+        ["segment", "--head", run / "head.pth", image, "--weights", other, "--output", tmp_path / "x"]
+    )
     assert r.exit_code == 2 and "another backbone" in r.text and not (tmp_path / "x").exists()
 
 
@@ -135,7 +143,9 @@ def test_voc_split_file_naming_a_missing_image(setup, tmp_path):
     _, _, weights = setup
     voc = make_segment_dataset(tmp_path / "voc", layout="voc2012", classes=2, train=2, val=1, size=40).root
     (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("synth_val_00000\nnot_there\n")
-    r = run_cli(["segment", "--data", voc, "--dataset", "voc2012", "--weights", weights, "--output", tmp_path / "run"])
+    r = run_cli(
+        ["segment", "--data", voc, "--dataset", "voc2012", "--weights", weights, "--output", tmp_path / "run"]
+    )
     assert r.exit_code == 2 and "names not_there" in r.text and not (tmp_path / "run").exists()
 
 
@@ -168,7 +178,16 @@ def test_torchrun_two_processes_train_the_head_one_process_trains(setup, tmp_pat
     script.write_text(RANK_DUMP)
     two = tmp_path / "two"
     args = [str(a) for a in _args(data, weights, two, "--precision", "fp32", batch=2)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DINOKIT_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

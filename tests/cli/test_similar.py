@@ -23,8 +23,26 @@ def test_similar_ranks_an_exact_copy_first(tmp_path, tiny2_weights):
     shutil.copy(query, folder / "sub" / "zz_copy.png")  # byte for byte the query, under another name
     second = folder / "other_3.png"  # a query that is itself in the folder
     out = tmp_path / "out"
-    r = run_cli(["similar", query, second, "--against", folder, "--k", 3, "--weights", tiny2_weights,
-                 "--image-size", 64, "--device", "cpu", "--output", out, "--quiet"])
+    r = run_cli(
+        [
+            "similar",
+            query,
+            second,
+            "--against",
+            folder,
+            "--k",
+            3,
+            "--weights",
+            tiny2_weights,
+            "--image-size",
+            64,
+            "--device",
+            "cpu",
+            "--output",
+            out,
+            "--quiet",
+        ]
+    )
     assert r.exit_code == 0, r.output
     with open(out / "similar.csv") as f:
         rows = list(csv.DictReader(f))
@@ -48,19 +66,54 @@ def test_similar_ranks_an_exact_copy_first(tmp_path, tiny2_weights):
     assert sheet.shape[0] > 2 * 128 and sheet.shape[1] > 4 * 128  # two rows: the query and its 3 matches
     assert json.loads((out / "metrics.json").read_text())["n_against"] == 7
     # a second run reuses every stored descriptor
-    r = run_cli(["similar", query, "--against", folder, "--weights", tiny2_weights, "--image-size", 64,
-                 "--device", "cpu", "--output", out, "--overwrite"])
+    r = run_cli(
+        [
+            "similar",
+            query,
+            "--against",
+            folder,
+            "--weights",
+            tiny2_weights,
+            "--image-size",
+            64,
+            "--device",
+            "cpu",
+            "--output",
+            out,
+            "--overwrite",
+        ]
+    )
     assert r.exit_code == 0, r.output
     assert "embedded 0 new images" in " ".join(r.output.split())
 
 
 def test_similar_bad_input_is_one_sentence(tmp_path, tiny2_weights):
     smooth_photo(0).save(tmp_path / "q.png")
-    r = run_cli(["similar", tmp_path / "q.png", "--against", tmp_path / "missing", "--weights", tiny2_weights,
-                 "--output", tmp_path / "o"])
+    r = run_cli(
+        [
+            "similar",
+            tmp_path / "q.png",
+            "--against",
+            tmp_path / "missing",
+            "--weights",
+            tiny2_weights,
+            "--output",
+            tmp_path / "o",
+        ]
+    )
     assert r.exit_code == 2 and "does not exist" in " ".join(r.output.split()), r.output
-    r = run_cli(["similar", tmp_path / "nope.png", "--against", tmp_path, "--weights", tiny2_weights,
-                 "--output", tmp_path / "o2"])
+    r = run_cli(
+        [
+            "similar",
+            tmp_path / "nope.png",
+            "--against",
+            tmp_path,
+            "--weights",
+            tiny2_weights,
+            "--output",
+            tmp_path / "o2",
+        ]
+    )
     assert r.exit_code == 2 and "does not exist" in " ".join(r.output.split()), r.output
 
 

@@ -75,7 +75,9 @@ def test_root_help_and_version_import_no_torch(args):
 def test_command_help_imports_no_torch(path):
     code, heavy, err = run_cli(*path, "--help")
     assert code == 0, err
-    assert heavy == [], f"dinokit {' '.join(path)} --help imported {heavy}: keep them inside the command's body"
+    assert heavy == [], (
+        f"dinokit {' '.join(path)} --help imported {heavy}: keep them inside the command's body"
+    )
 
 
 #: values for required options that are not paths
@@ -96,7 +98,9 @@ def _args_with_output(path, command, output: Path, inputs: Path) -> list[str]:
             args += ["--output", str(output)]
         elif p.name == "weights":
             args += ["--weights", "random"]
-        elif p.required or (p.name in _INPUTS and p.param_type_name == "option" and _takes_a_path(command, p.name)):
+        elif p.required or (
+            p.name in _INPUTS and p.param_type_name == "option" and _takes_a_path(command, p.name)
+        ):
             value = _VALUES.get(p.name, str(inputs))
             args += [max(p.opts, key=len), value] if p.param_type_name == "option" else [value]
     return args
@@ -145,7 +149,9 @@ def test_missing_weights_is_refused_without_torch(command, tmp_path):
 
 def test_unknown_preset_and_missing_weights_file_are_refused_without_torch(tmp_path):
     (tmp_path / "photos").mkdir()
-    code, heavy, err = run_cli("duplicates", tmp_path / "photos", "-o", tmp_path / "out", "--weights", "dino_vits61")
+    code, heavy, err = run_cli(
+        "duplicates", tmp_path / "photos", "-o", tmp_path / "out", "--weights", "dino_vits61"
+    )
     assert code == 2 and "Unknown weights 'dino_vits61'" in err, err
     assert heavy == []
     code, heavy, err = run_cli("knn", "-o", tmp_path / "out", "--train", tmp_path / "photos", "--val",
@@ -199,12 +205,19 @@ def test_training_commands_name_their_runs_as_the_recipes_do():
     ("args", "sentence"),
     [
         (["pretrain", "--data", "{tmp}/nowhere"], "The data folder {tmp}/nowhere does not exist."),
-        (["knn", "--train", "{tmp}/nowhere", "--val", "{tmp}", "--weights", "random"],
-         "The folder {tmp}/nowhere does not exist."),
-        (["features", "--data", "{tmp}/nowhere", "--weights", "random"], "The folder {tmp}/nowhere does not exist."),
+        (
+            ["knn", "--train", "{tmp}/nowhere", "--val", "{tmp}", "--weights", "random"],
+            "The folder {tmp}/nowhere does not exist.",
+        ),
+        (
+            ["features", "--data", "{tmp}/nowhere", "--weights", "random"],
+            "The folder {tmp}/nowhere does not exist.",
+        ),
         (["duplicates", "{tmp}/nowhere", "--weights", "random"], "The folder {tmp}/nowhere does not exist."),
-        (["similar", "{tmp}", "--against", "{tmp}/nowhere", "--weights", "random"],
-         "The folder given with --against {tmp}/nowhere does not exist."),
+        (
+            ["similar", "{tmp}", "--against", "{tmp}/nowhere", "--weights", "random"],
+            "The folder given with --against {tmp}/nowhere does not exist.",
+        ),
     ],
     ids=lambda v: v[0] if isinstance(v, list) else "",
 )

@@ -19,8 +19,23 @@ def invoke(*args: str):
 
 def test_classify_cli_layout_and_masks(tmp_path):
     out = tmp_path / "shapes"
-    r = invoke("synth", "classify", "--output", str(out), "--classes", "3", "--per-class", "4",
-             "--val-fraction", "0.25", "--image-size", "32", "--seed", "5", "-q")
+    r = invoke(
+        "synth",
+        "classify",
+        "--output",
+        str(out),
+        "--classes",
+        "3",
+        "--per-class",
+        "4",
+        "--val-fraction",
+        "0.25",
+        "--image-size",
+        "32",
+        "--seed",
+        "5",
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     assert "circle" in r.output and "train" in r.output
     classes = ["circle", "square", "triangle"]
@@ -51,19 +66,57 @@ def test_classify_refuses_nonempty_output_and_bad_options(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    r = invoke("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "1", "--image-size", "16")
+    r = invoke(
+        "synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "1", "--image-size", "16"
+    )
     assert r.exit_code == 2 and "--overwrite" in r.output
     # a folder synth did not write is refused even with --overwrite: nothing of the user's is deleted
-    r = invoke("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--image-size", "16",
-             "--overwrite", "-q")
+    r = invoke(
+        "synth",
+        "classify",
+        "--output",
+        str(out),
+        "--classes",
+        "1",
+        "--per-class",
+        "2",
+        "--image-size",
+        "16",
+        "--overwrite",
+        "-q",
+    )
     assert r.exit_code == 2 and "did not write" in r.output
     assert (out / "keep.txt").exists()
     (out / "keep.txt").unlink()
-    r = invoke("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--image-size", "16", "-q")
+    r = invoke(
+        "synth",
+        "classify",
+        "--output",
+        str(out),
+        "--classes",
+        "1",
+        "--per-class",
+        "2",
+        "--image-size",
+        "16",
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     (out / "keep.txt").write_text("x")
-    r = invoke("synth", "classify", "--output", str(out), "--classes", "1", "--per-class", "2", "--image-size", "16",
-             "--overwrite", "-q")
+    r = invoke(
+        "synth",
+        "classify",
+        "--output",
+        str(out),
+        "--classes",
+        "1",
+        "--per-class",
+        "2",
+        "--image-size",
+        "16",
+        "--overwrite",
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     assert (out / "keep.txt").exists()  # only the generator's own folders are replaced
     r = invoke("synth", "classify", "--output", str(tmp_path / "p"), "--classes", "500")
@@ -72,8 +125,25 @@ def test_classify_refuses_nonempty_output_and_bad_options(tmp_path):
 
 def test_classify_simple_style_files_and_exact_masks(tmp_path):
     out = tmp_path / "simple"
-    r = invoke("synth", "classify", "--output", str(out), "--classes", "3", "--per-class", "2",
-             "--val-fraction", "0.5", "--image-size", "32", "--seed", "4", "--style", "simple", "-q")
+    r = invoke(
+        "synth",
+        "classify",
+        "--output",
+        str(out),
+        "--classes",
+        "3",
+        "--per-class",
+        "2",
+        "--val-fraction",
+        "0.5",
+        "--image-size",
+        "32",
+        "--seed",
+        "4",
+        "--style",
+        "simple",
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     for ci, c in enumerate(["circle", "square", "triangle"]):
         for split, i in (("train", 0), ("val", 1)):
@@ -94,17 +164,29 @@ def test_classify_simple_style_files_and_exact_masks(tmp_path):
 def test_classify_style_options_are_checked(tmp_path):
     r = invoke("synth", "classify", "--output", str(tmp_path / "a"), "--style", "fancy", "--per-class", "1")
     assert r.exit_code == 2 and "--style" in r.output and "Traceback" not in r.output
-    r = invoke("synth", "classify", "--output", str(tmp_path / "b"), "--class-colour", "0.5", "--per-class", "1")
+    r = invoke(
+        "synth", "classify", "--output", str(tmp_path / "b"), "--class-colour", "0.5", "--per-class", "1"
+    )
     assert r.exit_code == 2 and "--style simple" in r.output
-    r = invoke("synth", "classify", "--output", str(tmp_path / "c"), "--style", "simple", "--class-colour", "2")
+    r = invoke(
+        "synth", "classify", "--output", str(tmp_path / "c"), "--style", "simple", "--class-colour", "2"
+    )
     assert r.exit_code == 2 and "--class-colour" in r.output
-    r = invoke("synth", "classify", "--output", str(tmp_path / "d"), "--class-texture", "0.5", "--per-class", "1")
+    r = invoke(
+        "synth", "classify", "--output", str(tmp_path / "d"), "--class-texture", "0.5", "--per-class", "1"
+    )
     assert r.exit_code == 2 and "--style simple" in r.output
-    r = invoke("synth", "classify", "--output", str(tmp_path / "e"), "--style", "simple", "--class-texture", "-1")
+    r = invoke(
+        "synth", "classify", "--output", str(tmp_path / "e"), "--style", "simple", "--class-texture", "-1"
+    )
     assert r.exit_code == 2 and "--class-texture" in r.output
-    r = invoke("synth", "classify", "--output", str(tmp_path / "f"), "--background", "grey", "--per-class", "1")
+    r = invoke(
+        "synth", "classify", "--output", str(tmp_path / "f"), "--background", "grey", "--per-class", "1"
+    )
     assert r.exit_code == 2 and "--style simple" in r.output
-    r = invoke("synth", "classify", "--output", str(tmp_path / "g"), "--style", "simple", "--background", "blue")
+    r = invoke(
+        "synth", "classify", "--output", str(tmp_path / "g"), "--style", "simple", "--background", "blue"
+    )
     assert r.exit_code == 2 and "--background" in r.output and "random, grey" in r.output
     assert not any((tmp_path / n).exists() for n in "abcdefg")
 
@@ -116,8 +198,27 @@ def test_grey_background_shares_one_colour_and_keeps_the_objects(tmp_path):
     sets = {}
     for bg in ("random", "grey"):
         out = tmp_path / bg
-        r = invoke("synth", "classify", "--output", str(out), "--classes", "3", "--per-class", "6", "--image-size", "48",
-                   "--style", "simple", "--class-texture", "1.0", "--background", bg, "--seed", "3", "-q")
+        r = invoke(
+            "synth",
+            "classify",
+            "--output",
+            str(out),
+            "--classes",
+            "3",
+            "--per-class",
+            "6",
+            "--image-size",
+            "48",
+            "--style",
+            "simple",
+            "--class-texture",
+            "1.0",
+            "--background",
+            bg,
+            "--seed",
+            "3",
+            "-q",
+        )
         assert r.exit_code == 0, r.output
         spreads, masks = [], []
         for img in sorted((out / "train").rglob("*.png")):
@@ -137,8 +238,25 @@ def test_video_cli_davis_layout(tmp_path):
     from dinokit.data.synth_video import draw_sequence
 
     out = tmp_path / "davis"
-    r = invoke("synth", "video", "--output", str(out), "--sequences", "2", "--frames", "4", "--height", "64",
-             "--width", "96", "--objects", "1-3", "--seed", "3", "-q")
+    r = invoke(
+        "synth",
+        "video",
+        "--output",
+        str(out),
+        "--sequences",
+        "2",
+        "--frames",
+        "4",
+        "--height",
+        "64",
+        "--width",
+        "96",
+        "--objects",
+        "1-3",
+        "--seed",
+        "3",
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     names = (out / "ImageSets" / "2017" / "val.txt").read_text().split()
     assert len(names) == 2 and len(set(names)) == 2
@@ -176,8 +294,20 @@ def test_video_is_deterministic_and_checks_options(tmp_path):
     assert a == b and a != c
     assert parse_object_range("2") == (2, 2) and parse_object_range("1-3") == (1, 3)
     for bad in ("3-1", "0", "x", "1-99"):
-        r = invoke("synth", "video", "--output", str(tmp_path / "bad"), "--objects", bad, "--frames", "2",
-                 "--height", "32", "--width", "32")
+        r = invoke(
+            "synth",
+            "video",
+            "--output",
+            str(tmp_path / "bad"),
+            "--objects",
+            bad,
+            "--frames",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "32",
+        )
         assert r.exit_code == 2 and "--objects" in r.output and "Traceback" not in r.output
 
 
@@ -189,8 +319,23 @@ def _thumb(path_or_img, side: int = 24) -> np.ndarray:
 @pytest.fixture(scope="module")
 def copydays_root(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cd") / "set"
-    r = invoke("synth", "copydays", "--output", str(out), "--originals", "6", "--distractors", "3",
-             "--whitening", "2", "--image-size", "64", "--seed", "4", "-q")
+    r = invoke(
+        "synth",
+        "copydays",
+        "--output",
+        str(out),
+        "--originals",
+        "6",
+        "--distractors",
+        "3",
+        "--whitening",
+        "2",
+        "--image-size",
+        "64",
+        "--seed",
+        "4",
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     return out
 
@@ -248,8 +393,12 @@ def test_copydays_copies_point_to_their_original(copydays_root):
             assert d.argmin() == i, (block, o.name)
     for o in originals:
         ref = np.asarray(Image.open(o).convert("RGB"), np.float32)
-        err = [np.abs(np.asarray(Image.open(cd / "jpegqual" / str(q) / o.name).convert("RGB"), np.float32) - ref).mean()
-               for q in (3, 20, 75)]
+        err = [
+            np.abs(
+                np.asarray(Image.open(cd / "jpegqual" / str(q) / o.name).convert("RGB"), np.float32) - ref
+            ).mean()
+            for q in (3, 20, 75)
+        ]
         assert err[0] > err[1] > err[2]
     for s in (cd / "strong").iterdir():
         orig = cd / "original" / f"{s.name[:4]}00.jpg"
@@ -258,8 +407,11 @@ def test_copydays_copies_point_to_their_original(copydays_root):
 
 def test_copydays_images_are_distinct(copydays_root):
     cd = copydays_root / "copydays"
-    paths = sorted((cd / "original").iterdir()) + sorted((copydays_root / "distractors").iterdir()) + sorted(
-        (copydays_root / "whitening").iterdir())
+    paths = (
+        sorted((cd / "original").iterdir())
+        + sorted((copydays_root / "distractors").iterdir())
+        + sorted((copydays_root / "whitening").iterdir())
+    )
     t = np.stack([_thumb(p) for p in paths])
     d = np.abs(t[:, None] - t[None]).mean(axis=(2, 3, 4))
     np.fill_diagonal(d, np.inf)

@@ -140,8 +140,12 @@ def test_random_sizes_and_needs_never_decode_below_the_need_and_reduce_as_far_as
         orientation = int(rng.integers(1, 9))
         kind = int(rng.integers(0, 4))
         n = int(rng.integers(8, 600))
-        need = [DecodeNeed(short_side=n), DecodeNeed(width=n, height=int(rng.integers(8, 600))),
-                DecodeNeed(long_side=n), DecodeNeed(crops=((n // 4 + 1, 0.05, 0.75),))][kind]
+        need = [
+            DecodeNeed(short_side=n),
+            DecodeNeed(width=n, height=int(rng.integers(8, 600))),
+            DecodeNeed(long_side=n),
+            DecodeNeed(crops=((n // 4 + 1, 0.05, 0.75),)),
+        ][kind]
         r = jpeg_reduction((w, h), orientation, need)
         reduced = upright_size((-(-w // r), -(-h // r)), orientation)
         if r > 1:
@@ -160,7 +164,9 @@ def test_the_smallest_random_resized_crop_of_a_reduced_picture_still_covers_its_
     reduced = Image.new("RGB", (-(-size[0] // r), -(-size[1] // r)))
     torch.manual_seed(0)
     for t, out in ((aug.global_transfo1.transforms[0], 224), (aug.local_transfo.transforms[0], 96)):
-        smallest = min(min(T.RandomResizedCrop.get_params(reduced, t.scale, t.ratio)[2:]) for _ in range(3000))
+        smallest = min(
+            min(T.RandomResizedCrop.get_params(reduced, t.scale, t.ratio)[2:]) for _ in range(3000)
+        )
         assert smallest >= out
 
 
@@ -189,14 +195,18 @@ def test_pngs_and_small_jpegs_are_decoded_in_full_whatever_the_need(tmp_path):
     np.testing.assert_array_equal(np.asarray(got.image), np.asarray(img))
     save_jpeg(photo(500, 375), tmp_path / "small.jpg")
     with Image.open(tmp_path / "small.jpg") as im:
-        np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "small.jpg", DecodeNeed(short_side=256)).image),
-                                      np.asarray(im.convert("RGB")))
+        np.testing.assert_array_equal(
+            np.asarray(read_image(tmp_path / "small.jpg", DecodeNeed(short_side=256)).image),
+            np.asarray(im.convert("RGB")),
+        )
 
 
 def test_imagenet_size_images_give_identical_tensors_with_and_without_reduced_decode(tmp_path):
     """The paper's protocols on ImageNet-size files: the evaluation transform sees the same pixels."""
-    paths = [save_jpeg(photo(w, h, seed=i), tmp_path / f"{i}.jpg", o)
-             for i, (w, h, o) in enumerate([(500, 375, 1), (375, 500, 1), (500, 333, 6), (510, 400, 1)])]
+    paths = [
+        save_jpeg(photo(w, h, seed=i), tmp_path / f"{i}.jpg", o)
+        for i, (w, h, o) in enumerate([(500, 375, 1), (375, 500, 1), (500, 333, 6), (510, 400, 1)])
+    ]
     t = eval_transform()
     reduced = ImageDataset(paths, transform=t)
     exact = ImageDataset(paths, transform=t, exact_decode=True)

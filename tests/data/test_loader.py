@@ -133,7 +133,9 @@ def test_decode_ahead_gives_the_pretraining_batches_of_the_dataloader_bit_for_bi
 
     paths = [make_image(tmp_path / f"{i:02d}.png", (48 + i, 40), seed=i) for i in range(9)]
     (tmp_path / "03.png").write_bytes(b"broken")
-    ds = MultiCropDataset(paths, MultiCropAugmentation(local_crops_number=2, global_size=32, local_size=16), seed=5)
+    ds = MultiCropDataset(
+        paths, MultiCropAugmentation(local_crops_number=2, global_size=32, local_size=16), seed=5
+    )
     ds.set_epoch(2)
     order = [4, 3, 0, 8, 1, 7, 2, 6]
 
@@ -144,9 +146,16 @@ def test_decode_ahead_gives_the_pretraining_batches_of_the_dataloader_bit_for_bi
             out.append(([c.clone() for c in crops], skipped, torch.rand(3)))  # the step's own draw
         return out
 
-    ref = batches(torch.utils.data.DataLoader(ds, batch_size=3, sampler=order, drop_last=True,
-                                              collate_fn=collate_multicrop,
-                                              generator=torch.Generator().manual_seed(1)))  # as pretrain does
+    ref = batches(
+        torch.utils.data.DataLoader(
+            ds,
+            batch_size=3,
+            sampler=order,
+            drop_last=True,
+            collate_fn=collate_multicrop,
+            generator=torch.Generator().manual_seed(1),
+        )
+    )  # as pretrain does
     got = batches(DecodeAheadLoader(ds, order, 3, threads=3, collate_fn=collate_multicrop))
     assert len(got) == len(ref) == 2
     for (c, s, r), (c0, s0, r0) in zip(got, ref):

@@ -45,7 +45,9 @@ def test_voc_indexed_png_gives_palette_indices(tmp_path):
     assert out.dtype == np.int32
     np.testing.assert_array_equal(out, lab)
     # binary: any nonzero pixel (void included) is the one object
-    np.testing.assert_array_equal(read_label_mask(tmp_path / "voc.png", binary=True), (lab != 0).astype(np.int32))
+    np.testing.assert_array_equal(
+        read_label_mask(tmp_path / "voc.png", binary=True), (lab != 0).astype(np.int32)
+    )
 
 
 def test_grey_16bit_and_rgb_masks(tmp_path):
@@ -67,7 +69,9 @@ def test_grey_16bit_and_rgb_masks(tmp_path):
     assert len(set(a)) == 1 and len(set(b)) == 1 and a[0] != b[0] and {a[0], b[0]}.isdisjoint({0, VOID})
     # 0/255 binary masks saved as grey: with --binary-masks the 255 is the object, not void
     Image.fromarray(((lab == 1) * 255).astype(np.uint8)).save(tmp_path / "bin.png")
-    np.testing.assert_array_equal(read_label_mask(tmp_path / "bin.png", binary=True), (lab == 1).astype(np.int32))
+    np.testing.assert_array_equal(
+        read_label_mask(tmp_path / "bin.png", binary=True), (lab == 1).astype(np.int32)
+    )
 
 
 def test_unreadable_mask_is_one_sentence(tmp_path):

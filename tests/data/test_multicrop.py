@@ -65,7 +65,10 @@ def test_two_global_and_n_local_crops_of_the_configured_sizes(picture):
 
 def test_each_branch_has_the_papers_crop_blur_and_solarization_settings():
     aug = small_aug()
-    steps = {name: getattr(aug, name).transforms for name in ("global_transfo1", "global_transfo2", "local_transfo")}
+    steps = {
+        name: getattr(aug, name).transforms
+        for name in ("global_transfo1", "global_transfo2", "local_transfo")
+    }
     for name, size, scale in (("global_transfo1", 32, GLOBAL), ("global_transfo2", 32, GLOBAL),
                               ("local_transfo", 16, LOCAL)):  # fmt: skip
         crop = steps[name][0]
@@ -170,7 +173,10 @@ def test_the_next_readable_image_takes_an_unreadable_ones_place(picture, unreada
 
 def test_an_item_without_any_readable_image_reports_the_skips(unreadable):
     assert MultiCropDataset([unreadable] * 3, small_aug())[1] == (None, (1, 2, 0))
-    assert MultiCropDataset([unreadable] * 70, small_aug())[0] == (None, tuple(range(64)))  # the search stops at 64
+    assert MultiCropDataset([unreadable] * 70, small_aug())[0] == (
+        None,
+        tuple(range(64)),
+    )  # the search stops at 64
     with pytest.raises(DataError, match="no images"):
         MultiCropDataset([], small_aug())
 
@@ -178,7 +184,11 @@ def test_an_item_without_any_readable_image_reports_the_skips(unreadable):
 # -- collate ---------------------------------------------------------------------------------------------
 def test_collate_stacks_each_crop_position_and_sums_the_skips():
     def item(value: float):
-        return [torch.full((3, 4, 4), value), torch.full((3, 4, 4), value + 0.5), torch.full((3, 2, 2), value + 0.25)]
+        return [
+            torch.full((3, 4, 4), value),
+            torch.full((3, 4, 4), value + 0.5),
+            torch.full((3, 2, 2), value + 0.25),
+        ]
 
     batch, skipped = collate_multicrop([(item(1.0), ()), (None, (4, 5)), (item(2.0), (6,))])
     assert skipped == (4, 5, 6)
@@ -191,7 +201,7 @@ def test_a_loader_batch_holds_crops_in_the_augmentations_order(picture, unreadab
     a, c = picture("a.png", seed=1), picture("c.png", seed=2)
     ds = MultiCropDataset([a, unreadable, c], small_aug(local_crops=2), seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate_multicrop)
-    (batch, skipped), = list(loader)
+    ((batch, skipped),) = list(loader)
     assert skipped == (1,)
     assert [tuple(b.shape) for b in batch] == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 2
     for i in range(3):

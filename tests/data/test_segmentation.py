@@ -55,7 +55,9 @@ def test_voc_uses_the_augmented_set_for_training_when_present(tmp_path):
     _palette_png(tmp_path / "SegmentationClassAug" / "b.png", labels + 2)
     (tmp_path / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("b\n")
     train = segmentation_split(tmp_path, "voc2012", "train")
-    assert [s.stem for s in train.samples] == ["b"] and train.samples[0].mask.parent.name == "SegmentationClassAug"
+    assert [s.stem for s in train.samples] == ["b"] and train.samples[
+        0
+    ].mask.parent.name == "SegmentationClassAug"
     assert segmentation_split(tmp_path, "voc2012", "val").samples[0].mask.parent.name == "SegmentationClass"
 
 
@@ -84,7 +86,8 @@ def test_cityscapes_label_ids_map_to_the_19_train_ids(tmp_path):
     for split in ("train", "val"):
         _image(tmp_path / "leftImg8bit" / split / "aachen" / "aachen_000000_000019_leftImg8bit.png", 7, 2)
         Image.fromarray(ids.astype(np.uint8), mode="L").save(
-            _mk(tmp_path / "gtFine" / split / "aachen" / "aachen_000000_000019_gtFine_labelIds.png"))
+            _mk(tmp_path / "gtFine" / split / "aachen" / "aachen_000000_000019_gtFine_labelIds.png")
+        )
     train, _ = load_splits(tmp_path, "cityscapes")
     assert train.classes == list(CITYSCAPES_CLASSES) and len(train.classes) == 19
     assert train.samples[0].stem == "aachen_000000_000019"
@@ -96,7 +99,9 @@ def _folder(root, labels, classes=None, rgb=False, size=None):
         h, w = size or labels.shape
         _image(root / split / "images" / "s.jpg", w, h)
         if rgb:
-            Image.fromarray(np.stack([labels.astype(np.uint8)] * 3, -1)).save(_mk(root / split / "masks" / "s.png"))
+            Image.fromarray(np.stack([labels.astype(np.uint8)] * 3, -1)).save(
+                _mk(root / split / "masks" / "s.png")
+            )
         else:
             _palette_png(root / split / "masks" / "s.png", labels)
     if classes:
@@ -161,16 +166,22 @@ def test_unreadable_images_are_skipped_and_counted_or_stop_under_strict(tmp_path
         check_split(segmentation_split(tmp_path, "voc2012", "train"), strict=True)
 
 
-@pytest.mark.parametrize("layout, style", [("voc2012", "cluttered"), ("folder", "cluttered"), ("folder", "simple")])
+@pytest.mark.parametrize(
+    "layout, style", [("voc2012", "cluttered"), ("folder", "cluttered"), ("folder", "simple")]
+)
 def test_synth_segment_in_each_layout(tmp_path, layout, style):
-    s = make_segment_dataset(tmp_path / layout, layout=layout, classes=3, train=3, val=2, size=64, style=style)
+    s = make_segment_dataset(
+        tmp_path / layout, layout=layout, classes=3, train=3, val=2, size=64, style=style
+    )
     train, val = load_splits(s.root, layout)
     assert (len(train.samples), len(val.samples)) == (3, 2)
     labels = [train.read_labels(x) for x in train.samples]
     values = set(np.unique(np.concatenate([v.ravel() for v in labels])).tolist())
     assert values <= {0, 1, 2, 3, 255} and 255 in values and 0 in values and values & {1, 2, 3}
     # the same seed gives the same files
-    again = make_segment_dataset(tmp_path / "again", layout=layout, classes=3, train=3, val=2, size=64, style=style)
+    again = make_segment_dataset(
+        tmp_path / "again", layout=layout, classes=3, train=3, val=2, size=64, style=style
+    )
     a = sorted(p.relative_to(s.root) for p in s.root.rglob("*.png"))
     assert a == sorted(p.relative_to(again.root) for p in again.root.rglob("*.png"))
     assert all((s.root / p).read_bytes() == (again.root / p).read_bytes() for p in a)

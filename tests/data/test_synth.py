@@ -73,14 +73,31 @@ def test_classify_is_deterministic_per_seed(tmp_path):
 def test_classify_many_classes_are_distinct():
     names = synth.class_names(synth.MAX_CLASSES)
     assert len(set(names)) == synth.MAX_CLASSES >= 40
-    assert names[:10] == ["circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent",
-                          "heart", "arrow"]
+    assert names[:10] == [
+        "circle",
+        "square",
+        "triangle",
+        "star",
+        "cross",
+        "ring",
+        "hexagon",
+        "crescent",
+        "heart",
+        "arrow",
+    ]
     # no two classes have the same outline, whatever the rotation: 1 - IoU stays clear of 0
     angles = np.linspace(0, 2 * np.pi, 36, endpoint=False)
-    rot = np.stack([
-        np.stack([synth.rasterize(synth.place_parts(synth.shape_parts(n), 48, 48, 42, a), 96, 96) for a in angles])
-        for n in names
-    ])  # (classes, angles, 96, 96)
+    rot = np.stack(
+        [
+            np.stack(
+                [
+                    synth.rasterize(synth.place_parts(synth.shape_parts(n), 48, 48, 42, a), 96, 96)
+                    for a in angles
+                ]
+            )
+            for n in names
+        ]
+    )  # (classes, angles, 96, 96)
     flat = rot.reshape(len(names), len(angles), -1).astype(np.float32)
     ref = flat[:, 0]  # each class at angle 0
     inter = np.einsum("ip,jap->ija", ref, flat)
@@ -93,7 +110,9 @@ def test_classify_many_classes_are_distinct():
 
 def test_classify_overwrite_leaves_no_stale_images(tmp_path):
     synth.make_classify_dataset(tmp_path / "d", classes=3, per_class=2, val_fraction=0.5, size=16)
-    synth.make_classify_dataset(tmp_path / "d", classes=2, per_class=2, val_fraction=0.5, size=16, overwrite=True)
+    synth.make_classify_dataset(
+        tmp_path / "d", classes=2, per_class=2, val_fraction=0.5, size=16, overwrite=True
+    )
     assert sorted(p.name for p in (tmp_path / "d" / "train").iterdir()) == ["circle", "square"]
 
 
@@ -116,7 +135,10 @@ def test_classify_simple_style_is_plain_and_the_object_stands_out():
             assert bg.std(axis=0).max() < 25 and fg.std(axis=0).max() < 20
             assert np.abs(bg.mean(axis=0) - fg.mean(axis=0)).sum() > 60
             # far less texture than the cluttered style: neighbouring background pixels barely differ
-            assert np.abs(np.diff(img.astype(np.float32), axis=1))[:, :, :][~(mask[:, 1:] | mask[:, :-1])].mean() < 3
+            assert (
+                np.abs(np.diff(img.astype(np.float32), axis=1))[:, :, :][~(mask[:, 1:] | mask[:, :-1])].mean()
+                < 3
+            )
 
 
 def _hue(rgb: np.ndarray) -> float:
@@ -132,8 +154,9 @@ def _hue_distance(a: float, b: float) -> float:
 
 def test_classify_class_colour_makes_hue_a_noisy_class_cue(tmp_path):
     n = 5
-    s = synth.make_classify_dataset(tmp_path / "c", classes=n, per_class=6, val_fraction=0.0, size=32,
-                                    style="simple", class_colour=1.0)
+    s = synth.make_classify_dataset(
+        tmp_path / "c", classes=n, per_class=6, val_fraction=0.0, size=32, style="simple", class_colour=1.0
+    )
     for ci, c in enumerate(s.classes):
         for f in sorted((s.train_dir / c).iterdir()):
             img = np.asarray(Image.open(f)).astype(np.float32)
@@ -145,7 +168,10 @@ def test_classify_class_colour_makes_hue_a_noisy_class_cue(tmp_path):
         for i in range(10):
             rng = synth.item_rng(0, "classify", ci, i)
             img, mask = synth.draw_simple_image(rng, c, 32)
-            far += _hue_distance(_hue(np.median(img[mask].astype(np.float32), axis=0)), synth.class_hue(ci, n)) > 0.1
+            far += (
+                _hue_distance(_hue(np.median(img[mask].astype(np.float32), axis=0)), synth.class_hue(ci, n))
+                > 0.1
+            )
     assert far > 20
 
 
@@ -163,8 +189,9 @@ def test_classify_class_texture_paints_the_class_pattern_at_its_period():
         kind, period = synth.class_pattern(ci)
         d = []
         for i in range(6):
-            img, mask = synth.draw_simple_image(synth.item_rng(0, "classify", ci, i), "square", 96,
-                                                pattern=(kind, period))
+            img, mask = synth.draw_simple_image(
+                synth.item_rng(0, "classify", ci, i), "square", 96, pattern=(kind, period)
+            )
             fg = img[mask].astype(np.float32).mean(axis=1)
             assert fg.max() - fg.min() > 40  # two tones on the surface
             d.append(_surface_edge_density(img, mask))
@@ -177,8 +204,16 @@ def test_classify_class_texture_paints_the_class_pattern_at_its_period():
 
 
 def test_classify_class_texture_fraction(tmp_path):
-    s = synth.make_classify_dataset(tmp_path / "t", classes=2, per_class=20, val_fraction=0.0, size=48,
-                                    style="simple", class_texture=0.5, seed=1)
+    s = synth.make_classify_dataset(
+        tmp_path / "t",
+        classes=2,
+        per_class=20,
+        val_fraction=0.0,
+        size=48,
+        style="simple",
+        class_texture=0.5,
+        seed=1,
+    )
     patterned = 0
     for c in s.classes:
         for f in (s.train_dir / c).iterdir():
@@ -241,7 +276,10 @@ def test_copydays_strong_edits_each_work():
         rng = synth.item_rng(0, "copydays", 9, len(name))
         out = fn(rng, img, 50).convert("RGB")
         assert min(out.size) >= 8, name
-        assert out.size != img.size or np.abs(np.asarray(out, np.float32) - np.asarray(img, np.float32)).mean() > 1, name
+        assert (
+            out.size != img.size
+            or np.abs(np.asarray(out, np.float32) - np.asarray(img, np.float32)).mean() > 1
+        ), name
 
 
 def test_copydays_is_deterministic(tmp_path):

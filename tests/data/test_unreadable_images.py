@@ -27,10 +27,14 @@ def test_an_unreadable_image_is_skipped_or_stops_the_run(two_images):
         open_rgb_or_skip(bad, strict=True)
 
 
-@pytest.mark.parametrize("make", [
-    lambda paths, strict: ImageDataset(paths, [0, 1], transform=lambda im: im.size, strict=strict),
-    lambda paths, strict: RetrievalImages(paths, 32, strict=strict),
-], ids=["ImageDataset", "RetrievalImages"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda paths, strict: ImageDataset(paths, [0, 1], transform=lambda im: im.size, strict=strict),
+        lambda paths, strict: RetrievalImages(paths, 32, strict=strict),
+    ],
+    ids=["ImageDataset", "RetrievalImages"],
+)
 def test_every_dataset_skips_the_same_way(two_images, make):
     lenient = make(two_images, False)
     assert lenient[0] is not None and lenient[1] is None

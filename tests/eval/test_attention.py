@@ -166,7 +166,9 @@ def test_preprocess_matches_torchvision_pipeline():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
     x, rgb = preprocess(img, 50, 16, "t")
-    ref = T.Compose([T.Resize((50, 50)), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])(img)
+    ref = T.Compose(
+        [T.Resize((50, 50)), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    )(img)
     assert x.shape == (3, 48, 48) and rgb.shape == (48, 48, 3)
     torch.testing.assert_close(x, ref[:, :48, :48], atol=1e-6, rtol=0)
     # no resize: crop only
@@ -274,5 +276,8 @@ def test_evaluation_rejects_resnet_and_empty_ground_truth(tmp_path):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "m.png")
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "i.png")
     with pytest.raises(DataError, match="No image has a ground-truth object"):
-        evaluate_jaccard(vit, [GroundTruth(image=tmp_path / "i.png", name="i", mask=tmp_path / "m.png")],
-                         AttentionConfig(image_size=None))
+        evaluate_jaccard(
+            vit,
+            [GroundTruth(image=tmp_path / "i.png", name="i", mask=tmp_path / "m.png")],
+            AttentionConfig(image_size=None),
+        )

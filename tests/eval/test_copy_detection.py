@@ -73,7 +73,9 @@ def test_whitening_equals_eigendecomposition_formula():
     assert np.allclose(w.mean.numpy(), mean, atol=1e-5)
     assert np.allclose(w.eigenvalues.numpy(), eig, rtol=1e-4)
     # eigenvectors are defined up to sign: compare P^T P = V diag(1/eig) V^T and |P|
-    assert np.allclose(w.projection.double().numpy().T @ w.projection.double().numpy(), proj.T @ proj, rtol=1e-3)
+    assert np.allclose(
+        w.projection.double().numpy().T @ w.projection.double().numpy(), proj.T @ proj, rtol=1e-3
+    )
     assert np.allclose(np.abs(w.projection.numpy()), np.abs(proj), rtol=1e-3, atol=1e-5)
     # P M P^T = I for the uncentred second moment M (nothing clamped here)
     m = f.T @ f / len(f)

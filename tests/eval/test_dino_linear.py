@@ -42,7 +42,10 @@ def test_dinov2_linear_input_layout(arch, n_prefix, n, avg):
 
 def test_dinov2_defaults_to_the_released_four_layer_heads_input_and_v3_to_its_own():
     assert default_feature_options("dinov2_vits14") == (4, True)
-    assert default_feature_options("dinov3_vitb16") == (1, True)  # DINOv3's linear protocol: last block + mean
+    assert default_feature_options("dinov3_vitb16") == (
+        1,
+        True,
+    )  # DINOv3's linear protocol: last block + mean
     m = dinokit.build_backbone("dinov2_vits14_reg", embed_dim=64, depth=2, num_heads=1)
     assert _resolve_options(LinearConfig(output="x"), m) == (2, True)  # a 2-block model has 2 to give
     assert _resolve_options(LinearConfig(output="x", n_last_blocks=1, avgpool_patch_tokens=False), m) == (

@@ -68,8 +68,10 @@ def test_faiss_missing_is_one_sentence(monkeypatch):
 
 def test_clusters_are_the_connected_components_of_the_pairs():
     four = ["d", "a", "c", "b"]
-    pairs = [DuplicatePair(x, y, 0.9 + 0.01 * k) for k, (x, y) in
-             enumerate((x, y) for i, x in enumerate(four) for y in four[i + 1 :])]  # all six pairs
+    pairs = [
+        DuplicatePair(x, y, 0.9 + 0.01 * k)
+        for k, (x, y) in enumerate((x, y) for i, x in enumerate(four) for y in four[i + 1 :])
+    ]  # all six pairs
     pairs += [DuplicatePair("y", "x", 0.99), DuplicatePair("p", "q", 0.95), DuplicatePair("q", "r", 0.91)]
     clusters = duplicate_clusters(pairs)
     assert [c.images for c in clusters] == [["a", "b", "c", "d"], ["p", "q", "r"], ["x", "y"]]

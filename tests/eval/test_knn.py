@@ -71,7 +71,9 @@ def test_matches_brute_force_several_k_and_classes():
 
 def test_ties_k_larger_than_a_class_and_one_test_image():
     # two identical training points of different classes: their votes tie exactly, the lower class wins
-    train = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.9, 0.1]])
+    train = torch.tensor(
+        [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.9, 0.1]]
+    )
     train_labels = torch.tensor([2, 1, 0, 3, 0])
     test = torch.tensor([[1.0, 0.1, 0.0]])
     for y in range(4):

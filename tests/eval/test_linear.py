@@ -30,7 +30,10 @@ def test_paper_defaults_per_arch():
     b = dinokit.build_backbone("vit_base", 16, depth=1)
     assert _resolve_options(cfg, s) == (4, False)
     assert _resolve_options(cfg, b) == (1, True)
-    assert _resolve_options(LinearConfig(output="x", n_last_blocks=2, avgpool_patch_tokens=True), s) == (2, True)
+    assert _resolve_options(LinearConfig(output="x", n_last_blocks=2, avgpool_patch_tokens=True), s) == (
+        2,
+        True,
+    )
     cfg = LinearConfig(output="x", batch_size=512)
     skeleton = TrainingRun(LINEAR_RUN, "x", cfg, torch.device("cpu"))  # not entered: nothing is written
     run = _ProbeRun(cfg, 1536, 1000, {}, world=2, device="cpu", run=skeleton)
@@ -43,8 +46,15 @@ def test_paper_defaults_per_arch():
 
 def test_features_path_learns_and_follows_the_cosine_schedule(feature_files, tmp_path):
     train, val = feature_files
-    cfg = LinearConfig(output=tmp_path / "run", train_features=train, val_features=val, epochs=8, batch_size=16,
-                       lr=5.0, device="cpu")
+    cfg = LinearConfig(
+        output=tmp_path / "run",
+        train_features=train,
+        val_features=val,
+        epochs=8,
+        batch_size=16,
+        lr=5.0,
+        device="cpu",
+    )
     (tmp_path / "run").mkdir()
     res = linear_eval(cfg)
     assert res.mode == "features" and res.final["top1"] == 100.0 and res.best["top1"] == 100.0

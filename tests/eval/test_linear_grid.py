@@ -45,7 +45,12 @@ def _token_list(model, x, n):
 
 def test_the_official_grids():
     v2 = protocol_heads("dinov2")
-    assert len(v2) == 52 and len(LEARNING_RATES) == 13 and LEARNING_RATES[0] == 1e-5 and LEARNING_RATES[-1] == 0.1
+    assert (
+        len(v2) == 52
+        and len(LEARNING_RATES) == 13
+        and LEARNING_RATES[0] == 1e-5
+        and LEARNING_RATES[-1] == 0.1
+    )
     # the official order: blocks, then with/without the mean, then the learning rates
     assert [(h.n_blocks, h.avgpool) for h in v2[::13]] == [(1, False), (1, True), (4, False), (4, True)]
     v3 = protocol_heads("dinov3")
@@ -149,8 +154,17 @@ def test_batches_are_an_endless_stream_of_reshuffles():
 
 def _run(tmp_path, name, features, **kw):
     train, val = features
-    cfg = LinearConfig(output=tmp_path / name, train_features=train, val_features=val, protocol="dinov3",
-                       batch_size=16, epoch_length=6, epochs=3, device="cpu", **kw)
+    cfg = LinearConfig(
+        output=tmp_path / name,
+        train_features=train,
+        val_features=val,
+        protocol="dinov3",
+        batch_size=16,
+        epoch_length=6,
+        epochs=3,
+        device="cpu",
+        **kw,
+    )
     return linear_eval(cfg)
 
 
@@ -160,7 +174,11 @@ def test_grid_run_records_every_head_and_resumes_exactly(tmp_path, v3_feature_fi
     assert m["linear"]["protocol"] == "dinov3" and len(m["linear"]["heads"]) == 13
     chosen = m["linear"]["chosen"]
     assert chosen == m["linear"]["heads"][choose_head([h["top1"] for h in m["linear"]["heads"]])]
-    assert m["linear"]["top1"] == chosen["top1"] and chosen["n_last_blocks"] == 1 and chosen["avgpool_patch_tokens"]
+    assert (
+        m["linear"]["top1"] == chosen["top1"]
+        and chosen["n_last_blocks"] == 1
+        and chosen["avgpool_patch_tokens"]
+    )
     assert "patch tokens" in m["config"]["tokens"] and m["config"]["epoch_length"] == 6
     stopped = _run(tmp_path, "b", v3_feature_files, stop_after=1)
     assert stopped.epochs_done == 1 and stopped.stopped_by == "stop-after"

@@ -31,7 +31,9 @@ def sat_file(tmp_path):
 
 
 def _spec(weights, **kw):
-    return FeatureSpec(weights=str(weights), resize=32, crop=32, batch_size=4, device="cpu", precision="fp32", **kw)
+    return FeatureSpec(
+        weights=str(weights), resize=32, crop=32, batch_size=4, device="cpu", precision="fp32", **kw
+    )
 
 
 def test_satellite_weights_are_normalised_with_their_own_values(sat_file, tmp_path):
@@ -42,7 +44,9 @@ def test_satellite_weights_are_normalised_with_their_own_values(sat_file, tmp_pa
     assert emb.normalization.mean == README_SAT_MEAN and emb.normalization.std == README_SAT_STD
     fs = emb.embed(images)
     # the features equal the model on images normalised by hand with the README's numbers
-    by_hand = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor()])
+    by_hand = T.Compose(
+        [T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor()]
+    )
     x = torch.stack([by_hand(read_image(p).image) for p in scan_images(images).paths])
     x = (x - torch.tensor(README_SAT_MEAN).view(1, 3, 1, 1)) / torch.tensor(README_SAT_STD).view(1, 3, 1, 1)
     model = dinokit.load_backbone(sat_file)
@@ -51,8 +55,11 @@ def test_satellite_weights_are_normalised_with_their_own_values(sat_file, tmp_pa
     assert fs.fingerprint["normalization"]["mean"] == list(README_SAT_MEAN)
     # ImageNet's numbers give other features: the normalisation did matter
     with torch.no_grad():
-        x_in = (x * torch.tensor(README_SAT_STD).view(1, 3, 1, 1) + torch.tensor(README_SAT_MEAN).view(1, 3, 1, 1)
-                - torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)) / torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+        x_in = (
+            x * torch.tensor(README_SAT_STD).view(1, 3, 1, 1)
+            + torch.tensor(README_SAT_MEAN).view(1, 3, 1, 1)
+            - torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+        ) / torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
         assert not torch.allclose(fs.features, model(x_in), atol=1e-3)
 
 
@@ -86,24 +93,66 @@ def test_an_unknown_file_says_once_which_it_assumed(tmp_path, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dinokit"):
         b = dinokit.load_backbone(released)
-    assert "released" in b.normalization.source and not [r for r in caplog.records if "normalised" in r.getMessage()]
+    assert "released" in b.normalization.source and not [
+        r for r in caplog.records if "normalised" in r.getMessage()
+    ]
 
 
 def test_cli_records_the_normalisation_and_refuses_bad_values(sat_file, labelled_folder, tmp_path):
     small = ["--resize", "32", "--image-size", "32", "--batch-size", "6", "--quiet", "--device", "cpu"]
     out = tmp_path / "knn"
-    r = run_cli(["knn", "--weights", sat_file, "--train", labelled_folder / "train", "--val", labelled_folder / "val",
-                 "--output", out, "--k", "3", *small])
+    r = run_cli(
+        [
+            "knn",
+            "--weights",
+            sat_file,
+            "--train",
+            labelled_folder / "train",
+            "--val",
+            labelled_folder / "val",
+            "--output",
+            out,
+            "--k",
+            "3",
+            *small,
+        ]
+    )
     assert r.exit_code == 0, r.output
     fp = json.loads((out / "metrics.json").read_text())["config"]["fingerprint"]
     assert fp["normalization"]["mean"] == list(README_SAT_MEAN) and "CLS" in fp["tokens"]
-    r = run_cli(["knn", "--weights", sat_file, "--train", labelled_folder / "train", "--val", labelled_folder / "val",
-                 "--output", tmp_path / "knn2", "--k", "3", "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2", *small])
+    r = run_cli(
+        [
+            "knn",
+            "--weights",
+            sat_file,
+            "--train",
+            labelled_folder / "train",
+            "--val",
+            labelled_folder / "val",
+            "--output",
+            tmp_path / "knn2",
+            "--k",
+            "3",
+            "--mean",
+            "0.5,0.5,0.5",
+            "--std",
+            "0.2,0.2,0.2",
+            *small,
+        ]
+    )
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "knn2" / "metrics.json").read_text())["config"]
-    assert cfg["fingerprint"]["normalization"] == {"mean": [0.5] * 3, "std": [0.2] * 3, "source": "--mean/--std"}
-    for bad, word in ((["--mean", "0.5,0.5"], "three values"), (["--std", "0.2,-0.1,0.2"], "positive"),
-                      (["--mean", "0.5,1.5,0.5"], "[0, 1]"), (["--std", "a,b,c"], "numbers")):
+    assert cfg["fingerprint"]["normalization"] == {
+        "mean": [0.5] * 3,
+        "std": [0.2] * 3,
+        "source": "--mean/--std",
+    }
+    for bad, word in (
+        (["--mean", "0.5,0.5"], "three values"),
+        (["--std", "0.2,-0.1,0.2"], "positive"),
+        (["--mean", "0.5,1.5,0.5"], "[0, 1]"),
+        (["--std", "a,b,c"], "numbers"),
+    ):
         for command in ("features", "knn", "linear"):
             r = run_cli([command, "--weights", sat_file, "--output", tmp_path / "never", *bad])
             assert r.exit_code == 2, (command, bad, r.output)
@@ -132,7 +181,9 @@ def world(tmp_path_factory):
     for split, n in (("train", 4), ("val", 2)):
         for ci, (name, color) in enumerate(colors.items()):
             for i in range(n):
-                make_image(root / "data" / split / name / f"{i}.png", size=(36, 30), seed=10 * ci + i, color=color)
+                make_image(
+                    root / "data" / split / name / f"{i}.png", size=(36, 30), seed=10 * ci + i, color=color
+                )
     make_copydays(root / "copydays", n_groups=2)
     jpg = root / "revisited" / "roxford5k" / "jpg"
     for i, name in enumerate([*(f"db_{k}" for k in range(8)), "q_0", "q_1"]):
@@ -154,26 +205,144 @@ def _command(name: str, w: dict, out) -> tuple[list, object, tuple[str, ...]]:
     r, sat, cpu = w["root"], w["sat"], ["--device", "cpu", "--quiet"]
     config = ("config", "normalization")
     return {
-        "attn": (["attn", r / "imgs", "--weights", sat, "--image-size", 32, "--output", out, *cpu],
-                 out / "metrics.json", config),
-        "similar": (["similar", r / "imgs" / "0.png", "--against", r / "imgs", "--weights", sat, "--image-size", 32,
-                     "--output", out, *cpu], out / "metrics.json", config),
-        "duplicates": (["duplicates", r / "imgs", "--weights", sat, "--image-size", 32, "--output", out, *cpu],
-                       out / "metrics.json", config),
-        "copydetect": (["copydetect", "--data", r / "copydays", "--weights", sat, "--image-size", 32, "--output", out,
-                        *cpu], out / "metrics.json", config),
-        "retrieval": (["retrieval", "--data", r / "revisited", "--dataset", "roxford5k", "--weights", sat,
-                       "--image-size", 32, "--output", out, *cpu], out / "metrics.json", config),
-        "davis": (["davis", "--data", r / "DAVIS", "--weights", sat, "--image-size", 32, "--num-workers", 0,
-                   "--output", out, *cpu], out / "metrics.json", config),
-        "segment": (["segment", "--data", w["seg"], "--dataset", "folder", "--weights", sat, "--iterations", 2,
-                     "--batch-size", 2, "--image-size", 32, "--pictures", 0, "--threads", 1, "--output", out, *cpu],
-                    out / "metrics.json", config),
-        "finetune": (["finetune", "--weights", sat, "--train", r / "data" / "train", "--val", r / "data" / "val",
-                      "--epochs", 1, "--batch-size", 4, "--image-size", 32, "--num-workers", 0, "--precision", "fp32",
-                      "--warmup-epochs", 0, "--output", out, *cpu], out / "metrics.json", config),
-        "predict": (["predict", "--model", w["model"], r / "data" / "val", "--output", out / "preds.json", *cpu],
-                    out / "preds.json", ("normalization",)),
+        "attn": (
+            ["attn", r / "imgs", "--weights", sat, "--image-size", 32, "--output", out, *cpu],
+            out / "metrics.json",
+            config,
+        ),
+        "similar": (
+            [
+                "similar",
+                r / "imgs" / "0.png",
+                "--against",
+                r / "imgs",
+                "--weights",
+                sat,
+                "--image-size",
+                32,
+                "--output",
+                out,
+                *cpu,
+            ],
+            out / "metrics.json",
+            config,
+        ),
+        "duplicates": (
+            ["duplicates", r / "imgs", "--weights", sat, "--image-size", 32, "--output", out, *cpu],
+            out / "metrics.json",
+            config,
+        ),
+        "copydetect": (
+            [
+                "copydetect",
+                "--data",
+                r / "copydays",
+                "--weights",
+                sat,
+                "--image-size",
+                32,
+                "--output",
+                out,
+                *cpu,
+            ],
+            out / "metrics.json",
+            config,
+        ),
+        "retrieval": (
+            [
+                "retrieval",
+                "--data",
+                r / "revisited",
+                "--dataset",
+                "roxford5k",
+                "--weights",
+                sat,
+                "--image-size",
+                32,
+                "--output",
+                out,
+                *cpu,
+            ],
+            out / "metrics.json",
+            config,
+        ),
+        "davis": (
+            [
+                "davis",
+                "--data",
+                r / "DAVIS",
+                "--weights",
+                sat,
+                "--image-size",
+                32,
+                "--num-workers",
+                0,
+                "--output",
+                out,
+                *cpu,
+            ],
+            out / "metrics.json",
+            config,
+        ),
+        "segment": (
+            [
+                "segment",
+                "--data",
+                w["seg"],
+                "--dataset",
+                "folder",
+                "--weights",
+                sat,
+                "--iterations",
+                2,
+                "--batch-size",
+                2,
+                "--image-size",
+                32,
+                "--pictures",
+                0,
+                "--threads",
+                1,
+                "--output",
+                out,
+                *cpu,
+            ],
+            out / "metrics.json",
+            config,
+        ),
+        "finetune": (
+            [
+                "finetune",
+                "--weights",
+                sat,
+                "--train",
+                r / "data" / "train",
+                "--val",
+                r / "data" / "val",
+                "--epochs",
+                1,
+                "--batch-size",
+                4,
+                "--image-size",
+                32,
+                "--num-workers",
+                0,
+                "--precision",
+                "fp32",
+                "--warmup-epochs",
+                0,
+                "--output",
+                out,
+                *cpu,
+            ],
+            out / "metrics.json",
+            config,
+        ),
+        "predict": (
+            ["predict", "--model", w["model"], r / "data" / "val", "--output", out / "preds.json", *cpu],
+            out / "preds.json",
+            ("normalization",),
+        ),
     }[name]
 
 
@@ -184,8 +353,10 @@ def _recorded(path, keys) -> dict:
     return record
 
 
-@pytest.mark.parametrize("name", ["attn", "similar", "duplicates", "copydetect", "retrieval", "davis", "segment",
-                                  "finetune", "predict"])
+@pytest.mark.parametrize(
+    "name",
+    ["attn", "similar", "duplicates", "copydetect", "retrieval", "davis", "segment", "finetune", "predict"],
+)
 def test_every_image_command_records_the_weights_normalisation(name, world, tmp_path):
     if name == "predict":  # predict writes a file, into a folder that must exist
         for sub in ("a", "b", "c"):
@@ -217,16 +388,24 @@ def test_attention_maps_see_the_weights_normalisation(sat_file, tmp_path):
     from dinokit.eval.attention import AttentionConfig, attention_maps
 
     model = prepare_backbone(BackboneOptions(weights=str(sat_file)), _spec(sat_file)).model
-    pic = Image.open(make_image(tmp_path / "x.png", size=(32, 48), seed=3, color=(250, 200, 10))).convert("RGB")
-    got = next(iter(attention_maps(model, [("x", pic)], AttentionConfig(image_size=None, precision="fp32")))).maps
+    pic = Image.open(make_image(tmp_path / "x.png", size=(32, 48), seed=3, color=(250, 200, 10))).convert(
+        "RGB"
+    )
+    got = next(
+        iter(attention_maps(model, [("x", pic)], AttentionConfig(image_size=None, precision="fp32")))
+    ).maps
     x = T.ToTensor()(pic)[None]
 
     def maps(mean, std):
         with torch.no_grad():
-            y = model.get_cls_attention((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+            y = model.get_cls_attention(
+                (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+            )
         return y.float().reshape(1, -1, 3, 2)[0].numpy()
 
-    assert torch.allclose(torch.from_numpy(got), torch.from_numpy(maps(README_SAT_MEAN, README_SAT_STD)), atol=1e-5)
+    assert torch.allclose(
+        torch.from_numpy(got), torch.from_numpy(maps(README_SAT_MEAN, README_SAT_STD)), atol=1e-5
+    )
     imagenet = maps((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert not torch.allclose(torch.from_numpy(got), torch.from_numpy(imagenet), atol=1e-4)
 
@@ -240,14 +419,18 @@ def test_predict_uses_what_finetune_trained_with(world, tmp_path):
     assert saved["mean"] == list(README_SAT_MEAN) and saved["std"] == list(README_SAT_STD)
     out = tmp_path / "p.json"
     images = sorted((world["root"] / "data" / "val").rglob("*.png"))
-    r = run_cli(["predict", "--model", world["model"], *images, "--k", 2, "--output", out, "--device", "cpu", "-q"])
+    r = run_cli(
+        ["predict", "--model", world["model"], *images, "--k", 2, "--output", out, "--device", "cpu", "-q"]
+    )
     assert r.exit_code == 0, r.output
     got = {p["path"]: p["top"][0]["probability"] for p in json.loads(out.read_text())["predictions"]}
     tf = T.Compose([T.Resize(37, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
                     T.Normalize(README_SAT_MEAN, README_SAT_STD)])  # fmt: skip
     x = torch.stack([tf(Image.open(p).convert("RGB")) for p in images])
     with torch.no_grad():
-        probs = (dinokit.load_backbone(world["model"])(x) @ saved["head"]["weight"].T + saved["head"]["bias"]).softmax(-1)
+        probs = (
+            dinokit.load_backbone(world["model"])(x) @ saved["head"]["weight"].T + saved["head"]["bias"]
+        ).softmax(-1)
     assert [got[str(p)] for p in images] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)
 
 

@@ -25,7 +25,10 @@ from dinokit.eval.patches import (
 
 def _grids(seed=0, dim=12):
     rng = np.random.default_rng(seed)
-    return [rng.normal(size=(5, 7, dim)).astype(np.float32), rng.normal(size=(4, 3, dim)).astype(np.float32) * 2 + 1]
+    return [
+        rng.normal(size=(5, 7, dim)).astype(np.float32),
+        rng.normal(size=(4, 3, dim)).astype(np.float32) * 2 + 1,
+    ]
 
 
 def test_joint_pca_is_sklearn_pca_of_the_stacked_features():
@@ -125,7 +128,9 @@ def test_a_sample_is_fitted_beyond_the_patch_limit_and_recorded():
     assert res.record["fit_patches"] == 50 and res.record["patches"] == 80 + 54
 
 
-@pytest.mark.parametrize("arch,registers", [("dinov2_vits14_reg", 4), ("dinov3_vits16", 4), ("dinov2_vits14", 0)])
+@pytest.mark.parametrize(
+    "arch,registers", [("dinov2_vits14_reg", 4), ("dinov3_vits16", 4), ("dinov2_vits14", 0)]
+)
 def test_patch_tokens_drop_the_registers(arch, registers):
     torch.manual_seed(0)
     model = dinokit.build_backbone(arch, embed_dim=32, depth=1, num_heads=1).eval()
@@ -136,7 +141,7 @@ def test_patch_tokens_drop_the_registers(arch, registers):
     with torch.no_grad():
         every = model.forward_all_tokens(x)
     assert every.shape[1] == 1 + registers + 15
-    torch.testing.assert_close(grid, every[:, 1 + registers:].reshape(2, 3, 5, 32))
+    torch.testing.assert_close(grid, every[:, 1 + registers :].reshape(2, 3, 5, 32))
 
 
 def test_features_of_a_non_square_image_keep_its_aspect():
@@ -155,7 +160,10 @@ def test_patches_picture_for_a_few_images():
     torch.manual_seed(0)
     model = dinokit.build_backbone("vit_tiny", 16, depth=1).eval()
     rng = np.random.default_rng(0)
-    imgs = [(f"img{i}", Image.fromarray(rng.integers(0, 255, (48, 64 + 16 * i, 3), dtype=np.uint8))) for i in range(3)]
+    imgs = [
+        (f"img{i}", Image.fromarray(rng.integers(0, 255, (48, 64 + 16 * i, 3), dtype=np.uint8)))
+        for i in range(3)
+    ]
     pic = patches_picture(model, imgs, parts=3, image_size=48, width=600)
     assert pic.dtype == np.uint8 and pic.ndim == 3 and pic.shape[1] == 600
 

@@ -51,7 +51,9 @@ def test_ranking_worked_by_hand():
     assert query_scores([1, 0, 2, 3], [0, 1], []) == (pytest.approx(1.0), pytest.approx([1.0, 1.0, 1.0]))
     assert trapezoid_ap([], 3) == 0.0
     # means over queries; a query without positives is left out
-    m, mp, per = revisited_map([[5, 2, 0, 3, 1, 4], [1, 0, 2, 3], [0, 1]], [[0, 1], [0, 1], []], [[2], [], []])
+    m, mp, per = revisited_map(
+        [[5, 2, 0, 3, 1, 4], [1, 0, 2, 3], [0, 1]], [[0, 1], [0, 1], []], [[2], [], []]
+    )
     assert m == pytest.approx((1 / 3 + 1) / 2)
     assert mp == pytest.approx([0.5, 0.75, 0.75])
     assert np.isnan(per[2])
@@ -96,8 +98,14 @@ def test_pickle_is_read_safely(tmp_path):
         (lambda g: [1, 2, 3], "holds a list"),
         (lambda g: {k: v for k, v in g.items() if k != "gnd"}, "no gnd"),
         (lambda g: {**g, "gnd": g["gnd"][:1]}, "1 entries for 2 queries"),
-        (lambda g: {**g, "gnd": [{**g["gnd"][0], "hard": "x"}, g["gnd"][1]]}, "is not a list of image indices"),
-        (lambda g: {**g, "gnd": [{**g["gnd"][0], "easy": [99]}, g["gnd"][1]]}, "outside the 8 database images"),
+        (
+            lambda g: {**g, "gnd": [{**g["gnd"][0], "hard": "x"}, g["gnd"][1]]},
+            "is not a list of image indices",
+        ),
+        (
+            lambda g: {**g, "gnd": [{**g["gnd"][0], "easy": [99]}, g["gnd"][1]]},
+            "outside the 8 database images",
+        ),
         (lambda g: {**g, "gnd": [{**g["gnd"][0], "bbx": [1, 2]}, g["gnd"][1]]}, "not four numbers"),
     ],
 )

@@ -26,7 +26,9 @@ def test_schedule_matches_warmup_one_cycle_worked_by_hand():
     assert warmup_cosine_lr(0, total, warm, base) == pytest.approx(base * 1e-6)
     k = 0.5 * (1 - 1e-6)  # step 5: halfway through the warm-up, times (1 - 5/100)
     assert warmup_cosine_lr(5, total, warm, base) == pytest.approx(base * (1 - k) * 0.95)
-    assert warmup_cosine_lr(10, total, warm, base) == pytest.approx(base * (math.cos(math.pi * 11 / 100) + 1) / 2)
+    assert warmup_cosine_lr(10, total, warm, base) == pytest.approx(
+        base * (math.cos(math.pi * 11 / 100) + 1) / 2
+    )
     assert warmup_cosine_lr(99, total, warm, base) == pytest.approx(0.0, abs=1e-18)
 
 
@@ -45,7 +47,9 @@ def test_head_initialisation_and_order():
     d = x * keep[:, :, None, None]
     mean, var = d.mean(dim=(0, 2, 3)), d.var(dim=(0, 2, 3), unbiased=False)
     z = (d - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + 1e-5)
-    want = torch.einsum("bchw,kc->bkhw", z, head.conv.weight[:, :, 0, 0]) + head.conv.bias[None, :, None, None]
+    want = (
+        torch.einsum("bchw,kc->bkhw", z, head.conv.weight[:, :, 0, 0]) + head.conv.bias[None, :, None, None]
+    )
     assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -73,7 +77,9 @@ def test_one_window_covering_the_image_is_whole_image_inference(h, w, crop):
     head = SegmentationHead(192, 5).eval()
     x = torch.randn(1, 3, h, w)
     with torch.no_grad():
-        whole = F.interpolate(head(patch_features(model, x)), size=(h, w), mode="bilinear", align_corners=False)
+        whole = F.interpolate(
+            head(patch_features(model, x)), size=(h, w), mode="bilinear", align_corners=False
+        )
         slid = slide_logits(model, head, x, crop, crop * 2 // 3, 1)
         labels = predict_labels(model, head, x, (2 * h, 2 * w), crop, crop * 2 // 3, 1)
     assert torch.allclose(slid, whole, atol=1e-5)

@@ -51,7 +51,11 @@ def _official(preds, labels, num_classes, ignore=255):
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = tot[0] / tot[1]
         acc = tot[0] / tot[3]
-    return {"mIoU": np.nanmean(iou) * 100, "aAcc": tot[0].sum() / tot[3].sum() * 100, "mAcc": np.nanmean(acc) * 100}
+    return {
+        "mIoU": np.nanmean(iou) * 100,
+        "aAcc": tot[0].sum() / tot[3].sum() * 100,
+        "mAcc": np.nanmean(acc) * 100,
+    }
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -28,7 +28,9 @@ def test_store_round_trip_in_chunks(tmp_path):
     paths.append(tmp_path / "imgs" / "bad.png")
     torch.manual_seed(0)
     model = dinokit.build_backbone("vit_tiny", 16, depth=1).eval()
-    emb = DescriptorEmbedder(model, "random", copy_transform(32), copy_feature_fn(), "cls+gem", torch.device("cpu"))
+    emb = DescriptorEmbedder(
+        model, "random", copy_transform(32), copy_feature_fn(), "cls+gem", torch.device("cpu")
+    )
     store = EmbeddingStore(tmp_path / "index", emb.fingerprint)
     assert embed_into_store(store, paths, emb, chunk_size=2) == 6
     assert len(list((tmp_path / "index").glob("emb-*.npy"))) == 3
@@ -81,7 +83,9 @@ def test_a_store_of_the_earlier_chunk_names_is_read(tmp_path):
     fp = {"descriptor": "test"}
     write_json(folder / "manifest.json", {"format": INDEX_FORMAT, "fingerprint": fp, "dim": 3})
     np.save(folder / "emb-00000.npy", np.ones((2, 3), np.float32))
-    write_json(folder / "emb-00000.json", [[EmbeddingStore.key(p), *file_stamp(p), i] for i, p in enumerate(paths)])
+    write_json(
+        folder / "emb-00000.json", [[EmbeddingStore.key(p), *file_stamp(p), i] for i, p in enumerate(paths)]
+    )
     store = EmbeddingStore(folder, fp)
     assert store.missing(paths) == []
     np.testing.assert_array_equal(store.read(paths), np.ones((2, 3)))

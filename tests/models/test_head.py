@@ -16,8 +16,14 @@ def test_dino_head_shapes_keys_and_math():
     head = DINOHead(192, out_dim=100, hidden_dim=64, bottleneck_dim=32).eval()
     keys = set(head.state_dict())
     assert keys == {
-        "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias",
-        "last_layer.weight_g", "last_layer.weight_v",
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.2.weight",
+        "mlp.2.bias",
+        "mlp.4.weight",
+        "mlp.4.bias",
+        "last_layer.weight_g",
+        "last_layer.weight_v",
     }
     assert head.state_dict()["last_layer.weight_v"].shape == (100, 32)
     assert head.state_dict()["last_layer.weight_g"].shape == (100, 1)

@@ -15,7 +15,9 @@ def test_cast_for_inference_runs_a_vit_in_bf16_on_fp32_images():
     torch.manual_seed(0)
     ref = dinokit.build_backbone("vit_tiny", 16, depth=2)
     model = cast_for_inference(copy.deepcopy(ref), torch.bfloat16)
-    assert not model.training and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
+    assert not model.training and all(
+        p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters()
+    )
     x = torch.randn(3, 3, 48, 64)
     with torch.inference_mode():
         out = model(x)
@@ -30,7 +32,10 @@ def test_cast_for_inference_runs_a_vit_in_bf16_on_fp32_images():
 def test_cast_for_inference_casts_the_inputs_of_other_models():
     torch.manual_seed(0)  # a ResNet-like stack (the hook does not depend on the depth)
     ref = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Conv2d(3, 16, 3),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(),
     ).eval()
     model = cast_for_inference(copy.deepcopy(ref), torch.bfloat16)

@@ -38,7 +38,9 @@ def test_timm_vit_small_state_dicts_load_both_ways_with_the_same_features():
 
 
 # -- shape and initialisation of the spec --------------------------------------------------------
-@pytest.mark.parametrize("arch,dim,heads", [("vit_tiny", 192, 3), ("vit_small", 384, 6), ("vit_base", 768, 12)])
+@pytest.mark.parametrize(
+    "arch,dim,heads", [("vit_tiny", 192, 3), ("vit_small", 384, 6), ("vit_base", 768, 12)]
+)
 def test_arch_table(arch, dim, heads):
     m = dinokit.build_backbone(arch, 16, depth=1)
     assert m.embed_dim == dim and m.blocks[0].attn.num_heads == heads
@@ -159,7 +161,9 @@ def test_a_non_square_input_with_the_table_s_own_grid_resizes_the_table_as_the_r
             tokens = blk(tokens)
         expected = m.norm(tokens)
         got = m.forward_features(x)
-        assert torch.allclose(m.interpolate_pos_encoding(14, 14, square_input=False), expected_table, atol=1e-5)
+        assert torch.allclose(
+            m.interpolate_pos_encoding(14, 14, square_input=False), expected_table, atol=1e-5
+        )
     assert torch.allclose(got, expected, atol=1e-4)
     # a square image of the same grid keeps the table itself; the size rule never resizes at its grid
     assert m.interpolate_pos_encoding(14, 14, square_input=True) is m.pos_embed
@@ -277,6 +281,8 @@ def test_an_input_of_more_tokens_than_the_limit_is_refused_before_the_blocks():
     model = dinokit.build_backbone("vit_tiny", 16, depth=1)
     assert model.max_tokens == MAX_TOKENS == 100_000
     model.max_tokens = 15
-    with pytest.raises(ModelConfigError, match="An input of 64x64 pixels is 16 tokens of 16x16 pixels, more than"):
+    with pytest.raises(
+        ModelConfigError, match="An input of 64x64 pixels is 16 tokens of 16x16 pixels, more than"
+    ):
         model(torch.zeros(1, 3, 64, 64))
     assert model(torch.zeros(1, 3, 48, 80)).shape == (1, 192)  # 15 tokens: within

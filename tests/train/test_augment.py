@@ -30,7 +30,9 @@ def batch(b: int = 4, h: int = 6, w: int = 8) -> tuple[torch.Tensor, torch.Tenso
 def fixed_lambda(monkeypatch):
     """Every Beta draw (the mixing ratio of mixup and cutmix) returns ``lam``."""
     lam = 0.3
-    monkeypatch.setattr(torch.distributions.Beta, "sample", lambda self, sample_shape=torch.Size(): torch.tensor([lam]))
+    monkeypatch.setattr(
+        torch.distributions.Beta, "sample", lambda self, sample_shape=torch.Size(): torch.tensor([lam])
+    )
     return lam
 
 
@@ -105,4 +107,3 @@ def test_soft_cross_entropy_of_smoothed_one_hot_is_label_smoothing(smoothing):
     y = torch.randint(K, (8,), generator=g)
     got = soft_cross_entropy(logits, (1 - smoothing) * one_hot(y) + smoothing / K)
     torch.testing.assert_close(got, F.cross_entropy(logits, y, label_smoothing=smoothing))
-

@@ -12,14 +12,27 @@ from dinokit.train.pretrain_settings import PretrainConfig
 
 
 def tiny_state(**kw):
-    cfg = PretrainConfig(arch="vit_tiny", depth=1, out_dim=16, local_crops=1, global_size=32, local_size=16,
-                         global_scale=(0.4, 1.0), momentum_teacher=0.9, warmup_epochs=0, epochs=2, **kw)
+    cfg = PretrainConfig(
+        arch="vit_tiny",
+        depth=1,
+        out_dim=16,
+        local_crops=1,
+        global_size=32,
+        local_size=16,
+        global_scale=(0.4, 1.0),
+        momentum_teacher=0.9,
+        warmup_epochs=0,
+        epochs=2,
+        **kw,
+    )
     return build_training_state(cfg, torch.device("cpu"), None)
 
 
 def crops(batch=2):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(2)] + [torch.randn(batch, 3, 16, 16, generator=g)]
+    return [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(2)] + [
+        torch.randn(batch, 3, 16, 16, generator=g)
+    ]
 
 
 def test_one_step_updates_the_student_and_moves_the_teacher_by_ema():
@@ -72,9 +85,19 @@ def test_bf16_weights_cast_once_per_step_are_bitwise_the_autocast_path():
     frozen last layer included."""
 
     def run(cast_once):
-        cfg = PretrainConfig(arch="vit_tiny", depth=2, out_dim=32, local_crops=2, global_size=32, local_size=16,
-                             global_scale=(0.4, 1.0), momentum_teacher=0.9, warmup_epochs=0, epochs=3,
-                             drop_path=0.1)
+        cfg = PretrainConfig(
+            arch="vit_tiny",
+            depth=2,
+            out_dim=32,
+            local_crops=2,
+            global_size=32,
+            local_size=16,
+            global_scale=(0.4, 1.0),
+            momentum_teacher=0.9,
+            warmup_epochs=0,
+            epochs=3,
+            drop_path=0.1,
+        )
         state = build_training_state(cfg, torch.device("cpu"), torch.bfloat16, cast_once=cast_once)
         assert (state.student_weights is not None) == cast_once
         g = torch.Generator().manual_seed(0)
@@ -82,7 +105,9 @@ def test_bf16_weights_cast_once_per_step_are_bitwise_the_autocast_path():
         for step in range(4):
             batch = [torch.randn(3, 3, 32, 32, generator=g) for _ in range(2)]
             batch += [torch.randn(3, 3, 16, 16, generator=g) for _ in range(2)]
-            losses.append(dino_step(state, batch, epoch=step // 2, values={"lr": 1e-3, "wd": 0.04, "momentum": 0.9}))
+            losses.append(
+                dino_step(state, batch, epoch=step // 2, values={"lr": 1e-3, "wd": 0.04, "momentum": 0.9})
+            )
         return torch.stack(losses), state
 
     losses_a, a = run(False)
@@ -100,8 +125,17 @@ def test_bf16_weights_cast_once_per_step_are_bitwise_the_autocast_path():
 def test_the_cast_once_path_really_hands_bf16_weights_to_the_layers():
     """No per-layer weight cast is left for autocast to make (else the test above would compare the
     autocast path with itself)."""
-    cfg = PretrainConfig(arch="vit_tiny", depth=2, out_dim=32, local_crops=1, global_size=32, local_size=16,
-                         global_scale=(0.4, 1.0), warmup_epochs=0, epochs=2)
+    cfg = PretrainConfig(
+        arch="vit_tiny",
+        depth=2,
+        out_dim=32,
+        local_crops=1,
+        global_size=32,
+        local_size=16,
+        global_scale=(0.4, 1.0),
+        warmup_epochs=0,
+        epochs=2,
+    )
     batch = crops()
     for cast_once in (False, True):
         state = build_training_state(cfg, torch.device("cpu"), torch.bfloat16, cast_once=cast_once)
@@ -111,6 +145,9 @@ def test_the_cast_once_path_really_hands_bf16_weights_to_the_layers():
                 with torch.no_grad():
                     state.forward_teacher(batch[:2])
                 state.forward_student(batch)
-        casts = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
-                    if e.key == "aten::_to_copy" and e.input_shapes and tuple(e.input_shapes[0]) == qkv)
+        casts = sum(
+            e.count
+            for e in prof.key_averages(group_by_input_shape=True)
+            if e.key == "aten::_to_copy" and e.input_shapes and tuple(e.input_shapes[0]) == qkv
+        )
         assert casts == (0 if cast_once else 4), casts  # autocast: teacher 2 blocks + student 2 blocks

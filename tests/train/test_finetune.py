@@ -33,9 +33,13 @@ def test_layer_decay_gives_each_block_the_formula_lr():
     so the measured step of each tensor is the lr the optimizer actually used for it."""
     torch.manual_seed(0)
     depth, d, lr = 3, 0.6, 1e-3
-    model = FinetuneModel(dinokit.build_backbone("vit_tiny", 16, depth=depth, img_size=32), 4, head_init_std=0.5)
+    model = FinetuneModel(
+        dinokit.build_backbone("vit_tiny", 16, depth=depth, img_size=32), 4, head_init_std=0.5
+    )
     groups = layer_decay_param_groups(model, weight_decay=0.0, layer_decay=d)
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=lr, eps=1e-30)
+    opt = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=lr, eps=1e-30
+    )
     apply_lr(opt, lr)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = torch.randn(6, 3, 32, 32)
@@ -65,7 +69,9 @@ def test_weight_decay_skips_biases_norms_and_tokens():
 
 
 def test_schedule_head_phase_then_warmup_and_cosine(tmp_path):
-    cfg = FinetuneConfig(train=None, output=tmp_path, epochs=5, head_warmup_epochs=1, warmup_epochs=2, min_lr=1e-6)
+    cfg = FinetuneConfig(
+        train=None, output=tmp_path, epochs=5, head_warmup_epochs=1, warmup_epochs=2, min_lr=1e-6
+    )
     s = build_schedule(cfg, niter_per_epoch=4, peak_lr=1e-3)
     assert len(s) == 20
     assert np.all(s[:4] == 1e-3)  # head-only epoch at the peak lr

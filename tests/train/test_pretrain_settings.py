@@ -64,18 +64,25 @@ def test_resolve_fills_everything_left_unset_from_a_small_data_set():
 
 
 def test_resolve_keeps_given_settings_and_a_batch_that_fits():
-    cfg = PretrainConfig(batch_size=64, epochs=100, out_dim=300, momentum_teacher=0.9, warmup_epochs=2,
-                         local_crops=0)
+    cfg = PretrainConfig(
+        batch_size=64, epochs=100, out_dim=300, momentum_teacher=0.9, warmup_epochs=2, local_crops=0
+    )
     resolved, notes = resolve_auto_settings(cfg, n_images=5000, world_size=1)
     assert (resolved.batch_size, resolved.out_dim, resolved.momentum_teacher, resolved.warmup_epochs) == (
-        64, 300, 0.9, 2)
+        64,
+        300,
+        0.9,
+        2,
+    )
     assert resolved.global_scale == (0.14, 1.0)  # no local crops: the wider global-crop range
     assert notes == []
 
 
 def test_resolve_on_a_larger_data_set():
     # 5000 images, batch 64 on one process: 78 iterations x 100 epochs = 7800 >= 2500
-    resolved, _ = resolve_auto_settings(PretrainConfig(batch_size=64, epochs=100), n_images=5000, world_size=1)
+    resolved, _ = resolve_auto_settings(
+        PretrainConfig(batch_size=64, epochs=100), n_images=5000, world_size=1
+    )
     assert (resolved.out_dim, resolved.momentum_teacher, resolved.warmup_epochs) == (4096, 0.996, 10.0)
 
 
@@ -83,7 +90,16 @@ def test_config_round_trips_and_reads_an_old_config_json():
     cfg = PretrainConfig(arch="vit_tiny", batch_size=8, num_workers=0, global_scale=(0.3, 1.0))
     assert PretrainConfig.from_dict(cfg.to_dict()) == cfg
     # a config.json of an earlier version: field order differs, extra run facts, no new fields
-    old = {"data": "d", "output": "o", "arch": "vit_tiny", "batch_size": 8, "seed": 3, "local_scale": [0.05, 0.4],
-           "n_images": 33, "world_size": 1, "precision_used": "fp32"}
+    old = {
+        "data": "d",
+        "output": "o",
+        "arch": "vit_tiny",
+        "batch_size": 8,
+        "seed": 3,
+        "local_scale": [0.05, 0.4],
+        "n_images": 33,
+        "world_size": 1,
+        "precision_used": "fp32",
+    }
     loaded = PretrainConfig.from_dict(old)
     assert (loaded.batch_size, loaded.seed, loaded.local_scale, loaded.num_workers) == (8, 3, (0.05, 0.4), 4)

@@ -39,7 +39,9 @@ def test_cosine_first_end_of_warmup_last(epochs, iters, warmup):
     w = warmup * iters
     points = [0, epochs * iters - 1] + ([w - 1, w] if w else [])
     for k in points:
-        assert sched[k] == pytest.approx(spec_value(k, base, final, epochs, iters, warmup), rel=1e-12, abs=1e-15)
+        assert sched[k] == pytest.approx(
+            spec_value(k, base, final, epochs, iters, warmup), rel=1e-12, abs=1e-15
+        )
     if w:
         assert sched[0] == 0.0 and sched[w - 1] == pytest.approx(base)  # linspace endpoints included
     assert final < sched[-1] < sched[-2]  # the last value is just above final, still decreasing
@@ -47,8 +49,15 @@ def test_cosine_first_end_of_warmup_last(epochs, iters, warmup):
 
 def test_dino_schedules_as_the_spec_writes_them():
     epochs, iters, batch = 20, 5, 512
-    s = build_schedules(epochs=epochs, niter_per_epoch=iters, global_batch=batch, warmup_epochs=10,
-                        warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=6)
+    s = build_schedules(
+        epochs=epochs,
+        niter_per_epoch=iters,
+        global_batch=batch,
+        warmup_epochs=10,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=6,
+    )
     peak = 5e-4 * batch / 256
     assert s.lr[0] == 0.0
     assert s.lr[10 * iters - 1] == pytest.approx(peak)
