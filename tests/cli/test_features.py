@@ -347,6 +347,10 @@ def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(tmp_path):
         [sys.executable, "-m", "dinokit", "features", "--data", str(tmp_path / "imgs"), "--weights", "random",
          "--arch", "vit_tiny", "--batch-size", "2", "--output", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"},
+        # Ctrl-C at its default in the child, as a terminal starts it: an ignored signal is inherited
+        # across exec, and an earlier test of the suite can leave SIGINT ignored in pytest's process
+        # (a child started then ran to the end and exited 0)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     seen = []
     for line in p.stderr:  # progress lines go to stderr in a pipe; the first says how many steps
