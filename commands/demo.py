@@ -151,11 +151,10 @@ class _Timer:
         self.timings[self.name] = round(self.timings.get(self.name, 0.0) + time.monotonic() - self.t, 1)
 
 
-def _common(plan: DemoPlan) -> list[str]:
-    flags = ["--quiet"] if plan.quiet else []
-    if plan.overwrite:
-        flags.append("--overwrite")
-    return flags
+def _step_flags(plan: DemoPlan) -> list[str]:
+    """The flags of every step: --quiet as asked, and --overwrite always, since the demo owns its
+    folder and a step cut off by a stop runs again from its start into its own sub-folder."""
+    return [*(["--quiet"] if plan.quiet else []), "--overwrite"]
 
 
 #: what a demo records of itself in its folder, so that ``--resume`` continues it: the options it
@@ -384,8 +383,7 @@ def run_demo(plan: DemoPlan, state: DemoState | None = None) -> dict:
     state.save()
     budget = _Budget(plan, state)
     stage = _Stages(plan, total=10)
-    # a step cut off by a stop runs again from its start, into its own folder
-    common = _common(plan) + (["--overwrite"] if "--overwrite" not in _common(plan) else [])
+    common = _step_flags(plan)
     fp32 = ["--precision", "fp32"]
 
     with stage("built-in data: dinokit synth classify / video / copydays"):
